@@ -1,0 +1,1 @@
+"""Zero-shot evaluation suite. Built in issue 4; nothing here yet."""

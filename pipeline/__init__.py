@@ -1,0 +1,1 @@
+"""Offline data pipeline: WebVid-style CSV -> webdataset shards of N pre-sampled frames + caption."""

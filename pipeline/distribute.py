@@ -1,0 +1,134 @@
+"""Running shard tasks: a local process pool, or Apache Spark (shards are the unit of work).
+
+Both take an *iterator* of tasks and keep only a bounded number in flight, so
+the CSV is streamed: memory does not grow with the number of shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+
+from pipeline.worker import ShardSettings, ShardTask, process_shard
+
+OnResult = Callable[[dict], None]
+Job = Callable[[ShardTask, ShardSettings], dict]  # a module-level function (pickled by name)
+DISTRIBUTORS = ("multiprocessing", "spark")
+
+
+class ShardCrash(RuntimeError):
+    """Shards whose worker process died (e.g. a decoder crash) even when run alone."""
+
+    def __init__(self, shards: list[int]):
+        super().__init__(f"worker process died on shard(s) {shards}")
+        self.shards = shards
+
+
+def run_local(
+    tasks: Iterable[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, job: Job = process_shard
+) -> None:
+    """Run tasks on ``workers`` processes, at most ``2 * workers`` submitted at a time.
+
+    If a worker process dies (a segfault in a decoder, the OOM killer), the
+    shards that were in flight are rerun one at a time in fresh processes, so
+    the one that kills its worker is identified; such shards are reported in a
+    :class:`ShardCrash` at the end, after all other shards are done.
+    """
+    crashed: list[int] = []
+    tasks = iter(tasks)
+    while True:
+        suspects, unstarted = _run_pool(tasks, settings, workers, on_result, job)
+        if not suspects and not unstarted:
+            break
+        for task in suspects:  # alone, so a crash is this shard's
+            again, _ = _run_pool(iter([task]), settings, 1, on_result, job)
+            crashed.extend(t.shard for t in again)
+        tasks = itertools.chain(unstarted, tasks)
+    if crashed:
+        raise ShardCrash(sorted(crashed))
+
+
+def _run_pool(
+    tasks: Iterator[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, job: Job
+) -> tuple[list[ShardTask], list[ShardTask]]:
+    """Run until ``tasks`` is exhausted.
+
+    Returns ``(suspects, unstarted)``, both empty unless the pool broke: then the
+    tasks that were running when a worker died, and one taken but not submitted.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork: safe with threads and native libraries
+    pending: dict[Future, ShardTask] = {}
+    taken: ShardTask | None = None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        try:
+            for taken in itertools.islice(tasks, 2 * workers):
+                pending[pool.submit(job, taken, settings)] = taken
+                taken = None
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    stats = future.result()  # raises BrokenProcessPool if a worker died
+                    del pending[future]
+                    on_result(stats)
+                    for taken in itertools.islice(tasks, 1):
+                        pending[pool.submit(job, taken, settings)] = taken
+                        taken = None
+        except BrokenProcessPool:
+            suspects = []
+            for future, task in pending.items():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    on_result(future.result())
+                else:
+                    suspects.append(task)
+            return suspects, [taken] if taken is not None else []
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return [], []
+
+
+def run_spark(
+    tasks: Iterable[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, batch: int | None = None
+) -> None:
+    """Run tasks as Spark jobs of ``batch`` shards each (default: 2x the cluster's parallelism).
+
+    Uses the active Spark session, or creates one: with ``spark-submit`` the
+    master comes from its configuration; otherwise local mode with ``workers``
+    cores. ``settings.out_dir`` must be a folder every executor can write (a
+    shared filesystem on a cluster).
+    """
+    spark = _spark_session(workers)
+    context = spark.sparkContext
+    batch = batch or max(1, 2 * context.defaultParallelism)
+    job = partial(process_shard, settings=settings)
+    tasks = iter(tasks)
+    while chunk := list(itertools.islice(tasks, batch)):
+        for stats in context.parallelize(chunk, len(chunk)).map(job).collect():
+            on_result(stats)
+
+
+def _spark_session(workers: int):
+    try:
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+    except ImportError as e:
+        raise RuntimeError(
+            "--distributor spark needs pyspark: pip install 'fitclip[spark]' (and Java 17+ on PATH)"
+        ) from e
+    conf = SparkConf()
+    builder = SparkSession.builder.appName("fitclip-shard").config("spark.ui.showConsoleProgress", "false")
+    if not conf.contains("spark.master"):  # not under spark-submit: local mode on this machine
+        # Executors must run the same Python (and so see the same packages) as this driver.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = builder.master(f"local[{workers}]").config("spark.ui.enabled", "false")
+    return builder.getOrCreate()
+
+
+RUNNERS: dict[str, Callable[..., None]] = {"multiprocessing": run_local, "spark": run_spark}

@@ -1,0 +1,139 @@
+"""Getting a video's bytes: local files, or http(s) downloads with a total timeout, retries and a size limit.
+
+Downloads use ``requests`` (one session per worker process, for connection
+reuse). Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are
+retried with exponential backoff; other HTTP statuses fail at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from pipeline.source import URL_SCHEMES
+
+# Failure reasons.
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+HTTP_ERROR = "http_error"
+UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+
+_CHUNK = 1 << 16
+
+
+class FetchError(Exception):
+    """A video that could not be fetched. ``reason`` is a short stable code for stats."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Limits for downloads."""
+
+    timeout: float = 60.0  # seconds for one whole download attempt (connect + all bytes)
+    retries: int = 2  # extra attempts after a transient failure
+    backoff: float = 1.0  # seconds before the first retry; doubled each time
+    max_bytes: int = 200 * 2**20  # larger downloads fail as too_large
+    user_agent: str = "fitclip-pipeline/0.1"
+
+
+_session: requests.Session | None = None
+
+
+def _get_session(config: FetchConfig) -> requests.Session:
+    global _session
+    if _session is None:
+        _session = requests.Session()
+        _session.headers["User-Agent"] = config.user_agent
+    return _session
+
+
+def fetch(location: str, config: FetchConfig = FetchConfig()) -> str | bytes:
+    """A local path (checked to be a non-empty file) or the downloaded bytes of a URL.
+
+    Raises:
+        FetchError: ``missing_file``, ``empty_file``, ``http_error``,
+            ``unreachable``, ``timeout`` or ``too_large``.
+    """
+    if location.lower().startswith(URL_SCHEMES):
+        return download(location, config)
+    return check_local(location)
+
+
+def check_local(path: str) -> str:
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise FetchError(MISSING_FILE, f"{path} does not exist or is not a file")
+        if p.stat().st_size == 0:
+            raise FetchError(EMPTY_FILE, f"{path} is 0 bytes")
+    except OSError as e:
+        raise FetchError(MISSING_FILE, f"{path}: {e}") from e
+    return path
+
+
+def download(url: str, config: FetchConfig = FetchConfig()) -> bytes:
+    """GET ``url`` with retries for transient errors; see :class:`FetchConfig`."""
+    delay = config.backoff
+    for attempt in range(config.retries + 1):
+        try:
+            return _download_once(url, config)
+        except _Transient as e:
+            if attempt == config.retries:
+                raise FetchError(e.reason, f"{e.detail} (after {attempt + 1} attempts)") from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Transient(FetchError):
+    """A failure worth retrying."""
+
+
+def _download_once(url: str, config: FetchConfig) -> bytes:
+    deadline = time.monotonic() + config.timeout
+    session = _get_session(config)
+    try:
+        # The timeout tuple bounds the connection and each read; the deadline below bounds the total.
+        with session.get(url, stream=True, timeout=(min(10.0, config.timeout), config.timeout)) as response:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise _Transient(HTTP_ERROR, f"HTTP {status} {response.reason}")
+            if status != 200:
+                raise FetchError(HTTP_ERROR, f"HTTP {status} {response.reason}")
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > config.max_bytes:
+                raise FetchError(TOO_LARGE, f"Content-Length {declared} > limit {config.max_bytes}")
+            chunks, size = [], 0
+            for chunk in response.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > config.max_bytes:
+                    raise FetchError(TOO_LARGE, f"more than {config.max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise _Transient(TIMEOUT, f"download took more than {config.timeout:g} s")
+                chunks.append(chunk)
+    except requests.Timeout as e:
+        raise _Transient(TIMEOUT, f"{type(e).__name__}: {_short(e)}") from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        raise _Transient(UNREACHABLE, f"{type(e).__name__}: {_short(e)}") from None
+    except requests.RequestException as e:  # invalid URL and the like: not worth retrying
+        raise FetchError(UNREACHABLE, f"{type(e).__name__}: {_short(e)}") from None
+    data = b"".join(chunks)
+    if not data:
+        raise FetchError(EMPTY_FILE, "the server sent 0 bytes")
+    if declared and declared.isdigit() and len(data) < int(declared):
+        raise _Transient(UNREACHABLE, f"connection closed after {len(data)} of {declared} bytes")
+    return data
+
+
+def _short(e: Exception) -> str:
+    return str(e)[:300]

@@ -1,0 +1,285 @@
+"""Sample N frames at the midpoints of N equal segments of a clip, resize, JPEG-encode.
+
+This is the one frame sampler of the project: sharding uses it for WebVid and
+evaluation uses it for raw benchmark videos, so train and test frames are made
+the same way.
+
+Decoding uses PyAV (the FFmpeg libraries in-process). Why not the ffmpeg CLI:
+four ``-ss`` seeks cost ~120 ms per 18 s clip and a one-pass ``select`` filter
+~160 ms, mostly process start-up and decoding frames nobody asked for. Here a
+cheap demux pass indexes the packets (no decoding), which gives the stream's
+real duration and its keyframes; then only the group(s) of pictures that hold
+the wanted timestamps are decoded, each from its keyframe up to the last wanted
+frame in it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+from PIL import Image
+
+__all__ = [
+    "ClipFrames",
+    "FrameError",
+    "sample_timestamps",
+    "select_frame_indices",
+    "resized_size",
+    "decode_frames",
+    "encode_jpeg",
+]
+
+
+class FrameError(Exception):
+    """A video that cannot give N frames. ``reason`` is a short stable code for stats."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ClipFrames:
+    """What :func:`decode_frames` returns."""
+
+    images: list[Image.Image]  # N RGB images, time order, already resized
+    timestamps: list[float]  # seconds from the start of the stream, the sampling instants t_k
+    frame_times: list[float]  # seconds from the start, presentation time of each frame taken
+    duration: float  # D, the stream's real duration in seconds (from packet timestamps)
+    width: int  # original (decoded) size
+    height: int
+
+
+def sample_timestamps(duration: float, n: int, start: float = 0.0) -> list[float]:
+    """Midpoints of ``n`` equal segments of ``[start, start + duration)``: t_k = start + (k + 0.5) * D / n."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not duration > 0:
+        raise ValueError(f"duration must be > 0, got {duration}")
+    return [start + (k + 0.5) * duration / n for k in range(n)]
+
+
+def select_frame_indices(frame_pts: list[float], targets: list[float]) -> list[int]:
+    """For each target time, the index of the frame shown at that instant.
+
+    ``frame_pts`` is sorted presentation times. The frame shown at time t is the
+    last one with pts <= t (the first frame if t precedes every frame).
+    """
+    return [max(bisect.bisect_right(frame_pts, t) - 1, 0) for t in targets]
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side scaled to ``size``; never upscales; keeps aspect ratio."""
+    short = min(width, height)
+    if size <= 0 or short <= size:
+        return width, height
+    scale = size / short
+    if width <= height:
+        return size, max(1, round(height * scale))
+    return max(1, round(width * scale)), size
+
+
+def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """JPEG bytes of an RGB image (deterministic for the same pixels and settings)."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Packet:
+    pts: int  # stream time base
+    end: int  # pts + duration
+    keyframe: bool
+
+
+def _open(source: str | Path | bytes) -> av.container.InputContainer:
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif isinstance(source, Path):
+        source = str(source)
+    try:
+        return av.open(source, mode="r", metadata_errors="ignore")
+    except av.FFmpegError as e:  # not a media file, truncated header, unknown format
+        raise FrameError("undecodable", f"cannot open as video: {e}") from e
+
+
+def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        if "audio" in kinds:
+            raise FrameError("audio_only", f"no video stream (streams: {', '.join(kinds)})")
+        raise FrameError("undecodable", f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    # One decoding thread per worker: parallelism comes from worker processes.
+    stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = 1
+    return stream
+
+
+def _index_packets(container: av.container.InputContainer, stream: av.VideoStream) -> list[_Packet]:
+    """Demux (no decoding) the whole video stream: timestamps and keyframe flags, sorted by pts."""
+    packets: list[_Packet] = []
+    try:
+        for packet in container.demux(stream):
+            pts = _pts(packet)
+            if pts is None or packet.size == 0:  # flush packet, or no timestamp at all
+                continue
+            packets.append(_Packet(pts, pts + (packet.duration or 0), packet.is_keyframe))
+    except av.FFmpegError as e:
+        raise FrameError("undecodable", f"demuxing failed after {len(packets)} packets: {e}") from e
+    packets.sort(key=lambda p: p.pts)
+    return packets
+
+
+def _stream_duration(packets: list[_Packet], stream: av.VideoStream) -> tuple[int, int]:
+    """(first pts, end pts) in the stream time base. The end counts the last frame's duration."""
+    first = packets[0].pts
+    end = max(p.end for p in packets)
+    if end <= packets[-1].pts:  # container gave no packet durations: assume the average spacing
+        if len(packets) > 1:
+            end = packets[-1].pts + round((packets[-1].pts - first) / (len(packets) - 1))
+        elif stream.average_rate:
+            end = packets[-1].pts + round(1 / (stream.average_rate * stream.time_base))
+        else:
+            end = packets[-1].pts + 1
+    return first, end
+
+
+def _decode_from(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    keyframe_pts: int | None,
+    wanted: set[int],
+) -> dict[int, av.VideoFrame]:
+    """Decode forward (from the keyframe at ``keyframe_pts``, or from where the container is)
+    until every pts in ``wanted`` has been seen.
+
+    Only wanted frames and reference frames are decoded: a non-reference frame
+    (H.264 ``nal_ref_idc == 0``, e.g. most B-frames) that is not wanted cannot
+    affect any other frame, so the decoder is told to skip it. This is exact and
+    saves about a third of the decoding on x264 output.
+    """
+    if keyframe_pts is not None:
+        container.seek(keyframe_pts, stream=stream, backward=True, any_frame=False)
+    codec = stream.codec_context
+    found: dict[int, av.VideoFrame] = {}
+    first_seen: int | None = None
+    last = max(wanted)
+    for packet in container.demux(stream):
+        pts = _pts(packet)
+        codec.skip_frame = "DEFAULT" if pts is None or pts in wanted else "NONREF"
+        for frame in codec.decode(packet):
+            pts = _pts(frame)
+            if pts is None:
+                continue
+            if first_seen is None:
+                first_seen = pts
+                if pts > min(wanted):  # the seek overshot (inexact in e.g. MPEG-TS)
+                    return found
+            if pts in wanted:
+                found[pts] = frame
+            if len(found) == len(wanted) or pts > last:
+                codec.skip_frame = "DEFAULT"
+                return found
+    codec.skip_frame = "DEFAULT"
+    return found
+
+
+def _pts(item: av.Packet | av.VideoFrame) -> int | None:
+    """Presentation timestamp, or the decoding one where there is none (AVI often has dts only)."""
+    return item.pts if item.pts is not None else item.dts
+
+
+def decode_frames(
+    source: str | Path | bytes,
+    n: int = 4,
+    size: int = 256,
+    window: tuple[float, float] | None = None,
+) -> ClipFrames:
+    """Take ``n`` frames at the midpoints of ``n`` equal segments of the clip.
+
+    Args:
+        source: a path, or the file's bytes (e.g. a download).
+        n: number of frames.
+        size: shorter side of the output images (never upscaled); 0 keeps the size.
+        window: optional (start, end) in seconds from the stream start: sample
+            inside this interval instead of the whole clip (e.g. a YouCook2 segment).
+
+    Raises:
+        FrameError: with ``reason`` one of ``undecodable``, ``audio_only``,
+            ``truncated``, ``too_few_frames``, ``decode_error``.
+    """
+    with _open(source) as container:
+        stream = _video_stream(container)
+        packets = _index_packets(container, stream)
+        declared = stream.frames or 0
+        if declared and len(packets) < declared:
+            raise FrameError("truncated", f"{len(packets)} of {declared} frames present")
+        if len(packets) < n:
+            raise FrameError("too_few_frames", f"{len(packets)} frames, need {n}")
+        tb = stream.time_base  # seconds per pts tick
+        first, end = _stream_duration(packets, stream)
+        duration = float((end - first) * tb)
+        if window is None:
+            targets = sample_timestamps(duration, n)
+        else:
+            start, stop = max(0.0, window[0]), min(duration, window[1])
+            if not stop > start:
+                raise FrameError("too_few_frames", f"window {window} is outside the clip (0, {duration:.3f})")
+            targets = sample_timestamps(stop - start, n, start=start)
+        rel_times = [float((p.pts - first) * tb) for p in packets]
+        chosen = select_frame_indices(rel_times, targets)
+        if len(set(chosen)) < n:
+            raise FrameError("too_few_frames", f"only {len(set(chosen))} distinct frames in the sampled span")
+        found = _decode_by_keyframe(container, stream, packets, chosen)
+    wanted = {packets[i].pts for i in chosen}
+    if len(found) < len(wanted):  # inexact seeking (e.g. MPEG-TS): one pass from the start
+        with _open(source) as container:
+            stream = _video_stream(container)
+            found.update(_decode(lambda: _decode_from(container, stream, None, wanted - set(found))))
+    missing = [i for i in chosen if packets[i].pts not in found]
+    if missing:
+        raise FrameError("decode_error", f"could not decode the frame(s) at index {missing}")
+    frames = [found[packets[i].pts] for i in chosen]
+    width, height = frames[0].width, frames[0].height
+    out_w, out_h = resized_size(width, height, size)
+    images = [f.to_image(width=out_w, height=out_h, interpolation="BICUBIC") for f in frames]
+    return ClipFrames(
+        images=images,
+        timestamps=targets,
+        frame_times=[rel_times[i] for i in chosen],
+        duration=duration,
+        width=width,
+        height=height,
+    )
+
+
+def _decode(step):
+    try:
+        return step()
+    except av.FFmpegError as e:
+        raise FrameError("decode_error", str(e)) from e
+
+
+def _decode_by_keyframe(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    packets: list[_Packet],
+    chosen: list[int],
+) -> dict[int, av.VideoFrame]:
+    """Decode the frames at (pts-sorted) packet indices ``chosen``: one seek per keyframe group."""
+    keyframes = [i for i, p in enumerate(packets) if p.keyframe] or [0]
+    groups: dict[int, set[int]] = {}
+    for idx in chosen:
+        kf = keyframes[max(bisect.bisect_right(keyframes, idx) - 1, 0)]
+        groups.setdefault(kf, set()).add(packets[idx].pts)
+    found: dict[int, av.VideoFrame] = {}
+    for kf, wanted in groups.items():
+        found.update(_decode(lambda: _decode_from(container, stream, packets[kf].pts, wanted)))  # noqa: B023
+    return found

@@ -1,0 +1,304 @@
+"""CLI: turn a WebVid-style CSV into webdataset shards of N pre-sampled frames + caption per video.
+
+    python -m pipeline.shard --src webvid.csv --out shards/webvid [--workers N]
+        [--samples_per_shard 1000] [--frames 4] [--size 256] [--video_root DIR]
+        [--distributor multiprocessing|spark]
+
+Re-running the same command resumes: complete shards are kept, missing or
+half-written ones are (re)made. The output format is specified in shards/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fire
+from tqdm import tqdm
+
+from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
+from pipeline.fetch import FetchConfig
+from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
+from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
+from pipeline.writer import read_stats, remove_temporaries, shard_name
+
+
+class UsageError(ValueError):
+    """Bad arguments; the message says what to change."""
+
+
+@dataclass
+class Totals:
+    """Running counts for the progress bar and the final summary."""
+
+    shards_done: int = 0
+    shards_skipped: int = 0
+    videos: int = 0
+    videos_made: int = 0  # in shards written by this run (for the rate)
+    ok: int = 0
+    failed: Counter = field(default_factory=Counter)
+    last_shard: int = -1
+
+    def add(self, stats: dict, skipped: bool) -> None:
+        if skipped:
+            self.shards_skipped += 1
+        else:
+            self.shards_done += 1
+            self.videos_made += stats["count"]
+        self.videos += stats["count"]
+        self.ok += stats["ok"]
+        self.failed.update(stats["failed"])
+
+
+def plan_tasks(
+    src: Path,
+    columns: Columns,
+    video_root: Path | None,
+    samples_per_shard: int,
+    settings: ShardSettings,
+    totals: Totals,
+) -> Iterator[tuple[ShardTask | None, dict | None]]:
+    """Stream the CSV into shard tasks: ``(task, None)`` to run, or ``(None, stats)`` for a complete shard.
+
+    Shard i holds data rows [i * samples_per_shard, (i + 1) * samples_per_shard).
+    A shard is complete if its stats file exists and records the same
+    fingerprint (rows and sample settings) as this run computes.
+    """
+    rows = iter_rows(src, columns, video_root)
+    for shard in itertools.count():
+        chunk = tuple(itertools.islice(rows, samples_per_shard))
+        if not chunk:
+            return
+        totals.last_shard = shard
+        task = ShardTask(shard, chunk, fingerprint(chunk, settings.sample))
+        stats = read_stats(settings.out_dir, shard)
+        if stats is not None and stats.get("fingerprint") == task.fingerprint:
+            yield None, stats
+        else:
+            yield task, None
+
+
+def validate(
+    src, out, workers, samples_per_shard, frames, size, quality, video_root, distributor, timeout, retries, max_mb
+) -> None:
+    """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
+    problems = []
+    if not isinstance(workers, int) or workers < 1:
+        problems.append(f"--workers must be a positive integer, got {workers!r}")
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        problems.append(f"--samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+    if not isinstance(frames, int) or frames < 1:
+        problems.append(f"--frames must be a positive integer, got {frames!r}")
+    if not isinstance(size, int) or size < 0:
+        problems.append(f"--size must be an integer >= 0 (0 keeps the original size), got {size!r}")
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        problems.append(f"--quality must be an integer in 1..100, got {quality!r}")
+    if distributor not in DISTRIBUTORS:
+        problems.append(f"--distributor must be one of {', '.join(DISTRIBUTORS)}, got {distributor!r}")
+    if video_root is not None and not Path(video_root).is_dir():
+        problems.append(f"--video_root {video_root} is not a directory")
+    for name, value in (("--timeout", timeout), ("--max_mb", max_mb)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"{name} must be a positive number, got {value!r}")
+    if not isinstance(retries, int) or retries < 0:
+        problems.append(f"--retries must be an integer >= 0, got {retries!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        problems.append(f"--out {out} exists and is not a directory")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """Hold an exclusive lock on ``out_dir`` so two runs never write the same shards at once."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another pipeline.shard run is writing {out_dir}; wait for it or use another --out"
+            ) from None
+        except OSError:  # filesystems without flock (some network mounts): proceed unlocked
+            pass
+        yield
+
+
+def main(
+    src: str,
+    out: str = "shards/webvid",
+    workers: int | None = None,
+    samples_per_shard: int = 1000,
+    frames: int = 4,
+    size: int = 256,
+    quality: int = 90,
+    video_root: str | None = None,
+    distributor: str = "multiprocessing",
+    id_col: str = "videoid",
+    caption_col: str = "name",
+    url_col: str = "contentUrl",
+    page_dir_col: str = "page_dir",
+    duration_col: str = "duration",
+    timeout: float = 60.0,
+    retries: int = 2,
+    max_mb: float = 200.0,
+    progress: bool = True,
+) -> None:
+    """Shard a WebVid-style CSV into webdataset tars of N frames + caption per video.
+
+    Args:
+        src: the CSV (WebVid columns videoid,name,page_idx,page_dir,duration,contentUrl; any order).
+        out: output folder for {shard:06d}.tar and {shard:06d}_stats.json.
+        workers: worker processes (default: all cores); Spark: cores in local mode.
+        samples_per_shard: CSV rows per shard (failed videos leave a shard smaller).
+        frames: N frames per video, at the midpoints of N equal segments of the clip.
+        size: shorter side of the stored frames in pixels, never upscaled (0 keeps the original).
+        quality: JPEG quality of the stored frames.
+        video_root: find videos as DIR/{page_dir}/{videoid}.mp4 instead of the URL column.
+        distributor: multiprocessing (one machine) or spark (a cluster, or local mode).
+        id_col: name of the video id column.
+        caption_col: name of the caption column.
+        url_col: name of the column with an http(s) URL or a file path (relative to the CSV's folder).
+        page_dir_col: name of the column with the sub-folder under --video_root.
+        duration_col: name of the ISO 8601 duration column (informational).
+        timeout: seconds for one whole download attempt.
+        retries: extra attempts after a transient download failure (with backoff).
+        max_mb: downloads larger than this many MiB fail as too_large.
+        progress: show a progress bar.
+    """
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    try:
+        validate(
+            src,
+            out,
+            workers,
+            samples_per_shard,
+            frames,
+            size,
+            quality,
+            video_root,
+            distributor,
+            timeout,
+            retries,
+            max_mb,
+        )
+        columns = Columns(str(id_col), str(caption_col), str(url_col), str(page_dir_col), str(duration_col))
+        read_header(src, columns, video_root)
+    except (UsageError, CsvError) as e:
+        sys.exit(f"error: {e}")
+    out_dir = Path(out)
+    settings = ShardSettings(
+        out_dir=str(out_dir),
+        sample=SampleSettings(frames=frames, size=size, quality=quality),
+        fetch=FetchConfig(timeout=float(timeout), retries=retries, max_bytes=int(max_mb * 2**20)),
+    )
+    try:
+        with locked(out_dir):
+            code = run(
+                Path(src),
+                columns,
+                Path(video_root) if video_root else None,
+                samples_per_shard,
+                settings,
+                workers,
+                distributor,
+                progress,
+            )
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    sys.exit(code)
+
+
+def run(
+    src: Path,
+    columns: Columns,
+    video_root: Path | None,
+    samples_per_shard: int,
+    settings: ShardSettings,
+    workers: int,
+    distributor: str,
+    progress: bool = True,
+) -> int:
+    """Make every missing shard; print a summary. Returns the process exit code."""
+    out_dir = Path(settings.out_dir)
+    remove_temporaries(out_dir)
+    total_rows = count_rows(src)
+    print(
+        f"pipeline.shard: {total_rows} rows in {src} -> {out_dir}/ ({samples_per_shard} per shard, "
+        f"{settings.sample.frames} frames, size {settings.sample.size}, {workers} {distributor} worker(s))",
+        flush=True,
+    )
+    totals = Totals()
+    bar = tqdm(total=total_rows, unit="video", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    start = time.monotonic()
+
+    def on_result(stats: dict, skipped: bool = False) -> None:
+        totals.add(stats, skipped)
+        bar.update(stats["count"])
+        bar.set_postfix(ok=totals.ok, failed=sum(totals.failed.values()), refresh=False)
+
+    def to_run() -> Iterator[ShardTask]:
+        for task, stats in plan_tasks(src, columns, video_root, samples_per_shard, settings, totals):
+            if task is None:
+                on_result(stats, skipped=True)
+            else:
+                yield task
+
+    crashed: list[int] = []
+    try:
+        RUNNERS[distributor](to_run(), settings, workers, on_result)
+    except ShardCrash as e:
+        crashed = e.shards
+    finally:
+        bar.close()
+    elapsed = time.monotonic() - start
+    print_summary(totals, elapsed, out_dir, crashed)
+    warn_stale(out_dir, totals.last_shard)
+    return 1 if crashed else 0
+
+
+def print_summary(totals: Totals, elapsed: float, out_dir: Path, crashed: list[int]) -> None:
+    rate = totals.videos_made / elapsed if elapsed > 0 else 0.0
+    failed = sum(totals.failed.values())
+    print(
+        f"done in {elapsed:.1f} s: {totals.shards_done} shard(s) written, {totals.shards_skipped} already complete; "
+        f"{totals.videos} videos: {totals.ok} ok, {failed} failed; {rate:.1f} videos/s"
+    )
+    if failed:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in totals.failed.most_common())
+        print(f"failed by reason: {reasons} (per-video details in {out_dir}/*_stats.json)")
+    if totals.last_shard >= 0:
+        print(f"shards: {out_dir}/{{{shard_name(0)}..{shard_name(totals.last_shard)}}}.tar")
+    if crashed:
+        print(
+            f"error: a worker process died on shard(s) {crashed} (even when run alone); they were not written. "
+            "Rerun to retry; to find the video, run those rows alone with --workers 1.",
+            file=sys.stderr,
+        )
+
+
+def warn_stale(out_dir: Path, last_shard: int) -> None:
+    """Say so if the folder holds shards past the last one this CSV makes (from another run)."""
+    stale = sorted(
+        p.name
+        for p in itertools.chain(out_dir.glob("*.tar"), out_dir.glob("*_stats.json"))
+        if p.name[:6].isdigit() and int(p.name[:6]) > last_shard
+    )
+    if stale:
+        print(
+            f"warning: {out_dir} holds {len(stale)} file(s) past the last shard of this CSV "
+            f"(e.g. {stale[0]}), from an earlier run with other input; remove them before training.",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

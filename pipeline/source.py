@@ -1,0 +1,276 @@
+"""Reading a WebVid-style CSV as a stream of validated rows, and resolving where each video lives.
+
+WebVid's CSVs (``results_2M_train.csv`` and friends) have the columns
+``videoid,name,page_idx,page_dir,duration,contentUrl``, in differing orders and
+not always all of them; captions may contain commas and quoted newlines. The
+file is streamed with the stdlib ``csv`` module: memory does not grow with the
+number of rows (the duplicate check keeps 8 bytes per row, see :class:`SeenKeys`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipeline.writer import sample_key
+
+URL_SCHEMES = ("http://", "https://")
+
+# Row-level failure reasons (the rest come from fetching and decoding).
+EMPTY_ROW = "empty_row"
+MALFORMED_ROW = "malformed_row"
+MISSING_VIDEOID = "missing_videoid"
+EMPTY_CAPTION = "empty_caption"
+DUPLICATE_VIDEOID = "duplicate_videoid"
+MISSING_LOCATION = "missing_location"
+UNSAFE_PATH = "unsafe_path"
+UNSUPPORTED_URL = "unsupported_url"
+
+
+class CsvError(ValueError):
+    """The CSV as a whole cannot be used (missing file, unreadable, missing columns)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names in the CSV; the defaults are WebVid's."""
+
+    videoid: str = "videoid"  # unique id of the video; becomes the sample key
+    caption: str = "name"  # the caption text
+    url: str = "contentUrl"  # http(s) URL, or a local path (absolute or relative to the CSV's folder)
+    page_dir: str = "page_dir"  # sub-folder of --video_root holding the video
+    duration: str = "duration"  # ISO 8601 duration ("PT00H00M17S"), informational only
+
+
+@dataclass(frozen=True)
+class Row:
+    """One data row of the CSV, validated.
+
+    ``error`` is ``(reason, detail)`` for a row that cannot become a sample;
+    otherwise ``key``, ``caption`` and ``location`` are set.
+    """
+
+    index: int  # 0-based data row number, in file order
+    videoid: str
+    key: str = ""
+    caption: str = ""
+    location: str = ""  # http(s) URL or absolute local path
+    csv_duration: float | None = None
+    error: tuple[str, str] | None = None
+
+
+def read_header(path: str | Path, columns: Columns, video_root: str | Path | None = None) -> list[str]:
+    """The CSV's header, after checking the file and the columns this run needs.
+
+    Raises:
+        CsvError: naming the file or the missing column, and how to fix it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CsvError(f"CSV not found: {path}")
+    if not path.is_file():
+        raise CsvError(f"not a file: {path} (pass the CSV file itself with --src)")
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            header = next(csv.reader(f), None)
+    except (OSError, csv.Error) as e:
+        raise CsvError(f"cannot read the CSV {path}: {e}") from e
+    if header and any(_text(h) is None for h in header):
+        raise CsvError(f"cannot read the CSV {path}: its header is not UTF-8 text (is it a CSV file?)")
+    if not header or not any(h.strip() for h in header):
+        raise CsvError(
+            f"{path} is empty or has no header line; expected columns like {','.join(Columns().__dict__.values())}"
+        )
+    header = [h.strip() for h in header]
+    missing = [c for c in (columns.videoid, columns.caption) if c not in header]
+    if video_root is None and columns.url not in header:
+        missing.append(columns.url)
+    if missing:
+        flags = {columns.videoid: "--id_col", columns.caption: "--caption_col", columns.url: "--url_col"}
+        hints = ", ".join(f"{flags[m]} NAME to rename '{m}'" for m in missing)
+        where = (
+            " (or pass --video_root DIR to find videos as DIR/{page_dir}/{videoid}.mp4)"
+            if columns.url in missing
+            else ""
+        )
+        raise CsvError(f"{path}: missing column(s) {missing}; the header is {header}. Use {hints}{where}.")
+    return header
+
+
+def _reader(path: Path) -> Iterator[list[str] | csv.Error]:
+    """Raw CSV records after the header; a record the csv module rejects is yielded as the error."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # surrogateescape: a stray invalid byte fails that row (see _text), not the whole run.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield e
+                continue
+            yield record
+
+
+def count_rows(path: str | Path) -> int:
+    """Number of data rows (a cheap pass without validation; for progress bars)."""
+    return sum(1 for _ in _reader(Path(path)))
+
+
+def parse_iso_duration(text: str) -> float | None:
+    """'PT00H00M17S' -> 17.0; None if it is not an ISO 8601 time duration."""
+    m = re.fullmatch(r"\s*P(?:\d+D)?T?(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?\s*", text or "")
+    if not m or not any(m.groups()):
+        return None
+    h, mnt, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mnt * 60 + s
+
+
+def _text(value: str) -> str | None:
+    """The value if it is valid UTF-8 text (no escaped bad bytes), else None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def resolve_location(
+    fields: dict[str, str], columns: Columns, csv_dir: Path, video_root: Path | None
+) -> tuple[str, tuple[str, str] | None]:
+    """Where a row's video is: ``(location, None)`` or ``("", (reason, detail))``.
+
+    With ``video_root``: ``video_root/{page_dir}/{videoid}.mp4``, which must stay
+    inside ``video_root``. Otherwise the URL column: an http(s) URL, a
+    ``file://`` URL, or a path (absolute, or relative to the CSV's folder).
+    """
+    if video_root is not None:
+        videoid = fields[columns.videoid]
+        page_dir = (fields.get(columns.page_dir) or "").strip()
+        parts = [*PurePosixPath(page_dir).parts, f"{videoid}.mp4"] if page_dir else [f"{videoid}.mp4"]
+        if any(p in ("..", "/", "") or "/" in p or "\\" in p for p in parts) or PurePosixPath(page_dir).is_absolute():
+            return "", (UNSAFE_PATH, f"page_dir={page_dir!r} videoid={videoid!r} would leave --video_root")
+        return str(video_root.joinpath(*parts)), None
+    url = (fields.get(columns.url) or "").strip()
+    if not url:
+        return "", (MISSING_LOCATION, f"empty {columns.url}")
+    if url.lower().startswith(URL_SCHEMES):
+        return url, None
+    if url.lower().startswith("file://"):
+        return url[len("file://") :], None
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", url):
+        return "", (UNSUPPORTED_URL, f"{url[:200]} (supported: http, https, file, local paths)")
+    path = Path(url)
+    return str(path if path.is_absolute() else csv_dir / path), None
+
+
+class SeenKeys:
+    """Set of sample keys seen so far, at 8 bytes per key (64-bit hashes in sorted numpy runs).
+
+    A Python ``set`` of 2.5M strings costs ~200 MB; this costs 20 MB. The chance
+    that two of 10M distinct keys share a 64-bit hash is about 3e-6.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []  # sorted uint64 arrays, sizes roughly doubling
+        self._pending: list[int] = []
+        self._pending_set: set[int] = set()
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+    def add(self, key: str) -> bool:
+        """Record ``key``; False if it was already there."""
+        h = self._hash(key)
+        if h in self._pending_set or any(_contains(run, h) for run in self._runs):
+            return False
+        self._pending.append(h)
+        self._pending_set.add(h)
+        if len(self._pending) >= 8192:
+            self._flush()
+        return True
+
+    def _flush(self) -> None:
+        run = np.sort(np.array(self._pending, dtype=np.uint64))
+        self._pending, self._pending_set = [], set()
+        while self._runs and len(self._runs[-1]) <= len(run):  # merge equal-sized runs (LSM style)
+            run = np.sort(np.concatenate([self._runs.pop(), run]))
+        self._runs.append(run)
+
+
+def _contains(run: np.ndarray, h: int) -> bool:
+    i = int(np.searchsorted(run, np.uint64(h)))
+    return i < len(run) and int(run[i]) == h
+
+
+def iter_rows(
+    path: str | Path,
+    columns: Columns = Columns(),
+    video_root: str | Path | None = None,
+) -> Iterator[Row]:
+    """Stream the CSV's rows, validated, in file order. Call :func:`read_header` first."""
+    path = Path(path)
+    header = read_header(path, columns, video_root)
+    root = Path(video_root).resolve() if video_root is not None else None
+    csv_dir = path.resolve().parent
+    seen = SeenKeys()
+    for index, record in enumerate(_reader(path)):
+        yield _validate(index, record, header, columns, csv_dir, root, seen)
+
+
+def _validate(
+    index: int,
+    record: list[str] | csv.Error,
+    header: list[str],
+    columns: Columns,
+    csv_dir: Path,
+    video_root: Path | None,
+    seen: SeenKeys,
+) -> Row:
+    if isinstance(record, csv.Error):
+        return Row(index, "", error=(MALFORMED_ROW, f"CSV syntax: {record}"))
+    if not record or all(not v.strip() for v in record):
+        return Row(index, "", error=(EMPTY_ROW, "blank line or all fields empty"))
+    if len(record) != len(header):
+        return Row(index, "", error=(MALFORMED_ROW, f"{len(record)} fields, the header has {len(header)}"))
+    fields = dict(zip(header, record, strict=True))
+    raw_id = fields[columns.videoid].strip()
+    videoid = _text(raw_id)
+    if videoid is None:
+        return Row(
+            index,
+            raw_id.encode("utf-8", "backslashreplace").decode(),
+            error=(MALFORMED_ROW, "videoid is not valid UTF-8"),
+        )
+    if not videoid:
+        return Row(index, "", error=(MISSING_VIDEOID, f"empty {columns.videoid}"))
+    caption = _text(fields[columns.caption])
+    if caption is None:
+        return Row(index, videoid, error=(MALFORMED_ROW, "caption is not valid UTF-8"))
+    if not caption.strip():
+        return Row(index, videoid, error=(EMPTY_CAPTION, f"empty {columns.caption}"))
+    key = sample_key(videoid)
+    if not seen.add(key):
+        return Row(index, videoid, error=(DUPLICATE_VIDEOID, f"key {key!r} already taken by an earlier row"))
+    location, error = resolve_location(fields, columns, csv_dir, video_root)
+    if error:
+        return Row(index, videoid, error=error)
+    return Row(
+        index,
+        videoid,
+        key=key,
+        caption=caption,
+        location=location,
+        csv_duration=parse_iso_duration(fields.get(columns.duration, "")),
+    )

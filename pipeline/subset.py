@@ -1,0 +1,178 @@
+"""CLI: copy a seeded random subset of N samples from existing shards into new shards.
+
+    python -m pipeline.subset --src shards/webvid --out shards/webvid-labeled --n 4500 --seed 0
+
+The paper's labeled set is 4.5K random WebVid-2.5M videos; since WebVid URLs
+die, it must be drawn from what was actually sharded. No video is decoded: the
+samples' files are copied byte for byte. The same source, N and seed give the
+same subset and byte-identical shards. ``OUT/subset.json`` records the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import fire
+
+from pipeline.writer import (
+    TarShardWriter,
+    atomic_write_bytes,
+    iter_tar_samples,
+    json_bytes,
+    read_stats,
+    shard_name,
+    stats_path,
+)
+
+_STATS = re.compile(r"^(\d{6})_stats\.json$")
+
+
+class SubsetError(ValueError):
+    """The subset cannot be made; the message says why and what to do."""
+
+
+def complete_shards(src: Path) -> list[tuple[int, int]]:
+    """``(shard, ok)`` for every complete shard of ``src``, in shard order."""
+    if not src.is_dir():
+        raise SubsetError(f"--src {src} is not a directory of shards (make one with python -m pipeline.shard)")
+    found = []
+    for path in sorted(src.iterdir()):
+        m = _STATS.match(path.name)
+        if m:
+            stats = read_stats(src, int(m.group(1)))
+            if stats is not None:
+                found.append((int(m.group(1)), int(stats["ok"])))
+    return found
+
+
+def choose(total: int, n: int, seed: int) -> list[int]:
+    """Sorted global sample indices of a seeded uniform draw of ``n`` out of ``total`` without replacement."""
+    return sorted(random.Random(seed).sample(range(total), n))
+
+
+def make_subset(src: Path, out: Path, n: int, seed: int, samples_per_shard: int) -> dict:
+    """Write the subset into ``out`` (atomically, as a whole folder). Returns the manifest."""
+    shards = complete_shards(src)
+    total = sum(ok for _, ok in shards)
+    if total < n:
+        raise SubsetError(
+            f"{src} holds {total} samples in {len(shards)} complete shard(s); cannot draw {n}. "
+            "Shard more videos or lower --n."
+        )
+    chosen = choose(total, n, seed)
+    params = {
+        "src": str(src),
+        "n": n,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+        "source_shards": len(shards),
+        "source_samples": total,
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir(parents=True)
+    try:
+        keys = _copy(src, tmp, shards, chosen, samples_per_shard)
+        manifest = {**params, "keys": keys}
+        atomic_write_bytes(tmp / "subset.json", json_bytes(manifest))
+        if out.exists():  # an empty folder (checked by the caller)
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _copy(src: Path, dst: Path, shards: list[tuple[int, int]], chosen: list[int], per_shard: int) -> list[str]:
+    keys: list[str] = []
+    wanted = iter(chosen)
+    target = next(wanted, None)
+    offset = 0  # global index of the first sample of the current source shard
+    writer: TarShardWriter | None = None
+    for shard, ok in shards:
+        if target is None:
+            break
+        if target >= offset + ok:
+            offset += ok
+            continue
+        seen = 0
+        for position, (key, members) in enumerate(iter_tar_samples(src / f"{shard_name(shard)}.tar")):
+            seen += 1
+            if offset + position != target:
+                continue
+            if writer is None:
+                writer = TarShardWriter(dst, len(keys) // per_shard)
+            writer.add_sample(key, members)
+            keys.append(key)
+            if writer.samples == per_shard:
+                _finish(writer, dst, len(keys) // per_shard - 1)
+                writer = None
+            target = next(wanted, None)
+            if target is None:
+                break
+        if target is not None and seen != ok:
+            raise SubsetError(
+                f"{src}/{shard_name(shard)}.tar has {seen} samples but its stats say {ok}; "
+                "re-shard it (delete its _stats.json and rerun pipeline.shard)"
+            )
+        offset += ok
+    if writer is not None:
+        _finish(writer, dst, len(keys) // per_shard)
+    return keys
+
+
+def _finish(writer: TarShardWriter, dst: Path, shard: int) -> None:
+    writer.commit()
+    stats = {"shard": shard_name(shard), "count": writer.samples, "ok": writer.samples, "failed": {}, "failures": []}
+    atomic_write_bytes(stats_path(dst, shard), json_bytes(stats))
+
+
+def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: int = 1000) -> None:
+    """Copy a seeded random subset of N samples of the shards in SRC into new shards in OUT.
+
+    Args:
+        src: folder of shards made by pipeline.shard (only complete shards are used).
+        out: new folder for the subset's shards (must not exist, or be empty).
+        n: number of samples to draw.
+        seed: random seed; the same seed gives the same subset.
+        samples_per_shard: samples per output shard.
+    """
+    src_path, out_path = Path(str(src)), Path(str(out))
+    try:
+        if not isinstance(n, int) or n < 1:
+            raise SubsetError(f"--n must be a positive integer, got {n!r}")
+        if not isinstance(seed, int):
+            raise SubsetError(f"--seed must be an integer, got {seed!r}")
+        if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+            raise SubsetError(f"--samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+        if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+            previous = out_path / "subset.json"
+            if previous.is_file():
+                done = json.loads(previous.read_text())
+                if (done.get("src"), done.get("n"), done.get("seed"), done.get("samples_per_shard")) == (
+                    str(src_path),
+                    n,
+                    seed,
+                    samples_per_shard,
+                ):
+                    print(f"pipeline.subset: {out_path} already holds this subset ({n}, seed {seed}); nothing to do")
+                    return
+            raise SubsetError(f"--out {out_path} exists and is not empty; remove it or choose another folder")
+        manifest = make_subset(src_path, out_path, n, seed, samples_per_shard)
+    except SubsetError as e:
+        sys.exit(f"error: {e}")
+    shards = (n + samples_per_shard - 1) // samples_per_shard
+    print(
+        f"pipeline.subset: {n} of {manifest['source_samples']} samples (seed {seed}) -> {out_path}/"
+        f"{{{shard_name(0)}..{shard_name(shards - 1)}}}.tar; keys in {out_path}/subset.json"
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

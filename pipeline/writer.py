@@ -1,0 +1,160 @@
+"""Writing shards: deterministic tar files, the stats sidecar that marks a shard complete, sample keys.
+
+The format is specified in ``shards/README.md``. Every file is written under a
+temporary name in the output folder and renamed into place, so a crash never
+leaves a half-written file under a final name; a shard is complete once its
+``_stats.json`` exists (written after its tar is renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import uuid
+from pathlib import Path
+
+TAR_MTIME = 0  # fixed tar metadata: the same samples give byte-identical tars
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_KEY = 80
+TMP_MARK = ".tmp-"
+
+
+def sample_key(videoid: str) -> str:
+    """A webdataset key for ``videoid``: no dots or slashes, deterministic, unique per videoid.
+
+    Ids made of ``[A-Za-z0-9_-]`` (all of WebVid's) are kept as they are. Any
+    other id is sanitised and suffixed with a hash of the original, so two ids
+    that sanitise alike ("a.b", "a/b") still get different keys.
+    """
+    key = _UNSAFE_KEY_CHARS.sub("_", videoid)[:_MAX_KEY]
+    if key != videoid:
+        digest = hashlib.blake2b(videoid.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+        key = f"{key}_{digest}"
+    return key
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:06d}"
+
+
+def tar_path(out_dir: str | Path, shard: int) -> Path:
+    return Path(out_dir) / f"{shard_name(shard)}.tar"
+
+
+def stats_path(out_dir: str | Path, shard: int) -> Path:
+    return Path(out_dir) / f"{shard_name(shard)}_stats.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(obj) -> bytes:
+    """Deterministic, readable JSON (sorted keys, UTF-8)."""
+    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def read_stats(out_dir: str | Path, shard: int) -> dict | None:
+    """The stats of a complete shard, or None if the shard is not complete (or its stats are unreadable)."""
+    path = stats_path(out_dir, shard)
+    if not path.is_file() or not tar_path(out_dir, shard).is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def remove_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete temporary files left by an interrupted run (call only while holding the folder's lock)."""
+    removed = []
+    for path in Path(out_dir).glob(f".*{TMP_MARK}*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+class TarShardWriter:
+    """Writes one shard's tar to a temporary name; :meth:`commit` renames it into place.
+
+    Members have fixed metadata (mtime 0, uid/gid 0, mode 0644, PAX format) and
+    keep the order of :meth:`add_sample` calls, so identical samples give
+    byte-identical tars.
+    """
+
+    def __init__(self, out_dir: str | Path, shard: int):
+        self.final = tar_path(out_dir, shard)
+        self.tmp = self.final.with_name(f".{self.final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.samples = 0
+
+    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Add ``{key}.{ext}`` for each ``(ext, data)``, in the given order."""
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"invalid sample key {key!r}: no dots or slashes allowed")
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def commit(self) -> Path:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self._file.close()
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def iter_tar_samples(path: str | Path):
+    """Yield ``(key, [(ext, data), ...])`` from a shard tar, in file order."""
+    with tarfile.open(path, mode="r:") as tar:
+        key, members = None, []
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = os.path.basename(info.name)
+            k, _, ext = name.partition(".")
+            data = tar.extractfile(info).read()
+            if k != key and members:
+                yield key, members
+                members = []
+            key = k
+            members.append((ext, data))
+        if members:
+            yield key, members

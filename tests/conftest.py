@@ -1,0 +1,69 @@
+"""Shared fixtures: generated videos (no downloads), CSV writing, running the CLIs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEBVID_HEADER = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]
+
+
+def write_csv(path: Path, rows: list[list], header: list[str] = WEBVID_HEADER) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def run_cli(module: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    """Small generated clips, made once per test session.
+
+    ``idx100``: 100 frames at 25 fps (4 s), frame i shows the number i, H.264 with B-frames, GOP 30.
+    ``idx60``: 60 frames (2.4 s), the same kind. ``idx3``: only 3 frames. ``audio``: audio only.
+    """
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        "idx100": synthetic.write_index_clip(root / "idx100.mp4", 100, gop=30),
+        "idx60": synthetic.write_index_clip(root / "idx60.mp4", 60),
+        "idx3": synthetic.write_index_clip(root / "idx3.mp4", 3),
+        "audio": synthetic.write_audio_only(root / "audio.m4a"),
+    }
+
+
+def expected_indices(num_frames: int, fps: float, n: int = 4) -> list[int]:
+    """Brute-force reference: the frame shown at t_k = (k + 0.5) * D / n of a constant-rate clip starting at 0."""
+    duration = num_frames / fps
+    result = []
+    for k in range(n):
+        t = (k + 0.5) * duration / n
+        # the last frame whose start time i / fps is <= t
+        result.append(max(i for i in range(num_frames) if i / fps <= t + 1e-9))
+    return result

@@ -1,0 +1,382 @@
+"""`python -m pipeline.shard` end to end: output format, bad input, resume, determinism, escaping."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from conftest import REPO, expected_indices, run_cli, write_csv
+
+from pipeline import synthetic
+from pipeline.writer import iter_tar_samples
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under root."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def stats(out: Path, shard: int = 0) -> dict:
+    return json.loads((out / f"{shard:06d}_stats.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A CSV with good videos and every kind of bad row, plus the expected reason per videoid."""
+    root = tmp_path_factory.mktemp("mixed")
+    vids = root / "v"
+    vids.mkdir()
+    for i in range(3):
+        synthetic.write_index_clip(vids / f"good{i}.mp4", 60 + 20 * i)
+    synthetic.write_index_clip(vids / "short.mp4", 3)
+    synthetic.write_audio_only(vids / "audio.m4a")
+    (vids / "empty.mp4").write_bytes(b"")
+    (vids / "text.mp4").write_text("not a video at all\n" * 50)
+    full = (vids / "good0.mp4").read_bytes()
+    (vids / "cut.mp4").write_bytes(full[: len(full) // 2])
+    rows = [
+        ["g0", "first, with a comma", 0, "d", "PT00H00M02S", "v/good0.mp4"],
+        ["g1", "ünïcödé 🎬 and a\nnewline", 0, "d", "PT00H00M03S", str(vids / "good1.mp4")],  # absolute path
+        ["missing", "x", 0, "d", "PT1S", "v/nope.mp4"],
+        ["empty", "x", 0, "d", "PT1S", "v/empty.mp4"],
+        ["text", "x", 0, "d", "PT1S", "v/text.mp4"],
+        ["cut", "x", 0, "d", "PT1S", "v/cut.mp4"],
+        ["audio", "x", 0, "d", "PT1S", "v/audio.m4a"],
+        ["short", "x", 0, "d", "PT1S", "v/short.mp4"],
+        ["nocap", "", 0, "d", "PT1S", "v/good0.mp4"],
+        ["g0", "duplicate id", 0, "d", "PT1S", "v/good2.mp4"],
+        ["../escape", "crafted id", 0, "d", "PT1S", "v/good2.mp4"],
+        ["/abs/id", "crafted id 2", 0, "d", "PT1S", "v/good2.mp4"],
+    ]
+    csv_path = write_csv(root / "webvid.csv", rows)
+    with open(csv_path, "a", encoding="utf-8") as f:
+        f.write("short,row\n")
+    expected = {
+        "missing": "missing_file",
+        "empty": "empty_file",
+        "text": "undecodable",
+        "cut": "undecodable",
+        "audio": "audio_only",
+        "short": "too_few_frames",
+        "nocap": "empty_caption",
+        "g0": "duplicate_videoid",
+        "": "malformed_row",
+    }
+    return csv_path, expected
+
+
+def test_output_format_and_failure_reasons(mixed, tmp_path):
+    csv_path, expected = mixed
+    out = tmp_path / "out"
+    before = set(tmp_path.parent.rglob("*"))
+    proc = run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        2,
+        "--samples_per_shard",
+        5,
+        "--size",
+        64,
+        "--progress",
+        "False",
+    )
+    assert "ok" in proc.stdout and "videos/s" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "000000.tar",
+        "000000_stats.json",
+        "000001.tar",
+        "000001_stats.json",
+        "000002.tar",
+        "000002_stats.json",
+    ]
+    # nothing written outside OUT, whatever the ids say
+    assert {p for p in set(tmp_path.parent.rglob("*")) - before if out not in p.parents and p != out} == set()
+
+    all_stats = [stats(out, i) for i in range(3)]
+    assert [s["count"] for s in all_stats] == [5, 5, 3]
+    failures = {f["videoid"]: f["reason"] for s in all_stats for f in s["failures"]}
+    assert failures == expected
+    for s in all_stats:
+        assert s["ok"] + sum(s["failed"].values()) == s["count"]
+        assert all(f["detail"] for f in s["failures"])
+
+    samples = list(wds.WebDataset(str(out / "{000000..000002}.tar"), shardshuffle=False).decode("pil"))
+    keys = [s["__key__"] for s in samples]
+    assert len(keys) == 4 and keys[:2] == ["g0", "g1"]
+    assert all("." not in k and "/" not in k for k in keys)
+    g0, g1 = samples[0], samples[1]
+    assert g0["txt"] == "first, with a comma"
+    assert g1["txt"] == "ünïcödé 🎬 and a\nnewline"
+    assert [synthetic.read_frame_index(g0[f"{k}.jpg"]) for k in range(4)] == expected_indices(60, 25)
+    assert [synthetic.read_frame_index(g1[f"{k}.jpg"]) for k in range(4)] == expected_indices(80, 25)
+    assert g1["0.jpg"].size == (107, 64)
+    meta = g1["json"]
+    assert meta["videoid"] == "g1" and meta["source"] == str(csv_path.parent / "v" / "good1.mp4")
+    assert meta["duration"] == pytest.approx(3.2)
+    assert meta["timestamps"] == pytest.approx([0.4, 1.2, 2.0, 2.8])
+    assert (meta["width"], meta["height"]) == (160, 96)
+    # the caption bytes are exactly the CSV's
+    _, members = next(iter_tar_samples(out / "000000.tar"))
+    assert dict(members)["txt"] == b"first, with a comma"
+
+    # tar metadata is fixed; the CLI `tar` reads the shard
+    with tarfile.open(out / "000000.tar") as tar:
+        infos = tar.getmembers()
+    assert {(i.mtime, i.uid, i.gid, i.mode) for i in infos} == {(0, 0, 0, 0o644)}
+    assert [i.name for i in infos[:6]] == ["g0.0.jpg", "g0.1.jpg", "g0.2.jpg", "g0.3.jpg", "g0.json", "g0.txt"]
+    if shutil.which("tar"):
+        listing = subprocess.run(["tar", "tf", out / "000000.tar"], capture_output=True, text=True, check=True)
+        assert listing.stdout.split() == [i.name for i in infos]
+
+
+def test_video_root_layout(tmp_path):
+    root = tmp_path / "mirror"
+    synthetic.write_index_clip(root / "00001_00050" / "123.mp4", 40)
+    synthetic.write_index_clip(root / "00051_00100" / "456.mp4", 40)
+    csv_path = write_csv(
+        tmp_path / "w.csv",
+        [
+            ["123", "a", 0, "00001_00050", "PT1S", "https://gone.invalid/1.mp4"],
+            ["456", "b", 0, "00051_00100", "PT1S", ""],
+            ["789", "c", 0, "00051_00100", "PT1S", ""],
+        ],
+    )
+    out = tmp_path / "out"
+    run_cli(
+        "pipeline.shard", "--src", csv_path, "--out", out, "--video_root", root, "--workers", 1, "--progress", "False"
+    )
+    s = stats(out)
+    assert (s["ok"], s["failed"]) == (2, {"missing_file": 1})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--src", "nope.csv"], "CSV not found"),
+        (["--src", "{csv}", "--id_col", "vid"], "--id_col"),
+        (["--src", "{csv}", "--workers", 0], "--workers"),
+        (["--src", "{csv}", "--frames", -1], "--frames"),
+        (["--src", "{csv}", "--distributor", "dask"], "--distributor"),
+        (["--src", "{csv}", "--video_root", "/does/not/exist"], "--video_root"),
+        (["--src", "{noheader}"], "missing column"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
+    csv_path = write_csv(tmp_path / "w.csv", [["1", "a", 0, "d", "PT1S", "x.mp4"]])
+    noheader = tmp_path / "n.csv"
+    noheader.write_text("1,a,0,d,PT1S,x.mp4\n")
+    out = tmp_path / "out"
+    args = [str(a).format(csv=csv_path, noheader=noheader) for a in args]
+    proc = run_cli("pipeline.shard", *args, "--out", out, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """12 good videos in a CSV, and a reference output made in one uninterrupted run."""
+    root = tmp_path_factory.mktemp("many")
+    rows = []
+    for i in range(12):
+        synthetic.write_index_clip(root / "v" / f"{i}.mp4", 30 + 5 * i)
+        rows.append([str(i), f"caption {i}", 0, "d", "PT1S", f"v/{i}.mp4"])
+    csv_path = write_csv(root / "webvid.csv", rows)
+    ref = root / "ref"
+    run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        ref,
+        "--workers",
+        1,
+        "--samples_per_shard",
+        3,
+        "--size",
+        64,
+        "--progress",
+        "False",
+    )
+    return csv_path, ref
+
+
+def test_same_input_gives_byte_identical_tars(many, tmp_path):
+    csv_path, ref = many
+    out = tmp_path / "out"
+    run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        2,
+        "--samples_per_shard",
+        3,
+        "--size",
+        64,
+        "--progress",
+        "False",
+    )
+    assert tars(out) == tars(ref)
+    assert len(tars(ref)) == 4
+
+
+def test_rerun_keeps_complete_shards_and_redoes_broken_ones(many, tmp_path):
+    csv_path, ref = many
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    (out / "000001_stats.json").unlink()  # as if killed between tar and stats
+    (out / "000002.tar").write_bytes(b"half a tar")  # a half-written tar under its final name
+    (out / "000002_stats.json").unlink()
+    (out / ".000003.tar.tmp-deadbeef").write_bytes(b"leftover")  # temp file of a killed run
+    untouched = {n: os.stat(out / n).st_mtime_ns for n in ("000000.tar", "000000_stats.json", "000003.tar")}
+    time.sleep(0.01)
+    proc = run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--samples_per_shard",
+        3,
+        "--size",
+        64,
+        "--progress",
+        "False",
+    )
+    assert "2 shard(s) written, 2 already complete" in proc.stdout
+    assert {n: os.stat(out / n).st_mtime_ns for n in untouched} == untouched
+    assert tars(out) == tars(ref)
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_changed_settings_redo_the_shards(many, tmp_path):
+    csv_path, ref = many
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    proc = run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--samples_per_shard",
+        3,
+        "--size",
+        32,
+        "--progress",
+        "False",
+    )
+    assert "4 shard(s) written, 0 already complete" in proc.stdout
+    assert stats(out)["settings"]["size"] == 32
+
+
+def test_a_second_run_on_the_same_output_is_refused(many, tmp_path):
+    csv_path, _ = many
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        proc = run_cli("pipeline.shard", "--src", csv_path, "--out", out, "--progress", "False", check=False)
+    assert proc.returncode != 0 and "another pipeline.shard run" in proc.stderr
+
+
+class _SlowFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves files from the server's folder, 0.15 s late each: a run slow enough to kill mid-way."""
+
+    def do_GET(self):
+        time.sleep(0.15)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server(many):
+    csv_path, _ = many
+    handler = functools.partial(_SlowFiles, directory=str(csv_path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_identical_output(many, slow_server, tmp_path):
+    """SIGKILL the whole run mid-way, rerun the same command: the result equals an uninterrupted run."""
+    csv_path, _ = many
+    rows = [[str(i), f"caption {i}", 0, "d", "PT1S", f"{slow_server}/v/{i}.mp4"] for i in range(12)]
+    url_csv = write_csv(tmp_path / "urls.csv", rows)
+    common = [
+        "--src",
+        str(url_csv),
+        "--workers",
+        "1",
+        "--samples_per_shard",
+        "3",
+        "--size",
+        "64",
+        "--progress",
+        "False",
+    ]
+    ref = tmp_path / "ref"
+    run_cli("pipeline.shard", *common, "--out", ref)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.shard", *common, "--out", str(out)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "000000_stats.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.2)  # into the second shard
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("*_stats.json"))
+    assert "000000_stats.json" in done_before and len(done_before) < 4, done_before
+    kept = {n: os.stat(out / n.replace("_stats.json", ".tar")).st_mtime_ns for n in done_before}
+    rerun = run_cli("pipeline.shard", *common, "--out", out)
+    assert f"{4 - len(done_before)} shard(s) written, {len(done_before)} already complete" in rerun.stdout
+    assert {n: os.stat(out / n.replace("_stats.json", ".tar")).st_mtime_ns for n in done_before} == kept
+    assert tars(out) == tars(ref)
+    assert not list(out.glob(".*tmp*"))

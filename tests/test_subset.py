@@ -1,0 +1,103 @@
+"""`python -m pipeline.subset`: a seeded subset copied byte for byte from complete shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import run_cli, write_csv
+
+from pipeline import synthetic
+from pipeline.subset import choose
+from pipeline.writer import iter_tar_samples
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """20 videos sharded 6 per shard (4 shards, the last one short); one row fails."""
+    root = tmp_path_factory.mktemp("subset")
+    clip = synthetic.write_index_clip(root / "v" / "c.mp4", 30)
+    rows = [[str(i), f"caption {i}", 0, "d", "PT1S", "v/c.mp4"] for i in range(20)]
+    rows[7][5] = "v/missing.mp4"
+    csv_path = write_csv(root / "webvid.csv", rows)
+    out = root / "shards"
+    run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--samples_per_shard",
+        6,
+        "--size",
+        32,
+        "--progress",
+        "False",
+    )
+    assert clip.exists()
+    return out
+
+
+def samples(folder):
+    return [(key, members) for tar in sorted(folder.glob("*.tar")) for key, members in iter_tar_samples(tar)]
+
+
+def test_choose_is_seeded_uniform_without_replacement():
+    assert choose(100, 10, 0) == choose(100, 10, 0)
+    assert choose(100, 10, 0) != choose(100, 10, 1)
+    picked = choose(19, 19, 3)
+    assert picked == list(range(19))
+
+
+def test_same_seed_same_subset_and_bytes(source, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 0), (b, 0), (c, 1)):
+        run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 7, "--seed", seed, "--samples_per_shard", 3)
+    assert sorted(p.name for p in a.glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
+    assert {p.name: p.read_bytes() for p in a.glob("*.tar")} == {p.name: p.read_bytes() for p in b.glob("*.tar")}
+    keys_a = [k for k, _ in samples(a)]
+    assert keys_a != [k for k, _ in samples(c)]
+    assert len(set(keys_a)) == 7 and "7" not in keys_a  # the failed video was never a sample
+    manifest = json.loads((a / "subset.json").read_text())
+    assert manifest["keys"] == keys_a and manifest["source_samples"] == 19
+    # samples are byte-identical to the source's
+    original = dict(samples(source))
+    for key, members in samples(a):
+        assert members == original[key]
+    # the subset is a valid shard folder: stats mark every shard complete
+    counts = [json.loads((a / f"{i:06d}_stats.json").read_text())["ok"] for i in range(3)]
+    assert counts == [3, 3, 1]
+
+
+def test_rerun_is_a_no_op_and_other_outputs_are_refused(source, tmp_path):
+    out = tmp_path / "s"
+    run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 5)
+    before = (out / "000000.tar").stat().st_mtime_ns
+    proc = run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 5)
+    assert "nothing to do" in proc.stdout
+    assert (out / "000000.tar").stat().st_mtime_ns == before
+    proc = run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 6, check=False)
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+
+
+def test_too_few_samples_fails_clearly(source, tmp_path):
+    proc = run_cli("pipeline.subset", "--src", source, "--out", tmp_path / "s", "--n", 20, check=False)
+    assert proc.returncode != 0
+    assert "holds 19 samples" in proc.stderr and "cannot draw 20" in proc.stderr
+    assert not (tmp_path / "s").exists()
+    assert not list(tmp_path.glob(".*"))
+    proc = run_cli("pipeline.subset", "--src", tmp_path / "none", "--out", tmp_path / "s", "--n", 2, check=False)
+    assert proc.returncode != 0 and "not a directory" in proc.stderr
+
+
+def test_only_complete_shards_are_used(source, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(source, partial)
+    (partial / "000001_stats.json").unlink()  # shard 1 is not complete
+    run_cli("pipeline.subset", "--src", partial, "--out", tmp_path / "s", "--n", 13)
+    keys = {k for k, _ in samples(tmp_path / "s")}
+    incomplete = {k for k, _ in iter_tar_samples(partial / "000001.tar")}
+    assert len(keys) == 13 and not keys & incomplete
