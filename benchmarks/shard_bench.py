@@ -297,6 +297,7 @@ def bench_per_core(clips: list[Path], videos: int) -> dict:
         }
 
     o, b = summary(ours_wall, ours_cpu), summary(base_wall, base_cpu)
+    o_cpu, b_cpu = o["videos_per_cpu_s"], b["videos_per_cpu_s"]
     return {
         "videos": videos,
         "distinct_clips": len(clips),
@@ -309,7 +310,7 @@ def bench_per_core(clips: list[Path], videos: int) -> dict:
         "baseline_cmd_example": baseline_cmd(clips[0], indices[0]),
         "ratio_wall": o["videos_per_s"] / b["videos_per_s"],
         "ratio_median": b["median_ms"] / o["median_ms"],
-        "ratio_cpu": (o["videos_per_cpu_s"] / b["videos_per_cpu_s"]) if o["videos_per_cpu_s"] else None,
+        "ratio_cpu": o["videos_per_cpu_s"] / b["videos_per_cpu_s"] if o_cpu and b_cpu else None,
         "frame_index_mismatches": mismatches,
         "frame_check": check,
     }
@@ -432,7 +433,7 @@ def _as_list(value) -> list:
 
 
 def _parse_gop(value) -> int | None:
-    if value is None or str(value).lower() in ("default", "none", "0", str(X264_DEFAULT_KEYINT) + "_default"):
+    if value is None or str(value).lower() in ("default", "none", "0"):
         return None
     return int(value)
 
@@ -441,6 +442,10 @@ def _gop_name(gop: int | None) -> str:
     if gop is None:
         return f"x264 default (keyint {X264_DEFAULT_KEYINT})"
     return f"{gop} frames ({gop / FPS:g} s)"
+
+
+def _x(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def _load(cores: float | None) -> str:
@@ -470,7 +475,7 @@ def tables(results: dict) -> str:
             f"| {_gop_name(r['gop'])} | {r['keyframes_per_clip']:g} | {r['videos']} ({r['distinct_clips']}) | "
             f"{o['median_ms']:.1f} | {o['videos_per_s']:.2f} | {o['cpu_median_ms']:.1f} | "
             f"{b['median_ms']:.1f} | {b['videos_per_s']:.2f} | {b['cpu_median_ms']:.1f} | "
-            f"{r['ratio_wall']:.2f}x | {r['ratio_cpu']:.2f}x | {met} | {_load(r['background_cores'])} |"
+            f"{r['ratio_wall']:.2f}x | {_x(r['ratio_cpu'])} | {met} | {_load(r['background_cores'])} |"
         )
     lines += [
         "",

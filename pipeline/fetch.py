@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 
 from pipeline.source import URL_SCHEMES
 
@@ -49,11 +50,11 @@ class FetchConfig:
 _session: requests.Session | None = None
 
 
-def _get_session(config: FetchConfig) -> requests.Session:
+def _get_session() -> requests.Session:
+    """One session per process, for connection reuse (created lazily, in the worker)."""
     global _session
     if _session is None:
         _session = requests.Session()
-        _session.headers["User-Agent"] = config.user_agent
     return _session
 
 
@@ -101,38 +102,60 @@ class _Transient(FetchError):
 
 def _download_once(url: str, config: FetchConfig) -> bytes:
     deadline = time.monotonic() + config.timeout
-    session = _get_session(config)
+    headers = {"User-Agent": config.user_agent}
     try:
-        # The timeout tuple bounds the connection and each read; the deadline below bounds the total.
-        with session.get(url, stream=True, timeout=(min(10.0, config.timeout), config.timeout)) as response:
+        # The timeout tuple bounds the connection and each read; _read_body bounds the total.
+        timeout = (min(10.0, config.timeout), config.timeout)
+        with _get_session().get(url, stream=True, timeout=timeout, headers=headers) as response:
             status = response.status_code
             if status == 429 or status >= 500:
                 raise _Transient(HTTP_ERROR, f"HTTP {status} {response.reason}")
             if status != 200:
                 raise FetchError(HTTP_ERROR, f"HTTP {status} {response.reason}")
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > config.max_bytes:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > config.max_bytes:
                 raise FetchError(TOO_LARGE, f"Content-Length {declared} > limit {config.max_bytes}")
-            chunks, size = [], 0
-            for chunk in response.iter_content(_CHUNK):
-                size += len(chunk)
-                if size > config.max_bytes:
-                    raise FetchError(TOO_LARGE, f"more than {config.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise _Transient(TIMEOUT, f"download took more than {config.timeout:g} s")
-                chunks.append(chunk)
-    except requests.Timeout as e:
+            data = _read_body(response.raw, deadline, config)
+    except (requests.Timeout, urllib3.exceptions.TimeoutError) as e:
         raise _Transient(TIMEOUT, f"{type(e).__name__}: {_short(e)}") from None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+    except (requests.ConnectionError, urllib3.exceptions.ProtocolError) as e:
+        # ProtocolError: the connection closed before Content-Length bytes came (urllib3 checks it)
         raise _Transient(UNREACHABLE, f"{type(e).__name__}: {_short(e)}") from None
-    except requests.RequestException as e:  # invalid URL and the like: not worth retrying
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:  # bad URL, bad encoding: no retry
         raise FetchError(UNREACHABLE, f"{type(e).__name__}: {_short(e)}") from None
-    data = b"".join(chunks)
     if not data:
         raise FetchError(EMPTY_FILE, "the server sent 0 bytes")
-    if declared and declared.isdigit() and len(data) < int(declared):
-        raise _Transient(UNREACHABLE, f"connection closed after {len(data)} of {declared} bytes")
     return data
+
+
+def _read_body(raw: urllib3.HTTPResponse, deadline: float, config: FetchConfig) -> bytes:
+    """Read the (decoded) body as bytes arrive, enforcing the size limit and the total deadline.
+
+    ``read1`` returns as soon as any bytes are available, so a server trickling
+    bytes is cut off at the deadline; before each read the socket's timeout is
+    lowered to the time left, so a stalled one is too.
+    """
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Transient(TIMEOUT, f"download took more than {config.timeout:g} s")
+        _set_read_timeout(raw, left)
+        chunk = raw.read1(_CHUNK, decode_content=True)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > config.max_bytes:
+            raise FetchError(TOO_LARGE, f"more than {config.max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _set_read_timeout(raw: urllib3.HTTPResponse, seconds: float) -> None:
+    # urllib3 exposes no public way to change the read timeout mid-body; where this private
+    # attribute is missing, each read is still bounded by the request's read timeout.
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
 
 
 def _short(e: Exception) -> str:

@@ -175,6 +175,8 @@ def main(
         progress: show a progress bar.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
+    src, out = str(src), str(out)  # fire turns "2024" into an int
+    video_root = None if video_root is None else str(video_root)
     try:
         validate(
             src,
@@ -214,6 +216,8 @@ def main(
             )
     except UsageError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: complete shards are kept; rerun the same command to finish the rest")
     sys.exit(code)
 
 

@@ -87,6 +87,8 @@ def make_sample(row: Row, sample: SampleSettings, fetch_config: FetchConfig) -> 
 def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
     """Write the shard's tar, then its stats (which mark it complete). Returns the stats."""
     start = time.monotonic()
+    # A shard being remade is not complete: drop its old stats before touching its tar.
+    stats_path(settings.out_dir, task.shard).unlink(missing_ok=True)
     failures: list[dict] = []
     with TarShardWriter(settings.out_dir, task.shard) as writer:
         for row in task.rows:
