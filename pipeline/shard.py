@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import itertools
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -103,6 +105,11 @@ def validate(
         problems.append(f"--quality must be an integer in 1..100, got {quality!r}")
     if distributor not in DISTRIBUTORS:
         problems.append(f"--distributor must be one of {', '.join(DISTRIBUTORS)}, got {distributor!r}")
+    if distributor == "spark":
+        if importlib.util.find_spec("pyspark") is None:
+            problems.append("--distributor spark needs pyspark: pip install 'fitclip[spark]'")
+        elif not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+            problems.append("--distributor spark needs Java 17+: put java on PATH or set JAVA_HOME")
     if video_root is not None and not Path(video_root).is_dir():
         problems.append(f"--video_root {video_root} is not a directory")
     for name, value in (("--timeout", timeout), ("--max_mb", max_mb)):

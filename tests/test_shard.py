@@ -380,3 +380,14 @@ def test_resume_after_kill_9_gives_identical_output(many, slow_server, tmp_path)
     assert {n: os.stat(out / n.replace("_stats.json", ".tar")).st_mtime_ns for n in done_before} == kept
     assert tars(out) == tars(ref)
     assert not list(out.glob(".*tmp*"))
+
+
+def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
+    import importlib.util
+
+    from pipeline import shard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
+    with pytest.raises(shard.UsageError, match=r"pip install 'fitclip\[spark\]'"):
+        shard.validate("x.csv", tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)
