@@ -67,3 +67,59 @@ def expected_indices(num_frames: int, fps: float, n: int = 4) -> list[int]:
         # the last frame whose start time i / fps is <= t
         result.append(max(i for i in range(num_frames) if i / fps <= t + 1e-9))
     return result
+
+
+TINY_CLIP = REPO / "tests" / "data" / "tiny-clip.json"
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> dict[str, Path]:
+    """Generated training data through the real pipeline: unlabeled (16 videos), labeled subset (8), val (8)."""
+    root = tmp_path_factory.mktemp("train_data")
+    train_csv = synthetic.make_webvid_sample(root / "train", count=16, seconds=1.2, width=64, height=48, seed=0)
+    val_csv = synthetic.make_webvid_sample(root / "val", count=8, seconds=1.2, width=64, height=48, seed=100)
+    shards = {
+        "unlabeled": root / "shards" / "unlabeled",
+        "val": root / "shards" / "val",
+        "labeled": root / "shards" / "labeled",
+    }
+    common = ["--samples_per_shard", 5, "--size", 48, "--workers", 1, "--progress", "False"]
+    run_cli("pipeline.shard", "--src", train_csv, "--out", shards["unlabeled"], *common)
+    run_cli("pipeline.shard", "--src", val_csv, "--out", shards["val"], *common)
+    run_cli(
+        "pipeline.subset",
+        "--src",
+        shards["unlabeled"],
+        "--out",
+        shards["labeled"],
+        "--n",
+        8,
+        "--seed",
+        0,
+        "--samples_per_shard",
+        3,
+    )
+    return shards
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, everyone = [pid], []
+    while todo:
+        p = todo.pop()
+        everyone.append(p)
+        todo.extend(children.get(p, []))
+    for p in everyone:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

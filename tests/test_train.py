@@ -1,0 +1,220 @@
+"""The trainer: config, a full CPU run in process, torchrun with 2 gloo ranks, resume, skipped steps, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from conftest import REPO, TINY_CLIP, kill_tree, run_cli
+
+from train import checkpoint, loop
+from train.config import TrainConfig, paper, reference, resolve
+from train.fuse import fuse_state_dicts
+from train.model import load_state_dict
+
+
+def tiny_config(shards: dict[str, Path], out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(TINY_CLIP),
+        teacher_weights="",
+        labeled=str(shards["labeled"]),
+        unlabeled=str(shards["unlabeled"]),
+        val=str(shards["val"]),
+        out=str(out),
+        steps=4,
+        val_every=2,
+        log_every=2,
+        batch_labeled=4,
+        batch_unlabeled=4,
+        val_batch=4,
+        workers=0,
+        wandb="off",
+        progress=False,
+    )
+    return resolve("demo", **{**values, **overrides})
+
+
+def cli_args(shards: dict[str, Path], out: Path, **overrides) -> list[str]:
+    values = dict(
+        recipe="demo",
+        model=TINY_CLIP,
+        teacher_weights="",
+        labeled=shards["labeled"],
+        unlabeled=shards["unlabeled"],
+        val=shards["val"],
+        out=out,
+        steps=4,
+        val_every=2,
+        log_every=2,
+        batch_labeled=4,
+        batch_unlabeled=4,
+        val_batch=4,
+        workers=1,
+        wandb="off",
+        progress="False",
+    )
+    values.update(overrides)
+    args = []
+    for key, value in values.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def test_recipes_hold_the_stated_hyper_parameters():
+    p, r = paper(), reference()
+    assert (p.sigma, p.lam, p.lr, p.distillation, p.alpha, p.frames) == (0.05, 1e-4, 3e-5, "ce", 0.4, 4)
+    assert (r.sigma, r.lam, r.lr, r.distillation, r.weight_decay) == (0.015, 1e-4, 3e-6, "kl", 0.01)
+    assert (r.batch_labeled, r.batch_unlabeled, r.precision, r.renormalize_video) == (8, 8, "fp32", False)
+    assert resolve("reference", lr=1e-5).lr == 1e-5  # every hyper-parameter is a flag
+    with pytest.raises(ValueError, match="unknown flag.*--nope.*valid flags"):
+        resolve("paper", nope=1)
+    with pytest.raises(ValueError, match="--sigma"):
+        resolve("paper", sigma=0)
+    with pytest.raises(ValueError, match="--recipe"):
+        resolve("fancy")
+
+
+def test_cli_rejects_bad_input_before_work(tmp_path):
+    proc = run_cli("train.main", "--nope", "1", check=False)
+    assert proc.returncode != 0 and "unknown flag" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(
+        "train.main",
+        "--recipe",
+        "demo",
+        "--model",
+        TINY_CLIP,
+        "--teacher_weights",
+        "",
+        "--labeled",
+        tmp_path / "none",
+        "--unlabeled",
+        tmp_path / "none",
+        "--out",
+        tmp_path / "run",
+        "--wandb",
+        "off",
+        check=False,
+    )
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "pipeline" in proc.stderr
+
+
+def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):
+    out = tmp_path / "run"
+    summary = loop.run(tiny_config(train_shards, out))
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+    assert summary["last_val"]["videos"] == 8 and 0 <= summary["last_val"]["R@1"] <= 100
+
+    latest = torch.load(out / checkpoint.LATEST, weights_only=True)
+    assert latest["step"] == 4
+    assert latest["config"]["recipe"] == "demo" and latest["config"]["steps"] == 4
+    assert {"student", "optimizer", "scheduler", "rng", "best_val_loss"} <= set(latest)
+    best = torch.load(out / checkpoint.BEST, weights_only=True)
+    assert best["val"]["loss"] == pytest.approx(summary["best_val_loss"])
+    assert json.loads((out / "config.json").read_text())["model"] == str(TINY_CLIP)
+
+    # the student moved away from the teacher
+    teacher = load_state_dict(out / "teacher_init.pt")
+    student = best["student"]
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    # fitclip.pt = 0.6 * teacher + 0.4 * student, a plain open_clip state dict
+    fused = torch.load(out / checkpoint.FUSED, weights_only=True)
+    expected = fuse_state_dicts(teacher, student, 0.4)
+    assert fused.keys() == teacher.keys()
+    assert all(torch.allclose(fused[k], expected[k]) for k in fused)
+    name = "tiny-clip"
+    open_clip.add_model_config(str(TINY_CLIP))
+    model = open_clip.create_model(name, pretrained=str(out / checkpoint.FUSED))
+    assert all(torch.equal(v, fused[k]) for k, v in model.state_dict().items())
+
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        loop.run(tiny_config(train_shards, out))
+
+
+def test_resume_auto_continues_from_latest(train_shards, tmp_path):
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    first = torch.load(out / checkpoint.LATEST, weights_only=True)
+    summary = loop.run(tiny_config(train_shards, out, steps=4, resume="auto"))
+    assert summary["steps"] == 4
+    resumed = torch.load(out / checkpoint.LATEST, weights_only=True)
+    assert resumed["step"] == 4
+    assert resumed["optimizer"]["state"][0]["step"] == first["optimizer"]["state"][0]["step"] + 2
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_weights(train_shards, tmp_path, monkeypatch):
+    cfg = tiny_config(train_shards, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    from train import distributed
+
+    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+    optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in models.student.state_dict().items()}
+
+    def nan_loss(models, *args):
+        p = next(models.student.parameters())
+        return p.sum() * float("nan"), {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
+
+    monkeypatch.setattr(loop, "compute_loss", nan_loss)
+    progress = loop.Progress()
+    result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
+    assert result["skipped"] and progress.skipped_steps == 1
+    assert all(torch.equal(v, before[k]) for k, v in models.student.state_dict().items())
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "train.main",
+        *cli_args(train_shards, out, wandb="offline"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no credentials: offline
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["last_val"]["videos"] == 8
+    assert "step 4: val loss" in proc.stdout + proc.stderr
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (out / checkpoint.FUSED).is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
+    """kill -9 the whole torchrun job after a checkpoint; the same command with --resume auto finishes it."""
+    out = tmp_path / "run"
+    args = cli_args(train_shards, out, steps=40, val_every=2, resume="auto")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.main", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / checkpoint.LATEST).exists() and torch.load(out / checkpoint.LATEST, weights_only=True)["step"] >= 4:
+            break
+        time.sleep(0.2)
+    kill_tree(proc.pid)
+    proc.wait()
+    time.sleep(0.5)  # let the kernel reap the workers
+    killed_at = torch.load(out / checkpoint.LATEST, weights_only=True)["step"]
+    assert 4 <= killed_at < 40
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [line for line in rerun.stdout.splitlines() if "resumed" in line]
+    assert resumed == [f"resumed from {out / checkpoint.LATEST} at step {killed_at}"], rerun.stdout[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40

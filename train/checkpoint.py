@@ -1,0 +1,90 @@
+"""Checkpoints: atomic save, ``weights_only`` load, resume.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)`` (no code runs on load):
+``step``, ``student`` (state dict), ``optimizer``, ``scheduler``, ``config``,
+``rng`` (torch CPU/CUDA and Python states), ``best_val_loss``, ``skipped_steps``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import uuid
+from pathlib import Path
+
+import torch
+
+LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary name in the same folder, then rename: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rng_state() -> dict:
+    python = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [python[0], list(python[1]), python[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint written by :func:`atomic_save` (weights_only: tensors and plain values)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def resume_path(out: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``auto`` -> OUT/latest.pt if it exists; a path; or None (fresh run).
+
+    Raises:
+        FileExistsError: a fresh run into a folder that already holds a run.
+        FileNotFoundError: an explicit path that does not exist.
+    """
+    out = Path(out)
+    if resume == "auto":
+        latest = out / LATEST
+        return latest if latest.is_file() else None
+    if resume:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return Path(resume)
+    if (out / LATEST).exists():
+        raise FileExistsError(
+            f"{out} already holds a run ({LATEST}); pass --resume auto to continue it, or choose another --out"
+        )
+    return None
+
+
+def lock_run(out: Path):
+    """An exclusive lock on OUT/.lock, so two runs never write one folder; released when the process ends."""
+    handle = open(Path(out) / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        message = f"another train.main run is writing {out}; wait for it to end or use another --out"
+        raise FileExistsError(message) from None
+    except OSError:  # no flock on this filesystem: proceed unlocked
+        pass
+    return handle

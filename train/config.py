@@ -1,0 +1,172 @@
+"""Typed training configuration and the named recipes.
+
+Two recipes reproduce FitCLIP (see ``../shared/REFERENCE.md`` in the design repo
+and the README): ``paper`` is what the paper states, ``reference`` is what the
+authors' public code ran to produce the released checkpoint. ``demo`` is a tiny
+CPU run for ``make demo`` and the tests. Every field is also a CLI flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "off")
+SCHEDULES = ("constant", "cosine")
+DISTILLATIONS = ("ce", "kl")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run depends on. Printed at start, stored in every checkpoint."""
+
+    # --- data (folders made by pipeline.shard / pipeline.subset)
+    labeled: str = ""  # labeled shards (the 4.5K subset): contrastive loss, cycled forever, reshuffled each pass
+    unlabeled: str = ""  # unlabeled shards (all of WebVid): distillation loss, resampled streaming
+    val: str = ""  # validation shards (WebVid val); "" = no validation (best.pt is then the last step)
+    out: str = "runs/fitclip"  # run folder: latest.pt, best.pt, fitclip.pt, config.json, wandb/
+
+    # --- model
+    model: str = "ViT-B-16-quickgelu"  # open_clip model name, or path to an open_clip model-config JSON
+    teacher_weights: str = "openai"  # open_clip pretrained tag, a local .pt/.safetensors state dict, or "" (random)
+
+    # --- recipe (Eq. 1-5)
+    recipe: str = "paper"  # which preset the defaults came from (informational once resolved)
+    sigma: float = 0.05  # temperature of the similarity logits, the student's and the teacher's soft labels alike
+    lam: float = 1e-4  # lambda in Eq. 5: weight of the distillation loss
+    distillation: str = "ce"  # "ce": cross-entropy to teacher soft labels (paper); "kl": KL * 1/sigma^2 (code)
+    renormalize_video: bool = True  # L2-normalise the mean of the frame embeddings (the authors' code does not)
+    frames: int = 4  # frames per video used (the shards' first N)
+    crop: int = 0  # training crop size; 0 = the model's input size (224 for ViT-B/16)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
+
+    # --- optimisation
+    lr: float = 3e-5  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (on all parameters, as the authors' code)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"  # "constant" or "cosine" (to 0 at the last step, after warmup)
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
+    steps: int = 1000  # optimizer steps
+    batch_labeled: int = 8  # labeled videos per rank per step
+    batch_unlabeled: int = 8  # unlabeled videos per rank per step
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"
+    grad_checkpointing: bool = False  # activation checkpointing in the student (less memory, more compute)
+    compile: bool = False  # torch.compile the student's encoders
+    seed: int = 0
+
+    # --- validation, checkpoints, fusion
+    val_every: int = 100  # steps between validations (and latest.pt saves)
+    val_batch: int = 64  # fixed batch size of the validation contrastive loss (the model-selection criterion)
+    val_max: int = 0  # at most this many validation videos; 0 = all
+    resume: str = ""  # "" = fresh run (refuses a non-empty --out), "auto" = continue from OUT/latest.pt, or a path
+    alpha: float = 0.4  # fusion weight of the student: theta = (1 - alpha) * teacher + alpha * student
+    fuse: bool = True  # fuse best.pt with the teacher at the end into OUT/fitclip.pt
+
+    # --- runtime and monitoring
+    device: str = "auto"  # "auto", "cuda" or "cpu"
+    workers: int = 4  # data-loading processes per rank
+    log_every: int = 10  # steps between console/W&B logs
+    wandb: str = "auto"  # "auto": online with credentials, else offline; "online", "offline", "off"
+    wandb_project: str = "fitclip"
+    run_name: str = ""  # W&B run name; "" = the out folder's name
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up the GPU model (no MFU on CPU)
+    progress: bool = True  # console progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("sigma", "lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.lam <= 1:
+            problems.append(f"--lam must be in [0, 1], got {self.lam}")
+        if not 0 <= self.alpha <= 1:
+            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        for name in ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"--{name} must be a positive integer, got {value!r}")
+        for name, allowed in (
+            ("precision", PRECISIONS),
+            ("wandb", WANDB_MODES),
+            ("schedule", SCHEDULES),
+            ("distillation", DISTILLATIONS),
+            ("device", ("auto", "cuda", "cpu")),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def paper(**overrides) -> TrainConfig:
+    """What the paper states: sigma 0.05, lambda 1e-4 (cross-entropy distillation), AdamW lr 3e-5, alpha 0.4."""
+    return TrainConfig(**{"recipe": "paper", **overrides})
+
+
+def reference(**overrides) -> TrainConfig:
+    """What the authors' public code runs (it produced the released checkpoint).
+
+    sigma 0.015 for student and teacher; distillation as KL(teacher || student) times 1/sigma^2 with a 0.9999 /
+    0.0001 labeled/unlabeled split (effective distillation weight ~0.44); AdamW lr 3e-6 constant, weight decay
+    0.01; 8 + 8 videos per GPU; fp32; frame embeddings averaged without re-normalising; validation every 30 steps.
+    """
+    values = dict(
+        recipe="reference",
+        sigma=0.015,
+        lam=1e-4,
+        distillation="kl",
+        lr=3e-6,
+        weight_decay=0.01,
+        schedule="constant",
+        batch_labeled=8,
+        batch_unlabeled=8,
+        precision="fp32",
+        renormalize_video=False,
+        val_every=30,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def demo(**overrides) -> TrainConfig:
+    """A tiny CPU run (the paper recipe's losses, a larger lr and lambda so a few steps show learning)."""
+    values = dict(
+        recipe="demo",
+        lam=0.5,
+        lr=1e-3,
+        steps=40,
+        batch_labeled=8,
+        batch_unlabeled=8,
+        val_every=20,
+        val_batch=16,
+        workers=1,
+        log_every=5,
+        device="cpu",
+        wandb="offline",
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+RECIPES = {"paper": paper, "reference": reference, "demo": demo}
+
+
+def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
+    """The config of a recipe with flags applied; unknown flags fail with the list of valid ones."""
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown flag(s) {['--' + u for u in unknown]}; valid flags: " + " ".join("--" + n for n in sorted(names))
+        )
+    for key in ("crop_scale", "betas"):
+        if key in overrides:
+            overrides[key] = tuple(float(v) for v in overrides[key])
+    return RECIPES[recipe](**overrides)

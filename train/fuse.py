@@ -1,0 +1,81 @@
+"""Weight-space fusion of teacher and student (FitCLIP, Section 3.2; WiSE-FT).
+
+    python -m train.fuse --model ViT-B-16-quickgelu --teacher openai --student runs/x/best.pt \\
+        --alpha 0.4 --out runs/x/fitclip.pt
+
+theta = (1 - alpha) * theta_teacher + alpha * theta_student, alpha the student's
+weight. The output is a plain open_clip state dict:
+``open_clip.create_model(M, pretrained="runs/x/fitclip.pt")`` loads it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+import torch
+
+from train.checkpoint import atomic_save
+from train.model import create_clip, load_state_dict
+
+
+def fuse_state_dicts(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor], alpha: float) -> dict:
+    """(1 - alpha) * teacher + alpha * student for floating-point tensors; other tensors from the teacher.
+
+    Computed in float64 and cast back, so alpha = 0 and 1 give the teacher and the student exactly.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if teacher.keys() != student.keys():
+        diff = sorted(teacher.keys() ^ student.keys())
+        raise ValueError(f"teacher and student have different parameters, e.g. {diff[:5]}: are they the same model?")
+    fused = {}
+    for name, t in teacher.items():
+        s = student[name]
+        if t.shape != s.shape:
+            raise ValueError(f"{name}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+        if t.is_floating_point():
+            mixed = (1 - alpha) * t.double() + alpha * s.to(t.device).double()
+            fused[name] = mixed.to(t.dtype)
+        else:
+            fused[name] = t.clone()
+    return fused
+
+
+def teacher_state_dict(model: str, teacher: str) -> dict[str, torch.Tensor]:
+    """The teacher's weights: an open_clip pretrained tag or a file."""
+    return {k: v.detach().cpu() for k, v in create_clip(model, teacher).state_dict().items()}
+
+
+def fuse(model: str, teacher: str, student: str, alpha: float, out: str) -> str:
+    """Fuse and write ``out`` atomically; returns its path."""
+    fused = fuse_state_dicts(teacher_state_dict(model, teacher), load_state_dict(student), alpha)
+    atomic_save(fused, out)
+    return str(out)
+
+
+def main(
+    student: str,
+    out: str,
+    model: str = "ViT-B-16-quickgelu",
+    teacher: str = "openai",
+    alpha: float = 0.4,
+) -> None:
+    """Fuse teacher and student weights: (1 - alpha) * teacher + alpha * student.
+
+    Args:
+        student: the student's weights: a train.main checkpoint (best.pt, latest.pt) or a state dict file.
+        out: the fused open_clip state dict to write (.pt).
+        model: open_clip model name or model-config JSON (the teacher's and the student's architecture).
+        teacher: the teacher's weights: an open_clip pretrained tag (openai) or a state dict file.
+        alpha: the student's weight, in [0, 1] (the paper uses 0.4).
+    """
+    try:
+        path = fuse(model, str(teacher), str(student), float(alpha), str(out))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"train.fuse: (1 - {alpha}) * {teacher} + {alpha} * {student} -> {path}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

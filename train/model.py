@@ -1,0 +1,171 @@
+"""CLIP models via open_clip: creation, weights from a tag or a local file, video and text embeddings.
+
+Shared by training and evaluation. OpenAI's ViT-B/16 must be built as
+``ViT-B-16-quickgelu``: the plain ``ViT-B-16`` config silently uses GELU, a
+different activation than the one the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded; the message says what to do."""
+
+
+def register_model(model: str) -> str:
+    """The open_clip model name for ``model``: a name, or a model-config JSON file (registered under its stem)."""
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {model}: no such model-config JSON")
+        json.loads(path.read_text())  # a clear error for a broken file, before open_clip's
+        open_clip.add_model_config(str(path))
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ValueError(
+            f"--model {model!r} is neither an open_clip model name nor a .json config; "
+            "see open_clip.list_models() (OpenAI ViT-B/16 is 'ViT-B-16-quickgelu')"
+        )
+    return model
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A CLIP state dict from a file: a plain state dict (.pt/.bin/.safetensors), or one of our checkpoints.
+
+    Checkpoints written by ``train.main`` hold the student under ``"student"``;
+    ``{"state_dict": ...}`` files and DDP's ``module.`` prefixes are handled too.
+    Loaded with ``weights_only=True``: no code is executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # e.g. OpenAI's TorchScript archive
+            raise ValueError(
+                f"{path} is not a state dict loadable with weights_only=True ({e}); for OpenAI weights "
+                "offline, pass open_clip's safetensors file or use the 'openai' tag with a filled "
+                "HF cache (HF_HUB_OFFLINE=1)"
+            ) from e
+    for key in ("student", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An open_clip CLIP model in fp32 on ``device``.
+
+    Args:
+        model: open_clip model name or model-config JSON path.
+        weights: "" for random initialisation; an open_clip pretrained tag (e.g. ``openai``,
+            fetched from the HF Hub or its cache); or a path to a state dict / checkpoint file.
+    """
+    name = register_model(model)
+    is_file = bool(weights) and (Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).exists())
+    tag = None if is_file or not weights else weights
+    try:
+        with _quiet_open_clip():  # it warns "no pretrained weights loaded" when we load them ourselves
+            clip = open_clip.create_model(name, pretrained=tag, device="cpu")
+    except RuntimeError as e:  # open_clip's message for unknown tags and failed downloads
+        raise WeightsError(
+            f"cannot load weights {weights!r} for {name}: {e}. Offline? Pass a local state dict "
+            "file, or fill the HF cache on a connected machine and set HF_HUB_OFFLINE=1"
+        ) from e
+    except OSError as e:  # huggingface_hub: no connection and nothing cached
+        raise WeightsError(
+            f"cannot fetch weights {weights!r} for {name} from the HF Hub ({type(e).__name__}). "
+            "Offline? Pass a local state dict file with --teacher_weights, or fill the HF cache "
+            "on a connected machine and set HF_HUB_OFFLINE=1"
+        ) from e
+    if is_file:
+        missing, unexpected = clip.load_state_dict(load_state_dict(weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return clip.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def tokenizer_for(model: str):
+    """open_clip's tokenizer for ``model`` (name or config JSON): captions -> (B, context_length) int64."""
+    return open_clip.get_tokenizer(register_model(model))
+
+
+def image_size(clip: torch.nn.Module) -> int:
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def encode_video(clip: torch.nn.Module, frames: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """Video embeddings: the mean of the L2-normalised embeddings of the frames.
+
+    Args:
+        frames: (B, T, 3, H, W) normalised pixels.
+        renormalize: L2-normalise the mean (cosine similarities downstream); the
+            authors' code leaves it unnormalised.
+    Returns:
+        (B, D)
+    """
+    b, t = frames.shape[:2]
+    per_frame = F.normalize(clip.encode_image(frames.flatten(0, 1)), dim=-1)  # (B*T, D)
+    video = per_frame.view(b, t, -1).mean(dim=1)  # (B, D)
+    return F.normalize(video, dim=-1) if renormalize else video
+
+
+def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings (B, D) of token ids (B, L)."""
+    return F.normalize(clip.encode_text(tokens), dim=-1)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients (the teacher)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class VideoTextModel(torch.nn.Module):
+    """A CLIP model as one module: forward(frames, tokens) -> (video, text) embeddings.
+
+    Wrapping both encoders in one ``forward`` lets DDP, autocast and torch.compile
+    see the whole computation of a step.
+    """
+
+    def __init__(self, clip: torch.nn.Module, renormalize_video: bool = True):
+        super().__init__()
+        self.clip = clip
+        self.renormalize_video = renormalize_video
+
+    def forward(self, frames: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # frames (B, T, 3, H, W), tokens (B, L) -> (B, D), (B, D)
+        return encode_video(self.clip, frames, self.renormalize_video), encode_text(self.clip, tokens)

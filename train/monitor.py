@@ -1,0 +1,151 @@
+"""Monitoring: W&B (rank 0), throughput and MFU, the console progress bar.
+
+W&B runs online when credentials exist (``WANDB_API_KEY`` or ``wandb login``)
+and offline otherwise (``wandb sync RUN/wandb/offline-run-*`` uploads later).
+Only the run's config and metrics are logged: no environment, no code, no keys.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from train.config import TrainConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by GPU model name, from the vendors' datasheets.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float:
+    """Peak TFLOP/s per device for MFU: ``override`` if set, else a lookup by GPU name; 0 if unknown (CPU)."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+def forward_flops(fn, *args) -> int:
+    """FLOPs of one call (counted by torch's FlopCounterMode, no gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def step_flops(student_fwd_per_video: int, teacher_fwd_per_video: int, labeled: int, unlabeled: int) -> int:
+    """FLOPs of one FitCLIP step on one rank: student forward + backward (~3x forward) on both batches,
+    teacher forward on the unlabeled batch."""
+    return 3 * student_fwd_per_video * (labeled + unlabeled) + teacher_fwd_per_video * unlabeled
+
+
+def wandb_mode(requested: str) -> str:
+    """ "auto" -> "online" with credentials, else "offline"."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+class Monitor:
+    """Logs from rank 0 only; every method is a no-op on other ranks."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool, total_steps: int, start_step: int):
+        self.is_main = is_main
+        self.run = None
+        self.bar = None
+        if not is_main:
+            return
+        mode = wandb_mode(cfg.wandb)
+        if mode != "off":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.run_name or Path(cfg.out).name,
+                dir=cfg.out,
+                config=cfg.to_dict(),
+                mode=mode,
+                resume="allow",
+                id=_run_id(cfg.out),
+                settings=wandb.Settings(save_code=False, console="off"),
+            )
+            print(
+                f"W&B: {mode} run in {cfg.out}/wandb"
+                + (" (upload later with `wandb sync`)" if mode == "offline" else "")
+            )
+        if cfg.progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.is_main:
+            return
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if self.bar is not None:
+            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def log_text(self, message: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def log_samples(self, grid: torch.Tensor, captions: list[str], step: int) -> None:
+        """A grid of sample frames (3, H, W in [0, 1]) with their captions."""
+        if self.is_main and self.run is not None:
+            import wandb
+
+            image = (grid.permute(1, 2, 0).numpy() * 255).astype("uint8")
+            self.run.log({"samples": wandb.Image(image, caption=" | ".join(captions))}, step=step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+_HEADLINE = ("train/loss", "train/contrastive", "train/videos_per_s", "train/mfu", "val/loss", "val/R@1")
+
+
+def _run_id(out: str) -> str:
+    """A stable W&B id per run folder, so a resumed run continues the same W&B run."""
+    path = Path(out) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
+
+
+class Timer:
+    """Wall time split into waiting for data and computing, between logs."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
