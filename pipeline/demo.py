@@ -61,15 +61,15 @@ def main(out: str = "demo_output", videos: int = 24, seconds: float = 6, labeled
     )
     csv_path = root / "webvid" / "webvid.csv"
     if csv_path.exists():
-        print(f"[1/3] generated sample: reusing {csv_path}")
+        print(f"[1/5] generated sample: reusing {csv_path}")
     else:
         print(
-            f"[1/3] generating {videos} WebVid-like clips ({seconds:g} s, 320x180, H.264) -> {csv_path.parent}/",
+            f"[1/5] generating {videos} WebVid-like clips ({seconds:g} s, 320x180, H.264) -> {csv_path.parent}/",
             flush=True,
         )
         make_webvid_sample(root / "webvid", count=videos, seconds=seconds, seed=0)
     shards = root / "shards" / "webvid"
-    print("[2/3] sharding (complete shards from an earlier run are kept)", flush=True)
+    print("[2/5] sharding (complete shards from an earlier run are kept)", flush=True)
     _run(
         [
             "pipeline.shard",
@@ -86,7 +86,7 @@ def main(out: str = "demo_output", videos: int = 24, seconds: float = 6, labeled
         ]
     )
     labeled_dir = root / "shards" / "labeled"
-    print(f"[3/3] drawing a labeled subset of {labeled} (the paper's 4.5K subset, in miniature)", flush=True)
+    print(f"[3/5] drawing a labeled subset of {labeled} (the paper's 4.5K subset, in miniature)", flush=True)
     _run(
         [
             "pipeline.subset",

@@ -98,9 +98,12 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
             "on a connected machine and set HF_HUB_OFFLINE=1"
         ) from e
     if is_file:
-        missing, unexpected = clip.load_state_dict(load_state_dict(weights), strict=False)
+        try:
+            missing, unexpected = clip.load_state_dict(load_state_dict(weights), strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise WeightsError(f"{weights} does not fit {name}: {str(e)[:500]}") from e
         if missing or unexpected:
-            raise ValueError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise WeightsError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return clip.to(device)
 
 

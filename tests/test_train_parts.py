@@ -1,0 +1,252 @@
+"""Trainer pieces: model loading, video embeddings, data streams, fusion CLI, retrieval metrics, W&B mode."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+import shutil
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CLIP, run_cli
+
+from train import data
+from train.fuse import fuse_state_dicts
+from train.metrics import retrieval_metrics
+from train.model import (
+    VideoTextModel,
+    create_clip,
+    encode_video,
+    register_model,
+    tokenizer_for,
+)
+from train.monitor import step_flops, wandb_mode
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def test_model_names_and_configs():
+    assert register_model(str(TINY_CLIP)) == "tiny-clip"
+    assert register_model("ViT-B-16-quickgelu") == "ViT-B-16-quickgelu"
+    with pytest.raises(ValueError, match="quickgelu"):
+        register_model("ViT-B-16-typo")
+    with pytest.raises(FileNotFoundError):
+        register_model("missing.json")
+
+
+@pytest.mark.parametrize("form", ["pt", "safetensors", "checkpoint", "ddp"])
+def test_weights_load_from_local_files(tmp_path, form):
+    torch.manual_seed(0)
+    source = create_clip(str(TINY_CLIP)).state_dict()
+    path = tmp_path / f"w.{'safetensors' if form == 'safetensors' else 'pt'}"
+    if form == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+    elif form == "checkpoint":
+        torch.save({"step": 3, "student": source, "config": {}}, path)
+    elif form == "ddp":
+        torch.save({f"module.{k}": v for k, v in source.items()}, path)
+    else:
+        torch.save(source, path)
+    loaded = create_clip(str(TINY_CLIP), str(path)).state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"visual.proj": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        create_clip(str(TINY_CLIP), str(path))
+
+
+def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():
+    torch.manual_seed(0)
+    clip = create_clip(str(TINY_CLIP)).eval()
+    frames = torch.randn(3, 4, 3, 32, 32)  # (B, T, 3, H, W)
+    with torch.no_grad():
+        per_frame = [F.normalize(clip.encode_image(frames[:, t]), dim=-1) for t in range(4)]
+        mean = sum(per_frame) / 4
+        assert torch.allclose(encode_video(clip, frames, renormalize=False), mean, atol=1e-6)
+        assert torch.allclose(encode_video(clip, frames), F.normalize(mean, dim=-1), atol=1e-6)
+        video, text = VideoTextModel(clip)(frames, tokenizer_for(str(TINY_CLIP))(["a", "b", "c"]))
+    assert video.shape == text.shape == (3, 32)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def test_missing_or_empty_shard_folders_fail_clearly(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist.*pipeline.shard"):
+        data.list_shards(tmp_path / "nope")
+    with pytest.raises(data.DataError, match="no complete shard"):
+        data.list_shards(tmp_path)
+    (tmp_path / "000000.tar").write_bytes(b"")  # a tar without stats is not complete
+    with pytest.raises(data.DataError, match="no complete shard"):
+        data.list_shards(tmp_path)
+
+
+def test_labeled_passes_cover_every_sample_once_across_readers(train_shards, monkeypatch):
+    shards = data.IndexedShards(data.list_shards(train_shards["labeled"]), seed=3)
+    assert len(shards) == 8
+    per_pass = {}
+    for rank in range(2):  # two ranks of one reader each
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        per_pass[rank] = [s["__index__"] for s in itertools.islice(shards(), 12)]  # 3 passes of 4 each
+    for p in range(3):
+        seen = per_pass[0][4 * p : 4 * p + 4] + per_pass[1][4 * p : 4 * p + 4]
+        assert sorted(seen) == list(range(8))
+    assert per_pass[0][:4] != per_pass[0][4:8]  # reshuffled each pass
+
+
+def test_validation_stream_is_complete_and_ordered_by_index(train_shards):
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.validation_stream(train_shards["val"], 4, data.EvalTransform(32), tok, 3)
+    batches = list(data.loader(stream, 2, False, 0))
+    index = torch.cat([b.index for b in batches])
+    assert sorted(index.tolist()) == list(range(8))
+    assert all(b.video.shape[1:] == (4, 3, 32, 32) for b in batches)
+
+
+def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path):
+    """A corrupt JPEG and a truncated tar: the stream goes on and each batch says how many were dropped."""
+    broken = tmp_path / "broken"
+    shutil.copytree(train_shards["unlabeled"], broken)
+    first = broken / "000000.tar"
+    members = []
+    with tarfile.open(first) as tar:
+        for info in tar:
+            members.append((info, tar.extractfile(info).read()))
+    corrupt = next(info.name for info, _ in members if info.name.endswith(".1.jpg"))  # the first sample's
+    with tarfile.open(first, "w") as tar:
+        for info, payload in members:
+            if info.name == corrupt:
+                payload = b"not a jpeg"
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    cut = broken / "000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.unlabeled_stream(broken, 4, data.TrainTransform(32), tok, 4, seed=0)
+    batches = list(itertools.islice(iter(data.loader(stream, 0, False, 0)), 30))
+    assert all(b.video.shape == (4, 4, 3, 32, 32) for b in batches)
+    assert sum(b.dropped for b in batches) > 0
+
+
+def test_train_transform_shares_one_crop_and_flip_across_frames():
+    frames = [torch.arange(3 * 40 * 60, dtype=torch.float32).view(3, 40, 60).to(torch.uint8)] * 4
+    random.seed(0)
+    video = data.TrainTransform(24)(frames)
+    assert video.shape == (4, 3, 24, 24)
+    assert all(torch.equal(video[0], video[t]) for t in range(4))
+
+
+# ---------------------------------------------------------------------------------------------------------- fusion
+
+
+def test_fusion_is_exact_at_the_ends_and_linear_between():
+    torch.manual_seed(0)
+    teacher = {"w": torch.randn(5, 3), "b": torch.randn(3), "ids": torch.arange(4)}
+    student = {"w": torch.randn(5, 3), "b": torch.randn(3), "ids": torch.arange(4) + 7}
+    assert all(torch.equal(fuse_state_dicts(teacher, student, 0.0)[k], teacher[k]) for k in teacher)
+    one = fuse_state_dicts(teacher, student, 1.0)
+    assert torch.equal(one["w"], student["w"]) and torch.equal(one["ids"], teacher["ids"])
+    mid = fuse_state_dicts(teacher, student, 0.4)
+    assert torch.allclose(mid["w"], 0.6 * teacher["w"] + 0.4 * student["w"], atol=1e-7)
+    with pytest.raises(ValueError, match="different parameters"):
+        fuse_state_dicts(teacher, {"w": student["w"]}, 0.4)
+    with pytest.raises(ValueError, match="alpha"):
+        fuse_state_dicts(teacher, student, 1.5)
+
+
+def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
+    import open_clip
+
+    torch.manual_seed(1)
+    teacher = create_clip(str(TINY_CLIP)).state_dict()
+    torch.manual_seed(2)
+    student = create_clip(str(TINY_CLIP)).state_dict()
+    torch.save(teacher, tmp_path / "teacher.pt")
+    torch.save({"step": 9, "student": student}, tmp_path / "best.pt")
+    out = tmp_path / "fitclip.pt"
+    run_cli(
+        "train.fuse",
+        "--model",
+        TINY_CLIP,
+        "--teacher",
+        tmp_path / "teacher.pt",
+        "--student",
+        tmp_path / "best.pt",
+        "--alpha",
+        0.4,
+        "--out",
+        out,
+    )
+    open_clip.add_model_config(str(TINY_CLIP))
+    model = open_clip.create_model("tiny-clip", pretrained=str(out))
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.6 * teacher[k] + 0.4 * student[k], atol=1e-6)
+    proc = run_cli(
+        "train.fuse",
+        "--model",
+        TINY_CLIP,
+        "--teacher",
+        tmp_path / "teacher.pt",
+        "--student",
+        tmp_path / "missing.pt",
+        "--out",
+        tmp_path / "x.pt",
+        check=False,
+    )
+    assert proc.returncode != 0 and "not found" in proc.stderr and not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+
+
+def brute_force_rank(scores: torch.Tensor, i: int) -> int:
+    """1 + candidates ranked ahead of the answer: higher score, or equal score and lower index."""
+    s = scores[i].tolist()
+    return 1 + sum(1 for j, x in enumerate(s) if x > s[i] or (x == s[i] and j < i))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_retrieval_metrics_match_brute_force(ties):
+    torch.manual_seed(0)
+    for n in (1, 3, 17, 40):
+        scores = torch.randn(n, n)
+        if ties:
+            scores = (scores * 2).round() / 2  # many equal scores
+        ranks = torch.tensor([brute_force_rank(scores, i) for i in range(n)], dtype=torch.float64)
+        metrics = retrieval_metrics(scores)
+        for k in (1, 5, 10):
+            assert metrics[f"R@{k}"] == pytest.approx(float((ranks <= k).double().mean() * 100))
+        assert metrics["MdR"] == float(ranks.median())
+        assert metrics["MnR"] == pytest.approx(float(ranks.mean()))
+
+
+def test_all_tied_scores_rank_by_index():
+    metrics = retrieval_metrics(torch.zeros(4, 4))
+    assert metrics["R@1"] == 25.0 and metrics["MnR"] == 2.5
+
+
+# ---------------------------------------------------------------------------------------------------------- monitor
+
+
+def test_wandb_mode_is_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("off") == "off"
+
+
+def test_step_flops_counts_student_backward_and_teacher_forward():
+    assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
