@@ -39,5 +39,14 @@ python3 -m benchmarks.train_step --model ViT-B-16-quickgelu --batches 32x32,64x6
 python3 -m benchmarks.train_step --model ViT-B-16-quickgelu --recipe reference --batches 8x8 \
     --steps 2 --warmup 1 --out "$OUT/fp32" 2>&1 | tee "$OUT/train_step_fp32.log" || status=1
 
+# (5) the whole trainer on the GPU (NCCL-free single rank, bf16 autocast, fused AdamW), if demo shards were carried
+if [ -d demo_output/shards/labeled ]; then
+    python3 -m train.main --recipe demo --device cuda --model train/model_configs/demo-clip.json --teacher_weights "" \
+        --labeled demo_output/shards/labeled --unlabeled demo_output/shards/webvid --val demo_output/shards/webvid \
+        --out /tmp/gpu_run --steps 20 --val_every 10 --log_every 5 --workers 2 --wandb off --progress False \
+        2>&1 | tee "$OUT/train_main_gpu.log" || status=1
+    cp /tmp/gpu_run/summary.json "$OUT/train_main_gpu_summary.json" 2>/dev/null || status=1
+fi
+
 echo "gpu_check: exit status $status"
 exit $status

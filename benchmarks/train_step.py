@@ -310,7 +310,7 @@ def run_config(bench: Bench, cfg: TrainConfig, warmup: int, steps: int) -> dict:
             result = loop.train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, dev, progress)
             _sync(dev)
             elapsed = time.perf_counter() - t0
-            results.append(result)
+            results.append({k: float(v) if isinstance(v, torch.Tensor) else v for k, v in result.items()})
             if i >= warmup:
                 times.append(elapsed)
         row["other_load_cores"] = load.other_cores()
@@ -490,7 +490,7 @@ def device_slug(dev: torch.device) -> str:
 def row_summary(row: dict) -> str:
     if row["status"] == "OOM":
         return f"OOM (peak {row['peak_memory_gib']:.1f} GiB allocated before the failure)"
-    text = f"{row['s_per_step']:.4f} s/step, {row.get('pairs_per_s', 0):.1f} pairs/s, loss {row.get('loss')}"
+    text = f"{row['s_per_step']:.4f} s/step, {_rate(row.get('pairs_per_s', 0))} pairs/s, loss {row.get('loss')}"
     return text if row["status"] == "ok" else f"{row['status']}: {text}"
 
 
@@ -517,7 +517,7 @@ def markdown_table(rows: list[dict], dev: torch.device, has_datasheet: bool, has
         rates = (
             [
                 f"{r['s_per_step']:.4f}",
-                f"{r['pairs_per_s']:.1f}",
+                _rate(r["pairs_per_s"]),
                 f"{r['flops_per_pair'] / 1e9:.4g}",
                 f"{r['tflops_achieved']:.3g}",
                 _percent(r["mfu_datasheet"]),
@@ -538,6 +538,10 @@ def markdown_table(rows: list[dict], dev: torch.device, has_datasheet: bool, has
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _rate(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def _number(value) -> str:

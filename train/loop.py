@@ -46,10 +46,13 @@ class Models:
     teacher: VideoTextModel
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on GPU unless fp32 is asked for; on CPU only when bf16 is asked for."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on GPU unless fp32 is asked for; nothing on CPU unless bf16 is asked for."""
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else nullcontext()
 
 
 def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
@@ -61,8 +64,8 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
         student_clip.set_grad_checkpointing(True)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)
-    if dist.device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)
+    if dist.device.type == "cuda" and uses_bf16(cfg, dist.device):
+        teacher = teacher.to(torch.bfloat16)  # frozen: bf16 weights halve its memory and time; fp32 runs keep fp32
     trained: torch.nn.Module = student
     if dist.world_size > 1:
         trained = DistributedDataParallel(
@@ -107,8 +110,10 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 5 on the global batch. One student forward over labeled and unlabeled videos together."""
     n_labeled = labeled.video.shape[0]
-    frames = torch.cat([labeled.video, unlabeled.video]).to(device, non_blocking=True)  # (Bl+Bu, T, 3, S, S)
-    tokens = torch.cat([labeled.tokens, unlabeled.tokens]).to(device, non_blocking=True)  # (Bl+Bu, L)
+    # Copy each (pinned) batch as it is and join on the device: joining on the host makes an unpinned copy.
+    frames = torch.cat([labeled.video.to(device, non_blocking=True), unlabeled.video.to(device, non_blocking=True)])
+    tokens = torch.cat([labeled.tokens.to(device, non_blocking=True), unlabeled.tokens.to(device, non_blocking=True)])
+    # frames (Bl+Bu, T, 3, S, S), tokens (Bl+Bu, L)
     with autocast(cfg, device):
         video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
         with torch.inference_mode():
@@ -143,13 +148,8 @@ def train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, device, pr
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), max_norm)
     optimizer.step()
     scheduler.step()
-    return {
-        "loss": loss.item(),
-        "contrastive": parts["contrastive"].item(),
-        "distillation": parts["distillation"].item(),
-        "grad_norm": float(grad_norm),
-        "skipped": False,
-    }
+    # tensors, not floats: converting every step would stall the GPU queue; _log converts once per window
+    return {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "skipped": False}
 
 
 @torch.no_grad()
@@ -300,6 +300,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 window = []
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 last_val = _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress)
+                timer.reset()  # validation and saving are not training throughput
     finally:
         monitor.finish()
     return _finish(models, cfg, progress, last_val)
@@ -318,7 +319,7 @@ def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) ->
     }
     for key in ("loss", "contrastive", "distillation", "grad_norm"):
         if done:
-            metrics[f"train/{key}"] = sum(r[key] for r in done) / len(done)
+            metrics[f"train/{key}"] = float(torch.stack([r[key].float() for r in done]).mean())
     if peak and flops:
         metrics["train/mfu"] = flops * len(window) / elapsed / (peak * 1e12)
     if dist.device.type == "cuda":
@@ -386,5 +387,7 @@ def _flops_per_step(models: Models, cfg: TrainConfig, size: int, tokenizer, devi
         tokens = tokenizer(["a video"]).to(device)
         per_video = forward_flops(models.student, frames, tokens)
         return step_flops(per_video, per_video, cfg.batch_labeled, cfg.batch_unlabeled)
-    except Exception:  # FLOP counting is best-effort monitoring, never a reason to stop training
+    except Exception as e:  # FLOP counting is best-effort monitoring, never a reason to stop training
+        if distributed.is_main():
+            print(f"warning: FLOP counting failed ({type(e).__name__}: {e}); no MFU will be logged")
         return 0
