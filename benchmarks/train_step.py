@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--model ViT-B-16-quickgelu|path/to/config.json] [--batch_labeled 128]
         [--batch_unlabeled 128] [--batches LxU,LxU,...] [--frames 4] [--steps 10] [--warmup 3] [--recipe paper]
-        [--device auto] [--precision auto] [--peak_tflops 0] [--compile False] [--grad_checkpointing False]
+        [--device auto] [--precision RECIPE'S] [--peak_tflops 0] [--compile False] [--grad_checkpointing False]
         [--threads 0] [--seed 0] [--out benchmarks/output]
 
 What runs is the trainer's own code: ``train.loop.build_models`` (random teacher weights, ``teacher_weights=""``,
@@ -75,7 +75,7 @@ def main(
     warmup: int = 3,
     recipe: str = "paper",
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "",
     peak_tflops: float = 0.0,
     compile: bool = False,
     grad_checkpointing: bool = False,
@@ -95,7 +95,7 @@ def main(
         warmup: untimed steps before them.
         recipe: trainer recipe (paper, reference, demo): loss form, sigma, lr, precision default.
         device: auto, cuda or cpu.
-        precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32; as the trainer's --precision.
+        precision: "" = the recipe's (paper: auto = bf16 autocast on GPU; reference: fp32), or auto, bf16, fp32.
         peak_tflops: accelerator peak for MFU; 0 = the trainer's datasheet lookup (none on CPU).
         compile: torch.compile the student, as the trainer's --compile.
         grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing.
@@ -111,12 +111,13 @@ def main(
     dist = distributed.init_distributed(device)
     if dist.world_size > 1:
         raise SystemExit("benchmarks.train_step measures one process; run it without torchrun")
+    overrides = {"precision": precision} if precision else {}  # else the recipe's own (reference: fp32)
     cfg = resolve(
         recipe,
+        **overrides,
         model=model,
         teacher_weights="",  # random weights; build_models saves them as RUN/teacher_init.pt (a temporary RUN)
         device=device,
-        precision=precision,
         frames=frames,
         batch_labeled=configs[0][0],
         batch_unlabeled=configs[0][1],
