@@ -218,3 +218,25 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     resumed = [line for line in rerun.stdout.splitlines() if "resumed" in line]
     assert resumed == [f"resumed from {out / checkpoint.LATEST} at step {killed_at}"], rerun.stdout[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
+
+
+def test_activation_checkpointing_gives_the_same_first_step(train_shards, tmp_path):
+    """Checkpointing trades memory for compute; the loss and the update must not change."""
+    from train import distributed
+
+    results = []
+    for flag in (False, True):
+        cfg = tiny_config(train_shards, tmp_path / f"run{flag}", grad_checkpointing=flag)
+        Path(cfg.out).mkdir()
+        models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+        torch.manual_seed(0)
+        frames = torch.randn(2, 4, 3, 32, 32)
+        from train.model import tokenizer_for
+
+        tokens = tokenizer_for(cfg.model)(["a red square", "a blue circle"])
+        batch = loop.data.Batch(frames, tokens, ["a", "b"], ["k1", "k2"], torch.tensor([0, 1]), 0)
+        optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+        step = loop.train_step(models, optimizer, scheduler, batch, batch, cfg, torch.device("cpu"), loop.Progress())
+        results.append((float(step["loss"]), next(models.student.parameters()).detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
