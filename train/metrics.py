@@ -25,6 +25,8 @@ def retrieval_metrics(scores: torch.Tensor) -> dict[str, float]:
 
     Returns R@1, R@5, R@10 (percent of queries whose answer is in the top k), MdR and MnR (1-based ranks).
     """
+    if torch.isnan(scores).any():
+        raise ValueError("retrieval scores contain NaN: check the embeddings (a NaN would rank first)")
     ranks = ground_truth_ranks(scores.float().cpu()).double()
     metrics = {f"R@{k}": float((ranks <= k).double().mean() * 100) for k in (1, 5, 10)}
     metrics["MdR"] = float(ranks.median())  # torch's median: the lower middle value for an even count

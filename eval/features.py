@@ -1,0 +1,102 @@
+"""Embeddings for evaluation: cached frames -> video embeddings, prompts/queries -> text embeddings.
+
+Frames come from the frame cache (``eval.frame_cache``) and go through the
+same evaluation transform as validation (shorter side to the model's input
+size, bicubic, center crop, CLIP mean/std).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from eval.frame_cache import FrameCache
+from train.data import EvalTransform
+from train.model import encode_text, encode_video
+
+
+def iter_frames(cache: FrameCache, ids: list[str], frames: int) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(item id, T uint8 (3, H, W) frames) for each of ``ids`` found in the cache, reading each tar once."""
+    wanted = defaultdict(dict)  # tar -> key -> id
+    for item_id in ids:
+        tar, key = cache.found[item_id]
+        wanted[tar][key] = item_id
+    for tar_path, keys in wanted.items():
+        members: dict[str, dict[str, bytes]] = defaultdict(dict)
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                if key in keys and ext.endswith("jpg"):
+                    members[key][ext] = tar.extractfile(info).read()
+        for key, item_id in keys.items():
+            images = [members[key][f"{k}.jpg"] for k in range(frames)]
+            yield (
+                item_id,
+                [
+                    decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                    for b in images
+                ],
+            )
+
+
+@torch.no_grad()
+def video_embeddings(
+    clip,
+    cache: FrameCache,
+    ids: list[str],
+    frames: int,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    renormalize: bool = True,
+    autocast=None,
+) -> dict[str, torch.Tensor]:
+    """{item id: (D,) embedding} for the items of ``ids`` found in the cache."""
+    transform = EvalTransform(size)
+    out: dict[str, torch.Tensor] = {}
+    batch_ids, batch = [], []
+
+    def flush() -> None:
+        video = torch.stack(batch).to(device, non_blocking=True)  # (B, T, 3, S, S)
+        with autocast or torch.autocast(device.type, enabled=False):
+            emb = encode_video(clip, video, renormalize).float().cpu()  # (B, D)
+        out.update(zip(batch_ids, emb, strict=True))
+        batch_ids.clear()
+        batch.clear()
+
+    for item_id, images in iter_frames(cache, ids, frames):
+        batch_ids.append(item_id)
+        batch.append(transform(images))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return out
+
+
+@torch.no_grad()
+def text_embeddings(
+    clip, tokenizer, texts: list[str], batch_size: int, device: torch.device, autocast=None
+) -> torch.Tensor:
+    """(N, D) L2-normalised embeddings of ``texts`` (truncated to the model's context length by the tokenizer)."""
+    parts = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i : i + batch_size]).to(device)
+        with autocast or torch.autocast(device.type, enabled=False):
+            parts.append(encode_text(clip, tokens).float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def class_embeddings(
+    clip, tokenizer, prompts: list[list[str]], batch_size: int, device: torch.device, autocast=None
+) -> torch.Tensor:
+    """(C, D): per class, the mean of its prompts' normalised embeddings (not re-normalised, as CLIP's code)."""
+    flat = [p for class_prompts in prompts for p in class_prompts]
+    emb = text_embeddings(clip, tokenizer, flat, batch_size, device, autocast)  # (C*K, D)
+    counts = [len(p) for p in prompts]
+    return torch.stack([chunk.mean(dim=0) for chunk in torch.split(emb, counts)])

@@ -1,0 +1,294 @@
+"""CLI: zero-shot evaluation of one or more CLIP models on the paper's video benchmarks.
+
+    python -m eval.run --suite zero_shot --model ViT-B-16-quickgelu \\
+        --weights openai,runs/x/best.pt,runs/x/fitclip.pt --names CLIP,Student,FitCLIP \\
+        --data_root data --out results/
+
+Writes ``OUT/<name>/<dataset>.json`` per model and dataset, and ``OUT/summary.md``
+(the paper's tables). A weights entry may be an open_clip tag (``openai``), a
+state dict or checkpoint file, or ``fuse:TEACHER:STUDENT:ALPHA``.
+``--alpha_sweep 0,0.1,...,1 --teacher W --student S`` evaluates fused models
+across alpha and plots each metric against it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fire
+import torch
+
+from eval import report
+from eval.datasets import DATASETS, AnnotationsMissing
+from eval.datasets.base import CLASSIFICATION, EvalDataset
+from eval.features import class_embeddings, text_embeddings, video_embeddings
+from eval.frame_cache import CacheSettings, FrameCache, build_cache
+from eval.metrics import classification_metrics, retrieval_metrics
+from eval.prompts import class_prompts
+from eval.suites import SUITES
+from train.fuse import fuse_state_dicts
+from train.model import create_clip, image_size, load_state_dict, register_model, tokenizer_for
+
+HEADLINE = {"ucf101": "top1", "moments": "top1", "msrvtt": "R@5", "youcook2": "R@5", "didemo": "R@5"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings shared by every model and dataset of a run (stored in every result file)."""
+
+    model: str
+    data_root: str
+    out: str
+    frames: int = 4
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 4
+    renormalize_video: bool = True
+    didemo_split: str = "test"
+    cache: str = ""
+
+
+def parse_list(value) -> list[str]:
+    """fire gives "a,b" as a str and "0,0.5" as a tuple: accept both."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def load_model(model: str, weights: str, device: torch.device) -> torch.nn.Module:
+    """An eval-mode CLIP: a tag, a file, or ``fuse:TEACHER:STUDENT:ALPHA``."""
+    if weights.startswith("fuse:"):
+        rest, alpha = weights[len("fuse:") :].rsplit(":", 1)
+        teacher, student = rest.split(":", 1)
+        teacher_sd = create_clip(model, teacher).state_dict()
+        fused = fuse_state_dicts(teacher_sd, load_state_dict(student), float(alpha))
+        clip = create_clip(model, "")
+        clip.load_state_dict(fused)
+        return clip.to(device).eval()
+    return create_clip(model, weights, device).eval()
+
+
+def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> tuple[list[EvalDataset], list[dict]]:
+    """Parsed datasets, and a 'skipped' record for each whose annotation files are absent."""
+    loaded, skipped = [], []
+    for name in names:
+        root = Path(roots.get(name) or Path(cfg.data_root) / name)
+        kwargs = {"split": cfg.didemo_split} if name == "didemo" else {}
+        try:
+            loaded.append(DATASETS[name](root, **kwargs))
+        except AnnotationsMissing as e:
+            skipped.append({"dataset": name, "skipped": True, "reason": str(e), "path": e.path})
+            print(f"skipping {name}: {e}", file=sys.stderr)
+    return loaded, skipped
+
+
+def evaluate(clip, tokenizer, dataset: EvalDataset, cache: FrameCache, cfg: EvalConfig, device: torch.device) -> dict:
+    """Metrics of one model on one dataset; missing videos are listed and left out, never zero-filled."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    found = [item for item in dataset.items if item.id in cache.found]
+    videos = video_embeddings(
+        clip,
+        cache,
+        [i.id for i in found],
+        cfg.frames,
+        image_size(clip),
+        cfg.batch_size,
+        device,
+        cfg.renormalize_video,
+        autocast,
+    )
+    video = torch.stack([videos[i.id] for i in found]) if found else torch.zeros(0, 1)  # (N, D)
+    if not found:
+        metrics = {}
+    elif dataset.task == CLASSIFICATION:
+        prompts = class_prompts(dataset.classes, dataset.templates)
+        classes = class_embeddings(clip, tokenizer, prompts, cfg.batch_size, device, autocast)  # (C, D)
+        labels = torch.tensor([i.label for i in found])
+        metrics = classification_metrics(video @ classes.T, labels)
+    else:
+        text = text_embeddings(clip, tokenizer, [i.text for i in found], cfg.batch_size, device, autocast)
+        metrics = retrieval_metrics(text @ video.T)  # queries: texts; candidates: the found videos
+    missing = [i.id for i in dataset.items if i.id not in cache.found]
+    return {
+        "dataset": dataset.name,
+        "task": dataset.task,
+        "metrics": metrics,
+        "num_expected": len(dataset.items),
+        "num_found": len(found),
+        "num_missing": len(missing),
+        "missing": missing,
+        "missing_reasons": {k: cache.missing.get(k, "") for k in missing},
+        "sources": list(dataset.sources),
+    }
+
+
+def run(
+    cfg: EvalConfig, models: list[tuple[str, str]], datasets: list[EvalDataset], skipped: list[dict], strict: bool
+) -> list[dict]:
+    """Evaluate every model on every dataset; write the records and the summary. Returns the records."""
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
+    caches = {d.name: build_cache(d, cache_root, CacheSettings(frames=cfg.frames), cfg.workers) for d in datasets}
+    for d in datasets:
+        if strict and caches[d.name].missing:
+            some = list(caches[d.name].missing.items())[:3]
+            raise SystemExit(
+                f"error: --strict and {len(caches[d.name].missing)} {d.name} video(s) are missing or "
+                f"undecodable, e.g. {some}"
+            )
+    tokenizer = tokenizer_for(cfg.model)
+    records = []
+    for name, weights in models:
+        clip = load_model(cfg.model, weights, device)
+        for d in datasets:
+            start = time.perf_counter()
+            record = evaluate(clip, tokenizer, d, caches[d.name], cfg, device)
+            record.update(
+                model=name,
+                weights=weights,
+                config=asdict(cfg),
+                code_version=report.code_version(),
+                seconds=round(time.perf_counter() - start, 2),
+            )
+            report.write_result(cfg.out, name, d.name, record)
+            records.append(record)
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in record["metrics"].items() if k != "num")
+            print(f"{name} / {d.name}: {shown} ({record['num_found']}/{record['num_expected']} videos)")
+        del clip
+    for name, _ in models:
+        for s in skipped:
+            report.write_result(cfg.out, name, s["dataset"], {**s, "model": name})
+    return records
+
+
+def main(
+    suite: str = "zero_shot",
+    model: str = "ViT-B-16-quickgelu",
+    weights: str = "openai",
+    names: str = "",
+    data_root: str = "data",
+    out: str = "results",
+    datasets: str = "",
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int = 4,
+    frames: int = 4,
+    strict: bool = False,
+    alpha_sweep: str = "",
+    teacher: str = "openai",
+    student: str = "",
+    cache: str = "",
+    didemo_split: str = "test",
+    renormalize_video: bool = True,
+    ucf101_root: str = "",
+    moments_root: str = "",
+    msrvtt_root: str = "",
+    youcook2_root: str = "",
+    didemo_root: str = "",
+) -> None:
+    """Zero-shot evaluation on UCF101, Moments in Time, MSR-VTT, YouCook2 and DiDeMo.
+
+    Args:
+        suite: which benchmarks: zero_shot (all five).
+        model: open_clip model name or model-config JSON (ViT-B-16-quickgelu for OpenAI's ViT-B/16).
+        weights: comma list: open_clip tags, state dict / checkpoint files, or fuse:TEACHER:STUDENT:ALPHA.
+        names: comma list of display names, one per weights entry (default: the entries themselves).
+        data_root: folder holding ucf101/ moments/ msrvtt/ youcook2/ didemo/ in their official layouts.
+        out: results folder: OUT/<name>/<dataset>.json, OUT/summary.md, OUT/cache/ (decoded frames).
+        datasets: comma list restricting the suite (e.g. ucf101,msrvtt).
+        batch_size: videos (or texts) per forward pass.
+        device: auto, cuda or cpu.
+        workers: processes decoding videos into the frame cache.
+        frames: frames per video (segment midpoints).
+        strict: fail if any video is missing or undecodable (default: count, list and leave them out).
+        alpha_sweep: comma list of alphas: evaluate fuse:TEACHER:STUDENT:alpha for each and plot metrics vs alpha.
+        teacher: the teacher's weights for --alpha_sweep.
+        student: the student's weights for --alpha_sweep.
+        cache: frame cache folder (default OUT/cache); decoded once, reused by every model and rerun.
+        didemo_split: test (test_data.json) or val (val_data.json, what the authors' code used).
+        renormalize_video: L2-normalise the mean of the frame embeddings.
+        ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
+        moments_root: Moments in Time folder.
+        msrvtt_root: MSR-VTT folder.
+        youcook2_root: YouCook2 folder.
+        didemo_root: DiDeMo folder.
+    """
+    try:
+        if suite not in SUITES:
+            raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+        chosen = parse_list(datasets) or list(SUITES[suite])
+        unknown = [d for d in chosen if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
+        register_model(str(model))
+        alphas = [float(a) for a in parse_list(alpha_sweep)]
+        if alphas:
+            if not student:
+                raise ValueError("--alpha_sweep needs --student (and --teacher, default openai)")
+            models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
+        else:
+            entries = parse_list(weights)
+            labels = parse_list(names) or entries
+            if len(labels) != len(entries):
+                raise ValueError(f"--names has {len(labels)} entries but --weights has {len(entries)}")
+            models = list(zip(labels, entries, strict=True))
+        if didemo_split not in ("test", "val"):
+            raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    cfg = EvalConfig(
+        model=str(model),
+        data_root=str(data_root),
+        out=str(out),
+        frames=int(frames),
+        batch_size=int(batch_size),
+        device=str(device),
+        workers=int(workers),
+        renormalize_video=bool(renormalize_video),
+        didemo_split=didemo_split,
+        cache=str(cache),
+    )
+    roots = {
+        "ucf101": ucf101_root,
+        "moments": moments_root,
+        "msrvtt": msrvtt_root,
+        "youcook2": youcook2_root,
+        "didemo": didemo_root,
+    }
+    loaded, skipped = load_datasets(chosen, cfg, {k: str(v) for k, v in roots.items() if v})
+    if not loaded:
+        sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
+    try:
+        records = run(cfg, models, loaded, skipped, bool(strict))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    results = report.load_results(cfg.out)
+    summary = report.write_summary(cfg.out, results)
+    print(summary.read_text())
+    if alphas:
+        points = [
+            {
+                "alpha": float(r["weights"].rsplit(":", 1)[1]),
+                "dataset": r["dataset"],
+                "metric": HEADLINE[r["dataset"]],
+                "value": r["metrics"][HEADLINE[r["dataset"]]],
+            }
+            for r in records
+            if r["metrics"]
+        ]
+        png = report.plot_alpha_sweep(points, Path(cfg.out) / "alpha_sweep.png")
+        print(f"alpha sweep plot: {png}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,209 @@
+"""`eval.run` and `eval.tag` end to end on tiny benchmark layouts with generated videos and a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import TINY_CLIP, run_cli
+
+from eval.datasets.fixtures import MISSING, make_layouts, ucf101_missing_id
+from train.model import create_clip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    layouts = make_layouts(root / "data")
+    weights = {}
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        weights[name] = root / f"{name}.pt"
+        torch.save(create_clip(str(TINY_CLIP)).state_dict(), weights[name])
+    return root, layouts, weights
+
+
+def test_zero_shot_suite_end_to_end(bench):
+    root, _, w = bench
+    out = root / "results"
+    proc = run_cli(
+        "eval.run",
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        f"{w['teacher']},{w['student']},fuse:{w['teacher']}:{w['student']}:0.4",
+        "--names",
+        "CLIP,Student,FitCLIP",
+        "--data_root",
+        root / "data",
+        "--out",
+        out,
+        "--workers",
+        2,
+        "--batch_size",
+        4,
+        timeout=300,
+    )
+    for model in ("CLIP", "Student", "FitCLIP"):
+        for dataset in ("ucf101", "moments", "msrvtt", "youcook2", "didemo"):
+            record = json.loads((out / model / f"{dataset}.json").read_text())
+            assert record["num_found"] + record["num_missing"] == record["num_expected"]
+            missing = MISSING[dataset] if dataset != "ucf101" else ucf101_missing_id()
+            assert record["num_missing"] == 1 and record["missing"] == [missing]
+            assert record["config"]["model"] == str(TINY_CLIP) and record["code_version"]
+            metrics = record["metrics"]
+            keys = ("top1", "top5", "mean_per_class") if dataset in ("ucf101", "moments") else ("R@1", "R@5", "MdR")
+            assert all(0 <= metrics[k] <= 100 or k == "MdR" for k in keys)
+    summary = (out / "summary.md").read_text()
+    assert "Table 1a: UCF101" in summary and "Table 2c: DiDeMo" in summary and "| FitCLIP |" in summary
+    assert "Table 2a: MSR-VTT" in proc.stdout
+    # the fused model's numbers come from the fused weights, not from either parent
+    fused = json.loads((out / "FitCLIP" / "msrvtt.json").read_text())
+    assert fused["weights"].startswith("fuse:")
+    # frames were decoded once into the cache and reused by all three models
+    manifests = list((out / "cache").glob("*/manifest.json"))
+    assert len(manifests) == 5
+
+
+def test_missing_annotations_are_reported_as_skipped_and_strict_fails(bench, tmp_path):
+    root, layouts, w = bench
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(layouts["msrvtt"], data / "msrvtt")
+    out = tmp_path / "results"
+    proc = run_cli(
+        "eval.run",
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        w["teacher"],
+        "--names",
+        "T",
+        "--data_root",
+        data,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--datasets",
+        "msrvtt,ucf101",
+    )
+    assert "skipping ucf101" in proc.stderr
+    skipped = json.loads((out / "T" / "ucf101.json").read_text())
+    assert skipped["skipped"] and "ucf101" in skipped["path"]
+    strict = run_cli(
+        "eval.run",
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        w["teacher"],
+        "--data_root",
+        data,
+        "--out",
+        tmp_path / "strict",
+        "--workers",
+        1,
+        "--datasets",
+        "msrvtt",
+        "--strict",
+        check=False,
+    )
+    assert strict.returncode != 0 and "--strict" in strict.stderr and MISSING["msrvtt"] in strict.stderr
+
+
+def test_bad_arguments_fail_clearly(bench, tmp_path):
+    from eval import run
+
+    root, _, w = bench
+    for args, message in (
+        ({"suite": "nope"}, "--suite"),
+        ({"datasets": "kinetics"}, "unknown dataset"),
+        ({"weights": f"{w['teacher']},{w['student']}", "names": "one"}, "--names has 1"),
+        ({"alpha_sweep": "0,1"}, "--student"),
+        ({"data_root": str(tmp_path / "empty")}, "no dataset found"),
+        ({"model": "ViT-B-16-typo"}, "quickgelu"),
+    ):
+        kwargs = {"model": str(TINY_CLIP), "data_root": str(root / "data"), "out": str(tmp_path / "o"), **args}
+        with pytest.raises(SystemExit) as e:
+            run.main(**kwargs)
+        assert message in str(e.value.code), (args, e.value.code)
+
+
+@pytest.mark.slow
+def test_alpha_sweep_plots_metrics_against_alpha(bench, tmp_path):
+    root, _, w = bench
+    out = tmp_path / "sweep"
+    run_cli(
+        "eval.run",
+        "--model",
+        TINY_CLIP,
+        "--alpha_sweep",
+        "0,0.5,1",
+        "--teacher",
+        w["teacher"],
+        "--student",
+        w["student"],
+        "--data_root",
+        root / "data",
+        "--out",
+        out,
+        "--datasets",
+        "ucf101,msrvtt",
+        "--cache",
+        root / "results" / "cache",
+        "--workers",
+        1,
+        timeout=300,
+    )
+    png = out / "alpha_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    a0 = json.loads((out / "alpha=0" / "msrvtt.json").read_text())["metrics"]
+    teacher = json.loads((root / "results" / "CLIP" / "msrvtt.json").read_text())["metrics"]
+    assert a0 == teacher  # alpha 0 is the teacher exactly
+
+
+def test_tag_and_search_own_videos(bench, tmp_path):
+    root, layouts, w = bench
+    folder = layouts["msrvtt"] / "videos"
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "tags.csv"
+    proc = run_cli(
+        "eval.tag",
+        "--videos",
+        folder,
+        "--labels",
+        "a red screen,a green screen,a blue screen",
+        "--top",
+        2,
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        w["teacher"],
+        "--out",
+        out,
+    )
+    assert "skipped unreadable" in proc.stderr and "broken.mp4" in proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    videos = {r["video"] for r in rows}
+    assert len(videos) == 4 and all(r["rank"] in ("1", "2") for r in rows)
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+    search = run_cli(
+        "eval.tag",
+        "--videos",
+        folder,
+        "--query",
+        "a red screen",
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        w["teacher"],
+        "--out",
+        tmp_path / "search.csv",
+    )
+    ranked = list(csv.DictReader((tmp_path / "search.csv").open()))
+    assert [r["rank"] for r in ranked] == ["1", "2", "3", "4"] and "  1. " in search.stdout
+    bad = run_cli("eval.tag", "--videos", folder, "--model", TINY_CLIP, check=False)
+    assert bad.returncode != 0 and "--labels" in bad.stderr
