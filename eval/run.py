@@ -33,8 +33,6 @@ from eval.suites import SUITES
 from train.fuse import fuse_state_dicts
 from train.model import create_clip, image_size, load_state_dict, register_model, tokenizer_for
 
-HEADLINE = {"ucf101": "top1", "moments": "top1", "msrvtt": "R@5", "youcook2": "R@5", "didemo": "R@5"}
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -190,6 +188,7 @@ def main(
     cache: str = "",
     didemo_split: str = "test",
     renormalize_video: bool = True,
+    wandb: str = "off",
     ucf101_root: str = "",
     moments_root: str = "",
     msrvtt_root: str = "",
@@ -217,6 +216,7 @@ def main(
         cache: frame cache folder (default OUT/cache); decoded once, reused by every model and rerun.
         didemo_split: test (test_data.json) or val (val_data.json, what the authors' code used).
         renormalize_video: L2-normalise the mean of the frame embeddings.
+        wandb: off, offline or online: log the results table (and the alpha-sweep plot) to W&B, run in OUT/wandb.
         ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
         moments_root: Moments in Time folder.
         msrvtt_root: MSR-VTT folder.
@@ -242,6 +242,8 @@ def main(
             if len(labels) != len(entries):
                 raise ValueError(f"--names has {len(labels)} entries but --weights has {len(entries)}")
             models = list(zip(labels, entries, strict=True))
+        if wandb not in ("off", "offline", "online"):
+            raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
         if didemo_split not in ("test", "val"):
             raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
     except (ValueError, FileNotFoundError) as e:
@@ -275,19 +277,42 @@ def main(
     results = report.load_results(cfg.out)
     summary = report.write_summary(cfg.out, results)
     print(summary.read_text())
+    png = None
     if alphas:
-        points = [
-            {
-                "alpha": float(r["weights"].rsplit(":", 1)[1]),
-                "dataset": r["dataset"],
-                "metric": HEADLINE[r["dataset"]],
-                "value": r["metrics"][HEADLINE[r["dataset"]]],
-            }
-            for r in records
-            if r["metrics"]
-        ]
+        points = []
+        for r in records:
+            metric = report.headline_metric(r["dataset"])
+            if r["metrics"] and metric:
+                alpha = float(r["weights"].rsplit(":", 1)[1])
+                points.append(
+                    {"alpha": alpha, "dataset": r["dataset"], "metric": metric, "value": r["metrics"][metric]}
+                )
         png = report.plot_alpha_sweep(points, Path(cfg.out) / "alpha_sweep.png")
         print(f"alpha sweep plot: {png}")
+    if wandb != "off":
+        log_to_wandb(records, cfg, wandb, png)
+
+
+def log_to_wandb(records: list[dict], cfg: EvalConfig, mode: str, png: Path | None) -> None:
+    """One W&B run: a table of every (model, dataset, metric) and the alpha-sweep plot."""
+    import wandb
+
+    run = wandb.init(
+        project="fitclip-eval",
+        dir=cfg.out,
+        mode=mode,
+        config=asdict(cfg),
+        settings=wandb.Settings(save_code=False, console="off"),
+    )
+    table = wandb.Table(columns=["model", "dataset", "metric", "value", "found", "expected"])
+    for r in records:
+        for metric, value in r["metrics"].items():
+            table.add_data(r["model"], r["dataset"], metric, float(value), r["num_found"], r["num_expected"])
+    payload = {"results": table}
+    if png is not None:
+        payload["alpha_sweep"] = wandb.Image(str(png))
+    run.log(payload)
+    run.finish()
 
 
 if __name__ == "__main__":
