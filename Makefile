@@ -11,16 +11,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'
 	touch $(STAMP)
 
-DEMO := demo_output
-
 demo: $(STAMP)
-	$(PY) -m pipeline.demo --out $(DEMO)
-	@echo "[4/5] training the student with torchrun on 2 CPU processes (gloo), W&B offline; a rerun resumes"
-	$(VENV)/bin/torchrun --nproc_per_node 2 -m train.main --recipe demo --model train/model_configs/demo-clip.json \
-		--teacher_weights "" --labeled $(DEMO)/shards/labeled --unlabeled $(DEMO)/shards/webvid \
-		--val $(DEMO)/shards/webvid --out $(DEMO)/run --resume auto --progress False
-	@echo "[5/5] fused model: $(DEMO)/run/fitclip.pt (open_clip state dict); run summary:"
-	@cat $(DEMO)/run/summary.json
+	$(PY) -m demo --out demo_output
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,7 +1,8 @@
 """Benchmark of zero-shot evaluation: frame-cache build, video and text encoding, and the cost of a model sweep.
 
     python -m benchmarks.eval_bench [--videos 48] [--seconds 10] [--workers 1,2] [--model tests/data/tiny-clip.json]
-        [--batch_size 32] [--device auto] [--repeats 3] [--classes 101] [--sweep 11] [--out benchmarks/output]
+        [--batch_size 32] [--device auto] [--repeats 3] [--classes 101] [--sweep 11] [--threads 0]
+        [--out benchmarks/output]
 
 Runs on generated UCF101-like clips (320x240, 25 fps, ``--seconds`` long, H.264 in .mp4, made by
 ``pipeline.synthetic.write_webvid_like_clip`` with seeds 0..videos-1 and cached in ``--out/clips``), listed as an
@@ -9,7 +10,9 @@ Runs on generated UCF101-like clips (320x240, 25 fps, ``--seconds`` long, H.264 
 
 1. *frame-cache build*: ``eval.frame_cache.build_cache`` (4 frames per video at the segment midpoints, 224-pixel
    short side, JPEG q95, tar shards) into a fresh cache folder, for each ``--workers`` value; videos/s and the
-   speedup against the smallest worker count. The time to start a spawn pool of that size is measured on its own.
+   speedup against the smallest worker count, end to end and after the first result (the arrival time of every
+   decoded video is recorded, so the spawn pool's start-up is separated from the decoding rate). The start of a
+   spawn pool of that size, and the import of ``eval.run`` that each spawn worker repeats, are also timed alone.
 2. *encoding from the cache*: ``eval.features.video_embeddings`` of every video with the ``--model`` (random
    weights), videos/s, with its parts timed on their own (tar read + JPEG decode, eval transform, the rest = model);
    and ``eval.features.class_embeddings`` of 101 classes x the 48 ``eval.prompts.UCF101_TEMPLATES`` (4848 prompts),
@@ -18,8 +21,9 @@ Runs on generated UCF101-like clips (320x240, 25 fps, ``--seconds`` long, H.264 
    once + 11 x (video + text encoding) against 11 x (decode + video + text encoding) without the cache.
 
 Every timed phase runs ``--repeats`` times (cache builds interleaved across worker counts); the fastest run is
-reported, all are kept in the JSON. Prints a markdown table and writes ``--out/eval_bench_<device>.json`` and
-``.md`` (``<device>`` is ``cpu`` or the GPU's name).
+reported, all are kept in the JSON. ``--threads 1`` pins torch to one thread: on a shared CPU, torch's default
+threads stall on the small per-video tensor ops when another process holds a core. Prints a markdown table and
+writes ``--out/eval_bench_<device>.json`` and ``.md`` (``<device>`` is ``cpu`` or the GPU's name).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +49,7 @@ import open_clip
 import torch
 
 from benchmarks.shard_bench import BackgroundLoad, machine_info
+from eval import frame_cache
 from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
 from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
@@ -52,7 +58,9 @@ from pipeline.synthetic import write_webvid_like_clip
 from train.data import EvalTransform
 from train.model import create_clip, image_size, tokenizer_for
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT, FPS = 320, 240, 25  # UCF101's frame size and rate
+BURST_S = 0.002  # results this close to the first one were decoded while the pool was starting
 UCF101_TEST_VIDEOS = 3783  # split-1 test list, for the projection to the real dataset
 UCF101_FOLDERS = (  # classInd.txt, in label order
     "ApplyEyeMakeup ApplyLipstick Archery BabyCrawling BalanceBeam BandMarching BaseballPitch Basketball "
@@ -138,8 +146,63 @@ def pool_start(workers: int) -> dict:
     return {"workers": workers, "seconds": seconds, "torch_imported_in_workers": torch_in_workers}
 
 
+def import_seconds(module: str, repeats: int = 2) -> float:
+    """Fastest wall time of ``python -c "import MODULE"`` (a spawn worker imports the parent's main module)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, check=True)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def cache_bytes(cache: FrameCache) -> int:
     return sum(p.stat().st_size for p in Path(cache.folder).glob("*.tar"))
+
+
+class _ResultTimes:
+    """Stands in for build_cache's tqdm: records when each decoded video reaches the writing loop."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, iterable, **_kwargs):
+        for result in iterable:
+            self.times.append(time.perf_counter())
+            yield result
+
+
+def steady_rate(times: list[float], burst_s: float = BURST_S) -> float | None:
+    """Videos/s after the first result: the results that arrive with the first (queued while the pool started) are
+    left out, and the rest are counted over the time from them to the last result."""
+    if not times:
+        return None
+    k = sum(1 for t in times if t - times[0] <= burst_s)
+    span = times[-1] - times[k - 1]
+    return (len(times) - k) / span if len(times) > k and span > 0 else None
+
+
+def build_timed(dataset: EvalDataset, root: Path, workers: int) -> tuple[FrameCache, dict]:
+    """build_cache with the arrival time of every result recorded (eval.frame_cache's tqdm swapped for a recorder)."""
+    recorder = _ResultTimes()
+    original = frame_cache.tqdm
+    frame_cache.tqdm = recorder
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        cache = build_cache(dataset, root, CacheSettings(), workers, progress=False)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        frame_cache.tqdm = original
+    n = len(recorder.times)
+    rate = steady_rate(recorder.times)
+    return cache, {
+        "wall_s": wall,
+        "main_cpu_s": cpu,
+        "cache_mb": cache_bytes(cache) / 1e6,
+        "first_result_s": recorder.times[0] - t0 if n else None,
+        "steady_videos_per_s": rate,
+        "fixed_s": wall - n / rate if rate else None,  # pool start, first chunk latency, manifest, pool teardown
+    }
 
 
 def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats: int) -> tuple[dict, Path]:
@@ -150,12 +213,10 @@ def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats
     for r in range(repeats):
         for w in workers:
             root = Path(tempfile.mkdtemp(prefix=f"cache_w{w}_", dir=scratch))
-            t0, c0 = time.perf_counter(), time.process_time()
-            cache = build_cache(dataset, root, CacheSettings(), w, progress=False)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            cache, run = build_timed(dataset, root, w)
             if cache.missing or len(cache.found) != n:
                 raise RuntimeError(f"build_cache with {w} worker(s): {len(cache.found)} of {n} found, {cache.missing}")
-            runs[w].append({"wall_s": wall, "main_cpu_s": cpu, "cache_mb": cache_bytes(cache) / 1e6})
+            runs[w].append(run)
             if r == repeats - 1 and w == workers[-1]:
                 keep = root
             else:
@@ -165,6 +226,8 @@ def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats
     rows = []
     for w in workers:
         speedup = best[base]["wall_s"] / best[w]["wall_s"]
+        rate, base_rate = best[w]["steady_videos_per_s"], best[base]["steady_videos_per_s"]
+        speedup_steady = rate / base_rate if rate and base_rate else None
         rows.append(
             {
                 "workers": w,
@@ -172,11 +235,15 @@ def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats
                 "videos_per_s": n / best[w]["wall_s"],
                 "speedup": speedup,
                 "efficiency": speedup / (w / base),
+                "speedup_steady": speedup_steady,
+                "efficiency_steady": speedup_steady / (w / base) if speedup_steady else None,
                 "pool_start": pool_start(w) if w > 1 else None,
-                "all_wall_s": [x["wall_s"] for x in runs[w]],
+                "all_runs": runs[w],
             }
         )
-    return {"videos": n, "repeats": repeats, "settings": asdict(CacheSettings()), "rows": rows}, keep
+    imports = {m: import_seconds(m) for m in ("eval.frame_cache", "eval.run")}
+    result = {"videos": n, "repeats": repeats, "settings": asdict(CacheSettings()), "rows": rows}
+    return {**result, "import_s": imports}, keep
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,10 +397,15 @@ def bench_sweep(cache: dict, enc: dict, models: int) -> list[dict]:
     """For each worker count: the sweep over the benchmark's videos, and projected to UCF101's 3783 test videos."""
     n = cache["videos"]
     rows = []
+    scale = UCF101_TEST_VIDEOS / n
     for row in cache["rows"]:
         here = sweep_cost(row["wall_s"], enc["video_s"], enc["text_s"], models)
-        scale = UCF101_TEST_VIDEOS / n
-        full = sweep_cost(row["wall_s"] * scale, enc["video_s"] * scale, enc["text_s"], models)
+        rate, fixed = row["steady_videos_per_s"], max(0.0, row["fixed_s"] or 0.0)  # fixed: does not grow with n
+        full = (
+            sweep_cost(fixed + UCF101_TEST_VIDEOS / rate, enc["video_s"] * scale, enc["text_s"], models)
+            if rate
+            else None  # every result came in the first burst: no rate to project with (too few videos)
+        )
         rows.append({"workers": row["workers"], "models": models, "videos": n, **here, "ucf101_projected": full})
     return rows
 
@@ -374,16 +446,17 @@ def tables(results: dict) -> str:
         "",
         "Frame-cache build (`build_cache`: 4 frames, 224 short side, JPEG q95, fresh folder each run):",
         "",
-        "| workers | wall s | videos/s | speedup | efficiency | main-process CPU s | cache MB | pool start s "
+        "| workers | wall s | videos/s | speedup | efficiency | first result s | videos/s after the first result "
+        "| speedup (after the first) | fixed s (wall - n / that rate) | main-process CPU s | cache MB "
         "| other load (cores) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in c["rows"]:
-        pool = "- (in-process)" if r["pool_start"] is None else f"{r['pool_start']['seconds']:.2f}"
         lines.append(
             f"| {r['workers']} | {r['wall_s']:.2f} | {r['videos_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['efficiency']:.0%} | {r['main_cpu_s']:.2f} | {r['cache_mb']:.1f} | {pool} | "
-            f"{_load(c['background_cores'])} |"
+            f"{r['efficiency']:.0%} | {_num(r['first_result_s'], 2)} | {_num(r['steady_videos_per_s'], 1)} | "
+            f"{_num(r['speedup_steady'], 2, 'x')} | {_num(r['fixed_s'], 2)} | {r['main_cpu_s']:.2f} | "
+            f"{r['cache_mb']:.1f} | {_load(c['background_cores'])} |"
         )
     lines += [
         "",
@@ -408,6 +481,9 @@ def tables(results: dict) -> str:
     ]
     for r in results["sweep"]:
         for label, x in ((str(r["videos"]), r), (f"{UCF101_TEST_VIDEOS} (projected)", r["ucf101_projected"])):
+            if x is None:
+                lines.append(f"| {r['workers']} | {label} | n/a | n/a | n/a | n/a |")
+                continue
             lines.append(
                 f"| {r['workers']} | {label} | {_min_s(x['cached_s'])} | {_min_s(x['uncached_s'])} | "
                 f"{x['ratio']:.2f}x | {_min_s(x['cached_video_only_s'])} / {_min_s(x['uncached_video_only_s'])} / "
@@ -416,16 +492,31 @@ def tables(results: dict) -> str:
     notes = [
         "",
         f"Checks: {e['checks']}" + ("" if e["checks_ok"] else "  **FAILED**"),
-        "pool start = starting a spawn pool of that size until every worker has answered once (build_cache pays "
-        "it on every build with workers > 1); torch imported in the workers: "
-        + ", ".join(
-            f"{r['workers']}: {r['pool_start']['torch_imported_in_workers']}" for r in c["rows"] if r["pool_start"]
-        ),
+        "first result = time until the first decoded video reaches build_cache's writing loop (with workers > 1: "
+        "spawn pool start + one chunk of 4 videos); videos/s after the first result leaves out the results that "
+        "arrived with the first. Spawn pool start measured on its own (until every worker answered once): "
+        + (
+            ", ".join(
+                f"{r['workers']} workers {r['pool_start']['seconds']:.2f} s, torch imported in the workers: "
+                f"{r['pool_start']['torch_imported_in_workers']}"
+                for r in c["rows"]
+                if r["pool_start"]
+            )
+            or "not measured (no worker count above 1)"
+        )
+        + "; `python -c 'import M'`: "
+        + ", ".join(f"{m} {t:.2f} s" for m, t in c["import_s"].items())
+        + " (under `python -m eval.run` each spawn worker imports eval.run again as its main module)",
         "model = video_embeddings - (read + transform) and text model = class_embeddings - tokenize, each part timed "
         "on its own; the uncached sweep also pays the cache's JPEG encode (in decode) and JPEG decode (in read).",
-        "projection to UCF101 split 1: decode and video encoding scaled linearly, text encoding unchanged.",
+        f"projection to UCF101 split 1: decode = fixed s + {UCF101_TEST_VIDEOS} / (videos/s after the first result); "
+        "video encoding scaled linearly; text encoding unchanged.",
     ]
     return "\n".join(lines + notes)
+
+
+def _num(value: float | None, digits: int, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def _load(cores: float | None) -> str:
@@ -442,6 +533,7 @@ def main(
     repeats: int = 3,
     classes: int = 101,
     sweep: int = 11,
+    threads: int = 0,
     out: str = "benchmarks/output",
 ) -> None:
     """Frame-cache build, encoding from the cache, and the cost of a model sweep with and without the cache.
@@ -456,9 +548,12 @@ def main(
         repeats: runs of every timed phase; the fastest is reported.
         classes: UCF101 classes for the text encoding (101; fewer only for a quick check of a big model on CPU).
         sweep: models in the sweep (11: alpha 0, 0.1, ..., 1).
+        threads: torch CPU threads (torch.set_num_threads); 0 = torch's default. On a shared machine use 1.
         out: output folder (clips, scratch caches, results).
     """
     worker_list = sorted({int(w) for w in _as_list(workers)})
+    if int(threads) > 0:
+        torch.set_num_threads(int(threads))
     dev = resolve_device(str(device))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -495,6 +590,10 @@ def main(
     finally:
         if kept is not None:
             shutil.rmtree(kept, ignore_errors=True)
+        try:
+            scratch.rmdir()  # only if empty: caches of an interrupted run stay for a look
+        except OSError:
+            pass
 
     results = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -511,6 +610,7 @@ def main(
             "repeats": int(repeats),
             "classes": int(classes),
             "sweep": int(sweep),
+            "threads": torch.get_num_threads(),
         },
         "device": str(dev),
         "machine": machine,

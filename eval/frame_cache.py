@@ -3,7 +3,7 @@
 Frames are sampled exactly as for training (``pipeline.frames``: the midpoints of
 4 equal segments of the clip, or of the item's [start, end] window), resized to
 the cache size and stored as JPEG in tar shards with a manifest. A sweep of 11
-fused models decodes every video once. No torch here: worker processes stay light.
+fused models decodes every video once. No torch here.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def build_cache(
     missing: dict[str, str] = {}
     writer, shard = None, 0
     jobs = [(item, settings) for item in dataset.items]
-    context = multiprocessing.get_context("spawn")
+    # fork where there is one: a spawned worker re-imports the __main__ module (eval.run: torch, open_clip, ~5 s
+    # each); forking before any model or tensor work exists is safe, and the workers only use PyAV and PIL.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = context.Pool(workers) if workers > 1 else None
     results = pool.imap(_decode_star, jobs, chunksize=4) if pool else map(_decode_star, jobs)
     try:

@@ -398,7 +398,8 @@ def summary_markdown(results: list[dict], include_paper: bool = True) -> str:
         lines += ["– = not evaluated.", ""]
     lines += _models_section(results, models)
     for bench in BENCHMARKS:
-        lines += _benchmark_section(bench, models, by_model, notes, include_paper)
+        if any(bench.key in by_model[m] for m in models):  # no table for a benchmark nobody ran
+            lines += _benchmark_section(bench, models, by_model, notes, include_paper)
     lines += _overview_section(models, by_model, notes, include_paper)
     lines += _others_section(others, notes)
     lines += _skipped_section(skipped)

@@ -13,6 +13,7 @@ across alpha and plots each metric against it.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -57,6 +58,16 @@ def parse_list(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def default_name(weights: str) -> str:
+    """A display name (and folder name) for a weights entry given without --names: runs/x/best.pt -> runs_x_best."""
+    stem = (
+        weights[: -len(Path(weights).suffix)]
+        if Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
+        else weights
+    )
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", stem).strip("._") or "model"
 
 
 def load_model(model: str, weights: str, device: torch.device) -> torch.nn.Module:
@@ -238,10 +249,13 @@ def main(
             models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
         else:
             entries = parse_list(weights)
-            labels = parse_list(names) or entries
+            labels = parse_list(names) or [default_name(e) for e in entries]
             if len(labels) != len(entries):
                 raise ValueError(f"--names has {len(labels)} entries but --weights has {len(entries)}")
             models = list(zip(labels, entries, strict=True))
+        bad = [n for n in labels if not n or "/" in n or n in (".", "..")] if not alphas else []
+        if bad:
+            raise ValueError(f"--names {bad}: a name becomes a folder of OUT, so no slashes or dots-only names")
         if wandb not in ("off", "offline", "online"):
             raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
         if didemo_split not in ("test", "val"):

@@ -116,19 +116,11 @@ def test_code_version_is_a_non_empty_string():
 def test_summary_tables_rows_and_cells():
     md = report.summary_markdown(RESULTS)
     titles = [line[3:] for line in md.splitlines() if line.startswith("## Table")]
-    assert [t.split(":")[0] for t in titles] == [
-        "Table 1a",
-        "Table 1b",
-        "Table 2a",
-        "Table 2b",
-        "Table 2c",
-        "Table 3",
-    ]
+    # a table per benchmark that some model was evaluated on (Moments was skipped, YouCook2/DiDeMo not run)
+    assert [t.split(":")[0] for t in titles] == ["Table 1a", "Table 2a", "Table 3"]
     assert "Table 1a: UCF101 (top-1 / top-5 accuracy, %)" in md
-    assert "Table 1b: Moments in Time (top-1 / top-5, %)" in md
     assert "Table 2a: MSR-VTT 1k-A text-to-video (R@1 / R@5 / R@10, MdR)" in md
-    assert "Table 2b: YouCook2" in md
-    assert "Table 2c: DiDeMo (paragraph)" in md
+    assert "Table 1b" not in md and "Table 2b" not in md and "Table 2c" not in md
     assert "Table 3: overview" in md
 
     ucf = rows(section(md, "Table 1a"))
@@ -153,14 +145,6 @@ def test_summary_tables_rows_and_cells():
     assert msrvtt["*CLIP (teacher) (paper)*"] == ["*30.4*", "*55.1*", "*64.1*", "*4*"]
     assert msrvtt["*Student (paper)*"] == ["–", "*52.6*", "–", "–"]
     assert "videos found" not in section(md, "Table 2a")
-
-    youcook = rows(section(md, "Table 2b"))
-    assert youcook["ours-fitclip"] == ["–"] * 4
-    assert youcook["*FitCLIP (paper)*"] == ["*5.8*", "*15.5*", "*22.1*", "*75*"]
-    assert rows(section(md, "Table 2c"))["*FitCLIP (paper)*"] == ["*28.5*", "*53.7*", "*64.0*", "*4*"]
-
-    mit = rows(section(md, "Table 1b"))
-    assert mit["ours-fitclip"] == ["–", "–"] and mit["ours-clip"] == ["–", "–"]  # skipped: not evaluated
 
     overview_text = section(md, "Table 3")
     assert "| Model | UCF101 top-1 | MiT top-1 | MSR-VTT R@5 | YouCook2 R@5 | DiDeMo R@5 |" in overview_text

@@ -125,6 +125,7 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"alpha_sweep": "0,1"}, "--student"),
         ({"data_root": str(tmp_path / "empty")}, "no dataset found"),
         ({"model": "ViT-B-16-typo"}, "quickgelu"),
+        ({"weights": str(w["teacher"]), "names": "a/b"}, "no slashes"),
     ):
         kwargs = {"model": str(TINY_CLIP), "data_root": str(root / "data"), "out": str(tmp_path / "o"), **args}
         with pytest.raises(SystemExit) as e:
@@ -229,3 +230,13 @@ def test_tag_and_search_own_videos(bench, tmp_path):
     assert [r["rank"] for r in ranked] == ["1", "2", "3", "4"] and "  1. " in search.stdout
     bad = run_cli("eval.tag", "--videos", folder, "--model", TINY_CLIP, check=False)
     assert bad.returncode != 0 and "--labels" in bad.stderr
+
+
+def test_default_names_for_weights_entries_are_folder_safe():
+    from eval.run import default_name
+
+    assert default_name("openai") == "openai"
+    assert default_name("runs/x/best.pt") == "runs_x_best"
+    assert default_name("/abs/fitclip.safetensors") == "abs_fitclip"
+    assert default_name("fuse:openai:runs/x/best.pt:0.4") == "fuse_openai_runs_x_best.pt_0.4"
+    assert "/" not in default_name("../../etc/passwd")
