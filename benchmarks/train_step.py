@@ -270,10 +270,9 @@ def parse_batches(text) -> list[tuple[int, int]]:
 
 
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:
-    """A :class:`train.data.Batch` of ``n`` random videos (CLIP-normalised pixels) and random captions."""
+    """A :class:`train.data.Batch` of ``n`` random videos (uint8 pixels, as the loader gives) and random captions."""
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(n, frames, 3, size, size, generator=gen)  # (B, T, 3, S, S) in [0, 1]
-    video = (pixels - data.MEAN) / data.STD  # as data._normalize: CLIP mean/std per channel
+    video = torch.randint(0, 256, (n, frames, 3, size, size), generator=gen, dtype=torch.uint8)  # (B, T, 3, S, S)
     rng = random.Random(seed)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) for _ in range(n)]
     batch = data.Batch(

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
@@ -38,8 +37,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 log = logging.getLogger(__name__)
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
 
 
@@ -92,35 +89,31 @@ def count_and_continue(exn: Exception) -> bool:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """RandomResizedCrop (scale 0.5-1) + horizontal flip, the same for all frames of a video; CLIP mean/std."""
+    """RandomResizedCrop (scale 0.5-1) + horizontal flip, the same for all frames of a video; stays uint8."""
 
     size: int
     scale: tuple[float, float] = (0.5, 1.0)
 
-    def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:  # T x (3, H, W) uint8 -> (T, 3, S, S) float
+    def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:  # T x (3, H, W) uint8 -> (T, 3, S, S) uint8
         i, j, h, w = RandomResizedCrop.get_params(frames[0], list(self.scale), [3 / 4, 4 / 3])
         interpolation = random.choice([InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
         video = torch.stack(frames)  # (T, 3, H, W)
         video = TF.resized_crop(video, i, j, h, w, [self.size, self.size], interpolation=interpolation, antialias=True)
         if random.random() < 0.5:
             video = video.flip(-1)
-        return _normalize(video)
+        return video  # uint8: normalised on the device (train.model.encode_video), a quarter of the bytes to move
 
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Shorter side to ``size`` (bicubic), center crop; CLIP mean/std."""
+    """Shorter side to ``size`` (bicubic), center crop; uint8 (CLIP mean/std are applied on the device)."""
 
     size: int
 
     def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:
         video = torch.stack(frames)
         video = TF.resize(video, [self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return _normalize(TF.center_crop(video, [self.size, self.size]))
-
-
-def _normalize(video: torch.Tensor) -> torch.Tensor:
-    return ((video.float() / 255.0).clamp_(0, 1) - MEAN) / STD
+        return TF.center_crop(video, [self.size, self.size])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +144,7 @@ def decode_sample(sample: dict, frames: int, transform: Callable) -> dict | None
 
 @dataclass
 class Batch:
-    video: torch.Tensor  # (B, T, 3, S, S)
+    video: torch.Tensor  # (B, T, 3, S, S) uint8 pixels (or already-normalised floats)
     tokens: torch.Tensor  # (B, L)
     texts: list[str]
     keys: list[str]
@@ -297,6 +290,6 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:
     """(3, count*S, T*S) de-normalised frames of the first videos of a batch, and their captions (for W&B)."""
-    videos = batch.video[:count] * STD + MEAN  # (n, T, 3, S, S)
+    videos = batch.video[:count].float() / 255  # (n, T, 3, S, S)
     rows = [torch.cat(list(v), dim=-1) for v in videos]  # each (3, S, T*S)
     return torch.cat(rows, dim=-2).clamp(0, 1), batch.texts[:count]

@@ -128,17 +128,33 @@ def image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 1, 3, 1, 1)
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 1, 3, 1, 1)
+
+
+def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B, T, 3, H, W) -> CLIP-normalised float32, on the frames' device; floats pass through.
+
+    Loaders hand over uint8 so that a quarter of the bytes cross the PCIe bus and no CPU time goes to it.
+    """
+    if frames.dtype != torch.uint8:
+        return frames
+    mean, std = MEAN.to(frames.device), STD.to(frames.device)
+    return (frames.float() / 255.0 - mean) / std
+
+
 def encode_video(clip: torch.nn.Module, frames: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
     """Video embeddings: the mean of the L2-normalised embeddings of the frames.
 
     Args:
-        frames: (B, T, 3, H, W) normalised pixels.
+        frames: (B, T, 3, H, W) uint8 pixels (normalised here with CLIP's mean/std) or normalised floats.
         renormalize: L2-normalise the mean (cosine similarities downstream); the
             authors' code leaves it unnormalised.
     Returns:
         (B, D)
     """
     b, t = frames.shape[:2]
+    frames = normalize_frames(frames)
     per_frame = F.normalize(clip.encode_image(frames.flatten(0, 1)), dim=-1)  # (B*T, D)
     video = per_frame.view(b, t, -1).mean(dim=1)  # (B, D)
     return F.normalize(video, dim=-1) if renormalize else video
