@@ -71,7 +71,8 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
         trained = DistributedDataParallel(
             student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
-    if cfg.compile:
+    if cfg.compile or (cfg.compile is None and dist.device.type == "cuda"):
+        # measured on an H200 at 128+128 videos: 0.378 s/step compiled vs 0.564 s eager, and 66 vs 89 GiB
         trained = torch.compile(trained)
     return Models(student, trained, teacher)
 
