@@ -16,7 +16,7 @@ from demo.world import stills
 from train.checkpoint import atomic_save
 from train.data import TrainTransform
 from train.loss import contrastive_loss
-from train.model import create_clip, encode_text, image_size, tokenizer_for
+from train.model import create_clip, encode_text, image_size, normalize_frames, tokenizer_for
 
 
 def pretrain_teacher(
@@ -46,7 +46,7 @@ def pretrain_teacher(
     start, losses = time.perf_counter(), []
     for _ in range(steps):
         idx = torch.randint(len(data), (batch,), generator=generator)
-        images_b = torch.cat([transform([pixels[i]]) for i in idx.tolist()])  # (B, 3, S, S)
+        images_b = normalize_frames(torch.cat([transform([pixels[i]]) for i in idx.tolist()]))  # (B, 3, S, S)
         image_emb = torch.nn.functional.normalize(clip.encode_image(images_b), dim=-1)
         text_emb = encode_text(clip, tokens[idx])
         loss = contrastive_loss(image_emb, text_emb, sigma)

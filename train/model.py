@@ -128,12 +128,12 @@ def image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 1, 3, 1, 1)
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 1, 3, 1, 1)
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (B, T, 3, H, W) -> CLIP-normalised float32, on the frames' device; floats pass through.
+    """uint8 pixels (..., 3, H, W) -> CLIP-normalised float32, on the frames' device; floats pass through.
 
     Loaders hand over uint8 so that a quarter of the bytes cross the PCIe bus and no CPU time goes to it.
     """
