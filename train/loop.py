@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from train import checkpoint, data, distributed
 from train.config import TrainConfig
-from train.fuse import fuse_state_dicts
+from train.fuse import fuse_state_dicts, teacher_state_dict
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.metrics import retrieval_metrics
 from train.model import VideoTextModel, create_clip, freeze, image_size, load_state_dict, tokenizer_for
@@ -81,12 +81,17 @@ def _teacher_source(cfg: TrainConfig) -> str:
     """The teacher's weights; a random teacher (tests) is saved once in OUT so fusion and resume see the same one."""
     if cfg.teacher_weights:
         return cfg.teacher_weights
-    path = Path(cfg.out) / "teacher_init.pt"
+    path = Path(_teacher_weights(cfg))
     if distributed.is_main() and not path.exists():
         torch.manual_seed(cfg.seed)
         checkpoint.atomic_save(create_clip(cfg.model, "", "cpu").state_dict(), path)
     distributed.barrier()
     return str(path)
+
+
+def _teacher_weights(cfg: TrainConfig) -> str:
+    """The teacher's weights: the tag or file given, or the saved random initialisation (tests, benchmarks)."""
+    return cfg.teacher_weights or str(Path(cfg.out) / "teacher_init.pt")
 
 
 def build_optimizer(student: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -359,7 +364,7 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict
         if not cfg.val:
             save_best(models, cfg, progress, {})
         if cfg.fuse:
-            teacher = load_state_dict(_teacher_file(cfg)) if not _is_tag(cfg) else _teacher_state(cfg)
+            teacher = teacher_state_dict(cfg.model, _teacher_weights(cfg))
             fused = fuse_state_dicts(teacher, load_state_dict(out / checkpoint.BEST), cfg.alpha)
             checkpoint.atomic_save(fused, out / checkpoint.FUSED)
             summary["fused"] = str(out / checkpoint.FUSED)
@@ -367,18 +372,6 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     distributed.barrier()
     return summary
-
-
-def _is_tag(cfg: TrainConfig) -> bool:
-    return bool(cfg.teacher_weights) and not Path(cfg.teacher_weights).exists()
-
-
-def _teacher_file(cfg: TrainConfig) -> str:
-    return cfg.teacher_weights or str(Path(cfg.out) / "teacher_init.pt")
-
-
-def _teacher_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in create_clip(cfg.model, cfg.teacher_weights).state_dict().items()}
 
 
 def _flops_per_step(models: Models, cfg: TrainConfig, size: int, tokenizer, device: torch.device) -> int:
