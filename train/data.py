@@ -21,7 +21,6 @@ reports how many its worker dropped since the previous batch), never slept on.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import random
@@ -59,11 +58,6 @@ def list_shards(folder: str | Path) -> list[str]:
             "run python -m pipeline.shard to make them, or let it finish"
         )
     return tars
-
-
-def count_samples(folder: str | Path) -> int:
-    """Samples in the complete shards of a folder, from their stats files."""
-    return sum(json.loads(Path(t[: -len(".tar")] + "_stats.json").read_text())["ok"] for t in list_shards(folder))
 
 
 def _reader() -> tuple[int, int]:
