@@ -89,7 +89,7 @@ def plan_tasks(
 
 
 def validate(
-    src, out, workers, samples_per_shard, frames, size, quality, video_root, distributor, timeout, retries, max_mb
+    out, workers, samples_per_shard, frames, size, quality, video_root, distributor, timeout, retries, max_mb
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
     problems = []
@@ -186,7 +186,6 @@ def main(
     video_root = None if video_root is None else str(video_root)
     try:
         validate(
-            src,
             out,
             workers,
             samples_per_shard,

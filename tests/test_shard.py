@@ -390,4 +390,4 @@ def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
     with pytest.raises(shard.UsageError, match=r"pip install 'fitclip\[spark\]'"):
-        shard.validate("x.csv", tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)
+        shard.validate(tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)

@@ -33,8 +33,17 @@ def loss_and_grads(models, cfg, lab, unl) -> tuple[float, torch.Tensor]:
 
 
 def test_bf16_step_matches_fp32_step_within_bf16_tolerance(tmp_path):
-    cfg = resolve("paper", model=str(TINY_CLIP), teacher_weights="", out=str(tmp_path), lam=0.5, precision="fp32",
-                  wandb="off", progress=False, device="cpu")
+    cfg = resolve(
+        "paper",
+        model=str(TINY_CLIP),
+        teacher_weights="",
+        out=str(tmp_path),
+        lam=0.5,
+        precision="fp32",
+        wandb="off",
+        progress=False,
+        device="cpu",
+    )
     models = loop.build_models(cfg, distributed.init_distributed("cpu"))
     lab, unl = batches()
     loss32, grad32 = loss_and_grads(models, cfg, lab, unl)
@@ -46,8 +55,16 @@ def test_bf16_step_matches_fp32_step_within_bf16_tolerance(tmp_path):
 
 
 def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_path):
-    cfg = resolve("paper", model=str(TINY_CLIP), teacher_weights="", out=str(tmp_path), precision="fp32",
-                  wandb="off", progress=False, device="cpu")
+    cfg = resolve(
+        "paper",
+        model=str(TINY_CLIP),
+        teacher_weights="",
+        out=str(tmp_path),
+        precision="fp32",
+        wandb="off",
+        progress=False,
+        device="cpu",
+    )
     models = loop.build_models(cfg, distributed.init_distributed("cpu"))
     lab, unl = batches()
     loss_u8, grad_u8 = loss_and_grads(models, cfg, lab, unl)
