@@ -31,6 +31,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
+from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import create_clip, image_size, load_state_dict, register_model, tokenizer_for
 
@@ -141,11 +142,7 @@ def run(
     cfg: EvalConfig, models: list[tuple[str, str]], datasets: list[EvalDataset], skipped: list[dict], strict: bool
 ) -> list[dict]:
     """Evaluate every model on every dataset; write the records and the summary. Returns the records."""
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = init_distributed(cfg.device).device  # the trainer's device choice, with its clear CUDA errors
     cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
     caches = {d.name: build_cache(d, cache_root, CacheSettings(frames=cfg.frames), cfg.workers) for d in datasets}
     for d in datasets:
@@ -286,7 +283,7 @@ def main(
         sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
     try:
         records = run(cfg, models, loaded, skipped, bool(strict))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
         sys.exit(f"error: {e}")
     results = report.load_results(cfg.out)
     summary = report.write_summary(cfg.out, results)

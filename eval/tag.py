@@ -20,6 +20,7 @@ import torch
 
 from pipeline.frames import FrameError, decode_frames
 from train.data import EvalTransform
+from train.distributed import init_distributed
 from train.model import create_clip, encode_text, encode_video, image_size, tokenizer_for
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
@@ -97,12 +98,10 @@ def main(
     paths = find_videos(folder)
     if not paths:
         sys.exit(f"error: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {folder}")
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
     try:
+        dev = init_distributed(str(device)).device  # the trainer's device choice, with its clear CUDA errors
         clip = create_clip(str(model), str(weights), dev).eval()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     tokenizer = tokenizer_for(str(model))
     ok, video, failed = embed_videos(clip, paths, int(frames), dev)

@@ -32,19 +32,24 @@ def loss_and_grads(models, cfg, lab, unl) -> tuple[float, torch.Tensor]:
     return float(loss), grads
 
 
-def test_bf16_step_matches_fp32_step_within_bf16_tolerance(tmp_path):
+def tiny_fp32(out, **overrides):
+    """A plain fp32 CPU config of the tiny model and its models (teacher and student from one random init)."""
     cfg = resolve(
         "paper",
         model=str(TINY_CLIP),
         teacher_weights="",
-        out=str(tmp_path),
-        lam=0.5,
+        out=str(out),
         precision="fp32",
         wandb="off",
         progress=False,
         device="cpu",
+        **overrides,
     )
-    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+    return cfg, loop.build_models(cfg, distributed.init_distributed("cpu"))
+
+
+def test_bf16_step_matches_fp32_step_within_bf16_tolerance(tmp_path):
+    cfg, models = tiny_fp32(tmp_path, lam=0.5)
     lab, unl = batches()
     loss32, grad32 = loss_and_grads(models, cfg, lab, unl)
     loss16, grad16 = loss_and_grads(models, dataclasses.replace(cfg, precision="bf16"), lab, unl)
@@ -55,17 +60,7 @@ def test_bf16_step_matches_fp32_step_within_bf16_tolerance(tmp_path):
 
 
 def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_path):
-    cfg = resolve(
-        "paper",
-        model=str(TINY_CLIP),
-        teacher_weights="",
-        out=str(tmp_path),
-        precision="fp32",
-        wandb="off",
-        progress=False,
-        device="cpu",
-    )
-    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+    cfg, models = tiny_fp32(tmp_path)
     lab, unl = batches()
     loss_u8, grad_u8 = loss_and_grads(models, cfg, lab, unl)
     as_float = [dataclasses.replace(b, video=normalize_frames(b.video)) for b in (lab, unl)]
