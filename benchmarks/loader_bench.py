@@ -1,17 +1,27 @@
 """Throughput of the trainer's data loader (shards -> JPEG decode -> shared crop/flip -> batches), per worker.
 
-    python -m benchmarks.loader_bench --shards DIR [--workers 1,2,4,6] [--batch 128] [--batches 20] [--size 224]
+    python -m benchmarks.loader_bench --shards DIR [--workers 1,2,4,6] [--batch 128] [--batches 20] [--size 224] \
+        [--augment_on loader,device,device_jpeg] [--device auto] [--settle 1000]
 
 Reads the unlabeled stream exactly as ``train.main`` builds it (webdataset,
 resampled shards, shuffle buffer, ``train.data.decode_sample``), and reports
-videos/s and JPEG decodes/s for each worker count, plus the single-core JPEG
-decode limit of the same frames measured in the same run.
+videos/s and JPEG decodes/s for each worker count and each place the crop can
+run (``--augment_on``: in the workers, on the device after the workers decoded,
+or on the device including the JPEG decode), plus the single-core JPEG decode
+limit of the same frames measured in the same run. For the device modes it also
+times the device's share, ``train.prefetch.to_device`` of one batch (copy,
+decode, crop), synchronised, as the median of ``--batches`` batches.
+
+Timing starts after ``--settle`` videos per worker: until a worker's shuffle
+buffer (1,000 samples) is full, webdataset reads two samples per sample it
+hands out, which is start-up, not the steady state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.writer import iter_tar_samples
 from train import data
 from train.model import tokenizer_for
+from train.prefetch import to_device
 
 
 def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[int, int]]:
@@ -37,6 +48,24 @@ def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[in
     return count / (time.perf_counter() - start), shape
 
 
+def device_cost(batches: list, device: torch.device, size: int) -> float:
+    """Median seconds of train.prefetch.to_device for one batch (copy, JPEG decode if left, crop)."""
+    times = []
+    for batch in batches:
+        batch = batch.pin_memory() if device.type == "cuda" else batch
+        sync(device)
+        start = time.perf_counter()
+        to_device(batch, device, size)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] or times)  # the first call pays for set-up (nvjpeg handles, kernels)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(
     shards: str,
     workers: str = "1,2,4,6",
@@ -45,46 +74,75 @@ def main(
     size: int = 224,
     frames: int = 4,
     model: str = "ViT-B-16-quickgelu",
+    augment_on: str = "loader,device,device_jpeg",
+    device: str = "auto",
+    settle: int = 1000,
     out: str = "benchmarks/output",
 ) -> None:
     urls = data.list_shards(shards)
     worker_list = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
+    modes = augment_on.split(",") if isinstance(augment_on, str) else list(augment_on)
+    unknown = set(modes) - set(data.AUGMENT_ON)
+    if unknown:
+        raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(data.AUGMENT_ON)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     limit, shape = jpeg_limit(urls)
+    torch.set_num_threads(os.cpu_count() or 1)
     print(
-        f"loader_bench: {len(urls)} shard(s), frames {shape[1]}x{shape[0]}, {os.cpu_count()} cores; "
+        f"loader_bench: {len(urls)} shard(s), frames {shape[1]}x{shape[0]}, {os.cpu_count()} cores, device {dev}; "
         f"JPEG decode limit {limit:.0f}/s per core (torchvision)",
         flush=True,
     )
     tokenizer = tokenizer_for(model)
+    transform = data.TrainTransform(size)
     rows = []
-    for w in worker_list:
-        stream = data.unlabeled_stream(shards, frames, data.TrainTransform(size), tokenizer, batch, seed=0)
-        loader = iter(data.loader(stream, w, False, 0))
-        next(loader)  # start-up excluded
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(loader)
-        rate = batch * batches / (time.perf_counter() - start)
-        rows.append(
-            {
+    for mode in modes:
+        for w in worker_list:
+            stream = data.unlabeled_stream(shards, frames, transform, tokenizer, batch, seed=0, augment_on=mode)
+            loader = iter(data.loader(stream, w, False, 0))
+            # start-up excluded: until every worker's shuffle buffer is full, it reads two samples per sample out
+            for _ in range(max(1, -(-settle * w // batch))):
+                next(loader)
+            start = time.perf_counter()
+            kept = [next(loader) for _ in range(batches)]
+            rate = batch * batches / (time.perf_counter() - start)
+            row = {
+                "augment_on": mode,
                 "workers": w,
                 "videos_per_s": rate,
                 "videos_per_s_per_worker": rate / w,
                 "jpeg_per_s_per_worker": rate * frames / w,
             }
-        )
-        print(
-            f"  {w} worker(s): {rate:.0f} videos/s, {rate / w:.0f} per worker, "
-            f"{rate * frames / w:.0f} JPEG/s per worker ({100 * rate * frames / w / limit:.0f}% of the limit)",
-            flush=True,
-        )
-        del loader
+            del loader
+            if mode != "loader" and w == worker_list[-1]:
+                seconds = device_cost(kept[: min(batches, 10)], dev, size)
+                row["device_s_per_batch"] = seconds
+                row["device_videos_per_s"] = batch / seconds
+            rows.append(row)
+            device_note = (
+                f"; the device's share: {1e3 * row['device_s_per_batch']:.1f} ms per batch "
+                f"({row['device_videos_per_s']:.0f} videos/s) on {dev}"
+                if "device_s_per_batch" in row
+                else ""
+            )
+            print(
+                f"  augment_on {mode}, {w} worker(s): {rate:.0f} videos/s, {rate / w:.0f} per worker, "
+                f"{rate * frames / w:.0f} JPEG/s per worker ({100 * rate * frames / w / limit:.0f}% of the limit)"
+                + device_note,
+                flush=True,
+            )
+            del kept
     Path(out).mkdir(parents=True, exist_ok=True)
     record = {
         "cores": os.cpu_count(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "jpeg_limit_per_core": limit,
         "frame_shape": shape,
         "batch": batch,
+        "batches": batches,
+        "settle": settle,
         "size": size,
         "rows": rows,
     }

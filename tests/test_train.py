@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -135,6 +136,16 @@ def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_
 
     with pytest.raises(FileExistsError, match="--resume auto"):
         loop.run(tiny_config(train_shards, out))
+
+
+@pytest.mark.parametrize("augment_on", ["device", "device_jpeg"])
+def test_a_run_with_the_crop_on_the_device(train_shards, tmp_path, augment_on):
+    """The GPU default (the workers only decode, or not even that) through real loader workers, on the CPU."""
+    out = tmp_path / "run"
+    cfg = tiny_config(train_shards, out, steps=2, fuse=False, workers=1, augment_on=augment_on)
+    summary = loop.run(cfg)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0 and summary["dropped_samples"] == 0
+    assert math.isfinite(summary["best_val_loss"])
 
 
 def test_resume_auto_continues_from_latest(train_shards, tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 PRECISIONS = ("auto", "bf16", "fp32")
+AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
 WANDB_MODES = ("auto", "online", "offline", "off")
 SCHEDULES = ("constant", "cosine")
 DISTILLATIONS = ("ce", "kl")
@@ -40,6 +41,9 @@ class TrainConfig:
     frames: int = 4  # frames per video used (the shards' first N)
     crop: int = 0  # training crop size; 0 = the model's input size (224 for ViT-B/16)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
+    # where the crop/resize/flip runs: "auto" = "device" on GPU, "loader" on CPU; "loader" (the workers),
+    # "device" (workers decode JPEG, the GPU crops a whole batch at once), "device_jpeg" (the GPU decodes too)
+    augment_on: str = "auto"
 
     # --- optimisation
     lr: float = 3e-5  # AdamW learning rate
@@ -93,6 +97,7 @@ class TrainConfig:
             ("schedule", SCHEDULES),
             ("distillation", DISTILLATIONS),
             ("device", ("auto", "cuda", "cpu")),
+            ("augment_on", AUGMENT_ON),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -20,8 +20,10 @@ reports how many its worker dropped since the previous batch), never slept on.
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
+import math
 import os
 import random
 import tarfile
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL.Image
 import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
@@ -83,19 +86,30 @@ def count_and_continue(exn: Exception) -> bool:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """RandomResizedCrop (scale 0.5-1) + horizontal flip, the same for all frames of a video; stays uint8."""
+    """RandomResizedCrop (scale 0.5-1) + horizontal flip, the same for all frames of a video; stays uint8.
+
+    ``params`` draws a crop (see ``train.augment``); calling the transform applies it
+    here, in the loader worker. With ``augment_on="device"`` the workers only draw it and
+    ``train.augment.resized_crop`` applies the crops of a whole batch on the device:
+    the same crops for the same seed, the same pixels up to rounding.
+    """
 
     size: int
     scale: tuple[float, float] = (0.5, 1.0)
 
+    def params(self, height: int, width: int) -> torch.Tensor:
+        """(6,) top, left, height, width, flip, bicubic for a video of height x width pixels."""
+        i, j, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), list(self.scale), [3 / 4, 4 / 3])
+        bicubic = random.choice([InterpolationMode.BILINEAR, InterpolationMode.BICUBIC]) == InterpolationMode.BICUBIC
+        flip = random.random() < 0.5
+        return torch.tensor([i, j, h, w, flip, bicubic], dtype=torch.float32)
+
     def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:  # T x (3, H, W) uint8 -> (T, 3, S, S) uint8
-        i, j, h, w = RandomResizedCrop.get_params(frames[0], list(self.scale), [3 / 4, 4 / 3])
-        interpolation = random.choice([InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
+        i, j, h, w, flip, bicubic = (int(v) for v in self.params(*frames[0].shape[-2:]))
+        interpolation = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
         video = torch.stack(frames)  # (T, 3, H, W)
         video = TF.resized_crop(video, i, j, h, w, [self.size, self.size], interpolation=interpolation, antialias=True)
-        if random.random() < 0.5:
-            video = video.flip(-1)
-        return video  # uint8: normalised on the device (train.model.encode_video), a quarter of the bytes to move
+        return video.flip(-1) if flip else video  # uint8: normalised on the device, a quarter of the bytes to move
 
 
 @dataclass(frozen=True)
@@ -114,21 +128,32 @@ class EvalTransform:
 # Samples and batches
 
 
-def decode_sample(sample: dict, frames: int, transform: Callable) -> dict | None:
-    """Shard sample -> {"video": (T, 3, S, S), "text": str, "key": str, "index": int}; None if broken (counted)."""
+AUGMENT_ON = ("loader", "device", "device_jpeg")  # where the training crop (and the JPEG decode) happens
+
+
+def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: str = "loader") -> dict | None:
+    """Shard sample -> {"video", "text", "key", "index"} (+ "crop"); None if broken (counted).
+
+    augment_on "loader": video is the transformed (T, 3, S, S). "device": video is the
+    decoded (T, 3, H, W) and crop the transform's draw (applied by ``train.augment``).
+    "device_jpeg": no decoding here; "jpegs" holds the T encoded frames (bytes), decoded on the device.
+    """
     global _dropped
     try:
-        images = []
-        for k in range(frames):
-            data = torch.frombuffer(bytearray(sample[f"{k}.jpg"]), dtype=torch.uint8)
-            images.append(decode_jpeg(data, mode=ImageReadMode.RGB))
-        text = sample["txt"].decode("utf-8")
-        return {
-            "video": transform(images),
-            "text": text,
-            "key": sample["__key__"],
-            "index": sample.get("__index__", -1),
-        }
+        out = {"text": sample["txt"].decode("utf-8"), "key": sample["__key__"], "index": sample.get("__index__", -1)}
+        if augment_on == "device_jpeg":
+            out["jpegs"] = [sample[f"{k}.jpg"] for k in range(frames)]
+            out["crop"] = transform.params(*_jpeg_size(out["jpegs"][0]))
+            return out
+        blobs = [torch.frombuffer(bytearray(sample[f"{k}.jpg"]), dtype=torch.uint8) for k in range(frames)]
+        images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in blobs]
+        if augment_on == "device":
+            # (H, W, 3): decode_jpeg's own layout behind its (3, H, W) view, so collate's one copy is a memcpy
+            out["video"] = [image.permute(1, 2, 0) for image in images]
+            out["crop"] = transform.params(*images[0].shape[-2:])
+        else:
+            out["video"] = transform(images)
+        return out
     except Exception as e:  # missing member, corrupt JPEG, bad UTF-8: skip and count
         _dropped += 1
         if _dropped <= 3:
@@ -136,14 +161,36 @@ def decode_sample(sample: dict, frames: int, transform: Callable) -> dict | None
         return None
 
 
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's header, without decoding it."""
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        if image.format != "JPEG":
+            raise ValueError(f"not a JPEG but {image.format}")
+        return image.height, image.width
+
+
 @dataclass
 class Batch:
+    """A batch of videos and captions; what loaders yield and the step consumes.
+
+    video is (B, T, 3, S, S) uint8 when the loader cropped it. When the device crops
+    (``augment_on`` "device"/"device_jpeg"), video is (B, T, H, W, 3), the layout
+    libjpeg decodes to, at the shards' size, zero-padded to the largest in the batch
+    (or empty while ``jpegs`` holds the encoded frames: all JPEG files of the batch back to back, one
+    tensor, so that it crosses from the worker as one block; ``jpeg_sizes`` (B, T) splits it),
+    ``crops`` (B, 6) holds each video's crop, and
+    ``train.prefetch.to_device`` turns it into the cropped form.
+    """
+
     video: torch.Tensor  # (B, T, 3, S, S) uint8 pixels (or already-normalised floats)
     tokens: torch.Tensor  # (B, L)
     texts: list[str]
     keys: list[str]
     index: torch.Tensor  # (B,) global sample index (validation) or -1
     dropped: int  # samples this loader worker skipped since its previous batch
+    crops: torch.Tensor | None = None  # (B, 6): crops still to apply (train.augment)
+    jpegs: torch.Tensor | None = None  # (N,) uint8: the encoded frames still to decode, back to back
+    jpeg_sizes: torch.Tensor | None = None  # (B, T) their sizes in bytes
 
     def pin_memory(self) -> Batch:
         self.video, self.tokens = self.video.pin_memory(), self.tokens.pin_memory()
@@ -155,16 +202,61 @@ def make_collate(tokenizer) -> Callable[[list[dict]], Batch]:
         global _dropped
         dropped, _dropped = _dropped, 0
         texts = [s["text"] for s in samples]
+        crops = torch.stack([s["crop"] for s in samples]) if "crop" in samples[0] else None
+        jpegs = jpeg_sizes = None
+        if "jpegs" in samples[0]:
+            files = [f for s in samples for f in s["jpegs"]]
+            jpegs = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+            jpeg_sizes = torch.tensor([len(f) for f in files]).view(len(samples), -1)
+            video = torch.zeros(0, dtype=torch.uint8)
+        else:  # device crops: (B, T, H, W, 3) as decoded; else (B, T, 3, S, S)
+            video = stack_videos([s["video"] for s in samples], channels_last=crops is not None)
         return Batch(
-            video=torch.stack([s["video"] for s in samples]),
+            video=video,
             tokens=tokenizer(texts),
             texts=texts,
             keys=[s["key"] for s in samples],
             index=torch.tensor([s["index"] for s in samples]),
             dropped=dropped,
+            crops=crops,
+            jpegs=jpegs,
+            jpeg_sizes=jpeg_sizes,
         )
 
     return collate
+
+
+def stack_videos(videos: list, channels_last: bool = False) -> torch.Tensor:
+    """Videos (each a (T, 3, h, w) tensor or a list of T frames) -> (B, T, 3, H, W), zero-padded at the
+    bottom/right to the largest; frames (h, w, 3) -> (B, T, H, W, 3) with ``channels_last``.
+
+    Inside a loader worker the batch is made in shared memory, so it crosses to the
+    main process without another copy (as torch's default_collate does).
+    """
+    frames = [list(v) for v in videos]  # B x T x frame
+    hw = slice(0, 2) if channels_last else slice(1, 3)
+    h, w = (max(f[0].shape[hw][k] for f in frames) for k in (0, 1))
+    shape = (h, w, frames[0][0].shape[2]) if channels_last else (frames[0][0].shape[0], h, w)
+    out = _batch_tensor((len(frames), len(frames[0]), *shape), frames[0][0].dtype)
+    for b, video in enumerate(frames):
+        vh, vw = video[0].shape[hw]
+        if (vh, vw) != (h, w):
+            out[b].zero_()
+        for t, frame in enumerate(video):
+            if channels_last:
+                out[b, t, :vh, :vw] = frame
+            else:
+                out[b, t, :, :vh, :vw] = frame
+    return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when called in a loader worker."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem.untyped_storage()._new_shared(math.prod(shape) * elem.element_size())
+    return elem.new_empty(0).set_(storage).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,23 +325,22 @@ def _index_tars(urls: list[str]) -> list[tuple[str, str, dict[str, tuple[int, in
     return samples
 
 
-def _batches(source, frames: int, transform: Callable, tokenizer, batch: int, partial: bool) -> list:
+def _batches(source, frames, transform, tokenizer, batch: int, partial: bool, augment_on: str = "loader") -> list:
     return [
         source,
-        wds.map(lambda s: decode_sample(s, frames, transform)),
+        wds.map(lambda s: decode_sample(s, frames, transform, augment_on)),
         wds.select(lambda s: s is not None),
         wds.batched(batch, collation_fn=make_collate(tokenizer), partial=partial),
     ]
 
 
-def labeled_stream(folder, frames, transform, tokenizer, batch, seed) -> wds.DataPipeline:
+def labeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_on="loader") -> wds.DataPipeline:
     """Forever, in passes over all labeled samples, reshuffled each pass."""
-    return wds.DataPipeline(
-        *_batches(IndexedShards(list_shards(folder), seed), frames, transform, tokenizer, batch, False)
-    )
+    source = IndexedShards(list_shards(folder), seed)
+    return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
 
-def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed) -> wds.DataPipeline:
+def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_on="loader") -> wds.DataPipeline:
     """Forever: shards drawn at random per reader (seeded by rank), samples shuffled in a buffer."""
     rank = int(os.environ.get("RANK", 0))
     source = [
@@ -257,7 +348,7 @@ def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed) -> wds.D
         wds.tarfile_to_samples(handler=count_and_continue),
         wds.shuffle(1000, initial=100, rng=random.Random(f"{seed}-{rank}")),
     ]
-    return wds.DataPipeline(*source, *_batches(None, frames, transform, tokenizer, batch, False)[1:])
+    return wds.DataPipeline(*source, *_batches(None, frames, transform, tokenizer, batch, False, augment_on)[1:])
 
 
 def validation_stream(folder, frames, transform, tokenizer, batch, limit: int = 0) -> wds.DataPipeline:
@@ -284,6 +375,6 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:
     """(3, count*S, T*S) de-normalised frames of the first videos of a batch, and their captions (for W&B)."""
-    videos = batch.video[:count].float() / 255  # (n, T, 3, S, S)
+    videos = batch.video[:count].float().cpu() / 255  # (n, T, 3, S, S)
     rows = [torch.cat(list(v), dim=-1) for v in videos]  # each (3, S, T*S)
     return torch.cat(rows, dim=-2).clamp(0, 1), batch.texts[:count]

@@ -27,6 +27,7 @@ from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.metrics import retrieval_metrics
 from train.model import VideoTextModel, create_clip, freeze, image_size, load_state_dict, tokenizer_for
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
+from train.prefetch import Prefetcher
 
 
 @dataclass
@@ -53,6 +54,13 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else nullcontext()
+
+
+def augment_on(cfg: TrainConfig, device: torch.device) -> str:
+    """Where the training crop runs: as configured, or (auto) on the GPU, whose loader workers then only decode."""
+    if cfg.augment_on != "auto":
+        return cfg.augment_on
+    return "device" if device.type == "cuda" else "loader"
 
 
 def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
@@ -267,23 +275,17 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     tokenizer = tokenizer_for(cfg.model)
     size = cfg.crop or image_size(models.student.clip)
     transform = data.TrainTransform(size, cfg.crop_scale)
+    where = augment_on(cfg, dist.device)
     seed = cfg.seed + progress.step  # a resumed run draws new data rather than replaying the first batches
     pin = dist.device.type == "cuda"
-    labeled = iter(
-        data.loader(
-            data.labeled_stream(cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, seed),
-            cfg.workers,
-            pin,
-            seed,
-        )
+    streams = (
+        data.labeled_stream(cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, seed, where),
+        data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform, tokenizer, cfg.batch_unlabeled, seed, where),
     )
-    unlabeled = iter(
-        data.loader(
-            data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform, tokenizer, cfg.batch_unlabeled, seed),
-            cfg.workers,
-            pin,
-            seed + 1,
-        )
+    # batches reach the step on the device: copied (and cropped, if `where` says so) one step ahead
+    labeled, unlabeled = (
+        Prefetcher(iter(data.loader(stream, cfg.workers, pin, seed + k)), dist.device, size)
+        for k, stream in enumerate(streams)
     )
     monitor = Monitor(cfg, distributed.is_main(), cfg.steps, progress.step)
     flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)

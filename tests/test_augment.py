@@ -1,0 +1,128 @@
+"""The device-side training crop (train.augment), the loader modes that defer it, and the prefetcher."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from conftest import TINY_CLIP
+from torchvision.transforms import InterpolationMode
+
+from train import augment, data
+from train.config import resolve
+from train.model import tokenizer_for
+from train.prefetch import Prefetcher, to_device
+
+
+def reference_crop(video: torch.Tensor, crop: list[int], size: int, dtype=torch.float32) -> torch.Tensor:
+    """torchvision's RandomResizedCrop output for one video and crop (float input: no intermediate rounding)."""
+    i, j, h, w, flip, bicubic = crop
+    mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+    out = TF.resized_crop(video.to(dtype), i, j, h, w, [size, size], interpolation=mode, antialias=True)
+    out = out.flip(-1) if flip else out
+    return out.round().clamp(0, 255) if dtype.is_floating_point else out
+
+
+CROPS = [  # top, left, height, width, flip, bicubic: up- and downscaling, both filters, flips, crops at the edges
+    [3, 5, 20, 30, 0, 0],
+    [0, 0, 40, 60, 1, 0],
+    [2, 7, 37, 50, 0, 1],
+    [0, 0, 40, 60, 0, 0],
+    [5, 3, 30, 41, 1, 1],
+    [10, 20, 30, 40, 1, 0],
+    [0, 59, 40, 1, 0, 1],
+    [39, 0, 1, 60, 1, 1],
+]
+
+
+@pytest.mark.parametrize("size", [20, 32, 64])
+def test_batched_crop_matches_torchvision_per_video(size):
+    torch.manual_seed(0)
+    # smooth content and noise: antialiasing matters on noise, overshoot (bicubic) on edges
+    smooth = torch.nn.functional.interpolate(torch.rand(len(CROPS), 4 * 3, 5, 7) * 255, size=(40, 60), mode="bicubic")
+    noise = torch.randint(0, 256, (len(CROPS), 4 * 3, 40, 60)).float()
+    for pixels in (smooth, noise):
+        video = pixels.clamp(0, 255).round().to(torch.uint8).view(len(CROPS), 4, 3, 40, 60)
+        out = augment.resized_crop(video, torch.tensor(CROPS, dtype=torch.float32), size)
+        assert out.shape == (len(CROPS), 4, 3, size, size) and out.dtype == torch.uint8
+        for v, crop in enumerate(CROPS):
+            ref = reference_crop(video[v], crop, size)
+            diff = (out[v].float() - ref).abs()
+            assert diff.max() <= 1, (crop, diff.max())  # a .5 on either side of rounding
+            assert diff.mean() < 0.02, (crop, diff.mean())
+            if not crop[5]:  # torchvision's own uint8 bilinear path agrees to one level as well
+                assert (out[v].int() - reference_crop(video[v], crop, size, torch.uint8).int()).abs().max() <= 1
+
+
+def test_padding_to_the_batch_size_does_not_change_a_video():
+    torch.manual_seed(1)
+    small = torch.randint(0, 256, (4, 3, 30, 44), dtype=torch.uint8)
+    large = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8)
+    padded = augment.pad_stack([small, large])
+    assert padded.shape == (2, 4, 3, 48, 64)
+    assert torch.equal(padded[0, ..., :30, :44], small) and padded[0, ..., 30:, :].eq(0).all()
+    crops = torch.tensor([[2, 3, 25, 40, 1, 1], [0, 0, 48, 64, 0, 0]], dtype=torch.float32)
+    together = augment.resized_crop(padded, crops, 24)
+    alone = augment.resized_crop(small[None], crops[:1], 24)
+    assert torch.equal(together[0], alone[0])
+
+
+def test_resample_weights_rows_are_normalised_and_stay_inside_the_crop():
+    start, length = torch.tensor([3.0, 0.0]), torch.tensor([20.0, 50.0])
+    for bicubic in (torch.tensor([0, 0]), torch.tensor([1, 1])):
+        weights = augment.resample_weights(start, length, bicubic, 16, 50)  # (2, 16, 50)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 16))
+        assert weights[0, :, :3].eq(0).all() and weights[0, :, 23:].eq(0).all()
+
+
+def test_loader_draws_the_same_crop_whether_it_applies_it_or_not():
+    frames = [torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8) for _ in range(4)]
+    transform = data.TrainTransform(24)
+    torch.manual_seed(5), random.seed(5)
+    here = transform(frames)
+    torch.manual_seed(5), random.seed(5)
+    crop = transform.params(40, 60)
+    there = augment.resized_crop(torch.stack(frames)[None], crop[None], 24)[0]
+    tolerance = 1 if not crop[5] else 12  # torchvision's uint8 bicubic rounds and clamps between its two passes
+    assert (here.int() - there.int()).abs().max() <= tolerance
+
+
+def _batches(shards: str, augment_on: str, count: int = 3) -> list[data.Batch]:
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.unlabeled_stream(shards, 4, data.TrainTransform(32), tok, 4, seed=0, augment_on=augment_on)
+    torch.manual_seed(0), random.seed(0)
+    return list(itertools.islice(iter(data.loader(stream, 0, False, 0)), count))
+
+
+def test_device_modes_give_the_loaders_batches(train_shards):
+    shards = str(train_shards["unlabeled"])
+    loader = _batches(shards, "loader")
+    device = _batches(shards, "device")
+    jpeg = _batches(shards, "device_jpeg")
+    assert device[0].video.shape[-2:] != (32, 32) and device[0].crops.shape == (4, 6)  # frames left uncropped
+    assert jpeg[0].video.numel() == 0 and jpeg[0].jpeg_sizes.shape == (4, 4)
+    assert jpeg[0].jpegs.numel() == jpeg[0].jpeg_sizes.sum() and jpeg[0].jpegs[:2].tolist() == [0xFF, 0xD8]
+    for a, b, c in zip(loader, device, jpeg, strict=True):
+        assert a.keys == b.keys == c.keys and torch.equal(b.crops, c.crops)
+        bicubic = b.crops[:, 5].bool().tolist()
+        b, c = to_device(b, torch.device("cpu"), 32), to_device(c, torch.device("cpu"), 32)
+        assert b.video.shape == a.video.shape == (4, 4, 3, 32, 32) and b.crops is None and c.jpegs is None
+        assert torch.equal(b.video, c.video)  # the same libjpeg decode, here or there
+        for v in range(4):  # torchvision's uint8 bicubic rounds and clamps between its two passes
+            assert (a.video[v].int() - b.video[v].int()).abs().max() <= (12 if bicubic[v] else 1)
+        assert torch.equal(a.tokens, b.tokens)
+
+
+def test_prefetcher_hands_out_every_batch_once_in_order(train_shards):
+    batches = _batches(str(train_shards["unlabeled"]), "device", count=3)
+    out = list(Prefetcher(iter(batches), torch.device("cpu"), 32))
+    assert [b.keys for b in out] == [b.keys for b in batches]
+    assert all(b.video.shape == (4, 4, 3, 32, 32) for b in out)
+
+
+def test_augment_on_is_checked():
+    with pytest.raises(ValueError, match="--augment_on must be one of"):
+        resolve("demo", augment_on="gpu")
