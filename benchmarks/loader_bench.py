@@ -48,8 +48,9 @@ def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[in
     return count / (time.perf_counter() - start), shape
 
 
-def device_cost(batches: list, device: torch.device, size: int) -> float:
-    """Median seconds of train.prefetch.to_device for one batch (copy, JPEG decode if left, crop)."""
+def device_cost(batches: list, device: torch.device, size: int) -> tuple[float, int | None]:
+    """Median seconds of train.prefetch.to_device for one batch (copy, JPEG decode if left, crop), and, on a
+    GPU, the largest pixel difference between its result and the same batch prepared on the CPU."""
     times = []
     for batch in batches:
         batch = batch.pin_memory() if device.type == "cuda" else batch
@@ -58,7 +59,16 @@ def device_cost(batches: list, device: torch.device, size: int) -> float:
         to_device(batch, device, size)
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] or times)  # the first call pays for set-up (nvjpeg handles, kernels)
+    diff = None
+    if device.type == "cuda":  # fp16 matmuls and nvjpeg there, fp32 and libjpeg here
+        here, there = to_device(batches[0], torch.device("cpu"), size), to_device(batches[0], device, size)
+        diff = int((here.video.int() - there.video.cpu().int()).abs().max())
+    return statistics.median(times[1:] or times), diff  # the first call pays for set-up (nvjpeg, kernels)
+
+
+def _items(value) -> list[str]:
+    """A fire argument given as "a,b", a tuple (fire parses 1,2 so) or a single value -> list of strings."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
 
 
 def sync(device: torch.device) -> None:
@@ -80,8 +90,8 @@ def main(
     out: str = "benchmarks/output",
 ) -> None:
     urls = data.list_shards(shards)
-    worker_list = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
-    modes = augment_on.split(",") if isinstance(augment_on, str) else list(augment_on)
+    worker_list = [int(w) for w in _items(workers)]
+    modes = _items(augment_on)
     unknown = set(modes) - set(data.AUGMENT_ON)
     if unknown:
         raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(data.AUGMENT_ON)}")
@@ -117,13 +127,15 @@ def main(
             }
             del loader
             if mode != "loader" and w == worker_list[-1]:
-                seconds = device_cost(kept[: min(batches, 10)], dev, size)
+                seconds, diff = device_cost(kept[: min(batches, 10)], dev, size)
                 row["device_s_per_batch"] = seconds
                 row["device_videos_per_s"] = batch / seconds
+                row["max_pixel_diff_vs_cpu"] = diff
             rows.append(row)
             device_note = (
                 f"; the device's share: {1e3 * row['device_s_per_batch']:.1f} ms per batch "
                 f"({row['device_videos_per_s']:.0f} videos/s) on {dev}"
+                + (f", max pixel difference to the CPU's crop {diff}" if diff is not None else "")
                 if "device_s_per_batch" in row
                 else ""
             )

@@ -13,13 +13,30 @@ AdamW, per-batch pinned copies). +compile: ``torch.compile`` of the student;
 same weights and sees the same batches; the loss of its first step is reported
 so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
+
++cteacher: the teacher compiled as well. +autotune: compile with
+mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
+mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
+loader hands them with ``augment_on`` "device" / "device_jpeg" (frames at the
+shards' 454x256, or their JPEG files, plus each video's crop) and pass through
+``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
+batch run on a side stream while the step runs, and are inside the timed step.
+Their pixels are smooth random pictures rather than noise, so their loss differs.
+
+--profile N: after timing, N more steps of each variant run under
+torch.profiler; the GPU's busy time per step (kernels and copies), split into
+matmul / attention / fused (Triton) / copy / optimizer / other, is reported
+against the timed step, with the top kernels, in the JSON.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+import random
+import re
 import statistics
 import tempfile
 import time
@@ -27,13 +44,20 @@ from pathlib import Path
 
 import fire
 import torch
+import torch.nn.functional as F
+from torchvision.io import encode_jpeg
 
 from train import distributed, loop
 from train.config import resolve
-from train.data import Batch
+from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, image_size, normalize_frames, tokenizer_for
 from train.monitor import forward_flops, peak_tflops, step_flops
+from train.prefetch import Prefetcher
+
+VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
+COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
+SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
 
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> Batch:
@@ -42,6 +66,33 @@ def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: b
     texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (8,), generator=g)) for _ in range(n)]
     video = torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8)  # as the loader gives
     batch = Batch(video, tokenizer(texts), texts, [str(i) for i in range(n)], torch.arange(n), 0)
+    return batch.pin_memory() if pin else batch
+
+
+def loader_batch(n: int, frames: int, size: int, tokenizer, seed: int, jpeg: bool, pin: bool) -> Batch:
+    """What the loader hands over with augment_on "device" (jpeg False) or "device_jpeg" (jpeg True).
+
+    Frames are smooth random pictures at the shards' size (JPEG files of realistic size, quality 90 as
+    pipeline.shard writes them); crops are drawn by the trainer's TrainTransform.
+    """
+    g = torch.Generator().manual_seed(seed)
+    height, width = SHARD_FRAME
+    distinct = min(n * frames, 64)
+    low = torch.rand(distinct, 3, 9, 16, generator=g) * 255
+    pictures = F.interpolate(low, size=(height, width), mode="bicubic").clamp(0, 255).to(torch.uint8)  # (K, 3, H, W)
+    pick = [i % distinct for i in range(n * frames)]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    transform = TrainTransform(size)
+    crops = torch.stack([transform.params(height, width) for _ in range(n)])
+    batch = dataclasses.replace(synthetic_batch(n, frames, 1, tokenizer, seed, False), crops=crops)
+    if jpeg:
+        files = [encode_jpeg(p, quality=90) for p in pictures]
+        batch.video = torch.zeros(0, dtype=torch.uint8)
+        batch.jpegs = torch.cat([files[i] for i in pick])
+        batch.jpeg_sizes = torch.tensor([files[i].numel() for i in pick]).view(n, frames)
+    else:  # (n, T, H, W, 3), the layout libjpeg decodes to
+        batch.video = pictures[pick].permute(0, 2, 3, 1).reshape(n, frames, height, width, 3).contiguous()
     return batch.pin_memory() if pin else batch
 
 
@@ -85,14 +136,18 @@ def measure_peak_bf16(device: torch.device) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def run_variant(variant: str, base_models, cfg, lab, unl, device, steps: int, warmup: int) -> dict:
+def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: int, warmup: int, profile: int) -> dict:
     options = set(variant.split("+"))
+    unknown = options - set(VARIANT_OPTIONS)
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}")
     cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing="ckpt" in options)
     student_clip = copy.deepcopy(base_models["student"])
     student_clip.logit_scale.requires_grad_(False)
     if cfg_v.grad_checkpointing:
         student_clip.set_grad_checkpointing(True)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
+    lab, unl = batches["plain"]
     row = {"variant": variant, "batch": f"{lab.video.shape[0]}x{unl.video.shape[0]}"}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -108,12 +163,24 @@ def run_variant(variant: str, base_models, cfg, lab, unl, device, steps: int, wa
             def step():
                 return naive_step(student, teacher, optimizer, lab_f, unl_f, cfg, device)
         else:
-            trained = torch.compile(student) if cfg_v.compile else student
-            models = loop.Models(student, trained, base_models["teacher"])
+            mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
+            trained = torch.compile(student, mode=mode) if cfg_v.compile else student
+            teacher = base_models["teacher"]
+            if "cteacher" in options:
+                teacher = torch.compile(teacher, mode=mode)
+            models = loop.Models(student, trained, teacher)
             optimizer, scheduler = loop.build_optimizer(student, cfg_v, device)
+            source = "devjpeg" if "devjpeg" in options else "devaug" if "devaug" in options else "plain"
+            size = image_size(student.clip)
+            labeled, unlabeled = (
+                Prefetcher(itertools.repeat(b), device, size) if source != "plain" else itertools.repeat(b)
+                for b in batches[source]
+            )
 
             def step():
-                return loop.train_step(models, optimizer, scheduler, lab, unl, cfg_v, device, loop.Progress())
+                return loop.train_step(
+                    models, optimizer, scheduler, next(labeled), next(unlabeled), cfg_v, device, loop.Progress()
+                )
 
         times, losses = [], []
         start_compile = time.perf_counter()
@@ -130,9 +197,55 @@ def run_variant(variant: str, base_models, cfg, lab, unl, device, steps: int, wa
         row.update(s_per_step=statistics.median(times), first_loss=losses[0], last_loss=losses[-1], status="ok")
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile:
+            row["profile"] = profile_steps(step, device, profile, row["s_per_step"])
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     return row
+
+
+KERNEL_KINDS = {  # first match wins, on the lower-cased kernel name
+    "copy": r"memcpy|memset|copy_kernel|cat_|catarray",
+    "attention": r"flash|fmha|attention|sdpa|efficient",
+    "optimizer": r"adam|multi_tensor|foreach|fused_adam",
+    "matmul": r"gemm|matmul|cutlass|xmma|nvjet|sm\d+_|cublas|wgmma|conv",
+    "fused (triton)": r"^triton_",
+}
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS.items() if re.search(pattern, lower)), "other")
+
+
+def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict:
+    """GPU busy time per step by kernel kind, under torch.profiler, against the unprofiled step time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        kernels.append((event.key, us / 1e6 / steps, event.count // steps))
+    kinds: dict[str, float] = {}
+    for name, seconds, _ in kernels:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + seconds
+    busy = sum(kinds.values())
+    top = sorted(kernels, key=lambda k: -k[1])[:25]
+    return {
+        "steps": steps,
+        "gpu_busy_s_per_step": busy,
+        "busy_fraction_of_step": busy / step_s if step_s else None,
+        "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in top],
+    }
 
 
 def _sync(device):
@@ -149,12 +262,14 @@ def main(
     frames: int = 4,
     device: str = "auto",
     memory_gib: float = 0.0,
+    profile: int = 0,
     out: str = "benchmarks/output",
 ) -> None:
     """Time each variant at each batch (LxU) in one run.
 
     Args:
         memory_gib: cap the GPU memory this process may use (e.g. 80 to check an H100's budget on an H200).
+        profile: profile this many extra steps of each variant (GPU busy time by kernel kind).
     """
     dist = distributed.init_distributed(device)
     dev = dist.device
@@ -202,12 +317,18 @@ def main(
         flush=True,
     )
     rows = []
+    pin = dev.type == "cuda"
     for n_lab, n_unl in batch_list:
-        lab = synthetic_batch(n_lab, frames, size, tokenizer, 1, dev.type == "cuda")
-        unl = synthetic_batch(n_unl, frames, size, tokenizer, 2, dev.type == "cuda")
+        sizes = (n_lab, n_unl)
+        batches = {"plain": [synthetic_batch(n, frames, size, tokenizer, k + 1, pin) for k, n in enumerate(sizes)]}
+        for source, jpeg in (("devaug", False), ("devjpeg", True)):
+            if any(source in v.split("+") for v in variant_list):
+                batches[source] = [
+                    loader_batch(n, frames, size, tokenizer, k + 1, jpeg, pin) for k, n in enumerate(sizes)
+                ]
         flops = step_flops(per_video, per_video, n_lab, n_unl)
         for variant in variant_list:
-            row = run_variant(variant, base, cfg, lab, unl, dev, steps, warmup)
+            row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile)
             if row["status"] == "ok":
                 s = row["s_per_step"]
                 row["videos_per_s"] = (n_lab + n_unl) / s
@@ -220,10 +341,20 @@ def main(
                 + ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in row.items()
-                    if k not in ("variant", "batch")
+                    if k not in ("variant", "batch", "profile")
                 ),
                 flush=True,
             )
+            if "profile" in row and dev.type == "cuda":
+                prof = row["profile"]
+                fraction = prof["busy_fraction_of_step"]
+                print(
+                    f"    GPU busy {1e3 * prof['gpu_busy_s_per_step']:.1f} ms per step"
+                    + (f" ({100 * fraction:.0f}% of the timed step)" if fraction else "")
+                    + ": "
+                    + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in prof["by_kind_s_per_step"].items()),
+                    flush=True,
+                )
     naive = {r["batch"]: r for r in rows if r["variant"] == "naive" and r["status"] == "ok"}
     print(
         "\n| batch | variant | s/step | videos/s | vs naive | TFLOP/s | MFU (measured peak) | MFU (datasheet) | "

@@ -70,7 +70,7 @@ class TrainConfig:
 
     # --- runtime and monitoring
     device: str = "auto"  # "auto", "cuda" or "cpu"
-    workers: int = 4  # data-loading processes per rank
+    workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank
     log_every: int = 10  # steps between console/W&B logs
     wandb: str = "auto"  # "auto": online with credentials, else offline; "online", "offline", "off"
     wandb_project: str = "fitclip"

@@ -194,6 +194,8 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         self.video, self.tokens = self.video.pin_memory(), self.tokens.pin_memory()
+        if self.crops is not None:  # JPEG files are not: nvjpeg reads them on the host
+            self.crops = self.crops.pin_memory()
         return self
 
 

@@ -31,7 +31,7 @@ def to_device(batch: Batch, device: torch.device, size: int) -> Batch:
     else:
         frames = batch.video.to(device, non_blocking=True)
     if batch.crops is not None:
-        frames = augment.resized_crop(frames, batch.crops, size)
+        frames = augment.resized_crop(frames, batch.crops.to(device, non_blocking=True), size)
     return dataclasses.replace(batch, video=frames, tokens=tokens, crops=None, jpegs=None, jpeg_sizes=None)
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 6 on one GPU, in one run of about 5 minutes: the step variants with a profile, the loader's modes, and a
+# short train.main run through the prefetcher on CUDA. Run from the repository root on the GPU machine:
+#
+#   OUT=/some/folder bash benchmarks/gpu_step.sh
+#
+# Carry .whl/ (the wheels benchmarks/gpu_check.sh lists), bench_shards/ and demo_output/shards/ (see
+# benchmarks/README.md for how to make them). MODEL, BATCH and SETTLE may be overridden (the CPU check of this
+# script: MODEL=tests/data/tiny-clip.json BATCH=4x4 SETTLE=8 OUT=/tmp/x bash benchmarks/gpu_step.sh).
+set -uo pipefail
+
+OUT="${OUT:-benchmarks/output}"
+MODEL="${MODEL:-ViT-B-16-quickgelu}"
+BATCH="${BATCH:-128x128}"
+SETTLE="${SETTLE:-1000}"
+mkdir -p "$OUT"
+
+if ! python3 -c "import open_clip" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        || { echo "gpu_step: installing .whl/*.whl failed (were the wheels carried?)" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export HF_HUB_OFFLINE=1
+nvidia-smi -L 2>/dev/null || echo "no GPU"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+status=0
+
+# (1) the step: naive vs ours (compiled), the teacher compiled too, and the batches as the loader hands them with the
+#     crop (and the JPEG decode) on the GPU, through the prefetcher; 2 profiled steps each
+python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
+    --variants naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,ours+compile+cteacher+devjpeg \
+    --out "$OUT" 2>&1 | grep -v USDT | tee "$OUT/step_variants.log" || status=1
+
+# (2) the loader with 6 workers (the issue's budget), each place the crop can run, at steady state; on the GPU the
+#     device's share per batch and its largest pixel difference to the CPU crop
+python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" --batches 8 \
+    --settle "$SETTLE" --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/loader_bench.log" || status=1
+
+# (3) train.main through the prefetcher's CUDA path, both device modes (tiny demo model, not compiled: a check)
+for mode in device device_jpeg; do
+    rm -rf "/tmp/run_$mode"
+    python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json --teacher_weights "" \
+        --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train --val demo_output/shards/val \
+        --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 --wandb off --progress False \
+        --compile False --augment_on "$mode" 2>&1 | tail -4 | tee "$OUT/train_main_$mode.log" || status=1
+    [ -f "/tmp/run_$mode/summary.json" ] || { echo "gpu_step: train.main ($mode) wrote no summary" >&2; status=1; }
+done
+
+echo "gpu_step: exit status $status"
+exit $status

@@ -1,0 +1,43 @@
+"""The GPU benchmark scripts run end to end on the CPU with the tiny model, so a GPU session finds them working."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY_CLIP, run_cli
+
+
+def test_step_variants_times_every_lever_and_profiles(tmp_path):
+    variants = "naive,ours,ours+devaug,ours+devjpeg"  # +compile/+cteacher: 20 s of compiling on a CPU, run by hand
+    run_cli(
+        "benchmarks.step_variants",
+        *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
+        *("--steps", 1, "--warmup", 1, "--profile", 1, "--out", tmp_path),
+        timeout=300,
+    )
+    record = json.loads((tmp_path / "step_variants_cpu.json").read_text())
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert set(rows) == set(variants.split(","))
+    assert all(r["status"] == "ok" and r["s_per_step"] > 0 and "profile" in r for r in rows.values())
+    assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
+    # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
+    assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
+
+
+def test_step_variants_refuses_an_unknown_lever(tmp_path):
+    proc = run_cli("benchmarks.step_variants", "--model", TINY_CLIP, "--variants", "ours+turbo", check=False)
+    assert proc.returncode != 0 and "turbo" in proc.stderr and "options:" in proc.stderr
+
+
+def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
+    run_cli(
+        "benchmarks.loader_bench",
+        *("--shards", train_shards["unlabeled"], "--workers", 1, "--batch", 4, "--batches", 2, "--settle", 4),
+        *("--model", TINY_CLIP, "--size", 32, "--out", tmp_path),
+        timeout=300,
+    )
+    record = json.loads((tmp_path / "loader_bench.json").read_text())
+    rows = {r["augment_on"]: r for r in record["rows"]}
+    assert set(rows) == {"loader", "device", "device_jpeg"}
+    assert all(r["videos_per_s"] > 0 for r in rows.values())
+    assert rows["device"]["device_s_per_batch"] > 0 and rows["device_jpeg"]["device_s_per_batch"] > 0
