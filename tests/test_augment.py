@@ -126,3 +126,43 @@ def test_prefetcher_hands_out_every_batch_once_in_order(train_shards):
 def test_augment_on_is_checked():
     with pytest.raises(ValueError, match="--augment_on must be one of"):
         resolve("demo", augment_on="gpu")
+
+
+def test_device_decode_falls_back_file_by_file_and_names_a_damaged_video(train_shards, monkeypatch):
+    from train import prefetch
+
+    batch = _batches(str(train_shards["unlabeled"]), "device_jpeg", count=1)[0]
+    expected = to_device(batch, torch.device("cpu"), 32).video
+    real = prefetch.decode_jpeg
+
+    def batched_fails(data, **kwargs):  # e.g. nvjpeg refusing one file of the batch
+        if isinstance(data, list):
+            raise RuntimeError("batched decode failed")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(prefetch, "decode_jpeg", batched_fails)
+    assert torch.equal(to_device(batch, torch.device("cpu"), 32).video, expected)
+
+    # damage inside the compressed data of video 2's frame 1: markers intact, so the workers' check passes it
+    sizes = batch.jpeg_sizes.flatten().tolist()
+    start = sum(sizes[: 2 * 4 + 1])
+    jpegs = batch.jpegs.clone()
+    jpegs[start + sizes[9] // 3 : start + sizes[9] // 2] ^= 0x55
+    damaged = type(batch)(**{**batch.__dict__, "jpegs": jpegs})
+    with pytest.raises(RuntimeError, match=rf"frame 1 of video '{batch.keys[2]}'.*--augment_on device"):
+        to_device(damaged, torch.device("cpu"), 32)
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device", "device_jpeg"])
+def test_a_video_whose_frames_differ_in_size_is_skipped(augment_on):
+    from torchvision.io import encode_jpeg
+
+    small, large = (
+        encode_jpeg(torch.zeros(3, h, w, dtype=torch.uint8)).numpy().tobytes() for h, w in ((20, 30), (24, 30))
+    )
+    sample = {"__key__": "k", "txt": b"a caption", "0.jpg": small, "1.jpg": large}
+    data._dropped = 0
+    assert data.decode_sample(sample, 2, data.TrainTransform(16), augment_on) is None
+    assert data._dropped == 1
+    sample["1.jpg"] = small
+    assert data.decode_sample(sample, 2, data.TrainTransform(16), augment_on) is not None

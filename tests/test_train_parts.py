@@ -24,6 +24,7 @@ from train.model import (
     tokenizer_for,
 )
 from train.monitor import step_flops, wandb_mode
+from train.prefetch import to_device
 
 # ---------------------------------------------------------------------------------------------------------- model
 
@@ -113,8 +114,11 @@ def test_validation_stream_is_complete_and_ordered_by_index(train_shards):
     assert all(b.video.shape[1:] == (4, 3, 32, 32) for b in batches)
 
 
-def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path):
-    """A corrupt JPEG and a truncated tar: the stream goes on and each batch says how many were dropped."""
+@pytest.mark.parametrize("augment_on", ["loader", "device", "device_jpeg"])
+def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path, augment_on):
+    """Not a JPEG, a JPEG cut short, a truncated tar: the stream goes on and each batch says how many it dropped.
+
+    With augment_on device_jpeg the workers do not decode; their header check must catch the same samples."""
     broken = tmp_path / "broken"
     shutil.copytree(train_shards["unlabeled"], broken)
     first = broken / "000000.tar"
@@ -122,19 +126,23 @@ def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path):
     with tarfile.open(first) as tar:
         for info in tar:
             members.append((info, tar.extractfile(info).read()))
-    corrupt = next(info.name for info, _ in members if info.name.endswith(".1.jpg"))  # the first sample's
+    jpegs = [info.name for info, _ in members if info.name.endswith(".1.jpg")]
+    damage = {jpegs[0]: lambda payload: b"not a jpeg", jpegs[1]: lambda payload: payload[: len(payload) // 2]}
     with tarfile.open(first, "w") as tar:
         for info, payload in members:
-            if info.name == corrupt:
-                payload = b"not a jpeg"
+            if info.name in damage:
+                payload = damage[info.name](payload)
                 info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     cut = broken / "000001.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     tok = tokenizer_for(str(TINY_CLIP))
-    stream = data.unlabeled_stream(broken, 4, data.TrainTransform(32), tok, 4, seed=0)
+    stream = data.unlabeled_stream(broken, 4, data.TrainTransform(32), tok, 4, seed=0, augment_on=augment_on)
     batches = list(itertools.islice(iter(data.loader(stream, 0, False, 0)), 30))
+    batches = [to_device(b, torch.device("cpu"), 32) for b in batches]  # every kept JPEG decodes
     assert all(b.video.shape == (4, 4, 3, 32, 32) for b in batches)
+    damaged_keys = {name.split(".")[0] for name in damage}
+    assert not damaged_keys & {k for b in batches for k in b.keys}
     assert sum(b.dropped for b in batches) > 0
 
 

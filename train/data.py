@@ -143,10 +143,11 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
         out = {"text": sample["txt"].decode("utf-8"), "key": sample["__key__"], "index": sample.get("__index__", -1)}
         if augment_on == "device_jpeg":
             out["jpegs"] = [sample[f"{k}.jpg"] for k in range(frames)]
-            out["crop"] = transform.params(*_jpeg_size(out["jpegs"][0]))
+            out["crop"] = transform.params(*_same_size([_jpeg_size(f) for f in out["jpegs"]]))
             return out
         blobs = [torch.frombuffer(bytearray(sample[f"{k}.jpg"]), dtype=torch.uint8) for k in range(frames)]
         images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in blobs]
+        _same_size([tuple(image.shape[-2:]) for image in images])
         if augment_on == "device":
             # (H, W, 3): decode_jpeg's own layout behind its (3, H, W) view, so collate's one copy is a memcpy
             out["video"] = [image.permute(1, 2, 0) for image in images]
@@ -162,11 +163,24 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from a JPEG's header, without decoding it."""
+    """(height, width) from a JPEG's header, without decoding it; a file cut short (no end marker) is refused.
+
+    The check a worker can afford when the device decodes: it catches truncation, the
+    usual damage, while damage inside the compressed data shows only when decoding.
+    """
+    if not (data.startswith(b"\xff\xd8") and data.rstrip(b"\x00").endswith(b"\xff\xd9")):
+        raise ValueError("not a complete JPEG file (start or end marker missing)")
     with PIL.Image.open(io.BytesIO(data)) as image:
         if image.format != "JPEG":
             raise ValueError(f"not a JPEG but {image.format}")
         return image.height, image.width
+
+
+def _same_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The frames' common (height, width); frames of different sizes cannot share one crop."""
+    if len(set(sizes)) != 1:
+        raise ValueError(f"frames of different sizes {sorted(set(sizes))}")
+    return sizes[0]
 
 
 @dataclass

@@ -22,10 +22,7 @@ def to_device(batch: Batch, device: torch.device, size: int) -> Batch:
     """The batch with its frames and tokens on ``device``, crops applied: video (B, T, 3, size, size) uint8."""
     tokens = batch.tokens.to(device, non_blocking=True)
     if batch.jpegs is not None:
-        t = batch.jpeg_sizes.shape[1]
-        flat = list(batch.jpegs.split(batch.jpeg_sizes.flatten().tolist()))  # B*T files, views of one buffer
-        decoded = decode_jpeg(flat, mode=ImageReadMode.RGB, device=device)  # nvjpeg, batched, on a GPU
-        frames = augment.pad_stack([torch.stack(decoded[i : i + t]) for i in range(0, len(flat), t)])
+        frames = augment.pad_stack([torch.stack(video) for video in _decode(batch, device)])
     elif batch.crops is not None:
         frames = batch.video.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B, T, H, W, 3) -> (B, T, 3, H, W)
     else:
@@ -33,6 +30,34 @@ def to_device(batch: Batch, device: torch.device, size: int) -> Batch:
     if batch.crops is not None:
         frames = augment.resized_crop(frames, batch.crops.to(device, non_blocking=True), size)
     return dataclasses.replace(batch, video=frames, tokens=tokens, crops=None, jpegs=None, jpeg_sizes=None)
+
+
+def _decode(batch: Batch, device: torch.device) -> list[list[torch.Tensor]]:
+    """The batch's JPEG files decoded on ``device``: B lists of T (3, H, W) uint8.
+
+    All at once (nvjpeg's batched decode on a GPU). If that fails, file by file, and
+    on the CPU (libjpeg) for any the device cannot decode; a file neither can decode
+    is an error that names its video (the workers already refused truncated files).
+    """
+    t = batch.jpeg_sizes.shape[1]
+    files = list(batch.jpegs.split(batch.jpeg_sizes.flatten().tolist()))  # B*T files, views of one buffer
+    try:
+        decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = [_decode_one(f, device, batch.keys[i // t], i % t) for i, f in enumerate(files)]
+    return [decoded[i : i + t] for i in range(0, len(files), t)]
+
+
+def _decode_one(data: torch.Tensor, device: torch.device, key: str, frame: int) -> torch.Tensor:
+    for where in dict.fromkeys((device, torch.device("cpu"))):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
+        except RuntimeError as e:
+            error = e
+    raise RuntimeError(
+        f"frame {frame} of video {key!r} is a damaged JPEG ({str(error).strip().splitlines()[-1]}); "
+        "re-shard that video, or train with --augment_on device, whose loader workers skip such samples"
+    ) from error
 
 
 class Prefetcher:
