@@ -42,7 +42,7 @@ python3 -m benchmarks.train_step --model ViT-B-16-quickgelu --recipe reference -
 # (5) the whole trainer on the GPU (NCCL-free single rank, bf16 autocast, fused AdamW), if demo shards were carried
 if [ -d demo_output/shards/labeled ]; then
     python3 -m train.main --recipe demo --device cuda --model train/model_configs/demo-clip.json --teacher_weights "" \
-        --labeled demo_output/shards/labeled --unlabeled demo_output/shards/webvid --val demo_output/shards/webvid \
+        --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train --val demo_output/shards/val \
         --out /tmp/gpu_run --steps 20 --val_every 10 --log_every 5 --workers 2 --wandb off --progress False \
         2>&1 | tee "$OUT/train_main_gpu.log" || status=1
     cp /tmp/gpu_run/summary.json "$OUT/train_main_gpu_summary.json" 2>/dev/null || status=1

@@ -166,3 +166,14 @@ def test_a_video_whose_frames_differ_in_size_is_skipped(augment_on):
     assert data._dropped == 1
     sample["1.jpg"] = small
     assert data.decode_sample(sample, 2, data.TrainTransform(16), augment_on) is not None
+
+
+def test_a_starved_gpu_gets_advice_once_a_cpu_run_none():
+    from train import loop
+
+    cfg = resolve("paper", workers=3)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    hint = loop.starvation_hint(0.35, cfg, gpu)
+    assert "35%" in hint and "--workers (now 3 per stream)" in hint and "--augment_on device_jpeg" in hint
+    assert "device_jpeg" not in loop.starvation_hint(0.35, resolve("paper", augment_on="device_jpeg"), gpu)
+    assert loop.starvation_hint(0.1, cfg, gpu) is None and loop.starvation_hint(0.9, cfg, cpu) is None

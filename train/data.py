@@ -384,7 +384,7 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,  # batches in flight per worker (shared memory: see README)
         generator=generator,
     )
 

@@ -333,7 +333,20 @@ def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) ->
     if dist.device.type == "cuda":
         metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
     monitor.log(metrics, step=progress.step)
+    hint = starvation_hint(metrics["train/data_wait"], cfg, dist.device)
+    if hint and progress.step > cfg.log_every:  # the first window includes the workers' start-up
+        monitor.warn_once("starved", hint)
     timer.reset()
+
+
+def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) -> str | None:
+    """What to do when a GPU waited for data more than a fifth of the time (CPU runs share cores: no advice)."""
+    if device.type != "cuda" or data_wait <= 0.2:
+        return None
+    advice = f"raise --workers (now {cfg.workers} per stream)"
+    if augment_on(cfg, device) != "device_jpeg":
+        advice += ", or let the GPU decode the JPEGs too: --augment_on device_jpeg"
+    return f"the GPU waited for data {100 * data_wait:.0f}% of the time: {advice} (README: Training)"
 
 
 def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> dict:

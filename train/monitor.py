@@ -65,6 +65,7 @@ class Monitor:
         self.is_main = is_main
         self.run = None
         self.bar = None
+        self.warned: set[str] = set()
         if not is_main:
             return
         mode = wandb_mode(cfg.wandb)
@@ -101,6 +102,12 @@ class Monitor:
     def log_text(self, message: str) -> None:
         if self.is_main:
             (self.bar.write if self.bar is not None else print)(message)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """A warning on the console, once per run and key."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.log_text(f"warning: {message}")
 
     def log_samples(self, grid: torch.Tensor, captions: list[str], step: int) -> None:
         """A grid of sample frames (3, H, W in [0, 1]) with their captions."""
