@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.writer import iter_tar_samples
 from train import data
+from train.config import AUGMENT_ON
 from train.model import tokenizer_for
 from train.prefetch import to_device
 
@@ -92,9 +93,10 @@ def main(
     urls = data.list_shards(shards)
     worker_list = [int(w) for w in _items(workers)]
     modes = _items(augment_on)
-    unknown = set(modes) - set(data.AUGMENT_ON)
+    places = [m for m in AUGMENT_ON if m != "auto"]
+    unknown = set(modes) - set(places)
     if unknown:
-        raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(data.AUGMENT_ON)}")
+        raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(places)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

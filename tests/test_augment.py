@@ -112,7 +112,8 @@ def test_device_modes_give_the_loaders_batches(train_shards):
         assert b.video.shape == a.video.shape == (4, 4, 3, 32, 32) and b.crops is None and c.jpegs is None
         assert torch.equal(b.video, c.video)  # the same libjpeg decode, here or there
         for v in range(4):  # torchvision's uint8 bicubic rounds and clamps between its two passes
-            assert (a.video[v].int() - b.video[v].int()).abs().max() <= (12 if bicubic[v] else 1)
+            diff = (a.video[v].int() - b.video[v].int()).abs()
+            assert diff.max() <= (12 if bicubic[v] else 1) and diff.float().mean() < 0.5
         assert torch.equal(a.tokens, b.tokens)
 
 

@@ -1,9 +1,9 @@
 """The training crop on the device: RandomResizedCrop + flip of a whole batch as two batched matmuls.
 
-The loader workers' ``TrainTransform`` crops and resizes every video on the CPU;
-on a GPU that is most of a worker's time (measured: about two thirds, the JPEG
-decode the rest). Here the workers only decode (or not even that) and draw the
-crop; the device applies all crops of a batch at once.
+The loader workers' ``TrainTransform`` crops and resizes every video on the CPU,
+about a third of a worker's time (profiled; the JPEG decode is another third).
+Here the workers only decode (or not even that) and draw the crop; the device
+applies all crops of a batch at once.
 
 A resize with antialiasing is separable and linear: out = Wy @ frame @ Wx^T,
 with Wy (S, H) and Wx (S, W) the resampling weights of the rows and columns.
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-CROP_FIELDS = ("top", "left", "height", "width", "flip", "bicubic")
 
 
 def _triangle(x: torch.Tensor) -> torch.Tensor:

@@ -128,15 +128,13 @@ class EvalTransform:
 # Samples and batches
 
 
-AUGMENT_ON = ("loader", "device", "device_jpeg")  # where the training crop (and the JPEG decode) happens
-
-
 def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: str = "loader") -> dict | None:
     """Shard sample -> {"video", "text", "key", "index"} (+ "crop"); None if broken (counted).
 
-    augment_on "loader": video is the transformed (T, 3, S, S). "device": video is the
-    decoded (T, 3, H, W) and crop the transform's draw (applied by ``train.augment``).
-    "device_jpeg": no decoding here; "jpegs" holds the T encoded frames (bytes), decoded on the device.
+    augment_on (see ``TrainConfig.augment_on``) "loader": video is the transformed (T, 3, S, S).
+    "device": video is the T decoded frames, each (H, W, 3), and crop the transform's draw
+    (applied by ``train.augment``). "device_jpeg": no decoding here; "jpegs" holds the T
+    encoded frames (bytes), decoded on the device.
     """
     global _dropped
     try:
