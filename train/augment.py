@@ -82,8 +82,9 @@ def resized_crop(frames: torch.Tensor, crops: torch.Tensor, size: int) -> torch.
     cols = resample_weights(crops[:, 1], crops[:, 3], crops[:, 5], size, w)  # (B, S, W)
     cols = torch.where(crops[:, 4].bool()[:, None, None], cols.flip(1), cols)  # a flip reverses the output columns
     pixels = frames.to(dtype, memory_format=torch.contiguous_format).view(b, t * c, h, w)  # one pass
-    narrow = pixels @ cols.to(dtype).transpose(1, 2)[:, None]  # (B, T*3, H, S): the wide axis first, fewer FLOPs
-    out = rows.to(dtype)[:, None] @ narrow  # (B, T*3, S, S)
+    # einsum runs these as batched matmuls over B (a broadcast @ would materialise the weights T*3 times)
+    narrow = torch.einsum("bchw,bsw->bchs", pixels, cols.to(dtype))  # (B, T*3, H, S): the wide axis first
+    out = torch.einsum("bchs,brh->bcrs", narrow, rows.to(dtype))  # (B, T*3, S, S)
     return out.float().round_().clamp_(0, 255).to(torch.uint8).view(b, t, c, size, size)
 
 
