@@ -61,7 +61,7 @@ def test_padding_to_the_batch_size_does_not_change_a_video():
     torch.manual_seed(1)
     small = torch.randint(0, 256, (4, 3, 30, 44), dtype=torch.uint8)
     large = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8)
-    padded = augment.pad_stack([small, large])
+    padded = data.stack_videos([small, large])
     assert padded.shape == (2, 4, 3, 48, 64)
     assert torch.equal(padded[0, ..., :30, :44], small) and padded[0, ..., 30:, :].eq(0).all()
     crops = torch.tensor([[2, 3, 25, 40, 1, 1], [0, 0, 48, 64, 0, 0]], dtype=torch.float32)

@@ -21,7 +21,6 @@ A crop is 6 numbers: top, left, height, width (pixels), flip (0/1), bicubic (0/1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _triangle(x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +85,3 @@ def resized_crop(frames: torch.Tensor, crops: torch.Tensor, size: int) -> torch.
     narrow = torch.einsum("bchw,bsw->bchs", pixels, cols.to(dtype))  # (B, T*3, H, S): the wide axis first
     out = torch.einsum("bchs,brh->bcrs", narrow, rows.to(dtype))  # (B, T*3, S, S)
     return out.float().round_().clamp_(0, 255).to(torch.uint8).view(b, t, c, size, size)
-
-
-def pad_stack(videos: list[torch.Tensor]) -> torch.Tensor:
-    """(T, 3, h_i, w_i) videos -> (B, T, 3, max h, max w), zero-padded at the bottom and right."""
-    h = max(v.shape[-2] for v in videos)
-    w = max(v.shape[-1] for v in videos)
-    if all(v.shape[-2:] == (h, w) for v in videos):
-        return torch.stack(videos)
-    return torch.stack([F.pad(v, (0, w - v.shape[-1], 0, h - v.shape[-2])) for v in videos])

@@ -224,7 +224,7 @@ def make_collate(tokenizer) -> Callable[[list[dict]], Batch]:
             jpeg_sizes = torch.tensor([len(f) for f in files]).view(len(samples), -1)
             video = torch.zeros(0, dtype=torch.uint8)
         else:  # device crops: (B, T, H, W, 3) as decoded; else (B, T, 3, S, S)
-            video = stack_videos([s["video"] for s in samples], channels_last=crops is not None)
+            video = stack_videos([s["video"] for s in samples])
         return Batch(
             video=video,
             tokens=tokenizer(texts),
@@ -240,34 +240,29 @@ def make_collate(tokenizer) -> Callable[[list[dict]], Batch]:
     return collate
 
 
-def stack_videos(videos: list, channels_last: bool = False) -> torch.Tensor:
-    """Videos (each a (T, 3, h, w) tensor or a list of T frames) -> (B, T, 3, H, W), zero-padded at the
-    bottom/right to the largest; frames (h, w, 3) -> (B, T, H, W, 3) with ``channels_last``.
+def stack_videos(videos: list) -> torch.Tensor:
+    """Videos (each a tensor or a list of T frames, all frames of one rank) -> (B, T, *frame shape), each
+    dimension the largest of the batch, smaller frames zero-padded at its end (bottom/right for pixels).
 
-    Inside a loader worker the batch is made in shared memory, so it crosses to the
-    main process without another copy (as torch's default_collate does).
+    On the frames' device; inside a loader worker the batch is made in shared memory, so it
+    crosses to the main process without another copy (as torch's default_collate does).
     """
     frames = [list(v) for v in videos]  # B x T x frame
-    hw = slice(0, 2) if channels_last else slice(1, 3)
-    h, w = (max(f[0].shape[hw][k] for f in frames) for k in (0, 1))
-    shape = (h, w, frames[0][0].shape[2]) if channels_last else (frames[0][0].shape[0], h, w)
-    out = _batch_tensor((len(frames), len(frames[0]), *shape), frames[0][0].dtype)
+    first = frames[0][0]
+    shape = [max(f.shape[d] for video in frames for f in video) for d in range(first.dim())]
+    out = _batch_tensor((len(frames), len(frames[0]), *shape), first.dtype, first.device)
     for b, video in enumerate(frames):
-        vh, vw = video[0].shape[hw]
-        if (vh, vw) != (h, w):
+        if any(list(f.shape) != shape for f in video):
             out[b].zero_()
         for t, frame in enumerate(video):
-            if channels_last:
-                out[b, t, :vh, :vw] = frame
-            else:
-                out[b, t, :, :vh, :vw] = frame
+            out[b, t][tuple(slice(0, n) for n in frame.shape)] = frame
     return out
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor, in shared memory when called in a loader worker."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+    if torch.utils.data.get_worker_info() is None or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     elem = torch.empty(0, dtype=dtype)
     storage = elem.untyped_storage()._new_shared(math.prod(shape) * elem.element_size())
     return elem.new_empty(0).set_(storage).view(shape)

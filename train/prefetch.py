@@ -15,14 +15,14 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from train import augment
-from train.data import Batch
+from train.data import Batch, stack_videos
 
 
 def to_device(batch: Batch, device: torch.device, size: int) -> Batch:
     """The batch with its frames and tokens on ``device``, crops applied: video (B, T, 3, size, size) uint8."""
     tokens = batch.tokens.to(device, non_blocking=True)
     if batch.jpegs is not None:
-        frames = augment.pad_stack([torch.stack(video) for video in _decode(batch, device)])
+        frames = stack_videos(_decode(batch, device))  # (B, T, 3, H, W), padded to the largest
     elif batch.crops is not None:
         frames = batch.video.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B, T, H, W, 3) -> (B, T, 3, H, W)
     else:
