@@ -48,6 +48,8 @@ import fire
 import open_clip
 import torch
 
+from benchmarks.args import as_list
+from benchmarks.harness import resolve_device, sync
 from benchmarks.shard_bench import BackgroundLoad, machine_info
 from eval import frame_cache
 from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
@@ -250,25 +252,14 @@ def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats
 # 2. Encoding
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _timed(fn, dev: torch.device, repeats: int) -> tuple[float, list[float], object]:
     """(fastest seconds, all seconds, last result) of ``repeats`` calls of ``fn``."""
     times, result = [], None
     for _ in range(repeats):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         result = fn()
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
     return min(times), times, result
 
@@ -414,15 +405,6 @@ def bench_sweep(cache: dict, enc: dict, models: int) -> list[dict]:
 # Report
 
 
-def _as_list(value) -> list:
-    """fire gives "1,2" as a tuple, "2" as an int."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [value]
-
-
 def device_slug(dev: torch.device) -> str:
     if dev.type != "cuda":
         return dev.type
@@ -551,7 +533,7 @@ def main(
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default. On a shared machine use 1.
         out: output folder (clips, scratch caches, results).
     """
-    worker_list = sorted({int(w) for w in _as_list(workers)})
+    worker_list = sorted({int(w) for w in as_list(workers)})
     if int(threads) > 0:
         torch.set_num_threads(int(threads))
     dev = resolve_device(str(device))

@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
 
 import fire
 import torch
 
-from benchmarks.step_variants import synthetic_batch
+from benchmarks.harness import random_models, synthetic_batch
 from train import distributed, loop
-from train.config import resolve
 from train.model import VideoTextModel, freeze, image_size, tokenizer_for
 
 
 def main(model: str = "ViT-B-16-quickgelu", batch: int = 16, frames: int = 4) -> None:
     dist = distributed.init_distributed("auto")
     dev = dist.device
-    with tempfile.TemporaryDirectory() as tmp:
-        fast = resolve(
-            "paper",
-            model=model,
-            teacher_weights="",
-            out=tmp,
-            frames=frames,
-            wandb="off",
-            progress=False,
-            compile=dev.type == "cuda",
-            device=dev.type,
-        )
-        models = loop.build_models(fast, dist)  # bf16 teacher on GPU, compiled student
+    fast, models = random_models(model, frames, dist, compile=dev.type == "cuda")  # bf16 teacher, compiled student
     plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False)
     student = VideoTextModel(copy.deepcopy(models.student.clip), fast.renormalize_video).to(dev)
     teacher = freeze(VideoTextModel(copy.deepcopy(models.student.clip), fast.renormalize_video)).to(dev)

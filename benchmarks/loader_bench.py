@@ -29,6 +29,8 @@ import fire
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from benchmarks.args import as_list
+from benchmarks.harness import resolve_device, sync
 from pipeline.writer import iter_tar_samples
 from train import data
 from train.config import AUGMENT_ON
@@ -67,16 +69,6 @@ def device_cost(batches: list, device: torch.device, size: int) -> tuple[float, 
     return statistics.median(times[1:] or times), diff  # the first call pays for set-up (nvjpeg, kernels)
 
 
-def _items(value) -> list[str]:
-    """A fire argument given as "a,b", a tuple (fire parses 1,2 so) or a single value -> list of strings."""
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(
     shards: str,
     workers: str = "1,2,4,6",
@@ -91,15 +83,13 @@ def main(
     out: str = "benchmarks/output",
 ) -> None:
     urls = data.list_shards(shards)
-    worker_list = [int(w) for w in _items(workers)]
-    modes = _items(augment_on)
+    worker_list = [int(w) for w in as_list(workers)]
+    modes = as_list(augment_on)
     places = [m for m in AUGMENT_ON if m != "auto"]
     unknown = set(modes) - set(places)
     if unknown:
         raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(places)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     limit, shape = jpeg_limit(urls)
     torch.set_num_threads(os.cpu_count() or 1)
     print(

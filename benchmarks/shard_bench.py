@@ -44,6 +44,7 @@ import fire
 import numpy as np
 from PIL import Image
 
+from benchmarks.args import as_list
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import WEBVID_COLUMNS, ffmpeg_exe, iso_duration, write_webvid_like_clip
 
@@ -421,17 +422,6 @@ def bench_pipeline(
 # Report
 
 
-def _as_list(value) -> list:
-    """fire gives "default,50" as a tuple, "50" as an int, "default" as a str."""
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    else:
-        items = [value]
-    return items
-
-
 def _parse_gop(value) -> int | None:
     if value is None or str(value).lower() in ("default", "none", "0"):
         return None
@@ -542,8 +532,8 @@ def main(
         repeats: runs per worker count (interleaved); the fastest is reported.
         out: output folder (clips cache, CSVs, JSON results).
     """
-    gop_list = [_parse_gop(g) for g in _as_list(gops)]
-    worker_list = [int(w) for w in _as_list(workers)]
+    gop_list = [_parse_gop(g) for g in as_list(gops)]
+    worker_list = [int(w) for w in as_list(workers)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -38,7 +38,6 @@ import json
 import random
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
+from benchmarks.args import as_list, parse_batches
+from benchmarks.harness import random_models, sync, synthetic_batch
 from train import distributed, loop
-from train.config import resolve
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, image_size, normalize_frames, tokenizer_for
@@ -58,15 +58,6 @@ from train.prefetch import Prefetcher
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
-
-
-def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    words = ["red", "circle", "moving", "left", "over", "a", "striped", "background", "dog", "runs", "beach"]
-    texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (8,), generator=g)) for _ in range(n)]
-    video = torch.randint(0, 256, (n, frames, 3, size, size), generator=g, dtype=torch.uint8)  # as the loader gives
-    batch = Batch(video, tokenizer(texts), texts, [str(i) for i in range(n)], torch.arange(n), 0)
-    return batch.pin_memory() if pin else batch
 
 
 def loader_batch(n: int, frames: int, size: int, tokenizer, seed: int, jpeg: bool, pin: bool) -> Batch:
@@ -185,11 +176,11 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
         times, losses = [], []
         start_compile = time.perf_counter()
         for i in range(warmup + steps):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             result = step()
             losses.append(float(result["loss"]))
-            _sync(device)
+            sync(device)
             if i == 0:
                 row["first_step_s"] = round(time.perf_counter() - start_compile, 2)
             if i >= warmup:
@@ -227,7 +218,7 @@ def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
     kernels = []
     for event in prof.key_averages():
         if event.device_type != DeviceType.CUDA:
@@ -246,11 +237,6 @@ def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict
         "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in top],
     }
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(
@@ -276,23 +262,9 @@ def main(
     if memory_gib and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
-    batch_list = [
-        tuple(int(x) for x in b.split("x"))
-        for b in (batches.split(",") if isinstance(batches, str) else [str(b) for b in batches])
-    ]
-    variant_list = variants.split(",") if isinstance(variants, str) else list(variants)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve(
-            "paper",
-            model=model,
-            teacher_weights="",
-            out=tmp,
-            frames=frames,
-            wandb="off",
-            progress=False,
-            device=dev.type,
-        )
-        models = loop.build_models(cfg, dist)
+    batch_list = parse_batches(batches)
+    variant_list = as_list(variants)
+    cfg, models = random_models(model, frames, dist)
     base = {
         "student": models.student.clip.cpu(),
         "teacher": models.teacher,

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import random
 import re
 import resource
 import statistics
@@ -50,6 +49,8 @@ from pathlib import Path
 import fire
 import torch
 
+from benchmarks.args import parse_batches
+from benchmarks.harness import sync, synthetic_batch
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
 from train.model import image_size, tokenizer_for
@@ -57,12 +58,6 @@ from train.model import image_size, tokenizer_for
 MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
 MATMUL_WARMUP, MATMUL_ITERS = 3, 10
 INPUT_COPY_REPEATS = 3
-WORDS = (
-    "a man woman child dog cat car city street beach sunset river mountain forest kitchen chef cooks pasta "
-    "playing guitar piano football basketball running jumping dancing slow motion aerial view of the timelapse "
-    "clouds over old town at night close up hands typing on laptop keyboard young girl smiling in park with "
-    "friends drone shot waves crashing rocks people walking crowded market snow falling trees autumn leaves"
-).split()
 
 
 def main(
@@ -256,36 +251,6 @@ def set_up(cfg: TrainConfig, dist: distributed.DistInfo) -> Bench:
     )
 
 
-def parse_batches(text) -> list[tuple[int, int]]:
-    """ "8x8,32x32" -> [(8, 8), (32, 32)] (labeled x unlabeled)."""
-    if isinstance(text, (tuple, list)):  # fire turns "8,16" into a tuple
-        text = ",".join(str(t) for t in text)
-    configs = []
-    for part in str(text).split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
-        if not match or min(int(match[1]), int(match[2])) < 1:
-            raise ValueError(f"--batches takes a comma list of LxU with L, U >= 1 (e.g. 8x8,32x32), got {part!r}")
-        configs.append((int(match[1]), int(match[2])))
-    return configs
-
-
-def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:
-    """A :class:`train.data.Batch` of ``n`` random videos (uint8 pixels, as the loader gives) and random captions."""
-    gen = torch.Generator().manual_seed(seed)
-    video = torch.randint(0, 256, (n, frames, 3, size, size), generator=gen, dtype=torch.uint8)  # (B, T, 3, S, S)
-    rng = random.Random(seed)
-    texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) for _ in range(n)]
-    batch = data.Batch(
-        video=video,
-        tokens=tokenizer(texts),  # (B, L) int64: SOT, word pieces, EOT, zero padding
-        texts=texts,
-        keys=[f"synthetic{seed}_{i:06d}" for i in range(n)],
-        index=torch.full((n,), -1, dtype=torch.long),
-        dropped=0,
-    )
-    return batch.pin_memory() if pin else batch
-
-
 def run_config(bench: Bench, cfg: TrainConfig, warmup: int, steps: int) -> dict:
     """Warm-up then timed ``train_step`` calls for one LxU; OOM is caught, reported and cleaned up."""
     models, dev = bench.models, bench.device
@@ -305,10 +270,10 @@ def run_config(bench: Bench, cfg: TrainConfig, warmup: int, steps: int) -> dict:
         for i in range(warmup + steps):
             if i == warmup:
                 load = LoadMeter()
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             result = loop.train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, dev, progress)
-            _sync(dev)
+            sync(dev)
             elapsed = time.perf_counter() - t0
             results.append({k: float(v) if isinstance(v, torch.Tensor) else v for k, v in result.items()})
             if i >= warmup:
@@ -345,11 +310,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or any(
         marker in text for marker in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
     )
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 class LoadMeter:
@@ -400,10 +360,10 @@ def input_copy_ms(labeled: data.Batch, unlabeled: data.Batch, dev: torch.device)
     for name, fn in (("trainer_cat_then_copy", trainer_way), ("copy_then_cat", copy_then_cat)):
         times = []
         for _ in range(INPUT_COPY_REPEATS):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             fn()
-            _sync(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
         result[name] = 1000 * statistics.median(times)
     return result

@@ -1,0 +1,24 @@
+"""Command-line arguments the benchmark scripts share (plain Python: the torch-free scripts import it too)."""
+
+from __future__ import annotations
+
+import re
+
+
+def as_list(value) -> list[str]:
+    """A fire argument given as "a,b" (a str), 1,2 (fire makes a tuple) or 2 (an int) -> list of strings."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def parse_batches(text) -> list[tuple[int, int]]:
+    """ "8x8,32x32" -> [(8, 8), (32, 32)] (labeled x unlabeled)."""
+    parts = [str(t) for t in text] if isinstance(text, (tuple, list)) else str(text).split(",")  # "8x8," is refused
+    configs = []
+    for part in parts:
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise ValueError(f"--batches takes a comma list of LxU with L, U >= 1 (e.g. 8x8,32x32), got {part!r}")
+        configs.append((int(match[1]), int(match[2])))
+    return configs

@@ -1,0 +1,68 @@
+"""What the benchmark scripts share around a measurement: the device, synthetic batches, the trainer's models.
+
+Each script measures one thing; these are the pieces around the measurement that
+must not differ between them (the same synthetic inputs, the same synchronisation).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+import torch
+
+from train import data, distributed, loop
+from train.config import TrainConfig, resolve
+
+WORDS = (
+    "a man woman child dog cat car city street beach sunset river mountain forest kitchen chef cooks pasta "
+    "playing guitar piano football basketball running jumping dancing slow motion aerial view of the timelapse "
+    "clouds over old town at night close up hands typing on laptop keyboard young girl smiling in park with "
+    "friends drone shot waves crashing rocks people walking crowded market snow falling trees autumn leaves"
+).split()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must include it); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:
+    """A :class:`train.data.Batch` of ``n`` random videos (uint8 pixels, as the loader gives) and random captions."""
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randint(0, 256, (n, frames, 3, size, size), generator=gen, dtype=torch.uint8)  # (B, T, 3, S, S)
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) for _ in range(n)]
+    batch = data.Batch(
+        video=video,
+        tokens=tokenizer(texts),  # (B, L) int64: SOT, word pieces, EOT, zero padding
+        texts=texts,
+        keys=[f"synthetic{seed}_{i:06d}" for i in range(n)],
+        index=torch.full((n,), -1, dtype=torch.long),
+        dropped=0,
+    )
+    return batch.pin_memory() if pin else batch
+
+
+def random_models(model: str, frames: int, dist: distributed.DistInfo, **overrides) -> tuple[TrainConfig, loop.Models]:
+    """The paper recipe's config and the trainer's models (``train.loop.build_models``) with random weights."""
+    with tempfile.TemporaryDirectory() as tmp:  # build_models saves the random teacher there
+        cfg = resolve(
+            "paper",
+            model=model,
+            teacher_weights="",
+            out=tmp,
+            frames=frames,
+            wandb="off",
+            progress=False,
+            device=dist.device.type,
+            **overrides,
+        )
+        return cfg, loop.build_models(cfg, dist)
