@@ -21,7 +21,6 @@ writes ``--out/shard_bench_results.json``.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import io
 import json
@@ -45,8 +44,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.args import as_list
+from pipeline import synthetic
 from pipeline.frames import decode_frames, encode_jpeg
-from pipeline.synthetic import WEBVID_COLUMNS, ffmpeg_exe, iso_duration, write_webvid_like_clip
+from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N_FRAMES = 4
@@ -323,16 +323,13 @@ def bench_per_core(clips: list[Path], videos: int) -> dict:
 
 def write_csv(path: Path, clips: list[Path], count: int, seconds: float) -> Path:
     """A WebVid-style CSV of ``count`` rows cycling through ``clips`` (absolute paths), distinct videoids."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(WEBVID_COLUMNS)
-        for i in range(count):
-            page = f"{i // 100:03d}_{i // 100:03d}"
-            caption = f"generated clip {i % len(clips)}, copy {i // len(clips)}, stock footage"
-            location = str(clips[i % len(clips)].resolve())
-            writer.writerow([str(2000000 + i), caption, i // 100, page, iso_duration(seconds), location])
-    return path
+    rows = []
+    for i in range(count):
+        page = f"{i // 100:03d}_{i // 100:03d}"
+        caption = f"generated clip {i % len(clips)}, copy {i // len(clips)}, stock footage"
+        location = str(clips[i % len(clips)].resolve())
+        rows.append([str(2000000 + i), caption, i // 100, page, iso_duration(seconds), location])
+    return synthetic.write_csv(path, rows)
 
 
 def run_pipeline(csv_path: Path, workers: int, samples_per_shard: int, scratch: Path, expected: int) -> dict:

@@ -14,14 +14,13 @@ the colour, the shape, the motion and the background. Three views of the world:
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.synthetic import WEBVID_COLUMNS, iso_duration, write_video
+from pipeline.synthetic import iso_duration, write_csv, write_video
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -144,12 +143,7 @@ def write_webvid(root: Path, count: int, seed: int) -> Path:
                 rel.as_posix(),
             ]
         )
-    csv_path = root / "webvid.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(WEBVID_COLUMNS)
-        writer.writerows(rows)
-    return csv_path
+    return write_csv(root / "webvid.csv", rows)
 
 
 UCF_CLASSES = [
@@ -197,8 +191,5 @@ def write_msrvtt(root: Path, count: int, seed: int) -> Path:
         video_id = f"video{9000 + i}"
         write_clip(root / "videos" / f"{video_id}.mp4", scene)
         rows.append([f"ret{i}", f"msr{9000 + i}", video_id, scene.benchmark_caption()])
-    with open(root / "MSRVTT_JSFUSION_test.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "vid_key", "video_id", "sentence"])
-        writer.writerows(rows)
+    write_csv(root / "MSRVTT_JSFUSION_test.csv", rows, ["key", "vid_key", "video_id", "sentence"])
     return root

@@ -167,6 +167,16 @@ _NOUNS = ["a red square", "a blue circle", "two shapes", "a green block", "a yel
 _VERBS = ["drifting left", "bouncing", "circling slowly", "sliding over texture", "moving fast", "wobbling"]
 
 
+def write_csv(path: Path, rows: list[list], header: list[str] = WEBVID_COLUMNS) -> Path:
+    """A CSV with a header row (WebVid's columns unless told), its folder made if missing; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def iso_duration(seconds: float) -> str:
     """WebVid's ISO 8601 duration, rounded to whole seconds: 17.6 -> 'PT00H00M18S'."""
     s = round(seconds)
@@ -199,9 +209,4 @@ def make_webvid_sample(
         rows.append([videoid, caption, i // 8, page_dir, iso_duration(seconds), rel.as_posix()])
         if progress:
             progress(i + 1)
-    csv_path = root / "webvid.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(WEBVID_COLUMNS)
-        writer.writerows(rows)
-    return csv_path
+    return write_csv(root / "webvid.csv", rows)

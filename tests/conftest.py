@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -14,16 +13,9 @@ from pipeline import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-WEBVID_HEADER = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]
 
 
-def write_csv(path: Path, rows: list[list], header: list[str] = WEBVID_HEADER) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+write_csv = synthetic.write_csv  # tests write their CSVs as the generators do
 
 
 def run_cli(module: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

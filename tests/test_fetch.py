@@ -8,7 +8,6 @@ Nothing here touches the internet.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import itertools
 import json
@@ -40,6 +39,7 @@ from pipeline.fetch import (
     download,
     fetch,
 )
+from pipeline.synthetic import write_csv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -661,12 +661,10 @@ def test_cli_end_to_end_counts_failures_by_reason(server, video, tmp_path):
         "empty1": (server.url("empty", "length"), "nothing"),
         "closed1": (f"http://127.0.0.1:{closed_port()}/x.mp4", "nobody home"),
     }
-    src = tmp_path / "webvid.csv"
-    with open(src, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
-        for videoid, (url, caption) in rows.items():
-            writer.writerow([videoid, caption, 1, "000001_000050", "PT00H00M01S", url])
+    src = write_csv(
+        tmp_path / "webvid.csv",
+        [[videoid, caption, 1, "000001_000050", "PT00H00M01S", url] for videoid, (url, caption) in rows.items()],
+    )
     out = tmp_path / "shards"
     env = {**os.environ, "NO_PROXY": LOCAL_HOSTS, "no_proxy": LOCAL_HOSTS}
     cmd = [
