@@ -21,8 +21,9 @@ from train.fuse import fuse_state_dicts
 from train.model import load_state_dict
 
 
-def tiny_config(shards: dict[str, Path], out: Path, **overrides) -> TrainConfig:
-    values = dict(
+def tiny_run(shards: dict[str, Path], out: Path) -> dict:
+    """The settings of a tiny run (demo recipe, tiny model, 4 steps), shared by the in-process and CLI tests."""
+    return dict(
         model=str(TINY_CLIP),
         teacher_weights="",
         labeled=str(shards["labeled"]),
@@ -35,33 +36,17 @@ def tiny_config(shards: dict[str, Path], out: Path, **overrides) -> TrainConfig:
         batch_labeled=4,
         batch_unlabeled=4,
         val_batch=4,
-        workers=0,
         wandb="off",
         progress=False,
     )
-    return resolve("demo", **{**values, **overrides})
+
+
+def tiny_config(shards: dict[str, Path], out: Path, **overrides) -> TrainConfig:
+    return resolve("demo", **{**tiny_run(shards, out), "workers": 0, **overrides})
 
 
 def cli_args(shards: dict[str, Path], out: Path, **overrides) -> list[str]:
-    values = dict(
-        recipe="demo",
-        model=TINY_CLIP,
-        teacher_weights="",
-        labeled=shards["labeled"],
-        unlabeled=shards["unlabeled"],
-        val=shards["val"],
-        out=out,
-        steps=4,
-        val_every=2,
-        log_every=2,
-        batch_labeled=4,
-        batch_unlabeled=4,
-        val_batch=4,
-        workers=1,
-        wandb="off",
-        progress="False",
-    )
-    values.update(overrides)
+    values = {"recipe": "demo", **tiny_run(shards, out), "workers": 1, **overrides}
     args = []
     for key, value in values.items():
         args += [f"--{key}", str(value)]
