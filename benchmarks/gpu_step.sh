@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU, in one run of about 5 minutes: the step variants with a profile, the loader's modes, and a
-# short train.main run through the prefetcher on CUDA. Run from the repository root on the GPU machine:
+# Issue 6 on one GPU. PARTS picks what runs (default "step loader train", about 5 minutes; "memory" alone about 4):
+#   step    the step variants at 128+128 with a profile
+#   loader  the loader's three modes with 6 workers, and the device's share of each
+#   train   a short train.main run through the prefetcher's CUDA path, in both device modes
+#   memory  256+256 under an 80 GiB cap (an H100's budget), compiled, checkpointing every block or only the first
+#           8 / 6 / 4 of each tower: which fits, and how much faster than checkpointing all
+# Run from the repository root on the GPU machine:
 #
 #   OUT=/some/folder bash benchmarks/gpu_step.sh
+#   OUT=/some/folder PARTS=memory bash benchmarks/gpu_step.sh
 #
 # Carry .whl/ (the wheels benchmarks/gpu_check.sh lists), bench_shards/ and demo_output/shards/ (see
 # benchmarks/README.md for how to make them). MODEL, BATCH and SETTLE may be overridden (the CPU check of this
@@ -13,6 +19,11 @@ OUT="${OUT:-benchmarks/output}"
 MODEL="${MODEL:-ViT-B-16-quickgelu}"
 BATCH="${BATCH:-128x128}"
 SETTLE="${SETTLE:-1000}"
+PARTS="${PARTS:-step loader train}"
+BIG="${BIG:-256x256}"
+for part in $PARTS; do
+    case "$part" in step|loader|train|memory) ;; *) echo "gpu_step: unknown part $part (step, loader, train, memory)" >&2; exit 2;; esac
+done
 mkdir -p "$OUT"
 
 if ! python3 -c "import open_clip" 2>/dev/null; then
@@ -25,19 +36,22 @@ nvidia-smi -L 2>/dev/null || echo "no GPU"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 status=0
 
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+
 # (1) the step: naive vs ours (compiled), the teacher compiled too, and the batches as the loader hands them with the
 #     crop (and the JPEG decode) on the GPU, through the prefetcher; 2 profiled steps each
-python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
+wants step && { python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 \
+    --profile 2 --out "$OUT" \
     --variants naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,ours+compile+cteacher+devjpeg \
-    --out "$OUT" 2>&1 | grep -v USDT | tee "$OUT/step_variants.log" || status=1
+    2>&1 | grep -v USDT | tee "$OUT/step_variants.log" || status=1; }
 
 # (2) the loader with 6 workers (the issue's budget), each place the crop can run, at steady state; on the GPU the
 #     device's share per batch and its largest pixel difference to the CPU crop
-python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" --batches 8 \
-    --settle "$SETTLE" --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/loader_bench.log" || status=1
+wants loader && { python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" \
+    --batches 8 --settle "$SETTLE" --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/loader_bench.log" || status=1; }
 
 # (3) train.main through the prefetcher's CUDA path, both device modes (tiny demo model, not compiled: a check)
-for mode in device device_jpeg; do
+wants train && for mode in device device_jpeg; do
     rm -rf "/tmp/run_$mode"
     python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json --teacher_weights "" \
         --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train --val demo_output/shards/val \
@@ -45,6 +59,13 @@ for mode in device device_jpeg; do
         --compile False --augment_on "$mode" 2>&1 | tail -4 | tee "$OUT/train_main_$mode.log" || status=1
     [ -f "/tmp/run_$mode/summary.json" ] || { echo "gpu_step: train.main ($mode) wrote no summary" >&2; status=1; }
 done
+
+# (4) memory: the largest batch the issue asks for, under an H100's 80 GiB, checkpointing only as many blocks as
+#     needed (the first 6 first: the likeliest to fit with the least recomputation); OOM rows are results too
+wants memory && { mkdir -p "$OUT/memory" && python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BIG" \
+    --steps 3 --warmup 1 --memory_gib 80 --out "$OUT/memory" \
+    --variants ours+compile+ckpt6,ours+compile+ckpt8,ours+compile+ckpt4,ours+compile+ckpt \
+    2>&1 | grep -v USDT | tee "$OUT/memory/step_variants.log" || status=1; }
 
 echo "gpu_step: exit status $status"
 exit $status

@@ -9,7 +9,8 @@ under bf16 autocast with no_grad, plain (for-each) AdamW, the batch joined on
 the host. ours: ``train.loop.train_step`` as the trainer runs it (one student
 forward over both batches, teacher in bf16 weights under inference mode, fused
 AdamW, per-batch pinned copies). +compile: ``torch.compile`` of the student;
-+ckpt: activation checkpointing in the student. Every variant starts from the
++ckpt: activation checkpointing of every block of the student, +ckptN: of the first
+N blocks of each tower (``train.model.checkpoint_blocks``). Every variant starts from the
 same weights and sees the same batches; the loss of its first step is reported
 so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
@@ -51,11 +52,11 @@ from benchmarks.harness import random_models, sync, synthetic_batch
 from train import distributed, loop
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
-from train.model import VideoTextModel, image_size, normalize_frames, tokenizer_for
+from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 
-VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
+VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "ckptN", "devaug", "devjpeg")
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -127,16 +128,27 @@ def measure_peak_bf16(device: torch.device) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: int, warmup: int, profile: int) -> dict:
+def checkpointed_blocks(options: set[str]) -> bool | int:
+    """The --grad_checkpointing a variant's options ask for: ckpt = every block (True), ckptN = N, neither = False."""
+    counts = [True if o == "ckpt" else int(o[4:]) for o in options if re.fullmatch(r"ckpt\d*", o)]
+    return counts[0] if counts else False
+
+
+def variant_options(variant: str) -> set[str]:
+    """The levers of a variant ("ours+compile+ckpt6"); an unknown one is refused with the list of known ones."""
     options = set(variant.split("+"))
-    unknown = options - set(VARIANT_OPTIONS)
+    unknown = {o for o in options if o not in VARIANT_OPTIONS and not re.fullmatch(r"ckpt\d+", o)}
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}")
-    cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing="ckpt" in options)
+    return options
+
+
+def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: int, warmup: int, profile: int) -> dict:
+    options = variant_options(variant)
+    cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing=checkpointed_blocks(options))
     student_clip = copy.deepcopy(base_models["student"])
     student_clip.logit_scale.requires_grad_(False)
-    if cfg_v.grad_checkpointing:
-        student_clip.set_grad_checkpointing(True)
+    checkpoint_blocks(student_clip, cfg_v.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
     lab, unl = batches["plain"]
     row = {"variant": variant, "batch": f"{lab.video.shape[0]}x{unl.video.shape[0]}"}
@@ -264,6 +276,8 @@ def main(
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
     batch_list = parse_batches(batches)
     variant_list = as_list(variants)
+    for variant in variant_list:  # a typo is refused now, not after the variants before it have run
+        variant_options(variant)
     cfg, models = random_models(model, frames, dist)
     base = {
         "student": models.student.clip.cpu(),

@@ -73,7 +73,7 @@ def main(
     precision: str = "",
     peak_tflops: float = 0.0,
     compile: bool = False,
-    grad_checkpointing: bool = False,
+    grad_checkpointing: bool | int = False,
     threads: int = 0,
     seed: int = 0,
     out: str = "benchmarks/output",
@@ -93,7 +93,8 @@ def main(
         precision: "" = the recipe's (paper: auto = bf16 autocast on GPU; reference: fp32), or auto, bf16, fp32.
         peak_tflops: accelerator peak for MFU; 0 = the trainer's datasheet lookup (none on CPU).
         compile: torch.compile the student, as the trainer's --compile.
-        grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing.
+        grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing (True:
+            every block; N: the first N blocks of each tower).
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default.
         seed: seed of the weights and of the synthetic batches.
         out: folder of the JSON record.
@@ -118,7 +119,7 @@ def main(
         batch_unlabeled=configs[0][1],
         peak_tflops=float(peak_tflops),
         compile=bool(compile),
-        grad_checkpointing=bool(grad_checkpointing),
+        grad_checkpointing=grad_checkpointing,
         seed=seed,
         wandb="off",
         progress=False,

@@ -8,7 +8,7 @@ from conftest import TINY_CLIP, run_cli
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
-    variants = "naive,ours,ours+devaug,ours+devjpeg"  # +compile/+cteacher: 20 s of compiling on a CPU, run by hand
+    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1"  # +compile/+cteacher: 20 s of compiling, run by hand
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -20,13 +20,17 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert set(rows) == set(variants.split(","))
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 and "profile" in r for r in rows.values())
     assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
+    assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
 
 def test_step_variants_refuses_an_unknown_lever(tmp_path):
-    proc = run_cli("benchmarks.step_variants", "--model", TINY_CLIP, "--variants", "ours+turbo", check=False)
-    assert proc.returncode != 0 and "turbo" in proc.stderr and "options:" in proc.stderr
+    for lever in ("turbo", "ckptx"):
+        variants = f"naive,ours+{lever}"  # refused before the first variant runs
+        proc = run_cli("benchmarks.step_variants", "--model", TINY_CLIP, "--variants", variants, check=False)
+        assert proc.returncode != 0 and lever in proc.stderr and "options:" in proc.stderr
+        assert "naive:" not in proc.stdout
 
 
 def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):

@@ -216,12 +216,18 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
+@pytest.mark.parametrize("value", [-1, "half", 1.5])
+def test_grad_checkpointing_is_checked(value):
+    with pytest.raises(ValueError, match="--grad_checkpointing must be True"):
+        resolve("demo", grad_checkpointing=value)
+
+
 def test_activation_checkpointing_gives_the_same_first_step(train_shards, tmp_path):
     """Checkpointing trades memory for compute; the loss and the update must not change."""
     from train import distributed
 
     results = []
-    for flag in (False, True):
+    for flag in (False, True, 1):
         cfg = tiny_config(train_shards, tmp_path / f"run{flag}", grad_checkpointing=flag)
         Path(cfg.out).mkdir()
         models = loop.build_models(cfg, distributed.init_distributed("cpu"))
@@ -234,5 +240,6 @@ def test_activation_checkpointing_gives_the_same_first_step(train_shards, tmp_pa
         optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
         step = loop.train_step(models, optimizer, scheduler, batch, batch, cfg, torch.device("cpu"), loop.Progress())
         results.append((float(step["loss"]), next(models.student.parameters()).detach().clone()))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    for loss, weights in results[1:]:
+        assert results[0][0] == pytest.approx(loss, rel=1e-5)
+        assert torch.allclose(results[0][1], weights, atol=1e-6)

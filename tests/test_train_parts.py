@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import random
@@ -18,6 +19,7 @@ from train.fuse import fuse_state_dicts
 from train.metrics import retrieval_metrics
 from train.model import (
     VideoTextModel,
+    checkpoint_blocks,
     create_clip,
     encode_video,
     register_model,
@@ -76,6 +78,42 @@ def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():
         video, text = VideoTextModel(clip)(frames, tokenizer_for(str(TINY_CLIP))(["a", "b", "c"]))
     assert video.shape == text.shape == (3, 32)
     assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def _saved_bytes_and_grads(clip, frames, tokens) -> tuple[int, list[torch.Tensor]]:
+    """Bytes the autograd graph keeps for backward outside checkpointed blocks, and the gradients."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        video, text = VideoTextModel(clip)(frames, tokens)
+    (video @ text.T).logsumexp(-1).sum().backward()
+    return sum(kept.values()), [p.grad for p in clip.parameters() if p.grad is not None]
+
+
+def test_checkpointing_the_first_blocks_frees_their_activations_and_keeps_gradients_and_names():
+    torch.manual_seed(0)
+    plain = create_clip(str(TINY_CLIP))  # 2 blocks in the image tower, 2 in the text tower
+    frames, tokens = torch.randn(3, 4, 3, 32, 32), tokenizer_for(str(TINY_CLIP))(["a", "b c", "d e f"])
+    kept, grads = {}, {}
+    for name, blocks, wrapped in (("none", 0, 0), ("first", 1, 2), ("all", True, 4), ("more", 5, 4)):
+        clip = copy.deepcopy(plain)
+        assert checkpoint_blocks(clip, blocks) == wrapped
+        assert list(clip.state_dict()) == list(plain.state_dict())  # checkpoints and fusion see the plain model
+        clip.load_state_dict(plain.state_dict())
+        kept[name], grads[name] = _saved_bytes_and_grads(clip, frames, tokens)
+    assert kept["none"] > 1.3 * kept["first"] > 1.3 * 1.3 * kept["all"]  # checkpointed blocks' activations are freed
+    assert kept["more"] == kept["all"]
+    for name in ("first", "all"):
+        assert len(grads["none"]) > 40
+        for a, b in zip(grads["none"], grads[name], strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # recomputation gives the same gradients
+    again = copy.deepcopy(plain)
+    checkpoint_blocks(again, 1)
+    assert checkpoint_blocks(again, 1) == 2  # idempotent: no block is wrapped twice
 
 
 # ---------------------------------------------------------------------------------------------------------- data

@@ -56,7 +56,9 @@ class TrainConfig:
     batch_labeled: int = 8  # labeled videos per rank per step
     batch_unlabeled: int = 8  # unlabeled videos per rank per step
     precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"
-    grad_checkpointing: bool = False  # activation checkpointing in the student (less memory, more compute)
+    # activation checkpointing in the student: True = every transformer block, N = the first N blocks of each tower
+    # (each costs ~1/3 more compute and frees its activations; use the smallest N that fits), False/0 = none
+    grad_checkpointing: bool | int = False
     compile: bool | None = None  # torch.compile the student; None = on GPU (1.5x faster there), off on CPU
     seed: int = 0
 
@@ -101,6 +103,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        ckpt = self.grad_checkpointing
+        if not isinstance(ckpt, (bool, int)) or ckpt < 0:
+            problems.append(
+                f"--grad_checkpointing must be True (every block), False, or a number of blocks >= 0, got {ckpt!r}"
+            )
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if problems:

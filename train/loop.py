@@ -25,7 +25,15 @@ from train.config import TrainConfig
 from train.fuse import fuse_state_dicts, teacher_state_dict
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.metrics import retrieval_metrics
-from train.model import VideoTextModel, create_clip, freeze, image_size, load_state_dict, tokenizer_for
+from train.model import (
+    VideoTextModel,
+    checkpoint_blocks,
+    create_clip,
+    freeze,
+    image_size,
+    load_state_dict,
+    tokenizer_for,
+)
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 
@@ -68,8 +76,7 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
     teacher_clip = create_clip(cfg.model, _teacher_source(cfg), "cpu")
     student_clip = copy.deepcopy(teacher_clip)
     student_clip.logit_scale.requires_grad_(False)  # the temperature is fixed (sigma), not learned
-    if cfg.grad_checkpointing:
-        student_clip.set_grad_checkpointing(True)
+    checkpoint_blocks(student_clip, cfg.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)
     if dist.device.type == "cuda" and uses_bf16(cfg, dist.device):

@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -163,6 +164,28 @@ def encode_video(clip: torch.nn.Module, frames: torch.Tensor, renormalize: bool 
 def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """L2-normalised text embeddings (B, D) of token ids (B, L)."""
     return F.normalize(clip.encode_text(tokens), dim=-1)
+
+
+def checkpoint_blocks(clip: torch.nn.Module, blocks: bool | int) -> int:
+    """Activation checkpointing of the first ``blocks`` transformer blocks of each tower; returns how many in all.
+
+    True checkpoints every block, False or 0 none. A checkpointed block keeps only its input
+    for the backward pass and runs its forward again there, so each block costs about a third
+    more compute and frees its activations (the same count in every block of a tower). Checkpoint
+    just enough blocks to fit the batch (Megatron-LM's "block" recomputation); where nothing
+    needs to be freed, checkpointing only slows the step. Blocks are wrapped with PyTorch's
+    ``checkpoint_wrapper`` (non-reentrant, works under torch.compile and DDP), whose state-dict
+    hooks keep parameter names unchanged, so checkpoints and fusion see the plain model.
+    """
+    towers = [m for m in clip.modules() if isinstance(getattr(m, "resblocks", None), torch.nn.ModuleList)]
+    wrapped = 0
+    for tower in towers:
+        count = len(tower.resblocks) if blocks is True else int(blocks)
+        for i in range(min(count, len(tower.resblocks))):
+            if not isinstance(tower.resblocks[i], CheckpointWrapper):
+                tower.resblocks[i] = checkpoint_wrapper(tower.resblocks[i])
+            wrapped += 1
+    return wrapped
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
