@@ -15,8 +15,8 @@ same weights and sees the same batches; the loss of its first step is reported
 so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
 
-+cteacher: the teacher compiled as well. +autotune: compile with
-mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
++cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
++autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
 mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
 loader hands them with ``augment_on`` "device" / "device_jpeg" (frames at the
 shards' 454x256, or their JPEG files, plus each video's crop) and pass through
@@ -278,7 +278,7 @@ def main(
     variant_list = as_list(variants)
     for variant in variant_list:  # a typo is refused now, not after the variants before it have run
         variant_options(variant)
-    cfg, models = random_models(model, frames, dist)
+    cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
     base = {
         "student": models.student.clip.cpu(),
         "teacher": models.teacher,

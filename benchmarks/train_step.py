@@ -92,7 +92,7 @@ def main(
         device: auto, cuda or cpu.
         precision: "" = the recipe's (paper: auto = bf16 autocast on GPU; reference: fp32), or auto, bf16, fp32.
         peak_tflops: accelerator peak for MFU; 0 = the trainer's datasheet lookup (none on CPU).
-        compile: torch.compile the student, as the trainer's --compile.
+        compile: torch.compile the student and the teacher, as the trainer's --compile.
         grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing (True:
             every block; N: the first N blocks of each tower).
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default.

@@ -216,6 +216,34 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
+def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path):
+    """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1."""
+    from torch._dynamo.utils import counters
+
+    from train import distributed
+    from train.model import tokenizer_for
+
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+    tokens = tokenizer_for(str(TINY_CLIP))(["a red square", "a blue circle"])
+    batch = loop.data.Batch(frames, tokens, ["a", "b"], ["k1", "k2"], torch.tensor([0, 1]), 0)
+    losses, graphs = {}, []
+    for compiled in (False, True):
+        cfg = tiny_config(train_shards, tmp_path / f"run{compiled}", compile=compiled)
+        Path(cfg.out).mkdir()
+        models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+        assert isinstance(models.teacher, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+        losses[compiled], cpu = [], torch.device("cpu")
+        for _ in range(3):
+            step = loop.train_step(models, optimizer, scheduler, batch, batch, cfg, cpu, loop.Progress())
+            losses[compiled].append(float(step["loss"]))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    made = [g - graphs[0] for g in graphs[3:]]  # graphs made by the compiled steps: on the first only
+    assert graphs[:3] == [graphs[0]] * 3 and made[0] >= 2 and made == [made[0]] * 3  # student + teacher
+
+
 @pytest.mark.parametrize("value", [-1, "half", 1.5])
 def test_grad_checkpointing_is_checked(value):
     with pytest.raises(ValueError, match="--grad_checkpointing must be True"):

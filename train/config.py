@@ -59,7 +59,7 @@ class TrainConfig:
     # activation checkpointing in the student: True = every transformer block, N = the first N blocks of each tower
     # (each costs ~1/3 more compute and frees its activations; use the smallest N that fits), False/0 = none
     grad_checkpointing: bool | int = False
-    compile: bool | None = None  # torch.compile the student; None = on GPU (1.5x faster there), off on CPU
+    compile: bool | None = None  # torch.compile student and teacher; None = on GPU (1.5x faster there), off on CPU
     seed: int = 0
 
     # --- validation, checkpoints, fusion
