@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU. PARTS picks what runs (default "step loader train", about 5 minutes; "memory" alone about 4):
+# Issue 6 on one GPU. PARTS picks what runs (default "step loader train", about 6 minutes; "memory" alone about 4):
 #   step    the step variants at 128+128 with a profile
 #   loader  the loader's three modes with 6 workers, and the device's share of each
 #   train   a short train.main run through the prefetcher's CUDA path, in both device modes
@@ -38,11 +38,13 @@ status=0
 
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
-# (1) the step: naive vs ours (compiled), the teacher compiled too, and the batches as the loader hands them with the
-#     crop (and the JPEG decode) on the GPU, through the prefetcher; 2 profiled steps each
+# (1) the step: naive vs ours (compiled), the teacher compiled too (the trainer's default), the batches as the loader
+#     hands them with the crop (and the JPEG decode) on the GPU, through the prefetcher, and CUDA graphs last (a
+#     variant that fails is recorded and the others still count); 2 profiled steps each
 wants step && { python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 \
     --profile 2 --out "$OUT" \
-    --variants naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,ours+compile+cteacher+devjpeg \
+    --variants "naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,ours+compile+cteacher+devjpeg,\
+ours+compile+cteacher+graphs" \
     2>&1 | grep -v USDT | tee "$OUT/step_variants.log" || status=1; }
 
 # (2) the loader with 6 workers (the issue's budget), each place the crop can run, at steady state; on the GPU the

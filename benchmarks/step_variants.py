@@ -40,6 +40,7 @@ import random
 import re
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import fire
@@ -204,6 +205,9 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
             row["profile"] = profile_steps(step, device, profile, row["s_per_step"])
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+    except Exception as e:  # a lever that fails (a compile mode, a decode) is a result; the sweep goes on
+        row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
+        traceback.print_exc()
     return row
 
 
@@ -373,6 +377,9 @@ def main(
     path = Path(out) / f"step_variants_{name.lower().replace(' ', '-')}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
+    failed = [r["variant"] for r in rows if r["status"] == "error"]
+    if failed:
+        raise SystemExit(f"step_variants: {', '.join(failed)} failed (tracebacks above; the others were measured)")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,26 @@ def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
     assert set(rows) == {"loader", "device", "device_jpeg"}
     assert all(r["videos_per_s"] > 0 for r in rows.values())
     assert rows["device"]["device_s_per_batch"] > 0 and rows["device_jpeg"]["device_s_per_batch"] > 0
+
+
+def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    import torch
+
+    from benchmarks import step_variants
+    from benchmarks.harness import random_models, synthetic_batch
+    from train import distributed
+    from train.model import tokenizer_for
+
+    cfg, models = random_models(str(TINY_CLIP), 2, distributed.init_distributed("cpu"), compile=False)
+    base = {"student": models.student.clip, "teacher": models.teacher}
+    tokenizer = tokenizer_for(str(TINY_CLIP))
+    batches = {"plain": [synthetic_batch(2, 2, 32, tokenizer, seed, False) for seed in (1, 2)]}
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("CUDA graph capture failed")
+
+    monkeypatch.setattr(step_variants.loop, "train_step", broken_step)
+    row = step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 0)
+    assert row["status"] == "error" and "CUDA graph capture failed" in row["error"]
+    monkeypatch.undo()
+    assert step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 0)["status"] == "ok"
