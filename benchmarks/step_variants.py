@@ -57,7 +57,7 @@ from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 
-VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "ckptN", "devaug", "devjpeg")
+VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -140,7 +140,9 @@ def variant_options(variant: str) -> set[str]:
     options = set(variant.split("+"))
     unknown = {o for o in options if o not in VARIANT_OPTIONS and not re.fullmatch(r"ckpt\d+", o)}
     if unknown:
-        raise SystemExit(f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}")
+        raise SystemExit(
+            f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"
+        )
     return options
 
 

@@ -170,12 +170,13 @@ def checkpoint_blocks(clip: torch.nn.Module, blocks: bool | int) -> int:
     """Activation checkpointing of the first ``blocks`` transformer blocks of each tower; returns how many in all.
 
     True checkpoints every block, False or 0 none. A checkpointed block keeps only its input
-    for the backward pass and runs its forward again there, so each block costs about a third
-    more compute and frees its activations (the same count in every block of a tower). Checkpoint
-    just enough blocks to fit the batch (Megatron-LM's "block" recomputation); where nothing
-    needs to be freed, checkpointing only slows the step. Blocks are wrapped with PyTorch's
-    ``checkpoint_wrapper`` (non-reentrant, works under torch.compile and DDP), whose state-dict
-    hooks keep parameter names unchanged, so checkpoints and fusion see the plain model.
+    for the backward pass and runs its forward again there: it costs about a third more
+    compute and frees its activations, which are the same in every block of a tower, so the
+    memory freed grows linearly with N. Checkpoint just enough blocks to fit the batch
+    (Megatron-LM's "block" recomputation); where nothing needs to be freed, it only slows the step.
+    Blocks are wrapped with PyTorch's ``checkpoint_wrapper`` (non-reentrant, works under
+    torch.compile and DDP), whose state-dict hooks keep parameter names unchanged, so
+    checkpoints and fusion see the plain model.
     """
     towers = [m for m in clip.modules() if isinstance(getattr(m, "resblocks", None), torch.nn.ModuleList)]
     wrapped = 0
