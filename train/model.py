@@ -15,7 +15,11 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    checkpoint_wrapper,
+)
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -184,7 +188,7 @@ def checkpoint_blocks(clip: torch.nn.Module, blocks: bool | int) -> int:
         count = len(tower.resblocks) if blocks is True else int(blocks)
         for i in range(min(count, len(tower.resblocks))):
             if not isinstance(tower.resblocks[i], CheckpointWrapper):
-                tower.resblocks[i] = checkpoint_wrapper(tower.resblocks[i])
+                tower.resblocks[i] = checkpoint_wrapper(tower.resblocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             wrapped += 1
     return wrapped
 
