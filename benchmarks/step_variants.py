@@ -58,6 +58,7 @@ from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
+CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -131,14 +132,14 @@ def measure_peak_bf16(device: torch.device) -> float:
 
 def checkpointed_blocks(options: set[str]) -> bool | int:
     """The --grad_checkpointing a variant's options ask for: ckpt = every block (True), ckptN = N, neither = False."""
-    counts = [True if o == "ckpt" else int(o[4:]) for o in options if re.fullmatch(r"ckpt\d*", o)]
+    counts = [int(m[1]) if m[1] else True for m in map(CKPT.fullmatch, options) if m]
     return counts[0] if counts else False
 
 
 def variant_options(variant: str) -> set[str]:
     """The levers of a variant ("ours+compile+ckpt6"); an unknown one is refused with the list of known ones."""
     options = set(variant.split("+"))
-    unknown = {o for o in options if o not in VARIANT_OPTIONS and not re.fullmatch(r"ckpt\d+", o)}
+    unknown = {o for o in options if o not in VARIANT_OPTIONS and not CKPT.fullmatch(o)}
     if unknown:
         raise SystemExit(
             f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"
