@@ -2,7 +2,7 @@
 # Issue 6 on one GPU. PARTS picks what runs (default "step loader train", about 6 minutes; "memory" alone about 4):
 #   step    the step variants at 128+128 with a profile
 #   loader  the loader's three modes with 6 workers, and the device's share of each
-#   train   a short train.main run through the prefetcher's CUDA path, in both device modes
+#   train   a short train.main run through the prefetcher's CUDA path, in both device modes, with --profile_steps
 #   memory  256+256 under an 80 GiB cap (an H100's budget), compiled, checkpointing every block or only the first
 #           8 / 6 / 4 of each tower: which fits, and how much faster than checkpointing all
 # Run from the repository root on the GPU machine:
@@ -58,8 +58,10 @@ wants train && for mode in device device_jpeg; do
     python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json --teacher_weights "" \
         --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train --val demo_output/shards/val \
         --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 --wandb off --progress False \
-        --compile False --augment_on "$mode" 2>&1 | tail -4 | tee "$OUT/train_main_$mode.log" || status=1
+        --compile False --augment_on "$mode" --profile_steps 2 2>&1 | grep -v USDT | tail -6 \
+        | tee "$OUT/train_main_$mode.log" || status=1
     [ -f "/tmp/run_$mode/summary.json" ] || { echo "gpu_step: train.main ($mode) wrote no summary" >&2; status=1; }
+    [ -f "/tmp/run_$mode/profile/rank0.json" ] || { echo "gpu_step: train.main ($mode) wrote no profile" >&2; status=1; }
 done
 
 # (4) memory: the largest batch the issue asks for, under an H100's 80 GiB, checkpointing only as many blocks as

@@ -56,6 +56,7 @@ from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
+from train.profiling import describe, summarize
 
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
 CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
@@ -214,23 +215,8 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
     return row
 
 
-KERNEL_KINDS = {  # first match wins, on the lower-cased kernel name
-    "copy": r"memcpy|memset|copy_kernel|cat_|catarray",
-    "attention": r"flash|fmha|attention|sdpa|efficient",
-    "optimizer": r"adam|multi_tensor|foreach|fused_adam",
-    "matmul": r"gemm|matmul|cutlass|xmma|nvjet|sm\d+_|cublas|wgmma|conv",
-    "fused (triton)": r"^triton_",
-}
-
-
-def kernel_kind(name: str) -> str:
-    lower = name.lower()
-    return next((kind for kind, pattern in KERNEL_KINDS.items() if re.search(pattern, lower)), "other")
-
-
 def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict:
-    """GPU busy time per step by kernel kind, under torch.profiler, against the unprofiled step time."""
-    from torch.autograd import DeviceType
+    """GPU busy time per step by kernel kind (``train.profiling``), against the unprofiled step time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -238,24 +224,8 @@ def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict
         for _ in range(steps):
             step()
         sync(device)
-    kernels = []
-    for event in prof.key_averages():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        kernels.append((event.key, us / 1e6 / steps, event.count // steps))
-    kinds: dict[str, float] = {}
-    for name, seconds, _ in kernels:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + seconds
-    busy = sum(kinds.values())
-    top = sorted(kernels, key=lambda k: -k[1])[:25]
-    return {
-        "steps": steps,
-        "gpu_busy_s_per_step": busy,
-        "busy_fraction_of_step": busy / step_s if step_s else None,
-        "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-        "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in top],
-    }
+    summary = summarize(prof, steps)
+    return {**summary, "busy_fraction_of_step": summary["busy_s_per_step"] / step_s if step_s else None}
 
 
 def main(
@@ -339,15 +309,7 @@ def main(
                 flush=True,
             )
             if "profile" in row and dev.type == "cuda":
-                prof = row["profile"]
-                fraction = prof["busy_fraction_of_step"]
-                print(
-                    f"    GPU busy {1e3 * prof['gpu_busy_s_per_step']:.1f} ms per step"
-                    + (f" ({100 * fraction:.0f}% of the timed step)" if fraction else "")
-                    + ": "
-                    + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in prof["by_kind_s_per_step"].items()),
-                    flush=True,
-                )
+                print(f"    {describe(row['profile'], row['s_per_step'])}", flush=True)
     naive = {r["batch"]: r for r in rows if r["variant"] == "naive" and r["status"] == "ok"}
     print(
         "\n| batch | variant | s/step | videos/s | vs naive | TFLOP/s | MFU (measured peak) | MFU (datasheet) | "

@@ -175,7 +175,7 @@ def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
         "2",
         "-m",
         "train.main",
-        *cli_args(train_shards, out, wandb="offline"),
+        *cli_args(train_shards, out, wandb="offline", profile_steps=1),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no credentials: offline
     env["OMP_NUM_THREADS"] = "1"
@@ -187,6 +187,10 @@ def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (out / checkpoint.FUSED).is_file()
+    # --profile_steps: every rank profiles step 3 (after the first log window) and writes its own trace
+    assert "profile of steps 3-3" in proc.stdout + proc.stderr
+    profiles = sorted(p.name for p in (out / "profile").iterdir())
+    assert profiles == [f"rank{r}{ext}" for r in (0, 1) for ext in (".json", ".pt.trace.json.gz")]
 
 
 @pytest.mark.slow

@@ -79,6 +79,8 @@ class TrainConfig:
     run_name: str = ""  # W&B run name; "" = the out folder's name
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up the GPU model (no MFU on CPU)
     progress: bool = True  # console progress bar on rank 0
+    # profile this many steps after the first log window: traces in OUT/profile/, GPU time by kernel kind in the log
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,6 +110,8 @@ class TrainConfig:
             problems.append(
                 f"--grad_checkpointing must be True (every block), False, or a number of blocks >= 0, got {ckpt!r}"
             )
+        if not isinstance(self.profile_steps, int) or isinstance(self.profile_steps, bool) or self.profile_steps < 0:
+            problems.append(f"--profile_steps must be a number of steps >= 0, got {self.profile_steps!r}")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if problems:

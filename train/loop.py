@@ -36,6 +36,7 @@ from train.model import (
 )
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
+from train.profiling import StepProfiler, describe
 
 
 @dataclass
@@ -302,8 +303,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)
     peak = peak_tflops(dist.device, cfg.peak_tflops)
     timer, window, last_val = Timer(), [], {}
+    profiler = _profiler(cfg, dist, progress.step, monitor)
     try:
         while progress.step < cfg.steps:
+            profiler.begin(progress.step)
             t0 = time.perf_counter()
             lab, unl = next(labeled), next(unlabeled)
             timer.data += time.perf_counter() - t0
@@ -312,8 +315,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             progress.dropped_samples += lab.dropped + unl.dropped
             result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress)
             progress.step += 1
+            timer.steps += 1
             monitor.advance()
             window.append(result)
+            profiled = profiler.end(progress.step)
+            if profiled is not None:
+                _log_profile(monitor, profiled, progress.step)
+                timer.reset()  # the profiler slows the host: its steps are not training throughput
             if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                 _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress)
                 window = []
@@ -321,17 +329,41 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 last_val = _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress)
                 timer.reset()  # validation and saving are not training throughput
     finally:
+        profiler.close()
         monitor.finish()
     return _finish(models, cfg, progress, last_val)
 
 
+def _profiler(cfg: TrainConfig, dist, step: int, monitor: Monitor) -> StepProfiler:
+    """--profile_steps: the steps after the first log window of this (re)start, so compilation and the
+    loader workers' start-up are not in it."""
+    start = (step // cfg.log_every + 1) * cfg.log_every
+    profiler = StepProfiler(
+        cfg.profile_steps, start, cfg.steps, cfg.val_every, dist.device, Path(cfg.out) / "profile", dist.rank
+    )
+    if cfg.profile_steps and profiler.planned < cfg.profile_steps:
+        monitor.warn_once(
+            "profile",
+            f"--profile_steps {cfg.profile_steps}: only {profiler.planned} step(s) after step {start} come before "
+            f"the run's end or the next validation (--steps {cfg.steps}, --val_every {cfg.val_every}, --log_every "
+            f"{cfg.log_every}); profiling {profiler.planned}",
+        )
+    return profiler
+
+
+def _log_profile(monitor: Monitor, summary: dict, step: int) -> None:
+    first, last = summary["first_step"], step
+    monitor.log_text(
+        f"profile of steps {first}-{last}: {describe(summary, summary['wall_s_per_step'])}; trace {summary['trace']}"
+    )
+    metrics = {"profile/busy_fraction": summary["busy_s_per_step"] / summary["wall_s_per_step"]}
+    metrics.update({f"profile/{kind.split()[0]}_ms": 1e3 * s for kind, s in summary["by_kind_s_per_step"].items()})
+    monitor.log(metrics, step=step)
+
+
 def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) -> None:
     done = [r for r in window if not r["skipped"]]
-    elapsed = timer.elapsed()
-    videos = len(window) * (cfg.batch_labeled + cfg.batch_unlabeled) * dist.world_size
     metrics = {
-        "train/videos_per_s": videos / elapsed,
-        "train/data_wait": timer.data / elapsed,
         "train/lr": scheduler.get_last_lr()[0],
         "train/skipped_steps": progress.skipped_steps,
         "train/dropped_samples": progress.dropped_samples,
@@ -339,12 +371,19 @@ def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) ->
     for key in ("loss", "contrastive", "distillation", "grad_norm"):
         if done:
             metrics[f"train/{key}"] = float(torch.stack([r[key].float() for r in done]).mean())
-    if peak and flops:
-        metrics["train/mfu"] = flops * len(window) / elapsed / (peak * 1e12)
+    # throughput over the steps since the timer's reset (a log, a validation or a profile), which need not be the
+    # whole window; none when a profile just ended
+    if timer.steps:
+        elapsed = timer.elapsed()
+        videos = timer.steps * (cfg.batch_labeled + cfg.batch_unlabeled) * dist.world_size
+        metrics["train/videos_per_s"] = videos / elapsed
+        metrics["train/data_wait"] = timer.data / elapsed
+        if peak and flops:
+            metrics["train/mfu"] = flops * timer.steps / elapsed / (peak * 1e12)
     if dist.device.type == "cuda":
         metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
     monitor.log(metrics, step=progress.step)
-    hint = starvation_hint(metrics["train/data_wait"], cfg, dist.device)
+    hint = starvation_hint(metrics.get("train/data_wait", 0.0), cfg, dist.device)
     if hint and progress.step > cfg.log_every:  # the first window includes the workers' start-up
         monitor.warn_once("starved", hint)
     timer.reset()

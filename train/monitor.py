@@ -145,7 +145,7 @@ def _run_id(out: str) -> str:
 
 
 class Timer:
-    """Wall time split into waiting for data and computing, between logs."""
+    """Wall time split into waiting for data and computing, and the steps it covers, between logs."""
 
     def __init__(self) -> None:
         self.reset()
@@ -153,6 +153,7 @@ class Timer:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.data = 0.0
+        self.steps = 0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -1,0 +1,117 @@
+"""--profile_steps: where a step's time goes (train.profiling), and throughput counted over the timed steps only."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from test_train import tiny_config
+
+from train import loop
+from train.config import resolve
+from train.monitor import Monitor, Timer
+from train.profiling import StepProfiler, kernel_kind, profile_window, summarize
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+        ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>", "matmul"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+        ("triton_per_fused_add_native_layer_norm_0", "fused (triton)"),
+        ("Memcpy HtoD (Pinned -> Device)", "copy"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>", "copy"),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+        # CPU operators, for a profile without a GPU
+        ("aten::addmm", "matmul"),
+        ("aten::bmm", "matmul"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("aten::copy_", "copy"),
+        ("aten::mul", "other"),
+        ("aten::mmm", "other"),
+    ],
+)
+def test_kernels_are_sorted_into_kinds(name, kind):
+    assert kernel_kind(name) == kind
+
+
+def test_the_profile_window_stops_at_the_runs_end_and_before_a_validation():
+    assert profile_window(10, 5, last=100, val_every=50) == (10, 15)
+    assert profile_window(10, 5, last=12, val_every=50) == (10, 12)
+    assert profile_window(10, 5, last=100, val_every=13) == (10, 13)  # step 13 validates: not training
+    assert profile_window(10, 5, last=100, val_every=10) == (10, 15)  # the validation at 10 is behind
+
+
+def test_a_cpu_profile_counts_operators_per_step():
+    x, w = torch.randn(64, 256), torch.randn(256, 256)
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            (x @ w).relu().sum()
+    summary = summarize(prof, steps)
+    assert summary["device"] == "cpu" and summary["steps"] == steps
+    kinds = summary["by_kind_s_per_step"]
+    assert kinds["matmul"] > 0 and summary["busy_s_per_step"] == pytest.approx(sum(kinds.values()))
+    mm = next(k for k in summary["top_kernels"] if k["name"] == "aten::mm")
+    assert mm["calls_per_step"] == 1  # per step, not per profile
+
+
+def test_profile_steps_is_checked():
+    for value in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="--profile_steps must be a number of steps >= 0"):
+            resolve("demo", profile_steps=value)
+
+
+def test_a_run_profiles_the_steps_after_its_first_log_window(train_shards, tmp_path, capsys, monkeypatch):
+    logged = {}
+    monkeypatch.setattr(Monitor, "log", lambda self, metrics, step: logged.setdefault(step, {}).update(metrics))
+    out = tmp_path / "run"
+    cfg = tiny_config(train_shards, out, steps=6, val_every=6, log_every=2, profile_steps=2, fuse=False)
+    loop.run(cfg)
+
+    printed = capsys.readouterr().out
+    assert "profile of steps 3-4: CPU busy" in printed and "matmul" in printed
+    files = sorted(p.name for p in (out / "profile").iterdir())
+    assert files == ["rank0.json", "rank0.pt.trace.json.gz"]  # no temporary file left
+    summary = json.loads((out / "profile" / "rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["first_step"] == 3 and summary["by_kind_s_per_step"]["matmul"] > 0
+    assert 0 < summary["busy_s_per_step"] < summary["wall_s_per_step"]
+    trace = json.loads(gzip.decompress((out / "profile" / "rank0.pt.trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::addmm" for e in trace["traceEvents"])
+    # the profiled steps (3-4) count for no throughput: the log at step 4 has none, the others do
+    assert "profile/busy_fraction" in logged[4] and "train/videos_per_s" not in logged[4]
+    assert all("train/videos_per_s" in logged[s] for s in (2, 6)) and "train/loss" in logged[4]
+
+
+def test_a_short_run_profiles_what_it_can_and_says_so(train_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=4, val_every=4, log_every=2, profile_steps=5, fuse=False))
+    printed = capsys.readouterr().out
+    assert "--profile_steps 5: only 2 step(s) after step 2" in printed and "profile of steps 3-4" in printed
+
+
+def test_throughput_counts_the_steps_since_a_validation_not_the_whole_window(train_shards, tmp_path, monkeypatch):
+    """A validation inside a log window resets the timer; videos/s must count only the steps timed after it."""
+    logged = {}
+    monkeypatch.setattr(Monitor, "log", lambda self, metrics, step: logged.setdefault(step, {}).update(metrics))
+    monkeypatch.setattr(Timer, "elapsed", lambda self: 1.0)
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=4, val_every=3, log_every=2, fuse=False))
+    per_step = 4 + 4  # labeled + unlabeled videos, one rank
+    assert logged[2]["train/videos_per_s"] == 2 * per_step
+    assert logged[4]["train/videos_per_s"] == 1 * per_step  # step 4 alone: step 3 was before the validation
+
+
+def test_an_unfinished_profile_writes_nothing(tmp_path):
+    profiler = StepProfiler(3, 0, 10, 100, torch.device("cpu"), tmp_path / "profile", 0)
+    profiler.begin(0)
+    assert profiler.end(1) is None  # the window is steps 1-3
+    profiler.close()
+    assert not (tmp_path / "profile").exists()

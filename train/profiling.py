@@ -1,0 +1,152 @@
+"""Where a training step's time goes: torch.profiler over a few steps, the device's time by kind of kernel.
+
+``python -m train.main ... --profile_steps 5`` profiles 5 steps after the first log
+window (so that torch.compile and the loader workers' start-up stay out of it). Each rank
+writes its trace to ``OUT/profile/rank{R}.pt.trace.json.gz`` (open it in
+https://ui.perfetto.dev or TensorBoard's profiler plugin) and its summary to
+``OUT/profile/rank{R}.json``; rank 0 prints the summary and logs it to W&B.
+``benchmarks.step_variants --profile`` makes the same summary.
+
+The kinds come from the kernels' names: matmul (cuBLAS / CUTLASS GEMMs), attention
+(flash or memory-efficient SDPA), fused (the Triton kernels torch.compile writes: norms,
+activations, residual adds), copy, optimizer (fused AdamW), other. The busy time against
+the steps' wall time says how long the device idled (launch gaps, host syncs, waiting
+for data); the kinds say which part of the work to speed up. On a CPU the summary counts
+the self time of PyTorch's operators instead of kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+KERNEL_KINDS = {  # first match wins, on the lower-cased kernel (or CPU operator) name
+    "copy": r"memcpy|memset|copy_kernel|cat_|catarray|^aten::(copy_|cat|_to_copy)$",
+    "attention": r"flash|fmha|attention|sdpa|efficient",
+    "optimizer": r"adam|multi_tensor|foreach|fused_adam",
+    "matmul": r"gemm|matmul|cutlass|xmma|nvjet|sm\d+_|cublas|wgmma|conv|^aten::(add|b|baddb)?mm$",
+    "fused (triton)": r"^triton_",
+}
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS.items() if re.search(pattern, lower)), "other")
+
+
+def summarize(prof, steps: int, top: int = 25) -> dict:
+    """Busy time per step, by kind, and the top kernels, of a finished ``torch.profiler.profile``.
+
+    With CUDA activity, the device's kernels and copies; without (a CPU run), the self time of
+    ``aten::`` operators (Python overhead and the profiler's own events are left out).
+    """
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    on_gpu = any(event.device_type == DeviceType.CUDA for event in events)
+    kernels = []
+    for event in events:
+        if on_gpu:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        kernels.append((event.key, us / 1e6 / steps, event.count / steps))
+    kinds: dict[str, float] = {}
+    for name, seconds, _ in kernels:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + seconds
+    ranked = sorted(kernels, key=lambda k: -k[1])[:top]
+    return {
+        "device": "cuda" if on_gpu else "cpu",
+        "steps": steps,
+        "busy_s_per_step": sum(kinds.values()),
+        "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in ranked],
+    }
+
+
+def describe(summary: dict, step_s: float | None = None) -> str:
+    """One line: busy ms per step (and its share of ``step_s``), then each kind's ms."""
+    busy = summary["busy_s_per_step"]
+    share = f" ({100 * busy / step_s:.0f}% of {1e3 * step_s:.1f} ms)" if step_s else ""
+    kinds = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in summary["by_kind_s_per_step"].items())
+    where = "GPU" if summary["device"] == "cuda" else "CPU"
+    return f"{where} busy {1e3 * busy:.1f} ms per step{share}: {kinds}"
+
+
+def profile_window(start: int, steps: int, last: int, val_every: int) -> tuple[int, int]:
+    """The steps to profile, as (first, end) counts of finished steps: after ``start``, ``steps`` of them,
+    cut short by the run's end (``last``) and by the next validation (not training, so not profiled)."""
+    next_val = (start // val_every + 1) * val_every
+    return start, min(start + steps, last, next_val)
+
+
+class StepProfiler:
+    """Profiles the steps of one window of a training run (see the module docstring).
+
+    Call ``begin(step)`` before every step and ``end(step)`` after it, with the count of
+    finished steps; ``end`` returns the summary once, when the window closes.
+    """
+
+    def __init__(self, steps: int, start: int, last: int, val_every: int, device: torch.device, out: Path, rank: int):
+        self.first, self.end_at = profile_window(start, steps, last, val_every) if steps else (0, 0)
+        self.device, self.out, self.rank = device, out, rank
+        self.prof = None
+        self.t0 = 0.0
+
+    @property
+    def planned(self) -> int:
+        return max(0, self.end_at - self.first)
+
+    def begin(self, step: int) -> None:
+        if self.planned and step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = self.device.type == "cuda"
+            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            _sync(self.device)
+            self.prof.start()
+            self.t0 = time.perf_counter()
+
+    def end(self, step: int) -> dict | None:
+        if self.prof is None or step < self.end_at:
+            return None
+        _sync(self.device)
+        wall = (time.perf_counter() - self.t0) / self.planned
+        self.prof.stop()
+        summary = {**summarize(self.prof, self.planned), "first_step": self.first + 1, "wall_s_per_step": wall}
+        self.out.mkdir(parents=True, exist_ok=True)
+        # written under a temporary name and renamed: an interrupted run leaves no half-written trace
+        trace = self.out / f"rank{self.rank}.pt.trace.json.gz"
+        partial = self.out / f".rank{self.rank}.partial.json.gz"  # export_chrome_trace gzips a path ending .gz
+        self.prof.export_chrome_trace(str(partial))
+        os.replace(partial, trace)
+        summary["trace"] = str(trace)
+        _write_json(self.out / f"rank{self.rank}.json", summary)
+        self.prof = None
+        return summary
+
+    def close(self) -> None:
+        """Stops a profile a failed run left open; nothing is written."""
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(partial, path)
