@@ -5,6 +5,7 @@
 #   train   a short train.main run through the prefetcher's CUDA path, in both device modes, with --profile_steps
 #   memory  256+256 under an 80 GiB cap (an H100's budget), compiled, checkpointing every block or only the first
 #           8 / 6 / 4 of each tower: which fits, and how much faster than checkpointing all
+# Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
 # Run from the repository root on the GPU machine:
 #
 #   OUT=/some/folder bash benchmarks/gpu_step.sh
@@ -70,6 +71,9 @@ wants memory && { mkdir -p "$OUT/memory" && python3 -m benchmarks.step_variants 
     --steps 3 --warmup 1 --memory_gib 80 --out "$OUT/memory" \
     --variants ours+compile+ckpt6,ours+compile+ckpt8,ours+compile+ckpt4,ours+compile+ckpt \
     2>&1 | grep -v USDT | tee "$OUT/memory/step_variants.log" || status=1; }
+
+# the targets of issue 6 against this run's figures, and the defaults they suggest
+python3 -m benchmarks.issue6_verdict --out "$OUT" 2>&1 | tee "$OUT/verdict.log" || status=1
 
 echo "gpu_step: exit status $status"
 exit $status

@@ -68,3 +68,48 @@ def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
     assert row["status"] == "error" and "CUDA graph capture failed" in row["error"]
     monkeypatch.undo()
     assert step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 0)["status"] == "ok"
+
+
+def _rows(**videos_per_s):
+    return [{"variant": v, "batch": "128x128", "status": "ok", "videos_per_s": s} for v, s in videos_per_s.items()]
+
+
+def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
+    from benchmarks.issue6_verdict import verdict
+
+    step = {"device": "cuda", "rows": _rows(naive=360, **{"ours+compile+cteacher": 700})}
+    step["rows"] += _rows(**{"ours+compile+cteacher+devaug": 690, "ours+compile+cteacher+devjpeg": 660})
+    for r in step["rows"]:
+        r["mfu_measured"] = r["videos_per_s"] / 1300  # 700 videos/s -> 53.8%
+    step["rows"].append({"variant": "ours+compile+cteacher+graphs", "status": "error", "videos_per_s": 0})
+    loader = {
+        "rows": [
+            {"augment_on": "loader", "workers": 6, "videos_per_s": 800},
+            {"augment_on": "device", "workers": 6, "videos_per_s": 1200},  # 1.74x of 690
+            {"augment_on": "device_jpeg", "workers": 6, "videos_per_s": 5000},  # 7.6x of 660
+        ]
+    }
+    memory = {
+        "device": "cuda",
+        "rows": _rows(**{"ours+compile+ckpt6": 0.80, "ours+compile+ckpt": 0.90, "ours+compile+ckpt4": 0}),
+    }
+    for r, gib in zip(memory["rows"], (70.0, 24.0, 81.0), strict=True):
+        r.update(s_per_step=r.pop("videos_per_s") or 0.7, peak_gib=gib, batch="256x256")
+    text = "\n".join(verdict(step, loader, memory))
+    assert "MFU at 128x128: 53.8% of the measured peak with ours+compile+cteacher (target 55%): NOT MET" in text
+    assert "speed-up over naive: 1.94x (target 1.7x): MET" in text
+    assert "variants that failed: ours+compile+cteacher+graphs" in text
+    assert "loader, --augment_on device: 1200 videos/s with 6 workers = 1.74x" in text and "device_jpeg" in text
+    assert "suggested GPU default: --augment_on device_jpeg" in text  # the only mode fed with 2x
+    assert "ours+compile+ckpt4: ok (81.0 GiB)" in text  # over the cap: does not fit
+    assert "256+256 under 80 GiB: MET; fastest ours+compile+ckpt6, 0.800 s/step" in text
+    assert "--grad_checkpointing 6" in text
+
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "step_variants_cuda.json").write_text(json.dumps(memory))
+    proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path)  # the memory part alone
+    assert "--grad_checkpointing 6" in proc.stdout and "MFU" not in proc.stdout
+    memory = {"device": "cpu", "rows": [{k: v for k, v in r.items() if k != "peak_gib"} for r in memory["rows"]]}
+    assert verdict(None, None, memory) == ["memory: not measured on cpu (no GPU memory figures)"]
+    proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "none", check=False)
+    assert proc.returncode != 0 and "gpu_step.sh" in proc.stderr

@@ -1,0 +1,154 @@
+"""Issue 6's targets, checked against what ``benchmarks/gpu_step.sh`` wrote, and the defaults they suggest.
+
+    python -m benchmarks.issue6_verdict --out DIR
+
+Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/loader_bench.json``
+(loader part) and ``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints
+one line per target: the 128+128 step's MFU (55% of the measured bf16 peak) and its
+speed-up over the naive step (1.7x), the loader's margin over the step's demand with at
+most 6 workers (2x) in each place the crop can run, and which activation checkpointing
+fits 256+256 under the 80 GiB cap, fastest first. It then names the settings the
+figures favour for the trainer's GPU defaults (``--augment_on``, ``--grad_checkpointing``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fire
+
+MFU_TARGET = 0.55
+SPEEDUP_TARGET = 1.7
+LOADER_MARGIN = 2.0
+MAX_WORKERS = 6
+# the step variant whose batches arrive as each --augment_on mode hands them over
+MODE_VARIANTS = {
+    "loader": "ours+compile+cteacher",
+    "device": "ours+compile+cteacher+devaug",
+    "device_jpeg": "ours+compile+cteacher+devjpeg",
+}
+
+
+def _ok(rows: list[dict]) -> dict[str, dict]:
+    return {r["variant"]: r for r in rows if r.get("status") == "ok"}
+
+
+def _mark(passed: bool) -> str:
+    return "MET" if passed else "NOT MET"
+
+
+def step_lines(step: dict) -> list[str]:
+    rows = _ok(step["rows"])
+    trainer = {v: r for v, r in rows.items() if v != "naive"}
+    if not trainer:
+        return ["step: no variant but naive ran"]
+    best_name, best = max(trainer.items(), key=lambda kv: kv[1]["videos_per_s"])
+    lines = []
+    mfu = best.get("mfu_measured")
+    if mfu is None:
+        lines.append(f"MFU: not measured on {step['device']} (no bf16 peak)")
+    else:
+        lines.append(
+            f"MFU at {best['batch']}: {100 * mfu:.1f}% of the measured peak with {best_name} "
+            f"(target {100 * MFU_TARGET:.0f}%): {_mark(mfu >= MFU_TARGET)}"
+        )
+    naive = rows.get("naive")
+    if naive:
+        ratio = best["videos_per_s"] / naive["videos_per_s"]
+        lines.append(f"speed-up over naive: {ratio:.2f}x (target {SPEEDUP_TARGET}x): {_mark(ratio >= SPEEDUP_TARGET)}")
+    failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
+    if failed:
+        lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
+    return lines
+
+
+def loader_lines(loader: dict, step: dict | None) -> tuple[list[str], str | None]:
+    """One line per mode: loader videos/s over the step's demand in that mode; and the mode to default to."""
+    rows: dict[str, dict] = {}  # per mode, the most videos/s within the worker budget
+    for r in loader["rows"]:
+        if r["workers"] <= MAX_WORKERS and r["videos_per_s"] > rows.get(r["augment_on"], {}).get("videos_per_s", -1):
+            rows[r["augment_on"]] = r
+    variants = _ok(step["rows"]) if step else {}
+    lines, margins = [], {}
+    for mode, row in rows.items():
+        demand = variants.get(MODE_VARIANTS[mode])
+        if demand is None:
+            lines.append(f"loader, --augment_on {mode}: {row['videos_per_s']:.0f} videos/s, {row['workers']} workers")
+            continue
+        margin = row["videos_per_s"] / demand["videos_per_s"]
+        margins[mode] = (margin, demand["videos_per_s"])
+        lines.append(
+            f"loader, --augment_on {mode}: {row['videos_per_s']:.0f} videos/s with {row['workers']} workers = "
+            f"{margin:.2f}x the step's {demand['videos_per_s']:.0f} videos/s (target {LOADER_MARGIN}x): "
+            + _mark(margin >= LOADER_MARGIN)
+        )
+    if not margins:
+        return lines, None
+    # the fastest step among the modes that feed it with the margin; else the fastest the loader can keep fed
+    fed = {m: s for m, (margin, s) in margins.items() if margin >= LOADER_MARGIN}
+    if fed:
+        choice = max(fed, key=fed.get)
+    else:
+        choice = max(margins, key=lambda m: min(margins[m][1], margins[m][1] * margins[m][0]))
+    return lines, choice
+
+
+def memory_lines(memory: dict, cap_gib: float = 80.0) -> tuple[list[str], str | None]:
+    """Which variants fit under the cap (peak GPU memory), fastest first; and the checkpointing to suggest."""
+    rows = memory["rows"]
+    if not any("peak_gib" in r for r in rows):
+        return [f"memory: not measured on {memory['device']} (no GPU memory figures)"], None
+    lines, fits = [], {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("peak_gib", float("inf")) <= cap_gib:
+            fits[r["variant"]] = r
+            lines.append(f"{r['batch']} {r['variant']}: fits, {r['peak_gib']:.1f} GiB, {r['s_per_step']:.3f} s/step")
+        else:
+            lines.append(f"{r['batch']} {r['variant']}: {r.get('status')} ({r.get('peak_gib', float('nan')):.1f} GiB)")
+    batch = rows[0]["batch"].replace("x", "+")
+    if not fits:
+        return lines + [f"{batch} under {cap_gib:.0f} GiB: NOT MET (nothing fit)"], None
+    best = min(fits, key=lambda v: fits[v]["s_per_step"])
+    lines.append(f"{batch} under {cap_gib:.0f} GiB: MET; fastest {best}, {fits[best]['s_per_step']:.3f} s/step")
+    blocks = best.rsplit("ckpt", 1)[-1] if "ckpt" in best else "False"
+    return lines, blocks or "True"  # "+ckpt" alone checkpoints every block
+
+
+def verdict(step: dict | None, loader: dict | None, memory: dict | None) -> list[str]:
+    lines = []
+    if step:
+        lines += step_lines(step)
+    if loader:
+        more, mode = loader_lines(loader, step)
+        lines += more
+        if mode:
+            lines.append(f"suggested GPU default: --augment_on {mode} (train.loop.augment_on's 'auto')")
+    if memory:
+        more, blocks = memory_lines(memory)
+        lines += more
+        if blocks:
+            lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")
+    return lines or ["nothing to judge: no step, loader or memory results found"]
+
+
+def _load(folder: Path, pattern: str) -> dict | None:
+    found = sorted(folder.glob(pattern))
+    return json.loads(found[0].read_text()) if found else None
+
+
+def main(out: str = "benchmarks/output") -> None:
+    """Print issue 6's verdict from the JSON files gpu_step.sh wrote into OUT."""
+    folder = Path(out)
+    if not folder.is_dir():
+        raise SystemExit(f"error: --out {out} is not a folder; point it at the OUT of benchmarks/gpu_step.sh")
+    lines = verdict(
+        _load(folder, "step_variants_*.json"),
+        _load(folder, "loader_bench.json"),
+        _load(folder / "memory", "step_variants_*.json"),
+    )
+    print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
