@@ -49,7 +49,7 @@ import open_clip
 import torch
 
 from benchmarks.args import as_list
-from benchmarks.harness import resolve_device, sync
+from benchmarks.harness import resolve_device
 from benchmarks.shard_bench import BackgroundLoad, machine_info
 from eval import frame_cache
 from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
@@ -59,6 +59,7 @@ from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.synthetic import write_webvid_like_clip
 from train.data import EvalTransform
 from train.model import create_clip, image_size, tokenizer_for
+from train.profiling import sync
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT, FPS = 320, 240, 25  # UCF101's frame size and rate

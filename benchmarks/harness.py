@@ -1,7 +1,8 @@
 """What the benchmark scripts share around a measurement: the device, synthetic batches, the trainer's models.
 
 Each script measures one thing; these are the pieces around the measurement that
-must not differ between them (the same synthetic inputs, the same synchronisation).
+must not differ between them (the same synthetic inputs, the same models). They wait for
+the device with ``train.profiling.sync``, as the trainer's profile does.
 """
 
 from __future__ import annotations
@@ -26,12 +27,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (timings must include it); nothing to wait for on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:

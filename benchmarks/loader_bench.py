@@ -30,12 +30,13 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.args import as_list
-from benchmarks.harness import resolve_device, sync
+from benchmarks.harness import resolve_device
 from pipeline.writer import iter_tar_samples
 from train import data
 from train.config import AUGMENT_ON
 from train.model import tokenizer_for
 from train.prefetch import to_device
+from train.profiling import sync
 
 
 def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[int, int]]:

@@ -49,14 +49,14 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
 from benchmarks.args import as_list, parse_batches
-from benchmarks.harness import random_models, sync, synthetic_batch
+from benchmarks.harness import random_models, synthetic_batch
 from train import distributed, loop
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
-from train.profiling import describe, summarize
+from train.profiling import activities, describe, summarize, sync
 
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
 CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
@@ -217,10 +217,9 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
 
 def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict:
     """GPU busy time per step by kernel kind (``train.profiling``), against the unprofiled step time."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities(device)) as prof:
         for _ in range(steps):
             step()
         sync(device)

@@ -50,10 +50,11 @@ import fire
 import torch
 
 from benchmarks.args import parse_batches
-from benchmarks.harness import sync, synthetic_batch
+from benchmarks.harness import synthetic_batch
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
 from train.model import image_size, tokenizer_for
+from train.profiling import sync
 
 MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
 MATMUL_WARMUP, MATMUL_ITERS = 3, 10

@@ -17,13 +17,14 @@ the self time of PyTorch's operators instead of kernels.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from pathlib import Path
 
 import torch
+
+from pipeline.writer import atomic_write_bytes, json_bytes
 
 KERNEL_KINDS = {  # first match wins, on the lower-cased kernel (or CPU operator) name
     "copy": r"memcpy|memset|copy_kernel|cat_|catarray|^aten::(copy_|cat|_to_copy)$",
@@ -62,7 +63,8 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         kernels.append((event.key, us / 1e6 / steps, event.count / steps))
     kinds: dict[str, float] = {}
     for name, seconds, _ in kernels:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + seconds
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
     ranked = sorted(kernels, key=lambda k: -k[1])[:top]
     return {
         "device": "cuda" if on_gpu else "cpu",
@@ -97,7 +99,7 @@ class StepProfiler:
     """
 
     def __init__(self, steps: int, start: int, last: int, val_every: int, device: torch.device, out: Path, rank: int):
-        self.first, self.end_at = profile_window(start, steps, last, val_every) if steps else (0, 0)
+        self.first, self.end_at = profile_window(start, steps, last, val_every)
         self.device, self.out, self.rank = device, out, rank
         self.prof = None
         self.t0 = 0.0
@@ -108,18 +110,17 @@ class StepProfiler:
 
     def begin(self, step: int) -> None:
         if self.planned and step == self.first and self.prof is None:
-            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler import profile
 
-            cuda = self.device.type == "cuda"
-            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-            _sync(self.device)
+            self.prof = profile(activities=activities(self.device))
+            sync(self.device)
             self.prof.start()
             self.t0 = time.perf_counter()
 
     def end(self, step: int) -> dict | None:
         if self.prof is None or step < self.end_at:
             return None
-        _sync(self.device)
+        sync(self.device)
         wall = (time.perf_counter() - self.t0) / self.planned
         self.prof.stop()
         summary = {**summarize(self.prof, self.planned), "first_step": self.first + 1, "wall_s_per_step": wall}
@@ -130,7 +131,7 @@ class StepProfiler:
         self.prof.export_chrome_trace(str(partial))
         os.replace(partial, trace)
         summary["trace"] = str(trace)
-        _write_json(self.out / f"rank{self.rank}.json", summary)
+        atomic_write_bytes(self.out / f"rank{self.rank}.json", json_bytes(summary))
         self.prof = None
         return summary
 
@@ -141,12 +142,14 @@ class StepProfiler:
             self.prof = None
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must include it); nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(partial, path)
+def activities(device: torch.device) -> list:
+    """What torch.profiler records: the host's operators, and the kernels and copies on a GPU."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
