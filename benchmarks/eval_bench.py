@@ -29,7 +29,6 @@ writes ``--out/eval_bench_<device>.json`` and ``.md`` (``<device>`` is ``cpu`` o
 from __future__ import annotations
 
 import datetime
-import json
 import multiprocessing
 import os
 import re
@@ -57,6 +56,7 @@ from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.synthetic import write_webvid_like_clip
+from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform
 from train.model import create_clip, image_size, tokenizer_for
 from train.profiling import sync
@@ -610,8 +610,8 @@ def main(
     print(report)
     print(f"\ntotal {results['total_s']:.1f} s (clip generation {gen_s:.1f} s)")
     stem = out_dir / f"eval_bench_{device_slug(dev)}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report + "\n")
+    atomic_write_bytes(stem.with_suffix(".json"), json_bytes(results))
+    atomic_write_bytes(stem.with_suffix(".md"), (report + "\n").encode())
     print(f"results: {stem}.json")
     if not enc["checks_ok"]:
         sys.exit(1)

@@ -6,6 +6,9 @@
 #   memory  256+256 under an 80 GiB cap (an H100's budget), compiled, checkpointing every block or only the first
 #           8 / 6 / 4 of each tower: which fits, and how much faster than checkpointing all
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
+# Each part runs under its own time limit (STEP_S, LOADER_S, TRAIN_S per mode, MEMORY_S seconds), and the benchmarks
+# write their JSON after every row, so a part cut short still counts what it measured and the verdict always runs.
+# The limits add up to 540 s for the default parts and 360 s for the memory part: give the device tool 590 and 400.
 # Run from the repository root on the GPU machine:
 #
 #   OUT=/some/folder bash benchmarks/gpu_step.sh
@@ -22,6 +25,10 @@ BATCH="${BATCH:-128x128}"
 SETTLE="${SETTLE:-1000}"
 PARTS="${PARTS:-step loader train}"
 BIG="${BIG:-256x256}"
+STEP_S="${STEP_S:-360}"
+LOADER_S="${LOADER_S:-90}"
+TRAIN_S="${TRAIN_S:-45}"
+MEMORY_S="${MEMORY_S:-360}"
 for part in $PARTS; do
     case "$part" in step|loader|train|memory) ;; *) echo "gpu_step: unknown part $part (step, loader, train, memory)" >&2; exit 2;; esac
 done
@@ -39,38 +46,49 @@ status=0
 
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
+# run_part NAME LIMIT LOG COMMAND...: COMMAND (and its loader workers) stopped after LIMIT seconds, its output in LOG
+run_part() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    timeout -k 20 "$limit" "$@" 2>&1 | grep --line-buffered -v USDT | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "gpu_step: the $name part hit its time limit of $limit s; what it wrote before is kept" | tee -a "$log" >&2
+    fi
+    [ "$rc" = 0 ] || status=1
+}
+
 # (1) the step: naive vs ours (compiled), the teacher compiled too (the trainer's default), the batches as the loader
 #     hands them with the crop (and the JPEG decode) on the GPU, through the prefetcher, and CUDA graphs last (a
 #     variant that fails is recorded and the others still count); 2 profiled steps each
-wants step && { python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 \
-    --profile 2 --out "$OUT" \
-    --variants "naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,ours+compile+cteacher+devjpeg,\
-ours+compile+cteacher+graphs" \
-    2>&1 | grep -v USDT | tee "$OUT/step_variants.log" || status=1; }
+wants step && run_part step "$STEP_S" "$OUT/step_variants.log" \
+    python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
+    --out "$OUT" --variants "naive,ours+compile,ours+compile+cteacher,ours+compile+cteacher+devaug,\
+ours+compile+cteacher+devjpeg,ours+compile+cteacher+graphs"
 
 # (2) the loader with 6 workers (the issue's budget), each place the crop can run, at steady state; on the GPU the
 #     device's share per batch and its largest pixel difference to the CPU crop
-wants loader && { python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" \
-    --batches 8 --settle "$SETTLE" --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/loader_bench.log" || status=1; }
+wants loader && run_part loader "$LOADER_S" "$OUT/loader_bench.log" \
+    python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" --batches 8 \
+    --settle "$SETTLE" --model "$MODEL" --out "$OUT"
 
 # (3) train.main through the prefetcher's CUDA path, both device modes (tiny demo model, not compiled: a check)
 wants train && for mode in device device_jpeg; do
     rm -rf "/tmp/run_$mode"
-    python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json --teacher_weights "" \
-        --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train --val demo_output/shards/val \
-        --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 --wandb off --progress False \
-        --compile False --augment_on "$mode" --profile_steps 2 2>&1 | grep -v USDT | tail -6 \
-        | tee "$OUT/train_main_$mode.log" || status=1
+    run_part "train ($mode)" "$TRAIN_S" "$OUT/train_main_$mode.log" \
+        python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json \
+        --teacher_weights "" --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train \
+        --val demo_output/shards/val --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 \
+        --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2
     [ -f "/tmp/run_$mode/summary.json" ] || { echo "gpu_step: train.main ($mode) wrote no summary" >&2; status=1; }
     [ -f "/tmp/run_$mode/profile/rank0.json" ] || { echo "gpu_step: train.main ($mode) wrote no profile" >&2; status=1; }
 done
 
 # (4) memory: the largest batch the issue asks for, under an H100's 80 GiB, checkpointing only as many blocks as
 #     needed (the first 6 first: the likeliest to fit with the least recomputation); OOM rows are results too
-wants memory && { mkdir -p "$OUT/memory" && python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BIG" \
-    --steps 3 --warmup 1 --memory_gib 80 --out "$OUT/memory" \
-    --variants ours+compile+ckpt6,ours+compile+ckpt8,ours+compile+ckpt4,ours+compile+ckpt \
-    2>&1 | grep -v USDT | tee "$OUT/memory/step_variants.log" || status=1; }
+wants memory && mkdir -p "$OUT/memory" && run_part memory "$MEMORY_S" "$OUT/memory/step_variants.log" \
+    python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BIG" --steps 3 --warmup 1 --memory_gib 80 \
+    --out "$OUT/memory" --variants ours+compile+ckpt6,ours+compile+ckpt8,ours+compile+ckpt4,ours+compile+ckpt
 
 # the targets of issue 6 against this run's figures, and the defaults they suggest
 python3 -m benchmarks.issue6_verdict --out "$OUT" 2>&1 | tee "$OUT/verdict.log" || status=1

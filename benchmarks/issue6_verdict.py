@@ -115,8 +115,18 @@ def memory_lines(memory: dict, cap_gib: float = 80.0) -> tuple[list[str], str | 
     return lines, blocks or "True"  # "+ckpt" alone checkpoints every block
 
 
+def cut_short(part: str, record: dict) -> list[str]:
+    """A line for a part that stopped before its end (gpu_step.sh's time limit): judged on the rows it wrote."""
+    if record.get("complete", True):  # records from before the flag existed were written only when complete
+        return []
+    return [f"{part}: stopped before its end (time limit?); judged on the {len(record['rows'])} row(s) it wrote"]
+
+
 def verdict(step: dict | None, loader: dict | None, memory: dict | None) -> list[str]:
     lines = []
+    for part, record in (("step", step), ("loader", loader), ("memory", memory)):
+        lines += cut_short(part, record) if record else []
+    step, loader, memory = (r if r and r["rows"] else None for r in (step, loader, memory))  # nothing to judge
     if step:
         lines += step_lines(step)
     if loader:

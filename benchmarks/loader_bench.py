@@ -19,7 +19,6 @@ hands out, which is start-up, not the steady state.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -31,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.args import as_list
 from benchmarks.harness import resolve_device
-from pipeline.writer import iter_tar_samples
+from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
 from train.model import tokenizer_for
@@ -101,6 +100,20 @@ def main(
     tokenizer = tokenizer_for(model)
     transform = data.TrainTransform(size)
     rows = []
+    record = {
+        "cores": os.cpu_count(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "jpeg_limit_per_core": limit,
+        "frame_shape": shape,
+        "batch": batch,
+        "batches": batches,
+        "settle": settle,
+        "size": size,
+        "rows": rows,
+        "complete": False,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / "loader_bench.json"
     for mode in modes:
         for w in worker_list:
             stream = data.unlabeled_stream(shards, frames, transform, tokenizer, batch, seed=0, augment_on=mode)
@@ -125,6 +138,7 @@ def main(
                 row["device_videos_per_s"] = batch / seconds
                 row["max_pixel_diff_vs_cpu"] = diff
             rows.append(row)
+            atomic_write_bytes(path, json_bytes(record))  # after every row: a run cut short keeps what it measured
             device_note = (
                 f"; the device's share: {1e3 * row['device_s_per_batch']:.1f} ms per batch "
                 f"({row['device_videos_per_s']:.0f} videos/s) on {dev}"
@@ -139,19 +153,8 @@ def main(
                 flush=True,
             )
             del kept
-    Path(out).mkdir(parents=True, exist_ok=True)
-    record = {
-        "cores": os.cpu_count(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "jpeg_limit_per_core": limit,
-        "frame_shape": shape,
-        "batch": batch,
-        "batches": batches,
-        "settle": settle,
-        "size": size,
-        "rows": rows,
-    }
-    (Path(out) / "loader_bench.json").write_text(json.dumps(record, indent=1))
+    record["complete"] = True
+    atomic_write_bytes(path, json_bytes(record))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import json
 import math
 import os
 import platform
@@ -47,6 +46,7 @@ from benchmarks.args import as_list
 from pipeline import synthetic
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
+from pipeline.writer import atomic_write_bytes, json_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N_FRAMES = 4
@@ -595,8 +595,8 @@ def main(
     print(report)
     print(f"\ntotal {results['total_s']:.1f} s (clip generation {gen_s:.1f} s)")
     json_path = out_dir / "shard_bench_results.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "shard_bench_results.md").write_text(report + "\n")
+    atomic_write_bytes(json_path, json_bytes(results))
+    atomic_write_bytes(out_dir / "shard_bench_results.md", (report + "\n").encode())
     print(f"results: {json_path}")
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import random
 import re
 import statistics
@@ -50,6 +49,7 @@ from torchvision.io import encode_jpeg
 
 from benchmarks.args import as_list, parse_batches
 from benchmarks.harness import random_models, synthetic_batch
+from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
@@ -279,6 +279,19 @@ def main(
         flush=True,
     )
     rows = []
+    record = {
+        "device": name,
+        "torch": torch.__version__,
+        "model": model,
+        "frames": frames,
+        "per_video_flops": per_video,
+        "peak_measured_tflops": measured,
+        "peak_datasheet_tflops": datasheet,
+        "rows": rows,
+        "complete": False,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / f"step_variants_{name.lower().replace(' ', '-')}.json"
     pin = dev.type == "cuda"
     for n_lab, n_unl in batch_list:
         sizes = (n_lab, n_unl)
@@ -298,6 +311,8 @@ def main(
                 row["mfu_measured"] = row["tflops"] / measured if measured else None
                 row["mfu_datasheet"] = row["tflops"] / datasheet if datasheet else None
             rows.append(row)
+            # after every variant, atomically: a run stopped by a time limit still leaves what it measured
+            atomic_write_bytes(path, json_bytes(record))
             print(
                 f"  {row['batch']} {variant}: "
                 + ", ".join(
@@ -327,19 +342,8 @@ def main(
             f"{r['tflops']:.1f} | {mfu_m} | {mfu_d} | {r.get('peak_gib', float('nan')):.1f} | "
             f"{r['first_step_s']} | {r['first_loss']:.5f} |"
         )
-    Path(out).mkdir(parents=True, exist_ok=True)
-    record = {
-        "device": name,
-        "torch": torch.__version__,
-        "model": model,
-        "frames": frames,
-        "per_video_flops": per_video,
-        "peak_measured_tflops": measured,
-        "peak_datasheet_tflops": datasheet,
-        "rows": rows,
-    }
-    path = Path(out) / f"step_variants_{name.lower().replace(' ', '-')}.json"
-    path.write_text(json.dumps(record, indent=1))
+    record["complete"] = True
+    atomic_write_bytes(path, json_bytes(record))
     print(f"wrote {path}")
     failed = [r["variant"] for r in rows if r["status"] == "error"]
     if failed:

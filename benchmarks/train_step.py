@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -51,6 +50,7 @@ import torch
 
 from benchmarks.args import parse_batches
 from benchmarks.harness import synthetic_batch
+from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
 from train.model import image_size, tokenizer_for
@@ -138,7 +138,7 @@ def main(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"train_step_{device_slug(bench.device)}.json"
-    path.write_text(json.dumps(bench.record(configs, warmup, steps, rows), indent=1) + "\n")
+    atomic_write_bytes(path, json_bytes(bench.record(configs, warmup, steps, rows)))
     print()
     print(markdown_table(rows, bench.device, bool(bench.datasheet), bool(bench.measured)))
     print(f"\nwrote {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import TINY_CLIP, run_cli
 
 
@@ -18,6 +19,7 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     record = json.loads((tmp_path / "step_variants_cpu.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
     assert set(rows) == set(variants.split(","))
+    assert record["complete"] is True
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 and "profile" in r for r in rows.values())
     assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
@@ -43,6 +45,7 @@ def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
     record = json.loads((tmp_path / "loader_bench.json").read_text())
     rows = {r["augment_on"]: r for r in record["rows"]}
     assert set(rows) == {"loader", "device", "device_jpeg"}
+    assert record["complete"] is True
     assert all(r["videos_per_s"] > 0 for r in rows.values())
     assert rows["device"]["device_s_per_batch"] > 0 and rows["device_jpeg"]["device_s_per_batch"] > 0
 
@@ -113,3 +116,27 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     assert verdict(None, None, memory) == ["memory: not measured on cpu (no GPU memory figures)"]
     proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "none", check=False)
     assert proc.returncode != 0 and "gpu_step.sh" in proc.stderr
+
+
+def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_path):
+    """gpu_step.sh stops a part at its time limit: the JSON written after each variant still holds the ones done."""
+    from benchmarks import issue6_verdict, step_variants
+
+    def first_then_killed(variant, *args, **kwargs):
+        if variant != "naive":
+            raise KeyboardInterrupt  # what the time limit's signal does in the middle of the second variant
+        return {"variant": variant, "batch": "2x2", "status": "ok", "s_per_step": 0.5}
+
+    monkeypatch.setattr(step_variants, "run_variant", first_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        step_variants.main(model=str(TINY_CLIP), batches="2x2", variants="naive,ours", device="cpu", out=str(tmp_path))
+    record = json.loads((tmp_path / "step_variants_cpu.json").read_text())
+    assert record["complete"] is False and [r["variant"] for r in record["rows"]] == ["naive"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_variants_cpu.json"]  # no temporary file left
+    lines = issue6_verdict.verdict(record, None, None)
+    assert lines[0] == "step: stopped before its end (time limit?); judged on the 1 row(s) it wrote"
+    assert "step: no variant but naive ran" in lines
+    empty = {"device": "cuda", "rows": [], "complete": False}  # stopped inside its first variant
+    assert issue6_verdict.verdict(None, None, empty) == [
+        "memory: stopped before its end (time limit?); judged on the 0 row(s) it wrote"
+    ]
