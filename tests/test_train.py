@@ -144,6 +144,45 @@ def test_resume_auto_continues_from_latest(train_shards, tmp_path):
     assert resumed["optimizer"]["state"][0]["step"] == first["optimizer"]["state"][0]["step"] + 2
 
 
+def test_resume_from_a_named_checkpoint_and_refusals_of_files_that_cannot_resume(train_shards, tmp_path):
+    """--resume PATH continues another folder's run; weights-only files and another model's run are refused
+    with the fix, before anything is written into the new OUT."""
+    first = tmp_path / "first"
+    loop.run(tiny_config(train_shards, first, steps=2, fuse=True))
+    summary = loop.run(tiny_config(train_shards, tmp_path / "next", steps=4, resume=str(first / checkpoint.LATEST)))
+    assert summary["steps"] == 4
+    assert torch.load(tmp_path / "next" / checkpoint.LATEST, weights_only=True)["step"] == 4
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for name, message in (
+        (first / checkpoint.BEST, "not a training checkpoint (no optimizer"),
+        (first / checkpoint.FUSED, "not a training checkpoint (no step, student"),
+        (tmp_path / "notes.txt", "not a checkpoint torch can load"),
+    ):
+        out = tmp_path / f"from_{name.stem}"
+        proc = run_cli("train.main", *cli_args(train_shards, out, resume=name), check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()  # refused before the folder was made
+
+    wider = json.loads(TINY_CLIP.read_text())
+    wider["vision_cfg"]["layers"] = 3
+    (tmp_path / "tiny-clip-3.json").write_text(json.dumps(wider))
+    other = tmp_path / "other"
+    with pytest.raises(checkpoint.CheckpointError, match=f"trained with --model {TINY_CLIP}.*resblocks.2"):
+        loop.run(
+            tiny_config(train_shards, other, model=str(tmp_path / "tiny-clip-3.json"), resume=str(first / "latest.pt"))
+        )
+    assert not (other / "config.json").exists() and not (other / checkpoint.LATEST).exists()
+
+
+def test_a_second_run_into_one_folder_is_refused(tmp_path):
+    held = checkpoint.lock_run(tmp_path)
+    with pytest.raises(FileExistsError, match="another train.main run is writing"):
+        checkpoint.lock_run(tmp_path)
+    held.close()  # the first run ends: the folder is free again
+    checkpoint.lock_run(tmp_path).close()
+
+
 def test_non_finite_loss_skips_the_step_and_keeps_the_weights(train_shards, tmp_path, monkeypatch):
     cfg = tiny_config(train_shards, tmp_path / "run")
     (tmp_path / "run").mkdir()

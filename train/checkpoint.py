@@ -17,6 +17,12 @@ from pathlib import Path
 import torch
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
+# what restoring a run needs (train.loop.restore); best.pt and fitclip.pt lack the optimizer's state and the rest
+RESUMABLE_KEYS = ("step", "student", "optimizer", "scheduler", "rng", "best_val_loss", "skipped_steps")
+
+
+class CheckpointError(ValueError):
+    """A --resume file that cannot continue a run (not a training checkpoint, or another model's)."""
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -60,20 +66,43 @@ def resume_path(out: str | Path, resume: str) -> Path | None:
     Raises:
         FileExistsError: a fresh run into a folder that already holds a run.
         FileNotFoundError: an explicit path that does not exist.
+        CheckpointError: a file that cannot continue a run (see :func:`check_resumable`).
     """
     out = Path(out)
     if resume == "auto":
         latest = out / LATEST
-        return latest if latest.is_file() else None
+        return check_resumable(latest) if latest.is_file() else None
     if resume:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        return Path(resume)
+        return check_resumable(Path(resume))
     if (out / LATEST).exists():
         raise FileExistsError(
             f"{out} already holds a run ({LATEST}); pass --resume auto to continue it, or choose another --out"
         )
     return None
+
+
+def check_resumable(path: Path) -> Path:
+    """``path`` if it holds everything a run resumes from; else a :class:`CheckpointError` that names the fix.
+
+    Checked before anything is built or written (memory-mapped: the tensors are not read), so a wrong file costs
+    neither the minutes of building the models nor a half-made OUT folder.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a torch zip file, truncated, or holding objects weights_only refuses
+        raise CheckpointError(
+            f"--resume {path}: not a checkpoint torch can load ({type(e).__name__}); pass the latest.pt of a "
+            "train.main run"
+        ) from None
+    missing = [k for k in RESUMABLE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"--resume {path}: not a training checkpoint (no {', '.join(missing)}). --resume continues a run from "
+            f"its {LATEST}; {BEST} and {FUSED} hold weights only (evaluate them with eval.run --weights)"
+        )
+    return path
 
 
 def lock_run(out: Path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.writer import atomic_write_bytes, json_bytes
 from train import checkpoint, data, distributed
 from train.config import TrainConfig
 from train.fuse import fuse_state_dicts, teacher_state_dict
@@ -244,8 +245,18 @@ def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -
 
 def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> None:
     state = checkpoint.load(path)
-    models.student.clip.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        models.student.clip.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as e:  # torch's mismatch errors list every tensor: say first what to do
+        trained = state.get("config", {}).get("model", "?")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines[1:] if "for CLIP" not in line), lines[0] if lines else "")
+        raise checkpoint.CheckpointError(
+            f"--resume {path} holds a student of another architecture or optimizer layout than this run's "
+            f"(it was trained with --model {trained}): resume with the --model and recipe it was trained with "
+            f"(torch: {first[:200]})"
+        ) from None
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     progress.step = state["step"]
@@ -276,7 +287,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     torch.manual_seed(cfg.seed + dist.rank)
     if distributed.is_main():
         print("train.main config:\n" + json.dumps(cfg.to_dict(), indent=1))
-        (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     models = build_models(cfg, dist)
     optimizer, scheduler = build_optimizer(models.student, cfg, dist.device)
     progress = Progress()
@@ -284,6 +294,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         restore(resume_from, models, optimizer, scheduler, progress)
         if distributed.is_main():
             print(f"resumed from {resume_from} at step {progress.step}")
+    if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
+        atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
     tokenizer = tokenizer_for(cfg.model)
     size = cfg.crop or image_size(models.student.clip)
     transform = data.TrainTransform(size, cfg.crop_scale)
@@ -434,7 +446,7 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict
             checkpoint.atomic_save(fused, out / checkpoint.FUSED)
             summary["fused"] = str(out / checkpoint.FUSED)
             print(f"fused best.pt with the teacher (alpha {cfg.alpha}) -> {out / checkpoint.FUSED}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1, default=str) + "\n").encode())
     distributed.barrier()
     return summary
 

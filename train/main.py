@@ -17,6 +17,7 @@ import sys
 import fire
 
 from train import config as config_module
+from train.checkpoint import CheckpointError
 from train.config import TrainConfig, resolve
 from train.data import DataError
 from train.model import WeightsError
@@ -28,11 +29,11 @@ def main(recipe: str = "paper", **flags) -> None:
         cfg = resolve(recipe, **flags)
     except (ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
-    from train.loop import run  # torch and open_clip load only once the flags are valid
+    from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
     try:
         run(cfg)
-    except (DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 
