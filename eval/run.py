@@ -33,7 +33,15 @@ from eval.prompts import class_prompts
 from eval.suites import SUITES
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
-from train.model import create_clip, image_size, load_state_dict, register_model, tokenizer_for
+from train.model import (
+    check_weights,
+    create_clip,
+    image_size,
+    is_weights_file,
+    load_state_dict,
+    register_model,
+    tokenizer_for,
+)
 
 
 @dataclass(frozen=True)
@@ -71,13 +79,40 @@ def default_name(weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", stem).strip("._") or "model"
 
 
+def parse_fuse(weights: str) -> tuple[str, str, float]:
+    """``fuse:TEACHER:STUDENT:ALPHA`` -> (teacher, student, alpha); a ValueError that shows the form otherwise."""
+    parts = weights[len("fuse:") :].rsplit(":", 1)
+    teacher, _, student = parts[0].partition(":")
+    try:
+        alpha = float(parts[1]) if len(parts) == 2 else float("nan")
+    except ValueError:
+        alpha = float("nan")
+    if not (teacher and student and 0.0 <= alpha <= 1.0):
+        raise ValueError(
+            f"--weights {weights}: write fuse:TEACHER:STUDENT:ALPHA with ALPHA in [0, 1] "
+            "(e.g. fuse:openai:runs/fitclip/best.pt:0.4)"
+        )
+    return teacher, student, alpha
+
+
+def check_entry(model: str, weights: str) -> None:
+    """Fail before the frame cache is built (minutes to hours) on a weights entry that cannot load."""
+    if weights.startswith("fuse:"):
+        teacher, student, _ = parse_fuse(weights)
+        check_weights(model, teacher)
+        if not is_weights_file(student):
+            raise ValueError(f"--weights {weights}: the student ({student}) must be a weights file")
+        check_weights(model, student)
+    else:
+        check_weights(model, weights)
+
+
 def load_model(model: str, weights: str, device: torch.device) -> torch.nn.Module:
     """An eval-mode CLIP: a tag, a file, or ``fuse:TEACHER:STUDENT:ALPHA``."""
     if weights.startswith("fuse:"):
-        rest, alpha = weights[len("fuse:") :].rsplit(":", 1)
-        teacher, student = rest.split(":", 1)
+        teacher, student, alpha = parse_fuse(weights)
         teacher_sd = create_clip(model, teacher).state_dict()
-        fused = fuse_state_dicts(teacher_sd, load_state_dict(student), float(alpha))
+        fused = fuse_state_dicts(teacher_sd, load_state_dict(student), alpha)
         clip = create_clip(model, "")
         clip.load_state_dict(fused)
         return clip.to(device).eval()
@@ -257,6 +292,8 @@ def main(
             raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
         if didemo_split not in ("test", "val"):
             raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
+        for _, entry in models:  # files exist and load, tags are known, before any video is decoded
+            check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     cfg = EvalConfig(

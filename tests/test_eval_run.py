@@ -118,7 +118,14 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
     from eval import run
 
     root, _, w = bench
+    (tmp_path / "notes.pt").write_text("not weights")
     for args, message in (
+        # weights are checked before any video is decoded: a typo in the last entry costs seconds, not the cache
+        ({"weights": f"{w['teacher']},{tmp_path / 'typo.pt'}"}, "weights file not found"),
+        ({"weights": "openai"}, "neither a weights file nor a pretrained tag of tiny-clip"),
+        ({"weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
+        ({"weights": f"fuse:{w['teacher']}:{w['student']}"}, "write fuse:TEACHER:STUDENT:ALPHA"),
+        ({"alpha_sweep": "0,1.5", "teacher": str(w["teacher"]), "student": str(w["student"])}, "ALPHA in [0, 1]"),
         ({"suite": "nope"}, "--suite"),
         ({"datasets": "kinetics"}, "unknown dataset"),
         ({"weights": f"{w['teacher']},{w['student']}", "names": "one"}, "--names has 1"),
@@ -127,10 +134,12 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"model": "ViT-B-16-typo"}, "quickgelu"),
         ({"weights": str(w["teacher"]), "names": "a/b"}, "no slashes"),
     ):
-        kwargs = {"model": str(TINY_CLIP), "data_root": str(root / "data"), "out": str(tmp_path / "o"), **args}
+        kwargs = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "data_root": str(root / "data"), **args}
+        kwargs["out"] = str(tmp_path / "o")
         with pytest.raises(SystemExit) as e:
             run.main(**kwargs)
         assert message in str(e.value.code), (args, e.value.code)
+        assert not (tmp_path / "o").exists(), args  # nothing decoded, nothing written
 
 
 @pytest.mark.slow

@@ -91,6 +91,25 @@ def test_cli_rejects_bad_input_before_work(tmp_path):
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "pipeline" in proc.stderr
 
 
+def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shards, tmp_path):
+    from train.main import main
+
+    (tmp_path / "notes.pt").write_text("not weights")
+    (tmp_path / "broken.json").write_text('{"embed_dim": ')
+    for flags, message in (
+        ({"model": "ViT-B-16-typo"}, "neither an open_clip model name nor a .json config"),
+        ({"model": str(tmp_path / "broken.json")}, "not a valid model-config JSON"),
+        ({"teacher_weights": str(tmp_path / "runs" / "best.pt")}, "weights file not found"),
+        ({"teacher_weights": "openai_typo"}, "neither a weights file nor a pretrained tag of tiny-clip"),
+        ({"teacher_weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
+    ):
+        out = tmp_path / "run"
+        with pytest.raises(SystemExit) as e:
+            main("demo", **{**tiny_run(train_shards, out), **flags})
+        assert message in str(e.value.code), (flags, e.value.code)
+        assert not out.exists(), flags
+
+
 def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):
     out = tmp_path / "run"
     summary = loop.run(tiny_config(train_shards, out))

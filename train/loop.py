@@ -28,6 +28,7 @@ from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.metrics import retrieval_metrics
 from train.model import (
     VideoTextModel,
+    check_weights,
     checkpoint_blocks,
     create_clip,
     freeze,
@@ -269,6 +270,7 @@ def run(cfg: TrainConfig) -> dict:
     """Train, validate, checkpoint and fuse as ``cfg`` says. Returns the final summary (also OUT/summary.json)."""
     for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
         data.list_shards(folder)  # a clear error for a missing or empty folder, before any model is built
+    check_weights(cfg.model, cfg.teacher_weights)  # a missing file or unknown tag, before the download and OUT
     dist = distributed.init_distributed(cfg.device)
     out = Path(cfg.out)
     resume_from = checkpoint.resume_path(out, cfg.resume)  # before anything is written into OUT

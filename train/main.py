@@ -20,14 +20,15 @@ from train import config as config_module
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, resolve
 from train.data import DataError
-from train.model import WeightsError
+from train.model import WeightsError, register_model
 
 
 def main(recipe: str = "paper", **flags) -> None:
     flags = {k: v for k, v in flags.items() if v is not None}  # None: not given on the command line
     try:
         cfg = resolve(recipe, **flags)
-    except (ValueError, TypeError) as e:
+        register_model(cfg.model)  # an unknown --model name or a missing/broken config JSON, before any work
+    except (ValueError, TypeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 

@@ -34,7 +34,10 @@ def register_model(model: str) -> str:
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"--model {model}: no such model-config JSON")
-        json.loads(path.read_text())  # a clear error for a broken file, before open_clip's
+        try:
+            json.loads(path.read_text())  # a clear error for a broken file, before open_clip's
+        except ValueError as e:
+            raise ValueError(f"--model {model}: not a valid model-config JSON ({e})") from None
         open_clip.add_model_config(str(path))
         return path.stem
     if model not in open_clip.list_models():
@@ -45,12 +48,13 @@ def register_model(model: str) -> str:
     return model
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a file: a plain state dict (.pt/.bin/.safetensors), or one of our checkpoints.
 
     Checkpoints written by ``train.main`` hold the student under ``"student"``;
     ``{"state_dict": ...}`` files and DDP's ``module.`` prefixes are handled too.
-    Loaded with ``weights_only=True``: no code is executed.
+    Loaded with ``weights_only=True``: no code is executed. ``mmap``: map the file's
+    tensors instead of reading them (a cheap check of a file, see :func:`check_weights`).
     """
     path = Path(path)
     if not path.is_file():
@@ -58,23 +62,54 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # e.g. OpenAI's TorchScript archive
-            raise ValueError(
-                f"{path} is not a state dict loadable with weights_only=True ({e}); for OpenAI weights "
-                "offline, pass open_clip's safetensors file or use the 'openai' tag with a filled "
-                "HF cache (HF_HUB_OFFLINE=1)"
-            ) from e
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # e.g. OpenAI's TorchScript archive, or not a torch file at all
+            raise WeightsError(
+                f"{path} is not a state dict torch can load with weights_only=True ({type(e).__name__}); pass a "
+                ".pt/.safetensors state dict or a train.main checkpoint. For OpenAI weights offline, pass "
+                "open_clip's safetensors file or use the 'openai' tag with a filled HF cache (HF_HUB_OFFLINE=1)"
+            ) from None
     for key in ("student", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether a weights entry names a file (else it is an open_clip pretrained tag)."""
+    path = Path(weights)
+    return path.suffix in WEIGHT_SUFFIXES or path.exists() or "/" in weights
+
+
+def check_weights(model: str, weights: str) -> None:
+    """Fail fast, before any long work, on weights that cannot load.
+
+    A file must exist and hold a state dict (mapped, not read); a tag must be one open_clip
+    knows for ``model`` (not fetched). Weights of another architecture are found only when
+    loaded. "" (random initialisation) always passes.
+    """
+    if not weights:
+        return
+    name = register_model(model)
+    if is_weights_file(weights):
+        load_state_dict(weights, mmap=True)
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if weights not in tags:
+        known = ", ".join(tags) if tags else "none"
+        raise WeightsError(
+            f"{weights!r} is neither a weights file nor a pretrained tag of {name} (its tags: {known}); "
+            "pass a .pt/.safetensors file or one of the tags"
+        )
 
 
 def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -86,7 +121,7 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
             fetched from the HF Hub or its cache); or a path to a state dict / checkpoint file.
     """
     name = register_model(model)
-    is_file = bool(weights) and (Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).exists())
+    is_file = bool(weights) and is_weights_file(weights)
     tag = None if is_file or not weights else weights
     try:
         with _quiet_open_clip():  # it warns "no pretrained weights loaded" when we load them ourselves
