@@ -64,6 +64,13 @@ def test_mismatched_weights_are_refused(tmp_path):
     torch.save({"visual.proj": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="does not fit"):
         create_clip(str(TINY_CLIP), str(path))
+    wrong = create_clip(str(TINY_CLIP)).state_dict()
+    wrong["visual.proj"], wrong["text_projection"] = torch.zeros(3, 3), torch.zeros(2, 2)  # another model's shapes
+    torch.save(wrong, path)
+    with pytest.raises(
+        ValueError, match=r"does not fit tiny-clip \(size mismatch for .* and 1 more\): pass the --model"
+    ):
+        create_clip(str(TINY_CLIP), str(path))
 
 
 def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():

@@ -34,6 +34,7 @@ from train.model import (
     freeze,
     image_size,
     load_state_dict,
+    mismatch_summary,
     tokenizer_for,
 )
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
@@ -251,12 +252,10 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as e:  # torch's mismatch errors list every tensor: say first what to do
         trained = state.get("config", {}).get("model", "?")
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        first = next((line for line in lines[1:] if "for CLIP" not in line), lines[0] if lines else "")
         raise checkpoint.CheckpointError(
             f"--resume {path} holds a student of another architecture or optimizer layout than this run's "
             f"(it was trained with --model {trained}): resume with the --model and recipe it was trained with "
-            f"(torch: {first[:200]})"
+            f"(torch: {mismatch_summary(e)})"
         ) from None
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])

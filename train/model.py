@@ -84,6 +84,16 @@ def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def mismatch_summary(error: Exception) -> str:
+    """One line for torch's load_state_dict error, which lists every mismatched tensor on lines of its own."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
+    if not details:
+        return lines[0][:200] if lines else type(error).__name__
+    more = f" and {len(details) - 1} more" if len(details) > 1 else ""
+    return f"{details[0][:200]}{more}"
+
+
 def is_weights_file(weights: str) -> bool:
     """Whether a weights entry names a file (else it is an open_clip pretrained tag)."""
     path = Path(weights)
@@ -141,7 +151,9 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
         try:
             missing, unexpected = clip.load_state_dict(load_state_dict(weights), strict=False)
         except RuntimeError as e:  # shape mismatches
-            raise WeightsError(f"{weights} does not fit {name}: {str(e)[:500]}") from e
+            raise WeightsError(
+                f"{weights} does not fit {name} ({mismatch_summary(e)}): pass the --model they were trained with"
+            ) from None
         if missing or unexpected:
             raise WeightsError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return clip.to(device)
