@@ -19,6 +19,8 @@ from train.fuse import fuse_state_dicts
 from train.metrics import retrieval_metrics
 from train.model import (
     VideoTextModel,
+    WeightsError,
+    check_weights,
     checkpoint_blocks,
     create_clip,
     encode_video,
@@ -71,6 +73,19 @@ def test_mismatched_weights_are_refused(tmp_path):
         ValueError, match=r"does not fit tiny-clip \(size mismatch for .* and 1 more\): pass the --model"
     ):
         create_clip(str(TINY_CLIP), str(path))
+
+
+def test_weights_are_checked_without_reading_or_fetching_them(tmp_path):
+    check_weights("ViT-B-16-quickgelu", "OpenAI")  # open_clip's own tag normalisation (case, - for _)
+    check_weights("ViT-B-16", "laion2b-s34b-b88k")
+    check_weights(str(TINY_CLIP), "")  # random initialisation
+    with pytest.raises(WeightsError, match="nor a pretrained tag of ViT-B-16-quickgelu .its tags: openai"):
+        check_weights("ViT-B-16-quickgelu", "laion2b_s34b_b88k")  # a tag of plain ViT-B-16 only
+    with pytest.raises(FileNotFoundError):
+        check_weights(str(TINY_CLIP), "runs/x/best")  # a path, even without a suffix, is a file and not a tag
+    path = tmp_path / "w.pt"
+    torch.save({"student": create_clip(str(TINY_CLIP)).state_dict(), "step": 1}, path)
+    check_weights(str(TINY_CLIP), str(path))
 
 
 def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():

@@ -114,7 +114,7 @@ def check_weights(model: str, weights: str) -> None:
         load_state_dict(weights, mmap=True)
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
-    if weights not in tags:
+    if weights.lower().replace("-", "_") not in tags:  # open_clip's own normalisation: OpenAI, laion2b-s34b-b88k
         known = ", ".join(tags) if tags else "none"
         raise WeightsError(
             f"{weights!r} is neither a weights file nor a pretrained tag of {name} (its tags: {known}); "
