@@ -152,11 +152,15 @@ def test_a_run_with_the_crop_on_the_device(train_shards, tmp_path, augment_on):
     assert math.isfinite(summary["best_val_loss"])
 
 
-def test_resume_auto_continues_from_latest(train_shards, tmp_path):
+def test_resume_auto_continues_from_latest(train_shards, tmp_path, capsys):
     out = tmp_path / "run"
     loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
     first = torch.load(out / checkpoint.LATEST, weights_only=True)
+    capsys.readouterr()
     summary = loop.run(tiny_config(train_shards, out, steps=4, resume="auto"))
+    assert "note: this run's flags differ from the checkpoint's: --steps 2 -> 4, --fuse False -> True" in (
+        capsys.readouterr().out
+    )
     assert summary["steps"] == 4
     resumed = torch.load(out / checkpoint.LATEST, weights_only=True)
     assert resumed["step"] == 4

@@ -245,7 +245,17 @@ def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -
         )
 
 
-def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> None:
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The flags whose values differ between a checkpoint's config and this run's (``--resume`` always does)."""
+    return [
+        f"--{k} {saved[k]!r} -> {current[k]!r}"
+        for k in current
+        if k != "resume" and k in saved and saved[k] != current[k]
+    ]
+
+
+def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> dict:
+    """Load a run's state from ``path`` into the models, optimizer, scheduler and progress; returns its config."""
     state = checkpoint.load(path)
     try:
         models.student.clip.load_state_dict(state["student"])
@@ -263,6 +273,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.best_val_loss = state["best_val_loss"]
     progress.skipped_steps = state["skipped_steps"]
     progress.dropped_samples = state.get("dropped_samples", 0)
+    return state.get("config", {})
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -292,9 +303,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     optimizer, scheduler = build_optimizer(models.student, cfg, dist.device)
     progress = Progress()
     if resume_from is not None:
-        restore(resume_from, models, optimizer, scheduler, progress)
+        saved = restore(resume_from, models, optimizer, scheduler, progress)
         if distributed.is_main():
             print(f"resumed from {resume_from} at step {progress.step}")
+            changes = config_changes(saved, cfg.to_dict())
+            if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
+                print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
     tokenizer = tokenizer_for(cfg.model)
