@@ -187,9 +187,9 @@ def test_resume_from_a_named_checkpoint_and_refusals_of_files_that_cannot_resume
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()  # refused before the folder was made
 
-    wider = json.loads(TINY_CLIP.read_text())
-    wider["vision_cfg"]["layers"] = 3
-    (tmp_path / "tiny-clip-3.json").write_text(json.dumps(wider))
+    deeper = json.loads(TINY_CLIP.read_text())
+    deeper["vision_cfg"]["layers"] = 3
+    (tmp_path / "tiny-clip-3.json").write_text(json.dumps(deeper))
     other = tmp_path / "other"
     with pytest.raises(checkpoint.CheckpointError, match=f"trained with --model {TINY_CLIP}.*resblocks.2"):
         loop.run(
