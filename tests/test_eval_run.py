@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CLIP, run_cli
+from conftest import REPO, TINY_CLIP, run_cli
 
 from eval.datasets.fixtures import MISSING, make_layouts, ucf101_missing_id
 from train.model import create_clip
@@ -124,6 +124,7 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"weights": f"{w['teacher']},{tmp_path / 'typo.pt'}"}, "weights file not found"),
         ({"weights": "openai"}, "neither a weights file nor a pretrained tag of tiny-clip"),
         ({"weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
+        ({"model": str(REPO / "train" / "model_configs" / "demo-clip.json")}, "does not fit demo-clip"),
         ({"weights": f"fuse:{w['teacher']}:{w['student']}"}, "write fuse:TEACHER:STUDENT:ALPHA"),
         ({"alpha_sweep": "0,1.5", "teacher": str(w["teacher"]), "student": str(w["student"])}, "ALPHA in [0, 1]"),
         ({"suite": "nope"}, "--suite"),

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP, run_cli
+from conftest import REPO, TINY_CLIP, run_cli
 
 from train import data
 from train.fuse import fuse_state_dicts
@@ -86,6 +86,9 @@ def test_weights_are_checked_without_reading_or_fetching_them(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"student": create_clip(str(TINY_CLIP)).state_dict(), "step": 1}, path)
     check_weights(str(TINY_CLIP), str(path))
+    demo = str(REPO / "train" / "model_configs" / "demo-clip.json")  # another architecture, checked on meta
+    with pytest.raises(WeightsError, match=r"does not fit demo-clip \(.* and \d+ more\): pass the --model"):
+        check_weights(demo, str(path))
 
 
 def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():

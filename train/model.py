@@ -84,6 +84,33 @@ def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def expected_shapes(name: str) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of a registered model's state dict, from a build on the meta device (no memory, ~50 ms for
+    ViT-B/16); None if this model cannot be built there (the check is then left to loading)."""
+    try:
+        with torch.device("meta"), _quiet_open_clip():
+            clip = open_clip.create_model(name, device="meta")
+    except Exception:
+        return None
+    return {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+
+
+def fit_problem(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]] | None) -> str:
+    """ "" if ``state`` fits a model of these shapes (as strict loading needs), else the first misfit and a count."""
+    if shapes is None:
+        return ""
+    problems = [f"{k} missing" for k in shapes if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in shapes]
+    problems += [
+        f"{k} is {tuple(state[k].shape)}, the model's {shapes[k]}"
+        for k in shapes
+        if k in state and tuple(state[k].shape) != shapes[k]
+    ]
+    if not problems:
+        return ""
+    return problems[0] + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+
+
 def mismatch_summary(error: Exception) -> str:
     """One line for torch's load_state_dict error, which lists every mismatched tensor on lines of its own."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -103,15 +130,17 @@ def is_weights_file(weights: str) -> bool:
 def check_weights(model: str, weights: str) -> None:
     """Fail fast, before any long work, on weights that cannot load.
 
-    A file must exist and hold a state dict (mapped, not read); a tag must be one open_clip
-    knows for ``model`` (not fetched). Weights of another architecture are found only when
-    loaded. "" (random initialisation) always passes.
+    A file must exist and hold a state dict (mapped, not read) whose names and shapes fit ``model``
+    (built on the meta device); a tag must be one open_clip knows for ``model`` (not fetched).
+    "" (random initialisation) always passes.
     """
     if not weights:
         return
     name = register_model(model)
     if is_weights_file(weights):
-        load_state_dict(weights, mmap=True)
+        problem = fit_problem(load_state_dict(weights, mmap=True), expected_shapes(name))
+        if problem:
+            raise WeightsError(f"{weights} does not fit {name} ({problem}): pass the --model they were trained with")
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if weights.lower().replace("-", "_") not in tags:  # open_clip's own normalisation: OpenAI, laion2b-s34b-b88k
