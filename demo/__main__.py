@@ -24,6 +24,7 @@ from pathlib import Path
 import fire
 
 from demo.world import UCF_CLASSES
+from pipeline.writer import atomic_write_bytes, json_bytes
 
 MODEL = str(Path(__file__).resolve().parents[1] / "train" / "model_configs" / "demo-clip.json")
 
@@ -80,7 +81,7 @@ def make_world(root: Path, sizes: Sizes) -> None:
     world.write_webvid(root / "world" / "val", sizes.val_videos, seed=2)
     world.write_ucf101(root / "world" / "bench" / "ucf101", sizes.ucf_per_class, seed=3)
     world.write_msrvtt(root / "world" / "bench" / "msrvtt", sizes.msrvtt_videos, seed=4)
-    done.write_text(json.dumps({"sizes": sizes.__dict__, "seconds": round(time.perf_counter() - start, 1)}))
+    atomic_write_bytes(done, json_bytes({"sizes": sizes.__dict__, "seconds": round(time.perf_counter() - start, 1)}))
 
 
 def make_teacher(root: Path, sizes: Sizes) -> Path:

@@ -19,6 +19,7 @@ import fire
 import torch
 
 from pipeline.frames import FrameError, decode_frames
+from pipeline.writer import atomic_write_bytes
 from train.data import EvalTransform
 from train.distributed import init_distributed
 from train.model import create_clip, encode_text, encode_video, image_size, tokenizer_for
@@ -117,7 +118,7 @@ def main(
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["video"])
         writer.writeheader()
         writer.writerows(rows)
-        Path(out).write_text(buffer.getvalue())
+        atomic_write_bytes(out, buffer.getvalue().encode("utf-8"))  # a crash never leaves half a CSV
         print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.writer import atomic_write_bytes
 from train.config import TrainConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU model name, from the vendors' datasheets.
@@ -140,7 +141,7 @@ def _run_id(out: str) -> str:
 
     run_id = uuid.uuid4().hex[:12]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id)
+    atomic_write_bytes(path, run_id.encode())  # a torn id would start a new W&B run on resume
     return run_id
 
 
