@@ -31,10 +31,11 @@ from train.model import (
     check_weights,
     checkpoint_blocks,
     create_clip,
+    fit_problem,
     freeze,
     image_size,
     load_state_dict,
-    mismatch_summary,
+    state_shapes,
     tokenizer_for,
 )
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
@@ -257,16 +258,20 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> dict:
     """Load a run's state from ``path`` into the models, optimizer, scheduler and progress; returns its config."""
     state = checkpoint.load(path)
-    try:
+    problem = fit_problem(state["student"], state_shapes(models.student.clip))
+    if not problem:
         models.student.clip.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError) as e:  # torch's mismatch errors list every tensor: say first what to do
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # parameter groups of another model or recipe
+            problem = str(e)
+    if problem:
         trained = state.get("config", {}).get("model", "?")
         raise checkpoint.CheckpointError(
             f"--resume {path} holds a student of another architecture or optimizer layout than this run's "
             f"(it was trained with --model {trained}): resume with the --model and recipe it was trained with "
-            f"(torch: {mismatch_summary(e)})"
-        ) from None
+            f"({problem})"
+        )
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     progress.step = state["step"]

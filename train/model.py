@@ -92,7 +92,12 @@ def expected_shapes(name: str) -> dict[str, tuple[int, ...]] | None:
             clip = open_clip.create_model(name, device="meta")
     except Exception:
         return None
-    return {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+    return state_shapes(clip)
+
+
+def state_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in ``module``'s state dict, by name (what :func:`fit_problem` compares)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def fit_problem(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]] | None) -> str:
@@ -102,23 +107,13 @@ def fit_problem(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...
     problems = [f"{k} missing" for k in shapes if k not in state]
     problems += [f"{k} unexpected" for k in state if k not in shapes]
     problems += [
-        f"{k} is {tuple(state[k].shape)}, the model's {shapes[k]}"
+        f"size mismatch for {k}: {tuple(state[k].shape)} in the weights, {shapes[k]} in the model"
         for k in shapes
         if k in state and tuple(state[k].shape) != shapes[k]
     ]
     if not problems:
         return ""
     return problems[0] + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
-
-
-def mismatch_summary(error: Exception) -> str:
-    """One line for torch's load_state_dict error, which lists every mismatched tensor on lines of its own."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
-    if not details:
-        return lines[0][:200] if lines else type(error).__name__
-    more = f" and {len(details) - 1} more" if len(details) > 1 else ""
-    return f"{details[0][:200]}{more}"
 
 
 def is_weights_file(weights: str) -> bool:
@@ -177,14 +172,11 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
             "on a connected machine and set HF_HUB_OFFLINE=1"
         ) from e
     if is_file:
-        try:
-            missing, unexpected = clip.load_state_dict(load_state_dict(weights), strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise WeightsError(
-                f"{weights} does not fit {name} ({mismatch_summary(e)}): pass the --model they were trained with"
-            ) from None
-        if missing or unexpected:
-            raise WeightsError(f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        state = load_state_dict(weights)
+        problem = fit_problem(state, state_shapes(clip))
+        if problem:
+            raise WeightsError(f"{weights} does not fit {name} ({problem}): pass the --model they were trained with")
+        clip.load_state_dict(state)
     return clip.to(device)
 
 
