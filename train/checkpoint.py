@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from train.model import expected_shapes, fit_problem, register_model
+
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
 # what restoring a run needs (train.loop.restore); best.pt and fitclip.pt lack the optimizer's state and the rest
 RESUMABLE_KEYS = ("step", "student", "optimizer", "scheduler", "rng", "best_val_loss", "skipped_steps")
@@ -60,8 +62,11 @@ def load(path: str | Path) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
-def resume_path(out: str | Path, resume: str) -> Path | None:
+def resume_path(out: str | Path, resume: str, model: str = "") -> Path | None:
     """The checkpoint to resume from: ``auto`` -> OUT/latest.pt if it exists; a path; or None (fresh run).
+
+    ``model``: this run's --model, to refuse another model's checkpoint here rather than after the models are
+    built; "" skips that check.
 
     Raises:
         FileExistsError: a fresh run into a folder that already holds a run.
@@ -71,11 +76,11 @@ def resume_path(out: str | Path, resume: str) -> Path | None:
     out = Path(out)
     if resume == "auto":
         latest = out / LATEST
-        return check_resumable(latest) if latest.is_file() else None
+        return check_resumable(latest, model) if latest.is_file() else None
     if resume:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        return check_resumable(Path(resume))
+        return check_resumable(Path(resume), model)
     if (out / LATEST).exists():
         raise FileExistsError(
             f"{out} already holds a run ({LATEST}); pass --resume auto to continue it, or choose another --out"
@@ -83,8 +88,9 @@ def resume_path(out: str | Path, resume: str) -> Path | None:
     return None
 
 
-def check_resumable(path: Path) -> Path:
-    """``path`` if it holds everything a run resumes from; else a :class:`CheckpointError` that names the fix.
+def check_resumable(path: Path, model: str = "") -> Path:
+    """``path`` if it holds everything a run resumes from, with a student that fits ``model`` ("": any); else a
+    :class:`CheckpointError` that names the fix.
 
     Checked before anything is built or written (memory-mapped: the tensors are not read), so a wrong file costs
     neither the minutes of building the models nor a half-made OUT folder.
@@ -102,7 +108,21 @@ def check_resumable(path: Path) -> Path:
             f"--resume {path}: not a training checkpoint (no {', '.join(missing)}). --resume continues a run from "
             f"its {LATEST}; {BEST} and {FUSED} hold weights only (evaluate them with eval.run --weights)"
         )
+    problem = fit_problem(state["student"], expected_shapes(register_model(model))) if model else ""
+    if problem:
+        raise another_model(path, state, problem)
     return path
+
+
+def another_model(path: Path, state: dict, problem: str) -> CheckpointError:
+    """The refusal of a checkpoint whose student (or optimizer) does not fit this run's model: names the --model
+    it was trained with."""
+    trained = state.get("config", {}).get("model", "?")
+    return CheckpointError(
+        f"--resume {path} holds a student of another architecture or optimizer layout than this run's "
+        f"(it was trained with --model {trained}): resume with the --model and recipe it was trained with "
+        f"({problem})"
+    )
 
 
 def lock_run(out: Path):

@@ -265,13 +265,8 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:  # parameter groups of another model or recipe
             problem = str(e)
-    if problem:
-        trained = state.get("config", {}).get("model", "?")
-        raise checkpoint.CheckpointError(
-            f"--resume {path} holds a student of another architecture or optimizer layout than this run's "
-            f"(it was trained with --model {trained}): resume with the --model and recipe it was trained with "
-            f"({problem})"
-        )
+    if problem:  # a model that cannot be built on the meta device, or another optimizer layout
+        raise checkpoint.another_model(path, state, problem)
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     progress.step = state["step"]
@@ -288,7 +283,8 @@ def run(cfg: TrainConfig) -> dict:
     check_weights(cfg.model, cfg.teacher_weights)  # a missing file or unknown tag, before the download and OUT
     dist = distributed.init_distributed(cfg.device)
     out = Path(cfg.out)
-    resume_from = checkpoint.resume_path(out, cfg.resume)  # before anything is written into OUT
+    # before anything is built or written into OUT: a weights-only file, another model's run
+    resume_from = checkpoint.resume_path(out, cfg.resume, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     try:
