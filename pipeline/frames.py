@@ -23,6 +23,13 @@ from pathlib import Path
 import av
 from PIL import Image
 
+# Decoders that read ``skip_frame`` again for every packet, so unwanted non-reference frames can be skipped one
+# by one. Others read it once when they open (libdav1d for AV1: skipping the first packet would hide every
+# non-reference frame after it), so they decode everything.
+SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
+# PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
+_UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
 __all__ = [
     "ClipFrames",
     "FrameError",
@@ -51,7 +58,7 @@ class ClipFrames:
     timestamps: list[float]  # seconds from the start of the stream, the sampling instants t_k
     frame_times: list[float]  # seconds from the start, presentation time of each frame taken
     duration: float  # D, the stream's real duration in seconds (from packet timestamps)
-    width: int  # original (decoded) size
+    width: int  # original size as displayed (a phone video's rotation applied)
     height: int
 
 
@@ -96,6 +103,7 @@ class _Packet:
     pts: int  # stream time base
     end: int  # pts + duration
     keyframe: bool
+    discard: bool = False  # decoded as a reference but never shown: an MP4 edit list's pre-roll (a -c copy cut)
 
 
 def _open(source: str | Path | bytes) -> av.container.InputContainer:
@@ -130,11 +138,21 @@ def _index_packets(container: av.container.InputContainer, stream: av.VideoStrea
             pts = _pts(packet)
             if pts is None or packet.size == 0:  # flush packet, or no timestamp at all
                 continue
-            packets.append(_Packet(pts, pts + (packet.duration or 0), packet.is_keyframe))
+            packets.append(_Packet(pts, pts + (packet.duration or 0), packet.is_keyframe, packet.is_discard))
     except av.FFmpegError as e:
         raise FrameError("undecodable", f"demuxing failed after {len(packets)} packets: {e}") from e
     packets.sort(key=lambda p: p.pts)
     return packets
+
+
+def _shown(packets: list[_Packet]) -> list[_Packet]:
+    """The frames a player shows, by pts: not an edit list's pre-roll, and not before the first keyframe (a
+    stream cut mid-GOP starts with frames that reference pictures it lacks, which decoders drop)."""
+    shown = [p for p in packets if not p.discard]
+    keyframes = [p.pts for p in packets if p.keyframe]
+    if keyframes:  # some containers flag none (then every frame is taken as decodable)
+        shown = [p for p in shown if p.pts >= keyframes[0]]
+    return shown
 
 
 def _stream_duration(packets: list[_Packet], stream: av.VideoStream) -> tuple[int, int]:
@@ -156,31 +174,39 @@ def _decode_from(
     stream: av.VideoStream,
     keyframe_pts: int | None,
     wanted: set[int],
+    skip: bool = True,
 ) -> dict[int, av.VideoFrame]:
     """Decode forward (from the keyframe at ``keyframe_pts``, or from where the container is)
     until every pts in ``wanted`` has been seen.
 
-    Only wanted frames and reference frames are decoded: a non-reference frame
-    (H.264 ``nal_ref_idc == 0``, e.g. most B-frames) that is not wanted cannot
-    affect any other frame, so the decoder is told to skip it. This is exact and
-    saves about a third of the decoding on x264 output.
+    With ``skip``, only wanted frames and reference frames are decoded where the decoder allows it per packet
+    (:data:`SKIPS_PER_PACKET`): a non-reference frame (H.264 ``nal_ref_idc == 0``, e.g. most B-frames) that is
+    not wanted cannot affect any other frame, so the decoder is told to skip it. This is exact and saves about a
+    third of the decoding on x264 output.
     """
     if keyframe_pts is not None:
         container.seek(keyframe_pts, stream=stream, backward=True, any_frame=False)
     codec = stream.codec_context
+    skip = skip and codec.name in SKIPS_PER_PACKET
     found: dict[int, av.VideoFrame] = {}
     first_seen: int | None = None
+    previous = None
     last = max(wanted)
     for packet in container.demux(stream):
         pts = _pts(packet)
-        codec.skip_frame = "DEFAULT" if pts is None or pts in wanted else "NONREF"
+        if skip:
+            codec.skip_frame = "DEFAULT" if pts is None or pts in wanted else "NONREF"
         for frame in codec.decode(packet):
             pts = _pts(frame)
             if pts is None:
                 continue
+            if previous is not None and pts < previous:  # frames come out in display order: these are not pts
+                codec.skip_frame = "DEFAULT"
+                raise _NotPresentationTimes
+            previous = pts
             if first_seen is None:
                 first_seen = pts
-                if pts > min(wanted):  # the seek overshot (inexact in e.g. MPEG-TS)
+                if keyframe_pts is not None and pts > min(wanted):  # the seek overshot (inexact in e.g. MPEG-TS)
                     return found
             if pts in wanted:
                 found[pts] = frame
@@ -188,6 +214,22 @@ def _decode_from(
                 codec.skip_frame = "DEFAULT"
                 return found
     codec.skip_frame = "DEFAULT"
+    return found
+
+
+class _NotPresentationTimes(Exception):
+    """Decoded frames' timestamps go backwards: the container's are decoding-order stamps (H.264 with B-frames
+    in AVI, which has no presentation times), so frames must be matched by their output order."""
+
+
+def _in_output_order(container, stream: av.VideoStream, order: list[int], wanted: set[int]) -> dict[int, av.VideoFrame]:
+    """Decode from the start, every frame: the k-th frame out (display order) is the one at ``order[k]``."""
+    found: dict[int, av.VideoFrame] = {}
+    for k, frame in enumerate(container.decode(stream)):
+        if k < len(order) and order[k] in wanted:
+            found[order[k]] = frame
+            if len(found) == len(wanted):
+                break
     return found
 
 
@@ -221,10 +263,11 @@ def decode_frames(
         declared = stream.frames or 0
         if declared and len(packets) < declared:
             raise FrameError("truncated", f"{len(packets)} of {declared} frames present")
-        if len(packets) < n:
-            raise FrameError("too_few_frames", f"{len(packets)} frames, need {n}")
+        shown = _shown(packets)
+        if len(shown) < n:
+            raise FrameError("too_few_frames", f"{len(shown)} frames shown, need {n}")
         tb = stream.time_base  # seconds per pts tick
-        first, end = _stream_duration(packets, stream)
+        first, end = _stream_duration(shown, stream)
         duration = float((end - first) * tb)
         if window is None:
             targets = sample_timestamps(duration, n)
@@ -233,23 +276,23 @@ def decode_frames(
             if not stop > start:
                 raise FrameError("too_few_frames", f"window {window} is outside the clip (0, {duration:.3f})")
             targets = sample_timestamps(stop - start, n, start=start)
-        rel_times = [float((p.pts - first) * tb) for p in packets]
+        rel_times = [float((p.pts - first) * tb) for p in shown]
         chosen = select_frame_indices(rel_times, targets)
         if len(set(chosen)) < n:
             raise FrameError("too_few_frames", f"only {len(set(chosen))} distinct frames in the sampled span")
-        found = _decode_by_keyframe(container, stream, packets, chosen)
-    wanted = {packets[i].pts for i in chosen}
-    if len(found) < len(wanted):  # inexact seeking (e.g. MPEG-TS): one pass from the start
-        with _open(source) as container:
-            stream = _video_stream(container)
-            found.update(_decode(lambda: _decode_from(container, stream, None, wanted - set(found))))
-    missing = [i for i in chosen if packets[i].pts not in found]
+        wanted = {shown[i].pts for i in chosen}
+        try:
+            found = _decode_by_keyframe(container, stream, packets, wanted)
+            if len(found) < len(wanted):  # inexact seeking (e.g. MPEG-TS): one pass from the start, skipping nothing
+                rest = wanted - set(found)
+                found.update(_from_start(source, lambda c, s: _decode_from(c, s, None, rest, skip=False)))
+        except _NotPresentationTimes:  # match the frames by their output order instead
+            order = [p.pts for p in packets]
+            found = _from_start(source, lambda c, s: _in_output_order(c, s, order, wanted))
+    missing = [i for i in chosen if shown[i].pts not in found]
     if missing:
         raise FrameError("decode_error", f"could not decode the frame(s) at index {missing}")
-    frames = [found[packets[i].pts] for i in chosen]
-    width, height = frames[0].width, frames[0].height
-    out_w, out_h = resized_size(width, height, size)
-    images = [f.to_image(width=out_w, height=out_h, interpolation="BICUBIC") for f in frames]
+    images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size)
     return ClipFrames(
         images=images,
         timestamps=targets,
@@ -258,6 +301,29 @@ def decode_frames(
         width=width,
         height=height,
     )
+
+
+def _upright_images(frames: list[av.VideoFrame], size: int) -> tuple[list[Image.Image], int, int]:
+    """RGB images as a player shows them (a phone video's rotation applied), the shorter side at ``size``; and
+    the displayed (width, height) before resizing."""
+    turn = _UPRIGHT.get(round(frames[0].rotation) % 360)  # 0, or a non-right angle no player applies either
+    width, height = frames[0].width, frames[0].height
+    if turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):
+        width, height = height, width
+    out_w, out_h = resized_size(width, height, size)
+    if turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):  # resize as stored, then turn
+        out_w, out_h = out_h, out_w
+    images = [f.to_image(width=out_w, height=out_h, interpolation="BICUBIC") for f in frames]
+    if turn is not None:
+        images = [im.transpose(turn) for im in images]
+    return images, width, height
+
+
+def _from_start(source: str | Path | bytes, step) -> dict[int, av.VideoFrame]:
+    """``step(container, stream)`` on the file opened afresh, at its start."""
+    with _open(source) as container:
+        stream = _video_stream(container)
+        return _decode(lambda: step(container, stream))
 
 
 def _decode(step):
@@ -271,14 +337,15 @@ def _decode_by_keyframe(
     container: av.container.InputContainer,
     stream: av.VideoStream,
     packets: list[_Packet],
-    chosen: list[int],
+    wanted: set[int],
 ) -> dict[int, av.VideoFrame]:
-    """Decode the frames at (pts-sorted) packet indices ``chosen``: one seek per keyframe group."""
+    """Decode the frames of the (pts-sorted) ``packets`` whose pts are ``wanted``: one seek per keyframe group."""
     keyframes = [i for i, p in enumerate(packets) if p.keyframe] or [0]
+    index = {p.pts: i for i, p in enumerate(packets)}
     groups: dict[int, set[int]] = {}
-    for idx in chosen:
-        kf = keyframes[max(bisect.bisect_right(keyframes, idx) - 1, 0)]
-        groups.setdefault(kf, set()).add(packets[idx].pts)
+    for pts in wanted:
+        kf = keyframes[max(bisect.bisect_right(keyframes, index[pts]) - 1, 0)]
+        groups.setdefault(kf, set()).add(pts)
     found: dict[int, av.VideoFrame] = {}
     for kf, wanted in groups.items():
         found.update(_decode(lambda: _decode_from(container, stream, packets[kf].pts, wanted)))  # noqa: B023

@@ -80,6 +80,7 @@ def test_decode_any_number_of_frames(videos, n):
         ("mp4", "libx264", 1),  # every frame a keyframe
         ("mp4", "libx264", None),  # x264 default: one keyframe at the start for a short clip
         ("avi", "mpeg4", 12),  # UCF101's container
+        ("avi", "libx264", 12),  # AVI has no presentation times: H.264's B-frames are matched by output order
         ("webm", "libvpx-vp9", 10),
         ("mkv", "libx264", 20),
         ("ts", "libx264", 20),  # MPEG-TS: inexact seeking, exercised fallback
@@ -165,3 +166,76 @@ def test_jpeg_is_deterministic(videos):
     ]
     assert a == b
     assert all(x[:2] == b"\xff\xd8" for x in a)
+
+
+def ffmpeg(*args) -> None:
+    import subprocess
+
+    subprocess.run([synthetic.ffmpeg_exe(), "-y", "-loglevel", "error", *map(str, args)], check=True)
+
+
+def player_view(path, n: int) -> list[int]:
+    """Brute force: decode every frame a player shows, in order, and take the one shown at each segment
+    midpoint (the frame rate is constant here, so the last frame lasts as long as the others)."""
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    times = [float((f.pts - frames[0].pts) * f.time_base) for f in frames]  # exact, as the sampler computes
+    duration = times[-1] + (times[-1] - times[0]) / (len(times) - 1)
+    chosen = select_frame_indices(times, sample_timestamps(duration, n))
+    return [synthetic.read_frame_index(frames[i].to_image()) for i in chosen]
+
+
+@pytest.mark.parametrize("n", [4, 5, 8])
+def test_av1_takes_the_frames_a_player_shows(tmp_path, n):
+    """libdav1d reads skip_frame once, when it opens: skipping an unwanted first frame used to hide every
+    non-reference frame after it (decode_error)."""
+    path = synthetic.write_index_clip(tmp_path / "av1.mp4", 90, codec="libsvtav1", gop=16)
+    clip = decode_frames(path, n=n, size=0)
+    assert [synthetic.read_frame_index(im) for im in clip.images] == player_view(path, n)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_an_edit_list_cut_samples_only_what_a_player_shows(tmp_path, n):
+    """`ffmpeg -ss 1.3 -c copy` keeps the GOP before the cut as pre-roll packets flagged discard: decoded for
+    reference, never shown. They used to count in the duration and be chosen (decode_error)."""
+    source = synthetic.write_index_clip(tmp_path / "source.mp4", 100, gop=12)
+    cut = tmp_path / "cut.mp4"
+    ffmpeg("-ss", 1.3, "-i", source, "-c", "copy", cut)
+    clip = decode_frames(cut, n=n, size=0)
+    assert [synthetic.read_frame_index(im) for im in clip.images] == player_view(cut, n)
+    assert clip.duration == pytest.approx(67 / 25)  # the 67 frames from 1.32 s on
+    window = decode_frames(cut, n=4, size=0, window=(0.0, 0.5))
+    assert [synthetic.read_frame_index(im) for im in window.images] == [33 + i for i in (1, 4, 7, 10)]
+
+
+def test_a_stream_cut_mid_gop_samples_from_its_first_keyframe(tmp_path):
+    """An MPEG-TS missing its head starts with frames whose references are gone; they used to count and fail
+    the whole video."""
+    source = synthetic.write_index_clip(tmp_path / "source.mp4", 100, gop=12)
+    whole = tmp_path / "whole.ts"
+    ffmpeg("-i", source, "-c", "copy", whole)
+    tail = tmp_path / "tail.ts"
+    tail.write_bytes(whole.read_bytes()[188 * 60 :])  # whole TS packets, cut inside the first GOP
+    clip = decode_frames(tail, n=4, size=0)
+    assert [synthetic.read_frame_index(im) for im in clip.images] == player_view(tail, 4)
+
+
+@pytest.mark.parametrize("degrees", [90, 180, -90])
+def test_a_rotated_phone_video_is_stored_as_a_player_shows_it(tmp_path, degrees):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    source = synthetic.write_index_clip(tmp_path / "source.mp4", 50, width=160, height=96)
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-display_rotation", degrees, "-i", source, "-c", "copy", rotated)
+    clip = decode_frames(rotated, n=4, size=0)
+    png = tmp_path / "player.png"  # the ffmpeg CLI rotates as players do
+    ffmpeg("-i", rotated, "-vf", r"select=eq(n\,6)", "-frames:v", 1, png)  # frame 6: the first midpoint, 0.25 s
+    player = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))
+    assert np.array_equal(np.asarray(clip.images[0]), player)
+    portrait = degrees % 180 == 90
+    assert (clip.width, clip.height) == ((96, 160) if portrait else (160, 96))
+    resized = decode_frames(rotated, n=4, size=64).images[0]
+    assert resized.size == ((64, 107) if portrait else (107, 64))
