@@ -146,7 +146,7 @@ def _text(value: str) -> str | None:
 
 
 def resolve_location(
-    fields: dict[str, str], columns: Columns, csv_dir: Path, video_root: Path | None
+    fields: dict[str, str], columns: Columns, csv_dir: Path, video_root: Path | None, videoid: str
 ) -> tuple[str, tuple[str, str] | None]:
     """Where a row's video is: ``(location, None)`` or ``("", (reason, detail))``.
 
@@ -155,7 +155,6 @@ def resolve_location(
     ``file://`` URL, or a path (absolute, or relative to the CSV's folder).
     """
     if video_root is not None:
-        videoid = fields[columns.videoid]
         page_dir = (fields.get(columns.page_dir) or "").strip()
         parts = [*PurePosixPath(page_dir).parts, f"{videoid}.mp4"] if page_dir else [f"{videoid}.mp4"]
         if any(p in ("..", "/", "") or "/" in p or "\\" in p for p in parts) or PurePosixPath(page_dir).is_absolute():
@@ -260,12 +259,12 @@ def _validate(
         return Row(index, videoid, error=(MALFORMED_ROW, "caption is not valid UTF-8"))
     if not caption.strip():
         return Row(index, videoid, error=(EMPTY_CAPTION, f"empty {columns.caption}"))
+    location, error = resolve_location(fields, columns, csv_dir, video_root, videoid)
+    if error:  # before the key is claimed: a later good row of this video must not be refused as a duplicate
+        return Row(index, videoid, error=error)
     key = sample_key(videoid)
     if not seen.add(key):
         return Row(index, videoid, error=(DUPLICATE_VIDEOID, f"key {key!r} already taken by an earlier row"))
-    location, error = resolve_location(fields, columns, csv_dir, video_root)
-    if error:
-        return Row(index, videoid, error=error)
     return Row(
         index,
         videoid,

@@ -20,7 +20,8 @@ from pipeline.source import Row
 from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, shard_name, stats_path
 
 UNEXPECTED_ERROR = "unexpected_error"
-FORMAT_VERSION = 1
+# 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def fingerprint(rows: tuple[Row, ...], sample: SampleSettings) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, asdict(sample)]).encode())
     for r in rows:
-        record = [r.index, r.videoid, r.key, r.caption, r.location, r.error]
+        record = [r.index, r.videoid, r.key, r.caption, r.location, r.error, r.csv_duration]
         h.update(json.dumps(record, ensure_ascii=True).encode("ascii", "backslashreplace"))
         h.update(b"\n")
     return h.hexdigest()

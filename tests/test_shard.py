@@ -391,3 +391,17 @@ def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
     with pytest.raises(shard.UsageError, match=r"pip install 'fitclip\[spark\]'"):
         shard.validate(tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)
+
+
+def test_the_fingerprint_covers_everything_a_sample_holds():
+    """A changed CSV duration (or --duration_col) redoes the shard: every sample's json records it."""
+    import dataclasses
+
+    from pipeline.source import Row
+    from pipeline.worker import SampleSettings, fingerprint
+
+    row = Row(0, "7", key="7", caption="cap", location="v/7.mp4", csv_duration=17.0)
+    base = fingerprint((row,), SampleSettings())
+    for change in ({"csv_duration": 18.0}, {"caption": "other"}, {"location": "v/8.mp4"}):
+        assert fingerprint((dataclasses.replace(row, **change),), SampleSettings()) != base, change
+    assert fingerprint((row,), SampleSettings(size=224)) != base

@@ -65,6 +65,19 @@ def test_video_root_needs_no_url_column(tmp_path):
     assert rows[0].location == str((tmp_path / "root" / "001_002" / "5.mp4").resolve())
 
 
+def test_video_root_paths_use_the_stripped_videoid(tmp_path):
+    path = write_csv(tmp_path / "a.csv", [[" 5 ", "cap", "001_002"]], header=["videoid", "name", "page_dir"])
+    row = next(iter_rows(path, Columns(), video_root=tmp_path / "root"))
+    assert (row.videoid, row.location) == ("5", str((tmp_path / "root" / "001_002" / "5.mp4").resolve()))
+
+
+def test_a_row_without_a_location_does_not_claim_its_videoid(tmp_path):
+    """A later good row of the same video is sharded, not refused as a duplicate of a row that was never used."""
+    path = write_csv(tmp_path / "a.csv", [["7", "cap", 0, "d", "PT1S", ""], ["7", "cap", 0, "d", "PT1S", "v/7.mp4"]])
+    rows = list(iter_rows(path))
+    assert [r.error[0] if r.error else None for r in rows] == ["missing_location", None]
+
+
 def test_bad_rows_are_classified_and_keep_their_slot(tmp_path):
     path = tmp_path / "w.csv"
     path.write_bytes(
