@@ -102,6 +102,11 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
         result["ddp_grads"] = grads(student)
 
         result["mean"] = distributed.all_reduce_mean(torch.tensor(float(rank + 1)))
+        from train import loop  # the trainer's count of dropped samples: every rank's, not rank 0's
+
+        progress = loop.Progress(dropped_samples=10, unsynced_dropped=rank + 2)
+        loop.sync_dropped(progress, torch.device("cpu"))
+        result["dropped"] = (progress.dropped_samples, progress.unsynced_dropped)
         result["object"] = distributed.broadcast_object({"from": rank})
         result["is_main"] = distributed.is_main()
         distributed.barrier()
@@ -139,6 +144,7 @@ def test_ranks_started_a_gloo_group(rank_results):
         assert result["info"] == distributed.DistInfo(rank, WORLD, rank, torch.device("cpu"))
         assert result["is_main"] == (rank == 0)
         assert result["mean"].item() == pytest.approx(1.5)
+        assert result["dropped"] == (10 + 2 + 3, 0)
         assert result["object"] == {"from": 0}
 
 
@@ -196,6 +202,7 @@ def test_helpers_are_identities_without_a_process_group(no_torchrun_env):
     mean = distributed.all_reduce_mean(x)
     assert torch.equal(mean, x) and not mean.requires_grad
     assert distributed.all_reduce_mean(torch.tensor(3)).item() == 3.0
+    assert distributed.all_reduce_sum(7, torch.device("cpu")) == 7
     obj = {"a": [1]}
     assert distributed.broadcast_object(obj) is obj
     assert distributed.is_main() and distributed.get_rank() == 0 and distributed.get_world_size() == 1

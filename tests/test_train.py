@@ -102,6 +102,10 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
         ({"teacher_weights": str(tmp_path / "runs" / "best.pt")}, "weights file not found"),
         ({"teacher_weights": "openai_typo"}, "neither a weights file nor a pretrained tag of tiny-clip"),
         ({"teacher_weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
+        ({"frames": 8}, "--frames 8: the samples in"),  # used to drop every sample and hang
+        ({"crop": 24}, "--crop 24: " + str(TINY_CLIP) + " takes 32x32 frames"),  # used to fail at the first forward
+        ({"val_max": -1}, "--val_max must be an integer >= 0"),
+        ({"workers": -1}, "--workers must be an integer >= 0"),
     ):
         out = tmp_path / "run"
         with pytest.raises(SystemExit) as e:
@@ -157,14 +161,56 @@ def test_resume_auto_continues_from_latest(train_shards, tmp_path, capsys):
     loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
     first = torch.load(out / checkpoint.LATEST, weights_only=True)
     capsys.readouterr()
-    summary = loop.run(tiny_config(train_shards, out, steps=4, resume="auto"))
-    assert "note: this run's flags differ from the checkpoint's: --steps 2 -> 4, --fuse False -> True" in (
-        capsys.readouterr().out
-    )
+    cfg = tiny_config(train_shards, out, steps=4, resume="auto", lr=2e-4, weight_decay=0.5)
+    summary = loop.run(cfg)
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: this run's flags"))
+    assert all(f in note for f in ("--steps 2 -> 4", "--fuse False -> True", "--lr", "--weight_decay")), note
     assert summary["steps"] == 4
     resumed = torch.load(out / checkpoint.LATEST, weights_only=True)
     assert resumed["step"] == 4
     assert resumed["optimizer"]["state"][0]["step"] == first["optimizer"]["state"][0]["step"] + 2
+    # the new --lr and --weight_decay are the ones used (load_state_dict used to bring back the checkpoint's)
+    group = resumed["optimizer"]["param_groups"][0]
+    factor = loop.build_optimizer(torch.nn.Linear(1, 1), cfg, torch.device("cpu"))[1].lr_lambdas[0]
+    assert (
+        (group["initial_lr"], group["weight_decay"])
+        == (2e-4, 0.5)
+        != (first["optimizer"]["param_groups"][0]["initial_lr"], first["optimizer"]["param_groups"][0]["weight_decay"])
+    )
+    assert group["lr"] == pytest.approx(2e-4 * factor(4)) and resumed["scheduler"]["base_lrs"] == [2e-4]
+
+
+def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
+    """The loader workers of rank 0 and rank 1 draw different crops; the same rank draws the same ones again."""
+    from train import data
+    from train.model import tokenizer_for
+
+    transform = data.TrainTransform(32, (0.5, 1.0))
+
+    def crops(rank: int) -> torch.Tensor:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = data.labeled_stream(
+            train_shards["labeled"], 4, transform, tokenizer_for(str(TINY_CLIP)), 4, 0, "device"
+        )
+        return next(iter(data.loader(stream, 1, False, loop.loader_seed(0, 0, rank)))).crops
+
+    assert torch.equal(crops(0), crops(0))
+    assert not torch.equal(crops(0), crops(1))
+
+
+def test_resume_keeps_the_best_that_best_pt_holds(train_shards, tmp_path):
+    """A crash after best.pt was saved but before latest.pt leaves latest.pt with an older best: the resumed
+    run must not replace best.pt with a worse model."""
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    best = torch.load(out / checkpoint.BEST, weights_only=True)
+    best["val"]["loss"] = -1.0  # as if a better validation had been saved just before the crash
+    checkpoint.atomic_save(best, out / checkpoint.BEST)
+    assert checkpoint.best_val_loss(out) == -1.0
+    summary = loop.run(tiny_config(train_shards, out, steps=4, resume="auto", fuse=False))
+    assert summary["best_val_loss"] == -1.0
+    assert torch.load(out / checkpoint.BEST, weights_only=True)["step"] == 2
 
 
 def test_resume_from_a_named_checkpoint_and_refusals_of_files_that_cannot_resume(train_shards, tmp_path, monkeypatch):

@@ -323,3 +323,12 @@ def test_wandb_mode_is_offline_without_credentials(monkeypatch, tmp_path):
 
 def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
+
+
+def test_a_stream_of_broken_samples_fails_instead_of_spinning():
+    from train.data import DataError, readable
+
+    samples = [None, {"a": 1}, None, None, {"b": 2}]
+    assert list(readable(iter(samples), limit=3)) == [{"a": 1}, {"b": 2}]  # the streak restarts after a good one
+    with pytest.raises(DataError, match="3 samples in a row could not be read"):
+        list(readable(iter([{"a": 1}, None, None, None, {"b": 2}]), limit=3))

@@ -33,12 +33,25 @@ def atomic_save(obj, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def best_val_loss(out: str | Path) -> float:
+    """The validation loss that OUT/best.pt was saved with (inf if none): a crash between saving best.pt and
+    latest.pt leaves latest.pt with an older, higher best; the resumed run must not replace best.pt with worse."""
+    path = Path(out) / BEST
+    try:
+        return float(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["val"]["loss"])
+    except (FileNotFoundError, KeyError, TypeError):  # no best.pt, or one saved without validation
+        return float("inf")
 
 
 def rng_state() -> dict:

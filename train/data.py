@@ -63,6 +63,36 @@ def list_shards(folder: str | Path) -> list[str]:
     return tars
 
 
+def check_frames(folder: str | Path, frames: int) -> None:
+    """Refuse a --frames that the folder's samples lack (read from the first sample's tar headers): every sample
+    would be dropped, and an endless stream of dropped samples never yields a batch."""
+    held = _first_sample_members(list_shards(folder))
+    if held is None:  # no sample at all: the streams say so
+        return
+    have = next(k for k in itertools.count() if f"{k}.jpg" not in held)
+    if have < frames:
+        raise DataError(
+            f"--frames {frames}: the samples in {folder} hold {have} frames; pass --frames {have} or lower, or "
+            f"re-shard with python -m pipeline.shard --frames {frames}"
+        )
+
+
+def _first_sample_members(tars: list[str]) -> set[str] | None:
+    """The member names (without the key) of the first sample in these tars; None if they hold none."""
+    for url in tars:
+        with tarfile.open(url, mode="r:") as tar:
+            key, held = None, set()
+            for info in tar:
+                k, _, ext = os.path.basename(info.name).partition(".")
+                if key is not None and k != key:
+                    break
+                key = k
+                held.add(ext)
+            if held:
+                return held
+    return None
+
+
 def _reader() -> tuple[int, int]:
     """(reader id, number of readers) over ranks x loader workers."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -334,11 +364,31 @@ def _index_tars(urls: list[str]) -> list[tuple[str, str, dict[str, tuple[int, in
     return samples
 
 
+DRY_LIMIT = 1000  # broken samples in a row after which a stream gives up
+
+
+def readable(samples: Iterator[dict | None], limit: int = DRY_LIMIT) -> Iterator[dict]:
+    """The decoded samples, without the broken ones (None); a DataError after ``limit`` broken in a row: the
+    training streams are endless, and one that yields no sample would spin forever instead of failing."""
+    streak = 0
+    for sample in samples:
+        if sample is not None:
+            streak = 0
+            yield sample
+            continue
+        streak += 1
+        if streak >= limit:
+            raise DataError(
+                f"{limit} samples in a row could not be read (see the warnings above); check the shards with "
+                "python -m pipeline.shard's _stats.json, or re-shard them"
+            )
+
+
 def _batches(source, frames, transform, tokenizer, batch: int, partial: bool, augment_on: str = "loader") -> list:
     return [
         source,
         wds.map(lambda s: decode_sample(s, frames, transform, augment_on)),
-        wds.select(lambda s: s is not None),
+        readable,
         wds.batched(batch, collation_fn=make_collate(tokenizer), partial=partial),
     ]
 

@@ -164,6 +164,16 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return y
 
 
+@torch.no_grad()
+def all_reduce_sum(n: int, device: torch.device) -> int:
+    """The sum of an integer over ranks (e.g. each rank's dropped samples); ``n`` without a process group."""
+    if not is_distributed():
+        return n
+    total = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
 def barrier() -> None:
     """Wait for all ranks; no-op without a process group."""
     if is_distributed():

@@ -28,6 +28,7 @@ from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.metrics import retrieval_metrics
 from train.model import (
     VideoTextModel,
+    check_crop,
     check_weights,
     checkpoint_blocks,
     create_clip,
@@ -50,7 +51,8 @@ class Progress:
     step: int = 0
     best_val_loss: float = math.inf
     skipped_steps: int = 0
-    dropped_samples: int = 0
+    dropped_samples: int = 0  # over all ranks, as of the last sync_dropped
+    unsynced_dropped: int = 0  # this rank's since then (not saved)
 
 
 @dataclass
@@ -255,6 +257,33 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def loader_seed(seed: int, stream: int, rank: int) -> int:
+    """The seed of a stream's DataLoader. Its workers draw the crops and flips, which must differ between the
+    streams and between the ranks (with one seed, the i-th video of every rank got the same crop)."""
+    return seed + stream + 7919 * rank
+
+
+def sync_dropped(progress: Progress, device: torch.device) -> None:
+    """Add every rank's dropped samples since the last sync to the run's count. Each rank reads its own shards, so
+    rank 0's count alone is not the run's. Every rank calls this at the same steps (log, validation)."""
+    progress.dropped_samples += distributed.all_reduce_sum(progress.unsynced_dropped, device)
+    progress.unsynced_dropped = 0
+
+
+def apply_hyper_parameters(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """This run's --lr, --weight_decay and --betas over the ones a restored optimizer and scheduler carry (their
+    load_state_dict brings back the checkpoint's), at the schedule's current point. A resumed run with the same
+    flags is unchanged."""
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(
+            initial_lr=cfg.lr,
+            lr=cfg.lr * factor(scheduler.last_epoch),
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.betas),
+        )
+
+
 def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> dict:
     """Load a run's state from ``path`` into the models, optimizer, scheduler and progress; returns its config."""
     state = checkpoint.load(path)
@@ -279,7 +308,8 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
 def run(cfg: TrainConfig) -> dict:
     """Train, validate, checkpoint and fuse as ``cfg`` says. Returns the final summary (also OUT/summary.json)."""
     for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
-        data.list_shards(folder)  # a clear error for a missing or empty folder, before any model is built
+        data.check_frames(folder, cfg.frames)  # a missing or empty folder, or too few frames, before any model
+    check_crop(cfg.model, cfg.crop)
     check_weights(cfg.model, cfg.teacher_weights)  # a missing file or unknown tag, before the download and OUT
     dist = distributed.init_distributed(cfg.device)
     out = Path(cfg.out)
@@ -305,6 +335,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     progress = Progress()
     if resume_from is not None:
         saved = restore(resume_from, models, optimizer, scheduler, progress)
+        apply_hyper_parameters(optimizer, scheduler, cfg)
+        progress.best_val_loss = min(progress.best_val_loss, checkpoint.best_val_loss(cfg.out))
         if distributed.is_main():
             print(f"resumed from {resume_from} at step {progress.step}")
             changes = config_changes(saved, cfg.to_dict())
@@ -324,7 +356,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     )
     # batches reach the step on the device: copied (and cropped, if `where` says so) one step ahead
     labeled, unlabeled = (
-        Prefetcher(iter(data.loader(stream, cfg.workers, pin, seed + k)), dist.device, size)
+        Prefetcher(iter(data.loader(stream, cfg.workers, pin, loader_seed(seed, k, dist.rank))), dist.device, size)
         for k, stream in enumerate(streams)
     )
     monitor = Monitor(cfg, distributed.is_main(), cfg.steps, progress.step)
@@ -340,7 +372,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             timer.data += time.perf_counter() - t0
             if progress.step == 0 and distributed.is_main():
                 monitor.log_samples(*data.sample_grid(lab), step=0)
-            progress.dropped_samples += lab.dropped + unl.dropped
+            progress.unsynced_dropped += lab.dropped + unl.dropped
             result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress)
             progress.step += 1
             timer.steps += 1
@@ -390,6 +422,7 @@ def _log_profile(monitor: Monitor, summary: dict, step: int) -> None:
 
 
 def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) -> None:
+    sync_dropped(progress, dist.device)
     done = [r for r in window if not r["skipped"]]
     metrics = {
         "train/lr": scheduler.get_last_lr()[0],
@@ -428,6 +461,7 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
 
 
 def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> dict:
+    sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
     val = {}
     if cfg.val:
         val = validate(models.student, cfg, dist.device, tokenizer)

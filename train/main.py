@@ -20,14 +20,14 @@ from train import config as config_module
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, resolve
 from train.data import DataError
-from train.model import WeightsError, register_model
+from train.model import WeightsError, check_crop
 
 
 def main(recipe: str = "paper", **flags) -> None:
     flags = {k: v for k, v in flags.items() if v is not None}  # None: not given on the command line
     try:
         cfg = resolve(recipe, **flags)
-        register_model(cfg.model)  # an unknown --model name or a missing/broken config JSON, before any work
+        check_crop(cfg.model, cfg.crop)  # also an unknown --model name or a missing/broken config JSON
     except (ValueError, TypeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid

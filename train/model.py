@@ -201,6 +201,20 @@ def image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def config_image_size(model: str) -> int | None:
+    """``model``'s input size from its open_clip config, before any model is built; None if it states none."""
+    size = ((open_clip.get_model_config(register_model(model)) or {}).get("vision_cfg") or {}).get("image_size")
+    return None if size is None else int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def check_crop(model: str, crop: int) -> None:
+    """--crop must be the model's input size (or 0 for it): a ViT's position embeddings fix its input size, so
+    any other crop fails at the first forward."""
+    size = config_image_size(model)
+    if crop and size and crop != size:
+        raise ValueError(f"--crop {crop}: {model} takes {size}x{size} frames; pass --crop 0 (its input size)")
+
+
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
 
