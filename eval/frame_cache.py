@@ -4,6 +4,12 @@ Frames are sampled exactly as for training (``pipeline.frames``: the midpoints o
 4 equal segments of the clip, or of the item's [start, end] window), resized to
 the cache size and stored as JPEG in tar shards with a manifest. A sweep of 11
 fused models decodes every video once. No torch here.
+
+The manifest records each item's file stamp (size, mtime) as it was when the item
+was decoded. A later build re-decodes only the items whose file changed, appeared
+or disappeared since, and those that failed with an unexpected error (often
+transient), and appends them as new shards: written shards are never modified, so
+a reader holding the old manifest still finds what it references.
 """
 
 from __future__ import annotations
@@ -11,6 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import re
+import stat
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +30,14 @@ from eval.datasets.base import EvalDataset, Item
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, sample_key
 
-CACHE_VERSION = 1
+# 2: per-item file stamps in the manifest; and pipeline.frames samples differently since (rotated videos, MP4 edit
+# lists, AV1), so version-1 caches hold frames the trainer would no longer produce and must be rebuilt.
+CACHE_VERSION = 2
 MISSING_FILE = "missing_file"
+UNEXPECTED = "unexpected_error"
+_SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
+
+Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,15 @@ def cache_folder(root: Path, dataset: EvalDataset, settings: CacheSettings) -> P
     return Path(root) / f"{dataset.name}-{h.hexdigest()[:12]}"
 
 
+def file_stamp(path: str | Path) -> Stamp:
+    """[size, mtime_ns] of a file, or None if there is none: what tells a later build that the file changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+
+
 def decode_item(item: Item, settings: CacheSettings) -> tuple[str, list[tuple[str, bytes]] | None, str]:
     """(item id, tar members or None, failure reason) for one item; never raises for a bad video."""
     if not Path(item.video).is_file():
@@ -58,7 +83,7 @@ def decode_item(item: Item, settings: CacheSettings) -> tuple[str, list[tuple[st
     except FrameError as e:
         return item.id, None, f"{e.reason}: {e.detail}"
     except Exception as e:  # a library surprise on one file must not stop the evaluation
-        return item.id, None, f"unexpected_error: {type(e).__name__}: {e}"
+        return item.id, None, f"{UNEXPECTED}: {type(e).__name__}: {e}"
     members = [(f"{k}.jpg", encode_jpeg(im, settings.quality)) for k, im in enumerate(clip.images)]
     meta = {"id": item.id, "video": item.video, "window": item.window, "timestamps": clip.timestamps}
     members.append(("json", json_bytes(meta)))
@@ -69,28 +94,113 @@ def _decode_star(args):
     return decode_item(*args)
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a complete cache of this version, or None (absent, unreadable, or older: then rebuild)."""
+    try:
+        record = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("found", "missing", "stamps")
+    if not isinstance(record, dict) or record.get("version") != CACHE_VERSION or not all(k in record for k in keys):
+        return None  # e.g. a version-1 manifest: no stamps, so nothing says its entries are still current
+    return record
+
+
+def plan_decode(
+    items: list[Item], record: dict | None, stamps: dict[str, Stamp], shards_present: set[str]
+) -> dict[str, str]:
+    """{item id: why it must be decoded} for the items the manifest ``record`` cannot serve as they are now.
+
+    ``stamps`` are the items' file stamps now; ``shards_present`` the tar names in the cache folder.
+    """
+    if record is None:
+        return {item.id: "new" for item in items}
+    plan = {}
+    for item in items:
+        found, reason = record["found"].get(item.id), record["missing"].get(item.id)
+        if item.id not in record["stamps"] or (found is None and reason is None):
+            plan[item.id] = "new"
+        elif record["stamps"][item.id] != stamps[item.id]:
+            before, now = record["stamps"][item.id], stamps[item.id]
+            plan[item.id] = "file appeared" if before is None else "file gone" if now is None else "file changed"
+        elif reason is not None and reason.startswith(UNEXPECTED):
+            plan[item.id] = "unexpected error before"
+        elif found is not None and Path(found[0]).name not in shards_present:
+            plan[item.id] = "cache shard gone"
+    return plan
+
+
+def describe_plan(name: str, plan: dict[str, str], total: int) -> str:
+    """One line for the user: how many items are decoded again, and why."""
+    counts: dict[str, int] = {}
+    for why in plan.values():
+        counts[why] = counts.get(why, 0) + 1
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"frame cache {name}: re-decoding {len(plan)} of {total} videos ({why}); the others are reused"
+
+
+def existing_shards(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.tar") if _SHARD_NAME.match(p.name)} if folder.is_dir() else set()
+
+
+def next_shard(record: dict | None) -> int:
+    """The first shard number after every shard the manifest references (unreferenced leftovers may be reused)."""
+    numbers = [int(_SHARD_NAME.match(tar).group(1)) for tar, _ in (record or {}).get("found", {}).values()]
+    return max(numbers, default=-1) + 1
+
+
 def build_cache(
     dataset: EvalDataset, root: Path, settings: CacheSettings = CacheSettings(), workers: int = 4, progress: bool = True
 ) -> FrameCache:
-    """Decode the dataset's videos into ``root/<dataset>-<hash>/`` unless that cache is complete already."""
+    """Decode the dataset's videos into ``root/<dataset>-<hash>/``; of an existing cache, only what is stale."""
     folder = cache_folder(root, dataset, settings)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        return _load(folder, json.loads(manifest.read_text()))
+    record = read_manifest(folder)
+    if record is None and (folder / "manifest.json").exists():
+        print(
+            f"frame cache {dataset.name}: {folder / 'manifest.json'} is unreadable or from an older cache version "
+            f"(no file stamps): decoding all {len(dataset.items)} videos again",
+            file=sys.stderr,
+        )
+    stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
+    plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
+    if record is not None and not plan:
+        return _load(folder, record)
+    if record is not None:
+        print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
-    found: dict[str, tuple[str, str]] = {}
+    todo = [item for item in dataset.items if item.id in plan]
+    found, missing = decode_into_shards(todo, folder, next_shard(record), settings, workers, progress, dataset.name)
+    old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k not in plan}
+    old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k not in plan}
+    new = {
+        "version": CACHE_VERSION,
+        "dataset": dataset.name,
+        "settings": asdict(settings),
+        "found": {**old_found, **found},
+        "missing": {**old_missing, **missing},
+        "stamps": stamps,
+    }
+    atomic_write_bytes(folder / "manifest.json", json_bytes(new))  # written last: marks the cache complete
+    return _load(folder, new)
+
+
+def decode_into_shards(
+    items: list[Item], folder: Path, first_shard: int, settings: CacheSettings, workers: int, progress: bool, name: str
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Decode ``items`` into new shards ``first_shard``, ... of ``folder``: ({id: [tar name, key]}, {id: reason})."""
+    found: dict[str, list[str]] = {}
     missing: dict[str, str] = {}
-    writer, shard = None, 0
-    jobs = [(item, settings) for item in dataset.items]
+    writer, shard = None, first_shard
+    jobs = [(item, settings) for item in items]
     # fork where there is one: a spawned worker re-imports the __main__ module (eval.run: torch, open_clip, ~5 s
     # each); forking before any model or tensor work exists is safe, and the workers only use PyAV and PIL.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    pool = context.Pool(workers) if workers > 1 else None
+    pool = context.Pool(workers) if workers > 1 and len(jobs) > 1 else None
     results = pool.imap(_decode_star, jobs, chunksize=4) if pool else map(_decode_star, jobs)
     try:
         for item_id, members, reason in tqdm(
-            results, total=len(jobs), desc=f"decoding {dataset.name}", unit="video", disable=not progress
+            results, total=len(jobs), desc=f"decoding {name}", unit="video", disable=not progress
         ):
             if members is None:
                 missing[item_id] = reason
@@ -99,20 +209,21 @@ def build_cache(
                 writer = TarShardWriter(folder, shard)
             key = sample_key(item_id)
             writer.add_sample(key, members)
-            found[item_id] = (str(writer.final), key)
+            found[item_id] = [writer.final.name, key]
             if writer.samples == settings.per_shard:
                 writer.commit()
                 writer, shard = None, shard + 1
         if writer is not None:
             writer.commit()
+            writer = None
     finally:
+        if writer is not None:  # interrupted: no half-written tar is left behind
+            writer.abort()
         if pool:
             pool.terminate()
-    record = {"dataset": dataset.name, "settings": asdict(settings), "found": found, "missing": missing}
-    atomic_write_bytes(manifest, json_bytes(record))  # written last: marks the cache complete
-    return FrameCache(folder, found, missing)
+    return found, missing
 
 
 def _load(folder: Path, record: dict) -> FrameCache:
     found = {k: (str(folder / Path(v[0]).name), v[1]) for k, v in record["found"].items()}
-    return FrameCache(folder, found, record["missing"])
+    return FrameCache(folder, found, dict(record["missing"]))

@@ -35,6 +35,7 @@ from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
     check_weights,
+    config_image_size,
     create_clip,
     image_size,
     is_weights_file,
@@ -57,7 +58,11 @@ class EvalConfig:
     workers: int = 4
     renormalize_video: bool = True
     didemo_split: str = "test"
+    didemo_merge_same_video: bool = True  # one candidate per video file (see eval.datasets.didemo)
     cache: str = ""
+
+
+CACHE_MIN_SIZE = 224  # cached frames' shorter side is at least this, so every 224-px model shares one cache
 
 
 def parse_list(value) -> list[str]:
@@ -119,12 +124,28 @@ def load_model(model: str, weights: str, device: torch.device) -> torch.nn.Modul
     return create_clip(model, weights, device).eval()
 
 
+def model_input_size(model: str) -> int:
+    """The input resolution of ``--model`` from its open_clip config (every built-in config states it), so the
+    frame cache is sized before any model is built."""
+    size = config_image_size(model)
+    if size is None:
+        raise ValueError(f"--model {model}: its config has no vision_cfg.image_size; add the input size there")
+    return size
+
+
+def cache_settings(cfg: EvalConfig) -> CacheSettings:
+    """Frames cached at the model's input size or more: a 336-px model must not get upsampled 224-px frames."""
+    return CacheSettings(frames=cfg.frames, size=max(CACHE_MIN_SIZE, model_input_size(cfg.model)))
+
+
 def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> tuple[list[EvalDataset], list[dict]]:
     """Parsed datasets, and a 'skipped' record for each whose annotation files are absent."""
     loaded, skipped = [], []
     for name in names:
         root = Path(roots.get(name) or Path(cfg.data_root) / name)
-        kwargs = {"split": cfg.didemo_split} if name == "didemo" else {}
+        kwargs = (
+            {"split": cfg.didemo_split, "merge_same_video": cfg.didemo_merge_same_video} if name == "didemo" else {}
+        )
         try:
             loaded.append(DATASETS[name](root, **kwargs))
         except AnnotationsMissing as e:
@@ -179,7 +200,8 @@ def run(
     """Evaluate every model on every dataset; write the records and the summary. Returns the records."""
     device = init_distributed(cfg.device).device  # the trainer's device choice, with its clear CUDA errors
     cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
-    caches = {d.name: build_cache(d, cache_root, CacheSettings(frames=cfg.frames), cfg.workers) for d in datasets}
+    settings = cache_settings(cfg)
+    caches = {d.name: build_cache(d, cache_root, settings, cfg.workers) for d in datasets}
     for d in datasets:
         if strict and caches[d.name].missing:
             some = list(caches[d.name].missing.items())[:3]
@@ -198,6 +220,7 @@ def run(
                 model=name,
                 weights=weights,
                 config=asdict(cfg),
+                frame_cache=asdict(settings),
                 code_version=report.code_version(),
                 seconds=round(time.perf_counter() - start, 2),
             )
@@ -230,6 +253,7 @@ def main(
     student: str = "",
     cache: str = "",
     didemo_split: str = "test",
+    didemo_merge_same_video: bool = True,
     renormalize_video: bool = True,
     wandb: str = "off",
     ucf101_root: str = "",
@@ -258,6 +282,8 @@ def main(
         student: the student's weights for --alpha_sweep.
         cache: frame cache folder (default OUT/cache); decoded once, reused by every model and rerun.
         didemo_split: test (test_data.json) or val (val_data.json, what the authors' code used).
+        didemo_merge_same_video: one item per video file (1,004 test videos, as the authors' code keys items by
+            file); False keeps the 33 files named twice in test_data.json as two candidates each (1,037).
         renormalize_video: L2-normalise the mean of the frame embeddings.
         wandb: off, offline or online: log the results table (and the alpha-sweep plot) to W&B, run in OUT/wandb.
         ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
@@ -306,6 +332,7 @@ def main(
         workers=int(workers),
         renormalize_video=bool(renormalize_video),
         didemo_split=didemo_split,
+        didemo_merge_same_video=bool(didemo_merge_same_video),
         cache=str(cache),
     )
     roots = {

@@ -5,7 +5,7 @@
     python -m eval.tag --videos DIR --query "a dog catching a frisbee" [--top 10]
 
 Frames are sampled as everywhere else (4 segment midpoints). Unreadable files
-are reported and skipped, never fatal.
+are reported and skipped; only a folder where none is readable is an error.
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ from train.model import create_clip, encode_text, encode_video, image_size, toke
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
 LABEL_TEMPLATES = ("a video of {}.", "a photo of {}.", "{}")
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature: turns cosine similarities into label probabilities
+
+
+def as_text(value) -> str:
+    """fire turns ``--labels "1,2"`` into the tuple (1, 2) and ``--labels 5`` into 5: give the text back."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def parse_labels(value) -> list[str]:
+    """The comma-separated labels, stripped, empty ones dropped; numbers are labels too."""
+    return [x.strip() for x in as_text(value).split(",") if x.strip()]
 
 
 def find_videos(folder: Path) -> list[Path]:
@@ -91,7 +103,8 @@ def main(
         device: auto, cuda or cpu.
     """
     folder = Path(str(videos))
-    label_list = [x.strip() for x in (labels if isinstance(labels, str) else ",".join(labels)).split(",") if x.strip()]
+    label_list = parse_labels(labels)
+    query = as_text(query)
     if not folder.is_dir():
         sys.exit(f"error: --videos {folder} is not a folder")
     if bool(label_list) == bool(query):
@@ -108,10 +121,12 @@ def main(
     ok, video, failed = embed_videos(clip, paths, int(frames), dev)
     for path, reason in failed.items():
         print(f"warning: skipped unreadable {path}: {reason}", file=sys.stderr)
+    if not ok:  # nothing to rank or tag: say so instead of a shape error
+        sys.exit(f"error: none of the {len(paths)} video file(s) under {folder} could be read (reasons above)")
     rows = (
         _tag(clip, tokenizer, ok, video, label_list, top, dev)
         if label_list
-        else _search(clip, tokenizer, ok, video, str(query), top, dev)
+        else _search(clip, tokenizer, ok, video, query, top, dev)
     )
     if out:
         buffer = io.StringIO()

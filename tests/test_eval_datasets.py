@@ -122,7 +122,7 @@ def test_youcook2_real_validation(tmp_path):
 def test_didemo_real_test_paragraphs(tmp_path):
     src = real("didemo/test_data.json")
     copy_into(src, tmp_path / "didemo" / "test_data.json")
-    ds = didemo.load(tmp_path / "didemo")
+    ds = didemo.load(tmp_path / "didemo", merge_same_video=False)  # one item per `video` name
     assert ds.task == RETRIEVAL
     assert len(ds.items) == 1037
     assert_unique_ids(ds)
@@ -138,10 +138,10 @@ def test_didemo_real_test_paragraphs(tmp_path):
     assert sum(item.id.endswith(".") for item in ds.items) == 31
 
 
-def test_didemo_real_merge_same_video_matches_test_list(tmp_path):
+def test_didemo_real_default_is_one_item_per_video_file(tmp_path):
     copy_into(real("didemo/test_data.json"), tmp_path / "test_data.json")
     test_list = real("didemo/test_list.txt").read_text().split()
-    ds = didemo.load(tmp_path, merge_same_video=True)
+    ds = didemo.load(tmp_path)  # what eval.run uses: 33 files named twice are one candidate each, not two
     assert len(ds.items) == 1004
     assert {item.id for item in ds.items} == {didemo.video_stem(name) for name in test_list}
     assert sum(len(item.text) for item in ds.items) > 0
@@ -213,13 +213,24 @@ def test_fixture_retrieval_layouts(layouts):
 
 
 def test_didemo_odd_extensions_resolve(layouts):
-    items = {item.id: item for item in didemo.load(layouts["didemo"]).items}
+    items = {item.id: item for item in didemo.load(layouts["didemo"], merge_same_video=False).items}
     mov = items["10000002@N00_1000000002_bbbbbbbbbb.mov"]  # stored as .mp4
     assert mov.video.endswith("bbbbbbbbbb.mp4") and Path(mov.video).is_file()
     bare = items["10000003@N00_1000000003_cccccccccc."]  # the json name ends in a bare '.'
     assert bare.video.endswith("cccccccccc.mp4") and Path(bare.video).is_file()
-    gone = items[fixtures.MISSING["didemo"]]
-    assert Path(gone.video) == layouts["didemo"] / "videos" / fixtures.MISSING["didemo"]
+    gone = didemo.load(layouts["didemo"]).items[-1]
+    assert gone.id == fixtures.MISSING["didemo"]
+    assert Path(gone.video) == layouts["didemo"] / "videos" / "10000005@N00_1000000005_eeeeeeeeee.m4v"
+
+
+def test_didemo_one_candidate_per_video_file(layouts):
+    """The green video is named .mov and .mp4 in the json: by default one item, both names' descriptions."""
+    merged = didemo.load(layouts["didemo"])
+    assert len(merged.items) == 5 and len({item.video for item in merged.items}) == 5
+    green = next(item for item in merged.items if "bbbbbbbbbb" in item.id)
+    assert green.id == "10000002@N00_1000000002_bbbbbbbbbb" and green.text.count("a green screen") == 4
+    apart = didemo.load(layouts["didemo"], merge_same_video=False)
+    assert len(apart.items) == 6 and len({item.video for item in apart.items}) == 5
     val = didemo.load(layouts["didemo"], split="val")
     assert len(val.items) == 2 and val.sources[0].endswith("val_data.json")
 

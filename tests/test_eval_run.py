@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import tarfile
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import REPO, TINY_CLIP, run_cli
+from PIL import Image
 
+from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.datasets.fixtures import MISSING, make_layouts, ucf101_missing_id
+from pipeline import synthetic
 from train.model import create_clip
 
 
@@ -53,6 +59,7 @@ def test_zero_shot_suite_end_to_end(bench):
             missing = MISSING[dataset] if dataset != "ucf101" else ucf101_missing_id()
             assert record["num_missing"] == 1 and record["missing"] == [missing]
             assert record["config"]["model"] == str(TINY_CLIP) and record["code_version"]
+            assert record["frame_cache"]["size"] == 224  # the tiny model's 32 px input: never below 224
             metrics = record["metrics"]
             keys = ("top1", "top5", "mean_per_class") if dataset in ("ucf101", "moments") else ("R@1", "R@5", "MdR")
             assert all(0 <= metrics[k] <= 100 or k == "MdR" for k in keys)
@@ -62,6 +69,9 @@ def test_zero_shot_suite_end_to_end(bench):
     # the fused model's numbers come from the fused weights, not from either parent
     fused = json.loads((out / "FitCLIP" / "msrvtt.json").read_text())
     assert fused["weights"].startswith("fuse:")
+    # DiDeMo: one candidate per video file (the fixture names one file twice), and the choice is recorded
+    didemo = json.loads((out / "FitCLIP" / "didemo.json").read_text())
+    assert didemo["num_expected"] == 5 and didemo["config"]["didemo_merge_same_video"] is True
     # frames were decoded once into the cache and reused by all three models
     manifests = list((out / "cache").glob("*/manifest.json"))
     assert len(manifests) == 5
@@ -250,3 +260,56 @@ def test_default_names_for_weights_entries_are_folder_safe():
     assert default_name("/abs/fitclip.safetensors") == "abs_fitclip"
     assert default_name("fuse:openai:runs/x/best.pt:0.4") == "fuse_openai_runs_x_best.pt_0.4"
     assert "/" not in default_name("../../etc/passwd")
+
+
+def test_didemo_merging_can_be_turned_off(bench):
+    from eval import run
+
+    root, _, _ = bench
+    cfg = run.EvalConfig(model=str(TINY_CLIP), data_root=str(root / "data"), out="unused")
+    (merged,), _ = run.load_datasets(["didemo"], cfg, {})
+    (apart,), _ = run.load_datasets(["didemo"], replace(cfg, didemo_merge_same_video=False), {})
+    assert len(merged.items) == 5 and len(apart.items) == 6
+
+
+def test_cached_frames_are_as_large_as_the_model_input(tmp_path):
+    """A 240 px model gets 240 px frames in the cache, not 224 px ones upsampled by its transform."""
+    from eval import run
+
+    config = json.loads(TINY_CLIP.read_text())
+    config["vision_cfg"].update(image_size=240, patch_size=48)
+    model = tmp_path / "tiny-clip-240.json"
+    model.write_text(json.dumps(config))
+    weights = tmp_path / "tiny240.pt"
+    torch.save(create_clip(str(model)).state_dict(), weights)
+    items = [
+        Item(id=f"v{i}", video=str(synthetic.write_index_clip(tmp_path / f"v{i}.mp4", 8 + i, 640, 480)), text="t")
+        for i in range(2)
+    ]
+    cfg = run.EvalConfig(model=str(model), data_root="", out=str(tmp_path / "out"), device="cpu", workers=1)
+    (record,) = run.run(cfg, [("m", str(weights))], [EvalDataset("msrvtt", RETRIEVAL, items)], [], strict=False)
+    (shard,) = (tmp_path / "out" / "cache").glob("*/*.tar")
+    with tarfile.open(shard) as t:
+        frame = Image.open(io.BytesIO(t.extractfile("v0.0.jpg").read()))
+    assert min(frame.size) == 240  # from a 640x480 source: the shorter side at the model's input size
+    assert record["frame_cache"]["size"] == 240 and record["num_found"] == 2
+    assert run.cache_settings(run.EvalConfig(model=str(TINY_CLIP), data_root="", out="")).size == 224
+
+
+def test_tag_numeric_labels_and_a_folder_with_nothing_readable(bench, tmp_path):
+    from eval import tag
+
+    _, layouts, w = bench
+    common = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "device": "cpu"}
+    out = tmp_path / "tags.csv"
+    tag.main(str(layouts["msrvtt"] / "videos"), labels=(1, 2), out=str(out), **common)  # fire's --labels "1,2"
+    assert {r["label"] for r in csv.DictReader(out.open())} == {"1", "2"}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.mp4").write_bytes(b"not a video")
+    (broken / "b.mkv").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(broken), query="a dog", out=str(tmp_path / "search.csv"), **common)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and str(broken) in message and "2 video file" in message
+    assert not (tmp_path / "search.csv").exists()

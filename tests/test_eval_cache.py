@@ -1,0 +1,132 @@
+"""The frame cache: decoded once, reused, and decoded again only where a video changed on disk or failed oddly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval import frame_cache
+from eval.datasets.base import RETRIEVAL, EvalDataset, Item
+from eval.frame_cache import CacheSettings, build_cache
+from pipeline import synthetic
+
+
+def dataset(folder: Path) -> EvalDataset:
+    items = [Item(id=name, video=str(folder / f"{name}.mp4"), text=name) for name in ("kept", "late", "fixed")]
+    return EvalDataset("toy", RETRIEVAL, items)
+
+
+def first_frame_index(cache: frame_cache.FrameCache, item_id: str) -> int:
+    tar, key = cache.found[item_id]
+    with tarfile.open(tar) as t:
+        return synthetic.read_frame_index(Image.open(io.BytesIO(t.extractfile(f"{key}.0.jpg").read())))
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """The ids decode_item is called for (in-process: workers=1)."""
+    calls: list[str] = []
+    real = frame_cache.decode_item
+
+    def spy(item, settings):
+        calls.append(item.id)
+        return real(item, settings)
+
+    monkeypatch.setattr(frame_cache, "decode_item", spy)
+    return calls
+
+
+def build(ds: EvalDataset, root: Path) -> frame_cache.FrameCache:
+    return build_cache(ds, root, CacheSettings(), workers=1, progress=False)
+
+
+def test_only_changed_videos_are_decoded_again(tmp_path, decoded, capsys):
+    videos, root = tmp_path / "videos", tmp_path / "cache"
+    synthetic.write_index_clip(videos / "kept.mp4", 30)
+    synthetic.write_index_clip(videos / "fixed.mp4", 30)
+    ds = dataset(videos)
+    first = build(ds, root)
+    assert first.missing == {"late": frame_cache.MISSING_FILE} and first_frame_index(first, "fixed") == 3
+    old_shard = Path(first.found["kept"][0]).read_bytes()
+
+    synthetic.write_index_clip(videos / "late.mp4", 30)  # the user downloads the missing video
+    synthetic.write_index_clip(videos / "fixed.mp4", 60)  # and replaces a bad one
+    os.utime(videos / "fixed.mp4", ns=(1, 1))  # a new stamp even on a file system with coarse mtimes
+    decoded.clear()
+    second = build(ds, root)
+    assert second.folder == first.folder  # same settings and item list: same folder
+    assert sorted(decoded) == ["fixed", "late"]  # "kept" is reused without decoding
+    assert second.missing == {} and set(second.found) == {"kept", "late", "fixed"}
+    assert first_frame_index(second, "fixed") == 7  # the new file's frames (60 frames: midpoint 7), not the old
+    assert second.found["kept"] == first.found["kept"] and Path(first.found["kept"][0]).read_bytes() == old_shard
+    assert Path(second.found["late"][0]).name == "000001.tar"  # appended after the existing shard
+    err = capsys.readouterr().err
+    assert "re-decoding 2 of 3 videos" in err and "1 file appeared" in err and "1 file changed" in err
+
+    decoded.clear()
+    third = build(ds, root)
+    assert decoded == [] and third.found == second.found
+    assert "re-decoding" not in capsys.readouterr().err
+    manifest = json.loads((third.folder / "manifest.json").read_text())
+    assert manifest["version"] == frame_cache.CACHE_VERSION == 2
+    assert manifest["stamps"]["fixed"] == [os.stat(videos / "fixed.mp4").st_size, 1]
+
+    (videos / "kept.mp4").unlink()  # a video removed since: missing now, not served from stale frames
+    assert build(ds, root).missing == {"kept": frame_cache.MISSING_FILE}
+
+
+def test_unexpected_errors_are_retried(tmp_path, decoded, monkeypatch, capsys):
+    videos = tmp_path / "videos"
+    for name in ("kept", "late", "fixed"):
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = dataset(videos)
+    real = frame_cache.decode_frames
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).stem == "late":
+            raise MemoryError("transient")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(frame_cache, "decode_frames", flaky)
+    first = build(ds, tmp_path / "cache")
+    assert first.missing["late"].startswith("unexpected_error: MemoryError")
+    monkeypatch.setattr(frame_cache, "decode_frames", real)
+    decoded.clear()
+    second = build(ds, tmp_path / "cache")
+    assert decoded == ["late"] and second.missing == {} and "late" in second.found
+    assert "1 unexpected error before" in capsys.readouterr().err
+
+
+def test_manifest_without_stamps_is_not_trusted(tmp_path, decoded, capsys):
+    videos = tmp_path / "videos"
+    synthetic.write_index_clip(videos / "kept.mp4", 30)
+    ds = dataset(videos)
+    first = build(ds, tmp_path / "cache")
+    manifest = first.folder / "manifest.json"
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: old[k] for k in ("dataset", "settings", "found", "missing")}))  # version 1
+    decoded.clear()
+    build(ds, tmp_path / "cache")
+    assert sorted(decoded) == ["fixed", "kept", "late"]
+    assert "older cache version" in capsys.readouterr().err
+    assert "stamps" in json.loads(manifest.read_text())
+
+
+def test_plan_decode_reasons():
+    items = [Item(id=i, video=f"{i}.mp4") for i in "abcdef"]
+    record = {
+        "found": {"a": ["000000.tar", "a"], "b": ["000000.tar", "b"], "e": ["000001.tar", "e"]},
+        "missing": {"c": "missing_file", "d": "unexpected_error: OSError: busy", "f": "undecodable: bad"},
+        "stamps": {"a": [1, 1], "b": [1, 1], "c": None, "d": [1, 1], "e": [1, 1], "f": [1, 1]},
+    }
+    now = {"a": [1, 1], "b": [2, 1], "c": [1, 2], "d": [1, 1], "e": [1, 1], "f": [1, 1]}
+    plan = frame_cache.plan_decode(items, record, now, {"000000.tar"})
+    assert plan == {"b": "file changed", "c": "file appeared", "d": "unexpected error before", "e": "cache shard gone"}
+    assert frame_cache.plan_decode(items, None, now, set()) == {i: "new" for i in "abcdef"}
+    assert frame_cache.next_shard(record) == 2 and frame_cache.next_shard(None) == 0
