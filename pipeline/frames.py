@@ -286,8 +286,8 @@ def decode_frames(
             if len(found) < len(wanted):  # inexact seeking (e.g. MPEG-TS): one pass from the start, skipping nothing
                 rest = wanted - set(found)
                 found.update(_from_start(source, lambda c, s: _decode_from(c, s, None, rest, skip=False)))
-        except _NotPresentationTimes:  # match the frames by their output order instead
-            order = [p.pts for p in packets]
+        except _NotPresentationTimes:  # match the frames by their output order instead (hidden frames give none)
+            order = [p.pts for p in shown]
             found = _from_start(source, lambda c, s: _in_output_order(c, s, order, wanted))
     missing = [i for i in chosen if shown[i].pts not in found]
     if missing:
