@@ -57,6 +57,9 @@ def step_lines(step: dict) -> list[str]:
     if naive:
         ratio = best["videos_per_s"] / naive["videos_per_s"]
         lines.append(f"speed-up over naive: {ratio:.2f}x (target {SPEEDUP_TARGET}x): {_mark(ratio >= SPEEDUP_TARGET)}")
+    else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
+        why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
+        lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
@@ -135,7 +138,7 @@ def verdict(step: dict | None, loader: dict | None, memory: dict | None) -> list
         if mode:
             lines.append(f"suggested GPU default: --augment_on {mode} (train.loop.augment_on's 'auto')")
     if memory:
-        more, blocks = memory_lines(memory)
+        more, blocks = memory_lines(memory, memory.get("memory_gib") or 80.0)  # the cap the run used
         lines += more
         if blocks:
             lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")

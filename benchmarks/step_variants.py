@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import random
 import re
@@ -148,7 +149,11 @@ def variant_options(variant: str) -> set[str]:
     return options
 
 
-def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: int, warmup: int, profile: int) -> dict:
+def run_variant(
+    variant: str, base_models, cfg, batches: dict, device, steps: int, warmup: int, profile: int, on_timed=None
+) -> dict:
+    """Time one variant; ``on_timed(row)`` gets the row once timed, before its profile (which may fail or run out
+    of time without losing the timing)."""
     options = variant_options(variant)
     cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing=checkpointed_blocks(options))
     student_clip = copy.deepcopy(base_models["student"])
@@ -162,7 +167,7 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
         torch.cuda.reset_peak_memory_stats(device)
     try:
         if "naive" in options:
-            teacher = base_models["teacher_fp32"]
+            teacher = base_models["teacher_fp32"]()
             params = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
@@ -205,14 +210,35 @@ def run_variant(variant: str, base_models, cfg, batches: dict, device, steps: in
         row.update(s_per_step=statistics.median(times), first_loss=losses[0], last_loss=losses[-1], status="ok")
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if on_timed is not None:
+            on_timed(row)
         if profile:
-            row["profile"] = profile_steps(step, device, profile, row["s_per_step"])
+            try:
+                row["profile"] = profile_steps(step, device, profile, row["s_per_step"])
+            except Exception as e:  # the profiler (CUPTI) failing is not the variant failing: keep its timing
+                row["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                traceback.print_exc()
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     except Exception as e:  # a lever that fails (a compile mode, a decode) is a result; the sweep goes on
         row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
         traceback.print_exc()
     return row
+
+
+def keep_row(record: dict, path: Path, flops: float, measured: float, datasheet: float, row: dict) -> None:
+    """Add a timed row's rates, put the row in the record (once), and write the record atomically: called when a
+    variant is timed and again after its profile, so a run stopped by a time limit keeps what it measured."""
+    if row["status"] == "ok" and "videos_per_s" not in row:
+        s = row["s_per_step"]
+        n_lab, n_unl = (int(n) for n in row["batch"].split("x"))
+        row["videos_per_s"] = (n_lab + n_unl) / s
+        row["tflops"] = flops / s / 1e12
+        row["mfu_measured"] = row["tflops"] / measured if measured else None
+        row["mfu_datasheet"] = row["tflops"] / datasheet if datasheet else None
+    if not any(r is row for r in record["rows"]):
+        record["rows"].append(row)
+    atomic_write_bytes(path, json_bytes(record))
 
 
 def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict:
@@ -255,10 +281,11 @@ def main(
     for variant in variant_list:  # a typo is refused now, not after the variants before it have run
         variant_options(variant)
     cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
+    fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)  # on the GPU only if naive runs
     base = {
         "student": models.student.clip.cpu(),
         "teacher": models.teacher,
-        "teacher_fp32": copy.deepcopy(models.student).to(dev).eval().requires_grad_(False),
+        "teacher_fp32": functools.cache(lambda: fp32_teacher.to(dev)),
     }
     tokenizer = tokenizer_for(model)
     size = image_size(base["student"])
@@ -287,6 +314,7 @@ def main(
         "per_video_flops": per_video,
         "peak_measured_tflops": measured,
         "peak_datasheet_tflops": datasheet,
+        "memory_gib": memory_gib,
         "rows": rows,
         "complete": False,
     }
@@ -303,22 +331,15 @@ def main(
                 ]
         flops = step_flops(per_video, per_video, n_lab, n_unl)
         for variant in variant_list:
-            row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile)
-            if row["status"] == "ok":
-                s = row["s_per_step"]
-                row["videos_per_s"] = (n_lab + n_unl) / s
-                row["tflops"] = flops / s / 1e12
-                row["mfu_measured"] = row["tflops"] / measured if measured else None
-                row["mfu_datasheet"] = row["tflops"] / datasheet if datasheet else None
-            rows.append(row)
-            # after every variant, atomically: a run stopped by a time limit still leaves what it measured
-            atomic_write_bytes(path, json_bytes(record))
+            keep = functools.partial(keep_row, record, path, flops, measured, datasheet)
+            row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile, on_timed=keep)
+            keep(row)
             print(
                 f"  {row['batch']} {variant}: "
                 + ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in row.items()
-                    if k not in ("variant", "batch", "profile")
+                    if k not in ("variant", "batch", "profile", "profile_error")
                 ),
                 flush=True,
             )

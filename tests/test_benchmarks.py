@@ -72,6 +72,16 @@ def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
     monkeypatch.undo()
     assert step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 0)["status"] == "ok"
 
+    # a profiler that fails (CUPTI under CUDA graphs) keeps the variant's timing, which was handed over before it
+    def broken_profile(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(step_variants, "profile_steps", broken_profile)
+    timed = []
+    row = step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 2, on_timed=timed.append)
+    assert row["status"] == "ok" and row["s_per_step"] > 0 and "CUPTI_ERROR" in row["profile_error"]
+    assert timed == [row]
+
 
 def _rows(**videos_per_s):
     return [{"variant": v, "batch": "128x128", "status": "ok", "videos_per_s": s} for v, s in videos_per_s.items()]
@@ -98,6 +108,8 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     }
     for r, gib in zip(memory["rows"], (70.0, 24.0, 81.0), strict=True):
         r.update(s_per_step=r.pop("videos_per_s") or 0.7, peak_gib=gib, batch="256x256")
+    oom = {"device": "cuda", "rows": [{**step["rows"][1]}, {"variant": "naive", "batch": "128x128", "status": "OOM"}]}
+    assert "speed-up over naive: NOT JUDGED (naive: OOM; it needs an H200 at 128+128)" in verdict(oom, None, None)
     text = "\n".join(verdict(step, loader, memory))
     assert "MFU at 128x128: 53.8% of the measured peak with ours+compile+cteacher (target 55%): NOT MET" in text
     assert "speed-up over naive: 1.94x (target 1.7x): MET" in text

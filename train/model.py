@@ -226,8 +226,23 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """
     if frames.dtype != torch.uint8:
         return frames
-    mean, std = MEAN.to(frames.device), STD.to(frames.device)
+    mean, std = _mean_std(frames.device)
     return (frames.float() / 255.0 - mean) / std
+
+
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std on ``device``. A copy per call from pageable host memory would wait for the GPU's queue
+    to drain, and inside torch.compile would make CPU inputs of the graph (which CUDA graphs refuse). So: constants
+    made inside a compiled graph, and a copy made once per device in eager mode."""
+    if torch.compiler.is_compiling():
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(3, 1, 1)
+        return mean, torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(3, 1, 1)
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (MEAN.to(device), STD.to(device))
+    return _ON_DEVICE[device]
 
 
 def encode_video(clip: torch.nn.Module, frames: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
