@@ -332,3 +332,17 @@ def test_a_stream_of_broken_samples_fails_instead_of_spinning():
     assert list(readable(iter(samples), limit=3)) == [{"a": 1}, {"b": 2}]  # the streak restarts after a good one
     with pytest.raises(DataError, match="3 samples in a row could not be read"):
         list(readable(iter([{"a": 1}, None, None, None, {"b": 2}]), limit=3))
+
+
+def test_clip_normalisation_adds_no_tensor_inputs_to_a_compiled_graph():
+    """Inside torch.compile CLIP's mean and std are constants of the graph: as tensors from the host they were extra
+    graph inputs (on the CPU, whatever the device: CUDA graphs refuse those) copied in on every call."""
+    import torch._dynamo
+
+    from train.model import normalize_frames
+
+    frames = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    explained = torch._dynamo.explain(normalize_frames)(frames)
+    (graph,) = explained.graphs
+    assert [n.op for n in graph.graph.nodes].count("placeholder") == 1  # the frames alone
+    assert torch.equal(torch.compile(normalize_frames, fullgraph=True)(frames), normalize_frames(frames))
