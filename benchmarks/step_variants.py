@@ -281,12 +281,10 @@ def main(
     for variant in variant_list:  # a typo is refused now, not after the variants before it have run
         variant_options(variant)
     cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
-    fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)  # on the GPU only if naive runs
-    base = {
-        "student": models.student.clip.cpu(),
-        "teacher": models.teacher,
-        "teacher_fp32": functools.cache(lambda: fp32_teacher.to(dev)),
-    }
+    student = models.student.clip.cpu()
+    fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)  # on the GPU only once naive runs
+    on_device = functools.cache(lambda: fp32_teacher.to(dev))
+    base = {"student": student, "teacher": models.teacher, "teacher_fp32": on_device}
     tokenizer = tokenizer_for(model)
     size = image_size(base["student"])
     # Count on a model in train mode: in eval mode without gradients nn.MultiheadAttention takes a fused fast path
