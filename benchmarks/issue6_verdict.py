@@ -7,8 +7,9 @@ Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/loader
 one line per target: the 128+128 step's MFU (55% of the measured bf16 peak) and its
 speed-up over the naive step (1.7x), the loader's margin over the step's demand with at
 most 6 workers (2x) in each place the crop can run, and which activation checkpointing
-fits 256+256 under the 80 GiB cap, fastest first. It then names the settings the
-figures favour for the trainer's GPU defaults (``--augment_on``, ``--grad_checkpointing``).
+fits 256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest
+first. It then names the settings the figures favour for the trainer's GPU defaults
+(``--augment_on``, ``--grad_checkpointing``).
 """
 
 from __future__ import annotations

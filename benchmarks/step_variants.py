@@ -226,13 +226,13 @@ def run_variant(
     return row
 
 
-def keep_row(record: dict, path: Path, flops: float, measured: float, datasheet: float, row: dict) -> None:
-    """Add a timed row's rates, put the row in the record (once), and write the record atomically: called when a
-    variant is timed and again after its profile, so a run stopped by a time limit keeps what it measured."""
+def keep_row(record: dict, path: Path, videos: int, flops: float, measured: float, datasheet: float, row: dict) -> None:
+    """Add a timed row's rates (``videos`` and ``flops`` per step), put the row in the record (once), and write the
+    record atomically: called when a variant is timed and again after its profile, so a run stopped by a time limit
+    keeps what it measured."""
     if row["status"] == "ok" and "videos_per_s" not in row:
         s = row["s_per_step"]
-        n_lab, n_unl = (int(n) for n in row["batch"].split("x"))
-        row["videos_per_s"] = (n_lab + n_unl) / s
+        row["videos_per_s"] = videos / s
         row["tflops"] = flops / s / 1e12
         row["mfu_measured"] = row["tflops"] / measured if measured else None
         row["mfu_datasheet"] = row["tflops"] / datasheet if datasheet else None
@@ -329,7 +329,7 @@ def main(
                 ]
         flops = step_flops(per_video, per_video, n_lab, n_unl)
         for variant in variant_list:
-            keep = functools.partial(keep_row, record, path, flops, measured, datasheet)
+            keep = functools.partial(keep_row, record, path, n_lab + n_unl, flops, measured, datasheet)
             row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile, on_timed=keep)
             keep(row)
             print(

@@ -49,7 +49,7 @@ def best_val_loss(out: str | Path) -> float:
     latest.pt leaves latest.pt with an older, higher best; the resumed run must not replace best.pt with worse."""
     path = Path(out) / BEST
     try:
-        return float(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["val"]["loss"])
+        return float(load(path, mmap=True)["val"]["loss"])
     except (FileNotFoundError, KeyError, TypeError):  # no best.pt, or one saved without validation
         return float("inf")
 
@@ -70,9 +70,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load(path: str | Path) -> dict:
-    """A checkpoint written by :func:`atomic_save` (weights_only: tensors and plain values)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+def load(path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint written by :func:`atomic_save` (weights_only: tensors and plain values); ``mmap`` maps the
+    tensors instead of reading them (a cheap look at a file)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def resume_path(out: str | Path, resume: str, model: str = "") -> Path | None:
@@ -109,7 +110,7 @@ def check_resumable(path: Path, model: str = "") -> Path:
     neither the minutes of building the models nor a half-made OUT folder.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load(path, mmap=True)
     except Exception as e:  # not a torch zip file, truncated, or holding objects weights_only refuses
         raise CheckpointError(
             f"--resume {path}: not a checkpoint torch can load ({type(e).__name__}); pass the latest.pt of a "

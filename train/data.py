@@ -66,31 +66,15 @@ def list_shards(folder: str | Path) -> list[str]:
 def check_frames(folder: str | Path, frames: int) -> None:
     """Refuse a --frames that the folder's samples lack (read from the first sample's tar headers): every sample
     would be dropped, and an endless stream of dropped samples never yields a batch."""
-    held = _first_sample_members(list_shards(folder))
-    if held is None:  # no sample at all: the streams say so
+    first = next((members for url in list_shards(folder) for _, members in _tar_samples(url)), None)
+    if first is None:  # no sample at all: the streams say so
         return
-    have = next(k for k in itertools.count() if f"{k}.jpg" not in held)
+    have = next(k for k in itertools.count() if f"{k}.jpg" not in first)
     if have < frames:
         raise DataError(
             f"--frames {frames}: the samples in {folder} hold {have} frames; pass --frames {have} or lower, or "
             f"re-shard with python -m pipeline.shard --frames {frames}"
         )
-
-
-def _first_sample_members(tars: list[str]) -> set[str] | None:
-    """The member names (without the key) of the first sample in these tars; None if they hold none."""
-    for url in tars:
-        with tarfile.open(url, mode="r:") as tar:
-            key, held = None, set()
-            for info in tar:
-                k, _, ext = os.path.basename(info.name).partition(".")
-                if key is not None and k != key:
-                    break
-                key = k
-                held.add(ext)
-            if held:
-                return held
-    return None
 
 
 def _reader() -> tuple[int, int]:
@@ -346,22 +330,25 @@ class IndexedShards:
 
 def _index_tars(urls: list[str]) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
     """(tar, key, {ext: (data offset, size)}) for every sample, in shard order (reads headers only)."""
-    samples = []
-    for url in urls:
-        with tarfile.open(url, mode="r:") as tar:
-            key, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, _, ext = os.path.basename(info.name).partition(".")
-                if k != key and members:
-                    samples.append((url, key, members))
-                    members = {}
-                key = k
-                members[ext] = (info.offset_data, info.size)
-            if members:
-                samples.append((url, key, members))
-    return samples
+    return [(url, key, members) for url in urls for key, members in _tar_samples(url)]
+
+
+def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (data offset, size)}) of each sample of one tar, in order, as its headers are read (a caller
+    that stops early reads no further)."""
+    with tarfile.open(url, mode="r:") as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = os.path.basename(info.name).partition(".")
+            if k != key and members:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = (info.offset_data, info.size)
+        if members:
+            yield key, members
 
 
 DRY_LIMIT = 1000  # broken samples in a row after which a stream gives up

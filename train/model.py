@@ -197,14 +197,18 @@ def tokenizer_for(model: str):
 
 
 def image_size(clip: torch.nn.Module) -> int:
-    size = clip.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return _side(clip.visual.image_size)
 
 
 def config_image_size(model: str) -> int | None:
     """``model``'s input size from its open_clip config, before any model is built; None if it states none."""
     size = ((open_clip.get_model_config(register_model(model)) or {}).get("vision_cfg") or {}).get("image_size")
-    return None if size is None else int(size[0] if isinstance(size, (tuple, list)) else size)
+    return None if size is None else _side(size)
+
+
+def _side(size: int | tuple[int, int] | list[int]) -> int:
+    """open_clip states an image size as one side or as (height, width): the side of our square frames."""
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def check_crop(model: str, crop: int) -> None:
