@@ -21,7 +21,8 @@ mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +deva
 loader hands them with ``augment_on`` "device" / "device_jpeg" (frames at the
 shards' 454x256, or their JPEG files, plus each video's crop) and pass through
 ``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
-batch run on a side stream while the step runs, and are inside the timed step.
+batch are issued by its thread on a side stream while the step runs, and are
+inside the timed step.
 Their pixels are smooth random pictures rather than noise, so their loss differs.
 
 --profile N: after timing, N more steps of each variant run under
@@ -165,6 +166,7 @@ def run_variant(
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    prefetchers: list[Prefetcher] = []
     try:
         if "naive" in options:
             teacher = base_models["teacher_fp32"]()
@@ -185,10 +187,11 @@ def run_variant(
             optimizer, scheduler = loop.build_optimizer(student, cfg_v, device)
             source = "devjpeg" if "devjpeg" in options else "devaug" if "devaug" in options else "plain"
             size = image_size(student.clip)
-            labeled, unlabeled = (
-                Prefetcher(itertools.repeat(b), device, size) if source != "plain" else itertools.repeat(b)
-                for b in batches[source]
-            )
+            if source == "plain":
+                labeled, unlabeled = (itertools.repeat(b) for b in batches["plain"])
+            else:
+                prefetchers = [Prefetcher(itertools.repeat(b), device, size) for b in batches[source]]
+                labeled, unlabeled = prefetchers
 
             def step():
                 return loop.train_step(
@@ -223,6 +226,9 @@ def run_variant(
     except Exception as e:  # a lever that fails (a compile mode, a decode) is a result; the sweep goes on
         row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
         traceback.print_exc()
+    finally:
+        for prefetcher in prefetchers:  # its thread and the batch it holds on the GPU go before the next variant
+            prefetcher.close()
     return row
 
 

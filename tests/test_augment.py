@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 
 import pytest
 import torch
@@ -124,6 +125,55 @@ def test_prefetcher_hands_out_every_batch_once_in_order(train_shards):
     assert all(b.video.shape == (4, 4, 3, 32, 32) for b in out)
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_prefetcher_prepares_the_next_batch_in_its_thread_only(train_shards, background):
+    batches = _batches(str(train_shards["unlabeled"]), "device", count=3)
+    taken = [threading.Event() for _ in batches]
+
+    def source():
+        for event, batch in zip(taken, batches, strict=True):
+            event.set()
+            yield batch
+
+    prefetcher = Prefetcher(source(), torch.device("cpu"), 32, background=background)
+    first = next(prefetcher)
+    # while the caller's step runs, the thread takes batch 2 from the loader; without one, nothing happens until asked
+    assert taken[1].wait(timeout=10 if background else 0.2) is background
+    prefetcher.settle()  # before validation forks: the thread is done with batch 2
+    assert not background or prefetcher.ahead.done()
+    assert [b.keys for b in [first, *prefetcher]] == [b.keys for b in batches]
+    assert prefetcher.pool is None  # the end of the source stopped the thread
+
+
+def test_prefetcher_raises_a_preparation_error_at_the_batch_it_spoils_and_close_stops_its_thread(train_shards):
+    good = _batches(str(train_shards["unlabeled"]), "device", count=1)[0]
+
+    threads = []
+
+    def source():
+        yield good
+        threads.append(threading.current_thread())
+        raise OSError("shard 3 is unreadable")
+
+    prefetcher = Prefetcher(source(), torch.device("cpu"), 32, background=True)
+    assert next(prefetcher).keys == good.keys  # the next batch failing in the thread does not spoil this one
+    with pytest.raises(OSError, match="shard 3 is unreadable"):
+        next(prefetcher)
+    (thread,) = threads
+    assert thread is not threading.current_thread() and thread.is_alive()
+    prefetcher.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and prefetcher.pool is None
+
+
+def test_augment_on_auto_decodes_on_a_gpu_and_crops_in_the_workers_on_a_cpu():
+    from train.loop import augment_on
+
+    assert augment_on(resolve("demo"), torch.device("cuda", 0)) == "device_jpeg"
+    assert augment_on(resolve("demo"), torch.device("cpu")) == "loader"
+    assert augment_on(resolve("demo", augment_on="device"), torch.device("cuda", 0)) == "device"
+
+
 def test_augment_on_is_checked():
     with pytest.raises(ValueError, match="--augment_on must be one of"):
         resolve("demo", augment_on="gpu")
@@ -172,9 +222,9 @@ def test_a_video_whose_frames_differ_in_size_is_skipped(augment_on):
 def test_a_starved_gpu_gets_advice_once_a_cpu_run_none():
     from train import loop
 
-    cfg = resolve("paper", workers=3)
+    cfg = resolve("paper", workers=3, augment_on="device")
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     hint = loop.starvation_hint(0.35, cfg, gpu)
     assert "35%" in hint and "--workers (now 3 per stream)" in hint and "--augment_on device_jpeg" in hint
-    assert "device_jpeg" not in loop.starvation_hint(0.35, resolve("paper", augment_on="device_jpeg"), gpu)
+    assert "device_jpeg" not in loop.starvation_hint(0.35, resolve("paper"), gpu)  # auto: the GPU decodes already
     assert loop.starvation_hint(0.1, cfg, gpu) is None and loop.starvation_hint(0.9, cfg, cpu) is None

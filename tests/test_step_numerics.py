@@ -29,7 +29,7 @@ def loss_and_grads(models, cfg, lab, unl) -> tuple[float, torch.Tensor]:
     loss, _ = loop.compute_loss(models, lab, unl, cfg, torch.device("cpu"))
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in models.student.parameters() if p.grad is not None])
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def tiny_fp32(out, **overrides):

@@ -211,6 +211,15 @@ def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path, augment_
     assert sum(b.dropped for b in batches) > 0
 
 
+def test_a_loader_worker_counts_only_its_own_skipped_samples(train_shards, monkeypatch):
+    """A forked worker used to inherit the parent's count of samples not yet reported, and report them again."""
+    monkeypatch.setattr(data, "_dropped", 5)  # e.g. left by an in-process stream before the loader started
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.unlabeled_stream(train_shards["unlabeled"], 4, data.TrainTransform(32), tok, 4, seed=0)
+    batches = list(itertools.islice(iter(data.loader(stream, 1, False, 0)), 2))
+    assert [b.dropped for b in batches] == [0, 0]
+
+
 def test_train_transform_shares_one_crop_and_flip_across_frames():
     frames = [torch.arange(3 * 40 * 60, dtype=torch.float32).view(3, 40, 60).to(torch.uint8)] * 4
     random.seed(0)

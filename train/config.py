@@ -41,7 +41,7 @@ class TrainConfig:
     frames: int = 4  # frames per video used (the shards' first N)
     crop: int = 0  # training crop size; 0 = the model's input size (224 for ViT-B/16)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
-    # where the crop/resize/flip runs: "auto" = "device" on GPU, "loader" on CPU; "loader" (the workers),
+    # where the crop/resize/flip runs: "auto" = "device_jpeg" on GPU, "loader" on CPU; "loader" (the workers),
     # "device" (workers decode JPEG, the GPU crops a whole batch at once), "device_jpeg" (the GPU decodes too)
     augment_on: str = "auto"
 

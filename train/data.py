@@ -416,7 +416,14 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,  # batches in flight per worker (shared memory: see README)
         generator=generator,
+        worker_init_fn=_new_worker,
     )
+
+
+def _new_worker(worker_id: int) -> None:
+    """A forked worker counts its own skipped samples, not those its parent had not yet handed out."""
+    global _dropped
+    _dropped = 0
 
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:
