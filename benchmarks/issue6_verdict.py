@@ -23,6 +23,7 @@ MFU_TARGET = 0.55
 SPEEDUP_TARGET = 1.7
 LOADER_MARGIN = 2.0
 MAX_WORKERS = 6
+QKV_GAIN = 1.02  # +qkv (train.attention) becomes the trainer's default if it beats timing noise by this much
 # the step variant whose batches arrive as each --augment_on mode hands them over
 MODE_VARIANTS = {
     "loader": "ours+compile+cteacher",
@@ -61,9 +62,22 @@ def step_lines(step: dict) -> list[str]:
     else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
         why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
         lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
+    lines += qkv_lines(rows)
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
+    return lines
+
+
+def qkv_lines(rows: dict[str, dict]) -> list[str]:
+    """For each variant timed with and without ``+qkv`` (train.attention), the step's speed with it over without."""
+    lines = []
+    for name, row in rows.items():
+        base = rows.get(name.replace("+qkv", "")) if "+qkv" in name else None
+        if base:
+            ratio = row["videos_per_s"] / base["videos_per_s"]
+            advice = "worth making the default" if ratio >= QKV_GAIN else "no gain worth a default"
+            lines.append(f"packed attention: {name} {ratio:.3f}x the step without it: {advice}")
     return lines
 
 

@@ -15,6 +15,8 @@ same weights and sees the same batches; the loss of its first step is reported
 so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
 
++qkv: student and teacher attend on views of the packed QKV projection (``train.attention``), without
+nn.MultiheadAttention's layout copies.
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
 mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
@@ -53,6 +55,7 @@ from benchmarks.args import as_list, parse_batches
 from benchmarks.harness import random_models, synthetic_batch
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
+from train.attention import use_packed_attention
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
@@ -60,7 +63,7 @@ from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 from train.profiling import activities, describe, summarize, sync
 
-VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg")
+VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
 CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
@@ -159,6 +162,8 @@ def run_variant(
     cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing=checkpointed_blocks(options))
     student_clip = copy.deepcopy(base_models["student"])
     student_clip.logit_scale.requires_grad_(False)
+    if "qkv" in options:
+        use_packed_attention(student_clip)
     checkpoint_blocks(student_clip, cfg_v.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
     lab, unl = batches["plain"]
@@ -181,6 +186,9 @@ def run_variant(
             mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
             trained = torch.compile(student, mode=mode) if cfg_v.compile else student
             teacher = base_models["teacher"]
+            if "qkv" in options:  # a copy: the other variants keep nn.MultiheadAttention's own
+                teacher = copy.deepcopy(teacher)
+                use_packed_attention(teacher)
             if "cteacher" in options:
                 teacher = torch.compile(teacher, mode=mode)
             models = loop.Models(student, trained, teacher)

@@ -9,7 +9,7 @@ from conftest import TINY_CLIP, run_cli
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
-    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1"  # +compile/+cteacher: 20 s of compiling, run by hand
+    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv"  # +compile/+cteacher: 20 s of compiling
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -23,6 +23,7 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 and "profile" in r for r in rows.values())
     assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
+    assert abs(rows["ours+qkv"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4  # the same function
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -92,6 +93,7 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
 
     step = {"device": "cuda", "rows": _rows(naive=360, **{"ours+compile+cteacher": 700})}
     step["rows"] += _rows(**{"ours+compile+cteacher+devaug": 690, "ours+compile+cteacher+devjpeg": 660})
+    step["rows"] += _rows(**{"ours+compile+cteacher+qkv": 693, "ours+compile+cteacher+devjpeg+qkv": 680})
     for r in step["rows"]:
         r["mfu_measured"] = r["videos_per_s"] / 1300  # 700 videos/s -> 53.8%
     step["rows"].append({"variant": "ours+compile+cteacher+graphs", "status": "error", "videos_per_s": 0})
@@ -114,6 +116,8 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     assert "MFU at 128x128: 53.8% of the measured peak with ours+compile+cteacher (target 55%): NOT MET" in text
     assert "speed-up over naive: 1.94x (target 1.7x): MET" in text
     assert "variants that failed: ours+compile+cteacher+graphs" in text
+    assert "packed attention: ours+compile+cteacher+qkv 0.990x the step without it: no gain worth a default" in text
+    assert "packed attention: ours+compile+cteacher+devjpeg+qkv 1.030x the step without it: worth making" in text
     assert "loader, --augment_on device: 1200 videos/s with 6 workers = 1.74x" in text and "device_jpeg" in text
     assert "suggested GPU default: --augment_on device_jpeg" in text  # the only mode fed with 2x
     assert "ours+compile+ckpt4: ok (81.0 GiB)" in text  # over the cap: does not fit

@@ -1,0 +1,67 @@
+"""train.attention: self-attention on views of the packed QKV projection, against nn.MultiheadAttention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_CLIP
+from open_clip.transformer import ResidualAttentionBlock
+
+from train.attention import packed_attention, use_packed_attention
+from train.model import create_clip
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    return torch.full((n, n), float("-inf")).triu(1)  # as open_clip's text tower builds it
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_packed_attention_is_multihead_attention_with_its_gradients(mask):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    attn_mask = causal_mask(7) if mask else None
+    expected = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    got = packed_attention(x, *params, heads=4, attn_mask=attn_mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(expected)
+    grads_expected = torch.autograd.grad((expected * weights).sum(), [x, *params])
+    grads_got = torch.autograd.grad((got * weights).sum(), [x, *params])
+    for g, e in zip(grads_got, grads_expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_boolean_mask_is_refused():
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    with pytest.raises(TypeError, match="float attn_mask"):
+        packed_attention(torch.randn(1, 3, 8), *params, heads=2, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_a_patched_clip_embeds_as_before_with_the_same_parameters():
+    torch.manual_seed(0)
+    clip = create_clip(str(TINY_CLIP))
+    patched = copy.deepcopy(clip)
+    blocks = sum(isinstance(m, ResidualAttentionBlock) for m in clip.modules())
+    assert use_packed_attention(patched) == blocks == 4  # 2 image and 2 text blocks (the text ones masked)
+    assert list(patched.state_dict()) == list(clip.state_dict())
+    images, tokens = torch.rand(2, 3, 32, 32), torch.randint(1, 400, (2, 32))
+    for model in (clip, patched):
+        model.zero_grad()
+        loss = model.encode_image(images).square().sum() + model.encode_text(tokens).square().sum()
+        loss.backward()
+    torch.testing.assert_close(patched.encode_image(images), clip.encode_image(images), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patched.encode_text(tokens), clip.encode_text(tokens), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(patched.named_parameters(), clip.parameters(), strict=True):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_patched_image_tower_compiles_in_one_graph():
+    clip = create_clip(str(TINY_CLIP))
+    use_packed_attention(clip)
+    explained = torch._dynamo.explain(clip.encode_image)(torch.rand(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -1,0 +1,76 @@
+"""Self-attention of open_clip's transformer blocks on views of the packed QKV projection: a speed lever, opt-in.
+
+``nn.MultiheadAttention`` splits its packed input projection into q, k and v with a copy (``.contiguous()``), and
+copies the heads' output back into rows. Under ``torch.compile`` these become Triton copy kernels: about 18 ms of
+the 355 ms of GPU time in a 128+128 ViT-B/16 step on an H200 (benchmarks/README.md). ``packed_attention`` computes
+the same function with the same parameters, handing SDPA strided views instead: its flash and cuDNN kernels take any
+strides whose last is 1. Whether the copies then disappear on the GPU is measured by ``benchmarks.step_variants``
+(``+qkv``); until then nothing uses it by default.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+
+def packed_attention(
+    x: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor | None,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    heads: int,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head self-attention of ``x`` (B, N, E), batch first, as ``nn.MultiheadAttention`` computes it.
+
+    ``attn_mask``: float, added to the scores: (N, N), or (B*heads, N, N) as ``nn.MultiheadAttention`` takes it.
+    (A boolean mask means the opposite to ``nn.MultiheadAttention`` and to SDPA, so it is refused.)
+    """
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        raise TypeError("packed_attention takes a float attn_mask (added to the scores), not a boolean one")
+    b, n, e = x.shape
+    qkv = F.linear(x, in_proj_weight, in_proj_bias).view(b, n, 3, heads, e // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim): views, no copy
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(b, heads, n, n)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
+    return F.linear(out.transpose(1, 2).reshape(b, n, e), out_proj_weight, out_proj_bias)
+
+
+def use_packed_attention(model: nn.Module) -> int:
+    """Route the self-attention of every open_clip ``ResidualAttentionBlock`` in ``model`` through
+    ``packed_attention``; returns how many blocks. The parameters stay where they are, so state dicts and
+    checkpoints do not change. Blocks it cannot serve (cross-attention, sequence-first, unequal q/k/v sizes, dropout)
+    are left as they are."""
+    count = 0
+    for block in model.modules():
+        attn = getattr(block, "attn", None)
+        if (
+            isinstance(block, ResidualAttentionBlock)
+            and isinstance(attn, nn.MultiheadAttention)
+            and attn.batch_first
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and attn.dropout == 0
+            and not hasattr(block, "ln_1_kv")
+        ):
+            block.attention = types.MethodType(_block_attention, block)
+            count += 1
+    return count
+
+
+def _block_attention(self: ResidualAttentionBlock, q_x, k_x=None, v_x=None, attn_mask=None) -> torch.Tensor:
+    """``ResidualAttentionBlock.attention`` for self-attention, through ``packed_attention``."""
+    if k_x is not None or v_x is not None:  # not self-attention: open_clip's own
+        return ResidualAttentionBlock.attention(self, q_x, k_x, v_x, attn_mask)
+    attn = self.attn
+    mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None  # as open_clip converts it
+    return packed_attention(
+        q_x, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, mask
+    )
