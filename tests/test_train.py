@@ -19,6 +19,7 @@ from train import checkpoint, loop
 from train.config import TrainConfig, paper, reference, resolve
 from train.fuse import fuse_state_dicts
 from train.model import load_state_dict
+from train.prefetch import Prefetcher
 
 
 def tiny_run(shards: dict[str, Path], out: Path) -> dict:
@@ -154,6 +155,22 @@ def test_a_run_with_the_crop_on_the_device(train_shards, tmp_path, augment_on):
     summary = loop.run(cfg)
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0 and summary["dropped_samples"] == 0
     assert math.isfinite(summary["best_val_loss"])
+
+
+def test_a_run_whose_prefetchers_prepare_in_a_thread_as_on_a_gpu(train_shards, tmp_path, monkeypatch):
+    """The GPU's prefetch thread (on the CPU here) through a whole run: loader workers, validation forking its own
+    while the thread lives (the trainer settles it first), and the thread stopped at the end."""
+    made = []
+
+    def threaded(batches, device, size):
+        made.append(Prefetcher(batches, device, size, background=True))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "Prefetcher", threaded)
+    cfg = tiny_config(train_shards, tmp_path / "run", steps=4, val_every=2, fuse=False, workers=1)
+    summary = loop.run(cfg)
+    assert summary["steps"] == 4 and summary["dropped_samples"] == 0 and math.isfinite(summary["best_val_loss"])
+    assert len(made) == 2 and all(p.pool is None for p in made)  # both threads stopped when the run ended
 
 
 def test_resume_auto_continues_from_latest(train_shards, tmp_path, capsys):
