@@ -3,9 +3,9 @@
 ``nn.MultiheadAttention`` splits its packed input projection into q, k and v with a copy (``.contiguous()``), and
 copies the heads' output back into rows. Under ``torch.compile`` these become Triton copy kernels: about 18 ms of
 the 355 ms of GPU time in a 128+128 ViT-B/16 step on an H200 (benchmarks/README.md). ``packed_attention`` computes
-the same function with the same parameters, handing SDPA strided views instead: its flash and cuDNN kernels take any
-strides whose last is 1. Whether the copies then disappear on the GPU is measured by ``benchmarks.step_variants``
-(``+qkv``); until then nothing uses it by default.
+the same function with the same parameters, handing SDPA strided views instead (the last stride 1). Whether SDPA's
+GPU kernels, and inductor around them, then run without the copies is what ``benchmarks.step_variants +qkv``
+measures; until a GPU has shown a gain, nothing uses it by default.
 """
 
 from __future__ import annotations
