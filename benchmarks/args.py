@@ -5,13 +5,6 @@ from __future__ import annotations
 import re
 
 
-def as_list(value) -> list[str]:
-    """A fire argument given as "a,b" (a str), 1,2 (fire makes a tuple) or 2 (an int) -> list of strings."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
 def parse_batches(text) -> list[tuple[int, int]]:
     """ "8x8,32x32" -> [(8, 8), (32, 32)] (labeled x unlabeled)."""
     parts = [str(t) for t in text] if isinstance(text, (tuple, list)) else str(text).split(",")  # "8x8," is refused

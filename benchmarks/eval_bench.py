@@ -47,7 +47,6 @@ import fire
 import open_clip
 import torch
 
-from benchmarks.args import as_list
 from benchmarks.harness import resolve_device
 from benchmarks.shard_bench import BackgroundLoad, machine_info
 from eval import frame_cache
@@ -55,6 +54,7 @@ from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
 from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
+from pipeline.cli import comma_list
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform
@@ -534,7 +534,7 @@ def main(
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default. On a shared machine use 1.
         out: output folder (clips, scratch caches, results).
     """
-    worker_list = sorted({int(w) for w in as_list(workers)})
+    worker_list = sorted({int(w) for w in comma_list(workers)})
     if int(threads) > 0:
         torch.set_num_threads(int(threads))
     dev = resolve_device(str(device))

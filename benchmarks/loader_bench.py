@@ -28,8 +28,8 @@ import fire
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from benchmarks.args import as_list
 from benchmarks.harness import resolve_device
+from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
@@ -83,8 +83,8 @@ def main(
     out: str = "benchmarks/output",
 ) -> None:
     urls = data.list_shards(shards)
-    worker_list = [int(w) for w in as_list(workers)]
-    modes = as_list(augment_on)
+    worker_list = [int(w) for w in comma_list(workers)]
+    modes = comma_list(augment_on)
     places = [m for m in AUGMENT_ON if m != "auto"]
     unknown = set(modes) - set(places)
     if unknown:

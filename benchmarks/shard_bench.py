@@ -42,8 +42,8 @@ import fire
 import numpy as np
 from PIL import Image
 
-from benchmarks.args import as_list
 from pipeline import synthetic
+from pipeline.cli import comma_list
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
@@ -529,8 +529,8 @@ def main(
         repeats: runs per worker count (interleaved); the fastest is reported.
         out: output folder (clips cache, CSVs, JSON results).
     """
-    gop_list = [_parse_gop(g) for g in as_list(gops)]
-    worker_list = [int(w) for w in as_list(workers)]
+    gop_list = [_parse_gop(g) for g in comma_list(gops)]
+    worker_list = [int(w) for w in comma_list(workers)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from benchmarks.args import as_list, parse_batches
+from benchmarks.args import parse_batches
 from benchmarks.harness import random_models, synthetic_batch
+from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.attention import use_packed_attention
@@ -291,7 +292,7 @@ def main(
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
     batch_list = parse_batches(batches)
-    variant_list = as_list(variants)
+    variant_list = comma_list(variants)
     for variant in variant_list:  # a typo is refused now, not after the variants before it have run
         variant_options(variant)
     cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own

@@ -31,6 +31,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
+from pipeline.cli import comma_list
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
@@ -63,15 +64,6 @@ class EvalConfig:
 
 
 CACHE_MIN_SIZE = 224  # cached frames' shorter side is at least this, so every 224-px model shares one cache
-
-
-def parse_list(value) -> list[str]:
-    """fire gives "a,b" as a str and "0,0.5" as a tuple: accept both."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def default_name(weights: str) -> str:
@@ -295,19 +287,19 @@ def main(
     try:
         if suite not in SUITES:
             raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
-        chosen = parse_list(datasets) or list(SUITES[suite])
+        chosen = comma_list(datasets) or list(SUITES[suite])
         unknown = [d for d in chosen if d not in DATASETS]
         if unknown:
             raise ValueError(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
         register_model(str(model))
-        alphas = [float(a) for a in parse_list(alpha_sweep)]
+        alphas = [float(a) for a in comma_list(alpha_sweep)]
         if alphas:
             if not student:
                 raise ValueError("--alpha_sweep needs --student (and --teacher, default openai)")
             models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
         else:
-            entries = parse_list(weights)
-            labels = parse_list(names) or [default_name(e) for e in entries]
+            entries = comma_list(weights)
+            labels = comma_list(names) or [default_name(e) for e in entries]
             if len(labels) != len(entries):
                 raise ValueError(f"--names has {len(labels)} entries but --weights has {len(entries)}")
             models = list(zip(labels, entries, strict=True))

@@ -18,6 +18,7 @@ from pathlib import Path
 import fire
 import torch
 
+from pipeline.cli import comma_list
 from pipeline.frames import FrameError, decode_frames
 from pipeline.writer import atomic_write_bytes
 from train.data import EvalTransform
@@ -34,11 +35,6 @@ def as_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return "" if value is None else str(value)
-
-
-def parse_labels(value) -> list[str]:
-    """The comma-separated labels, stripped, empty ones dropped; numbers are labels too."""
-    return [x.strip() for x in as_text(value).split(",") if x.strip()]
 
 
 def find_videos(folder: Path) -> list[Path]:
@@ -103,7 +99,7 @@ def main(
         device: auto, cuda or cpu.
     """
     folder = Path(str(videos))
-    label_list = parse_labels(labels)
+    label_list = comma_list(labels)
     query = as_text(query)
     if not folder.is_dir():
         sys.exit(f"error: --videos {folder} is not a folder")

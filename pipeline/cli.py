@@ -1,0 +1,16 @@
+"""What the command lines share: reading fire's forms of a comma-separated argument (torch-free)."""
+
+from __future__ import annotations
+
+
+def comma_list(value) -> list[str]:
+    """A fire argument meant as a comma list, as text items.
+
+    fire gives ``--x a,b`` as the tuple ("a", "b"), ``--x 1,2`` as (1, 2), ``--x 5`` as the int 5, ``--x "[a, b]"``
+    as a list, and a word (``--x ucf101``) or a quoted text (``--x "'a, b'"``) as a str; an absent argument is None
+    or "". Items are stripped, empty ones dropped.
+    """
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
