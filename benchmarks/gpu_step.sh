@@ -96,7 +96,6 @@ wants train && for mode in device device_jpeg; do
     [ -f "/tmp/run_$mode/profile/rank0.json" ] || { echo "gpu_step: train.main ($mode) wrote no profile" >&2; status=1; }
 done
 
-
 # the targets of issue 6 against this run's figures, and the defaults they suggest
 python3 -m benchmarks.issue6_verdict --out "$OUT" 2>&1 | tee "$OUT/verdict.log" || status=1
 

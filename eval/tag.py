@@ -31,7 +31,7 @@ CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature: turns cosine similaritie
 
 
 def as_text(value) -> str:
-    """fire turns ``--labels "1,2"`` into the tuple (1, 2) and ``--labels 5`` into 5: give the text back."""
+    """fire turns ``--query 1,2`` into the tuple (1, 2) and ``--query 5`` into 5: give the text back."""
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return "" if value is None else str(value)

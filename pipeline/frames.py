@@ -307,11 +307,12 @@ def _upright_images(frames: list[av.VideoFrame], size: int) -> tuple[list[Image.
     """RGB images as a player shows them (a phone video's rotation applied), the shorter side at ``size``; and
     the displayed (width, height) before resizing."""
     turn = _UPRIGHT.get(round(frames[0].rotation) % 360)  # 0, or a non-right angle no player applies either
+    sideways = turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)
     width, height = frames[0].width, frames[0].height
-    if turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):
+    if sideways:
         width, height = height, width
     out_w, out_h = resized_size(width, height, size)
-    if turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):  # resize as stored, then turn
+    if sideways:  # resize as stored, then turn
         out_w, out_h = out_h, out_w
     images = [f.to_image(width=out_w, height=out_h, interpolation="BICUBIC") for f in frames]
     if turn is not None:

@@ -110,12 +110,16 @@ class TrainConfig:
             problems.append(
                 f"--grad_checkpointing must be True (every block), False, or a number of blocks >= 0, got {ckpt!r}"
             )
-        if not isinstance(self.profile_steps, int) or isinstance(self.profile_steps, bool) or self.profile_steps < 0:
-            problems.append(f"--profile_steps must be a number of steps >= 0, got {self.profile_steps!r}")
-        for name in ("val_max", "workers", "crop"):
+        counts = {
+            "profile_steps": "a number of steps",
+            "val_max": "an integer",
+            "workers": "an integer",
+            "crop": "an integer",
+        }
+        for name, what in counts.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"--{name} must be an integer >= 0, got {value!r}")
+                problems.append(f"--{name} must be {what} >= 0, got {value!r}")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if problems:
