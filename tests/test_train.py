@@ -331,9 +331,9 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     args = cli_args(train_shards, out, steps=40, val_every=2, resume="auto")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.main", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = tmp_path / "first_run.log"  # shown if the first run does not get far enough: a rare failure, undiagnosed
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / checkpoint.LATEST).exists() and torch.load(out / checkpoint.LATEST, weights_only=True)["step"] >= 4:
@@ -342,8 +342,9 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     kill_tree(proc.pid)
     proc.wait()
     time.sleep(0.5)  # let the kernel reap the workers
+    assert (out / checkpoint.LATEST).exists(), log.read_text(errors="replace")[-3000:]
     killed_at = torch.load(out / checkpoint.LATEST, weights_only=True)["step"]
-    assert 4 <= killed_at < 40
+    assert 4 <= killed_at < 40, log.read_text(errors="replace")[-3000:]
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = [line for line in rerun.stdout.splitlines() if "resumed" in line]
