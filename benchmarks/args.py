@@ -15,3 +15,13 @@ def parse_batches(text) -> list[tuple[int, int]]:
             raise ValueError(f"--batches takes a comma list of LxU with L, U >= 1 (e.g. 8x8,32x32), got {part!r}")
         configs.append((int(match[1]), int(match[2])))
     return configs
+
+
+CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
+
+
+def checkpointed_blocks(options: set[str]) -> bool | int:
+    """The --grad_checkpointing a step variant's options ask for: ckpt = every block (True), ckptN = N, neither =
+    False."""
+    counts = [int(m[1]) if m[1] else True for m in map(CKPT.fullmatch, options) if m]
+    return counts[0] if counts else False

@@ -1,14 +1,16 @@
 """GPU check: the optimised step (bf16 autocast, bf16 teacher, torch.compile) against the plain fp32 step.
 
-    python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16]
+    python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
+        [--packed_qkv False] [--attention_kernel auto]
 
 Same weights, same uint8 batches: prints the loss of each and the cosine similarity and norm ratio of the
-student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance).
+student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance). The
+optimised side takes the trainer's speed flags (``--compile``, on the GPU only; ``--packed_qkv``;
+``--attention_kernel``); the plain side is always open_clip's own attention, eager, in fp32.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import fire
@@ -16,16 +18,43 @@ import torch
 
 from benchmarks.harness import random_models, synthetic_batch
 from train import distributed, loop
-from train.model import VideoTextModel, freeze, image_size, tokenizer_for
+from train.model import VideoTextModel, create_clip, freeze, image_size, tokenizer_for
 
 
-def main(model: str = "ViT-B-16-quickgelu", batch: int = 16, frames: int = 4) -> None:
+def compare(
+    model: str = "ViT-B-16-quickgelu",
+    batch: int = 16,
+    frames: int = 4,
+    compile: bool = True,
+    packed_qkv: bool = False,
+    attention_kernel: str = "auto",
+) -> dict:
+    """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
     dist = distributed.init_distributed("auto")
     dev = dist.device
-    fast, models = random_models(model, frames, dist, compile=dev.type == "cuda")  # bf16 teacher, compiled student
-    plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False)
-    student = VideoTextModel(copy.deepcopy(models.student.clip), fast.renormalize_video).to(dev)
-    teacher = freeze(VideoTextModel(copy.deepcopy(models.student.clip), fast.renormalize_video)).to(dev)
+    try:
+        fast, models = random_models(  # bf16 teacher on the GPU, the student compiled there
+            model,
+            frames,
+            dist,
+            compile=compile and dev.type == "cuda",
+            packed_qkv=packed_qkv,
+            attention_kernel=attention_kernel,
+        )
+    except ValueError as e:  # a flag out of range: TrainConfig's message names it
+        raise SystemExit(f"error: {e}") from None
+    print(
+        f"gpu_numerics: {model}, compile {fast.compile}, packed_qkv {packed_qkv}, attention_kernel {attention_kernel}"
+    )
+    plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False, packed_qkv=False, attention_kernel="auto")
+
+    def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own attention
+        clip = create_clip(model)
+        clip.load_state_dict(models.student.clip.state_dict())
+        return clip
+
+    student = VideoTextModel(plain_clip(), fast.renormalize_video).to(dev)
+    teacher = freeze(VideoTextModel(plain_clip(), fast.renormalize_video)).to(dev)
     plain = loop.Models(student, student, teacher)  # fp32 everywhere, eager
     tok = tokenizer_for(model)
     size = image_size(student.clip)
@@ -37,15 +66,23 @@ def main(model: str = "ViT-B-16-quickgelu", batch: int = 16, frames: int = 4) ->
         loss, _ = loop.compute_loss(m, lab, unl, cfg, dev)
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in m.student.parameters() if p.grad is not None])
-        results[name] = (float(loss), grads)
-        print(f"{name}: loss {float(loss):.6f}, grad norm {float(grads.norm()):.6f}", flush=True)
+        results[name] = (float(loss.detach()), grads)
+        print(f"{name}: loss {results[name][0]:.6f}, grad norm {float(grads.norm()):.6f}", flush=True)
     (l32, g32), (l16, g16) = results["plain fp32"], results["optimised"]
     cosine = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
+    summary = {
+        "loss_plain": l32,
+        "loss_optimised": l16,
+        "relative_loss_difference": abs(l16 - l32) / abs(l32),
+        "gradient_cosine": cosine,
+        "norm_ratio": float(g16.norm() / g32.norm()),
+    }
     print(
-        f"relative loss difference {abs(l16 - l32) / abs(l32):.2e}; gradient cosine {cosine:.5f}; "
-        f"norm ratio {float(g16.norm() / g32.norm()):.4f}"
+        f"relative loss difference {summary['relative_loss_difference']:.2e}; gradient cosine {cosine:.5f}; "
+        f"norm ratio {summary['norm_ratio']:.4f}"
     )
+    return summary
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(compare, serialize=lambda summary: None)  # compare printed it already

@@ -2,14 +2,14 @@
 
     python -m benchmarks.issue6_verdict --out DIR
 
-Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/loader_bench.json``
-(loader part) and ``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints
-one line per target: the 128+128 step's MFU (55% of the measured bf16 peak) and its
-speed-up over the naive step (1.7x), the loader's margin over the step's demand with at
-most 6 workers (2x) in each place the crop can run, and which activation checkpointing
-fits 256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest
-first. It then names the settings the figures favour for the trainer's GPU defaults
-(``--augment_on``, ``--grad_checkpointing``).
+Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/tune/step_variants_<device>.json``
+(tune part: more step variants, judged with the step part's), ``DIR/loader_bench.json`` (loader part) and
+``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints one line per target: the 128+128
+step's MFU (55% of the measured bf16 peak) and its speed-up over the naive step (1.7x), the loader's margin over
+the step's demand with at most 6 workers (2x) in each place the crop can run, and which activation checkpointing
+fits 256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest first. It then names
+the settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``,
+``--augment_on``, ``--grad_checkpointing``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ from pathlib import Path
 
 import fire
 
+from benchmarks.args import checkpointed_blocks
+
 MFU_TARGET = 0.55
 SPEEDUP_TARGET = 1.7
 LOADER_MARGIN = 2.0
 MAX_WORKERS = 6
-QKV_GAIN = 1.02  # +qkv (train.attention) becomes the trainer's default if it beats timing noise by this much
+GAIN = 1.02  # a step lever becomes the trainer's GPU default if it beats timing noise by this much
+LEVERS = {  # step_variants option: what it is, and the trainer flag that turns it on
+    "qkv": ("packed attention", "--packed_qkv True"),
+    "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
+    "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
+}
 # the step variant whose batches arrive as each --augment_on mode hands them over
 MODE_VARIANTS = {
     "loader": "ours+compile+cteacher",
@@ -62,22 +69,39 @@ def step_lines(step: dict) -> list[str]:
     else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
         why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
         lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
-    lines += qkv_lines(rows)
+    lines += lever_lines(rows)
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
     return lines
 
 
-def qkv_lines(rows: dict[str, dict]) -> list[str]:
-    """For each variant timed with and without ``+qkv`` (train.attention), the step's speed with it over without."""
+def lever_lines(rows: dict[str, dict]) -> list[str]:
+    """For each variant timed with and without one of ``LEVERS``, the step's speed with it over without; and for each
+    with several, its speed over the variant with none of them."""
     lines = []
-    for name, row in rows.items():
-        base = rows.get(name.replace("+qkv", "")) if "+qkv" in name else None
-        if base:
+    for option, (what, flag) in LEVERS.items():
+        for name, row in rows.items():
+            options = name.split("+")
+            base = rows.get("+".join(o for o in options if o != option)) if option in options else None
+            if base is None:
+                continue
             ratio = row["videos_per_s"] / base["videos_per_s"]
-            advice = "worth making the default" if ratio >= QKV_GAIN else "no gain worth a default"
-            lines.append(f"packed attention: {name} {ratio:.3f}x the step without it: {advice}")
+            advice = f"worth making the default ({flag})" if ratio >= GAIN else "no gain worth a default"
+            cost = ""
+            if option == "autotune" and "first_step_s" in row and "first_step_s" in base:
+                cost = f"; first step {row['first_step_s']} s against {base['first_step_s']} s"
+            lines.append(f"{what}: {name} {ratio:.3f}x the step without it{cost}: {advice}")
+    for name, row in rows.items():  # levers timed together, against the variant with none of them
+        options = name.split("+")
+        used = [o for o in LEVERS if o in options]
+        base = rows.get("+".join(o for o in options if o not in LEVERS)) if len(used) > 1 else None
+        if base is None:
+            continue
+        ratio = row["videos_per_s"] / base["videos_per_s"]
+        flags = " ".join(LEVERS[o][1] for o in used)
+        advice = f"worth making the default ({flags})" if ratio >= GAIN else "no gain worth a default"
+        lines.append(f"{' and '.join(used)} together: {name} {ratio:.3f}x the step without them: {advice}")
     return lines
 
 
@@ -129,8 +153,7 @@ def memory_lines(memory: dict, cap_gib: float = 80.0) -> tuple[list[str], str | 
         return lines + [f"{batch} under {cap_gib:.0f} GiB: NOT MET (nothing fit)"], None
     best = min(fits, key=lambda v: fits[v]["s_per_step"])
     lines.append(f"{batch} under {cap_gib:.0f} GiB: MET; fastest {best}, {fits[best]['s_per_step']:.3f} s/step")
-    blocks = best.rsplit("ckpt", 1)[-1] if "ckpt" in best else "False"
-    return lines, blocks or "True"  # "+ckpt" alone checkpoints every block
+    return lines, str(checkpointed_blocks(set(best.split("+"))))  # "+ckpt" alone: True, every block
 
 
 def cut_short(part: str, record: dict) -> list[str]:
@@ -140,10 +163,12 @@ def cut_short(part: str, record: dict) -> list[str]:
     return [f"{part}: stopped before its end (time limit?); judged on the {len(record['rows'])} row(s) it wrote"]
 
 
-def verdict(step: dict | None, loader: dict | None, memory: dict | None) -> list[str]:
+def verdict(step: dict | None, loader: dict | None, memory: dict | None, tune: dict | None = None) -> list[str]:
     lines = []
-    for part, record in (("step", step), ("loader", loader), ("memory", memory)):
+    for part, record in (("step", step), ("tune", tune), ("loader", loader), ("memory", memory)):
         lines += cut_short(part, record) if record else []
+    if tune and tune["rows"]:  # the same batches on the same card: one set of step variants
+        step = {**tune, "rows": step["rows"] + tune["rows"]} if step else tune
     step, loader, memory = (r if r and r["rows"] else None for r in (step, loader, memory))  # nothing to judge
     if step:
         lines += step_lines(step)
@@ -157,7 +182,7 @@ def verdict(step: dict | None, loader: dict | None, memory: dict | None) -> list
         lines += more
         if blocks:
             lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")
-    return lines or ["nothing to judge: no step, loader or memory results found"]
+    return lines or ["nothing to judge: no step, tune, loader or memory results found"]
 
 
 def _load(folder: Path, pattern: str) -> dict | None:
@@ -174,6 +199,7 @@ def main(out: str = "benchmarks/output") -> None:
         _load(folder, "step_variants_*.json"),
         _load(folder, "loader_bench.json"),
         _load(folder / "memory", "step_variants_*.json"),
+        _load(folder / "tune", "step_variants_*.json"),
     )
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 

@@ -15,8 +15,9 @@ same weights and sees the same batches; the loss of its first step is reported
 so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
 
-+qkv: student and teacher attend on views of the packed QKV projection (``train.attention``), without
-nn.MultiheadAttention's layout copies.
++qkv: student and teacher attend on views of the packed QKV projection (``train.attention``, ``--packed_qkv``),
+without nn.MultiheadAttention's layout copies. +cudnn: SDPA tries cuDNN's fused attention first
+(``--attention_kernel cudnn``; torch tries flash attention first).
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
 mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
@@ -40,7 +41,6 @@ import dataclasses
 import functools
 import itertools
 import random
-import re
 import statistics
 import time
 import traceback
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from benchmarks.args import parse_batches
+from benchmarks.args import CKPT, checkpointed_blocks, parse_batches
 from benchmarks.harness import random_models, synthetic_batch
 from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
@@ -64,8 +64,7 @@ from train.monitor import forward_flops, peak_tflops, step_flops
 from train.prefetch import Prefetcher
 from train.profiling import activities, describe, summarize, sync
 
-VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-CKPT = re.compile(r"ckpt(\d*)")  # +ckpt (every block) or +ckptN (the first N blocks of each tower)
+VARIANT_OPTIONS = tuple("naive ours compile cteacher autotune graphs ckpt devaug devjpeg qkv cudnn".split())
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -137,12 +136,6 @@ def measure_peak_bf16(device: torch.device) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def checkpointed_blocks(options: set[str]) -> bool | int:
-    """The --grad_checkpointing a variant's options ask for: ckpt = every block (True), ckptN = N, neither = False."""
-    counts = [int(m[1]) if m[1] else True for m in map(CKPT.fullmatch, options) if m]
-    return counts[0] if counts else False
-
-
 def variant_options(variant: str) -> set[str]:
     """The levers of a variant ("ours+compile+ckpt6"); an unknown one is refused with the list of known ones."""
     options = set(variant.split("+"))
@@ -160,7 +153,12 @@ def run_variant(
     """Time one variant; ``on_timed(row)`` gets the row once timed, before its profile (which may fail or run out
     of time without losing the timing)."""
     options = variant_options(variant)
-    cfg_v = dataclasses.replace(cfg, compile="compile" in options, grad_checkpointing=checkpointed_blocks(options))
+    cfg_v = dataclasses.replace(
+        cfg,
+        compile="compile" in options,
+        grad_checkpointing=checkpointed_blocks(options),
+        attention_kernel="cudnn" if "cudnn" in options else cfg.attention_kernel,
+    )
     student_clip = copy.deepcopy(base_models["student"])
     student_clip.logit_scale.requires_grad_(False)
     if "qkv" in options:

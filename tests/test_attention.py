@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_CLIP
 from open_clip.transformer import ResidualAttentionBlock
 
-from train.attention import packed_attention, use_packed_attention
+from train.attention import KERNELS, TORCH_ORDER, attention_kernel, packed_attention, use_packed_attention
 from train.model import create_clip
 
 
@@ -65,3 +65,32 @@ def test_a_patched_image_tower_compiles_in_one_graph():
     use_packed_attention(clip)
     explained = torch._dynamo.explain(clip.encode_image)(torch.rand(2, 3, 32, 32))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def sdpa_order() -> list[int]:
+    """The order SDPA tries its kernels in now (SDPBackend values; torch keeps no public getter)."""
+    return list(torch._C._get_sdp_priority_order())
+
+
+@pytest.mark.parametrize("name", [n for n in KERNELS if n != "auto"])
+def test_attention_kernel_puts_its_kernel_first_keeps_the_rest_and_restores(name):
+    before = sdpa_order()
+    with attention_kernel(name):
+        order = sdpa_order()
+        enabled = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()]
+        enabled += [torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()]
+    assert order[0] == KERNELS[name].value
+    assert [k for k in order[1:] if k in {b.value for b in TORCH_ORDER}] == [
+        b.value for b in TORCH_ORDER if b != KERNELS[name]
+    ]  # the others in torch's order: a kernel that cannot serve a call falls back rather than fails
+    assert all(enabled)
+    assert sdpa_order() == before
+
+
+def test_attention_kernel_auto_changes_nothing_and_unknown_names_are_refused():
+    before = sdpa_order()
+    with attention_kernel("auto"):
+        assert sdpa_order() == before
+    assert [b.value for b in TORCH_ORDER] == [k for k in before if k in {b.value for b in TORCH_ORDER}]
+    with pytest.raises(ValueError, match="must be one of auto, cudnn"):
+        attention_kernel("fast")

@@ -9,7 +9,7 @@ from conftest import TINY_CLIP, run_cli
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
-    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv"  # +compile/+cteacher: 20 s of compiling
+    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn"  # +compile: 20 s of compiling
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -24,6 +24,7 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
     assert abs(rows["ours+qkv"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4  # the same function
+    assert rows["ours+cudnn"]["first_loss"] == rows["ours"]["first_loss"]  # no cuDNN on the CPU: the same kernel
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -110,6 +111,33 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     }
     for r, gib in zip(memory["rows"], (70.0, 24.0, 81.0), strict=True):
         r.update(s_per_step=r.pop("videos_per_s") or 0.7, peak_gib=gib, batch="256x256")
+    # the tune part's variants are judged beside the step part's: the fastest names the MFU, each lever its gain
+    tune = {
+        "device": "cuda",
+        "rows": _rows(**{"ours+compile+cteacher+cudnn": 721, "ours+compile+cteacher+qkv+cudnn": 800}),
+    }
+    tune["rows"][1].update(mfu_measured=0.56, first_step_s=200.0)
+    tune["rows"].append(
+        {
+            **tune["rows"][1],
+            "variant": "ours+compile+cteacher+qkv+cudnn+autotune",
+            "videos_per_s": 810,
+            "first_step_s": 420.0,
+        }
+    )
+    tuned = "\n".join(verdict(step, None, None, tune))
+    assert "MFU at 128x128: 56.0% of the measured peak with ours+compile+cteacher+qkv+cudnn+autotune" in tuned
+    assert "cuDNN attention first: ours+compile+cteacher+cudnn 1.030x the step without it: worth making" in tuned
+    assert "cuDNN attention first: ours+compile+cteacher+qkv+cudnn 1.154x" in tuned  # against +qkv, 693
+    assert (  # against the same variant compiled in torch's default mode, with the compile time of each
+        "max-autotune compile: ours+compile+cteacher+qkv+cudnn+autotune 1.012x the step without it; first step "
+        "420.0 s against 200.0 s: no gain worth a default"
+    ) in tuned
+    assert (
+        "qkv and cudnn together: ours+compile+cteacher+qkv+cudnn 1.143x the step without them: worth making the "
+        "default (--packed_qkv True --attention_kernel cudnn)"
+    ) in tuned
+    assert verdict(None, None, None, tune)[0].startswith("MFU at 128x128: 56.0%")
     oom = {"device": "cuda", "rows": [{**step["rows"][1]}, {"variant": "naive", "batch": "128x128", "status": "OOM"}]}
     assert "speed-up over naive: NOT JUDGED (naive: OOM; it needs an H200 at 128+128)" in verdict(oom, None, None)
     text = "\n".join(verdict(step, loader, memory))
@@ -117,7 +145,10 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     assert "speed-up over naive: 1.94x (target 1.7x): MET" in text
     assert "variants that failed: ours+compile+cteacher+graphs" in text
     assert "packed attention: ours+compile+cteacher+qkv 0.990x the step without it: no gain worth a default" in text
-    assert "packed attention: ours+compile+cteacher+devjpeg+qkv 1.030x the step without it: worth making" in text
+    assert (
+        "packed attention: ours+compile+cteacher+devjpeg+qkv 1.030x the step without it: "
+        "worth making the default (--packed_qkv True)"
+    ) in text
     assert "loader, --augment_on device: 1200 videos/s with 6 workers = 1.74x" in text and "device_jpeg" in text
     assert "suggested GPU default: --augment_on device_jpeg" in text  # the only mode fed with 2x
     assert "ours+compile+ckpt4: ok (81.0 GiB)" in text  # over the cap: does not fit
@@ -128,6 +159,10 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     (tmp_path / "memory" / "step_variants_cuda.json").write_text(json.dumps(memory))
     proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path)  # the memory part alone
     assert "--grad_checkpointing 6" in proc.stdout and "MFU" not in proc.stdout
+    (tmp_path / "tuned" / "tune").mkdir(parents=True)
+    (tmp_path / "tuned" / "tune" / "step_variants_cuda.json").write_text(json.dumps(tune))
+    proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "tuned")  # the tune part alone
+    assert "MFU at 128x128: 56.0%" in proc.stdout and "cuDNN attention first" not in proc.stdout  # no base row
     memory = {"device": "cpu", "rows": [{k: v for k, v in r.items() if k != "peak_gib"} for r in memory["rows"]]}
     assert verdict(None, None, memory) == ["memory: not measured on cpu (no GPU memory figures)"]
     proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "none", check=False)
@@ -156,3 +191,12 @@ def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_
     assert issue6_verdict.verdict(None, None, empty) == [
         "memory: stopped before its end (time limit?); judged on the 0 row(s) it wrote"
     ]
+
+
+def test_gpu_numerics_compares_the_attention_levers_with_the_plain_step():
+    """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were."""
+    from benchmarks.gpu_numerics import compare
+
+    summary = compare(str(TINY_CLIP), batch=3, packed_qkv=True, attention_kernel="math")
+    assert summary["relative_loss_difference"] < 1e-6
+    assert summary["gradient_cosine"] > 0.99999 and abs(summary["norm_ratio"] - 1) < 1e-5

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from conftest import TINY_CLIP
+from open_clip.transformer import ResidualAttentionBlock
 
 from train import distributed, loop
+from train.attention import KERNELS
 from train.config import resolve
 from train.data import Batch
 from train.model import normalize_frames, tokenizer_for
@@ -67,3 +70,48 @@ def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_
     loss_f, grad_f = loss_and_grads(models, cfg, *as_float)
     assert loss_u8 == loss_f
     assert torch.equal(grad_u8, grad_f)
+
+
+def test_the_speed_flags_compute_the_same_step(tmp_path):
+    """--packed_qkv and --attention_kernel change how attention runs, not what the step computes: the same loss and
+    gradients as open_clip's own attention in fp32, and within bf16 tolerance of it under bf16."""
+    cfg, plain = tiny_fp32(tmp_path / "plain", lam=0.5)
+    fast_cfg, fast = tiny_fp32(tmp_path / "fast", lam=0.5, packed_qkv=True, attention_kernel="math")
+    fast.student.load_state_dict(plain.student.state_dict())  # one init for both (each run drew its own)
+    fast.teacher.load_state_dict(plain.teacher.state_dict())
+    lab, unl = batches()
+    loss32, grad32 = loss_and_grads(plain, cfg, lab, unl)
+    loss, grad = loss_and_grads(fast, fast_cfg, lab, unl)
+    assert loss == pytest.approx(loss32, rel=1e-5)
+    torch.testing.assert_close(grad, grad32, rtol=1e-3, atol=1e-5)
+    loss16, grad16 = loss_and_grads(fast, dataclasses.replace(fast_cfg, precision="bf16"), lab, unl)
+    assert abs(loss16 - loss32) / loss32 < 2e-2
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "math"])
+def test_student_and_teacher_run_under_the_chosen_attention_kernel_and_packed_qkv(tmp_path, kernel):
+    cfg, models = tiny_fp32(tmp_path, packed_qkv=True, attention_kernel=kernel)
+    seen = []
+    for model in (models.student, models.teacher):
+        blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+        assert len(blocks) == 4 and all("attention" in vars(b) for b in blocks)  # use_packed_attention's method
+        blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()[0]))
+    loss_and_grads(models, cfg, *batches())
+    assert seen == [KERNELS[kernel].value] * 2  # the student's forward, then the teacher's
+
+
+def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(loop.torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    tiny_fp32(tmp_path, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the student and the teacher
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("attention_kernel", "fast"), ("compile_mode", "reduce-overhead"), ("compile_mode", "max-autotune")],
+)
+def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_path, flag, value):
+    with pytest.raises(ValueError, match=f"--{flag} must be one of"):
+        resolve("paper", out=str(tmp_path), **{flag: value})

@@ -1,21 +1,54 @@
-"""Self-attention of open_clip's transformer blocks on views of the packed QKV projection: a speed lever, opt-in.
+"""Self-attention speed levers for open_clip's transformer blocks, each opt-in until a GPU shows a gain.
 
-``nn.MultiheadAttention`` splits its packed input projection into q, k and v with a copy (``.contiguous()``), and
-copies the heads' output back into rows. Under ``torch.compile`` these become Triton copy kernels: about 18 ms of
-the 355 ms of GPU time in a 128+128 ViT-B/16 step on an H200 (benchmarks/README.md). ``packed_attention`` computes
-the same function with the same parameters, handing SDPA strided views instead (the last stride 1). Whether SDPA's
-GPU kernels, and inductor around them, then run without the copies is what ``benchmarks.step_variants +qkv``
-measures; until a GPU has shown a gain, nothing uses it by default.
+``use_packed_attention`` (``--packed_qkv``): ``nn.MultiheadAttention`` splits its packed input projection into q, k
+and v with a copy (``.contiguous()``), and copies the heads' output back into rows. Under ``torch.compile`` these
+become Triton copy kernels: about 18 ms of the 355 ms of GPU time in a 128+128 ViT-B/16 step on an H200
+(benchmarks/README.md). ``packed_attention`` computes the same function with the same parameters, handing SDPA
+strided views instead (the last stride 1). ``benchmarks.step_variants +qkv`` measures it.
+
+``attention_kernel`` (``--attention_kernel``): which of SDPA's kernels is tried first. Torch tries flash attention
+first and cuDNN's last; on Hopper cards cuDNN's fused attention may be the faster one, which
+``benchmarks.step_variants +cudnn`` measures. The choice is made when SDPA is called (under ``torch.compile``: when
+the graph is traced), so the context has to be active around the forward, not only at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from train.config import ATTENTION_KERNELS
+
+# torch's own order of SDPA's kernels (torch.nn.attention, torch >= 2.5): flash first, cuDNN's last
+TORCH_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION)
+# each --attention_kernel name (train.config) and the kernel SDPA then tries first; "auto" leaves torch's order
+KERNELS = dict(
+    zip(
+        ATTENTION_KERNELS,
+        (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+        strict=True,
+    )
+)
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """While active, SDPA tries kernel ``name`` (a key of ``KERNELS``) first, then the others in torch's order.
+
+    All stay enabled, so a call the first cannot serve (flash with the text tower's float mask, cuDNN's on a card
+    or build without it, any GPU kernel on the CPU) falls back instead of failing. "auto" changes nothing.
+    """
+    if name not in KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)}, got {name!r}")
+    first = KERNELS[name]
+    if first is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([first, *(k for k in TORCH_ORDER if k != first)], set_priority=True)
 
 
 def packed_attention(

@@ -16,6 +16,10 @@ AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
 WANDB_MODES = ("auto", "online", "offline", "off")
 SCHEDULES = ("constant", "cosine")
 DISTILLATIONS = ("ce", "kl")
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")  # the SDPA kernel tried first (train.attention)
+# torch.compile modes the trainer allows. The CUDA-graph modes ("reduce-overhead", "max-autotune") are left out: a
+# graph replay overwrites the outputs of the step before, which the trainer keeps until its next log.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +64,12 @@ class TrainConfig:
     # (each costs ~1/3 more compute and frees its activations; use the smallest N that fits), False/0 = none
     grad_checkpointing: bool | int = False
     compile: bool | None = None  # torch.compile student and teacher; None = on GPU (1.5x faster there), off on CPU
+    # "max-autotune-no-cudagraphs" also tunes matmul and Triton kernel configurations (minutes at the first step)
+    compile_mode: str = "default"
+    # self-attention on views of the packed QKV projection, without nn.MultiheadAttention's copies (train.attention)
+    packed_qkv: bool = False
+    # the SDPA kernel tried first (train.attention): "auto" = torch's order (flash first), or cudnn/flash/efficient/math
+    attention_kernel: str = "auto"
     seed: int = 0
 
     # --- validation, checkpoints, fusion
@@ -102,6 +112,8 @@ class TrainConfig:
             ("distillation", DISTILLATIONS),
             ("device", ("auto", "cuda", "cpu")),
             ("augment_on", AUGMENT_ON),
+            ("attention_kernel", ATTENTION_KERNELS),
+            ("compile_mode", COMPILE_MODES),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

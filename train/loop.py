@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import checkpoint, data, distributed
+from train.attention import attention_kernel, use_packed_attention
 from train.config import TrainConfig
 from train.fuse import fuse_state_dicts, teacher_state_dict
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
@@ -87,6 +88,9 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
     teacher_clip = create_clip(cfg.model, _teacher_source(cfg), "cpu")
     student_clip = copy.deepcopy(teacher_clip)
     student_clip.logit_scale.requires_grad_(False)  # the temperature is fixed (sigma), not learned
+    if cfg.packed_qkv:  # the same parameters and function, so state dicts, fusion and resume do not change
+        use_packed_attention(student_clip)
+        use_packed_attention(teacher_clip)
     checkpoint_blocks(student_clip, cfg.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)
@@ -102,8 +106,8 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
         # 89 GiB. The teacher's forward is the same network; eager it ran at 31% MFU there, which makes it about a
         # fifth of the compiled step's time. Compiled it adds one graph (same code, but inference mode makes dynamo
         # trace it apart), made on the first step with no recompiles after (tested on the CPU).
-        trained = torch.compile(trained)
-        teacher = torch.compile(teacher)
+        trained = torch.compile(trained, mode=cfg.compile_mode)
+        teacher = torch.compile(teacher, mode=cfg.compile_mode)
     return Models(student, trained, teacher)
 
 
@@ -150,7 +154,8 @@ def compute_loss(
     frames = torch.cat([labeled.video.to(device, non_blocking=True), unlabeled.video.to(device, non_blocking=True)])
     tokens = torch.cat([labeled.tokens.to(device, non_blocking=True), unlabeled.tokens.to(device, non_blocking=True)])
     # frames (Bl+Bu, T, 3, S, S), tokens (Bl+Bu, L)
-    with autocast(cfg, device):
+    # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forwards
+    with autocast(cfg, device), attention_kernel(cfg.attention_kernel):
         video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
         with torch.inference_mode():
             teacher_video, teacher_text = models.teacher(frames[n_labeled:], tokens[n_labeled:])  # (Bu, D)
