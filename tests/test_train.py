@@ -295,6 +295,39 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(train_shards, tmp_
     assert all(torch.equal(v, before[k]) for k, v in models.student.state_dict().items())
 
 
+class NanGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a kernel that fails in the backward only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_non_finite_gradients_of_a_finite_loss_skip_the_step_and_keep_the_weights(train_shards, tmp_path, monkeypatch):
+    cfg = tiny_config(train_shards, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    from train import distributed
+
+    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+    optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in models.student.state_dict().items()}
+
+    def nan_gradients(models, *args):
+        p = next(models.student.parameters())
+        return NanGradient.apply(p).sum() * 0, {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
+
+    monkeypatch.setattr(loop, "compute_loss", nan_gradients)
+    progress = loop.Progress()
+    result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
+    assert result["skipped"] and progress.skipped_steps == 1
+    assert all(torch.equal(v, before[k]) for k, v in models.student.state_dict().items())
+    assert not optimizer.state and scheduler.last_epoch == 0  # no moments, no schedule step
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
     out = tmp_path / "run"

@@ -175,18 +175,22 @@ def compute_loss(
 
 
 def train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, device, progress: Progress) -> dict:
-    """One optimizer step; a non-finite loss (on any rank) skips it without touching the weights."""
+    """One optimizer step; a non-finite loss or gradient norm (on any rank) skips it without touching the weights."""
     optimizer.zero_grad(set_to_none=True)
     loss, parts = compute_loss(models, labeled, unlabeled, cfg, device)
-    finite = torch.isfinite(loss).float()
-    if distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item() < 1:
-        progress.skipped_steps += 1
-        return {"loss": float("nan"), "skipped": True}
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), max_norm)
+    # The gradients are checked as well as the loss: a kernel can return non-finite gradients for a finite loss
+    # (cuDNN's attention backward has, in some versions), and one such step would make every weight NaN. Both are
+    # read in the step's one wait for the GPU, after the backward has been queued.
+    finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+    if distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item() < 1:
+        optimizer.zero_grad(set_to_none=True)
+        progress.skipped_steps += 1
+        return {"loss": float("nan"), "skipped": True}
     optimizer.step()
     scheduler.step()
     # tensors, not floats: converting every step would stall the GPU queue; _log converts once per window
