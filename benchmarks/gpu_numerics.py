@@ -1,22 +1,26 @@
 """GPU check: the optimised step (bf16 autocast, bf16 teacher, torch.compile) against the plain fp32 step.
 
     python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
-        [--packed_qkv False] [--attention_kernel auto]
+        [--packed_qkv False] [--attention_kernel auto] [--out DIR]
 
 Same weights, same uint8 batches: prints the loss of each and the cosine similarity and norm ratio of the
 student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance). The
 optimised side takes the trainer's speed flags (``--compile``, on the GPU only; ``--packed_qkv``;
-``--attention_kernel``); the plain side is always open_clip's own attention, eager, in fp32.
+``--attention_kernel``); the plain side is always open_clip's own attention, eager, in fp32. With ``--out``
+the figures, the flags and the non-finite gradient count are also written to ``DIR/numerics.json``, which
+``benchmarks.issue6_verdict`` judges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import fire
 import torch
 
 from benchmarks.harness import random_models, synthetic_batch
+from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.model import VideoTextModel, create_clip, freeze, image_size, tokenizer_for
 
@@ -28,6 +32,7 @@ def compare(
     compile: bool = True,
     packed_qkv: bool = False,
     attention_kernel: str = "auto",
+    out: str = "",
 ) -> dict:
     """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
     dist = distributed.init_distributed("auto")
@@ -71,6 +76,11 @@ def compare(
     (l32, g32), (l16, g16) = results["plain fp32"], results["optimised"]
     cosine = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
     summary = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
+        "model": model,
+        "batch": batch,
+        "flags": {"compile": bool(fast.compile), "packed_qkv": packed_qkv, "attention_kernel": attention_kernel},
+        "non_finite_gradients": int((~torch.isfinite(g16)).sum()),
         "loss_plain": l32,
         "loss_optimised": l16,
         "relative_loss_difference": abs(l16 - l32) / abs(l32),
@@ -79,8 +89,11 @@ def compare(
     }
     print(
         f"relative loss difference {summary['relative_loss_difference']:.2e}; gradient cosine {cosine:.5f}; "
-        f"norm ratio {summary['norm_ratio']:.4f}"
+        f"norm ratio {summary['norm_ratio']:.4f}; non-finite gradients {summary['non_finite_gradients']}"
     )
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(out) / "numerics.json", json_bytes(summary))
     return summary
 
 

@@ -85,10 +85,12 @@ wants step && run_part step "$STEP_S" "$OUT/step_variants.log" \
     --out "$OUT" --variants "$STEP_VARIANTS"
 
 # (1b) numerics of the attention levers: the optimised step (bf16, eager: the kernels are the same compiled) against
-#      the plain fp32 step with open_clip's own attention, 16+16 videos
+#      the plain fp32 step with open_clip's own attention, 16+16 videos (NaN gradients from cuDNN's attention
+#      backward on H100/H200 have been reported against some versions: cudnn-frontend issues 160 and 1072); the
+#      verdict judges numerics.json and advises neither lever as a default if it failed
 wants numerics && run_part numerics "$NUMERICS_S" "$OUT/numerics.log" \
     python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False --packed_qkv True \
-    --attention_kernel cudnn
+    --attention_kernel cudnn --out "$OUT"
 
 # (2) memory: the largest batch the issue asks for, under what an H100 leaves, checkpointing only as many blocks as
 #     needed. Measured on an H200: the first 6 blocks fit (70.1 GiB, 0.78 s), all 12 too (23.5 GiB, 0.97 s), each

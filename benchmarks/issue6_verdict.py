@@ -3,13 +3,14 @@
     python -m benchmarks.issue6_verdict --out DIR
 
 Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/tune/step_variants_<device>.json``
-(tune part: more step variants, judged with the step part's), ``DIR/loader_bench.json`` (loader part) and
-``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints one line per target: the 128+128
-step's MFU (55% of the measured bf16 peak) and its speed-up over the naive step (1.7x), the loader's margin over
-the step's demand with at most 6 workers (2x) in each place the crop can run, and which activation checkpointing
-fits 256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest first. It then names
-the settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``,
-``--augment_on``, ``--grad_checkpointing``).
+(tune part: more step variants, judged with the step part's), ``DIR/numerics.json`` (numerics part),
+``DIR/loader_bench.json`` (loader part) and ``DIR/memory/step_variants_<device>.json`` (memory part) exist, and
+prints one line per target: the 128+128 step's MFU (55% of the measured bf16 peak) and its speed-up over the naive
+step (1.7x), the optimised step's loss and gradients against the plain fp32 step's, the loader's margin over the
+step's demand with at most 6 workers (2x) in each place the crop can run, and which activation checkpointing fits
+256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest first. It then names the
+settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``, never one whose
+numerics check failed; ``--augment_on``; ``--grad_checkpointing``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ SPEEDUP_TARGET = 1.7
 LOADER_MARGIN = 2.0
 MAX_WORKERS = 6
 GAIN = 1.02  # a step lever becomes the trainer's GPU default if it beats timing noise by this much
+# the numerics target: the optimised step against the plain fp32 step on the same inputs (benchmarks.gpu_numerics)
+LOSS_TOLERANCE = 1e-2  # relative loss difference
+COSINE_MIN = 0.99  # cosine similarity of the student's gradients
+NORM_TOLERANCE = 0.05  # |gradient norm ratio - 1|
 LEVERS = {  # step_variants option: what it is, and the trainer flag that turns it on
     "qkv": ("packed attention", "--packed_qkv True"),
     "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
@@ -47,7 +52,7 @@ def _mark(passed: bool) -> str:
     return "MET" if passed else "NOT MET"
 
 
-def step_lines(step: dict) -> list[str]:
+def step_lines(step: dict, unsafe: frozenset[str] = frozenset()) -> list[str]:
     rows = _ok(step["rows"])
     trainer = {v: r for v, r in rows.items() if v != "naive"}
     if not trainer:
@@ -69,16 +74,46 @@ def step_lines(step: dict) -> list[str]:
     else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
         why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
         lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
-    lines += lever_lines(rows)
+    lines += lever_lines(rows, unsafe)
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
     return lines
 
 
-def lever_lines(rows: dict[str, dict]) -> list[str]:
+def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
+    """The numerics target judged on ``numerics.json``; and the levers it covered if it failed (not defaults)."""
+    flags = numerics.get("flags", {})
+    used = {"qkv"} if flags.get("packed_qkv") else set()
+    used |= {"cudnn"} if flags.get("attention_kernel") == "cudnn" else set()
+    rel, cosine, ratio = (numerics[k] for k in ("relative_loss_difference", "gradient_cosine", "norm_ratio"))
+    passed = (
+        numerics.get("non_finite_gradients", 0) == 0
+        and rel < LOSS_TOLERANCE
+        and cosine > COSINE_MIN
+        and abs(ratio - 1) < NORM_TOLERANCE
+    )
+    named = " ".join(LEVERS[o][1] for o in sorted(used)) or "no lever flags"
+    line = (
+        f"numerics on {numerics.get('device', '?')} with {named}: relative loss difference {rel:.1e} (target < "
+        f"{LOSS_TOLERANCE:g}), gradient cosine {cosine:.5f} (> {COSINE_MIN}), norm ratio {ratio:.4f}, non-finite "
+        f"gradients {numerics.get('non_finite_gradients', 0)}: {_mark(passed)}"
+    )
+    return [line], set() if passed else used
+
+
+def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> list[str]:
     """For each variant timed with and without one of ``LEVERS``, the step's speed with it over without; and for each
-    with several, its speed over the variant with none of them."""
+    with several, its speed over the variant with none of them. A lever in ``unsafe`` (its numerics check failed)
+    is never advised as a default."""
+
+    def advice(ratio: float, used: list[str], flags: str) -> str:
+        if ratio < GAIN:
+            return "no gain worth a default"
+        if unsafe & set(used):
+            return f"faster, but not a default: the numerics check with {', '.join(sorted(unsafe & set(used)))} failed"
+        return f"worth making the default ({flags})"
+
     lines = []
     for option, (what, flag) in LEVERS.items():
         for name, row in rows.items():
@@ -87,11 +122,10 @@ def lever_lines(rows: dict[str, dict]) -> list[str]:
             if base is None:
                 continue
             ratio = row["videos_per_s"] / base["videos_per_s"]
-            advice = f"worth making the default ({flag})" if ratio >= GAIN else "no gain worth a default"
             cost = ""
             if option == "autotune" and "first_step_s" in row and "first_step_s" in base:
                 cost = f"; first step {row['first_step_s']} s against {base['first_step_s']} s"
-            lines.append(f"{what}: {name} {ratio:.3f}x the step without it{cost}: {advice}")
+            lines.append(f"{what}: {name} {ratio:.3f}x the step without it{cost}: {advice(ratio, [option], flag)}")
     for name, row in rows.items():  # levers timed together, against the variant with none of them
         options = name.split("+")
         used = [o for o in LEVERS if o in options]
@@ -100,8 +134,8 @@ def lever_lines(rows: dict[str, dict]) -> list[str]:
             continue
         ratio = row["videos_per_s"] / base["videos_per_s"]
         flags = " ".join(LEVERS[o][1] for o in used)
-        advice = f"worth making the default ({flags})" if ratio >= GAIN else "no gain worth a default"
-        lines.append(f"{' and '.join(used)} together: {name} {ratio:.3f}x the step without them: {advice}")
+        verdict = advice(ratio, used, flags)
+        lines.append(f"{' and '.join(used)} together: {name} {ratio:.3f}x the step without them: {verdict}")
     return lines
 
 
@@ -163,15 +197,23 @@ def cut_short(part: str, record: dict) -> list[str]:
     return [f"{part}: stopped before its end (time limit?); judged on the {len(record['rows'])} row(s) it wrote"]
 
 
-def verdict(step: dict | None, loader: dict | None, memory: dict | None, tune: dict | None = None) -> list[str]:
+def verdict(
+    step: dict | None,
+    loader: dict | None,
+    memory: dict | None,
+    tune: dict | None = None,
+    numerics: dict | None = None,
+) -> list[str]:
     lines = []
     for part, record in (("step", step), ("tune", tune), ("loader", loader), ("memory", memory)):
         lines += cut_short(part, record) if record else []
     if tune and tune["rows"]:  # the same batches on the same card: one set of step variants
         step = {**tune, "rows": step["rows"] + tune["rows"]} if step else tune
     step, loader, memory = (r if r and r["rows"] else None for r in (step, loader, memory))  # nothing to judge
+    more, unsafe = numerics_lines(numerics) if numerics else ([], set())
     if step:
-        lines += step_lines(step)
+        lines += step_lines(step, frozenset(unsafe))
+    lines += more
     if loader:
         more, mode = loader_lines(loader, step)
         lines += more
@@ -182,7 +224,7 @@ def verdict(step: dict | None, loader: dict | None, memory: dict | None, tune: d
         lines += more
         if blocks:
             lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")
-    return lines or ["nothing to judge: no step, tune, loader or memory results found"]
+    return lines or ["nothing to judge: no step, tune, numerics, loader or memory results found"]
 
 
 def _load(folder: Path, pattern: str) -> dict | None:
@@ -200,6 +242,7 @@ def main(out: str = "benchmarks/output") -> None:
         _load(folder, "loader_bench.json"),
         _load(folder / "memory", "step_variants_*.json"),
         _load(folder / "tune", "step_variants_*.json"),
+        _load(folder, "numerics.json"),
     )
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 

@@ -138,6 +138,32 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
         "default (--packed_qkv True --attention_kernel cudnn)"
     ) in tuned
     assert verdict(None, None, None, tune)[0].startswith("MFU at 128x128: 56.0%")
+    # the numerics check with both attention levers: passed, it changes nothing; failed, neither becomes a default
+    numerics = {
+        "device": "NVIDIA H200",
+        "flags": {"compile": False, "packed_qkv": True, "attention_kernel": "cudnn"},
+        "relative_loss_difference": 2.4e-4,
+        "gradient_cosine": 0.99976,
+        "norm_ratio": 1.0056,
+        "non_finite_gradients": 0,
+    }
+    passed = "\n".join(verdict(step, None, None, tune, numerics))
+    assert (
+        "numerics on NVIDIA H200 with --attention_kernel cudnn --packed_qkv True: relative loss difference 2.4e-04 "
+        "(target < 0.01), gradient cosine 0.99976 (> 0.99), norm ratio 1.0056, non-finite gradients 0: MET"
+    ) in passed
+    assert (
+        "qkv and cudnn together: ours+compile+cteacher+qkv+cudnn 1.143x the step without them: worth making" in passed
+    )
+    failed = "\n".join(verdict(step, None, None, tune, {**numerics, "non_finite_gradients": 3}))
+    assert "non-finite gradients 3: NOT MET" in failed
+    assert (
+        "qkv and cudnn together: ours+compile+cteacher+qkv+cudnn 1.143x the step without them: faster, but not a "
+        "default: the numerics check with cudnn, qkv failed"
+    ) in failed
+    assert "worth making" not in failed  # every faster variant here uses qkv or cudnn
+    cosine = "\n".join(verdict(None, None, None, None, {**numerics, "gradient_cosine": 0.95}))
+    assert cosine.endswith("NOT MET")
     oom = {"device": "cuda", "rows": [{**step["rows"][1]}, {"variant": "naive", "batch": "128x128", "status": "OOM"}]}
     assert "speed-up over naive: NOT JUDGED (naive: OOM; it needs an H200 at 128+128)" in verdict(oom, None, None)
     text = "\n".join(verdict(step, loader, memory))
