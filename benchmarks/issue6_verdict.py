@@ -134,8 +134,9 @@ def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> 
             continue
         ratio = row["videos_per_s"] / base["videos_per_s"]
         flags = " ".join(LEVERS[o][1] for o in used)
-        verdict = advice(ratio, used, flags)
-        lines.append(f"{' and '.join(used)} together: {name} {ratio:.3f}x the step without them: {verdict}")
+        lines.append(
+            f"{' and '.join(used)} together: {name} {ratio:.3f}x the step without them: {advice(ratio, used, flags)}"
+        )
     return lines
 
 
