@@ -182,8 +182,8 @@ def train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, device, pr
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), max_norm)
     # The gradients are checked as well as the loss: a kernel can return non-finite gradients for a finite loss
-    # (cuDNN's attention backward has, in some versions), and one such step would make every weight NaN. Both are
-    # read in the step's one wait for the GPU, after the backward has been queued.
+    # (reported of cuDNN's attention backward in some versions), and one such step would make every weight NaN. Both
+    # are read in the step's one wait for the GPU, after the backward has been queued.
     finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
