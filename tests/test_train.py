@@ -275,26 +275,6 @@ def test_a_second_run_into_one_folder_is_refused(tmp_path):
     checkpoint.lock_run(tmp_path).close()
 
 
-def test_non_finite_loss_skips_the_step_and_keeps_the_weights(train_shards, tmp_path, monkeypatch):
-    cfg = tiny_config(train_shards, tmp_path / "run")
-    (tmp_path / "run").mkdir()
-    from train import distributed
-
-    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
-    optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
-    before = {k: v.clone() for k, v in models.student.state_dict().items()}
-
-    def nan_loss(models, *args):
-        p = next(models.student.parameters())
-        return p.sum() * float("nan"), {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
-
-    monkeypatch.setattr(loop, "compute_loss", nan_loss)
-    progress = loop.Progress()
-    result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
-    assert result["skipped"] and progress.skipped_steps == 1
-    assert all(torch.equal(v, before[k]) for k, v in models.student.state_dict().items())
-
-
 class NanGradient(torch.autograd.Function):
     """The identity forward, NaN gradients backward: a kernel that fails in the backward only."""
 
@@ -307,7 +287,14 @@ class NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-def test_non_finite_gradients_of_a_finite_loss_skip_the_step_and_keep_the_weights(train_shards, tmp_path, monkeypatch):
+NON_FINITE = {  # a parameter -> a loss whose value or gradient is not finite
+    "loss": lambda p: p.sum() * float("nan"),
+    "gradients of a finite loss": lambda p: NanGradient.apply(p).sum() * 0,
+}
+
+
+@pytest.mark.parametrize("what", list(NON_FINITE))
+def test_a_non_finite_loss_or_gradient_skips_the_step_and_keeps_the_weights(train_shards, tmp_path, monkeypatch, what):
     cfg = tiny_config(train_shards, tmp_path / "run")
     (tmp_path / "run").mkdir()
     from train import distributed
@@ -316,11 +303,11 @@ def test_non_finite_gradients_of_a_finite_loss_skip_the_step_and_keep_the_weight
     optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
     before = {k: v.clone() for k, v in models.student.state_dict().items()}
 
-    def nan_gradients(models, *args):
-        p = next(models.student.parameters())
-        return NanGradient.apply(p).sum() * 0, {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
+    def non_finite(models, *args):
+        loss = NON_FINITE[what](next(models.student.parameters()))
+        return loss, {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
 
-    monkeypatch.setattr(loop, "compute_loss", nan_gradients)
+    monkeypatch.setattr(loop, "compute_loss", non_finite)
     progress = loop.Progress()
     result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
     assert result["skipped"] and progress.skipped_steps == 1
