@@ -1,14 +1,14 @@
 """GPU check: the optimised step (bf16 autocast, bf16 teacher, torch.compile) against the plain fp32 step.
 
     python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
-        [--packed_qkv False] [--attention_kernel auto] [--out DIR]
+        [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--out DIR]
 
 Same weights, same uint8 batches: prints the loss of each and the cosine similarity and norm ratio of the
 student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance). The
 optimised side takes the trainer's speed flags (``--compile``, on the GPU only; ``--packed_qkv``;
-``--attention_kernel``); the plain side is always open_clip's own attention, eager, in fp32. With ``--out``
-the figures, the flags and the non-finite gradient count are also written to ``DIR/numerics.json``, which
-``benchmarks.issue6_verdict`` judges.
+``--attention_kernel``; ``--linear_patch_embed``); the plain side is always open_clip's own layers, eager, in
+fp32. With ``--out`` the figures, the flags and the non-finite gradient count are also written to
+``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def compare(
     compile: bool = True,
     packed_qkv: bool = False,
     attention_kernel: str = "auto",
+    linear_patch_embed: bool = False,
     out: str = "",
 ) -> dict:
     """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
@@ -45,15 +46,22 @@ def compare(
             compile=compile and dev.type == "cuda",
             packed_qkv=packed_qkv,
             attention_kernel=attention_kernel,
+            linear_patch_embed=linear_patch_embed,
         )
     except ValueError as e:  # a flag out of range: TrainConfig's message names it
         raise SystemExit(f"error: {e}") from None
-    print(
-        f"gpu_numerics: {model}, compile {fast.compile}, packed_qkv {packed_qkv}, attention_kernel {attention_kernel}"
+    flags = {
+        "compile": bool(fast.compile),
+        "packed_qkv": packed_qkv,
+        "attention_kernel": attention_kernel,
+        "linear_patch_embed": linear_patch_embed,
+    }
+    print(f"gpu_numerics: {model}, " + ", ".join(f"{k} {v}" for k, v in flags.items()))
+    plain_cfg = dataclasses.replace(
+        fast, precision="fp32", compile=False, packed_qkv=False, attention_kernel="auto", linear_patch_embed=False
     )
-    plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False, packed_qkv=False, attention_kernel="auto")
 
-    def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own attention
+    def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own layers
         clip = create_clip(model)
         clip.load_state_dict(models.student.clip.state_dict())
         return clip
@@ -79,7 +87,7 @@ def compare(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
         "model": model,
         "batch": batch,
-        "flags": {"compile": bool(fast.compile), "packed_qkv": packed_qkv, "attention_kernel": attention_kernel},
+        "flags": flags,
         "non_finite_gradients": int((~torch.isfinite(g16)).sum()),
         "loss_plain": l32,
         "loss_optimised": l16,

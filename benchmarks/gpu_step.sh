@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU, in one call of at most 10 minutes (a session has 15 device-minutes, the machine's start
 # included, and a machine left idle for 30 s between two calls is handed back). PARTS picks what runs, in this order
-# (default "step numerics train tune": what the 55% MFU target still needs; memory and loader were measured and met
-# on an H200, benchmarks/README.md):
+# (default "kernels step numerics train tune": what the 55% MFU target still needs; memory and loader were measured
+# and met on an H200, benchmarks/README.md):
+#   kernels   the step's attention calls under each SDPA kernel, and its patch embedding as a convolution and as one
+#             matrix product, alone at the step's shapes (seconds, not a compile each): they choose LEVERS, the
+#             variant the other parts time: the trainer's default with +qkv (--packed_qkv), +patch if the matrix
+#             product was faster (--linear_patch_embed) and the fastest kernel if not torch's own (--attention_kernel)
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
-#             trainer's default, and the attention levers (+qkv: --packed_qkv, +cudnn: --attention_kernel cudnn)
-#             together, also as the GPU loader hands the batches over (+devjpeg). STEP_VARIANTS overrides the list
-#             (e.g. the levers one at a time, for a second call)
-#   numerics  the optimised step with both attention levers against the plain fp32 step (loss, gradient cosine)
+#             trainer's default, LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
+#   numerics  the step with LEVERS' flags against the plain fp32 step (loss, gradient cosine)
 #   memory    256+256 under a 78 GiB cap (what an 80 GB H100 leaves), compiled, checkpointing only the first 5 or 6
 #             blocks of each tower: whether 5 fits, and how much faster it is
 #   loader    the loader's three modes with 6 workers, and the device's share of each
-#   train     a short train.main run through the prefetcher's CUDA path, in both device modes (the second with both
-#             attention levers), with --profile_steps
-#   tune      the levers' variant compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning),
-#             in OUT/tune; it runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
+#   train     a short train.main run through the prefetcher's CUDA path in each of TRAIN_MODES (default
+#             device_jpeg, the GPU default) with LEVERS' flags, with --profile_steps
+#   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), in OUT/tune; it
+#             runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
+# LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+patch for a second call, whose OUT starts empty); else
+# the kernels part chooses it, or it is ours+compile+cteacher+qkv+patch when that part did not run.
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
-# Each part runs under its own time limit (STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode, in seconds;
-# the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks write their JSON after
-# every row (a step variant's timing before its profile), so a part cut short still counts what it measured and the
-# verdict always runs. BUDGET is 570 s: give the device tool 595, on an nvidia-h200. Run from the repository root
-# on the GPU machine:
+# Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode, in
+# seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks write their
+# JSON after every row (a step variant's timing before its profile), so a part cut short still counts what it
+# measured and the verdict always runs. All parts log to OUT/gpu_step.log (the device tool returns at most 8
+# files). BUDGET is 570 s: give the device tool 595, on an nvidia-h200. Run from the repository root on the GPU
+# machine:
 #
 #   OUT=/some/folder bash benchmarks/gpu_step.sh
 #
@@ -33,22 +39,23 @@ OUT="${OUT:-benchmarks/output}"
 MODEL="${MODEL:-ViT-B-16-quickgelu}"
 BATCH="${BATCH:-128x128}"
 SETTLE="${SETTLE:-1000}"
-PARTS="${PARTS:-step numerics train tune}"
+PARTS="${PARTS:-kernels step numerics train tune}"
 BIG="${BIG:-256x256}"
 BUDGET="${BUDGET:-570}"
+KERNELS_S="${KERNELS_S:-60}"
 STEP_S="${STEP_S:-250}"
 NUMERICS_S="${NUMERICS_S:-60}"
 MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
-TRAIN_S="${TRAIN_S:-30}"
-LEVERS="ours+compile+cteacher+qkv+cudnn"  # the trainer's default with both attention levers
-STEP_VARIANTS="${STEP_VARIANTS:-naive,ours+compile+cteacher,$LEVERS,ours+compile+cteacher+devjpeg+qkv+cudnn}"
-TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune}"
+TRAIN_S="${TRAIN_S:-40}"
+TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
+DEFAULT="ours+compile+cteacher"  # the trainer's GPU default step
 for part in $PARTS; do
-    case "$part" in step|numerics|memory|loader|train|tune) ;;
-    *) echo "gpu_step: unknown part $part (step, numerics, memory, loader, train, tune)" >&2; exit 2;; esac
+    case "$part" in kernels|step|numerics|memory|loader|train|tune) ;;
+    *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, tune)" >&2; exit 2;; esac
 done
 mkdir -p "$OUT"
+LOG="$OUT/gpu_step.log"
 
 if ! python3 -c "import open_clip" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -56,78 +63,110 @@ if ! python3 -c "import open_clip" 2>/dev/null; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1
-nvidia-smi -L 2>/dev/null || echo "no GPU"
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+{ nvidia-smi -L 2>/dev/null || echo "no GPU"; } | tee -a "$LOG"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    | tee -a "$LOG"
 status=0
 
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
-# run_part NAME LIMIT LOG COMMAND...: COMMAND (and its loader workers) stopped after LIMIT seconds, its output added
-# to LOG (the device tool returns at most 8 files: the two train runs share one log)
+# run_part NAME LIMIT COMMAND...: COMMAND (and its loader workers) stopped after LIMIT seconds, its output added to LOG
 run_part() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v USDT | tee -a "$log"
+    local name=$1 limit=$2
+    shift 2
+    echo "gpu_step: $name part, at most $limit s, from second $SECONDS" | tee -a "$LOG"
+    timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v USDT | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        echo "gpu_step: the $name part hit its time limit of $limit s; what it wrote before is kept" | tee -a "$log" >&2
+        echo "gpu_step: the $name part hit its time limit of $limit s; what it wrote before is kept" | tee -a "$LOG" >&2
     fi
     [ "$rc" = 0 ] || status=1
 }
 
-# (1) the step: naive vs the trainer's default (student and teacher compiled), then attention on views of the packed
-#     QKV projection with cuDNN's fused attention tried first (+qkv+cudnn, train.attention), also with the batches
-#     as the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's
+# lever_flags VARIANT: the trainer flags of the levers a step variant names (+qkv, +patch, an attention kernel)
+lever_flags() {
+    local option flags=()
+    for option in ${1//+/ }; do
+        case "$option" in
+            qkv) flags+=(--packed_qkv True) ;;
+            patch) flags+=(--linear_patch_embed True) ;;
+            cudnn|flash|efficient) flags+=(--attention_kernel "$option") ;;
+        esac
+    done
+    echo "${flags[@]}"
+}
+
+# (0) kernels: the step's attention calls per SDPA kernel and its patch embedding both ways, alone (seconds); they
+#     choose LEVERS (on an H200 torch's own attention kernel is already cuDNN's: its kernels ran in the default step)
+wants kernels && run_part kernels "$KERNELS_S" \
+    python3 -m benchmarks.kernel_bench --model "$MODEL" --batches "$BATCH" --out "$OUT"
+if [ -z "${LEVERS:-}" ]; then
+    LEVERS="$DEFAULT+qkv+patch"
+    if [ -f "$OUT/kernels.json" ]; then
+        LEVERS="$DEFAULT+qkv$(python3 -c "import json, sys; print(''.join('+' + o for o in \
+json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json")" || { LEVERS="$DEFAULT+qkv+patch"; status=1; }
+    fi
+fi
+FLAGS=$(lever_flags "$LEVERS")
+echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}}"
+TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune}"
+
+# (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS, also with the batches as
+#     the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's
 #     thread); 2 profiled steps each. A variant that fails is recorded and the others still count. (Measured on an
 #     H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than the default.)
-wants step && run_part step "$STEP_S" "$OUT/step_variants.log" \
+wants step && run_part step "$STEP_S" \
     python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
     --out "$OUT" --variants "$STEP_VARIANTS"
 
-# (1b) numerics of the attention levers: the optimised step (bf16, eager: the kernels are the same compiled) against
-#      the plain fp32 step with open_clip's own attention, 16+16 videos (NaN gradients from cuDNN's attention
-#      backward on H100/H200 have been reported against some versions: cudnn-frontend issues 160 and 1072); the
-#      verdict judges numerics.json and advises neither lever as a default if it failed
-wants numerics && run_part numerics "$NUMERICS_S" "$OUT/numerics.log" \
-    python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False --packed_qkv True \
-    --attention_kernel cudnn --out "$OUT"
+# (1b) numerics of LEVERS: the optimised step (bf16, eager: the kernels are the same compiled) against the plain
+#      fp32 step with open_clip's own layers, 16+16 videos (NaN gradients from cuDNN's attention backward on
+#      H100/H200 have been reported against some versions: cudnn-frontend issues 160 and 1072; it is torch's own
+#      choice there); the verdict judges numerics.json and advises none of its levers as a default if it failed
+# shellcheck disable=SC2086  # FLAGS is a list of words
+wants numerics && run_part numerics "$NUMERICS_S" \
+    python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False $FLAGS --out "$OUT"
 
 # (2) memory: the largest batch the issue asks for, under what an H100 leaves, checkpointing only as many blocks as
 #     needed. Measured on an H200: the first 6 blocks fit (70.1 GiB, 0.78 s), all 12 too (23.5 GiB, 0.97 s), each
 #     block left out costs 7.8 GiB; so 5 would need about 77.8 GiB, at the cap: try it, beside 6 (OOM rows are
 #     results too)
-wants memory && mkdir -p "$OUT/memory" && run_part memory "$MEMORY_S" "$OUT/memory/step_variants.log" \
+wants memory && mkdir -p "$OUT/memory" && run_part memory "$MEMORY_S" \
     python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BIG" --steps 3 --warmup 1 --memory_gib 78 \
-    --out "$OUT/memory" --variants "ours+compile+cteacher+ckpt5,ours+compile+cteacher+ckpt6"
+    --out "$OUT/memory" --variants "$DEFAULT+ckpt5,$DEFAULT+ckpt6"
 
 # (3) the loader with 6 workers (the issue's budget), each place the crop can run, at steady state; on the GPU the
 #     device's share per batch and its largest pixel difference to the CPU crop
-wants loader && run_part loader "$LOADER_S" "$OUT/loader_bench.log" \
+wants loader && run_part loader "$LOADER_S" \
     python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" --batches 8 \
     --settle "$SETTLE" --model "$MODEL" --out "$OUT"
 
-# (4) train.main through the prefetcher's CUDA path, both device modes (tiny demo model, not compiled: a check), the
-#     second with both attention levers
-wants train && for mode in device device_jpeg; do
+# (4) train.main through the prefetcher's CUDA path with LEVERS' flags (tiny demo model, not compiled: a check)
+wants train && for mode in $TRAIN_MODES; do
     rm -rf "/tmp/run_$mode"
-    levers=()
-    [ "$mode" = device_jpeg ] && levers=(--packed_qkv True --attention_kernel cudnn)
-    run_part "train ($mode)" "$TRAIN_S" "$OUT/train_main.log" \
+    # shellcheck disable=SC2086
+    run_part "train ($mode)" "$TRAIN_S" \
         python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json \
         --teacher_weights "" --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train \
         --val demo_output/shards/val --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 \
-        --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2 "${levers[@]}"
-    [ -f "/tmp/run_$mode/summary.json" ] || { echo "gpu_step: train.main ($mode) wrote no summary" >&2; status=1; }
-    [ -f "/tmp/run_$mode/profile/rank0.json" ] || { echo "gpu_step: train.main ($mode) wrote no profile" >&2; status=1; }
+        --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2 $FLAGS
+    for made in summary.json profile/rank0.json; do
+        [ -f "/tmp/run_$mode/$made" ] && continue
+        echo "gpu_step: train.main ($mode) wrote no $made" | tee -a "$LOG" >&2
+        status=1
+    done
 done
 
-# (5) tune, last: the levers' variant with max-autotune, in its own folder (the verdict judges its rows beside the
-#     step part's), under whatever is left of BUDGET
+# (5) tune, last: LEVERS with max-autotune, in its own folder (the verdict judges its rows beside the step part's),
+#     under whatever is left of BUDGET. Inductor writes each matrix product it has tuned to its cache on disk as it
+#     goes (PersistentCache.lookup in torch/_inductor/codecache.py), so a tune cut short is taken up from there by
+#     a second call on the same warm machine
 tune_s=$((BUDGET - SECONDS - 20))
 if wants tune && [ "$tune_s" -lt 60 ]; then
-    echo "gpu_step: no time left for the tune part ($tune_s s of BUDGET $BUDGET)" | tee -a "$OUT/tune.log" >&2
+    echo "gpu_step: no time left for the tune part ($tune_s s of BUDGET $BUDGET)" | tee -a "$LOG" >&2
 elif wants tune; then
-    mkdir -p "$OUT/tune" && run_part tune "$tune_s" "$OUT/tune/step_variants.log" \
+    mkdir -p "$OUT/tune" && run_part tune "$tune_s" \
         python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
         --out "$OUT/tune" --variants "$TUNE_VARIANTS"
 fi
@@ -135,5 +174,5 @@ fi
 # the targets of issue 6 against this run's figures, and the defaults they suggest
 python3 -m benchmarks.issue6_verdict --out "$OUT" 2>&1 | tee "$OUT/verdict.log" || status=1
 
-echo "gpu_step: exit status $status"
+echo "gpu_step: exit status $status after $SECONDS s" | tee -a "$LOG"
 exit $status

@@ -4,11 +4,12 @@
 
 Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/tune/step_variants_<device>.json``
 (tune part: more step variants, judged with the step part's), ``DIR/numerics.json`` (numerics part),
-``DIR/loader_bench.json`` (loader part) and ``DIR/memory/step_variants_<device>.json`` (memory part) exist, and
-prints one line per target: the 128+128 step's MFU (55% of the measured bf16 peak) and its speed-up over the naive
-step (1.7x), the optimised step's loss and gradients against the plain fp32 step's, the loader's margin over the
-step's demand with at most 6 workers (2x) in each place the crop can run, and which activation checkpointing fits
-256+256 under the memory part's cap (``--memory_gib``, 78 GiB in gpu_step.sh), fastest first. It then names the
+``DIR/kernels.json`` (kernels part), ``DIR/loader_bench.json`` (loader part) and
+``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints one line per target: the 128+128 step's
+MFU (55% of the measured bf16 peak) and its speed-up over the naive step (1.7x), the optimised step's loss and
+gradients against the plain fp32 step's, the loader's margin over the step's demand with at most 6 workers (2x) in
+each place the crop can run, and which activation checkpointing fits 256+256 under the memory part's cap
+(``--memory_gib``, 78 GiB in gpu_step.sh), fastest first; and what the kernels part measured. It then names the
 settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``, never one whose
 numerics check failed; ``--augment_on``; ``--grad_checkpointing``).
 """
@@ -33,7 +34,10 @@ COSINE_MIN = 0.99  # cosine similarity of the student's gradients
 NORM_TOLERANCE = 0.05  # |gradient norm ratio - 1|
 LEVERS = {  # step_variants option: what it is, and the trainer flag that turns it on
     "qkv": ("packed attention", "--packed_qkv True"),
+    "patch": ("linear patch embedding", "--linear_patch_embed True"),
     "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
+    "flash": ("flash attention first", "--attention_kernel flash"),
+    "efficient": ("memory-efficient attention first", "--attention_kernel efficient"),
     "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
 }
 # the step variant whose batches arrive as each --augment_on mode hands them over
@@ -85,7 +89,8 @@ def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
     """The numerics target judged on ``numerics.json``; and the levers it covered if it failed (not defaults)."""
     flags = numerics.get("flags", {})
     used = {"qkv"} if flags.get("packed_qkv") else set()
-    used |= {"cudnn"} if flags.get("attention_kernel") == "cudnn" else set()
+    used |= {"patch"} if flags.get("linear_patch_embed") else set()
+    used |= {flags.get("attention_kernel")} & set(LEVERS)
     rel, cosine, ratio = (numerics[k] for k in ("relative_loss_difference", "gradient_cosine", "norm_ratio"))
     passed = (
         numerics.get("non_finite_gradients", 0) == 0
@@ -100,6 +105,22 @@ def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
         f"gradients {numerics.get('non_finite_gradients', 0)}: {_mark(passed)}"
     )
     return [line], set() if passed else used
+
+
+def kernel_lines(kernels: dict) -> list[str]:
+    """What ``benchmarks.kernel_bench`` measured: the step's attention time with each kernel first, and the patch
+    embedding's two ways (milliseconds per step, the kernels alone)."""
+    times = kernels["step_attention_s"]
+    attention = ", ".join(
+        f"{k if k == 'auto' else k + ' first'} {1e3 * v:.1f} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1])
+    )
+    patch = kernels["patch_embed"]
+    return [
+        f"attention kernels alone on {kernels['device']} at {kernels['batch']} (per step, fastest first): "
+        f"{attention}; tried in the step: --attention_kernel {kernels['best_attention_kernel']}",
+        f"patch embedding alone: convolution {1e3 * patch['conv']:.2f} ms, linear {1e3 * patch['linear']:.2f} ms "
+        f"per step ({patch['conv'] / patch['linear']:.2f}x)",
+    ]
 
 
 def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> list[str]:
@@ -204,6 +225,7 @@ def verdict(
     memory: dict | None,
     tune: dict | None = None,
     numerics: dict | None = None,
+    kernels: dict | None = None,
 ) -> list[str]:
     lines = []
     for part, record in (("step", step), ("tune", tune), ("loader", loader), ("memory", memory)):
@@ -215,6 +237,7 @@ def verdict(
     if step:
         lines += step_lines(step, frozenset(unsafe))
     lines += more
+    lines += kernel_lines(kernels) if kernels else []
     if loader:
         more, mode = loader_lines(loader, step)
         lines += more
@@ -225,7 +248,7 @@ def verdict(
         lines += more
         if blocks:
             lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")
-    return lines or ["nothing to judge: no step, tune, numerics, loader or memory results found"]
+    return lines or ["nothing to judge: no step, tune, numerics, kernels, loader or memory results found"]
 
 
 def _load(folder: Path, pattern: str) -> dict | None:
@@ -244,6 +267,7 @@ def main(out: str = "benchmarks/output") -> None:
         _load(folder / "memory", "step_variants_*.json"),
         _load(folder / "tune", "step_variants_*.json"),
         _load(folder, "numerics.json"),
+        _load(folder, "kernels.json"),
     )
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 

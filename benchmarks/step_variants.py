@@ -16,8 +16,10 @@ so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
 
 +qkv: student and teacher attend on views of the packed QKV projection (``train.attention``, ``--packed_qkv``),
-without nn.MultiheadAttention's layout copies. +cudnn: SDPA tries cuDNN's fused attention first
-(``--attention_kernel cudnn``; torch tries flash attention first).
+without nn.MultiheadAttention's layout copies. +cudnn / +flash / +efficient: SDPA tries that kernel first
+(``--attention_kernel``; torch's own order puts cuDNN's first on H100/H200 with a recent cuDNN, flash first
+elsewhere). +patch: the patch embedding as one matrix product instead of a convolution (``train.patch_embed``,
+``--linear_patch_embed``).
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
 mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
@@ -61,10 +63,13 @@ from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
 from train.monitor import forward_flops, peak_tflops, step_flops
+from train.patch_embed import use_linear_patch_embed
 from train.prefetch import Prefetcher
 from train.profiling import activities, describe, summarize, sync
 
-VARIANT_OPTIONS = tuple("naive ours compile cteacher autotune graphs ckpt devaug devjpeg qkv cudnn".split())
+KERNEL_OPTIONS = ("cudnn", "flash", "efficient")  # --attention_kernel values a variant may name
+VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
+VARIANT_OPTIONS += ("patch", *KERNEL_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -144,7 +149,19 @@ def variant_options(variant: str) -> set[str]:
         raise SystemExit(
             f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"
         )
+    if len(options & set(KERNEL_OPTIONS)) > 1:
+        raise SystemExit(f"variant {variant!r}: name at most one attention kernel of {', '.join(KERNEL_OPTIONS)}")
     return options
+
+
+def with_levers(model: torch.nn.Module, options: set[str]) -> torch.nn.Module:
+    """``model`` (an open_clip CLIP, or a VideoTextModel around one) with the layout levers the options name, in
+    place: +qkv (``train.attention``), +patch (``train.patch_embed``)."""
+    if "qkv" in options:
+        use_packed_attention(model)
+    if "patch" in options:
+        use_linear_patch_embed(model)
+    return model
 
 
 def run_variant(
@@ -157,12 +174,10 @@ def run_variant(
         cfg,
         compile="compile" in options,
         grad_checkpointing=checkpointed_blocks(options),
-        attention_kernel="cudnn" if "cudnn" in options else cfg.attention_kernel,
+        attention_kernel=next((k for k in KERNEL_OPTIONS if k in options), cfg.attention_kernel),
     )
-    student_clip = copy.deepcopy(base_models["student"])
+    student_clip = with_levers(copy.deepcopy(base_models["student"]), options)
     student_clip.logit_scale.requires_grad_(False)
-    if "qkv" in options:
-        use_packed_attention(student_clip)
     checkpoint_blocks(student_clip, cfg_v.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
     lab, unl = batches["plain"]
@@ -185,9 +200,8 @@ def run_variant(
             mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
             trained = torch.compile(student, mode=mode) if cfg_v.compile else student
             teacher = base_models["teacher"]
-            if "qkv" in options:  # a copy: the other variants keep nn.MultiheadAttention's own
-                teacher = copy.deepcopy(teacher)
-                use_packed_attention(teacher)
+            if options & {"qkv", "patch"}:  # on a copy: the other variants keep open_clip's own layers
+                teacher = with_levers(copy.deepcopy(teacher), options)
             if "cteacher" in options:
                 teacher = torch.compile(teacher, mode=mode)
             models = loop.Models(student, trained, teacher)

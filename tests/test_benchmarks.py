@@ -9,7 +9,7 @@ from conftest import TINY_CLIP, run_cli
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
-    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn"  # +compile: 20 s of compiling
+    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash"  # no +compile
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -25,16 +25,53 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
     assert abs(rows["ours+qkv"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4  # the same function
     assert rows["ours+cudnn"]["first_loss"] == rows["ours"]["first_loss"]  # no cuDNN on the CPU: the same kernel
+    assert abs(rows["ours+patch+flash"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
 
 def test_step_variants_refuses_an_unknown_lever(tmp_path):
-    for lever in ("turbo", "ckptx"):
+    for lever, says in (("turbo", "options:"), ("ckptx", "options:"), ("flash+cudnn", "at most one attention kernel")):
         variants = f"naive,ours+{lever}"  # refused before the first variant runs
         proc = run_cli("benchmarks.step_variants", "--model", TINY_CLIP, "--variants", variants, check=False)
-        assert proc.returncode != 0 and lever in proc.stderr and "options:" in proc.stderr
+        assert proc.returncode != 0 and lever.split("+")[0] in proc.stderr and says in proc.stderr
         assert "naive:" not in proc.stdout
+
+
+def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings(tmp_path):
+    proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3", "--out", tmp_path, timeout=300)
+    record = json.loads((tmp_path / "kernels.json").read_text())
+    calls = {r["call"]: r for r in record["attention"]}
+    assert set(calls) == {"student image", "student text", "teacher image", "teacher text"}
+    assert calls["student image"]["batch"] == 5 * 4 and calls["student image"]["tokens"] == (32 // 8) ** 2 + 1
+    teacher_text = calls["teacher text"]
+    assert teacher_text["batch"] == 3 and teacher_text["mask"] and not teacher_text["backward"]
+    for row in calls.values():  # on the CPU: torch's own choice, flash and math run; cuDNN's and efficient do not
+        assert row["auto"] > 0 and row["math"] > 0 and row["cudnn"] is None and row["efficient"] is None
+    totals = record["step_attention_s"]
+    assert set(totals) == {"auto", "cudnn", "flash", "efficient", "math"}
+    assert totals["math"] == pytest.approx(sum(r["math"] * r["layers"] for r in calls.values()))
+    assert record["best_attention_kernel"] in totals
+    patch = record["patch_embed"]
+    assert patch["conv"] > 0 and patch["linear"] > 0 and patch["max_relative_difference"] < 1e-5
+    assert "to try in the step: --attention_kernel" in proc.stdout
+    proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3,4x4", check=False)
+    assert proc.returncode != 0 and "one LxU" in proc.stderr
+
+
+def test_kernel_bench_falls_back_as_the_trainer_does_and_names_the_levers_worth_a_step():
+    from benchmarks.kernel_bench import best_kernel, step_attention_s, step_levers
+
+    rows = [  # cuDNN's cannot serve the masked text call: --attention_kernel cudnn falls back to flash there
+        {"layers": 12, "auto": 3.0, "cudnn": 2.0, "flash": 2.5, "efficient": 4.0, "math": 9.0},
+        {"layers": 12, "auto": 1.0, "cudnn": None, "flash": None, "efficient": 1.0, "math": 2.0},
+    ]
+    totals = step_attention_s(rows)
+    assert totals == {"auto": 48.0, "cudnn": 36.0, "flash": 42.0, "efficient": 60.0, "math": 132.0}
+    assert best_kernel(totals) == "cudnn"
+    assert best_kernel({**totals, "auto": 36.5}) == "auto"  # within 2% of the fastest: torch's own choice stays
+    assert step_levers("cudnn", {"conv": 13.6, "linear": 1.0}) == ["patch", "cudnn"]
+    assert step_levers("auto", {"conv": 1.01, "linear": 1.0}) == []
 
 
 def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
@@ -162,6 +199,23 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
         "default: the numerics check with cudnn, qkv failed"
     ) in failed
     assert "worth making" not in failed  # every faster variant here uses qkv or cudnn
+    patched = {**numerics, "flags": {"packed_qkv": True, "linear_patch_embed": True, "attention_kernel": "flash"}}
+    assert (
+        "with --attention_kernel flash --linear_patch_embed True --packed_qkv True"
+        in verdict(None, None, None, None, patched)[0]
+    )
+    kernels = {
+        "device": "NVIDIA H200",
+        "batch": "128x128",
+        "step_attention_s": {"auto": 0.0446, "flash": 0.0512, "math": 0.2},
+        "best_attention_kernel": "auto",
+        "patch_embed": {"conv": 0.0181, "linear": 0.0012},
+    }
+    assert verdict(None, None, None, None, None, kernels) == [
+        "attention kernels alone on NVIDIA H200 at 128x128 (per step, fastest first): auto 44.6 ms, flash first "
+        "51.2 ms, math first 200.0 ms; tried in the step: --attention_kernel auto",
+        "patch embedding alone: convolution 18.10 ms, linear 1.20 ms per step (15.08x)",
+    ]
     cosine = "\n".join(verdict(None, None, None, None, {**numerics, "gradient_cosine": 0.95}))
     assert cosine.endswith("NOT MET")
     oom = {"device": "cuda", "rows": [{**step["rows"][1]}, {"variant": "naive", "batch": "128x128", "status": "OOM"}]}
@@ -219,10 +273,10 @@ def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_
     ]
 
 
-def test_gpu_numerics_compares_the_attention_levers_with_the_plain_step():
+def test_gpu_numerics_compares_the_levers_with_the_plain_step():
     """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were."""
     from benchmarks.gpu_numerics import compare
 
-    summary = compare(str(TINY_CLIP), batch=3, packed_qkv=True, attention_kernel="math")
+    summary = compare(str(TINY_CLIP), batch=3, packed_qkv=True, attention_kernel="math", linear_patch_embed=True)
     assert summary["relative_loss_difference"] < 1e-6
     assert summary["gradient_cosine"] > 0.99999 and abs(summary["norm_ratio"] - 1) < 1e-5

@@ -73,10 +73,11 @@ def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_
 
 
 def test_the_speed_flags_compute_the_same_step(tmp_path):
-    """--packed_qkv and --attention_kernel change how attention runs, not what the step computes: the same loss and
-    gradients as open_clip's own attention in fp32, and within bf16 tolerance of it under bf16."""
+    """--packed_qkv, --attention_kernel and --linear_patch_embed change how the layers run, not what the step
+    computes: the same loss and gradients as open_clip's own layers in fp32, and within bf16 tolerance under bf16."""
     cfg, plain = tiny_fp32(tmp_path / "plain", lam=0.5)
-    fast_cfg, fast = tiny_fp32(tmp_path / "fast", lam=0.5, packed_qkv=True, attention_kernel="math")
+    levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True)
+    fast_cfg, fast = tiny_fp32(tmp_path / "fast", lam=0.5, **levers)
     fast.student.load_state_dict(plain.student.state_dict())  # one init for both (each run drew its own)
     fast.teacher.load_state_dict(plain.teacher.state_dict())
     lab, unl = batches()
@@ -99,6 +100,13 @@ def test_student_and_teacher_run_under_the_chosen_attention_kernel_and_packed_qk
         blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()[0]))
     loss_and_grads(models, cfg, *batches())
     assert seen == [KERNELS[kernel].value] * 2  # the student's forward, then the teacher's
+
+
+def test_linear_patch_embed_reaches_the_student_and_the_teacher(tmp_path):
+    _, models = tiny_fp32(tmp_path, linear_patch_embed=True)
+    assert all("forward" in vars(m.clip.visual.conv1) for m in (models.student, models.teacher))
+    _, plain = tiny_fp32(tmp_path / "plain")
+    assert not any("forward" in vars(m.clip.visual.conv1) for m in (plain.student, plain.teacher))
 
 
 def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):

@@ -6,10 +6,13 @@ become Triton copy kernels: about 18 ms of the 355 ms of GPU time in a 128+128 V
 (benchmarks/README.md). ``packed_attention`` computes the same function with the same parameters, handing SDPA
 strided views instead (the last stride 1). ``benchmarks.step_variants +qkv`` measures it.
 
-``attention_kernel`` (``--attention_kernel``): which of SDPA's kernels is tried first. Torch tries flash attention
-first and cuDNN's last; on Hopper cards cuDNN's fused attention may be the faster one, which
-``benchmarks.step_variants +cudnn`` measures. The choice is made when SDPA is called (under ``torch.compile``: when
-the graph is traced), so the context has to be active around the forward, not only at start-up.
+``attention_kernel`` (``--attention_kernel``): which of SDPA's kernels is tried first. Torch's own order is flash
+attention first and cuDNN's last, except on H100/H200 (and B200) with a recent cuDNN, where torch puts cuDNN's
+first (``check_prefer_cudnn_attention`` in its sdp_utils.cpp; the default step's profile on an H200 shows cuDNN's
+kernels). So ``cudnn`` changes something only on other cards; on H100/H200 the kernel to try is ``flash``.
+``benchmarks.kernel_bench`` times each kernel at the step's shapes, ``benchmarks.step_variants
++cudnn/+flash/+efficient`` in the step. The choice is made when SDPA is called (under ``torch.compile``: when the
+graph is traced), so the context has to be active around the forward, not only at start-up.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from train.config import ATTENTION_KERNELS
 
-# torch's own order of SDPA's kernels (torch.nn.attention, torch >= 2.5): flash first, cuDNN's last
+# the order of SDPA's kernels after the one named first (torch's default order; on H100/H200 torch's own choice puts
+# cuDNN's first instead, see above)
 TORCH_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION)
 # each --attention_kernel name (train.config) and the kernel SDPA then tries first; "auto" leaves torch's order
 KERNELS = dict(

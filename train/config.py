@@ -68,8 +68,11 @@ class TrainConfig:
     compile_mode: str = "default"
     # self-attention on views of the packed QKV projection, without nn.MultiheadAttention's copies (train.attention)
     packed_qkv: bool = False
-    # the SDPA kernel tried first (train.attention): "auto" = torch's order (flash first), or cudnn/flash/efficient/math
+    # the SDPA kernel tried first (train.attention): "auto" = torch's order (cuDNN's first on H100/H200 with a recent
+    # cuDNN, flash first elsewhere), or cudnn/flash/efficient/math
     attention_kernel: str = "auto"
+    # the ViT's patch embedding as one matrix product instead of a convolution (train.patch_embed)
+    linear_patch_embed: bool = False
     seed: int = 0
 
     # --- validation, checkpoints, fusion

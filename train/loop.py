@@ -41,6 +41,7 @@ from train.model import (
     tokenizer_for,
 )
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
+from train.patch_embed import use_linear_patch_embed
 from train.prefetch import Prefetcher
 from train.profiling import StepProfiler, describe
 
@@ -91,6 +92,9 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
     if cfg.packed_qkv:  # the same parameters and function, so state dicts, fusion and resume do not change
         use_packed_attention(student_clip)
         use_packed_attention(teacher_clip)
+    if cfg.linear_patch_embed:  # likewise
+        use_linear_patch_embed(student_clip)
+        use_linear_patch_embed(teacher_clip)
     checkpoint_blocks(student_clip, cfg.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)

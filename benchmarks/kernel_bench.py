@@ -1,0 +1,256 @@
+"""The step's attention and patch-embedding kernels alone, each way they can run, at the step's shapes.
+
+    python -m benchmarks.kernel_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--out DIR]
+
+Seconds of GPU time instead of the minutes a compiled step variant takes, so ``benchmarks/gpu_step.sh`` can pick the
+levers its step variants then time.
+
+- **Attention**: ``F.scaled_dot_product_attention`` as the step calls it, on views of a packed QKV projection
+  (``train.attention.packed_attention``), in bf16 on the GPU: the student's image tower over (L+U)*T frames and its
+  text tower over L+U captions (causal float mask), forward and backward; the teacher's towers over U*T frames and
+  U captions, forward only. Each call is timed with one kernel allowed at a time, and with torch's own choice
+  ("auto"). The step's attention time is each call's time times the tower's layers. With ``--attention_kernel X``
+  a call X cannot serve falls back to the next kernel in ``train.attention.TORCH_ORDER``; the total for X counts
+  that kernel there.
+- **Patch embedding**: the convolution as open_clip runs it against ``train.patch_embed.linear_patch_embed`` on
+  the same weight: the student's forward and weight gradient, the teacher's forward.
+
+Writes ``DIR/kernels.json``: the rows, the step's attention time with each kernel first, the fastest
+(``best_attention_kernel``, an ``--attention_kernel`` value), the patch embedding's two times, and the
+``benchmarks.step_variants`` options they favour (``step_levers``: ``patch``, a kernel), which gpu_step.sh then times
+in the whole step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from benchmarks.args import parse_batches
+from benchmarks.harness import resolve_device
+from pipeline.writer import atomic_write_bytes, json_bytes
+from train.attention import KERNELS, TORCH_ORDER
+from train.model import create_clip, image_size
+from train.patch_embed import linear_patch_embed
+from train.profiling import sync
+
+NAMES = {kernel: name for name, kernel in KERNELS.items() if kernel is not None}  # SDPBackend -> flag value
+MARGIN = 1.02  # a way must beat the other by this much, beyond timing noise, to be tried in the step
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of ``fn()``, waiting for the device around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_call(
+    batch: int, tokens: int, heads: int, head_dim: int, backward: bool, mask: bool, device, dtype
+) -> Callable[[], object]:
+    """One self-attention call of a tower: q, k, v as strided views of a packed (B, N, 3, heads, head_dim) tensor,
+    the float causal mask of open_clip's text tower if ``mask``; forward, or forward and backward."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    qkv.requires_grad_(backward)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    attn_mask = None
+    if mask:
+        attn_mask = torch.full((tokens, tokens), float("-inf"), device=device, dtype=dtype).triu_(1)
+    grad = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=gen)
+
+    def call():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if backward:
+            out.backward(grad)
+            qkv.grad = None
+        return out
+
+    return call
+
+
+def tower_shapes(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int) -> list[dict]:
+    """The step's attention calls, one per tower and model: batch, tokens, heads, head size, layers, backward."""
+    size = image_size(clip)
+    patch = clip.visual.conv1.kernel_size[0]
+    vision, text = clip.visual.transformer, clip.transformer
+    v_attn, t_attn = vision.resblocks[0].attn, text.resblocks[0].attn
+    v_tokens = (size // patch) ** 2 + 1
+    t_tokens = clip.attn_mask.shape[0]
+    calls = []
+    for who, n, backward in (("student", n_lab + n_unl, True), ("teacher", n_unl, False)):
+        for tower, batch, tokens, attn, layers, mask in (
+            ("image", n * frames, v_tokens, v_attn, len(vision.resblocks), False),
+            ("text", n, t_tokens, t_attn, len(text.resblocks), True),
+        ):
+            calls.append(
+                dict(
+                    call=f"{who} {tower}",
+                    batch=batch,
+                    tokens=tokens,
+                    heads=attn.num_heads,
+                    head_dim=attn.head_dim,
+                    layers=layers,
+                    backward=backward,
+                    mask=mask,
+                )
+            )
+    return calls
+
+
+def attention_rows(calls: list[dict], device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Each call timed under each kernel alone and under torch's own choice ("auto"); None where it cannot run."""
+    rows = []
+    for spec in calls:
+        shape = (spec[k] for k in ("batch", "tokens", "heads", "head_dim", "backward", "mask"))
+        fn = attention_call(*shape, device, dtype)
+        row = dict(spec)
+        row["auto"] = time_call(fn, device)
+        for kernel in TORCH_ORDER:
+            try:
+                with sdpa_kernel([kernel]):
+                    row[NAMES[kernel]] = time_call(fn, device)
+            except RuntimeError:  # "No available kernel": this kernel cannot serve this call here
+                row[NAMES[kernel]] = None
+        rows.append(row)
+        times = (f"{k} {1e3 * row[k]:.3f} ms" if row[k] is not None else f"{k} -" for k in ("auto", *NAMES.values()))
+        print(
+            f"  {spec['call']} ({spec['batch']}x{spec['tokens']} tokens, {spec['heads']} heads"
+            f"{', backward' if spec['backward'] else ''}): " + ", ".join(times),
+            flush=True,
+        )
+    return rows
+
+
+def step_attention_s(rows: list[dict]) -> dict[str, float]:
+    """The step's attention seconds with each --attention_kernel: each call's time with that kernel, or with the
+    first kernel after it in torch's order that can serve the call, times the tower's layers."""
+    totals = {"auto": sum(r["auto"] * r["layers"] for r in rows)}
+    for first in TORCH_ORDER:
+        order = [first, *(k for k in TORCH_ORDER if k != first)]
+        total = 0.0
+        for r in rows:
+            served = next((r[NAMES[k]] for k in order if r[NAMES[k]] is not None), None)
+            if served is None:
+                break
+            total += served * r["layers"]
+        else:
+            totals[NAMES[first]] = total
+    return totals
+
+
+def best_kernel(totals: dict[str, float]) -> str:
+    """The --attention_kernel value to try in the step: the fastest, unless "auto" is within ``MARGIN`` of it."""
+    fastest = min(totals, key=totals.get)
+    return "auto" if totals["auto"] <= totals[fastest] * MARGIN else fastest
+
+
+def step_levers(best_attention_kernel: str, patch: dict) -> list[str]:
+    """The ``benchmarks.step_variants`` options these figures favour: +patch where the matrix product beat the
+    convolution by ``MARGIN``, and the attention kernel where one beat torch's own choice."""
+    levers = ["patch"] if patch["conv"] >= patch["linear"] * MARGIN else []
+    return levers + ([best_attention_kernel] if best_attention_kernel != "auto" else [])
+
+
+def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, device, dtype) -> dict:
+    """The patch embedding per step, the convolution against linear_patch_embed: seconds of the student's forward and
+    weight gradient plus the teacher's forward, under autocast as the step runs them."""
+    size = image_size(clip)
+    conv = clip.visual.conv1
+    weight = conv.weight.detach().to(device).requires_grad_(True)
+    teacher_weight = weight.detach().to(dtype)  # the teacher holds bf16 weights on the GPU
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = {
+        who: torch.randn(n * frames, 3, size, size, device=device, generator=gen)
+        for who, n in (("student", n_lab + n_unl), ("teacher", n_unl))
+    }
+    stride = conv.stride
+    ways = {
+        "conv": lambda x, w: F.conv2d(x, w, stride=stride),
+        "linear": lambda x, w: linear_patch_embed(x, w),
+    }
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    grid = size // conv.kernel_size[0]
+    grad = torch.randn(images["student"].shape[0], weight.shape[0], grid, grid, device=device, dtype=dtype)
+    row = {"images_student": images["student"].shape[0], "images_teacher": images["teacher"].shape[0]}
+    for name, way in ways.items():
+
+        def student(way=way):
+            with autocast:
+                out = way(images["student"], weight)
+            out.backward(grad.to(out.dtype))
+            weight.grad = None
+
+        def teacher(way=way):
+            with torch.inference_mode(), autocast:
+                return way(images["teacher"], teacher_weight)
+
+        row[name] = time_call(student, device) + time_call(teacher, device)
+    with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
+        a = ways["conv"](images["teacher"][:8], weight).float()
+        b = ways["linear"](images["teacher"][:8], weight).float()
+    row["max_relative_difference"] = float((a - b).abs().max() / a.abs().max())
+    print(
+        f"  patch embedding ({row['images_student']} + {row['images_teacher']} images): "
+        f"conv {1e3 * row['conv']:.3f} ms, linear {1e3 * row['linear']:.3f} ms ({row['conv'] / row['linear']:.2f}x); "
+        f"largest difference {row['max_relative_difference']:.1e} of the largest output",
+        flush=True,
+    )
+    return row
+
+
+def main(
+    model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
+) -> dict:
+    """Time the step's attention calls per kernel and its patch embedding both ways; write OUT/kernels.json."""
+    (n_lab, n_unl), *more = parse_batches(batches)
+    if more:
+        raise SystemExit("error: --batches takes one LxU here (the step's batch)")
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    clip = create_clip(model)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(
+        f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"
+    )
+    rows = attention_rows(tower_shapes(clip, frames, n_lab, n_unl), dev, dtype)
+    totals = step_attention_s(rows)
+    best = best_kernel(totals)
+    described = (f"{k} {1e3 * v:.2f} ms" if k == "auto" else f"{k} first {1e3 * v:.2f} ms" for k, v in totals.items())
+    print(f"  the step's attention: {', '.join(described)}; to try in the step: --attention_kernel {best}", flush=True)
+    record = {
+        "device": name,
+        "torch": torch.__version__,
+        "model": model,
+        "batch": f"{n_lab}x{n_unl}",
+        "frames": frames,
+        "dtype": str(dtype),
+        "attention": rows,
+        "step_attention_s": totals,
+        "best_attention_kernel": best,
+        "patch_embed": patch_rows(clip, frames, n_lab, n_unl, dev, dtype),
+    }
+    record["step_levers"] = step_levers(best, record["patch_embed"])
+    print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(out) / "kernels.json", json_bytes(record))
+    return record
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda record: None)  # main printed it already
