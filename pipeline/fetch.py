@@ -7,6 +7,7 @@ retried with exponential backoff; other HTTP statuses fail at once.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,18 @@ _CHUNK = 1 << 16
 
 
 class FetchError(Exception):
-    """A video that could not be fetched. ``reason`` is a short stable code for stats."""
+    """A video that could not be fetched. ``reason`` is a short stable code for stats; ``transient`` says a later
+    try may succeed (a timeout, a refused or dropped connection, HTTP 429 or 5xx): ``pipeline.shard
+    --retry_failed`` tries those videos again."""
 
-    def __init__(self, reason: str, detail: str):
+    transient = False
+
+    def __init__(self, reason: str, detail: str, transient: bool | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        if transient is not None:
+            self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def download(url: str, config: FetchConfig = FetchConfig()) -> bytes:
             return _download_once(url, config)
         except _Transient as e:
             if attempt == config.retries:
-                raise FetchError(e.reason, f"{e.detail} (after {attempt + 1} attempts)") from None
+                raise FetchError(e.reason, f"{e.detail} (after {attempt + 1} attempts)", transient=True) from None
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover
@@ -98,6 +105,19 @@ def download(url: str, config: FetchConfig = FetchConfig()) -> bytes:
 
 class _Transient(FetchError):
     """A failure worth retrying."""
+
+    transient = True
+
+
+def is_transient(failure: dict) -> bool:
+    """Whether a failure record of a shard's stats may pass on a later try. Records made before the ``transient``
+    field existed are judged by their reason and detail."""
+    if "transient" in failure:
+        return bool(failure["transient"])
+    detail = failure.get("detail", "")
+    return failure.get("reason") in (TIMEOUT, UNREACHABLE) or (
+        failure.get("reason") == HTTP_ERROR and re.match(r"HTTP (429|5\d\d)\b", detail) is not None
+    )
 
 
 def _download_once(url: str, config: FetchConfig) -> bytes:

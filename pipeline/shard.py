@@ -5,7 +5,10 @@
         [--distributor multiprocessing|spark]
 
 Re-running the same command resumes: complete shards are kept, missing or
-half-written ones are (re)made. The output format is specified in shards/README.md.
+half-written ones are (re)made. With --retry_failed it also tries again the videos of
+complete shards that failed for a reason that may pass (a timeout, a dropped
+connection, HTTP 429 or 5xx), copying the shards' other samples. The output format is
+specified in shards/README.md.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import fire
 from tqdm import tqdm
 
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
-from pipeline.fetch import FetchConfig
+from pipeline.fetch import FetchConfig, is_transient
 from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
 from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
 from pipeline.writer import read_stats, remove_temporaries, shard_name
@@ -48,10 +51,18 @@ class Totals:
     ok: int = 0
     failed: Counter = field(default_factory=Counter)
     last_shard: int = -1
+    retried: int = 0  # videos fetched again by --retry_failed
+    recovered: int = 0  # of those, the ones that made a sample this time
 
     def add(self, stats: dict, skipped: bool) -> None:
+        retry = stats.get("retry")
         if skipped:
             self.shards_skipped += 1
+        elif retry:  # copied samples were not made again: only the retried videos count for the rate
+            self.shards_done += 1
+            self.videos_made += retry["retried"]
+            self.retried += retry["retried"]
+            self.recovered += retry["recovered"]
         else:
             self.shards_done += 1
             self.videos_made += stats["count"]
@@ -67,12 +78,15 @@ def plan_tasks(
     samples_per_shard: int,
     settings: ShardSettings,
     totals: Totals,
+    retry_failed: bool = False,
 ) -> Iterator[tuple[ShardTask | None, dict | None]]:
     """Stream the CSV into shard tasks: ``(task, None)`` to run, or ``(None, stats)`` for a complete shard.
 
     Shard i holds data rows [i * samples_per_shard, (i + 1) * samples_per_shard).
     A shard is complete if its stats file exists and records the same
-    fingerprint (rows and sample settings) as this run computes.
+    fingerprint (rows and sample settings) as this run computes. With
+    ``retry_failed`` a complete shard with transient failures is a task too,
+    which carries its stats (``ShardTask.previous``).
     """
     rows = iter_rows(src, columns, video_root)
     for shard in itertools.count():
@@ -82,14 +96,27 @@ def plan_tasks(
         totals.last_shard = shard
         task = ShardTask(shard, chunk, fingerprint(chunk, settings.sample))
         stats = read_stats(settings.out_dir, shard)
-        if stats is not None and stats.get("fingerprint") == task.fingerprint:
-            yield None, stats
-        else:
+        if stats is None or stats.get("fingerprint") != task.fingerprint:
             yield task, None
+        elif retry_failed and any(is_transient(f) for f in stats.get("failures", ())):
+            yield replace(task, previous=stats), None
+        else:
+            yield None, stats
 
 
 def validate(
-    out, workers, samples_per_shard, frames, size, quality, video_root, distributor, timeout, retries, max_mb
+    out,
+    workers,
+    samples_per_shard,
+    frames,
+    size,
+    quality,
+    video_root,
+    distributor,
+    timeout,
+    retries,
+    max_mb,
+    retry_failed=False,
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
     problems = []
@@ -117,6 +144,8 @@ def validate(
             problems.append(f"{name} must be a positive number, got {value!r}")
     if not isinstance(retries, int) or retries < 0:
         problems.append(f"--retries must be an integer >= 0, got {retries!r}")
+    if not isinstance(retry_failed, bool):
+        problems.append(f"--retry_failed must be True or False, got {retry_failed!r}")
     if Path(out).exists() and not Path(out).is_dir():
         problems.append(f"--out {out} exists and is not a directory")
     if problems:
@@ -157,6 +186,7 @@ def main(
     timeout: float = 60.0,
     retries: int = 2,
     max_mb: float = 200.0,
+    retry_failed: bool = False,
     progress: bool = True,
 ) -> None:
     """Shard a WebVid-style CSV into webdataset tars of N frames + caption per video.
@@ -179,6 +209,8 @@ def main(
         timeout: seconds for one whole download attempt.
         retries: extra attempts after a transient download failure (with backoff).
         max_mb: downloads larger than this many MiB fail as too_large.
+        retry_failed: also remake complete shards whose videos failed for a reason that may pass (timeout,
+            unreachable, HTTP 429 or 5xx): those videos are fetched again, the shard's samples copied.
         progress: show a progress bar.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -197,6 +229,7 @@ def main(
             timeout,
             retries,
             max_mb,
+            retry_failed,
         )
         columns = Columns(str(id_col), str(caption_col), str(url_col), str(page_dir_col), str(duration_col))
         read_header(src, columns, video_root)
@@ -219,6 +252,7 @@ def main(
                 workers,
                 distributor,
                 progress,
+                retry_failed,
             )
     except UsageError as e:
         sys.exit(f"error: {e}")
@@ -236,8 +270,10 @@ def run(
     workers: int,
     distributor: str,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> int:
-    """Make every missing shard; print a summary. Returns the process exit code."""
+    """Make every missing shard (and with ``retry_failed`` retry the transient failures of complete ones); print a
+    summary. Returns the process exit code."""
     out_dir = Path(settings.out_dir)
     remove_temporaries(out_dir)
     total_rows = count_rows(src)
@@ -256,7 +292,7 @@ def run(
         bar.set_postfix(ok=totals.ok, failed=sum(totals.failed.values()), refresh=False)
 
     def to_run() -> Iterator[ShardTask]:
-        for task, stats in plan_tasks(src, columns, video_root, samples_per_shard, settings, totals):
+        for task, stats in plan_tasks(src, columns, video_root, samples_per_shard, settings, totals, retry_failed):
             if task is None:
                 on_result(stats, skipped=True)
             else:
@@ -282,6 +318,8 @@ def print_summary(totals: Totals, elapsed: float, out_dir: Path, crashed: list[i
         f"done in {elapsed:.1f} s: {totals.shards_done} shard(s) written, {totals.shards_skipped} already complete; "
         f"{totals.videos} videos: {totals.ok} ok, {failed} failed; {rate:.1f} videos/s"
     )
+    if totals.retried:
+        print(f"retried {totals.retried} video(s) that had failed transiently: {totals.recovered} made it this time")
     if failed:
         reasons = ", ".join(f"{reason} {count}" for reason, count in totals.failed.most_common())
         print(f"failed by reason: {reasons} (per-video details in {out_dir}/*_stats.json)")

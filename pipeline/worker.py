@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from pipeline.fetch import FetchConfig, FetchError, fetch
+from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.source import Row
-from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, shard_name, stats_path
+from pipeline.writer import (
+    TarShardWriter,
+    atomic_write_bytes,
+    iter_tar_samples,
+    json_bytes,
+    shard_name,
+    stats_path,
+    tar_path,
+)
 
 UNEXPECTED_ERROR = "unexpected_error"
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted
@@ -47,6 +57,9 @@ class ShardTask:
     shard: int
     rows: tuple[Row, ...]
     fingerprint: str  # of the rows and the sample settings; a shard whose stats hold it is done
+    # the stats of the complete shard this task remakes to retry its transient failures (pipeline.shard
+    # --retry_failed): its samples are copied from its tar, its other failures kept; None = make every row
+    previous: dict | None = None
 
 
 def fingerprint(rows: tuple[Row, ...], sample: SampleSettings) -> str:
@@ -86,26 +99,49 @@ def make_sample(row: Row, sample: SampleSettings, fetch_config: FetchConfig) -> 
 
 
 def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
-    """Write the shard's tar, then its stats (which mark it complete). Returns the stats."""
+    """Write the shard's tar, then its stats (which mark it complete). Returns the stats.
+
+    With ``task.previous`` (a retry of a complete shard's transient failures) the rows that made samples before are
+    copied from the shard's tar, the rows that failed for good keep their failure, and only the rows that failed
+    transiently are fetched again; the tar comes out as if those had not failed the first time. The old tar and
+    stats stay in place until the new tar is complete.
+    """
     start = time.monotonic()
-    # A shard being remade is not complete: drop its old stats before touching its tar.
-    stats_path(settings.out_dir, task.shard).unlink(missing_ok=True)
+    stats_file = stats_path(settings.out_dir, task.shard)
+    previous = _PreviousSamples(tar_path(settings.out_dir, task.shard)) if task.previous is not None else None
+    if previous is None:  # a shard being remade is not complete: drop its old stats before touching its tar
+        stats_file.unlink(missing_ok=True)
+    old_failures = (task.previous or {}).get("failures", ())
+    kept = {f["row"]: {**f, "transient": False} for f in old_failures if not is_transient(f)}  # failures for good
     failures: list[dict] = []
+    copied = retried = 0
     with TarShardWriter(settings.out_dir, task.shard) as writer:
         for row in task.rows:
+            if row.index in kept:
+                failures.append(kept[row.index])
+                continue
+            members = previous.take(row.key) if previous is not None else None
+            if members is not None:
+                writer.add_sample(row.key, members)
+                copied += 1
+                continue
             if row.error:
                 failures.append(_failure(row, *row.error))
                 continue
+            retried += previous is not None
             try:
                 members = make_sample(row, settings.sample, settings.fetch)
             except (FetchError, FrameError) as e:
-                failures.append(_failure(row, e.reason, e.detail))
+                failures.append(_failure(row, e.reason, e.detail, getattr(e, "transient", False)))
                 continue
             except Exception as e:  # a bug or a library surprise: count it, keep going, keep the trace
                 detail = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)[-800:]}"
                 failures.append(_failure(row, UNEXPECTED_ERROR, detail))
                 continue
             writer.add_sample(row.key, members)
+        if previous is not None:
+            previous.close()
+        stats_file.unlink(missing_ok=True)  # (a retry) the old stats no longer describe the tar about to replace it
         tar_file = writer.commit()
     stats = {
         "shard": shard_name(task.shard),
@@ -120,9 +156,37 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
         "fingerprint": task.fingerprint,
         "format_version": FORMAT_VERSION,
     }
-    atomic_write_bytes(stats_path(settings.out_dir, task.shard), json_bytes(stats))
+    if previous is not None:
+        stats["retry"] = {"copied": copied, "retried": retried, "recovered": writer.samples - copied}
+    atomic_write_bytes(stats_file, json_bytes(stats))
     return stats
 
 
-def _failure(row: Row, reason: str, detail: str) -> dict:
-    return {"videoid": row.videoid, "row": row.index, "reason": reason, "detail": detail}
+class _PreviousSamples:
+    """The samples of the shard's tar, read as the rows come: the tar holds them in row order, so a retry reads it
+    once, one sample at a time. If it cannot be read (gone, cut short), the rows it no longer gives are made
+    again."""
+
+    def __init__(self, path: Path):
+        self._samples = iter_tar_samples(path)
+        self._next = self._read()
+
+    def _read(self) -> tuple[str, list[tuple[str, bytes]]] | None:
+        try:
+            return next(self._samples, None)
+        except (OSError, tarfile.TarError):
+            return None
+
+    def take(self, key: str) -> list[tuple[str, bytes]] | None:
+        """The members of sample ``key`` if it comes next, else None."""
+        if self._next is None or self._next[0] != key:
+            return None
+        members, self._next = self._next[1], self._read()
+        return members
+
+    def close(self) -> None:
+        self._samples.close()
+
+
+def _failure(row: Row, reason: str, detail: str, transient: bool = False) -> dict:
+    return {"videoid": row.videoid, "row": row.index, "reason": reason, "detail": detail, "transient": transient}

@@ -451,6 +451,7 @@ def test_non_transient_status_fails_at_once(server, sleeps, code):
     assert str(code) in e.detail
     assert server.hits_of(url) == 1  # no retry
     assert sleeps == []
+    assert not e.transient  # pipeline.shard --retry_failed leaves it
 
 
 def test_503_then_success_is_retried(server, video, sleeps):
@@ -475,6 +476,7 @@ def test_503_without_retries_fails(server, sleeps):
     assert "503" in e.detail
     assert server.hits_of(url) == 1
     assert sleeps == []
+    assert e.transient  # pipeline.shard --retry_failed tries it again
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
@@ -508,12 +510,33 @@ def test_closed_port_is_unreachable_and_retried(sleeps):
     assert e.reason == UNREACHABLE, e.detail
     assert "after 3 attempts" in e.detail
     assert sleeps == [0.01, 0.02]
+    assert e.transient
 
 
 def test_invalid_url_is_unreachable_without_retry(sleeps):
     e = fetch_error("http://", FetchConfig(timeout=2, retries=3, backoff=0.01))
     assert e.reason == UNREACHABLE, e.detail
     assert sleeps == []
+    assert not e.transient
+
+
+@pytest.mark.parametrize(
+    "failure, transient",
+    [
+        ({"reason": "timeout", "detail": "ReadTimeout"}, True),
+        ({"reason": "unreachable", "detail": "ConnectionError: refused (after 3 attempts)"}, True),
+        ({"reason": "http_error", "detail": "HTTP 503 Service Unavailable (after 3 attempts)"}, True),
+        ({"reason": "http_error", "detail": "HTTP 429 Too Many Requests (after 3 attempts)"}, True),
+        ({"reason": "http_error", "detail": "HTTP 404 Not Found"}, False),
+        ({"reason": "undecodable", "detail": "moov atom not found"}, False),
+        ({"reason": "http_error", "detail": "HTTP 503 Service Unavailable", "transient": False}, False),  # recorded
+        ({"reason": "missing_file", "detail": "v/1.mp4 does not exist", "transient": True}, True),
+    ],
+)
+def test_stats_written_before_the_transient_field_are_judged_by_reason_and_detail(failure, transient):
+    from pipeline.fetch import is_transient
+
+    assert is_transient(failure) is transient
 
 
 def test_body_shorter_than_content_length_is_unreachable_and_retried(server, sleeps):

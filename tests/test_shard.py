@@ -185,6 +185,7 @@ def test_video_root_layout(tmp_path):
         (["--src", "{csv}", "--frames", -1], "--frames"),
         (["--src", "{csv}", "--distributor", "dask"], "--distributor"),
         (["--src", "{csv}", "--video_root", "/does/not/exist"], "--video_root"),
+        (["--src", "{csv}", "--retry_failed", "yes"], "--retry_failed must be True or False"),
         (["--src", "{noheader}"], "missing column"),
     ],
 )
@@ -405,3 +406,92 @@ def test_the_fingerprint_covers_everything_a_sample_holds():
     for change in ({"csv_duration": 18.0}, {"caption": "other"}, {"location": "v/8.mp4"}):
         assert fingerprint((dataclasses.replace(row, **change),), SampleSettings()) != base, change
     assert fingerprint((row,), SampleSettings(size=224)) != base
+
+
+class _FlakyFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves files from the server's folder, answering 503 for the paths in ``server.failing``; records every path
+    asked for in ``server.asked``."""
+
+    def do_GET(self):
+        self.server.asked.append(self.path)
+        if self.path in self.server.failing:
+            self.send_error(503, "try later")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server(many):
+    csv_path, _ = many
+    handler = functools.partial(_FlakyFiles, directory=str(csv_path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.failing, server.asked = set(), []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_retry_failed_fetches_only_the_transient_failures_again_and_copies_the_rest(flaky_server, tmp_path):
+    base = f"http://127.0.0.1:{flaky_server.server_address[1]}"
+    rows = [[str(i), f"caption {i}", 0, "d", "PT1S", f"{base}/v/{i}.mp4"] for i in range(6)]
+    rows.insert(2, ["gone", "a link that is dead for good", 0, "d", "PT1S", f"{base}/v/nope.mp4"])  # 404
+    url_csv = write_csv(tmp_path / "urls.csv", rows)
+    common = ["--src", url_csv, "--workers", 1, "--samples_per_shard", 4, "--size", 64, "--retries", 0]
+    common += ["--progress", "False"]
+    ref = tmp_path / "ref"
+    run_cli("pipeline.shard", *common, "--out", ref)  # the server never failed: what the retry must end with
+    out = tmp_path / "out"
+    flaky_server.failing |= {"/v/1.mp4", "/v/5.mp4"}
+    run_cli("pipeline.shard", *common, "--out", out)
+    first = [stats(out, i) for i in range(2)]
+    failures = {f["videoid"]: (f["reason"], f["transient"]) for s in first for f in s["failures"]}
+    assert failures == {"1": ("http_error", True), "5": ("http_error", True), "gone": ("http_error", False)}
+
+    flaky_server.failing.clear()
+    flaky_server.asked.clear()
+    rerun = run_cli("pipeline.shard", *common, "--out", out)  # without the flag: complete shards are kept
+    assert "0 shard(s) written, 2 already complete" in rerun.stdout and flaky_server.asked == []
+
+    retry = run_cli("pipeline.shard", *common, "--out", out, "--retry_failed", "True")
+    assert sorted(flaky_server.asked) == ["/v/1.mp4", "/v/5.mp4"]  # neither the dead link nor the samples made
+    assert "2 shard(s) written, 0 already complete" in retry.stdout
+    assert "retried 2 video(s) that had failed transiently: 2 made it this time" in retry.stdout
+    assert tars(out) == tars(ref)  # as if they had never failed: same samples, same order, same bytes
+    again = [stats(out, i) for i in range(2)]
+    assert [s["ok"] for s in again] == [s["ok"] for s in (stats(ref, 0), stats(ref, 1))] == [3, 3]
+    assert [f["videoid"] for s in again for f in s["failures"]] == ["gone"]
+    assert [s["retry"] for s in again] == [
+        {"copied": 2, "retried": 1, "recovered": 1},
+        {"copied": 2, "retried": 1, "recovered": 1},
+    ]
+    assert not list(out.glob(".*tmp*"))
+
+    flaky_server.asked.clear()
+    done = run_cli("pipeline.shard", *common, "--out", out, "--retry_failed", "True")  # nothing transient is left
+    assert "0 shard(s) written, 2 already complete" in done.stdout and flaky_server.asked == []
+
+
+def test_a_retry_whose_shard_tar_is_gone_makes_the_whole_shard_again(many, tmp_path):
+    """The stats say complete, but the tar was deleted: every row is made again rather than lost."""
+    from pipeline.source import Row
+    from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint, process_shard
+
+    csv_path, _ = many
+    rows = tuple(
+        Row(i, str(i), key=str(i), caption=f"c{i}", location=str(csv_path.parent / "v" / f"{i}.mp4")) for i in range(2)
+    )
+    settings = ShardSettings(str(tmp_path), SampleSettings(size=64))
+    task = ShardTask(0, rows, fingerprint(rows, settings.sample))
+    made = process_shard(task, settings)
+    assert made["ok"] == 2
+    reference = (tmp_path / "000000.tar").read_bytes()
+    (tmp_path / "000000.tar").unlink()
+    previous = {**made, "failures": [{"videoid": "9", "row": 9, "reason": "timeout", "detail": "", "transient": True}]}
+    again = process_shard(ShardTask(0, rows, task.fingerprint, previous=previous), settings)
+    assert again["ok"] == 2 and again["retry"] == {"copied": 0, "retried": 2, "recovered": 2}
+    assert (tmp_path / "000000.tar").read_bytes() == reference
