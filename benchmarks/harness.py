@@ -12,8 +12,10 @@ import tempfile
 
 import torch
 
+from benchmarks.args import parse_batches
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
+from train.model import register_model
 
 WORDS = (
     "a man woman child dog cat car city street beach sunset river mountain forest kitchen chef cooks pasta "
@@ -44,6 +46,16 @@ def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: b
         dropped=0,
     )
     return batch.pin_memory() if pin else batch
+
+
+def checked_args(model: str, batches) -> list[tuple[int, int]]:
+    """A benchmark CLI's ``--model`` and ``--batches``, checked before any work: the (L, U) batches, or a one-line
+    ``error:`` exit that says what to change."""
+    try:
+        register_model(str(model))
+        return parse_batches(batches)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def random_models(model: str, frames: int, dist: distributed.DistInfo, **overrides) -> tuple[TrainConfig, loop.Models]:

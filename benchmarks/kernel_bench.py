@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.args import parse_batches
-from benchmarks.harness import resolve_device
+from benchmarks.harness import checked_args, resolve_device
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.model import create_clip, image_size
@@ -217,7 +216,7 @@ def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
     """Time the step's attention calls per kernel and its patch embedding both ways; write OUT/kernels.json."""
-    (n_lab, n_unl), *more = parse_batches(batches)
+    (n_lab, n_unl), *more = checked_args(model, batches)
     if more:
         raise SystemExit("error: --batches takes one LxU here (the step's batch)")
     dev = resolve_device(device)

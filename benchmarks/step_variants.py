@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from benchmarks.args import CKPT, checkpointed_blocks, parse_batches
-from benchmarks.harness import random_models, synthetic_batch
+from benchmarks.args import CKPT, checkpointed_blocks
+from benchmarks.harness import checked_args, random_models, synthetic_batch
 from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
@@ -303,7 +303,7 @@ def main(
     if memory_gib and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
-    batch_list = parse_batches(batches)
+    batch_list = checked_args(model, batches)
     variant_list = comma_list(variants)
     for variant in variant_list:  # a typo is refused now, not after the variants before it have run
         variant_options(variant)

@@ -48,8 +48,7 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.args import parse_batches
-from benchmarks.harness import synthetic_batch
+from benchmarks.harness import checked_args, synthetic_batch
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
@@ -100,7 +99,7 @@ def main(
         seed: seed of the weights and of the synthetic batches.
         out: folder of the JSON record.
     """
-    configs = parse_batches(batches) if batches else [(int(batch_labeled), int(batch_unlabeled))]
+    configs = checked_args(model, batches or f"{batch_labeled}x{batch_unlabeled}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if threads > 0:

@@ -38,6 +38,14 @@ def test_step_variants_refuses_an_unknown_lever(tmp_path):
         assert "naive:" not in proc.stdout
 
 
+@pytest.mark.parametrize("script", ["kernel_bench", "step_variants", "train_step"])
+@pytest.mark.parametrize("args, says", [(("--model", "nope"), "--model 'nope'"), (("--batches", "8x"), "--batches")])
+def test_benchmarks_refuse_a_bad_model_or_batch_in_one_line(tmp_path, script, args, says):
+    proc = run_cli(f"benchmarks.{script}", *args, "--out", tmp_path / "out", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith(f"error: {says}"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings(tmp_path):
     proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3", "--out", tmp_path, timeout=300)
     record = json.loads((tmp_path / "kernels.json").read_text())

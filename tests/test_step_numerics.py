@@ -123,3 +123,10 @@ def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_path, flag, value):
     with pytest.raises(ValueError, match=f"--{flag} must be one of"):
         resolve("paper", out=str(tmp_path), **{flag: value})
+
+
+@pytest.mark.parametrize("flag", ["packed_qkv", "linear_patch_embed", "compile", "fuse"])
+def test_a_switch_given_anything_but_true_or_false_is_refused(tmp_path, flag):
+    """fire hands "maybe" over as a string, which Python would take as True."""
+    with pytest.raises(ValueError, match=f"--{flag} must be True or False, got 'maybe'"):
+        resolve("paper", out=str(tmp_path), **{flag: "maybe"})

@@ -120,6 +120,10 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("renormalize_video", "packed_qkv", "linear_patch_embed", "fuse", "progress", "compile"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "compile" and value is None):
+                problems.append(f"--{name} must be True or False, got {value!r}")
         ckpt = self.grad_checkpointing
         if not isinstance(ckpt, (bool, int)) or ckpt < 0:
             problems.append(
