@@ -310,6 +310,13 @@ def main(
             raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
         if didemo_split not in ("test", "val"):
             raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
+        switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
+        for name, value in {**switches, "renormalize_video": renormalize_video}.items():
+            if not isinstance(value, bool):  # fire hands "no" over as a string, which Python takes as True
+                raise ValueError(f"--{name} must be True or False, got {value!r}")
+        for name, value in {"batch_size": batch_size, "workers": workers, "frames": frames}.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
         for _, entry in models:  # files exist and load, tags are known, before any video is decoded
             check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:

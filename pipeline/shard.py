@@ -117,6 +117,7 @@ def validate(
     retries,
     max_mb,
     retry_failed=False,
+    progress=True,
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
     problems = []
@@ -144,8 +145,9 @@ def validate(
             problems.append(f"{name} must be a positive number, got {value!r}")
     if not isinstance(retries, int) or retries < 0:
         problems.append(f"--retries must be an integer >= 0, got {retries!r}")
-    if not isinstance(retry_failed, bool):
-        problems.append(f"--retry_failed must be True or False, got {retry_failed!r}")
+    for name, value in (("--retry_failed", retry_failed), ("--progress", progress)):
+        if not isinstance(value, bool):  # fire hands "no" over as a string, which Python takes as True
+            problems.append(f"{name} must be True or False, got {value!r}")
     if Path(out).exists() and not Path(out).is_dir():
         problems.append(f"--out {out} exists and is not a directory")
     if problems:
@@ -230,6 +232,7 @@ def main(
             retries,
             max_mb,
             retry_failed,
+            progress,
         )
         columns = Columns(str(id_col), str(caption_col), str(url_col), str(page_dir_col), str(duration_col))
         read_header(src, columns, video_root)

@@ -186,6 +186,7 @@ def test_video_root_layout(tmp_path):
         (["--src", "{csv}", "--distributor", "dask"], "--distributor"),
         (["--src", "{csv}", "--video_root", "/does/not/exist"], "--video_root"),
         (["--src", "{csv}", "--retry_failed", "yes"], "--retry_failed must be True or False"),
+        (["--src", "{csv}", "--progress", "no"], "--progress must be True or False"),
         (["--src", "{noheader}"], "missing column"),
     ],
 )
