@@ -62,14 +62,15 @@ def attention_call(
     batch: int, tokens: int, heads: int, head_dim: int, backward: bool, mask: bool, device, dtype
 ) -> Callable[[], object]:
     """One self-attention call of a tower: q, k, v as strided views of a packed (B, N, 3, heads, head_dim) tensor,
-    the float causal mask of open_clip's text tower if ``mask``; forward, or forward and backward."""
+    the float causal mask of open_clip's text tower if ``mask`` (float32: under autocast the text tower's residual
+    stream stays float32, and ``train.attention`` casts the mask to it); forward, or forward and backward."""
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, dtype=dtype, generator=gen)
     qkv.requires_grad_(backward)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     attn_mask = None
     if mask:
-        attn_mask = torch.full((tokens, tokens), float("-inf"), device=device, dtype=dtype).triu_(1)
+        attn_mask = torch.full((tokens, tokens), float("-inf"), device=device).triu_(1)
     grad = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=gen)
 
     def call():
