@@ -9,11 +9,17 @@ The manifest records each item's file stamp (size, mtime) as it was when the ite
 was decoded. A later build re-decodes only the items whose file changed, appeared
 or disappeared since, and those that failed with an unexpected error (often
 transient), and appends them as new shards: written shards are never modified, so
-a reader holding the old manifest still finds what it references.
+a reader holding the old manifest still finds what it references. A build deletes
+the shards that neither the manifest it replaces nor its own references: left by
+a build that was killed, or unreferenced since the build before. Builds of one
+cache folder take turns (a lock file): the second waits, then decodes only what
+the first left to do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -28,7 +34,7 @@ from tqdm import tqdm
 
 from eval.datasets.base import EvalDataset, Item
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
-from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, sample_key
+from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remove_temporaries, sample_key
 
 # 2: per-item file stamps in the manifest; and pipeline.frames samples differently since (rotated videos, MP4 edit
 # lists, AV1), so version-1 caches hold frames the trainer would no longer produce and must be rebuilt.
@@ -155,19 +161,44 @@ def build_cache(
     """Decode the dataset's videos into ``root/<dataset>-<hash>/``; of an existing cache, only what is stale."""
     folder = cache_folder(root, dataset, settings)
     record = read_manifest(folder)
+    stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
+    if record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder)):
+        return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder, dataset.name):
+        return _rebuild(dataset, folder, settings, stamps, workers, progress)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, name: str):
+    """Hold ``folder/.lock``: one build of a cache folder at a time (another run's build is waited for)."""
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"frame cache {name}: another run is building {folder}; waiting for it", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _rebuild(
+    dataset: EvalDataset, folder: Path, settings: CacheSettings, stamps: dict[str, Stamp], workers: int, progress: bool
+) -> FrameCache:
+    """The locked part of ``build_cache``: decode what the manifest (read again: a build we waited for may have
+    made it) cannot serve, write the new manifest, delete what no manifest of the last two references."""
+    record = read_manifest(folder)
     if record is None and (folder / "manifest.json").exists():
         print(
             f"frame cache {dataset.name}: {folder / 'manifest.json'} is unreadable or from an older cache version "
             f"(no file stamps): decoding all {len(dataset.items)} videos again",
             file=sys.stderr,
         )
-    stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
     if record is not None and not plan:
         return _load(folder, record)
     if record is not None:
         print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
-    folder.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(folder)  # of a build that was killed (no other build runs: the lock)
     todo = [item for item in dataset.items if item.id in plan]
     found, missing = decode_into_shards(todo, folder, next_shard(record), settings, workers, progress, dataset.name)
     old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k not in plan}
@@ -181,6 +212,9 @@ def build_cache(
         "stamps": stamps,
     }
     atomic_write_bytes(folder / "manifest.json", json_bytes(new))  # written last: marks the cache complete
+    referenced = {Path(tar).name for r in (record or {}, new) for tar, _ in r.get("found", {}).values()}
+    for name in existing_shards(folder) - referenced:
+        (folder / name).unlink(missing_ok=True)
     return _load(folder, new)
 
 

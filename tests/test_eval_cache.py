@@ -130,3 +130,59 @@ def test_plan_decode_reasons():
     assert plan == {"b": "file changed", "c": "file appeared", "d": "unexpected error before", "e": "cache shard gone"}
     assert frame_cache.plan_decode(items, None, now, set()) == {i: "new" for i in "abcdef"}
     assert frame_cache.next_shard(record) == 2 and frame_cache.next_shard(None) == 0
+
+
+def test_shards_no_manifest_of_the_last_two_builds_references_are_deleted(tmp_path, decoded):
+    """A reader holding the manifest a build replaces still finds its shards; older ones, and a killed build's
+    leftovers, go."""
+    videos, root = tmp_path / "videos", tmp_path / "cache"
+    for name in ("kept", "late", "fixed"):
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = dataset(videos)
+    one = CacheSettings(per_shard=1)  # a shard per video: re-decoding one leaves its old shard unreferenced
+    first = build_cache(ds, root, one, workers=1, progress=False)
+    shards = {item: Path(tar).name for item, (tar, _) in first.found.items()}
+    assert shards == {"kept": "000000.tar", "late": "000001.tar", "fixed": "000002.tar"}
+    (first.folder / "000009.tar").write_bytes(b"a killed build's shard")
+    (first.folder / ".000010.tar.tmp-deadbeef").write_bytes(b"and its temporary file")
+    untouched = os.stat(first.folder / shards["kept"]).st_mtime_ns
+
+    assert build_cache(ds, root, one, workers=1, progress=False).found == first.found  # nothing stale: no clean-up
+    assert (first.folder / "000009.tar").exists()
+
+    for generation, frames in enumerate((60, 90), start=1):  # "fixed" replaced twice
+        synthetic.write_index_clip(videos / "fixed.mp4", frames)
+        os.utime(videos / "fixed.mp4", ns=(generation, generation))
+        cache = build_cache(ds, root, one, workers=1, progress=False)
+        present = sorted(p.name for p in cache.folder.iterdir() if p.name != ".lock")
+        if generation == 1:  # the shard the replaced manifest references stays; the killed build's go
+            assert present == ["000000.tar", "000001.tar", "000002.tar", "000003.tar", "manifest.json"]
+        else:  # "fixed"'s first shard is two manifests old now
+            assert present == ["000000.tar", "000001.tar", "000003.tar", "000004.tar", "manifest.json"]
+        assert first_frame_index(cache, "fixed") == frames // 8
+    assert os.stat(first.folder / shards["kept"]).st_mtime_ns == untouched
+
+
+def test_a_second_build_of_the_same_cache_waits_and_decodes_nothing_twice(tmp_path, decoded, capsys):
+    import fcntl
+    import threading
+
+    videos = tmp_path / "videos"
+    for name in ("kept", "late", "fixed"):
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = dataset(videos)
+    folder = frame_cache.cache_folder(tmp_path / "cache", ds, CacheSettings())
+    folder.mkdir(parents=True)
+    results = []
+    with open(folder / ".lock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: results.append(build(ds, tmp_path / "cache")))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and decoded == []  # it waits for the lock before deciding what to decode
+        stamps = {item.id: frame_cache.file_stamp(item.video) for item in ds.items}
+        record = frame_cache._rebuild(ds, folder, CacheSettings(), stamps, 1, False)  # "the other build" finishes
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and results[0].found == record.found
+    assert sorted(decoded) == ["fixed", "kept", "late"]  # each once: the waiting build found them made
+    assert "another run is building" in capsys.readouterr().err
