@@ -7,6 +7,8 @@ import re
 
 def parse_batches(text) -> list[tuple[int, int]]:
     """ "8x8,32x32" -> [(8, 8), (32, 32)] (labeled x unlabeled)."""
+    if isinstance(text, int):  # fire reads "0x4" (and "4") as a number before this sees it
+        raise ValueError(f"--batches takes a comma list of LxU with L, U >= 1 (e.g. 8x8,32x32), got the number {text}")
     parts = [str(t) for t in text] if isinstance(text, (tuple, list)) else str(text).split(",")  # "8x8," is refused
     configs = []
     for part in parts:
