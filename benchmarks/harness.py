@@ -8,7 +8,10 @@ the device with ``train.profiling.sync``, as the trainer's profile does.
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +19,7 @@ from benchmarks.args import parse_batches
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
 from train.model import register_model
+from train.profiling import sync
 
 WORDS = (
     "a man woman child dog cat car city street beach sunset river mountain forest kitchen chef cooks pasta "
@@ -29,6 +33,20 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of ``fn()``, waiting for the device around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:

@@ -23,8 +23,6 @@ in the whole step.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,29 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.harness import checked_args, resolve_device
+from benchmarks.harness import checked_args, resolve_device, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.model import create_clip, image_size
 from train.patch_embed import linear_patch_embed
-from train.profiling import sync
 
 NAMES = {kernel: name for name, kernel in KERNELS.items() if kernel is not None}  # SDPBackend -> flag value
 MARGIN = 1.02  # a way must beat the other by this much, beyond timing noise, to be tried in the step
-
-
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds of ``fn()``, waiting for the device around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def attention_call(

@@ -48,7 +48,7 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import checked_args, synthetic_batch
+from benchmarks.harness import checked_args, synthetic_batch, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
@@ -359,14 +359,7 @@ def input_copy_ms(labeled: data.Batch, unlabeled: data.Batch, dev: torch.device)
 
     result = {}
     for name, fn in (("trainer_cat_then_copy", trainer_way), ("copy_then_cat", copy_then_cat)):
-        times = []
-        for _ in range(INPUT_COPY_REPEATS):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        result[name] = 1000 * statistics.median(times)
+        result[name] = 1000 * time_call(fn, dev, warmup=0, iters=INPUT_COPY_REPEATS)
     return result
 
 

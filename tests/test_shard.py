@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -328,16 +329,24 @@ class _SlowFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler: type[http.server.SimpleHTTPRequestHandler], folder: Path):
+    """An HTTP server on 127.0.0.1 handing out ``folder``'s files through ``handler``, in a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def slow_server(many):
     csv_path, _ = many
-    handler = functools.partial(_SlowFiles, directory=str(csv_path.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_SlowFiles, csv_path.parent) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.mark.slow
@@ -427,14 +436,9 @@ class _FlakyFiles(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def flaky_server(many):
     csv_path, _ = many
-    handler = functools.partial(_FlakyFiles, directory=str(csv_path.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.failing, server.asked = set(), []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(_FlakyFiles, csv_path.parent) as server:
+        server.failing, server.asked = set(), []
+        yield server
 
 
 def test_retry_failed_fetches_only_the_transient_failures_again_and_copies_the_rest(flaky_server, tmp_path):
