@@ -71,6 +71,7 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset()) -> list[str]:
             f"MFU at {best['batch']}: {100 * mfu:.1f}% of the measured peak with {best_name} "
             f"(target {100 * MFU_TARGET:.0f}%): {_mark(mfu >= MFU_TARGET)}"
         )
+    lines += time_lines(best_name, best)
     naive = rows.get("naive")
     if naive:
         ratio = best["videos_per_s"] / naive["videos_per_s"]
@@ -83,6 +84,26 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset()) -> list[str]:
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
     return lines
+
+
+def time_lines(name: str, row: dict) -> list[str]:
+    """Where the GPU time of the fastest variant went (its profile, if it has one), and the MFU it would reach with
+    nothing but its matmul and attention kernels: how far the levers that trim the rest can take it."""
+    kinds = row.get("profile", {}).get("by_kind_s_per_step")
+    if not kinds or row.get("mfu_measured") is None:
+        return []
+    core = kinds.get("matmul", 0.0) + kinds.get("attention", 0.0)
+    rest = {k: v for k, v in kinds.items() if k not in ("matmul", "attention")}
+    needed = row["mfu_measured"] * row["s_per_step"] / MFU_TARGET  # the step time that would reach the target
+    split = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(rest.items(), key=lambda kv: -kv[1]))
+    ceiling = row["mfu_measured"] * row["s_per_step"] / core if core else float("inf")
+    return [
+        f"time of {name} per step: matmul {1e3 * kinds.get('matmul', 0.0):.1f} ms, attention "
+        f"{1e3 * kinds.get('attention', 0.0):.1f} ms, the rest {1e3 * sum(rest.values()):.1f} ms ({split}) of "
+        f"{1e3 * row['profile']['busy_s_per_step']:.1f} ms busy in a {1e3 * row['s_per_step']:.1f} ms step; with only "
+        f"its matmul and attention kernels it would reach {100 * ceiling:.1f}% MFU; {100 * MFU_TARGET:.0f}% needs a "
+        f"{1e3 * needed:.1f} ms step ({1e3 * (row['s_per_step'] - needed):.1f} ms less)"
+    ]
 
 
 def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:

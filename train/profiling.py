@@ -7,9 +7,10 @@ https://ui.perfetto.dev or TensorBoard's profiler plugin) and its summary to
 ``OUT/profile/rank{R}.json``; rank 0 prints the summary and logs it to W&B.
 ``benchmarks.step_variants --profile`` makes the same summary.
 
-The kinds come from the kernels' names: matmul (cuBLAS / CUTLASS GEMMs), attention
-(flash or memory-efficient SDPA), fused (the Triton kernels torch.compile writes: norms,
-activations, residual adds), copy, optimizer (fused AdamW), other. The busy time against
+The kinds come from the kernels' names: fused (the Triton kernels torch.compile writes: norms,
+activations, residual adds, layout copies), copy, attention (SDPA's flash, memory-efficient or
+cuDNN kernels), optimizer (fused AdamW), convolution (cuDNN's; the ViT's patch embedding unless
+``--linear_patch_embed``), matmul (cuBLAS / CUTLASS GEMMs), other. The busy time against
 the steps' wall time says how long the device idled (launch gaps, host syncs, waiting
 for data); the kinds say which part of the work to speed up. On a CPU the summary counts
 the self time of PyTorch's operators instead of kernels.
@@ -27,11 +28,15 @@ import torch
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 KERNEL_KINDS = {  # first match wins, on the lower-cased kernel (or CPU operator) name
-    "copy": r"memcpy|memset|copy_kernel|cat_|catarray|^aten::(copy_|cat|_to_copy)$",
-    "attention": r"flash|fmha|attention|sdpa|efficient",
-    "optimizer": r"adam|multi_tensor|foreach|fused_adam",
-    "matmul": r"gemm|matmul|cutlass|xmma|nvjet|sm\d+_|cublas|wgmma|conv|^aten::(add|b|baddb)?mm$",
+    # first: a Triton kernel is one torch.compile fused, whatever its name says it does ("..._attention_...clone")
     "fused (triton)": r"^triton_",
+    "copy": r"memcpy|memset|copy_kernel|cat_|catarray|^aten::(copy_|cat|_to_copy)$",
+    # cuDNN's attention backward runs two helper kernels besides its flash kernel: dot(dO, O) and dQ's conversion
+    "attention": r"flash|fmha|attention|sdpa|efficient|dot_do_o|convert_dq",
+    "optimizer": r"adam|multi_tensor|foreach|fused_adam",
+    # before matmul: cuDNN names some convolutions "...sgemm" or "...implicit_gemm"
+    "convolution": r"convolve|conv2d|convolution|implicit_gemm|wgrad|dgrad|im2col",
+    "matmul": r"gemm|matmul|cutlass|xmma|nvjet|sm\d+_|cublas|wgmma|^aten::(add|b|baddb)?mm$",
 }
 
 
