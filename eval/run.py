@@ -31,7 +31,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, switch_problems
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
@@ -310,10 +310,14 @@ def main(
             raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
         if didemo_split not in ("test", "val"):
             raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
-        switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
-        for name, value in {**switches, "renormalize_video": renormalize_video}.items():
-            if not isinstance(value, bool):  # fire hands "no" over as a string, which Python takes as True
-                raise ValueError(f"--{name} must be True or False, got {value!r}")
+        switches = {
+            "strict": strict,
+            "didemo_merge_same_video": didemo_merge_same_video,
+            "renormalize_video": renormalize_video,
+        }
+        bad = switch_problems(switches)
+        if bad:
+            raise ValueError(bad[0])
         for name, value in {"batch_size": batch_size, "workers": workers, "frames": frames}.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")

@@ -14,3 +14,10 @@ def comma_list(value) -> list[str]:
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
     return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def switch_problems(switches: dict[str, object]) -> list[str]:
+    """A line for each flag (name without dashes -> value) that must be True or False and is not. fire hands
+    ``--x no`` over as the string "no", which Python would take as True."""
+    wrong = {name: value for name, value in switches.items() if not isinstance(value, bool)}
+    return [f"--{name} must be True or False, got {value!r}" for name, value in wrong.items()]

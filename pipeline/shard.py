@@ -29,6 +29,7 @@ from pathlib import Path
 import fire
 from tqdm import tqdm
 
+from pipeline.cli import switch_problems
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
@@ -145,9 +146,7 @@ def validate(
             problems.append(f"{name} must be a positive number, got {value!r}")
     if not isinstance(retries, int) or retries < 0:
         problems.append(f"--retries must be an integer >= 0, got {retries!r}")
-    for name, value in (("--retry_failed", retry_failed), ("--progress", progress)):
-        if not isinstance(value, bool):  # fire hands "no" over as a string, which Python takes as True
-            problems.append(f"{name} must be True or False, got {value!r}")
+    problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
     if Path(out).exists() and not Path(out).is_dir():
         problems.append(f"--out {out} exists and is not a directory")
     if problems:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.cli import switch_problems
+
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
 WANDB_MODES = ("auto", "online", "offline", "off")
@@ -120,10 +122,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("renormalize_video", "packed_qkv", "linear_patch_embed", "fuse", "progress", "compile"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "compile" and value is None):
-                problems.append(f"--{name} must be True or False, got {value!r}")
+        names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "fuse", "progress")
+        switches = {n: getattr(self, n) for n in names}
+        if self.compile is not None:  # None: compile on the GPU only
+            switches["compile"] = self.compile
+        problems += switch_problems(switches)
         ckpt = self.grad_checkpointing
         if not isinstance(ckpt, (bool, int)) or ckpt < 0:
             problems.append(
