@@ -21,6 +21,8 @@ from train.config import TrainConfig, resolve
 from train.model import register_model
 from train.profiling import sync
 
+MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
+MATMUL_WARMUP, MATMUL_ITERS = 3, 10
 WORDS = (
     "a man woman child dog cat car city street beach sunset river mountain forest kitchen chef cooks pasta "
     "playing guitar piano football basketball running jumping dancing slow motion aerial view of the timelapse "
@@ -33,6 +35,31 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def measure_matmul_tflops(dev: torch.device) -> float:
+    """Dense bf16 matmul TFLOP/s of this GPU, the denominator of every benchmark's measured MFU: (N, N) @ (N, N),
+    N = 8192, mean over 10 after 3 warm-ups, timed with CUDA events (the GPU's own clock, no launch overhead).
+    0.0 on a device that is not a GPU: no measured peak, no measured MFU."""
+    if dev.type != "cuda":
+        return 0.0
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16, generator=gen)
+    c = torch.empty_like(a)
+    for _ in range(MATMUL_WARMUP):
+        torch.matmul(a, b, out=c)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(dev)
+    start.record()
+    for _ in range(MATMUL_ITERS):
+        torch.matmul(a, b, out=c)
+    end.record()
+    torch.cuda.synchronize(dev)
+    seconds = start.elapsed_time(end) / 1000 / MATMUL_ITERS
+    del a, b, c
+    torch.cuda.empty_cache()
+    return 2 * MATMUL_N**3 / seconds / 1e12
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:

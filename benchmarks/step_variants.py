@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
 from benchmarks.args import CKPT, checkpointed_blocks
-from benchmarks.harness import checked_args, random_models, synthetic_batch
+from benchmarks.harness import checked_args, measure_matmul_tflops, random_models, synthetic_batch
 from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
@@ -124,21 +124,6 @@ def naive_step(student, teacher_fp32, optimizer, lab: Batch, unl: Batch, cfg, de
     loss.backward()
     optimizer.step()
     return {"loss": loss.detach()}
-
-
-def measure_peak_bf16(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
 def variant_options(variant: str) -> set[str]:
@@ -321,7 +306,7 @@ def main(
         counted, torch.zeros(1, frames, 3, size, size, device=dev), tokenizer(["a video"]).to(dev)
     )
     del counted
-    measured = measure_peak_bf16(dev)
+    measured = measure_matmul_tflops(dev)
     datasheet = peak_tflops(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(

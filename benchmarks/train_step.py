@@ -48,15 +48,13 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import checked_args, synthetic_batch, time_call
+from benchmarks.harness import checked_args, measure_matmul_tflops, synthetic_batch, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig, resolve
 from train.model import image_size, tokenizer_for
 from train.profiling import sync
 
-MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
-MATMUL_WARMUP, MATMUL_ITERS = 3, 10
 INPUT_COPY_REPEATS = 3
 
 
@@ -245,7 +243,7 @@ def set_up(cfg: TrainConfig, dist: distributed.DistInfo) -> Bench:
         device=dev,
         per_video=count_forward_flops(models, cfg.frames, size, tokenizer, dev),
         datasheet=monitor.peak_tflops(dev, cfg.peak_tflops),
-        measured=measure_matmul_tflops(dev) if dev.type == "cuda" else 0.0,
+        measured=measure_matmul_tflops(dev),
         bf16=isinstance(loop.autocast(cfg, dev), torch.autocast),
         build_s=build_s,
         machine=machine_info(dev),
@@ -368,27 +366,6 @@ def count_forward_flops(models, frames: int, size: int, tokenizer, dev: torch.de
     video = torch.zeros(1, frames, 3, size, size, device=dev)  # (1, T, 3, S, S)
     tokens = tokenizer(["a video"]).to(dev)  # (1, L)
     return monitor.forward_flops(models.student, video, tokens)
-
-
-def measure_matmul_tflops(dev: torch.device) -> float:
-    """Dense bf16 matmul TFLOP/s of this GPU: (N, N) @ (N, N), N = 8192, mean over 10 after 3 warm-ups."""
-    gen = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16, generator=gen)
-    c = torch.empty_like(a)
-    for _ in range(MATMUL_WARMUP):
-        torch.matmul(a, b, out=c)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(dev)
-    start.record()
-    for _ in range(MATMUL_ITERS):
-        torch.matmul(a, b, out=c)
-    end.record()
-    torch.cuda.synchronize(dev)
-    seconds = start.elapsed_time(end) / 1000 / MATMUL_ITERS
-    del a, b, c
-    torch.cuda.empty_cache()
-    return 2 * MATMUL_N**3 / seconds / 1e12
 
 
 def machine_info(dev: torch.device) -> dict:
