@@ -1,13 +1,14 @@
 """GPU check: the optimised step (bf16 autocast, bf16 teacher, torch.compile) against the plain fp32 step.
 
     python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
-        [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--out DIR]
+        [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--cls_last_block False] \
+        [--out DIR]
 
 Same weights, same uint8 batches: prints the loss of each and the cosine similarity and norm ratio of the
 student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance). The
 optimised side takes the trainer's speed flags (``--compile``, on the GPU only; ``--packed_qkv``;
-``--attention_kernel``; ``--linear_patch_embed``); the plain side is always open_clip's own layers, eager, in
-fp32. With ``--out`` the figures, the flags and the non-finite gradient count are also written to
+``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``); the plain side is always open_clip's own
+layers, eager, in fp32. With ``--out`` the figures, the flags and the non-finite gradient count are also written to
 ``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
 """
 
@@ -33,6 +34,7 @@ def compare(
     packed_qkv: bool = False,
     attention_kernel: str = "auto",
     linear_patch_embed: bool = False,
+    cls_last_block: bool = False,
     out: str = "",
 ) -> dict:
     """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
@@ -47,6 +49,7 @@ def compare(
             packed_qkv=packed_qkv,
             attention_kernel=attention_kernel,
             linear_patch_embed=linear_patch_embed,
+            cls_last_block=cls_last_block,
         )
     except ValueError as e:  # a flag out of range: TrainConfig's message names it
         raise SystemExit(f"error: {e}") from None
@@ -55,10 +58,17 @@ def compare(
         "packed_qkv": packed_qkv,
         "attention_kernel": attention_kernel,
         "linear_patch_embed": linear_patch_embed,
+        "cls_last_block": cls_last_block,
     }
     print(f"gpu_numerics: {model}, " + ", ".join(f"{k} {v}" for k, v in flags.items()))
     plain_cfg = dataclasses.replace(
-        fast, precision="fp32", compile=False, packed_qkv=False, attention_kernel="auto", linear_patch_embed=False
+        fast,
+        precision="fp32",
+        compile=False,
+        packed_qkv=False,
+        attention_kernel="auto",
+        linear_patch_embed=False,
+        cls_last_block=False,
     )
 
     def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own layers

@@ -5,8 +5,9 @@
 # and met on an H200, benchmarks/README.md):
 #   kernels   the step's attention calls under each SDPA kernel, and its patch embedding as a convolution and as one
 #             matrix product, alone at the step's shapes (seconds, not a compile each): they choose LEVERS, the
-#             variant the other parts time: the trainer's default with +qkv (--packed_qkv), +patch if the matrix
-#             product was faster (--linear_patch_embed) and the fastest kernel if not torch's own (--attention_kernel)
+#             variant the other parts time: the trainer's default with +qkv (--packed_qkv) and +cls
+#             (--cls_last_block), +patch if the matrix product was faster (--linear_patch_embed) and the fastest
+#             kernel if not torch's own (--attention_kernel)
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default, LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
@@ -18,8 +19,8 @@
 #             device_jpeg, the GPU default) with LEVERS' flags, with --profile_steps
 #   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), in OUT/tune; it
 #             runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
-# LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+patch for a second call, whose OUT starts empty); else
-# the kernels part chooses it, or it is ours+compile+cteacher+qkv+patch when that part did not run.
+# LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+cls+patch for a second call, whose OUT starts empty);
+# else the kernels part chooses it, or it is ours+compile+cteacher+qkv+cls+patch when that part did not run.
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
 # Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode, in
 # seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks write their
@@ -83,14 +84,15 @@ run_part() {
     [ "$rc" = 0 ] || status=1
 }
 
-# lever_flags VARIANT: the trainer flags of the levers a step variant names (+qkv, +patch, an attention kernel)
+# lever_flags VARIANT: the trainer flags of the levers a step variant names (+qkv, +cls, +patch, an attention kernel)
 lever_flags() {
     local option flags=()
     for option in ${1//+/ }; do
         case "$option" in
             qkv) flags+=(--packed_qkv True) ;;
             patch) flags+=(--linear_patch_embed True) ;;
-            cudnn|flash|efficient) flags+=(--attention_kernel "$option") ;;
+            cls) flags+=(--cls_last_block True) ;;
+            cudnn|flash|efficient|math) flags+=(--attention_kernel "$option") ;;
         esac
     done
     echo "${flags[@]}"
@@ -101,10 +103,10 @@ lever_flags() {
 wants kernels && run_part kernels "$KERNELS_S" \
     python3 -m benchmarks.kernel_bench --model "$MODEL" --batches "$BATCH" --out "$OUT"
 if [ -z "${LEVERS:-}" ]; then
-    LEVERS="$DEFAULT+qkv+patch"
+    LEVERS="$DEFAULT+qkv+cls+patch"
     if [ -f "$OUT/kernels.json" ]; then
-        LEVERS="$DEFAULT+qkv$(python3 -c "import json, sys; print(''.join('+' + o for o in \
-json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json")" || { LEVERS="$DEFAULT+qkv+patch"; status=1; }
+        chosen=$(python3 -c "import json, sys; print(''.join('+' + o for o in \
+json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$DEFAULT+qkv+cls$chosen" || status=1
     fi
 fi
 FLAGS=$(lever_flags "$LEVERS")

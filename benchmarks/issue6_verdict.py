@@ -35,9 +35,11 @@ NORM_TOLERANCE = 0.05  # |gradient norm ratio - 1|
 LEVERS = {  # step_variants option: what it is, and the trainer flag that turns it on
     "qkv": ("packed attention", "--packed_qkv True"),
     "patch": ("linear patch embedding", "--linear_patch_embed True"),
+    "cls": ("class-token last block", "--cls_last_block True"),
     "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
     "flash": ("flash attention first", "--attention_kernel flash"),
     "efficient": ("memory-efficient attention first", "--attention_kernel efficient"),
+    "math": ("math attention first", "--attention_kernel math"),
     "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
 }
 # the step variant whose batches arrive as each --augment_on mode hands them over
@@ -111,6 +113,7 @@ def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
     flags = numerics.get("flags", {})
     used = {"qkv"} if flags.get("packed_qkv") else set()
     used |= {"patch"} if flags.get("linear_patch_embed") else set()
+    used |= {"cls"} if flags.get("cls_last_block") else set()
     used |= {flags.get("attention_kernel")} & set(LEVERS)
     rel, cosine, ratio = (numerics[k] for k in ("relative_loss_difference", "gradient_cosine", "norm_ratio"))
     passed = (

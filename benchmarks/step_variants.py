@@ -16,10 +16,11 @@ so numerics can be compared. MFU is against the datasheet bf16 peak and a bf16
 matmul peak measured in the same run.
 
 +qkv: student and teacher attend on views of the packed QKV projection (``train.attention``, ``--packed_qkv``),
-without nn.MultiheadAttention's layout copies. +cudnn / +flash / +efficient: SDPA tries that kernel first
+without nn.MultiheadAttention's layout copies. +cudnn / +flash / +efficient / +math: SDPA tries that kernel first
 (``--attention_kernel``; torch's own order puts cuDNN's first on H100/H200 with a recent cuDNN, flash first
 elsewhere). +patch: the patch embedding as one matrix product instead of a convolution (``train.patch_embed``,
-``--linear_patch_embed``).
+``--linear_patch_embed``). +cls: the ViT's last block for the class token only (``train.cls_last_block``,
+``--cls_last_block``); its rows' MFU counts the FLOPs it performs, about 6.9% fewer for ViT-B/16, not those it skips.
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
 mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
@@ -59,6 +60,7 @@ from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.attention import use_packed_attention
+from train.cls_last_block import use_cls_last_block
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
 from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
@@ -67,9 +69,9 @@ from train.patch_embed import use_linear_patch_embed
 from train.prefetch import Prefetcher
 from train.profiling import activities, describe, summarize, sync
 
-KERNEL_OPTIONS = ("cudnn", "flash", "efficient")  # --attention_kernel values a variant may name
+KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", *KERNEL_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -141,11 +143,13 @@ def variant_options(variant: str) -> set[str]:
 
 def with_levers(model: torch.nn.Module, options: set[str]) -> torch.nn.Module:
     """``model`` (an open_clip CLIP, or a VideoTextModel around one) with the layout levers the options name, in
-    place: +qkv (``train.attention``), +patch (``train.patch_embed``)."""
+    place: +qkv (``train.attention``), +patch (``train.patch_embed``), +cls (``train.cls_last_block``)."""
     if "qkv" in options:
         use_packed_attention(model)
     if "patch" in options:
         use_linear_patch_embed(model)
+    if "cls" in options:
+        use_cls_last_block(model)
     return model
 
 
@@ -185,7 +189,7 @@ def run_variant(
             mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
             trained = torch.compile(student, mode=mode) if cfg_v.compile else student
             teacher = base_models["teacher"]
-            if options & {"qkv", "patch"}:  # on a copy: the other variants keep open_clip's own layers
+            if options & {"qkv", "patch", "cls"}:  # on a copy: the other variants keep open_clip's own layers
                 teacher = with_levers(copy.deepcopy(teacher), options)
             if "cteacher" in options:
                 teacher = torch.compile(teacher, mode=mode)
@@ -244,6 +248,7 @@ def keep_row(record: dict, path: Path, videos: int, flops: float, measured: floa
     keeps what it measured."""
     if row["status"] == "ok" and "videos_per_s" not in row:
         s = row["s_per_step"]
+        row["flops_per_step"] = flops
         row["videos_per_s"] = videos / s
         row["tflops"] = flops / s / 1e12
         row["mfu_measured"] = row["tflops"] / measured if measured else None
@@ -299,13 +304,17 @@ def main(
     base = {"student": student, "teacher": models.teacher, "teacher_fp32": on_device}
     tokenizer = tokenizer_for(model)
     size = image_size(base["student"])
-    # Count on a model in train mode: in eval mode without gradients nn.MultiheadAttention takes a fused fast path
-    # whose projections FlopCounterMode does not see (96 instead of 146 GFLOP for a ViT-B/16 video).
-    counted = VideoTextModel(copy.deepcopy(base["student"]), cfg.renormalize_video).to(dev).train()
-    per_video = forward_flops(
-        counted, torch.zeros(1, frames, 3, size, size, device=dev), tokenizer(["a video"]).to(dev)
-    )
-    del counted
+    video, caption = torch.zeros(1, frames, 3, size, size, device=dev), tokenizer(["a video"]).to(dev)
+
+    @functools.cache
+    def video_flops(cls: bool) -> int:
+        """FLOPs of one video's forward; with +cls those of the model it runs (the FLOPs the step performs)."""
+        # Count on a model in train mode: in eval mode without gradients nn.MultiheadAttention takes a fused fast
+        # path whose projections FlopCounterMode does not see (96 instead of 146 GFLOP for a ViT-B/16 video).
+        clip = with_levers(copy.deepcopy(base["student"]), {"cls"} if cls else set())
+        return forward_flops(VideoTextModel(clip, cfg.renormalize_video).to(dev).train(), video, caption)
+
+    per_video = video_flops(False)
     measured = measure_matmul_tflops(dev)
     datasheet = peak_tflops(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -339,8 +348,9 @@ def main(
                 batches[source] = [
                     loader_batch(n, frames, size, tokenizer, k + 1, jpeg, pin) for k, n in enumerate(sizes)
                 ]
-        flops = step_flops(per_video, per_video, n_lab, n_unl)
         for variant in variant_list:
+            counted = video_flops("cls" in variant_options(variant))
+            flops = step_flops(counted, counted, n_lab, n_unl)
             keep = functools.partial(keep_row, record, path, n_lab + n_unl, flops, measured, datasheet)
             row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile, on_timed=keep)
             keep(row)

@@ -9,13 +9,13 @@ from conftest import TINY_CLIP, run_cli
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
-    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash"  # no +compile
+    variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash,ours+cls,ours+math"
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
         *("--steps", 1, "--warmup", 1, "--profile", 1, "--out", tmp_path),
         timeout=300,
-    )
+    )  # no +compile: minutes on the CPU
     record = json.loads((tmp_path / "step_variants_cpu.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
     assert set(rows) == set(variants.split(","))
@@ -25,7 +25,13 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
     assert abs(rows["ours+qkv"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4  # the same function
     assert rows["ours+cudnn"]["first_loss"] == rows["ours"]["first_loss"]  # no cuDNN on the CPU: the same kernel
+    # math: what kernel_bench names where it timed fastest (the CPU's noise can make it so): a lever like the others
+    assert abs(rows["ours+math"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4
     assert abs(rows["ours+patch+flash"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4
+    assert abs(rows["ours+cls"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4
+    # +cls is counted at the FLOPs it performs: its MFU does not gain from the rows it leaves out
+    flops = {v: r["flops_per_step"] for v, r in rows.items()}
+    assert flops["ours+cls"] < flops["ours"] == flops["naive"] == flops["ours+qkv"] == flops["ours+patch+flash"]
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -307,6 +313,7 @@ def test_gpu_numerics_compares_the_levers_with_the_plain_step():
     """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were."""
     from benchmarks.gpu_numerics import compare
 
-    summary = compare(str(TINY_CLIP), batch=3, packed_qkv=True, attention_kernel="math", linear_patch_embed=True)
+    levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True, cls_last_block=True)
+    summary = compare(str(TINY_CLIP), batch=3, **levers)
     assert summary["relative_loss_difference"] < 1e-6
     assert summary["gradient_cosine"] > 0.99999 and abs(summary["norm_ratio"] - 1) < 1e-5

@@ -73,10 +73,11 @@ def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_
 
 
 def test_the_speed_flags_compute_the_same_step(tmp_path):
-    """--packed_qkv, --attention_kernel and --linear_patch_embed change how the layers run, not what the step
-    computes: the same loss and gradients as open_clip's own layers in fp32, and within bf16 tolerance under bf16."""
+    """--packed_qkv, --attention_kernel, --linear_patch_embed and --cls_last_block change how the layers run, not
+    what the step computes: the same loss and gradients as open_clip's own layers in fp32, and within bf16 tolerance
+    under bf16."""
     cfg, plain = tiny_fp32(tmp_path / "plain", lam=0.5)
-    levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True)
+    levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True, cls_last_block=True)
     fast_cfg, fast = tiny_fp32(tmp_path / "fast", lam=0.5, **levers)
     fast.student.load_state_dict(plain.student.state_dict())  # one init for both (each run drew its own)
     fast.teacher.load_state_dict(plain.teacher.state_dict())
@@ -109,6 +110,14 @@ def test_linear_patch_embed_reaches_the_student_and_the_teacher(tmp_path):
     assert not any("forward" in vars(m.clip.visual.conv1) for m in (plain.student, plain.teacher))
 
 
+def test_cls_last_block_reaches_the_student_and_the_teacher(tmp_path):
+    _, models = tiny_fp32(tmp_path, cls_last_block=True)
+    assert all("forward" in vars(m.clip.visual.transformer) for m in (models.student, models.teacher))
+    assert not any("forward" in vars(m.clip.transformer) for m in (models.student, models.teacher))  # the text's
+    _, plain = tiny_fp32(tmp_path / "plain")
+    assert not any("forward" in vars(m.clip.visual.transformer) for m in (plain.student, plain.teacher))
+
+
 def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(loop.torch, "compile", lambda model, mode=None: modes.append(mode) or model)
@@ -125,7 +134,7 @@ def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_
         resolve("paper", out=str(tmp_path), **{flag: value})
 
 
-@pytest.mark.parametrize("flag", ["packed_qkv", "linear_patch_embed", "compile", "fuse"])
+@pytest.mark.parametrize("flag", ["packed_qkv", "linear_patch_embed", "cls_last_block", "compile", "fuse"])
 def test_a_switch_given_anything_but_true_or_false_is_refused(tmp_path, flag):
     """fire hands "maybe" over as a string, which Python would take as True."""
     with pytest.raises(ValueError, match=f"--{flag} must be True or False, got 'maybe'"):

@@ -75,6 +75,8 @@ class TrainConfig:
     attention_kernel: str = "auto"
     # the ViT's patch embedding as one matrix product instead of a convolution (train.patch_embed)
     linear_patch_embed: bool = False
+    # the ViT's last block for the class token only, the one row its embedding uses (train.cls_last_block)
+    cls_last_block: bool = False
     seed: int = 0
 
     # --- validation, checkpoints, fusion
@@ -122,7 +124,7 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "fuse", "progress")
+        names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "fuse", "progress")
         switches = {n: getattr(self, n) for n in names}
         if self.compile is not None:  # None: compile on the GPU only
             switches["compile"] = self.compile

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import checkpoint, data, distributed
 from train.attention import attention_kernel, use_packed_attention
+from train.cls_last_block import use_cls_last_block
 from train.config import TrainConfig
 from train.fuse import fuse_state_dicts, teacher_state_dict
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
@@ -95,6 +96,9 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
     if cfg.linear_patch_embed:  # likewise
         use_linear_patch_embed(student_clip)
         use_linear_patch_embed(teacher_clip)
+    if cfg.cls_last_block:  # likewise
+        use_cls_last_block(student_clip)
+        use_cls_last_block(teacher_clip)
     checkpoint_blocks(student_clip, cfg.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)
