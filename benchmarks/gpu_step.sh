@@ -3,11 +3,12 @@
 # included, and a machine left idle for 30 s between two calls is handed back). PARTS picks what runs, in this order
 # (default "kernels step numerics train tune": what the 55% MFU target still needs; memory and loader were measured
 # and met on an H200, benchmarks/README.md):
-#   kernels   the step's attention calls under each SDPA kernel, and its patch embedding as a convolution and as one
-#             matrix product, alone at the step's shapes (seconds, not a compile each): they choose LEVERS, the
-#             variant the other parts time: the trainer's default with +qkv (--packed_qkv) and +cls
-#             (--cls_last_block), +patch if the matrix product was faster (--linear_patch_embed) and the fastest
-#             kernel if not torch's own (--attention_kernel)
+#   kernels   the step's attention calls under each SDPA kernel, its patch embedding as a convolution and as one
+#             matrix product, and its last image block on every row and on the class token's, alone at the step's
+#             shapes (seconds, not a compile each): they choose LEVERS, the variant the other parts time: the
+#             trainer's default with +qkv (--packed_qkv), +patch if the matrix product was faster
+#             (--linear_patch_embed), +cls if the class token's row was (--cls_last_block) and the fastest kernel
+#             if not torch's own (--attention_kernel)
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default, LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
@@ -98,7 +99,7 @@ lever_flags() {
     echo "${flags[@]}"
 }
 
-# (0) kernels: the step's attention calls per SDPA kernel and its patch embedding both ways, alone (seconds); they
+# (0) kernels: the step's attention calls per SDPA kernel, its patch embedding and last block both ways, alone; they
 #     choose LEVERS (on an H200 torch's own attention kernel is already cuDNN's: its kernels ran in the default step)
 wants kernels && run_part kernels "$KERNELS_S" \
     python3 -m benchmarks.kernel_bench --model "$MODEL" --batches "$BATCH" --out "$OUT"
@@ -106,7 +107,7 @@ if [ -z "${LEVERS:-}" ]; then
     LEVERS="$DEFAULT+qkv+cls+patch"
     if [ -f "$OUT/kernels.json" ]; then
         chosen=$(python3 -c "import json, sys; print(''.join('+' + o for o in \
-json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$DEFAULT+qkv+cls$chosen" || status=1
+json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$DEFAULT+qkv$chosen" || status=1
     fi
 fi
 FLAGS=$(lever_flags "$LEVERS")

@@ -132,18 +132,26 @@ def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
 
 
 def kernel_lines(kernels: dict) -> list[str]:
-    """What ``benchmarks.kernel_bench`` measured: the step's attention time with each kernel first, and the patch
-    embedding's two ways (milliseconds per step, the kernels alone)."""
+    """What ``benchmarks.kernel_bench`` measured: the step's attention time with each kernel first, the patch
+    embedding's two ways and the last block's (milliseconds per step, the kernels alone)."""
     times = kernels["step_attention_s"]
     attention = ", ".join(
         f"{k if k == 'auto' else k + ' first'} {1e3 * v:.1f} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1])
     )
     patch = kernels["patch_embed"]
+    block = kernels.get("last_block")  # kernels.json written before it was measured has none
+    last = []
+    if block:
+        last = [
+            f"last block alone: every row {1e3 * block['full']:.2f} ms, class token's row {1e3 * block['cls']:.2f} ms "
+            f"per step ({block['full'] / block['cls']:.2f}x)"
+        ]
     return [
         f"attention kernels alone on {kernels['device']} at {kernels['batch']} (per step, fastest first): "
         f"{attention}; tried in the step: --attention_kernel {kernels['best_attention_kernel']}",
         f"patch embedding alone: convolution {1e3 * patch['conv']:.2f} ms, linear {1e3 * patch['linear']:.2f} ms "
         f"per step ({patch['conv'] / patch['linear']:.2f}x)",
+        *last,
     ]
 
 

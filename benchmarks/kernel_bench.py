@@ -1,4 +1,4 @@
-"""The step's attention and patch-embedding kernels alone, each way they can run, at the step's shapes.
+"""The step's attention, patch-embedding and last-block kernels alone, each way they can run, at the step's shapes.
 
     python -m benchmarks.kernel_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--out DIR]
 
@@ -14,15 +14,18 @@ levers its step variants then time.
   that kernel there.
 - **Patch embedding**: the convolution as open_clip runs it against ``train.patch_embed.linear_patch_embed`` on
   the same weight: the student's forward and weight gradient, the teacher's forward.
+- **Last block**: the image tower's last block on every row against ``train.cls_last_block.cls_last_block`` (the
+  class token's row only), eager: the student's forward and backward, the teacher's forward.
 
 Writes ``DIR/kernels.json``: the rows, the step's attention time with each kernel first, the fastest
-(``best_attention_kernel``, an ``--attention_kernel`` value), the patch embedding's two times, and the
-``benchmarks.step_variants`` options they favour (``step_levers``: ``patch``, a kernel), which gpu_step.sh then times
-in the whole step.
+(``best_attention_kernel``, an ``--attention_kernel`` value), the patch embedding's two times, the last block's two
+times, and the ``benchmarks.step_variants`` options they favour (``step_levers``: ``patch``, ``cls``, a kernel),
+which gpu_step.sh then times in the whole step.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from torch.nn.attention import sdpa_kernel
 from benchmarks.harness import checked_args, resolve_device, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
+from train.cls_last_block import cls_last_block
 from train.model import create_clip, image_size
 from train.patch_embed import linear_patch_embed
 
@@ -142,10 +146,12 @@ def best_kernel(totals: dict[str, float]) -> str:
     return "auto" if totals["auto"] <= totals[fastest] * MARGIN else fastest
 
 
-def step_levers(best_attention_kernel: str, patch: dict) -> list[str]:
+def step_levers(best_attention_kernel: str, patch: dict, last_block: dict) -> list[str]:
     """The ``benchmarks.step_variants`` options these figures favour: +patch where the matrix product beat the
-    convolution by ``MARGIN``, and the attention kernel where one beat torch's own choice."""
+    convolution by ``MARGIN``, +cls where the class token's row beat the whole last block by it, and the attention
+    kernel where one beat torch's own choice."""
     levers = ["patch"] if patch["conv"] >= patch["linear"] * MARGIN else []
+    levers += ["cls"] if last_block["full"] >= last_block["cls"] * MARGIN else []
     return levers + ([best_attention_kernel] if best_attention_kernel != "auto" else [])
 
 
@@ -196,6 +202,53 @@ def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, devic
     return row
 
 
+def last_block_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, device, dtype) -> dict:
+    """The image tower's last block per step, on every row (as open_clip runs it, the class token's row taken after)
+    against ``cls_last_block``: seconds of the student's forward and backward plus the teacher's forward, eager,
+    under autocast as the step runs them."""
+    size = image_size(clip)
+    tokens = (size // clip.visual.conv1.kernel_size[0]) ** 2 + 1
+    block = copy.deepcopy(clip.visual.transformer.resblocks[-1]).to(device)
+    teacher_block = copy.deepcopy(block).to(dtype).eval().requires_grad_(False)  # bf16 weights on the GPU
+    width = block.attn.embed_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = {
+        who: torch.randn(n * frames, tokens, width, device=device, dtype=dtype, generator=gen)
+        for who, n in (("student", n_lab + n_unl), ("teacher", n_unl))
+    }
+    rows["student"].requires_grad_(True)
+    grad = torch.randn(rows["student"].shape[0], 1, width, device=device, dtype=dtype, generator=gen)
+    ways = {"full": lambda b, x: b(x)[:, :1], "cls": cls_last_block}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    row = {"images_student": rows["student"].shape[0], "images_teacher": rows["teacher"].shape[0], "tokens": tokens}
+    for name, way in ways.items():
+
+        def student(way=way):
+            with autocast:
+                out = way(block, rows["student"])
+            out.backward(grad.to(out.dtype))
+            rows["student"].grad = None
+            block.zero_grad(set_to_none=True)
+
+        def teacher(way=way):
+            with torch.inference_mode(), autocast:
+                return way(teacher_block, rows["teacher"])
+
+        row[name] = time_call(student, device) + time_call(teacher, device)
+    with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
+        a = ways["full"](block, rows["teacher"][:8]).float()
+        b = ways["cls"](block, rows["teacher"][:8]).float()
+    row["max_relative_difference"] = float((a - b).abs().max() / a.abs().max())
+    print(
+        f"  last block ({row['images_student']} + {row['images_teacher']} images of {tokens} tokens): "
+        f"every row {1e3 * row['full']:.3f} ms, class token's row {1e3 * row['cls']:.3f} ms "
+        f"({row['full'] / row['cls']:.2f}x); largest difference {row['max_relative_difference']:.1e} of the largest "
+        "output",
+        flush=True,
+    )
+    return row
+
+
 def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
@@ -227,7 +280,8 @@ def main(
         "best_attention_kernel": best,
         "patch_embed": patch_rows(clip, frames, n_lab, n_unl, dev, dtype),
     }
-    record["step_levers"] = step_levers(best, record["patch_embed"])
+    record["last_block"] = last_block_rows(clip, frames, n_lab, n_unl, dev, dtype)
+    record["step_levers"] = step_levers(best, record["patch_embed"], record["last_block"])
     print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

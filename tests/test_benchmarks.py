@@ -52,7 +52,7 @@ def test_benchmarks_refuse_a_bad_model_or_batch_in_one_line(tmp_path, script, ar
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings(tmp_path):
+def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings_and_last_blocks(tmp_path):
     proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3", "--out", tmp_path, timeout=300)
     record = json.loads((tmp_path / "kernels.json").read_text())
     calls = {r["call"]: r for r in record["attention"]}
@@ -68,6 +68,10 @@ def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings(tmp_
     assert record["best_attention_kernel"] in totals
     patch = record["patch_embed"]
     assert patch["conv"] > 0 and patch["linear"] > 0 and patch["max_relative_difference"] < 1e-5
+    block = record["last_block"]
+    assert (block["images_student"], block["images_teacher"], block["tokens"]) == (5 * 4, 3 * 4, 17)
+    assert block["full"] > 0 and block["cls"] > 0 and block["max_relative_difference"] < 1e-5
+    assert "last block (20 + 12 images of 17 tokens): every row" in proc.stdout
     assert "to try in the step: --attention_kernel" in proc.stdout
     proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3,4x4", check=False)
     assert proc.returncode != 0 and "one LxU" in proc.stderr
@@ -84,8 +88,8 @@ def test_kernel_bench_falls_back_as_the_trainer_does_and_names_the_levers_worth_
     assert totals == {"auto": 48.0, "cudnn": 36.0, "flash": 42.0, "efficient": 60.0, "math": 132.0}
     assert best_kernel(totals) == "cudnn"
     assert best_kernel({**totals, "auto": 36.5}) == "auto"  # within 2% of the fastest: torch's own choice stays
-    assert step_levers("cudnn", {"conv": 13.6, "linear": 1.0}) == ["patch", "cudnn"]
-    assert step_levers("auto", {"conv": 1.01, "linear": 1.0}) == []
+    assert step_levers("cudnn", {"conv": 13.6, "linear": 1.0}, {"full": 3.0, "cls": 1.0}) == ["patch", "cls", "cudnn"]
+    assert step_levers("auto", {"conv": 1.01, "linear": 1.0}, {"full": 1.01, "cls": 1.0}) == []
 
 
 def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
@@ -247,10 +251,16 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
         "best_attention_kernel": "auto",
         "patch_embed": {"conv": 0.0181, "linear": 0.0012},
     }
-    assert verdict(None, None, None, None, None, kernels) == [
+    judged = [
         "attention kernels alone on NVIDIA H200 at 128x128 (per step, fastest first): auto 44.6 ms, flash first "
         "51.2 ms, math first 200.0 ms; tried in the step: --attention_kernel auto",
         "patch embedding alone: convolution 18.10 ms, linear 1.20 ms per step (15.08x)",
+    ]
+    assert verdict(None, None, None, None, None, kernels) == judged  # a kernels.json from before the last block
+    kernels["last_block"] = {"full": 0.0242, "cls": 0.0040}
+    assert verdict(None, None, None, None, None, kernels) == [
+        *judged,
+        "last block alone: every row 24.20 ms, class token's row 4.00 ms per step (6.05x)",
     ]
     cosine = "\n".join(verdict(None, None, None, None, {**numerics, "gradient_cosine": 0.95}))
     assert cosine.endswith("NOT MET")
