@@ -34,6 +34,26 @@ def test_packed_attention_is_multihead_attention_with_its_gradients(mask):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_packed_attention_for_the_first_rows_is_those_rows_of_the_whole(mask):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+    with torch.no_grad():  # open_clip and torch start the projection biases at 0, which would hide them
+        mha.in_proj_bias.normal_()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    attn_mask = causal_mask(7) if mask else None
+    whole = packed_attention(x, *params, heads=4, attn_mask=attn_mask)[:, :2]
+    first = packed_attention(x, *params, heads=4, attn_mask=attn_mask, queries=2)
+    assert first.shape == (3, 2, 48)
+    torch.testing.assert_close(first, whole)
+    weights = torch.randn_like(whole)
+    grads_whole = torch.autograd.grad((whole * weights).sum(), [x, *params])
+    grads_first = torch.autograd.grad((first * weights).sum(), [x, *params])
+    for g, e in zip(grads_first, grads_whole, strict=True):
+        torch.testing.assert_close(g, e)
+
+
 def test_a_boolean_mask_is_refused():
     mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
     params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]

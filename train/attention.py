@@ -63,40 +63,59 @@ def packed_attention(
     out_proj_bias: torch.Tensor | None,
     heads: int,
     attn_mask: torch.Tensor | None = None,
+    queries: int | None = None,
 ) -> torch.Tensor:
     """Multi-head self-attention of ``x`` (B, N, E), batch first, as ``nn.MultiheadAttention`` computes it.
 
     ``attn_mask``: float, added to the scores: (N, N), or (B*heads, N, N) as ``nn.MultiheadAttention`` takes it.
     (A boolean mask means the opposite to ``nn.MultiheadAttention`` and to SDPA, so it is refused.)
+    ``queries``: only the first this many rows attend (over all N), and only their rows are returned:
+    (B, queries, E), the same values as the first rows of the whole output (``train.cls_last_block``).
     """
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         raise TypeError("packed_attention takes a float attn_mask (added to the scores), not a boolean one")
     b, n, e = x.shape
-    qkv = F.linear(x, in_proj_weight, in_proj_bias).view(b, n, 3, heads, e // heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim): views, no copy
+    if queries is None:
+        qkv = F.linear(x, in_proj_weight, in_proj_bias).view(b, n, 3, heads, e // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim): views, no copy
+    else:  # the query projection of those rows alone, the key and value projections of every row
+        bias = (None, None) if in_proj_bias is None else (in_proj_bias[:e], in_proj_bias[e:])
+        q = F.linear(x[:, :queries], in_proj_weight[:e], bias[0]).view(b, queries, heads, e // heads).transpose(1, 2)
+        kv = F.linear(x, in_proj_weight[e:], bias[1]).view(b, n, 2, heads, e // heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     if attn_mask is not None and attn_mask.dim() == 3:
         attn_mask = attn_mask.view(b, heads, n, n)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
-    return F.linear(out.transpose(1, 2).reshape(b, n, e), out_proj_weight, out_proj_bias)
+    if attn_mask is not None and queries is not None:
+        attn_mask = attn_mask[..., :queries, :]  # the scores of the rows that attend
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, rows, head_dim)
+    return F.linear(out.transpose(1, 2).reshape(b, q.shape[2], e), out_proj_weight, out_proj_bias)
+
+
+def packable(block: nn.Module) -> bool:
+    """An open_clip self-attention block whose ``nn.MultiheadAttention`` ``packed_attention`` computes exactly:
+    batch first, one packed input projection, no extra key/value biases or zero rows, no dropout, not cross-attention
+    (``use_packed_attention``, ``train.cls_last_block``)."""
+    attn = getattr(block, "attn", None)
+    return (
+        isinstance(block, ResidualAttentionBlock)
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn.batch_first
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and attn.dropout == 0
+        and not hasattr(block, "ln_1_kv")
+    )
 
 
 def use_packed_attention(model: nn.Module) -> int:
     """Route the self-attention of every open_clip ``ResidualAttentionBlock`` in ``model`` through
     ``packed_attention``; returns how many blocks. The parameters stay where they are, so state dicts and
-    checkpoints do not change. Blocks it cannot serve (cross-attention, sequence-first, unequal q/k/v sizes, dropout)
-    are left as they are."""
+    checkpoints do not change. Blocks it cannot serve (cross-attention, sequence-first, unequal q/k/v sizes, dropout;
+    ``packable``) are left as they are."""
     count = 0
     for block in model.modules():
-        attn = getattr(block, "attn", None)
-        if (
-            isinstance(block, ResidualAttentionBlock)
-            and isinstance(attn, nn.MultiheadAttention)
-            and attn.batch_first
-            and attn._qkv_same_embed_dim
-            and attn.bias_k is None
-            and attn.dropout == 0
-            and not hasattr(block, "ln_1_kv")
-        ):
+        if packable(block):
             block.attention = types.MethodType(_block_attention, block)
             count += 1
     return count

@@ -16,45 +16,30 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from train.attention import packable, packed_attention
 
 
 def cls_last_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     """``block(x)[:, :1]`` for a batch-first self-attention ``block`` and ``x`` (B, N, E), without the other rows.
 
-    The attention is ``packed_attention``'s (``train.attention``) with one query: K and V from the packed input
+    The attention is ``packed_attention`` (``train.attention``) with one query: K and V from the packed input
     projection for all N rows, Q for row 0 only.
     """
     attn = block.attn
-    b, n, e = x.shape
-    heads = attn.num_heads
-    h = block.ln_1(x)
-    w, bias = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(h[:, :1], w[:e], None if bias is None else bias[:e]).view(b, 1, heads, e // heads).transpose(1, 2)
-    kv = F.linear(h, w[e:], None if bias is None else bias[e:]).view(b, n, 2, heads, e // heads)
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim): views, no copy
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, head_dim)
-    out = F.linear(out.transpose(1, 2).reshape(b, 1, e), attn.out_proj.weight, attn.out_proj.bias)
+    params = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias)
+    out = packed_attention(block.ln_1(x), *params, attn.num_heads, queries=1)
     y = x[:, :1] + block.ls_1(out)
     return y + block.ls_2(block.mlp(block.ln_2(y)))
 
 
 def _servable(block: nn.Module) -> bool:
-    """A plain open_clip self-attention block that ``cls_last_block`` computes exactly."""
-    attn = getattr(block, "attn", None)
-    return (
-        type(block) is ResidualAttentionBlock
-        and isinstance(attn, nn.MultiheadAttention)
-        and attn.batch_first
-        and attn._qkv_same_embed_dim
-        and attn.bias_k is None
-        and not attn.add_zero_attn
-        and attn.dropout == 0
-        and not hasattr(block, "ln_1_kv")
-    )
+    """A plain open_clip self-attention block (not a subclass: its forward is replaced, not called) that
+    ``packed_attention`` computes exactly."""
+    return type(block) is ResidualAttentionBlock and packable(block)
 
 
 def _unwrapped(block: nn.Module) -> nn.Module:
