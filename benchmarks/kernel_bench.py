@@ -155,6 +155,25 @@ def step_levers(best_attention_kernel: str, patch: dict, last_block: dict) -> li
     return levers + ([best_attention_kernel] if best_attention_kernel != "auto" else [])
 
 
+def student_and_teacher_s(way, student_in: tuple, teacher_in: tuple, grad, trained: list, device, autocast) -> float:
+    """Seconds per step of one way of a layer: the student's forward and backward (``way(*student_in)``, gradient
+    ``grad``; the ``trained`` tensors' gradients cleared after) plus the teacher's forward (``way(*teacher_in)``
+    under inference mode), both under ``autocast`` as the step runs them."""
+
+    def student():
+        with autocast:
+            out = way(*student_in)
+        out.backward(grad.to(out.dtype))
+        for tensor in trained:
+            tensor.grad = None
+
+    def teacher():
+        with torch.inference_mode(), autocast:
+            return way(*teacher_in)
+
+    return time_call(student, device) + time_call(teacher, device)
+
+
 def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, device, dtype) -> dict:
     """The patch embedding per step, the convolution against linear_patch_embed: seconds of the student's forward and
     weight gradient plus the teacher's forward, under autocast as the step runs them."""
@@ -177,18 +196,8 @@ def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, devic
     grad = torch.randn(images["student"].shape[0], weight.shape[0], grid, grid, device=device, dtype=dtype)
     row = {"images_student": images["student"].shape[0], "images_teacher": images["teacher"].shape[0]}
     for name, way in ways.items():
-
-        def student(way=way):
-            with autocast:
-                out = way(images["student"], weight)
-            out.backward(grad.to(out.dtype))
-            weight.grad = None
-
-        def teacher(way=way):
-            with torch.inference_mode(), autocast:
-                return way(images["teacher"], teacher_weight)
-
-        row[name] = time_call(student, device) + time_call(teacher, device)
+        ins = (images["student"], weight), (images["teacher"], teacher_weight)
+        row[name] = student_and_teacher_s(way, *ins, grad, [weight], device, autocast)
     with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
         a = ways["conv"](images["teacher"][:8], weight).float()
         b = ways["linear"](images["teacher"][:8], weight).float()
@@ -221,20 +230,10 @@ def last_block_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, 
     ways = {"full": lambda b, x: b(x)[:, :1], "cls": cls_last_block}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     row = {"images_student": rows["student"].shape[0], "images_teacher": rows["teacher"].shape[0], "tokens": tokens}
+    trained = [rows["student"], *block.parameters()]
     for name, way in ways.items():
-
-        def student(way=way):
-            with autocast:
-                out = way(block, rows["student"])
-            out.backward(grad.to(out.dtype))
-            rows["student"].grad = None
-            block.zero_grad(set_to_none=True)
-
-        def teacher(way=way):
-            with torch.inference_mode(), autocast:
-                return way(teacher_block, rows["teacher"])
-
-        row[name] = time_call(student, device) + time_call(teacher, device)
+        ins = (block, rows["student"]), (teacher_block, rows["teacher"])
+        row[name] = student_and_teacher_s(way, *ins, grad, trained, device, autocast)
     with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
         a = ways["full"](block, rows["teacher"][:8]).float()
         b = ways["cls"](block, rows["teacher"][:8]).float()
