@@ -40,36 +40,20 @@ def compare(
     """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
     dist = distributed.init_distributed("auto")
     dev = dist.device
-    try:
-        fast, models = random_models(  # bf16 teacher on the GPU, the student compiled there
-            model,
-            frames,
-            dist,
-            compile=compile and dev.type == "cuda",
-            packed_qkv=packed_qkv,
-            attention_kernel=attention_kernel,
-            linear_patch_embed=linear_patch_embed,
-            cls_last_block=cls_last_block,
-        )
+    levers = dict(
+        packed_qkv=packed_qkv,
+        attention_kernel=attention_kernel,
+        linear_patch_embed=linear_patch_embed,
+        cls_last_block=cls_last_block,
+    )
+    try:  # bf16 teacher on the GPU, the student compiled there
+        fast, models = random_models(model, frames, dist, compile=compile and dev.type == "cuda", **levers)
     except ValueError as e:  # a flag out of range: TrainConfig's message names it
         raise SystemExit(f"error: {e}") from None
-    flags = {
-        "compile": bool(fast.compile),
-        "packed_qkv": packed_qkv,
-        "attention_kernel": attention_kernel,
-        "linear_patch_embed": linear_patch_embed,
-        "cls_last_block": cls_last_block,
-    }
+    flags = {"compile": bool(fast.compile), **levers}
     print(f"gpu_numerics: {model}, " + ", ".join(f"{k} {v}" for k, v in flags.items()))
-    plain_cfg = dataclasses.replace(
-        fast,
-        precision="fp32",
-        compile=False,
-        packed_qkv=False,
-        attention_kernel="auto",
-        linear_patch_embed=False,
-        cls_last_block=False,
-    )
+    off = {f.name: f.default for f in dataclasses.fields(fast) if f.name in levers}  # the trainer's defaults: off
+    plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False, **off)
 
     def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own layers
         clip = create_clip(model)

@@ -111,10 +111,7 @@ def time_lines(name: str, row: dict) -> list[str]:
 def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
     """The numerics target judged on ``numerics.json``; and the levers it covered if it failed (not defaults)."""
     flags = numerics.get("flags", {})
-    used = {"qkv"} if flags.get("packed_qkv") else set()
-    used |= {"patch"} if flags.get("linear_patch_embed") else set()
-    used |= {"cls"} if flags.get("cls_last_block") else set()
-    used |= {flags.get("attention_kernel")} & set(LEVERS)
+    used = {option for option, (_, flag) in LEVERS.items() if _sets(flags, flag)}
     rel, cosine, ratio = (numerics[k] for k in ("relative_loss_difference", "gradient_cosine", "norm_ratio"))
     passed = (
         numerics.get("non_finite_gradients", 0) == 0
@@ -129,6 +126,13 @@ def numerics_lines(numerics: dict) -> tuple[list[str], set[str]]:
         f"gradients {numerics.get('non_finite_gradients', 0)}: {_mark(passed)}"
     )
     return [line], set() if passed else used
+
+
+def _sets(flags: dict, flag: str) -> bool:
+    """Whether the trainer flags in ``flags`` (name -> value, as numerics.json holds them) include ``flag``
+    ("--packed_qkv True", a value of ``LEVERS``)."""
+    name, value = flag.removeprefix("--").split(" ", 1)
+    return name in flags and str(flags[name]) == value
 
 
 def kernel_lines(kernels: dict) -> list[str]:
