@@ -11,7 +11,7 @@ attention first and cuDNN's last, except on H100/H200 (and B200) with a recent c
 first (``check_prefer_cudnn_attention`` in its sdp_utils.cpp; the default step's profile on an H200 shows cuDNN's
 kernels). So ``cudnn`` changes something only on other cards; on H100/H200 the kernel to try is ``flash``.
 ``benchmarks.kernel_bench`` times each kernel at the step's shapes, ``benchmarks.step_variants
-+cudnn/+flash/+efficient`` in the step. The choice is made when SDPA is called (under ``torch.compile``: when the
++cudnn/+flash/+efficient/+math`` in the step. The choice is made when SDPA is called (under ``torch.compile``: when the
 graph is traced), so the context has to be active around the forward, not only at start-up.
 """
 
