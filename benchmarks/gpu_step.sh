@@ -18,8 +18,9 @@
 #   loader    the loader's three modes with 6 workers, and the device's share of each
 #   train     a short train.main run through the prefetcher's CUDA path in each of TRAIN_MODES (default
 #             device_jpeg, the GPU default) with LEVERS' flags, with --profile_steps
-#   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), in OUT/tune; it
-#             runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
+#   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), first with
+#             Triton's persistent TMA matmul templates among the kernels it tunes (+tma), then without, in OUT/tune;
+#             it runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
 # LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+cls+patch for a second call, whose OUT starts empty);
 # else the kernels part chooses it, or it is ours+compile+cteacher+qkv+cls+patch when that part did not run.
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
@@ -113,7 +114,7 @@ fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
 STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}}"
-TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune}"
+TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS, also with the batches as
 #     the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's
@@ -164,7 +165,9 @@ done
 # (5) tune, last: LEVERS with max-autotune, in its own folder (the verdict judges its rows beside the step part's),
 #     under whatever is left of BUDGET. Inductor writes each matrix product it has tuned to its cache on disk as it
 #     goes (PersistentCache.lookup in torch/_inductor/codecache.py), so a tune cut short is taken up from there by
-#     a second call on the same warm machine
+#     a second call on the same warm machine. +tma goes first: a product whose every candidate is in that cache is
+#     not timed again, but one with a candidate missing is timed afresh, all of them; so +autotune's candidates,
+#     a subset of +tma's, then come from the cache
 tune_s=$((BUDGET - SECONDS - 20))
 if wants tune && [ "$tune_s" -lt 60 ]; then
     echo "gpu_step: no time left for the tune part ($tune_s s of BUDGET $BUDGET)" | tee -a "$LOG" >&2

@@ -41,7 +41,9 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "efficient": ("memory-efficient attention first", "--attention_kernel efficient"),
     "math": ("math attention first", "--attention_kernel math"),
     "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
+    "tma": ("persistent TMA matmul templates", "--persistent_tma_matmul True"),
 }
+REQUIRES = {"tma": "autotune"}  # a lever step_variants times only beside another: judged with it, against neither
 # the step variant whose batches arrive as each --augment_on mode hands them over
 MODE_VARIANTS = {
     "loader": "ours+compile+cteacher",
@@ -172,17 +174,32 @@ def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> 
         return f"worth making the default ({flags})"
 
     lines = []
-    for option, (what, flag) in LEVERS.items():
+    for option in LEVERS:
         for name, row in rows.items():
             options = name.split("+")
-            base = rows.get("+".join(o for o in options if o != option)) if option in options else None
+            if option not in options:
+                continue
+            # a lever that needs another is a default only with it: judged against neither (+autotune+tma against
+            # the same variant compiled in torch's default mode), and beside the other alone where that was timed
+            without = [REQUIRES[option], option] if option in REQUIRES else [option]
+            base = rows.get("+".join(o for o in options if o not in without))
             if base is None:
                 continue
             ratio = row["videos_per_s"] / base["videos_per_s"]
+            also = rows.get("+".join(o for o in options if o != option)) if option in REQUIRES else None
+            judged, alone = ratio, ""
+            if also:  # a default only if it beats the other lever alone as well
+                judged = min(ratio, row["videos_per_s"] / also["videos_per_s"])
+                alone = f"; {row['videos_per_s'] / also['videos_per_s']:.3f}x {also['variant']}"
             cost = ""
-            if option == "autotune" and "first_step_s" in row and "first_step_s" in base:
+            if {"autotune", "tma"} & set(without) and "first_step_s" in row and "first_step_s" in base:
                 cost = f"; first step {row['first_step_s']} s against {base['first_step_s']} s"
-            lines.append(f"{what}: {name} {ratio:.3f}x the step without it{cost}: {advice(ratio, [option], flag)}")
+            what = " with ".join(LEVERS[o][0] for o in without)
+            flags = " ".join(LEVERS[o][1] for o in without)
+            them = "them" if len(without) > 1 else "it"
+            lines.append(
+                f"{what}: {name} {ratio:.3f}x the step without {them}{alone}{cost}: {advice(judged, without, flags)}"
+            )
     for name, row in rows.items():  # levers timed together, against the variant with none of them
         options = name.split("+")
         used = [o for o in LEVERS if o in options]

@@ -22,10 +22,11 @@ elsewhere). +patch: the patch embedding as one matrix product instead of a convo
 ``--linear_patch_embed``). +cls: the ViT's last block for the class token only (``train.cls_last_block``,
 ``--cls_last_block``); its rows' MFU counts the FLOPs it performs, about 6.9% fewer for ViT-B/16, not those it skips.
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
-+autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +graphs: with
-mode="reduce-overhead" (CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the
-loader hands them with ``augment_on`` "device" / "device_jpeg" (frames at the
-shards' 454x256, or their JPEG files, plus each video's crop) and pass through
++autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +tma (with +autotune):
+Triton's persistent TMA matmul templates join the kernels it tunes (``--persistent_tma_matmul``,
+``train.loop.compile_options``); +graphs: with mode="reduce-overhead" (CUDA graphs: no launch gaps, static input
+copies). +devaug / +devjpeg: the batches arrive as the loader hands them with ``augment_on`` "device" /
+"device_jpeg" (frames at the shards' 454x256, or their JPEG files, plus each video's crop) and pass through
 ``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
 batch are issued by its thread on a side stream while the step runs, and are
 inside the timed step.
@@ -71,7 +72,7 @@ from train.profiling import activities, describe, summarize, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", "cls", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", "tma", *KERNEL_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -138,6 +139,8 @@ def variant_options(variant: str) -> set[str]:
         )
     if len(options & set(KERNEL_OPTIONS)) > 1:
         raise SystemExit(f"variant {variant!r}: name at most one attention kernel of {', '.join(KERNEL_OPTIONS)}")
+    if "tma" in options and "autotune" not in options:
+        raise SystemExit(f"variant {variant!r}: +tma adds kernels that only max-autotune tunes; add +autotune")
     return options
 
 
@@ -187,12 +190,13 @@ def run_variant(
                 return naive_step(student, teacher, optimizer, lab_f, unl_f, cfg, device)
         else:
             mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
-            trained = torch.compile(student, mode=mode) if cfg_v.compile else student
+            compiling = loop.compile_options(mode, "tma" in options)
+            trained = torch.compile(student, **compiling) if cfg_v.compile else student
             teacher = base_models["teacher"]
             if options & {"qkv", "patch", "cls"}:  # on a copy: the other variants keep open_clip's own layers
                 teacher = with_levers(copy.deepcopy(teacher), options)
             if "cteacher" in options:
-                teacher = torch.compile(teacher, mode=mode)
+                teacher = torch.compile(teacher, **compiling)
             models = loop.Models(student, trained, teacher)
             optimizer, scheduler = loop.build_optimizer(student, cfg_v, device)
             source = "devjpeg" if "devjpeg" in options else "devaug" if "devaug" in options else "plain"

@@ -37,7 +37,9 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
 
 
 def test_step_variants_refuses_an_unknown_lever(tmp_path):
-    for lever, says in (("turbo", "options:"), ("ckptx", "options:"), ("flash+cudnn", "at most one attention kernel")):
+    refused = (("turbo", "options:"), ("ckptx", "options:"), ("flash+cudnn", "at most one attention kernel"))
+    refused += (("compile+tma", "add +autotune"),)  # TMA templates are candidates only max-autotune tunes
+    for lever, says in refused:
         variants = f"naive,ours+{lever}"  # refused before the first variant runs
         proc = run_cli("benchmarks.step_variants", "--model", TINY_CLIP, "--variants", variants, check=False)
         assert proc.returncode != 0 and lever.split("+")[0] in proc.stderr and says in proc.stderr
@@ -107,10 +109,8 @@ def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
     assert rows["device"]["device_s_per_batch"] > 0 and rows["device_jpeg"]["device_s_per_batch"] > 0
 
 
-def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
-    import torch
-
-    from benchmarks import step_variants
+def tiny_sweep():
+    """What step_variants.run_variant takes, for the tiny model on the CPU: base models, config, batches."""
     from benchmarks.harness import random_models, synthetic_batch
     from train import distributed
     from train.model import tokenizer_for
@@ -118,7 +118,33 @@ def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
     cfg, models = random_models(str(TINY_CLIP), 2, distributed.init_distributed("cpu"), compile=False)
     base = {"student": models.student.clip, "teacher": models.teacher}
     tokenizer = tokenizer_for(str(TINY_CLIP))
-    batches = {"plain": [synthetic_batch(2, 2, 32, tokenizer, seed, False) for seed in (1, 2)]}
+    return base, cfg, {"plain": [synthetic_batch(2, 2, 32, tokenizer, seed, False) for seed in (1, 2)]}
+
+
+def test_tma_variants_compile_student_and_teacher_with_the_mode_and_the_templates(monkeypatch):
+    import torch
+
+    from benchmarks import step_variants
+
+    base, cfg, batches = tiny_sweep()
+    compiled = []
+    monkeypatch.setattr(step_variants.torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
+    row = step_variants.run_variant(
+        "ours+compile+cteacher+autotune+tma", base, cfg, batches, torch.device("cpu"), 1, 0, 0
+    )
+    options = {"max_autotune": True, "coordinate_descent_tuning": True, "triton.enable_persistent_tma_matmul": True}
+    assert row["status"] == "ok" and compiled == [{"options": options}] * 2
+    compiled.clear()
+    step_variants.run_variant("ours+compile+cteacher+autotune", base, cfg, batches, torch.device("cpu"), 1, 0, 0)
+    assert compiled == [{"mode": "max-autotune-no-cudagraphs"}] * 2
+
+
+def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    import torch
+
+    from benchmarks import step_variants
+
+    base, cfg, batches = tiny_sweep()
 
     def broken_step(*args, **kwargs):
         raise RuntimeError("CUDA graph capture failed")
@@ -293,6 +319,36 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     assert verdict(None, None, memory) == ["memory: not measured on cpu (no GPU memory figures)"]
     proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "none", check=False)
     assert proc.returncode != 0 and "gpu_step.sh" in proc.stderr
+
+
+def test_the_issue6_verdict_judges_the_tma_templates_with_the_max_autotune_they_need():
+    from benchmarks.issue6_verdict import lever_lines
+
+    levers = "ours+compile+cteacher+qkv"
+    rows = {r["variant"]: r for r in _rows(**{levers: 700, f"{levers}+autotune+tma": 770})}
+    rows[levers]["first_step_s"], rows[f"{levers}+autotune+tma"]["first_step_s"] = 90.0, 400.0
+    both = "--compile_mode max-autotune-no-cudagraphs --persistent_tma_matmul True"
+    # judged against the step compiled in torch's default mode, and a default only with the mode it needs
+    assert lever_lines(rows) == [
+        f"max-autotune compile with persistent TMA matmul templates: {levers}+autotune+tma 1.100x the step without "
+        f"them; first step 400.0 s against 90.0 s: worth making the default ({both})"
+    ]
+    rows.update({r["variant"]: r for r in _rows(**{f"{levers}+autotune": 760})})  # max-autotune alone, timed too
+    assert lever_lines(rows) == [
+        f"max-autotune compile: {levers}+autotune 1.086x the step without it: worth making the default "
+        "(--compile_mode max-autotune-no-cudagraphs)",  # no first step time in that row
+        f"max-autotune compile with persistent TMA matmul templates: {levers}+autotune+tma 1.100x the step without "
+        f"them; 1.013x {levers}+autotune; first step 400.0 s against 90.0 s: no gain worth a default",
+    ]  # within 2% of max-autotune alone
+    rows[f"{levers}+autotune"]["videos_per_s"] = 740
+    assert lever_lines(rows)[1].endswith(
+        f"1.041x {levers}+autotune; first step 400.0 s against 90.0 s: worth making the default ({both})"
+    )
+    rows[f"{levers}+autotune"]["videos_per_s"] = 800  # faster without the templates: they are no default
+    assert lever_lines(rows)[1].endswith(
+        f"1.100x the step without them; 0.963x {levers}+autotune; first step 400.0 s "
+        "against 90.0 s: no gain worth a default"
+    )
 
 
 def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_path):

@@ -125,6 +125,21 @@ def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs"] * 2  # the student and the teacher
 
 
+def test_persistent_tma_matmul_adds_the_templates_to_max_autotune_in_this_compile_only(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    compiled = []
+    monkeypatch.setattr(loop.torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
+    tiny_fp32(tmp_path, compile=True, compile_mode="max-autotune-no-cudagraphs", persistent_tma_matmul=True)
+    options = {"max_autotune": True, "coordinate_descent_tuning": True, "triton.enable_persistent_tma_matmul": True}
+    assert compiled == [{"options": options}] * 2  # the mode's own options and the templates: student and teacher
+    monkeypatch.undo()
+    assert not inductor.triton.enable_persistent_tma_matmul  # nothing process-wide
+    torch.compile(torch.nn.Linear(2, 2), **loop.compile_options("max-autotune-no-cudagraphs", True))  # known keys
+    with pytest.raises(ValueError, match="--persistent_tma_matmul True adds kernels that only max-autotune tunes"):
+        resolve("paper", out=str(tmp_path), compile_mode="default", persistent_tma_matmul=True)
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [("attention_kernel", "fast"), ("compile_mode", "reduce-overhead"), ("compile_mode", "max-autotune")],
@@ -134,7 +149,9 @@ def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_
         resolve("paper", out=str(tmp_path), **{flag: value})
 
 
-@pytest.mark.parametrize("flag", ["packed_qkv", "linear_patch_embed", "cls_last_block", "compile", "fuse"])
+@pytest.mark.parametrize(
+    "flag", ["packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul", "compile", "fuse"]
+)
 def test_a_switch_given_anything_but_true_or_false_is_refused(tmp_path, flag):
     """fire hands "maybe" over as a string, which Python would take as True."""
     with pytest.raises(ValueError, match=f"--{flag} must be True or False, got 'maybe'"):

@@ -68,6 +68,11 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile student and teacher; None = on GPU (1.5x faster there), off on CPU
     # "max-autotune-no-cudagraphs" also tunes matmul and Triton kernel configurations (minutes at the first step)
     compile_mode: str = "default"
+    # with compile_mode "max-autotune-no-cudagraphs": Triton's persistent TMA matmul templates join the matrix-product
+    # kernels it tunes (Hopper and newer; inductor's triton.enable_persistent_tma_matmul). Inductor fuses the bias and
+    # QuickGELU after a product into it only where a Triton template, fused, beats cuBLAS unfused; these templates load
+    # with Hopper's TMA on a persistent grid, as cuBLAS's own kernels do there (train.loop.compile_options)
+    persistent_tma_matmul: bool = False
     # self-attention on views of the packed QKV projection, without nn.MultiheadAttention's copies (train.attention)
     packed_qkv: bool = False
     # the SDPA kernel tried first (train.attention): "auto" = torch's order (cuDNN's first on H100/H200 with a recent
@@ -124,11 +129,17 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "fuse", "progress")
+        names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
+        names += ("fuse", "progress")
         switches = {n: getattr(self, n) for n in names}
         if self.compile is not None:  # None: compile on the GPU only
             switches["compile"] = self.compile
         problems += switch_problems(switches)
+        if self.persistent_tma_matmul is True and self.compile_mode != "max-autotune-no-cudagraphs":
+            problems.append(
+                "--persistent_tma_matmul True adds kernels that only max-autotune tunes: give it with "
+                f"--compile_mode max-autotune-no-cudagraphs (got --compile_mode {self.compile_mode!r})"
+            )
         ckpt = self.grad_checkpointing
         if not isinstance(ckpt, (bool, int)) or ckpt < 0:
             problems.append(

@@ -114,9 +114,21 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
         # 89 GiB. The teacher's forward is the same network; eager it ran at 31% MFU there, which makes it about a
         # fifth of the compiled step's time. Compiled it adds one graph (same code, but inference mode makes dynamo
         # trace it apart), made on the first step with no recompiles after (tested on the CPU).
-        trained = torch.compile(trained, mode=cfg.compile_mode)
-        teacher = torch.compile(teacher, mode=cfg.compile_mode)
+        options = compile_options(cfg.compile_mode, cfg.persistent_tma_matmul)
+        trained = torch.compile(trained, **options)
+        teacher = torch.compile(teacher, **options)
     return Models(student, trained, teacher)
+
+
+def compile_options(mode: str | None, persistent_tma_matmul: bool = False) -> dict:
+    """``torch.compile``'s keyword arguments for compile ``mode``, with Triton's persistent TMA matmul templates among
+    the kernels max-autotune tunes if asked (``--persistent_tma_matmul``). torch.compile takes a mode or inductor
+    options, not both: so the mode's own options, plus that one (applied to this compile only, not process-wide)."""
+    if not persistent_tma_matmul:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options  # inductor's import is heavy: only when asked for
+
+    return {"options": {**list_mode_options(mode), "triton.enable_persistent_tma_matmul": True}}
 
 
 def _teacher_source(cfg: TrainConfig) -> str:
