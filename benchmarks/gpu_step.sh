@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU, in one call of at most 10 minutes (a session has 15 device-minutes, the machine's start
 # included, and a machine left idle for 30 s between two calls is handed back). PARTS picks what runs, in this order
-# (default "kernels step numerics train tune": what the 55% MFU target still needs; memory and loader were measured
-# and met on an H200, benchmarks/README.md):
+# (default "kernels step numerics train epilogue tune": what the 55% MFU target still needs; memory and loader were
+# measured and met on an H200, benchmarks/README.md):
 #   kernels   the step's attention calls under each SDPA kernel, its patch embedding as a convolution and as one
 #             matrix product, and its last image block on every row and on the class token's, alone at the step's
 #             shapes (seconds, not a compile each): they choose LEVERS, the variant the other parts time: the
@@ -18,16 +18,20 @@
 #   loader    the loader's three modes with 6 workers, and the device's share of each
 #   train     a short train.main run through the prefetcher's CUDA path in each of TRAIN_MODES (default
 #             device_jpeg, the GPU default) with LEVERS' flags, with --profile_steps
+#   epilogue  the MLP half of an image block at the student's rows, compiled in torch's default mode, with
+#             max-autotune and Triton's persistent TMA matmul templates (--persistent_tma_matmul), and with
+#             max-autotune alone: whether tuning takes bias and QuickGELU into the products, in a minute or two,
+#             where the whole step's tune may not finish in one call
 #   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), first with
 #             Triton's persistent TMA matmul templates among the kernels it tunes (+tma), then without, in OUT/tune;
 #             it runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
 # LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+cls+patch for a second call, whose OUT starts empty);
 # else the kernels part chooses it, or it is ours+compile+cteacher+qkv+cls+patch when that part did not run.
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
-# Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode, in
-# seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks write their
-# JSON after every row (a step variant's timing before its profile), so a part cut short still counts what it
-# measured and the verdict always runs. All parts log to OUT/gpu_step.log (the device tool returns at most 8
+# Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode,
+# EPILOGUE_S, in seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks
+# write their JSON after every row (a step variant's timing before its profile), so a part cut short still counts
+# what it measured and the verdict always runs. All parts log to OUT/gpu_step.log (the device tool returns at most 8
 # files). BUDGET is 570 s: give the device tool 595, on an nvidia-h200. Run from the repository root on the GPU
 # machine:
 #
@@ -42,7 +46,7 @@ OUT="${OUT:-benchmarks/output}"
 MODEL="${MODEL:-ViT-B-16-quickgelu}"
 BATCH="${BATCH:-128x128}"
 SETTLE="${SETTLE:-1000}"
-PARTS="${PARTS:-kernels step numerics train tune}"
+PARTS="${PARTS:-kernels step numerics train epilogue tune}"
 BIG="${BIG:-256x256}"
 BUDGET="${BUDGET:-570}"
 KERNELS_S="${KERNELS_S:-60}"
@@ -51,11 +55,13 @@ NUMERICS_S="${NUMERICS_S:-60}"
 MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
 TRAIN_S="${TRAIN_S:-40}"
+EPILOGUE_S="${EPILOGUE_S:-120}"
 TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
 DEFAULT="ours+compile+cteacher"  # the trainer's GPU default step
 for part in $PARTS; do
-    case "$part" in kernels|step|numerics|memory|loader|train|tune) ;;
-    *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, tune)" >&2; exit 2;; esac
+    case "$part" in kernels|step|numerics|memory|loader|train|epilogue|tune) ;;
+    *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, epilogue, tune)" >&2
+       exit 2;; esac
 done
 mkdir -p "$OUT"
 LOG="$OUT/gpu_step.log"
@@ -162,7 +168,12 @@ wants train && for mode in $TRAIN_MODES; do
     done
 done
 
-# (5) tune, last: LEVERS with max-autotune, in its own folder (the verdict judges its rows beside the step part's),
+# (5) epilogue: one MLP half compiled three ways at the student's rows (benchmarks/epilogue_bench.py): minutes of
+#     tuning for 6 matrix products instead of the step's ~50, and its autotune cache serves the tune part after it
+wants epilogue && run_part epilogue "$EPILOGUE_S" \
+    python3 -m benchmarks.epilogue_bench --model "$MODEL" --batches "$BATCH" --out "$OUT"
+
+# (6) tune, last: LEVERS with max-autotune, in its own folder (the verdict judges its rows beside the step part's),
 #     under whatever is left of BUDGET. Inductor writes each matrix product it has tuned to its cache on disk as it
 #     goes (PersistentCache.lookup in torch/_inductor/codecache.py), so a tune cut short is taken up from there by
 #     a second call on the same warm machine. +tma goes first: a product whose every candidate is in that cache is

@@ -12,14 +12,15 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from benchmarks.args import parse_batches
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
-from train.model import register_model
-from train.profiling import sync
+from train.model import create_clip, register_model
+from train.profiling import activities, summarize, sync
 
 MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
 MATMUL_WARMUP, MATMUL_ITERS = 3, 10
@@ -62,6 +63,12 @@ def measure_matmul_tflops(dev: torch.device) -> float:
     return 2 * MATMUL_N**3 / seconds / 1e12
 
 
+def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """The largest difference of ``other`` to ``reference``, as a share of the reference's largest magnitude: how the
+    benchmarks compare two ways of computing the same function."""
+    return float((other.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Median seconds of ``fn()``, waiting for the device around each call."""
     for _ in range(warmup):
@@ -74,6 +81,18 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int, step_s: float) -> dict:
+    """GPU busy time per step by kernel kind (``train.profiling``), against the unprofiled step time."""
+    from torch.profiler import profile
+
+    with profile(activities=activities(device)) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    summary = summarize(prof, steps)
+    return {**summary, "busy_fraction_of_step": summary["busy_s_per_step"] / step_s if step_s else None}
 
 
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:
@@ -101,6 +120,35 @@ def checked_args(model: str, batches) -> list[tuple[int, int]]:
         return parse_batches(batches)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+class KernelSetup(NamedTuple):
+    """What a benchmark of kernels alone at the step's shapes starts from (``kernel_setup``)."""
+
+    n_lab: int  # labeled videos of the step
+    n_unl: int  # unlabeled videos
+    device: torch.device
+    dtype: torch.dtype  # what the step runs them in: bf16 on the GPU (autocast), fp32 on the CPU
+    clip: torch.nn.Module  # the model, random weights, on the CPU
+    name: str  # the device's name, for the records
+
+    def header(self, model: str, frames: int) -> dict:
+        """The fields such a benchmark's record starts with: what ran, where, at which shapes."""
+        batch = f"{self.n_lab}x{self.n_unl}"
+        return dict(
+            device=self.name, torch=torch.__version__, model=model, batch=batch, frames=frames, dtype=str(self.dtype)
+        )
+
+
+def kernel_setup(model: str, batches: str, device: str) -> KernelSetup:
+    """The step's one LxU batch (checked first: a one-line ``error:`` exit), the device, dtype and model."""
+    (n_lab, n_unl), *more = checked_args(model, batches)
+    if more:
+        raise SystemExit("error: --batches takes one LxU here (the step's batch)")
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    return KernelSetup(n_lab, n_unl, dev, dtype, create_clip(model), name)
 
 
 def random_models(model: str, frames: int, dist: distributed.DistInfo, **overrides) -> tuple[TrainConfig, loop.Models]:

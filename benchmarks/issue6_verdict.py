@@ -4,14 +4,14 @@
 
 Reads whichever of ``DIR/step_variants_<device>.json`` (step part), ``DIR/tune/step_variants_<device>.json``
 (tune part: more step variants, judged with the step part's), ``DIR/numerics.json`` (numerics part),
-``DIR/kernels.json`` (kernels part), ``DIR/loader_bench.json`` (loader part) and
-``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints one line per target: the 128+128 step's
-MFU (55% of the measured bf16 peak) and its speed-up over the naive step (1.7x), the optimised step's loss and
-gradients against the plain fp32 step's, the loader's margin over the step's demand with at most 6 workers (2x) in
-each place the crop can run, and which activation checkpointing fits 256+256 under the memory part's cap
-(``--memory_gib``, 78 GiB in gpu_step.sh), fastest first; and what the kernels part measured. It then names the
-settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``, never one whose
-numerics check failed; ``--augment_on``; ``--grad_checkpointing``).
+``DIR/kernels.json`` (kernels part), ``DIR/epilogue.json`` (epilogue part), ``DIR/loader_bench.json`` (loader
+part) and ``DIR/memory/step_variants_<device>.json`` (memory part) exist, and prints one line per target: the
+128+128 step's MFU (55% of the measured bf16 peak) and its speed-up over the naive step (1.7x), the optimised step's
+loss and gradients against the plain fp32 step's, the loader's margin over the step's demand with at most 6 workers
+(2x) in each place the crop can run, and which activation checkpointing fits 256+256 under the memory part's cap
+(``--memory_gib``, 78 GiB in gpu_step.sh), fastest first; and what the kernels and epilogue parts measured. It then
+names the settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``, never one
+whose numerics check failed; ``--augment_on``; ``--grad_checkpointing``).
 """
 
 from __future__ import annotations
@@ -161,6 +161,28 @@ def kernel_lines(kernels: dict) -> list[str]:
     ]
 
 
+def epilogue_lines(epilogue: dict) -> list[str]:
+    """What ``benchmarks.epilogue_bench`` measured: the MLP halves of the student's image blocks per step, compiled
+    each way, against torch's default mode, with each way's first call (its compile and tuning)."""
+    ways = epilogue["ways"]
+    default = next((row.get("step_s") for row in ways if row["way"] == "default"), None)
+    described = []
+    for row in ways:
+        way = row["way"]
+        if "error" in row:
+            described.append(f"{way} failed ({row['error'][:120]})")
+            continue
+        gain = f"{default / row['step_s']:.3f}x, " if default and way != "default" else ""
+        kinds = row.get("profile", {}).get("by_kind_s_per_step", {})  # per call
+        split = "".join(f", {kind} {1e3 * s * epilogue['layers']:.1f}" for kind, s in kinds.items())
+        described.append(f"{way} {1e3 * row['step_s']:.1f} ms ({gain}first call {row['first_s']} s{split})")
+    stopped = "" if epilogue.get("complete", True) else "; stopped before its end (time limit?)"
+    return [
+        f"MLP halves alone (the student's {epilogue['layers']} image blocks per step, forward and backward, on "
+        f"{epilogue['device']} at {epilogue['batch']}): {', '.join(described) or 'none measured'}{stopped}"
+    ]
+
+
 def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> list[str]:
     """For each variant timed with and without one of ``LEVERS``, the step's speed with it over without; and for each
     with several, its speed over the variant with none of them. A lever in ``unsafe`` (its numerics check failed)
@@ -279,6 +301,7 @@ def verdict(
     tune: dict | None = None,
     numerics: dict | None = None,
     kernels: dict | None = None,
+    epilogue: dict | None = None,
 ) -> list[str]:
     lines = []
     for part, record in (("step", step), ("tune", tune), ("loader", loader), ("memory", memory)):
@@ -291,6 +314,7 @@ def verdict(
         lines += step_lines(step, frozenset(unsafe))
     lines += more
     lines += kernel_lines(kernels) if kernels else []
+    lines += epilogue_lines(epilogue) if epilogue else []
     if loader:
         more, mode = loader_lines(loader, step)
         lines += more
@@ -301,7 +325,7 @@ def verdict(
         lines += more
         if blocks:
             lines.append(f"suggested for that batch on an 80 GB card: --grad_checkpointing {blocks}")
-    return lines or ["nothing to judge: no step, tune, numerics, kernels, loader or memory results found"]
+    return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
 def _load(folder: Path, pattern: str) -> dict | None:
@@ -321,6 +345,7 @@ def main(out: str = "benchmarks/output") -> None:
         _load(folder / "tune", "step_variants_*.json"),
         _load(folder, "numerics.json"),
         _load(folder, "kernels.json"),
+        _load(folder, "epilogue.json"),
     )
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.harness import checked_args, resolve_device, time_call
+from benchmarks.harness import kernel_setup, relative_difference, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.cls_last_block import cls_last_block
-from train.model import create_clip, image_size
+from train.model import image_size
 from train.patch_embed import linear_patch_embed
 
 NAMES = {kernel: name for name, kernel in KERNELS.items() if kernel is not None}  # SDPBackend -> flag value
@@ -201,7 +201,7 @@ def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, devic
     with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
         a = ways["conv"](images["teacher"][:8], weight).float()
         b = ways["linear"](images["teacher"][:8], weight).float()
-    row["max_relative_difference"] = float((a - b).abs().max() / a.abs().max())
+    row["max_relative_difference"] = relative_difference(a, b)
     print(
         f"  patch embedding ({row['images_student']} + {row['images_teacher']} images): "
         f"conv {1e3 * row['conv']:.3f} ms, linear {1e3 * row['linear']:.3f} ms ({row['conv'] / row['linear']:.2f}x); "
@@ -237,7 +237,7 @@ def last_block_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, 
     with torch.no_grad(), autocast:  # the same function: compare the two at the dtype the step runs them in
         a = ways["full"](block, rows["teacher"][:8]).float()
         b = ways["cls"](block, rows["teacher"][:8]).float()
-    row["max_relative_difference"] = float((a - b).abs().max() / a.abs().max())
+    row["max_relative_difference"] = relative_difference(a, b)
     print(
         f"  last block ({row['images_student']} + {row['images_teacher']} images of {tokens} tokens): "
         f"every row {1e3 * row['full']:.3f} ms, class token's row {1e3 * row['cls']:.3f} ms "
@@ -252,13 +252,8 @@ def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
     """Time the step's attention calls per kernel and its patch embedding both ways; write OUT/kernels.json."""
-    (n_lab, n_unl), *more = checked_args(model, batches)
-    if more:
-        raise SystemExit("error: --batches takes one LxU here (the step's batch)")
-    dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    clip = create_clip(model)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    setup = kernel_setup(model, batches, device)
+    n_lab, n_unl, dev, dtype, clip, name = setup
     print(
         f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"
     )
@@ -268,12 +263,7 @@ def main(
     described = (f"{k} {1e3 * v:.2f} ms" if k == "auto" else f"{k} first {1e3 * v:.2f} ms" for k, v in totals.items())
     print(f"  the step's attention: {', '.join(described)}; to try in the step: --attention_kernel {best}", flush=True)
     record = {
-        "device": name,
-        "torch": torch.__version__,
-        "model": model,
-        "batch": f"{n_lab}x{n_unl}",
-        "frames": frames,
-        "dtype": str(dtype),
+        **setup.header(model, frames),
         "attention": rows,
         "step_attention_s": totals,
         "best_attention_kernel": best,

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
 from benchmarks.args import CKPT, checkpointed_blocks
-from benchmarks.harness import checked_args, measure_matmul_tflops, random_models, synthetic_batch
+from benchmarks.harness import checked_args, measure_matmul_tflops, profile_steps, random_models, synthetic_batch
 from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
@@ -68,7 +68,7 @@ from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.patch_embed import use_linear_patch_embed
 from train.prefetch import Prefetcher
-from train.profiling import activities, describe, summarize, sync
+from train.profiling import describe, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
@@ -260,18 +260,6 @@ def keep_row(record: dict, path: Path, videos: int, flops: float, measured: floa
     if not any(r is row for r in record["rows"]):
         record["rows"].append(row)
     atomic_write_bytes(path, json_bytes(record))
-
-
-def profile_steps(step, device: torch.device, steps: int, step_s: float) -> dict:
-    """GPU busy time per step by kernel kind (``train.profiling``), against the unprofiled step time."""
-    from torch.profiler import profile
-
-    with profile(activities=activities(device)) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
-    summary = summarize(prof, steps)
-    return {**summary, "busy_fraction_of_step": summary["busy_s_per_step"] / step_s if step_s else None}
 
 
 def main(

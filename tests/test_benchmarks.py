@@ -46,7 +46,7 @@ def test_step_variants_refuses_an_unknown_lever(tmp_path):
         assert "naive:" not in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["kernel_bench", "step_variants", "train_step"])
+@pytest.mark.parametrize("script", ["kernel_bench", "epilogue_bench", "step_variants", "train_step"])
 @pytest.mark.parametrize("args, says", [(("--model", "nope"), "--model 'nope'"), (("--batches", "8x"), "--batches")])
 def test_benchmarks_refuse_a_bad_model_or_batch_in_one_line(tmp_path, script, args, says):
     proc = run_cli(f"benchmarks.{script}", *args, "--out", tmp_path / "out", check=False)
@@ -319,6 +319,51 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     assert verdict(None, None, memory) == ["memory: not measured on cpu (no GPU memory figures)"]
     proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path / "none", check=False)
     assert proc.returncode != 0 and "gpu_step.sh" in proc.stderr
+
+
+def test_epilogue_bench_times_the_mlp_half_each_way_and_keeps_going_past_a_failing_one(tmp_path, monkeypatch):
+    from benchmarks import epilogue_bench
+
+    run_cli("benchmarks.epilogue_bench", "--model", TINY_CLIP, "--batches", "1x1", "--out", tmp_path, timeout=300)
+    record = json.loads((tmp_path / "epilogue.json").read_text())
+    ways = {row.pop("way"): row for row in record["ways"]}
+    assert record["complete"] is True and list(ways) == ["default", "autotune+tma", "autotune"]  # the cache's order
+    assert record["images"] == 8 and record["tokens"] == 17 and record["layers"] == 2  # (1+1) x 4 frames, 4x4+1
+    for row in ways.values():  # fp32 on the CPU: the same function each way
+        assert row["s"] > 0 and row["step_s"] == row["s"] * 2 and row["max_relative_difference"] < 1e-5
+        assert row["profile"]["busy_s_per_step"] > 0 and "matmul" in row["profile"]["by_kind_s_per_step"]
+
+    real = epilogue_bench.way_row
+
+    def tma_fails(block, x, grad, mode, tma, device, dtype):
+        if tma:
+            raise RuntimeError("TMA descriptor creation failed")
+        return real(block, x, grad, mode, tma, device, dtype)
+
+    monkeypatch.setattr(epilogue_bench, "way_row", tma_fails)
+    record = epilogue_bench.main(model=str(TINY_CLIP), batches="1x1", device="cpu", out=str(tmp_path / "failed"))
+    assert record["ways"][1] == {"way": "autotune+tma", "error": "RuntimeError: TMA descriptor creation failed"}
+    assert record["ways"][2]["s"] > 0 and record["complete"] is True
+
+
+def test_the_issue6_verdict_reports_the_mlp_halves_each_way():
+    from benchmarks.issue6_verdict import epilogue_lines
+
+    record = {"device": "NVIDIA H200", "batch": "128x128", "layers": 12, "complete": True}
+    kinds = {"fused (triton)": 0.0052, "matmul": 0.0021}  # per call: two of the products took their epilogue
+    record["ways"] = [
+        {"way": "default", "first_s": 14.2, "step_s": 0.1080},
+        {"way": "autotune+tma", "first_s": 61.0, "step_s": 0.0900, "profile": {"by_kind_s_per_step": kinds}},
+        {"way": "autotune", "error": "RuntimeError: out of resource: shared memory"},
+    ]
+    assert epilogue_lines(record) == [
+        "MLP halves alone (the student's 12 image blocks per step, forward and backward, on NVIDIA H200 at 128x128): "
+        "default 108.0 ms (first call 14.2 s), autotune+tma 90.0 ms (1.200x, first call 61.0 s, fused (triton) 62.4, "
+        "matmul 25.2), autotune failed (RuntimeError: out of resource: shared memory)"
+    ]
+    del record["ways"][2]
+    record["complete"] = False  # the time limit stopped it in its third way
+    assert epilogue_lines(record)[0].endswith("matmul 25.2); stopped before its end (time limit?)")
 
 
 def test_the_issue6_verdict_judges_the_tma_templates_with_the_max_autotune_they_need():

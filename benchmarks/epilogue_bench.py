@@ -1,0 +1,139 @@
+"""The MLP half of an image block compiled three ways, alone at the step's shapes: what max-autotune, with and
+without Triton's persistent TMA matmul templates, saves where it can take bias and QuickGELU into the products.
+
+    python -m benchmarks.epilogue_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--out DIR]
+
+A whole step's max-autotune tunes some 50 matrix products and every fused kernel, for minutes; this tunes the 6
+products of one MLP, so ``benchmarks/gpu_step.sh`` (epilogue part) answers in one call what ``step_variants
++autotune+tma`` may not finish. The MLP half is ``x + ls_2(mlp(ln_2(x)))`` of the image tower's first block
+(open_clip's ``ResidualAttentionBlock``: c_fc, QuickGELU, c_proj), as the student runs it: forward and backward
+over (L+U)*T frames of its tokens, under bf16 autocast on the GPU. The ways (``train.loop.compile_options``), in
+this order:
+
+- ``default``: torch.compile's default mode, the trainer's GPU default;
+- ``autotune+tma``: ``max-autotune-no-cudagraphs`` with ``--persistent_tma_matmul``;
+- ``autotune``: ``max-autotune-no-cudagraphs``; after ``autotune+tma``, its candidates' times all come from
+  inductor's autotune cache, which skips a product only when it has every candidate's time.
+
+Each way: its first call (compile and tuning), its median time per call, that times the tower's layers (the
+student's image blocks per step; the teacher's forward is left out), its largest difference to the default
+way's output, and a profile of 2 calls (``train.profiling``: time by kernel kind and the top kernels; a product that
+took its epilogue runs as a Triton template, ``triton_tem_...``, which counts as "fused (triton)"). Writes
+``DIR/epilogue.json`` after each way, so a time limit keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+from benchmarks.harness import kernel_setup, profile_steps, relative_difference, time_call
+from pipeline.writer import atomic_write_bytes, json_bytes
+from train.loop import compile_options
+from train.model import image_size
+from train.profiling import sync
+
+WAYS = (  # name, compile mode, --persistent_tma_matmul
+    ("default", "default", False),
+    ("autotune+tma", "max-autotune-no-cudagraphs", True),
+    ("autotune", "max-autotune-no-cudagraphs", False),
+)
+
+
+def mlp_half(block: torch.nn.Module):
+    """The second half of open_clip's ``ResidualAttentionBlock.forward``: the MLP and its residual add."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    return forward
+
+
+def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, torch.Tensor]:
+    """One way: the first call's seconds, then the median seconds of a forward and backward; and its output."""
+    torch._dynamo.reset()  # a fresh compile for each way; inductor's caches on disk stay, as in a second run
+    compiled = torch.compile(mlp_half(block), **compile_options(mode, tma))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    trained = [x, *block.parameters()]
+
+    def call():
+        with autocast:
+            out = compiled(x)
+        out.backward(grad.to(out.dtype))
+        for tensor in trained:
+            tensor.grad = None
+        return out
+
+    sync(device)
+    start = time.perf_counter()
+    out = call()
+    sync(device)
+    row = {"first_s": round(time.perf_counter() - start, 2), "s": time_call(call, device)}
+    try:  # which kernels ran: a product that took its epilogue is a Triton template ("triton_tem_...") there
+        row["profile"] = profile_steps(call, device, 2, row["s"])
+    except Exception as e:  # the profiler (CUPTI) failing is not the way failing: keep its timing
+        row["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+    return row, out.detach().float()
+
+
+def main(
+    model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
+) -> dict:
+    """Time the MLP half of an image block compiled each way at the student's rows; write OUT/epilogue.json."""
+    setup = kernel_setup(model, batches, device)
+    n_lab, n_unl, dev, dtype, clip, name = setup
+    tower = clip.visual.transformer
+    block = copy.deepcopy(tower.resblocks[0]).to(dev)
+    tokens = (image_size(clip) // clip.visual.conv1.kernel_size[0]) ** 2 + 1
+    images = (n_lab + n_unl) * frames
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(images, tokens, tower.width, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
+    grad = torch.randn(x.shape, device=dev, dtype=dtype, generator=gen)
+    layers = len(tower.resblocks)
+    print(
+        f"epilogue_bench: {name}, torch {torch.__version__}, {model}, the MLP half of an image block over {images} "
+        f"images of {tokens} tokens (the student's at {n_lab}+{n_unl}, {frames} frames), {dtype}, {layers} layers"
+    )
+    record = {
+        **setup.header(model, frames),
+        "images": images,
+        "tokens": tokens,
+        "layers": layers,
+        "ways": [],  # in the order they ran (a list: the JSON's keys are sorted)
+        "complete": False,
+    }
+    path = Path(out) / "epilogue.json" if out else None
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    reference = None
+    for way, mode, tma in WAYS:
+        try:
+            row, output = way_row(block, x, grad, mode, tma, dev, dtype)
+        except Exception as e:  # a way that fails to compile or run is a result; the others still count
+            row, output = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}, None
+            print(f"  {way}: failed: {row['error']}", flush=True)
+        if output is not None:
+            reference = output if reference is None else reference
+            row["step_s"] = row["s"] * layers
+            row["max_relative_difference"] = relative_difference(reference, output)
+            print(
+                f"  {way}: first call {row['first_s']} s, {1e3 * row['s']:.3f} ms per call, "
+                f"{1e3 * row['step_s']:.1f} ms per step ({layers} layers); largest difference "
+                f"{row['max_relative_difference']:.1e} of the largest output",
+                flush=True,
+            )
+        record["ways"].append({"way": way, **row})
+        if path:
+            atomic_write_bytes(path, json_bytes(record))
+    record["complete"] = True
+    if path:
+        atomic_write_bytes(path, json_bytes(record))
+    return record
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda record: None)  # main printed it already
