@@ -31,7 +31,7 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import kernel_setup, profile_steps, relative_difference, time_call
+from benchmarks.harness import failure, kernel_setup, profile_or_error, relative_difference, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.loop import compile_options
 from train.model import image_size
@@ -73,10 +73,8 @@ def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, 
     out = call()
     sync(device)
     row = {"first_s": round(time.perf_counter() - start, 2), "s": time_call(call, device)}
-    try:  # which kernels ran: a product that took its epilogue is a Triton template ("triton_tem_...") there
-        row["profile"] = profile_steps(call, device, 2, row["s"])
-    except Exception as e:  # the profiler (CUPTI) failing is not the way failing: keep its timing
-        row["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+    # which kernels ran: a product that took its epilogue is a Triton template ("triton_tem_...") there
+    row.update(profile_or_error(call, device, 2, row["s"]))
     return row, out.detach().float()
 
 
@@ -114,7 +112,7 @@ def main(
         try:
             row, output = way_row(block, x, grad, mode, tma, dev, dtype)
         except Exception as e:  # a way that fails to compile or run is a result; the others still count
-            row, output = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}, None
+            row, output = {"error": failure(e)}, None
             print(f"  {way}: failed: {row['error']}", flush=True)
         if output is not None:
             reference = output if reference is None else reference

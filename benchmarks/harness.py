@@ -11,6 +11,7 @@ import random
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -81,6 +82,21 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def failure(e: BaseException) -> str:
+    """A failure as the benchmarks record it: the exception's type and the start of its message."""
+    return f"{type(e).__name__}: {str(e).strip()[:300]}"
+
+
+def profile_or_error(step: Callable[[], object], device: torch.device, steps: int, step_s: float) -> dict:
+    """``{"profile": profile_steps(...)}``, or ``{"profile_error": ...}`` with the traceback printed: the profiler
+    (CUPTI) failing is not the measured thing failing, whose timing the caller keeps."""
+    try:
+        return {"profile": profile_steps(step, device, steps, step_s)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"profile_error": failure(e)}
 
 
 def profile_steps(step: Callable[[], object], device: torch.device, steps: int, step_s: float) -> dict:

@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
 from benchmarks.args import CKPT, checkpointed_blocks
-from benchmarks.harness import checked_args, measure_matmul_tflops, profile_steps, random_models, synthetic_batch
+from benchmarks.harness import (
+    checked_args,
+    failure,
+    measure_matmul_tflops,
+    profile_or_error,
+    random_models,
+    synthetic_batch,
+)
 from pipeline.cli import comma_list
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
@@ -230,15 +237,11 @@ def run_variant(
         if on_timed is not None:
             on_timed(row)
         if profile:
-            try:
-                row["profile"] = profile_steps(step, device, profile, row["s_per_step"])
-            except Exception as e:  # the profiler (CUPTI) failing is not the variant failing: keep its timing
-                row["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-                traceback.print_exc()
+            row.update(profile_or_error(step, device, profile, row["s_per_step"]))
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     except Exception as e:  # a lever that fails (a compile mode, a decode) is a result; the sweep goes on
-        row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[:300]}")
+        row.update(status="error", error=failure(e))
         traceback.print_exc()
     finally:
         for prefetcher in prefetchers:  # its thread and the batch it holds on the GPU go before the next variant

@@ -142,7 +142,7 @@ def test_tma_variants_compile_student_and_teacher_with_the_mode_and_the_template
 def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
     import torch
 
-    from benchmarks import step_variants
+    from benchmarks import harness, step_variants
 
     base, cfg, batches = tiny_sweep()
 
@@ -159,7 +159,7 @@ def test_a_failing_lever_is_recorded_and_the_sweep_goes_on(monkeypatch):
     def broken_profile(*args, **kwargs):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
 
-    monkeypatch.setattr(step_variants, "profile_steps", broken_profile)
+    monkeypatch.setattr(harness, "profile_steps", broken_profile)
     timed = []
     row = step_variants.run_variant("ours", base, cfg, batches, torch.device("cpu"), 1, 0, 2, on_timed=timed.append)
     assert row["status"] == "ok" and row["s_per_step"] > 0 and "CUPTI_ERROR" in row["profile_error"]
