@@ -82,7 +82,7 @@ def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
     """Time the MLP half of an image block compiled each way at the student's rows; write OUT/epilogue.json."""
-    setup = kernel_setup(model, batches, device)
+    setup = kernel_setup(model, batches, device, frames)
     n_lab, n_unl, dev, dtype, clip, name = setup
     tower = clip.visual.transformer
     block = copy.deepcopy(tower.resblocks[0]).to(dev)

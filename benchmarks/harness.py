@@ -156,21 +156,34 @@ class KernelSetup(NamedTuple):
         )
 
 
-def kernel_setup(model: str, batches: str, device: str) -> KernelSetup:
-    """The step's one LxU batch (checked first: a one-line ``error:`` exit), the device, dtype and model."""
+def kernel_setup(model: str, batches: str, device: str, frames: int) -> KernelSetup:
+    """The step's one LxU batch and its frames per video (checked first: a one-line ``error:`` exit), the device,
+    dtype and model."""
     (n_lab, n_unl), *more = checked_args(model, batches)
     if more:
         raise SystemExit("error: --batches takes one LxU here (the step's batch)")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise SystemExit(f"error: --frames must be a positive integer (frames per video), got {frames!r}")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     return KernelSetup(n_lab, n_unl, dev, dtype, create_clip(model), name)
 
 
+def checked_config(recipe: str, **overrides) -> TrainConfig:
+    """``train.config.resolve``, for a benchmark CLI: a value out of range is a one-line ``error:`` exit, with
+    TrainConfig's message naming the flag, before any work."""
+    try:
+        return resolve(recipe, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def random_models(model: str, frames: int, dist: distributed.DistInfo, **overrides) -> tuple[TrainConfig, loop.Models]:
-    """The paper recipe's config and the trainer's models (``train.loop.build_models``) with random weights."""
+    """The paper recipe's config (checked: ``checked_config``) and the trainer's models (``train.loop.build_models``)
+    with random weights."""
     with tempfile.TemporaryDirectory() as tmp:  # build_models saves the random teacher there
-        cfg = resolve(
+        cfg = checked_config(
             "paper",
             model=model,
             teacher_weights="",

@@ -252,7 +252,7 @@ def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
     """Time the step's attention calls per kernel and its patch embedding both ways; write OUT/kernels.json."""
-    setup = kernel_setup(model, batches, device)
+    setup = kernel_setup(model, batches, device, frames)
     n_lab, n_unl, dev, dtype, clip, name = setup
     print(
         f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"

@@ -48,10 +48,10 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import checked_args, measure_matmul_tflops, synthetic_batch, time_call
+from benchmarks.harness import checked_args, checked_config, measure_matmul_tflops, synthetic_batch, time_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
-from train.config import TrainConfig, resolve
+from train.config import TrainConfig
 from train.model import image_size, tokenizer_for
 from train.profiling import sync
 
@@ -99,14 +99,14 @@ def main(
     """
     configs = checked_args(model, batches or f"{batch_labeled}x{batch_unlabeled}")
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+        raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if threads > 0:
         torch.set_num_threads(int(threads))
     dist = distributed.init_distributed(device)
     if dist.world_size > 1:
         raise SystemExit("benchmarks.train_step measures one process; run it without torchrun")
     overrides = {"precision": precision} if precision else {}  # else the recipe's own (reference: fp32)
-    cfg = resolve(
+    cfg = checked_config(
         recipe,
         **overrides,
         model=model,

@@ -54,6 +54,15 @@ def test_benchmarks_refuse_a_bad_model_or_batch_in_one_line(tmp_path, script, ar
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script", ["kernel_bench", "epilogue_bench", "step_variants", "train_step"])
+@pytest.mark.parametrize("frames", ["0", "two"])
+def test_the_benchmarks_refuse_bad_frames_in_one_line(tmp_path, script, frames):
+    args = ("--model", TINY_CLIP, "--batches", "1x1", "--frames", frames, "--out", tmp_path / "out")
+    proc = run_cli(f"benchmarks.{script}", *args, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --frames must be a positive integer")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_kernel_bench_times_each_attention_kernel_and_both_patch_embeddings_and_last_blocks(tmp_path):
     proc = run_cli("benchmarks.kernel_bench", "--model", TINY_CLIP, "--batches", "2x3", "--out", tmp_path, timeout=300)
     record = json.loads((tmp_path / "kernels.json").read_text())
