@@ -39,7 +39,10 @@
 #
 # Carry .whl/ (the wheels benchmarks/gpu_check.sh lists), bench_shards/ and demo_output/shards/ (see
 # benchmarks/README.md for how to make them). MODEL, BATCH and SETTLE may be overridden (the CPU check of this
-# script: MODEL=tests/data/tiny-clip.json BATCH=4x4 SETTLE=8 OUT=/tmp/x bash benchmarks/gpu_step.sh).
+# script: MODEL=tests/data/tiny-clip.json BATCH=4x4 SETTLE=8 OUT=/tmp/x bash benchmarks/gpu_step.sh), and so may
+# TRAIN_DATA (the train part's shards: TRAIN_DATA/labeled, /train and /val; default demo_output/shards) and RUN_DIR
+# (where the train part's runs go, RUN_DIR/run_<mode>, outside OUT so that their checkpoints do not come back with
+# the results; default /tmp). tests/test_gpu_step.py runs this script so on the CPU.
 set -uo pipefail
 
 OUT="${OUT:-benchmarks/output}"
@@ -57,6 +60,8 @@ LOADER_S="${LOADER_S:-60}"
 TRAIN_S="${TRAIN_S:-40}"
 EPILOGUE_S="${EPILOGUE_S:-120}"
 TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
+TRAIN_DATA="${TRAIN_DATA:-demo_output/shards}"
+RUN_DIR="${RUN_DIR:-/tmp}"
 DEFAULT="ours+compile+cteacher"  # the trainer's GPU default step
 for part in $PARTS; do
     case "$part" in kernels|step|numerics|memory|loader|train|epilogue|tune) ;;
@@ -154,15 +159,15 @@ wants loader && run_part loader "$LOADER_S" \
 
 # (4) train.main through the prefetcher's CUDA path with LEVERS' flags (tiny demo model, not compiled: a check)
 wants train && for mode in $TRAIN_MODES; do
-    rm -rf "/tmp/run_$mode"
+    rm -rf "$RUN_DIR/run_$mode"
     # shellcheck disable=SC2086
     run_part "train ($mode)" "$TRAIN_S" \
         python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json \
-        --teacher_weights "" --labeled demo_output/shards/labeled --unlabeled demo_output/shards/train \
-        --val demo_output/shards/val --out "/tmp/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 \
+        --teacher_weights "" --labeled "$TRAIN_DATA/labeled" --unlabeled "$TRAIN_DATA/train" \
+        --val "$TRAIN_DATA/val" --out "$RUN_DIR/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 \
         --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2 $FLAGS
     for made in summary.json profile/rank0.json; do
-        [ -f "/tmp/run_$mode/$made" ] && continue
+        [ -f "$RUN_DIR/run_$mode/$made" ] && continue
         echo "gpu_step: train.main ($mode) wrote no $made" | tee -a "$LOG" >&2
         status=1
     done

@@ -1,0 +1,87 @@
+"""benchmarks/gpu_step.sh, the script a GPU session runs once, run whole on the CPU with the tiny model.
+
+A GPU machine is lent to few sessions, for minutes; a script that fails there (a part's flags, the LEVERS the
+kernels part picks, an import the machine cannot satisfy) costs a whole lending. So the suite runs it here, with
+the Python packages the GPU machine's image lacks made unimportable, as they are there. It checks the script's
+parts, the variants and flags it hands each CLI, and what it writes, not the speed of anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+# Packages this project needs that the GPU machines' image ("cuda", for nvidia-h100-x1 and nvidia-h200) does not hold,
+# and that gpu_step.sh does not carry as wheels (.whl/: open_clip_torch, webdataset, fire and their own small
+# dependencies): the image's package list in the device tool's KINDS.md, as read on 2026-11-17.
+NOT_ON_THE_GPU_MACHINE = ("av", "ffmpeg", "imageio_ffmpeg", "wandb", "pyspark")
+
+DEFAULT = "ours+compile+cteacher"  # the trainer's GPU default step, as gpu_step.sh names it
+FILES = [
+    "epilogue.json",
+    "gpu_step.log",
+    "kernels.json",
+    "numerics.json",
+    "step_variants_cpu.json",
+    "tune/step_variants_cpu.json",
+    "verdict.log",
+]
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_machine_lacks(train_shards, tmp_path):
+    blocked = tmp_path / "not_on_the_gpu_machine"
+    blocked.mkdir()
+    for name in NOT_ON_THE_GPU_MACHINE:  # found before the installed package, as if it were not there
+        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    data = tmp_path / "shards"  # the layout of demo_output/shards, which the train part reads on the GPU machine
+    data.mkdir()
+    for name, source in (("labeled", "labeled"), ("train", "unlabeled"), ("val", "val")):
+        (data / name).symlink_to(train_shards[source])
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    runs.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 is this interpreter
+        "PYTHONPATH": f"{blocked}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": "1",
+        # torch.compile made a no-op: the compiled steps are checked elsewhere (test_step_numerics, test_benchmarks,
+        # test_train); here compiling the 7 compiled variants would add about 2 minutes with a cold inductor cache
+        "TORCHDYNAMO_DISABLE": "1",
+        **dict(MODEL="tests/data/tiny-clip.json", BATCH="2x2", OUT=str(out), TRAIN_DATA=str(data), RUN_DIR=str(runs)),
+    }
+    check = subprocess.run(["python3", "-c", "import av"], env=env, capture_output=True, text=True)
+    assert "av is not on the GPU machine" in check.stderr  # the packages are really out of reach
+
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_step.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=420
+    )
+    log = (out / "gpu_step.log").read_text() if (out / "gpu_step.log").exists() else proc.stdout
+    assert proc.returncode == 0, (log + proc.stderr)[-4000:]
+    assert "Traceback" not in log and "is not on the GPU machine" not in log, log[-4000:]
+    started = [line[len("gpu_step: ") :].split(" part, ")[0] for line in log.splitlines() if " part, at most " in line]
+    assert started == ["kernels", "step", "numerics", "train (device_jpeg)", "epilogue", "tune"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == FILES
+
+    # LEVERS: the default with +qkv and what the kernels part chose; the step and tune parts time it
+    chosen = "".join("+" + o for o in json.loads((out / "kernels.json").read_text())["step_levers"])
+    levers = f"{DEFAULT}+qkv{chosen}"
+    assert f"gpu_step: LEVERS={levers} (trainer flags: --packed_qkv True" in log
+    step = json.loads((out / "step_variants_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in step] == ["naive", DEFAULT, levers, f"{DEFAULT}+devjpeg+qkv{chosen}"]
+    tune = json.loads((out / "tune" / "step_variants_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in tune] == [f"{levers}+autotune+tma", f"{levers}+autotune"]
+    assert all(r["status"] == "ok" for r in step + tune)
+    assert (runs / "run_device_jpeg" / "summary.json").is_file()
+
+    verdict = (out / "verdict.log").read_text()
+    numerics = [line for line in verdict.splitlines() if line.startswith("  numerics on CPU with ")]
+    assert len(numerics) == 1 and "--packed_qkv True" in numerics[0] and numerics[0].endswith(": MET"), verdict
+    assert "MLP halves alone" in verdict
+    assert verdict.splitlines()[-1] in proc.stdout  # the verdict reaches the output the device tool brings back
