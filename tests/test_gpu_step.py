@@ -85,3 +85,28 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
     assert len(numerics) == 1 and "--packed_qkv True" in numerics[0] and numerics[0].endswith(": MET"), verdict
     assert "MLP halves alone" in verdict
     assert verdict.splitlines()[-1] in proc.stdout  # the verdict reaches the output the device tool brings back
+
+
+@pytest.mark.slow
+def test_the_second_calls_tune_part_runs_on_the_levers_it_is_given(tmp_path):
+    """The second call of a lent session (benchmarks/README.md, "The next GPU run"): the tune part alone on the
+    LEVERS the first call chose, with the variants and the time budget given to it."""
+    levers = f"{DEFAULT}+qkv+patch"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "TORCHDYNAMO_DISABLE": "1",  # as above
+        **dict(MODEL="tests/data/tiny-clip.json", BATCH="2x2", OUT=str(tmp_path), PARTS="tune", LEVERS=levers),
+        **dict(TUNE_VARIANTS=f"{levers},{levers}+autotune+tma,{levers}+autotune", BUDGET="200"),
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_step.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"gpu_step: LEVERS={levers} (trainer flags: --packed_qkv True --linear_patch_embed True)" in proc.stdout
+    tune = json.loads((tmp_path / "tune" / "step_variants_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in tune] == [levers, f"{levers}+autotune+tma", f"{levers}+autotune"]
+    verdict = (tmp_path / "verdict.log").read_text()
+    assert f"max-autotune compile: {levers}+autotune " in verdict
+    assert f"max-autotune compile with persistent TMA matmul templates: {levers}+autotune+tma " in verdict
