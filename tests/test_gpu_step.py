@@ -34,34 +34,38 @@ FILES = [
 ]
 
 
-@pytest.mark.slow
-def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_machine_lacks(train_shards, tmp_path):
+def run_script(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """``bash benchmarks/gpu_step.sh`` with the tiny model at 2+2 and ``variables``, as on the GPU machine: ``python3``
+    is this interpreter, and the packages of ``NOT_ON_THE_GPU_MACHINE`` cannot be imported."""
     blocked = tmp_path / "not_on_the_gpu_machine"
     blocked.mkdir()
     for name in NOT_ON_THE_GPU_MACHINE:  # found before the installed package, as if it were not there
         (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": f"{blocked}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": "1",
+        # torch.compile made a no-op: the compiled steps are checked elsewhere (test_step_numerics, test_benchmarks,
+        # test_train); here compiling the 7 compiled variants would add about 2 minutes with a cold inductor cache
+        "TORCHDYNAMO_DISABLE": "1",
+        **dict(MODEL="tests/data/tiny-clip.json", BATCH="2x2"),
+        **variables,
+    }
+    check = subprocess.run(["python3", "-c", "import av"], env=env, capture_output=True, text=True)
+    assert "av is not on the GPU machine" in check.stderr  # the packages are really out of reach
+    return subprocess.run(["bash", "benchmarks/gpu_step.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_machine_lacks(train_shards, tmp_path):
     data = tmp_path / "shards"  # the layout of demo_output/shards, which the train part reads on the GPU machine
     data.mkdir()
     for name, source in (("labeled", "labeled"), ("train", "unlabeled"), ("val", "val")):
         (data / name).symlink_to(train_shards[source])
     out, runs = tmp_path / "out", tmp_path / "runs"
     runs.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 is this interpreter
-        "PYTHONPATH": f"{blocked}{os.pathsep}{REPO}",
-        "OMP_NUM_THREADS": "1",
-        # torch.compile made a no-op: the compiled steps are checked elsewhere (test_step_numerics, test_benchmarks,
-        # test_train); here compiling the 7 compiled variants would add about 2 minutes with a cold inductor cache
-        "TORCHDYNAMO_DISABLE": "1",
-        **dict(MODEL="tests/data/tiny-clip.json", BATCH="2x2", OUT=str(out), TRAIN_DATA=str(data), RUN_DIR=str(runs)),
-    }
-    check = subprocess.run(["python3", "-c", "import av"], env=env, capture_output=True, text=True)
-    assert "av is not on the GPU machine" in check.stderr  # the packages are really out of reach
-
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_step.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=420
-    )
+    proc = run_script(tmp_path, OUT=str(out), TRAIN_DATA=str(data), RUN_DIR=str(runs))
     log = (out / "gpu_step.log").read_text() if (out / "gpu_step.log").exists() else proc.stdout
     assert proc.returncode == 0, (log + proc.stderr)[-4000:]
     assert "Traceback" not in log and "is not on the GPU machine" not in log, log[-4000:]
@@ -91,22 +95,13 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
 def test_the_second_calls_tune_part_runs_on_the_levers_it_is_given(tmp_path):
     """The second call of a lent session (benchmarks/README.md, "The next GPU run"): the tune part alone on the
     LEVERS the first call chose, with the variants and the time budget given to it."""
-    levers = f"{DEFAULT}+qkv+patch"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1",
-        "TORCHDYNAMO_DISABLE": "1",  # as above
-        **dict(MODEL="tests/data/tiny-clip.json", BATCH="2x2", OUT=str(tmp_path), PARTS="tune", LEVERS=levers),
-        **dict(TUNE_VARIANTS=f"{levers},{levers}+autotune+tma,{levers}+autotune", BUDGET="200"),
-    }
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_step.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    levers, out = f"{DEFAULT}+qkv+patch", tmp_path / "out"
+    variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
+    proc = run_script(tmp_path, OUT=str(out), PARTS="tune", LEVERS=levers, TUNE_VARIANTS=variants, BUDGET="200")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert f"gpu_step: LEVERS={levers} (trainer flags: --packed_qkv True --linear_patch_embed True)" in proc.stdout
-    tune = json.loads((tmp_path / "tune" / "step_variants_cpu.json").read_text())["rows"]
-    assert [r["variant"] for r in tune] == [levers, f"{levers}+autotune+tma", f"{levers}+autotune"]
-    verdict = (tmp_path / "verdict.log").read_text()
+    tune = json.loads((out / "tune" / "step_variants_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in tune] == variants.split(",")
+    verdict = (out / "verdict.log").read_text()
     assert f"max-autotune compile: {levers}+autotune " in verdict
     assert f"max-autotune compile with persistent TMA matmul templates: {levers}+autotune+tma " in verdict
