@@ -31,10 +31,17 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import failure, kernel_setup, profile_or_error, relative_difference, time_call
+from benchmarks.harness import (
+    failure,
+    image_tokens,
+    kernel_setup,
+    profile_or_error,
+    relative_difference,
+    time_call,
+    training_call,
+)
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.loop import compile_options
-from train.model import image_size
 from train.profiling import sync
 
 WAYS = (  # name, compile mode, --persistent_tma_matmul
@@ -58,16 +65,7 @@ def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, 
     torch._dynamo.reset()  # a fresh compile for each way; inductor's caches on disk stay, as in a second run
     compiled = torch.compile(mlp_half(block), **compile_options(mode, tma))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    trained = [x, *block.parameters()]
-
-    def call():
-        with autocast:
-            out = compiled(x)
-        out.backward(grad.to(out.dtype))
-        for tensor in trained:
-            tensor.grad = None
-        return out
-
+    call = training_call(compiled, (x,), grad, [x, *block.parameters()], autocast)
     sync(device)
     start = time.perf_counter()
     out = call()
@@ -86,7 +84,7 @@ def main(
     n_lab, n_unl, dev, dtype, clip, name = setup
     tower = clip.visual.transformer
     block = copy.deepcopy(tower.resblocks[0]).to(dev)
-    tokens = (image_size(clip) // clip.visual.conv1.kernel_size[0]) ** 2 + 1
+    tokens = image_tokens(clip)
     images = (n_lab + n_unl) * frames
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(images, tokens, tower.width, device=dev, dtype=dtype, generator=gen).requires_grad_(True)

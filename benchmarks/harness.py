@@ -20,7 +20,7 @@ import torch
 from benchmarks.args import parse_batches
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
-from train.model import create_clip, register_model
+from train.model import create_clip, image_size, register_model
 from train.profiling import activities, summarize, sync
 
 MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
@@ -82,6 +82,30 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def image_tokens(clip: torch.nn.Module) -> int:
+    """Tokens per image in the image tower of open_clip ``clip``: one per patch of its square input, plus the class
+    token."""
+    return (image_size(clip) // clip.visual.conv1.kernel_size[0]) ** 2 + 1
+
+
+def training_call(
+    fn: Callable[..., torch.Tensor], inputs: tuple, grad: torch.Tensor, trained: list, autocast
+) -> Callable[[], torch.Tensor]:
+    """One training call of ``fn`` as the step makes it, for ``time_call``: ``fn(*inputs)`` under ``autocast``,
+    its backward with gradient ``grad`` (in the output's dtype), then the ``trained`` tensors' gradients cleared so
+    that calls do not accumulate them; returns the output."""
+
+    def call() -> torch.Tensor:
+        with autocast:
+            out = fn(*inputs)
+        out.backward(grad.to(out.dtype))
+        for tensor in trained:
+            tensor.grad = None
+        return out
+
+    return call
 
 
 def failure(e: BaseException) -> str:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.harness import kernel_setup, relative_difference, time_call
+from benchmarks.harness import image_tokens, kernel_setup, relative_difference, time_call, training_call
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.cls_last_block import cls_last_block
@@ -72,11 +72,9 @@ def attention_call(
 
 def tower_shapes(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int) -> list[dict]:
     """The step's attention calls, one per tower and model: batch, tokens, heads, head size, layers, backward."""
-    size = image_size(clip)
-    patch = clip.visual.conv1.kernel_size[0]
     vision, text = clip.visual.transformer, clip.transformer
     v_attn, t_attn = vision.resblocks[0].attn, text.resblocks[0].attn
-    v_tokens = (size // patch) ** 2 + 1
+    v_tokens = image_tokens(clip)
     t_tokens = clip.attn_mask.shape[0]
     calls = []
     for who, n, backward in (("student", n_lab + n_unl, True), ("teacher", n_unl, False)):
@@ -160,18 +158,11 @@ def student_and_teacher_s(way, student_in: tuple, teacher_in: tuple, grad, train
     ``grad``; the ``trained`` tensors' gradients cleared after) plus the teacher's forward (``way(*teacher_in)``
     under inference mode), both under ``autocast`` as the step runs them."""
 
-    def student():
-        with autocast:
-            out = way(*student_in)
-        out.backward(grad.to(out.dtype))
-        for tensor in trained:
-            tensor.grad = None
-
     def teacher():
         with torch.inference_mode(), autocast:
             return way(*teacher_in)
 
-    return time_call(student, device) + time_call(teacher, device)
+    return time_call(training_call(way, student_in, grad, trained, autocast), device) + time_call(teacher, device)
 
 
 def patch_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, device, dtype) -> dict:
@@ -215,8 +206,7 @@ def last_block_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, 
     """The image tower's last block per step, on every row (as open_clip runs it, the class token's row taken after)
     against ``cls_last_block``: seconds of the student's forward and backward plus the teacher's forward, eager,
     under autocast as the step runs them."""
-    size = image_size(clip)
-    tokens = (size // clip.visual.conv1.kernel_size[0]) ** 2 + 1
+    tokens = image_tokens(clip)
     block = copy.deepcopy(clip.visual.transformer.resblocks[-1]).to(device)
     teacher_block = copy.deepcopy(block).to(dtype).eval().requires_grad_(False)  # bf16 weights on the GPU
     width = block.attn.embed_dim
