@@ -351,7 +351,9 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     args = cli_args(train_shards, out, steps=40, val_every=2, resume="auto")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.main", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "first_run.log"  # shown if the first run does not get far enough: a rare failure, undiagnosed
+    # shown if the first run does not get far enough: a rare failure, undiagnosed. Not a busy port 29500: for one node
+    # without --master_port torchrun takes a free port (c10d on localhost:0); it passed with 29500 held
+    log = tmp_path / "first_run.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
