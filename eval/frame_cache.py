@@ -38,7 +38,9 @@ from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remo
 
 # 2: per-item file stamps in the manifest; and pipeline.frames samples differently since (rotated videos, MP4 edit
 # lists, AV1), so version-1 caches hold frames the trainer would no longer produce and must be rebuilt.
-CACHE_VERSION = 2
+# 3: non-square pixels made square (pipeline.frames.displayed_size), so older caches hold such videos squeezed;
+# and an MP4 that cannot seek to its first frame decodes instead of failing.
+CACHE_VERSION = 3
 MISSING_FILE = "missing_file"
 UNEXPECTED = "unexpected_error"
 _SHARD_NAME = re.compile(r"^(\d{6})\.tar$")

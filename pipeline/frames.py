@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import io
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -27,6 +28,7 @@ from PIL import Image
 # by one. Others read it once when they open (libdav1d for AV1: skipping the first packet would hide every
 # non-reference frame after it), so they decode everything.
 SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
+MAX_PIXEL_ASPECT = 4  # a stored pixel's width over height, or its inverse, beyond which it is taken as square
 # PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
@@ -36,6 +38,7 @@ __all__ = [
     "sample_timestamps",
     "select_frame_indices",
     "resized_size",
+    "displayed_size",
     "decode_frames",
     "encode_jpeg",
 ]
@@ -89,6 +92,16 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     if width <= height:
         return size, max(1, round(height * scale))
     return max(1, round(width * scale)), size
+
+
+def displayed_size(width: int, height: int, pixel_aspect: Fraction) -> tuple[int, int]:
+    """(w, h) of a ``width`` x ``height`` frame of non-square pixels shown with square ones. One side is
+    stretched, never shrunk (as mpv does), so no stored detail is lost before the resize."""
+    if pixel_aspect > 1:
+        return round(width * pixel_aspect), height
+    if pixel_aspect < 1:
+        return width, round(height / pixel_aspect)
+    return width, height
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -185,7 +198,10 @@ def _decode_from(
     third of the decoding on x264 output.
     """
     if keyframe_pts is not None:
-        container.seek(keyframe_pts, stream=stream, backward=True, any_frame=False)
+        try:
+            container.seek(keyframe_pts, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:  # no keyframe there in the demuxer's index (an MP4 whose sync-sample table lacks
+            return {}  # its first frame: EPERM): the caller decodes what is missing from the start instead
     codec = stream.codec_context
     skip = skip and codec.name in SKIPS_PER_PACKET
     found: dict[int, av.VideoFrame] = {}
@@ -292,7 +308,7 @@ def decode_frames(
     missing = [i for i in chosen if shown[i].pts not in found]
     if missing:
         raise FrameError("decode_error", f"could not decode the frame(s) at index {missing}")
-    images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size)
+    images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size, _pixel_aspect(stream))
     return ClipFrames(
         images=images,
         timestamps=targets,
@@ -303,12 +319,26 @@ def decode_frames(
     )
 
 
-def _upright_images(frames: list[av.VideoFrame], size: int) -> tuple[list[Image.Image], int, int]:
-    """RGB images as a player shows them (a phone video's rotation applied), the shorter side at ``size``; and
-    the displayed (width, height) before resizing."""
+def _pixel_aspect(stream: av.VideoStream) -> Fraction:
+    """The width of a stored pixel over its height, as FFmpeg's players take it: the container's value, else the
+    bitstream's, else square. An anamorphic video (DV's 720x480 at 8:9 or 32:27, a 1440x1080 HDV frame at 4:3) is
+    stored narrower or wider than it is shown."""
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        # beyond MAX_PIXEL_ASPECT the value is broken metadata, not a pixel shape: a frame stretched 100x
+        # would be a huge, useless JPEG
+        if sar is not None and 1 / MAX_PIXEL_ASPECT <= sar <= MAX_PIXEL_ASPECT:
+            return Fraction(sar)
+    return Fraction(1)
+
+
+def _upright_images(
+    frames: list[av.VideoFrame], size: int, pixel_aspect: Fraction
+) -> tuple[list[Image.Image], int, int]:
+    """RGB images as a player shows them (non-square pixels made square, then a phone video's rotation applied),
+    the shorter side at ``size``; and the displayed (width, height) before resizing."""
     turn = _UPRIGHT.get(round(frames[0].rotation) % 360)  # 0, or a non-right angle no player applies either
     sideways = turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)
-    width, height = frames[0].width, frames[0].height
+    width, height = displayed_size(frames[0].width, frames[0].height, pixel_aspect)
     if sideways:
         width, height = height, width
     out_w, out_h = resized_size(width, height, size)

@@ -30,8 +30,10 @@ from pipeline.writer import (
 )
 
 UNEXPECTED_ERROR = "unexpected_error"
-# 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted
-FORMAT_VERSION = 2
+# 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
+# 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
+# frame is decoded from its start instead of failing
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

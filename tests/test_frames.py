@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from fractions import Fraction
 
 import av
 import pytest
@@ -13,6 +14,7 @@ from pipeline import synthetic
 from pipeline.frames import (
     FrameError,
     decode_frames,
+    displayed_size,
     encode_jpeg,
     resized_size,
     sample_timestamps,
@@ -55,6 +57,19 @@ def test_select_frame_indices_matches_brute_force():
 )
 def test_resized_size(size_in, size, expected):
     assert resized_size(*size_in, size) == expected
+
+
+@pytest.mark.parametrize(
+    "size_in, pixel_aspect, expected",
+    [
+        ((720, 480), Fraction(8, 9), (720, 540)),  # DV NTSC 4:3: the height stretched
+        ((720, 480), Fraction(32, 27), (853, 480)),  # DV NTSC 16:9: the width stretched
+        ((1440, 1080), Fraction(4, 3), (1920, 1080)),  # HDV
+        ((596, 336), Fraction(1), (596, 336)),  # square pixels: unchanged
+    ],
+)
+def test_displayed_size(size_in, pixel_aspect, expected):
+    assert displayed_size(*size_in, pixel_aspect) == expected
 
 
 def test_decode_takes_the_frames_at_segment_midpoints(videos):
@@ -239,3 +254,79 @@ def test_a_rotated_phone_video_is_stored_as_a_player_shows_it(tmp_path, degrees)
     assert (clip.width, clip.height) == ((96, 160) if portrait else (160, 96))
     resized = decode_frames(rotated, n=4, size=64).images[0]
     assert resized.size == ((64, 107) if portrait else (107, 64))
+
+
+@pytest.fixture(scope="module")
+def anamorphic(tmp_path_factory) -> dict[str, object]:
+    """160x96 clips whose pixels are not square: 2:1 in the bitstream and the container; the container's 4:5
+    over the bitstream's 2:1 (players take the container's); a broken 160:1; and the 2:1 one turned 90 degrees."""
+    folder = tmp_path_factory.mktemp("anamorphic")
+    source = synthetic.write_index_clip(folder / "source.mp4", 50, width=160, height=96)
+    wide = folder / "wide.mp4"
+    ffmpeg("-i", source, "-vf", "setsar=2", "-c:v", "libx264", "-pix_fmt", "yuv420p", wide)
+    tall = folder / "tall.mp4"
+    ffmpeg("-i", wide, "-c", "copy", "-aspect", "4:3", tall)  # the container's 4:5 makes 160x96 show as 4:3
+    broken = folder / "broken.mp4"
+    ffmpeg("-i", source, "-c", "copy", "-aspect", "160:1", broken)
+    turned = folder / "turned.mp4"
+    ffmpeg("-display_rotation", 90, "-i", wide, "-c", "copy", turned)
+    return {"wide": wide, "tall": tall, "broken": broken, "turned": turned}
+
+
+@pytest.mark.parametrize(
+    "name, shown, player_scale",
+    [
+        ("wide", (320, 96), "scale=iw*sar:ih"),
+        ("tall", (160, 120), "scale=iw:ih/sar"),
+        ("broken", (160, 96), "null"),  # a 25600x96 frame would be metadata noise, not a picture
+    ],
+)
+def test_non_square_pixels_are_stored_as_a_player_shows_them(anamorphic, tmp_path, name, shown, player_scale):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    clip = decode_frames(anamorphic[name], n=4, size=0)
+    assert (clip.width, clip.height) == shown
+    assert clip.images[0].size == shown
+    png = tmp_path / "player.png"  # the ffmpeg CLI stretched the same way: only swscale's rounding differs
+    ffmpeg("-i", anamorphic[name], "-vf", rf"select=eq(n\,6),{player_scale}", "-frames:v", 1, png)
+    player = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB")).astype(int)
+    difference = np.abs(np.asarray(clip.images[0]).astype(int) - player)
+    assert difference.max() <= 12 and difference.mean() < 1
+    assert [synthetic.read_frame_index(im) for im in clip.images] == [6, 18, 31, 43]
+    short = min(shown)
+    resized = decode_frames(anamorphic[name], n=4, size=64).images[0]
+    assert resized.size == (round(shown[0] * 64 / short), round(shown[1] * 64 / short))
+
+
+def test_non_square_pixels_are_made_square_before_the_rotation(anamorphic):
+    import numpy as np
+    from PIL import Image
+
+    for size in (0, 64):
+        upright = decode_frames(anamorphic["wide"], n=4, size=size)
+        turned = decode_frames(anamorphic["turned"], n=4, size=size)
+        assert (turned.width, turned.height) == (96, 320)
+        for im, ref in zip(turned.images, upright.images, strict=True):
+            assert np.array_equal(np.asarray(im), np.asarray(ref.transpose(Image.Transpose.ROTATE_90)))
+
+
+def test_an_mp4_without_its_first_sync_sample_is_decoded_from_the_start(tmp_path):
+    """A muxer that does not flag the first frame leaves the MP4's sync-sample table without it: seeking there
+    fails (EPERM), which used to fail the whole video; a player shows every frame."""
+    source = synthetic.write_index_clip(tmp_path / "source.mp4", 60, gop=12)
+    unflagged = tmp_path / "unflagged.mp4"
+    with av.open(str(source)) as inp, av.open(str(unflagged), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for k, packet in enumerate(p for p in inp.demux(video=0) if p.size):
+            packet.is_keyframe = packet.is_keyframe and k > 0
+            packet.stream = stream
+            out.mux(packet)
+    with av.open(str(unflagged)) as container, pytest.raises(av.FFmpegError):
+        container.seek(0, stream=container.streams.video[0], backward=True, any_frame=False)
+    for n in (4, 8):
+        clip = decode_frames(unflagged, n=n, size=0)
+        assert [synthetic.read_frame_index(im) for im in clip.images] == player_view(unflagged, n)
+        assert clip.duration == pytest.approx(60 / 25)
