@@ -61,7 +61,7 @@ class ClipFrames:
     timestamps: list[float]  # seconds from the start of the stream, the sampling instants t_k
     frame_times: list[float]  # seconds from the start, presentation time of each frame taken
     duration: float  # D, the stream's real duration in seconds (from packet timestamps)
-    width: int  # original size as displayed (a phone video's rotation applied)
+    width: int  # original size as displayed (non-square pixels made square, a phone video's rotation applied)
     height: int
 
 
@@ -265,7 +265,7 @@ def decode_frames(
     Args:
         source: a path, or the file's bytes (e.g. a download).
         n: number of frames.
-        size: shorter side of the output images (never upscaled); 0 keeps the size.
+        size: shorter side of the output images (never upscaled); 0 keeps the size as displayed.
         window: optional (start, end) in seconds from the stream start: sample
             inside this interval instead of the whole clip (e.g. a YouCook2 segment).
 
@@ -275,6 +275,7 @@ def decode_frames(
     """
     with _open(source) as container:
         stream = _video_stream(container)
+        pixel_aspect = _pixel_aspect(stream)  # read while the container is open: the stream is freed with it
         packets = _index_packets(container, stream)
         declared = stream.frames or 0
         if declared and len(packets) < declared:
@@ -308,7 +309,7 @@ def decode_frames(
     missing = [i for i in chosen if shown[i].pts not in found]
     if missing:
         raise FrameError("decode_error", f"could not decode the frame(s) at index {missing}")
-    images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size, _pixel_aspect(stream))
+    images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size, pixel_aspect)
     return ClipFrames(
         images=images,
         timestamps=targets,

@@ -258,8 +258,9 @@ def test_a_rotated_phone_video_is_stored_as_a_player_shows_it(tmp_path, degrees)
 
 @pytest.fixture(scope="module")
 def anamorphic(tmp_path_factory) -> dict[str, object]:
-    """160x96 clips whose pixels are not square: 2:1 in the bitstream and the container; the container's 4:5
-    over the bitstream's 2:1 (players take the container's); a broken 160:1; and the 2:1 one turned 90 degrees."""
+    """160x96 clips whose pixels are not square: 2:1 in the bitstream and the container, or in the bitstream
+    only; the container's 4:5 over the bitstream's 2:1 (players take the container's); a broken 160:1; and the
+    2:1 one turned 90 degrees."""
     folder = tmp_path_factory.mktemp("anamorphic")
     source = synthetic.write_index_clip(folder / "source.mp4", 50, width=160, height=96)
     wide = folder / "wide.mp4"
@@ -270,13 +271,16 @@ def anamorphic(tmp_path_factory) -> dict[str, object]:
     ffmpeg("-i", source, "-c", "copy", "-aspect", "160:1", broken)
     turned = folder / "turned.mp4"
     ffmpeg("-display_rotation", 90, "-i", wide, "-c", "copy", turned)
-    return {"wide": wide, "tall": tall, "broken": broken, "turned": turned}
+    stream = folder / "stream.ts"  # MPEG-TS has no field for it: only the bitstream's 2:1
+    ffmpeg("-i", wide, "-c", "copy", stream)
+    return {"wide": wide, "tall": tall, "broken": broken, "turned": turned, "stream": stream}
 
 
 @pytest.mark.parametrize(
     "name, shown, player_scale",
     [
         ("wide", (320, 96), "scale=iw*sar:ih"),
+        ("stream", (320, 96), "scale=iw*sar:ih"),
         ("tall", (160, 120), "scale=iw:ih/sar"),
         ("broken", (160, 96), "null"),  # a 25600x96 frame would be metadata noise, not a picture
     ],
