@@ -19,7 +19,6 @@ the first left to do.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -33,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval.datasets.base import EvalDataset, Item
+from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remove_temporaries, sample_key
 
@@ -174,12 +174,8 @@ def build_cache(
 @contextlib.contextmanager
 def _build_lock(folder: Path, name: str):
     """Hold ``folder/.lock``: one build of a cache folder at a time (another run's build is waited for)."""
-    with open(folder / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"frame cache {name}: another run is building {folder}; waiting for it", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    waiting = f"frame cache {name}: another run is building {folder}; waiting for it"
+    with lock_folder(folder, on_wait=lambda: print(waiting, file=sys.stderr), grace=0):  # it waits anyway: say so
         yield
 
 

@@ -14,7 +14,6 @@ specified in shards/README.md.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import itertools
 import os
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from pipeline.cli import switch_problems
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
+from pipeline.folder_lock import lock_folder
 from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
 from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
 from pipeline.writer import read_stats, remove_temporaries, shard_name
@@ -157,15 +157,10 @@ def validate(
 def locked(out_dir: Path):
     """Hold an exclusive lock on ``out_dir`` so two runs never write the same shards at once."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another pipeline.shard run is writing {out_dir}; wait for it or use another --out"
-            ) from None
-        except OSError:  # filesystems without flock (some network mounts): proceed unlocked
-            pass
+    handle = lock_folder(out_dir)
+    if handle is None:
+        raise UsageError(f"another pipeline.shard run is writing {out_dir}; wait for it or use another --out")
+    with handle:
         yield
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,24 +95,45 @@ def train_shards(tmp_path_factory) -> dict[str, Path]:
     return shards
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
-    import signal
-
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Every process: pid -> (state, parent pid, session id), from /proc."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, everyone = [pid], []
-    while todo:
-        p = todo.pop()
-        everyone.append(p)
-        todo.extend(children.get(p, []))
-    for p in everyone:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        table[int(stat.parent.name)] = (fields[0], int(fields[1]), int(fields[3]))
+    return table
+
+
+def kill_tree(pid: int, timeout: float = 60) -> None:
+    """SIGKILL a process, its descendants and everyone in the sessions they lead (torchrun starts its workers in
+    their own sessions), round after round until none is left running; then every file they held is closed.
+
+    One round is not enough: a DataLoader worker forked while its trainer is being killed is orphaned, so no longer
+    a descendant, but it stays in its trainer's session. Such a worker kept a run's lock a moment too long, and the
+    resume right after the kill was refused as "another run"."""
+    import signal
+
+    sessions: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        table = _processes()
+        tree, todo = set(), [pid]
+        while todo:
+            p = todo.pop()
+            tree.add(p)
+            todo.extend(child for child, (_, parent, _) in table.items() if parent == p and child not in tree)
+        sessions |= {table[p][2] for p in tree if p in table and table[p][2] in tree}  # sessions the tree leads
+        running = [p for p, (state, _, sid) in table.items() if (p in tree or sid in sessions) and state != "Z"]
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {running} still running {timeout} s after SIGKILL")
+        for p in running:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)

@@ -8,7 +8,6 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.folder_lock import GRACE_S, lock_folder
 from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
@@ -139,15 +139,12 @@ def another_model(path: Path, state: dict, problem: str) -> CheckpointError:
     )
 
 
-def lock_run(out: Path):
-    """An exclusive lock on OUT/.lock, so two runs never write one folder; released when the process ends."""
-    handle = open(Path(out) / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+def lock_run(out: Path, grace: float = GRACE_S):
+    """An exclusive lock on OUT/.lock, so two runs never write one folder; released when the process ends (its
+    DataLoader workers do not keep it), and waited for ``grace`` seconds (a run killed a moment ago may still hold
+    it: ``pipeline.folder_lock``)."""
+    handle = lock_folder(out, grace=grace)
+    if handle is None:
         message = f"another train.main run is writing {out}; wait for it to end or use another --out"
-        raise FileExistsError(message) from None
-    except OSError:  # no flock on this filesystem: proceed unlocked
-        pass
+        raise FileExistsError(message)
     return handle
