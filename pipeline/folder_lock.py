@@ -1,8 +1,8 @@
 """One writer per output folder: an exclusive ``flock`` on ``FOLDER/.lock``, held by this process alone.
 
 Sharding, training and the evaluation frame cache each lock the folder they write. Two things let a run that was
-just killed (``kill -9``, the OOM killer, torchrun's restart after a failure) hold its folder for a moment, so a run
-started right after it could be refused as "another run" (the kill-and-resume test was, about once in 40 runs):
+just killed (``kill -9``, the OOM killer) hold its folder for a moment, so a run started right after it could be
+refused as "another run" (the rare failure of the kill-and-resume test in tests/test_train.py):
 
 - A forked child (a DataLoader or multiprocessing Pool worker) inherits the lock's open file, and a ``flock`` lasts
   until the last copy is closed: a worker orphaned by the kill of its trainer kept the folder locked after the
@@ -15,6 +15,7 @@ started right after it could be refused as "another run" (the kill-and-resume te
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -31,7 +32,8 @@ _held: weakref.WeakSet[IO] = weakref.WeakSet()  # this process's lock files: clo
 
 def _close_in_child() -> None:
     for handle in list(_held):
-        handle.close()
+        with contextlib.suppress(OSError):  # already closed underneath: nothing left to let go
+            handle.close()
 
 
 os.register_at_fork(after_in_child=_close_in_child)

@@ -111,9 +111,10 @@ def kill_tree(pid: int, timeout: float = 60) -> None:
     """SIGKILL a process, its descendants and everyone in the sessions they lead (torchrun starts its workers in
     their own sessions), round after round until none is left running; then every file they held is closed.
 
-    One round is not enough: a DataLoader worker forked while its trainer is being killed is orphaned, so no longer
-    a descendant, but it stays in its trainer's session. Such a worker kept a run's lock a moment too long, and the
-    resume right after the kill was refused as "another run"."""
+    Killed processes take a while to die (under load, longer than the half second the kill-and-resume test used to
+    sleep), and one still dying holds its run's lock: the resume right after the kill was refused as "another run",
+    about once in 40 runs. One round is not enough either: a DataLoader worker forked while its trainer is being
+    killed is orphaned, so no longer a descendant, but it stays in its trainer's session."""
     import signal
 
     sessions: set[int] = set()
