@@ -48,21 +48,26 @@ def lock_folder(folder: str | Path, on_wait: Callable[[], None] | None = None, g
     """
     handle = open(Path(folder) / LOCK_NAME, "w")
     deadline = time.monotonic() + grace
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(_RETRY_S)
-                continue
-            if on_wait is None:
-                handle.close()
-                return None
+    while not _try_lock(handle):
+        if time.monotonic() < deadline:
+            time.sleep(_RETRY_S)
+        elif on_wait is None:
+            handle.close()
+            return None
+        else:
             on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
             break
-        except OSError:
-            break
     _held.add(handle)
     return handle
+
+
+def _try_lock(handle: IO) -> bool:
+    """False if another open file holds the lock; True if this one now does, or if the filesystem has no flock."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
