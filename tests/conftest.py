@@ -121,11 +121,14 @@ def kill_tree(pid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         table = _processes()
+        children: dict[int, list[int]] = {}
+        for child, (_, parent, _) in table.items():
+            children.setdefault(parent, []).append(child)
         tree, todo = set(), [pid]
         while todo:
             p = todo.pop()
             tree.add(p)
-            todo.extend(child for child, (_, parent, _) in table.items() if parent == p and child not in tree)
+            todo.extend(children.get(p, []))
         sessions |= {table[p][2] for p in tree if p in table and table[p][2] in tree}  # sessions the tree leads
         running = [p for p, (state, _, sid) in table.items() if (p in tree or sid in sessions) and state != "Z"]
         if not running:

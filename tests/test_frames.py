@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from conftest import expected_indices
+from PIL import Image
 
 from pipeline import synthetic
 from pipeline.frames import (
@@ -189,6 +192,15 @@ def ffmpeg(*args) -> None:
     subprocess.run([synthetic.ffmpeg_exe(), "-y", "-loglevel", "error", *map(str, args)], check=True)
 
 
+def player_frame(path, index: int, filters: str = "") -> np.ndarray:
+    """Frame ``index`` of ``path`` as the ffmpeg CLI shows it (it rotates as players do), through ``filters``:
+    RGB, (H, W, 3)."""
+    png = Path(path).with_name(f"{Path(path).stem}_player_{index}.png")
+    ffmpeg("-i", path, "-vf", rf"select=eq(n\,{index})" + (f",{filters}" if filters else ""), "-frames:v", 1, png)
+    with Image.open(png) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def player_view(path, n: int) -> list[int]:
     """Brute force: decode every frame a player shows, in order, and take the one shown at each segment
     midpoint (the frame rate is constant here, so the last frame lasts as long as the others)."""
@@ -237,18 +249,11 @@ def test_a_stream_cut_mid_gop_samples_from_its_first_keyframe(tmp_path):
 
 @pytest.mark.parametrize("degrees", [90, 180, -90])
 def test_a_rotated_phone_video_is_stored_as_a_player_shows_it(tmp_path, degrees):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     source = synthetic.write_index_clip(tmp_path / "source.mp4", 50, width=160, height=96)
     rotated = tmp_path / "rotated.mp4"
     ffmpeg("-display_rotation", degrees, "-i", source, "-c", "copy", rotated)
     clip = decode_frames(rotated, n=4, size=0)
-    png = tmp_path / "player.png"  # the ffmpeg CLI rotates as players do
-    ffmpeg("-i", rotated, "-vf", r"select=eq(n\,6)", "-frames:v", 1, png)  # frame 6: the first midpoint, 0.25 s
-    player = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))
+    player = player_frame(rotated, 6)  # frame 6: the first midpoint, 0.25 s
     assert np.array_equal(np.asarray(clip.images[0]), player)
     portrait = degrees % 180 == 90
     assert (clip.width, clip.height) == ((96, 160) if portrait else (160, 96))
@@ -285,18 +290,11 @@ def anamorphic(tmp_path_factory) -> dict[str, object]:
         ("broken", (160, 96), "null"),  # a 25600x96 frame would be metadata noise, not a picture
     ],
 )
-def test_non_square_pixels_are_stored_as_a_player_shows_them(anamorphic, tmp_path, name, shown, player_scale):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
+def test_non_square_pixels_are_stored_as_a_player_shows_them(anamorphic, name, shown, player_scale):
     clip = decode_frames(anamorphic[name], n=4, size=0)
     assert (clip.width, clip.height) == shown
     assert clip.images[0].size == shown
-    png = tmp_path / "player.png"  # the ffmpeg CLI stretched the same way: only swscale's rounding differs
-    ffmpeg("-i", anamorphic[name], "-vf", rf"select=eq(n\,6),{player_scale}", "-frames:v", 1, png)
-    player = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB")).astype(int)
+    player = player_frame(anamorphic[name], 6, player_scale).astype(int)  # only swscale's rounding differs
     difference = np.abs(np.asarray(clip.images[0]).astype(int) - player)
     assert difference.max() <= 12 and difference.mean() < 1
     assert [synthetic.read_frame_index(im) for im in clip.images] == [6, 18, 31, 43]
@@ -306,9 +304,6 @@ def test_non_square_pixels_are_stored_as_a_player_shows_them(anamorphic, tmp_pat
 
 
 def test_non_square_pixels_are_made_square_before_the_rotation(anamorphic):
-    import numpy as np
-    from PIL import Image
-
     for size in (0, 64):
         upright = decode_frames(anamorphic["wide"], n=4, size=size)
         turned = decode_frames(anamorphic["turned"], n=4, size=size)
