@@ -7,6 +7,7 @@ size, bicubic, center crop, CLIP mean/std).
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from eval.frame_cache import FrameCache
 from train.data import EvalTransform
 from train.model import encode_text, encode_video
+
+
+def eval_autocast(device: torch.device):
+    """bf16 autocast on CUDA (as in training), none elsewhere: the context every embedding call here takes."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def iter_frames(cache: FrameCache, ids: list[str], frames: int) -> Iterator[tuple[str, list[torch.Tensor]]]:

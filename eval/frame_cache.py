@@ -73,6 +73,13 @@ def cache_folder(root: Path, dataset: EvalDataset, settings: CacheSettings) -> P
     return Path(root) / f"{dataset.name}-{h.hexdigest()[:12]}"
 
 
+def video_folder_cache(root: Path, videos: Path, settings: CacheSettings) -> Path:
+    """A cache folder per folder of videos (``eval.tag``) and settings, not per item list: when videos are added,
+    changed or removed, a build decodes only those, instead of starting a new cache for the new list."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(settings), str(Path(videos).resolve())]).encode())
+    return Path(root) / f"folder-{h.hexdigest()[:12]}"
+
+
 def file_stamp(path: str | Path) -> Stamp:
     """[size, mtime_ns] of a file, or None if there is none: what tells a later build that the file changed."""
     try:
@@ -158,10 +165,16 @@ def next_shard(record: dict | None) -> int:
 
 
 def build_cache(
-    dataset: EvalDataset, root: Path, settings: CacheSettings = CacheSettings(), workers: int = 4, progress: bool = True
+    dataset: EvalDataset,
+    root: Path,
+    settings: CacheSettings = CacheSettings(),
+    workers: int = 4,
+    progress: bool = True,
+    folder: Path | None = None,
 ) -> FrameCache:
-    """Decode the dataset's videos into ``root/<dataset>-<hash>/``; of an existing cache, only what is stale."""
-    folder = cache_folder(root, dataset, settings)
+    """Decode the dataset's videos into ``root/<dataset>-<hash>/`` (or ``folder``, e.g. a ``video_folder_cache``);
+    of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build."""
+    folder = Path(folder) if folder is not None else cache_folder(root, dataset, settings)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
     if record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder)):
@@ -199,8 +212,9 @@ def _rebuild(
     remove_temporaries(folder)  # of a build that was killed (no other build runs: the lock)
     todo = [item for item in dataset.items if item.id in plan]
     found, missing = decode_into_shards(todo, folder, next_shard(record), settings, workers, progress, dataset.name)
-    old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k not in plan}
-    old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k not in plan}
+    kept = {item.id for item in dataset.items} - set(plan)  # a video removed from eval.tag's folder is dropped
+    old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k in kept}
+    old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k in kept}
     new = {
         "version": CACHE_VERSION,
         "dataset": dataset.name,

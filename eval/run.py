@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from eval import report
 from eval.datasets import DATASETS, AnnotationsMissing
 from eval.datasets.base import CLASSIFICATION, EvalDataset
-from eval.features import class_embeddings, text_embeddings, video_embeddings
+from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
@@ -125,9 +124,9 @@ def model_input_size(model: str) -> int:
     return size
 
 
-def cache_settings(cfg: EvalConfig) -> CacheSettings:
+def cache_settings(model: str, frames: int) -> CacheSettings:
     """Frames cached at the model's input size or more: a 336-px model must not get upsampled 224-px frames."""
-    return CacheSettings(frames=cfg.frames, size=max(CACHE_MIN_SIZE, model_input_size(cfg.model)))
+    return CacheSettings(frames=frames, size=max(CACHE_MIN_SIZE, model_input_size(model)))
 
 
 def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> tuple[list[EvalDataset], list[dict]]:
@@ -148,7 +147,7 @@ def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> t
 
 def evaluate(clip, tokenizer, dataset: EvalDataset, cache: FrameCache, cfg: EvalConfig, device: torch.device) -> dict:
     """Metrics of one model on one dataset; missing videos are listed and left out, never zero-filled."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = eval_autocast(device)
     found = [item for item in dataset.items if item.id in cache.found]
     videos = video_embeddings(
         clip,
@@ -192,7 +191,7 @@ def run(
     """Evaluate every model on every dataset; write the records and the summary. Returns the records."""
     device = init_distributed(cfg.device).device  # the trainer's device choice, with its clear CUDA errors
     cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
-    settings = cache_settings(cfg)
+    settings = cache_settings(cfg.model, cfg.frames)
     caches = {d.name: build_cache(d, cache_root, settings, cfg.workers) for d in datasets}
     for d in datasets:
         if strict and caches[d.name].missing:

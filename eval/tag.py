@@ -2,28 +2,38 @@
 
     python -m eval.tag --videos DIR --labels "sledding,skiing,building a snowman" [--top 3] \\
         [--weights runs/x/fitclip.pt] [--out tags.csv]
+    python -m eval.tag --videos DIR --labels_file kinetics400.txt --cache ~/.cache/fitclip-tag
     python -m eval.tag --videos DIR --query "a dog catching a frisbee" [--top 10]
 
-Frames are sampled as everywhere else (4 segment midpoints). Unreadable files
-are reported and skipped; only a folder where none is readable is an error.
+Frames are sampled as everywhere else (4 segment midpoints) and decoded by
+``--workers`` processes into a frame cache (``eval.frame_cache``), then embedded
+``--batch_size`` videos at a time, as ``eval.run`` does. The cache is temporary
+unless ``--cache DIR`` keeps it: a later search of the same folder then decodes
+only the videos added or changed since. Unreadable files are reported and
+skipped; only a folder where none is readable is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import fire
 import torch
 
+from eval.datasets.base import RETRIEVAL, EvalDataset, Item
+from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
+from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
+from eval.run import cache_settings, check_entry, load_model
 from pipeline.cli import comma_list
-from pipeline.frames import FrameError, decode_frames
 from pipeline.writer import atomic_write_bytes
-from train.data import EvalTransform
 from train.distributed import init_distributed
-from train.model import create_clip, encode_text, encode_video, image_size, tokenizer_for
+from train.model import image_size, register_model, tokenizer_for
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
 LABEL_TEMPLATES = ("a video of {}.", "a photo of {}.", "{}")
@@ -37,46 +47,110 @@ def as_text(value) -> str:
     return "" if value is None else str(value)
 
 
+def read_labels(labels, labels_file: str) -> list[str]:
+    """The labels to choose from: ``--labels`` (a comma list) or ``--labels_file`` (one per line, so a label may
+    hold a comma; blank lines are skipped). A ValueError says what to fix."""
+    inline = comma_list(labels)
+    if inline and labels_file:
+        raise ValueError("give --labels or --labels_file, not both")
+    if not labels_file:
+        return inline
+    path = Path(str(labels_file))
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--labels_file {path}: cannot read it as UTF-8 text ({e})") from e
+    found = [line.strip() for line in lines if line.strip()]
+    if not found:
+        raise ValueError(f"--labels_file {path} holds no labels: write one label per line")
+    return found
+
+
+def number_labels(labels) -> list[str]:
+    """The ``--labels`` items that fire read as decimal numbers: ``1.10`` arrives as 1.1, so the text the user typed
+    is lost (integers and words keep theirs)."""
+    items = labels if isinstance(labels, (list, tuple)) else [labels]
+    return [str(v) for v in items if isinstance(v, float)]
+
+
 def find_videos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-@torch.no_grad()
-def embed_videos(clip, paths: list[Path], frames: int, device: torch.device) -> tuple[list[Path], torch.Tensor, dict]:
-    """(readable paths, (N, D) embeddings, {unreadable path: reason})."""
-    transform = EvalTransform(image_size(clip))
-    ok, embeddings, failed = [], [], {}
-    for path in paths:
-        try:
-            clip_frames = decode_frames(path, frames, size=0)
-        except FrameError as e:
-            failed[str(path)] = f"{e.reason}: {e.detail}"
-            continue
-        video = transform([torch.from_numpy(_rgb(im)).permute(2, 0, 1) for im in clip_frames.images])
-        embeddings.append(encode_video(clip, video.unsqueeze(0).to(device)).float().cpu()[0])
-        ok.append(path)
-    return ok, (torch.stack(embeddings) if embeddings else torch.zeros(0, 1)), failed
-
-
-def _rgb(image):
-    import numpy as np
-
-    return np.asarray(image.convert("RGB")).copy()
+@contextlib.contextmanager
+def cache_root(cache: Path | None) -> Iterator[Path]:
+    """``--cache`` as given, or a temporary folder removed afterwards."""
+    if cache is not None:
+        yield cache
+        return
+    with tempfile.TemporaryDirectory(prefix="fitclip-tag-") as tmp:
+        yield Path(tmp)
 
 
 @torch.no_grad()
-def label_embeddings(clip, tokenizer, labels: list[str], device: torch.device) -> torch.Tensor:
+def label_embeddings(clip, tokenizer, labels: list[str], batch_size: int, device: torch.device) -> torch.Tensor:
     """(L, D): per label, the normalised mean of its prompts' embeddings."""
-    rows = []
-    for label in labels:
-        tokens = tokenizer([t.format(label) for t in LABEL_TEMPLATES]).to(device)
-        rows.append(torch.nn.functional.normalize(encode_text(clip, tokens).mean(0), dim=-1).float().cpu())
-    return torch.stack(rows)
+    prompts = [[t.format(label) for t in LABEL_TEMPLATES] for label in labels]
+    means = class_embeddings(clip, tokenizer, prompts, batch_size, device, eval_autocast(device))
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+CPU_BATCHES = (1, 8)  # (videos, texts) per forward on a CPU: the fastest measured (benchmarks.batch_bench)
+GPU_BATCH = 64
+
+
+def batch_sizes(batch_size: int, device: torch.device) -> tuple[int, int]:
+    """(videos, texts) per forward pass: ``--batch_size`` for both, or for 0 the measured best for the device. On a
+    CPU, small batches were faster (a batch's activations stay in the cache); on a GPU, large ones."""
+    if batch_size:
+        return batch_size, batch_size
+    return CPU_BATCHES if device.type == "cpu" else (GPU_BATCH, GPU_BATCH)
+
+
+def _problems(top, workers, batch_size, frames) -> list[str]:
+    least = {"top": (top, 1), "workers": (workers, 1), "batch_size": (batch_size, 0), "frames": (frames, 1)}
+    return [
+        f"--{name} must be a whole number of at least {low}, got {value!r}"
+        for name, (value, low) in least.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < low
+    ]
+
+
+def embed_folder(
+    folder: Path,
+    paths: list[Path],
+    model: str,
+    weights: str,
+    settings: CacheSettings,
+    root: Path,
+    workers: int,
+    device: torch.device,
+    videos_per_pass: int,
+) -> tuple[torch.nn.Module, list[Path], torch.Tensor]:
+    """(model, the readable paths, their (N, D) embeddings): decoded into the cache under ``root`` (only what it
+    lacks), then embedded. Unreadable files are reported; a folder of none readable ends the run with an error."""
+    ids = {str(p.relative_to(folder)): p for p in paths}
+    dataset = EvalDataset("tag", RETRIEVAL, [Item(id=i, video=str(p)) for i, p in ids.items()])
+    frames = build_cache(dataset, root, settings, workers, folder=video_folder_cache(root, folder, settings))
+    for item_id in ids:
+        if item_id in frames.missing:
+            print(f"warning: skipped unreadable {ids[item_id]}: {frames.missing[item_id]}", file=sys.stderr)
+    ok = [i for i in ids if i in frames.found]
+    if not ok:  # nothing to rank or tag: say so instead of a shape error
+        sys.exit(f"error: none of the {len(paths)} video file(s) under {folder} could be read (reasons above)")
+    try:
+        clip = load_model(model, weights, device)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    size, autocast = image_size(clip), eval_autocast(device)
+    embedded = video_embeddings(clip, frames, ok, settings.frames, size, videos_per_pass, device, autocast=autocast)
+    return clip, [ids[i] for i in ok], torch.stack([embedded[i] for i in ok])
 
 
 def main(
     videos: str,
     labels: str = "",
+    labels_file: str = "",
     query: str = "",
     top: int = 3,
     model: str = "ViT-B-16-quickgelu",
@@ -84,45 +158,78 @@ def main(
     out: str = "",
     frames: int = 4,
     device: str = "auto",
+    workers: int = 4,
+    batch_size: int = 0,
+    cache: str = "",
 ) -> None:
     """Tag the videos of a folder with free-text labels, or rank them by a text query.
 
     Args:
         videos: folder of videos (searched recursively).
         labels: comma-separated labels to choose from (tagging mode).
-        query: a text to rank the videos by (search mode); give --labels or --query.
+        labels_file: a text file with one label per line, instead of --labels (for long lists, labels with commas,
+            or labels like 1.10 that fire would read as numbers).
+        query: a text to rank the videos by (search mode); give --labels, --labels_file or --query.
         top: labels per video (tagging) or videos shown (search).
         model: open_clip model name or config JSON.
-        weights: open_clip tag (openai) or a weights file (e.g. a fused fitclip.pt).
+        weights: open_clip tag (openai), a weights file (e.g. a fused fitclip.pt), or fuse:TEACHER:STUDENT:ALPHA.
         out: write the results as CSV here.
         frames: frames per video.
         device: auto, cuda or cpu.
+        workers: processes decoding videos.
+        batch_size: videos (or texts) per forward pass; 0 picks for the device (64 on a GPU; on a CPU 1 video and
+            8 texts, faster there).
+        cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
+            changed videos (default: a temporary folder, removed at the end).
     """
     folder = Path(str(videos))
-    label_list = comma_list(labels)
+    try:
+        label_list = read_labels(labels, labels_file)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     query = as_text(query)
     if not folder.is_dir():
         sys.exit(f"error: --videos {folder} is not a folder")
     if bool(label_list) == bool(query):
-        sys.exit('error: give either --labels "a,b,c" (tagging) or --query "some text" (search)')
+        sys.exit('error: give either --labels "a,b,c" or --labels_file FILE (tagging) or --query "some text" (search)')
+    problems = _problems(top, workers, batch_size, frames)
+    if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
+        problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+    numbers = number_labels(labels)
+    if numbers:
+        print(
+            f"warning: --labels {', '.join(numbers)} reached us as number(s), so the text may not be what you typed "
+            "(1.10 arrives as 1.1); to keep it exactly, quote each label (--labels '\"1.10\"') or use --labels_file",
+            file=sys.stderr,
+        )
     paths = find_videos(folder)
     if not paths:
         sys.exit(f"error: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {folder}")
-    try:
+    try:  # everything that can fail fast does, before any video is decoded
+        register_model(str(model))
+        settings = cache_settings(str(model), frames)
+        check_entry(str(model), str(weights))
         dev = init_distributed(str(device)).device  # the trainer's device choice, with its clear CUDA errors
-        clip = create_clip(str(model), str(weights), dev).eval()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    cache_dir = Path(str(cache)).expanduser() if cache else None  # --cache=~/x reaches us with its ~
+    try:
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --cache {cache_dir}: cannot make that folder ({e.strerror}); give a folder you can write to")
+    videos_per_pass, texts_per_pass = batch_sizes(batch_size, dev)
+    with cache_root(cache_dir) as root:
+        clip, shown, video = embed_folder(
+            folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass
+        )
     tokenizer = tokenizer_for(str(model))
-    ok, video, failed = embed_videos(clip, paths, int(frames), dev)
-    for path, reason in failed.items():
-        print(f"warning: skipped unreadable {path}: {reason}", file=sys.stderr)
-    if not ok:  # nothing to rank or tag: say so instead of a shape error
-        sys.exit(f"error: none of the {len(paths)} video file(s) under {folder} could be read (reasons above)")
     rows = (
-        _tag(clip, tokenizer, ok, video, label_list, top, dev)
+        _tag(clip, tokenizer, shown, video, label_list, top, texts_per_pass, dev)
         if label_list
-        else _search(clip, tokenizer, ok, video, query, top, dev)
+        else _search(clip, tokenizer, shown, video, query, top, dev)
     )
     if out:
         buffer = io.StringIO()
@@ -133,8 +240,8 @@ def main(
         print(f"wrote {len(rows)} rows to {out}")
 
 
-def _tag(clip, tokenizer, paths, video, labels, top, device) -> list[dict]:
-    scores = video @ label_embeddings(clip, tokenizer, labels, device).T  # (N, L) cosine similarities
+def _tag(clip, tokenizer, paths, video, labels, top, batch_size, device) -> list[dict]:
+    scores = video @ label_embeddings(clip, tokenizer, labels, batch_size, device).T  # (N, L) cosine similarities
     probs = (CLIP_LOGIT_SCALE * scores).softmax(dim=1)
     rows = []
     for i, path in enumerate(paths):
@@ -155,8 +262,7 @@ def _tag(clip, tokenizer, paths, video, labels, top, device) -> list[dict]:
 
 
 def _search(clip, tokenizer, paths, video, query, top, device) -> list[dict]:
-    with torch.no_grad():
-        text = encode_text(clip, tokenizer([query]).to(device)).float().cpu()[0]
+    text = text_embeddings(clip, tokenizer, [query], 1, device, eval_autocast(device))[0]
     scores = video @ text  # (N,)
     order = scores.argsort(descending=True, stable=True).tolist()
     rows = [

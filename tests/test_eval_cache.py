@@ -81,6 +81,38 @@ def test_only_changed_videos_are_decoded_again(tmp_path, decoded, capsys):
     assert build(ds, root).missing == {"kept": frame_cache.MISSING_FILE}
 
 
+def test_a_folder_cache_decodes_added_videos_and_drops_removed_ones(tmp_path, decoded, capsys):
+    """eval.tag's cache follows a folder of videos, not an item list: adding a video decodes that one only, and a
+    removed video leaves the manifest instead of staying in it forever."""
+    videos, root, settings = tmp_path / "videos", tmp_path / "cache", CacheSettings()
+
+    def folder_build() -> frame_cache.FrameCache:
+        items = [Item(id=p.name, video=str(p)) for p in sorted(videos.glob("*.mp4"))]
+        folder = frame_cache.video_folder_cache(root, videos, settings)
+        return build_cache(EvalDataset("tag", RETRIEVAL, items), root, settings, 1, False, folder=folder)
+
+    for name, frames in (("a", 30), ("b", 60)):
+        synthetic.write_index_clip(videos / f"{name}.mp4", frames)
+    first = folder_build()
+    assert sorted(decoded) == ["a.mp4", "b.mp4"] and first.folder.parent == root
+    synthetic.write_index_clip(videos / "c.mp4", 90)
+    decoded.clear()
+    second = folder_build()
+    assert decoded == ["c.mp4"] and second.folder == first.folder  # a grown folder keeps its cache
+    assert "re-decoding 1 of 3 videos (1 new)" in capsys.readouterr().err
+    assert first_frame_index(second, "c.mp4") == 11 and second.found["a.mp4"] == first.found["a.mp4"]
+
+    (videos / "a.mp4").unlink()
+    synthetic.write_index_clip(videos / "d.mp4", 30)
+    decoded.clear()
+    third = folder_build()
+    assert decoded == ["d.mp4"] and set(third.found) == {"b.mp4", "c.mp4", "d.mp4"} and third.missing == {}
+    manifest = json.loads((third.folder / "manifest.json").read_text())
+    assert set(manifest["stamps"]) == set(manifest["found"]) == {"b.mp4", "c.mp4", "d.mp4"}
+    assert frame_cache.video_folder_cache(root, videos / ".." / "videos", settings) == third.folder  # same folder
+    assert frame_cache.video_folder_cache(root, videos, CacheSettings(size=256)) != third.folder
+
+
 def test_unexpected_errors_are_retried(tmp_path, decoded, monkeypatch, capsys):
     videos = tmp_path / "videos"
     for name in ("kept", "late", "fixed"):

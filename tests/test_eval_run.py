@@ -297,7 +297,7 @@ def test_cached_frames_are_as_large_as_the_model_input(tmp_path):
         frame = Image.open(io.BytesIO(t.extractfile("v0.0.jpg").read()))
     assert min(frame.size) == 240  # from a 640x480 source: the shorter side at the model's input size
     assert record["frame_cache"]["size"] == 240 and record["num_found"] == 2
-    assert run.cache_settings(run.EvalConfig(model=str(TINY_CLIP), data_root="", out="")).size == 224
+    assert run.cache_settings(str(TINY_CLIP), 4).size == 224
 
 
 def test_tag_numeric_labels_and_a_folder_with_nothing_readable(bench, tmp_path):
@@ -317,3 +317,89 @@ def test_tag_numeric_labels_and_a_folder_with_nothing_readable(bench, tmp_path):
     message = str(e.value.code)
     assert message.startswith("error: ") and str(broken) in message and "2 video file" in message
     assert not (tmp_path / "search.csv").exists()
+
+
+def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys):
+    """--labels_file keeps each line's text (commas, 1.10); --cache serves a second run without decoding and decodes
+    only a video added since; the results do not depend on the cache."""
+    from eval import tag
+
+    _, layouts, w = bench
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for clip in sorted((layouts["msrvtt"] / "videos").glob("video*.mp4"))[:3]:
+        (videos / clip.name).write_bytes(clip.read_bytes())
+    names = tmp_path / "labels.txt"
+    names.write_text("a red screen, bright\n\n  1.10  \nsnow\n", encoding="utf-8")
+    common = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "device": "cpu", "workers": 1, "top": 3}
+    runs = {}
+    for run, cache in (("uncached", ""), ("first", tmp_path / "cache"), ("second", tmp_path / "cache")):
+        out = tmp_path / f"{run}.csv"
+        tag.main(str(videos), labels_file=str(names), out=str(out), cache=str(cache), batch_size=2, **common)
+        runs[run] = (out.read_text(), capsys.readouterr().err)
+    rows = list(csv.DictReader(io.StringIO(runs["first"][0])))
+    assert {r["label"] for r in rows} == {"a red screen, bright", "1.10", "snow"} and len(rows) == 9
+    assert runs["uncached"][0] == runs["first"][0] == runs["second"][0]
+    assert "decoding tag" in runs["first"][1] and "decoding" not in runs["second"][1]
+    assert not list(tmp_path.glob("fitclip-tag-*"))  # the uncached run's temporary cache is gone
+    added = sorted((layouts["msrvtt"] / "videos").glob("video*.mp4"))[3]
+    (videos / "sub").mkdir()
+    (videos / "sub" / added.name).write_bytes(added.read_bytes())
+    tag.main(str(videos), query="snow", out=str(tmp_path / "search.csv"), cache=str(tmp_path / "cache"), **common)
+    assert "re-decoding 1 of 4 videos (1 new)" in capsys.readouterr().err
+    assert len(list(csv.DictReader((tmp_path / "search.csv").open()))) == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": "a,b", "labels_file": "LABELS"}, "give --labels or --labels_file, not both"),
+        ({"labels_file": "EMPTY"}, "holds no labels: write one label per line"),
+        ({"labels_file": "NOFILE"}, "cannot read it as UTF-8 text"),
+        ({"labels": "a,b", "top": 0}, "--top must be a whole number of at least 1, got 0"),
+        ({"query": "a dog", "workers": 1.5}, "--workers must be a whole number"),
+        ({"labels": "a", "weights": "nope.pt"}, "nope.pt"),
+        ({"labels": "a", "cache": "LABELS/cache"}, "cannot make that folder"),
+        ({"labels": "a", "out": "NOFILE/tags.csv"}, "give a file name in an existing folder"),
+    ],
+)
+def test_tag_bad_input_fails_before_decoding(bench, tmp_path, kwargs, message):
+    from eval import tag
+
+    _, layouts, w = bench
+    files = {"LABELS": tmp_path / "labels.txt", "EMPTY": tmp_path / "empty.txt", "NOFILE": tmp_path / "none.txt"}
+    files["LABELS"].write_text("a\n")
+    files["EMPTY"].write_text("\n \n")
+    for name, path in files.items():  # a path inside another, e.g. a folder under a file
+        kwargs = {k: v.replace(f"{name}/", f"{path}/") if isinstance(v, str) else v for k, v in kwargs.items()}
+    kwargs = {k: str(files[v]) if v in files else v for k, v in kwargs.items()}
+    kwargs = {
+        "model": str(TINY_CLIP),
+        "weights": str(w["teacher"]),
+        "device": "cpu",
+        "cache": str(tmp_path / "cache"),
+        **kwargs,
+    }
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), **kwargs)
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+    assert not (tmp_path / "cache").exists()  # nothing decoded
+
+
+def test_tag_warns_when_fire_read_a_label_as_a_number(bench, tmp_path, capsys):
+    from eval import tag
+
+    _, layouts, w = bench
+    common = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "device": "cpu", "workers": 1}
+    tag.main(str(layouts["msrvtt"] / "videos"), labels=(1.1, 2, "snow"), out=str(tmp_path / "t.csv"), **common)
+    err = capsys.readouterr().err
+    assert "warning: --labels 1.1 reached us as number(s)" in err and "--labels_file" in err
+    assert {r["label"] for r in csv.DictReader((tmp_path / "t.csv").open())} == {"1.1", "2", "snow"}
+
+
+def test_tag_batch_sizes_follow_the_device():
+    from eval import tag
+
+    assert tag.batch_sizes(0, torch.device("cpu")) == tag.CPU_BATCHES == (1, 8)
+    assert tag.batch_sizes(0, torch.device("cuda")) == (64, 64)
+    assert tag.batch_sizes(5, torch.device("cpu")) == (5, 5)
