@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tarfile
+import tempfile
 from dataclasses import replace
 
 import pytest
@@ -319,7 +320,7 @@ def test_tag_numeric_labels_and_a_folder_with_nothing_readable(bench, tmp_path):
     assert not (tmp_path / "search.csv").exists()
 
 
-def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys):
+def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkeypatch):
     """--labels_file keeps each line's text (commas, 1.10); --cache serves a second run without decoding and decodes
     only a video added since; the results do not depend on the cache."""
     from eval import tag
@@ -333,6 +334,8 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys):
     names.write_text("a red screen, bright\n\n  1.10  \nsnow\n", encoding="utf-8")
     common = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "device": "cpu", "workers": 1, "top": 3}
     runs = {}
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the uncached run's cache goes
     for run, cache in (("uncached", ""), ("first", tmp_path / "cache"), ("second", tmp_path / "cache")):
         out = tmp_path / f"{run}.csv"
         tag.main(str(videos), labels_file=str(names), out=str(out), cache=str(cache), batch_size=2, **common)
@@ -341,7 +344,7 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys):
     assert {r["label"] for r in rows} == {"a red screen, bright", "1.10", "snow"} and len(rows) == 9
     assert runs["uncached"][0] == runs["first"][0] == runs["second"][0]
     assert "decoding tag" in runs["first"][1] and "decoding" not in runs["second"][1]
-    assert not list(tmp_path.glob("fitclip-tag-*"))  # the uncached run's temporary cache is gone
+    assert not list((tmp_path / "tmp").iterdir())  # the uncached run's temporary cache is gone
     added = sorted((layouts["msrvtt"] / "videos").glob("video*.mp4"))[3]
     (videos / "sub").mkdir()
     (videos / "sub" / added.name).write_bytes(added.read_bytes())
