@@ -25,7 +25,7 @@ from benchmarks.shard_bench import machine_info
 from eval.features import eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache
 from eval.prompts import class_prompts
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, count_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.model import create_clip, image_size, tokenizer_for
 
@@ -78,12 +78,7 @@ def main(
     """
     try:
         size_list = sizes_arg(sizes)
-        counts = {"videos": videos, "texts": texts, "repeats": repeats}
-        bad = [
-            f"--{k} must be a whole number of at least 1, got {v!r}"
-            for k, v in counts.items()
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1
-        ]
+        bad = count_problems({"videos": (videos, 1), "texts": (texts, 1), "repeats": (repeats, 1)})
         if bad:
             raise ValueError("; ".join(bad))
         dev = resolve_device(str(device))
@@ -117,6 +112,7 @@ def main(
             video_rounds[s].append(seconds_v)
             seconds_t, _, _ = _timed(lambda s=s: text_embeddings(clip, tokenizer, prompts, s, dev, autocast), dev, 1)
             text_rounds[s].append(seconds_t)
+    best = {"videos": best_size(video_rounds), "texts": best_size(text_rounds)}
     machine = machine_info()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({machine['cpu_count']} cores)"
     lines = [
@@ -127,7 +123,7 @@ def main(
         "",
         *table("texts", len(prompts), text_rounds),
         "",
-        f"fastest: {best_size(video_rounds)} videos and {best_size(text_rounds)} texts per pass",
+        f"fastest: {best['videos']} videos and {best['texts']} texts per pass",
     ]
     report = "\n".join(lines)
     print(report)
@@ -139,7 +135,7 @@ def main(
         "model": str(model),
         "video_rounds_s": video_rounds,
         "text_rounds_s": text_rounds,
-        "best": {"videos": best_size(video_rounds), "texts": best_size(text_rounds)},
+        "best": best,
     }
     stem = out_dir / f"batch_bench_{device_slug(dev)}"
     atomic_write_bytes(stem.with_suffix(".json"), json_bytes(results))

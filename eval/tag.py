@@ -30,7 +30,7 @@ from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, check_entry, load_model
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, count_problems
 from pipeline.writer import atomic_write_bytes
 from train.distributed import init_distributed
 from train.model import image_size, register_model, tokenizer_for
@@ -105,15 +105,6 @@ def batch_sizes(batch_size: int, device: torch.device) -> tuple[int, int]:
     if batch_size:
         return batch_size, batch_size
     return CPU_BATCHES if device.type == "cpu" else (GPU_BATCH, GPU_BATCH)
-
-
-def _problems(top, workers, batch_size, frames) -> list[str]:
-    least = {"top": (top, 1), "workers": (workers, 1), "batch_size": (batch_size, 0), "frames": (frames, 1)}
-    return [
-        f"--{name} must be a whole number of at least {low}, got {value!r}"
-        for name, (value, low) in least.items()
-        if isinstance(value, bool) or not isinstance(value, int) or value < low
-    ]
 
 
 def embed_folder(
@@ -192,7 +183,9 @@ def main(
         sys.exit(f"error: --videos {folder} is not a folder")
     if bool(label_list) == bool(query):
         sys.exit('error: give either --labels "a,b,c" or --labels_file FILE (tagging) or --query "some text" (search)')
-    problems = _problems(top, workers, batch_size, frames)
+    problems = count_problems(
+        {"top": (top, 1), "workers": (workers, 1), "batch_size": (batch_size, 0), "frames": (frames, 1)}
+    )
     if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
     if problems:

@@ -21,3 +21,13 @@ def switch_problems(switches: dict[str, object]) -> list[str]:
     ``--x no`` over as the string "no", which Python would take as True."""
     wrong = {name: value for name, value in switches.items() if not isinstance(value, bool)}
     return [f"--{name} must be True or False, got {value!r}" for name, value in wrong.items()]
+
+
+def count_problems(counts: dict[str, tuple[object, int]]) -> list[str]:
+    """A line for each count (name without dashes -> (value, least)) that is not a whole number of at least its
+    least. fire hands ``--x 1.5`` over as a float and ``--x abc`` as a str; True is an int to Python, not a count."""
+    return [
+        f"--{name} must be a whole number of at least {least}, got {value!r}"
+        for name, (value, least) in counts.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < least
+    ]

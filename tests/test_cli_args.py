@@ -1,11 +1,11 @@
-"""pipeline.cli.comma_list: every form fire gives a comma-separated argument in."""
+"""pipeline.cli: every form fire gives a comma-separated argument in, and the checks of counts."""
 
 from __future__ import annotations
 
 import fire
 import pytest
 
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, count_problems
 
 
 def fire_value(arg: str):
@@ -35,3 +35,13 @@ def test_comma_list_reads_each_form_fire_gives(arg, expected):
 
 def test_comma_list_of_nothing_is_empty():
     assert comma_list(None) == comma_list("") == comma_list(()) == comma_list(" , ") == []
+
+
+def test_count_problems_names_each_count_that_is_not_a_whole_number_of_at_least_its_least():
+    counts = {"a": (1, 1), "b": (0, 0), "c": (0, 1), "d": (1.5, 1), "e": ("abc", 1), "f": (True, 1)}
+    assert count_problems(counts) == [
+        "--c must be a whole number of at least 1, got 0",
+        "--d must be a whole number of at least 1, got 1.5",
+        "--e must be a whole number of at least 1, got 'abc'",
+        "--f must be a whole number of at least 1, got True",
+    ]
