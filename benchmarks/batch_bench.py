@@ -12,21 +12,19 @@ fastest round of each size, and every round) and writes ``--out/batch_bench_<dev
 
 from __future__ import annotations
 
-import datetime
 import sys
 from pathlib import Path
 
 import fire
 import torch
 
-from benchmarks.eval_bench import _timed, device_slug, ensure_clips, make_dataset
+from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, run_header, write_results
 from benchmarks.harness import resolve_device
 from benchmarks.shard_bench import machine_info
 from eval.features import eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache
 from eval.prompts import class_prompts
 from pipeline.cli import comma_list, count_problems
-from pipeline.writer import atomic_write_bytes, json_bytes
 from train.model import create_clip, image_size, tokenizer_for
 
 
@@ -128,8 +126,7 @@ def main(
     report = "\n".join(lines)
     print(report)
     results = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.batch_bench", *sys.argv[1:]]),
+        **run_header("batch_bench"),
         "device": name,
         "machine": machine,
         "model": str(model),
@@ -137,10 +134,7 @@ def main(
         "text_rounds_s": text_rounds,
         "best": best,
     }
-    stem = out_dir / f"batch_bench_{device_slug(dev)}"
-    atomic_write_bytes(stem.with_suffix(".json"), json_bytes(results))
-    atomic_write_bytes(stem.with_suffix(".md"), (report + "\n").encode())
-    print(f"results: {stem}.json")
+    write_results(out_dir, "batch_bench", dev, results, report)
 
 
 if __name__ == "__main__":

@@ -412,6 +412,23 @@ def device_slug(dev: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
 
 
+def run_header(bench: str) -> dict:
+    """When and how a benchmark's results were made: the first fields of its JSON."""
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{bench}", *sys.argv[1:]]),
+    }
+
+
+def write_results(out_dir: Path, bench: str, dev: torch.device, results: dict, report: str) -> None:
+    """``results`` as ``OUT/<bench>_<device>.json`` and the printed ``report`` as the ``.md`` beside it, each
+    written whole or not at all."""
+    stem = out_dir / f"{bench}_{device_slug(dev)}"
+    atomic_write_bytes(stem.with_suffix(".json"), json_bytes(results))
+    atomic_write_bytes(stem.with_suffix(".md"), (report + "\n").encode())
+    print(f"results: {stem}.json")
+
+
 def _min_s(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -579,8 +596,7 @@ def main(
             pass
 
     results = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.eval_bench", *sys.argv[1:]]),
+        **run_header("eval_bench"),
         "settings": {
             "videos": int(videos),
             "seconds": float(seconds),
@@ -609,10 +625,7 @@ def main(
     print()
     print(report)
     print(f"\ntotal {results['total_s']:.1f} s (clip generation {gen_s:.1f} s)")
-    stem = out_dir / f"eval_bench_{device_slug(dev)}"
-    atomic_write_bytes(stem.with_suffix(".json"), json_bytes(results))
-    atomic_write_bytes(stem.with_suffix(".md"), (report + "\n").encode())
-    print(f"results: {stem}.json")
+    write_results(out_dir, "eval_bench", dev, results, report)
     if not enc["checks_ok"]:
         sys.exit(1)
 

@@ -8,9 +8,11 @@
 #             shapes (seconds, not a compile each): they choose LEVERS, the variant the other parts time: the
 #             trainer's default with +qkv (--packed_qkv), +patch if the matrix product was faster
 #             (--linear_patch_embed), +cls if the class token's row was (--cls_last_block) and the fastest kernel
-#             if not torch's own (--attention_kernel)
+#             if not torch's own (--attention_kernel). Also its text tower at 77 tokens and cut as the trainer cuts
+#             its captions (--trim_text, the default): a record, not a choice
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
-#             trainer's default, LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
+#             tokens), LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
 #   numerics  the step with LEVERS' flags against the plain fp32 step (loss, gradient cosine)
 #   memory    256+256 under a 78 GiB cap (what an 80 GB H100 leaves), compiled, checkpointing only the first 5 or 6

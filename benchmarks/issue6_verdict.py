@@ -42,6 +42,8 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "math": ("math attention first", "--attention_kernel math"),
     "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
     "tma": ("persistent TMA matmul templates", "--persistent_tma_matmul True"),
+    # the one lever that turns a default off: captions padded to the full context length, as before --trim_text
+    "fullpad": ("captions at the full context length", "--trim_text False"),
 }
 REQUIRES = {"tma": "autotune"}  # a lever step_variants times only beside another: judged with it, against neither
 # the step variant whose batches arrive as each --augment_on mode hands them over
@@ -152,6 +154,13 @@ def kernel_lines(kernels: dict) -> list[str]:
             f"last block alone: every row {1e3 * block['full']:.2f} ms, class token's row {1e3 * block['cls']:.2f} ms "
             f"per step ({block['full'] / block['cls']:.2f}x)"
         ]
+    text = kernels.get("text_tower")  # nor the text tower
+    if text:
+        last.append(
+            f"text tower alone: {text['context']} tokens {1e3 * text['full']:.2f} ms, cut to {text['width']} "
+            f"(--trim_text, the default) {1e3 * text['trimmed']:.2f} ms per step "
+            f"({text['full'] / text['trimmed']:.2f}x)"
+        )
     return [
         f"attention kernels alone on {kernels['device']} at {kernels['batch']} (per step, fastest first): "
         f"{attention}; tried in the step: --attention_kernel {kernels['best_attention_kernel']}",

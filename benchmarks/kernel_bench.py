@@ -7,20 +7,23 @@ levers its step variants then time.
 
 - **Attention**: ``F.scaled_dot_product_attention`` as the step calls it, on views of a packed QKV projection
   (``train.attention.packed_attention``), in bf16 on the GPU: the student's image tower over (L+U)*T frames and its
-  text tower over L+U captions (causal float mask), forward and backward; the teacher's towers over U*T frames and
-  U captions, forward only. Each call is timed with one kernel allowed at a time, and with torch's own choice
-  ("auto"). The step's attention time is each call's time times the tower's layers. With ``--attention_kernel X``
-  a call X cannot serve falls back to the next kernel in ``train.attention.TORCH_ORDER``; the total for X counts
-  that kernel there.
+  text tower over L+U captions (causal float mask; at the width the trainer cuts them to), forward and backward;
+  the teacher's towers over U*T frames and U captions, forward only. Each call is timed with one kernel allowed at a
+  time, and with torch's own choice ("auto"). The step's attention time is each call's time times the tower's
+  layers. With ``--attention_kernel X`` a call X cannot serve falls back to the next kernel in
+  ``train.attention.TORCH_ORDER``; the total for X counts that kernel there.
 - **Patch embedding**: the convolution as open_clip runs it against ``train.patch_embed.linear_patch_embed`` on
   the same weight: the student's forward and weight gradient, the teacher's forward.
 - **Last block**: the image tower's last block on every row against ``train.cls_last_block.cls_last_block`` (the
   class token's row only), eager: the student's forward and backward, the teacher's forward.
+- **Text tower**: the whole text tower at the full context length against the captions cut after the longest of
+  their batch (``--trim_text``, the trainer's default), eager: the student's forward and backward, the teacher's
+  forward. A record of what the default gains, not a lever to choose.
 
 Writes ``DIR/kernels.json``: the rows, the step's attention time with each kernel first, the fastest
 (``best_attention_kernel``, an ``--attention_kernel`` value), the patch embedding's two times, the last block's two
-times, and the ``benchmarks.step_variants`` options they favour (``step_levers``: ``patch``, ``cls``, a kernel),
-which gpu_step.sh then times in the whole step.
+times, the text tower's two times, and the ``benchmarks.step_variants`` options they favour (``step_levers``:
+``patch``, ``cls``, a kernel), which gpu_step.sh then times in the whole step.
 """
 
 from __future__ import annotations
@@ -34,11 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from benchmarks.harness import image_tokens, kernel_setup, relative_difference, time_call, training_call
+from benchmarks.harness import (
+    image_tokens,
+    kernel_setup,
+    relative_difference,
+    synthetic_batch,
+    time_call,
+    training_call,
+)
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.cls_last_block import cls_last_block
-from train.model import image_size
+from train.model import encode_text, image_size, tokenizer_for, trim_padding
 from train.patch_embed import linear_patch_embed
 
 NAMES = {kernel: name for name, kernel in KERNELS.items() if kernel is not None}  # SDPBackend -> flag value
@@ -70,12 +80,22 @@ def attention_call(
     return call
 
 
-def tower_shapes(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int) -> list[dict]:
-    """The step's attention calls, one per tower and model: batch, tokens, heads, head size, layers, backward."""
+def caption_widths(model: str, n_lab: int, n_unl: int) -> tuple[torch.Tensor, int]:
+    """The step variants' synthetic captions (``benchmarks.harness.synthetic_batch``, 4-24 words) of both batches as
+    the tokenizer pads them, (L+U, context), and the width the trainer cuts them to (``train.model.trim_padding``,
+    the wider batch's)."""
+    tokenizer = tokenizer_for(model)
+    tokens = [synthetic_batch(n, 1, 1, tokenizer, k + 1, False).tokens for k, n in enumerate((n_lab, n_unl))]
+    return torch.cat(tokens), max(trim_padding(t).shape[1] for t in tokens)
+
+
+def tower_shapes(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, text_width: int) -> list[dict]:
+    """The step's attention calls, one per tower and model: batch, tokens (the captions' at ``text_width``, as the
+    trainer cuts them), heads, head size, layers, backward."""
     vision, text = clip.visual.transformer, clip.transformer
     v_attn, t_attn = vision.resblocks[0].attn, text.resblocks[0].attn
     v_tokens = image_tokens(clip)
-    t_tokens = clip.attn_mask.shape[0]
+    t_tokens = text_width
     calls = []
     for who, n, backward in (("student", n_lab + n_unl, True), ("teacher", n_unl, False)):
         for tower, batch, tokens, attn, layers, mask in (
@@ -238,6 +258,30 @@ def last_block_rows(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, 
     return row
 
 
+def text_tower_rows(clip: torch.nn.Module, captions: tuple[torch.Tensor, int], n_lab: int, device, dtype) -> dict:
+    """The text tower per step at the full context length against the ``captions`` (``caption_widths``) cut as the
+    trainer cuts them (``--trim_text``): seconds of the student's forward and backward over L+U captions plus the
+    teacher's forward over U, eager, under autocast as the step runs them."""
+    tokens, width = captions
+    n_unl = tokens.shape[0] - n_lab
+    student = copy.deepcopy(clip).to(device)
+    teacher = copy.deepcopy(clip).to(device, dtype).eval().requires_grad_(False)  # bf16 weights on the GPU
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    joined = tokens.to(device)  # (L+U, context)
+    grad = torch.randn(joined.shape[0], clip.text_projection.shape[-1], device=device, dtype=dtype)
+    row = {"captions_student": joined.shape[0], "captions_teacher": n_unl, "context": joined.shape[1], "width": width}
+    for name, cols in (("full", joined.shape[1]), ("trimmed", width)):
+        ins = (student, joined[:, :cols]), (teacher, joined[n_lab:, :cols])
+        row[name] = student_and_teacher_s(encode_text, *ins, grad, list(student.parameters()), device, autocast)
+    print(
+        f"  text tower ({row['captions_student']} + {row['captions_teacher']} captions): {row['context']} tokens "
+        f"{1e3 * row['full']:.3f} ms, cut to {width} {1e3 * row['trimmed']:.3f} ms "
+        f"({row['full'] / row['trimmed']:.2f}x)",
+        flush=True,
+    )
+    return row
+
+
 def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
@@ -247,7 +291,8 @@ def main(
     print(
         f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"
     )
-    rows = attention_rows(tower_shapes(clip, frames, n_lab, n_unl), dev, dtype)
+    captions = caption_widths(model, n_lab, n_unl)
+    rows = attention_rows(tower_shapes(clip, frames, n_lab, n_unl, captions[1]), dev, dtype)
     totals = step_attention_s(rows)
     best = best_kernel(totals)
     described = (f"{k} {1e3 * v:.2f} ms" if k == "auto" else f"{k} first {1e3 * v:.2f} ms" for k, v in totals.items())
@@ -260,6 +305,7 @@ def main(
         "patch_embed": patch_rows(clip, frames, n_lab, n_unl, dev, dtype),
     }
     record["last_block"] = last_block_rows(clip, frames, n_lab, n_unl, dev, dtype)
+    record["text_tower"] = text_tower_rows(clip, captions, n_lab, dev, dtype)
     record["step_levers"] = step_levers(best, record["patch_embed"], record["last_block"])
     print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
     if out:

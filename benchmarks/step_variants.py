@@ -22,6 +22,9 @@ elsewhere). +patch: the patch embedding as one matrix product instead of a convo
 ``--linear_patch_embed``). +cls: the ViT's last block for the class token only (``train.cls_last_block``,
 ``--cls_last_block``); its rows' MFU counts the FLOPs it performs, about 6.9% fewer for ViT-B/16, not those it skips.
 +cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
+Captions: every variant but naive gets them cut after the longest of its batch, as the trainer's loader cuts them
+(``--trim_text``, its default); +fullpad keeps them padded to the model's context length (``--trim_text False``),
+as naive does. The FLOPs of each row are counted at its captions' width (``caption_width`` in the JSON).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +tma (with +autotune):
 Triton's persistent TMA matmul templates join the kernels it tunes (``--persistent_tma_matmul``,
 ``train.loop.compile_options``); +graphs: with mode="reduce-overhead" (CUDA graphs: no launch gaps, static input
@@ -71,7 +74,15 @@ from train.attention import use_packed_attention
 from train.cls_last_block import use_cls_last_block
 from train.data import Batch, TrainTransform
 from train.loss import DISTILLATION, contrastive_loss, fitclip_loss
-from train.model import VideoTextModel, checkpoint_blocks, image_size, normalize_frames, tokenizer_for
+from train.model import (
+    VideoTextModel,
+    checkpoint_blocks,
+    fit_width,
+    image_size,
+    normalize_frames,
+    tokenizer_for,
+    trim_padding,
+)
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.patch_embed import use_linear_patch_embed
 from train.prefetch import Prefetcher
@@ -79,7 +90,7 @@ from train.profiling import describe, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", "cls", "tma", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", *KERNEL_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -109,6 +120,26 @@ def loader_batch(n: int, frames: int, size: int, tokenizer, seed: int, jpeg: boo
     else:  # (n, T, H, W, 3), the layout libjpeg decodes to
         batch.video = pictures[pick].permute(0, 2, 3, 1).reshape(n, frames, height, width, 3).contiguous()
     return batch.pin_memory() if pin else batch
+
+
+def full_width(options: set[str]) -> bool:
+    """Whether a variant's captions stay padded to the model's context length: naive (what open_clip's tokenizer
+    gives), +fullpad (``--trim_text False``). The others' are cut as the trainer's loader cuts them."""
+    return bool(options & {"naive", "fullpad"})
+
+
+def as_captioned(batch: Batch, options: set[str]) -> Batch:
+    """``batch`` with its captions as the variant's step gets them (``full_width``): cut after the longest
+    (``train.model.trim_padding``), pinned again where they were."""
+    if full_width(options):
+        return batch
+    tokens = trim_padding(batch.tokens)
+    return dataclasses.replace(batch, tokens=tokens.pin_memory() if batch.tokens.is_pinned() else tokens)
+
+
+def caption_width(pair: list[Batch], options: set[str]) -> int:
+    """The width in tokens of the captions a variant's step runs (its two batches joined at the wider)."""
+    return max(as_captioned(b, options).tokens.shape[1] for b in pair)
 
 
 def as_float_batch(batch: Batch) -> Batch:
@@ -179,8 +210,10 @@ def run_variant(
     student_clip.logit_scale.requires_grad_(False)
     checkpoint_blocks(student_clip, cfg_v.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
+    batches = {source: [as_captioned(b, options) for b in pair] for source, pair in batches.items()}
     lab, unl = batches["plain"]
     row = {"variant": variant, "batch": f"{lab.video.shape[0]}x{unl.video.shape[0]}"}
+    row["caption_width"] = max(lab.tokens.shape[1], unl.tokens.shape[1])
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -302,14 +335,16 @@ def main(
     video, caption = torch.zeros(1, frames, 3, size, size, device=dev), tokenizer(["a video"]).to(dev)
 
     @functools.cache
-    def video_flops(cls: bool) -> int:
-        """FLOPs of one video's forward; with +cls those of the model it runs (the FLOPs the step performs)."""
+    def video_flops(cls: bool, width: int) -> int:
+        """FLOPs of one video's forward and its caption ``width`` tokens wide; with +cls those of the model it runs
+        (the FLOPs the step performs)."""
         # Count on a model in train mode: in eval mode without gradients nn.MultiheadAttention takes a fused fast
         # path whose projections FlopCounterMode does not see (96 instead of 146 GFLOP for a ViT-B/16 video).
         clip = with_levers(copy.deepcopy(base["student"]), {"cls"} if cls else set())
-        return forward_flops(VideoTextModel(clip, cfg.renormalize_video).to(dev).train(), video, caption)
+        model = VideoTextModel(clip, cfg.renormalize_video).to(dev).train()
+        return forward_flops(model, video, fit_width(caption, width))
 
-    per_video = video_flops(False)
+    per_video = video_flops(False, caption.shape[1])
     measured = measure_matmul_tflops(dev)
     datasheet = peak_tflops(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -344,7 +379,8 @@ def main(
                     loader_batch(n, frames, size, tokenizer, k + 1, jpeg, pin) for k, n in enumerate(sizes)
                 ]
         for variant in variant_list:
-            counted = video_flops("cls" in variant_options(variant))
+            options = variant_options(variant)
+            counted = video_flops("cls" in options, caption_width(batches["plain"], options))
             flops = step_flops(counted, counted, n_lab, n_unl)
             keep = functools.partial(keep_row, record, path, n_lab + n_unl, flops, measured, datasheet)
             row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile, on_timed=keep)

@@ -3,7 +3,7 @@
     python -m benchmarks.train_step [--model ViT-B-16-quickgelu|path/to/config.json] [--batch_labeled 128]
         [--batch_unlabeled 128] [--batches LxU,LxU,...] [--frames 4] [--steps 10] [--warmup 3] [--recipe paper]
         [--device auto] [--precision RECIPE'S] [--peak_tflops 0] [--compile False] [--grad_checkpointing False]
-        [--threads 0] [--seed 0] [--out benchmarks/output]
+        [--trim_text True] [--threads 0] [--seed 0] [--out benchmarks/output]
 
 What runs is the trainer's own code: ``train.loop.build_models`` (random teacher weights, ``teacher_weights=""``,
 saved into a temporary run folder as the trainer does; the student is initialised from it, the teacher is frozen and
@@ -11,14 +11,15 @@ in bf16 on GPU), ``train.loop.build_optimizer`` (AdamW, fused on GPU) and ``trai
 copy of both batches, one student forward over labeled + unlabeled videos, teacher forward on the unlabeled batch,
 Eq. 5, backward, gradient norm, optimizer and scheduler step). Only the data loader is replaced: each configuration
 uses one fixed pair of synthetic :class:`train.data.Batch` objects (random pixels in [0, 1] normalised with the CLIP
-mean/std, shape (B, T, 3, S, S); random captions tokenised by the model's tokenizer, so the SOT/EOT layout is real),
-pinned on GPU as the trainer's loader pins them.
+mean/std, shape (B, T, 3, S, S); random captions of 4-24 words tokenised by the model's tokenizer, so the SOT/EOT
+layout is real, and cut after the longest of each batch as the trainer's loader cuts them unless ``--trim_text
+False``), pinned on GPU as the trainer's loader pins them.
 
 A *pair* is one video-caption pair: a step over ``L x U`` (L labeled + U unlabeled videos) processes L + U pairs.
 FLOPs are counted as the trainer's MFU counts them (``train.monitor``): the student's forward of one video (T frames
 + its caption) counted by ``FlopCounterMode``, times 3 (forward + backward) for all L + U pairs, plus one teacher
-forward (same architecture) for the U unlabeled pairs; activation recomputation (``--grad_checkpointing``) is not
-counted (model FLOPs, not hardware FLOPs).
+forward (same architecture) for the U unlabeled pairs, with the caption as wide as the step's (``caption_width`` in
+the JSON); activation recomputation (``--grad_checkpointing``) is not counted (model FLOPs, not hardware FLOPs).
 
 For every ``LxU`` of ``--batches`` (default: the single ``--batch_labeled x --batch_unlabeled``) the student is reset
 to its initial weights, a fresh optimizer is built, ``--warmup`` steps run untimed and ``--steps`` steps are timed one
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import math
 import os
@@ -42,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +55,7 @@ from benchmarks.harness import checked_args, checked_config, measure_matmul_tflo
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig
-from train.model import image_size, tokenizer_for
+from train.model import fit_width, image_size, text_tokenizer, tokenizer_for
 from train.profiling import sync
 
 INPUT_COPY_REPEATS = 3
@@ -72,6 +75,7 @@ def main(
     peak_tflops: float = 0.0,
     compile: bool = False,
     grad_checkpointing: bool | int = False,
+    trim_text: bool = True,
     threads: int = 0,
     seed: int = 0,
     out: str = "benchmarks/output",
@@ -93,6 +97,7 @@ def main(
         compile: torch.compile the student and the teacher, as the trainer's --compile.
         grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing (True:
             every block; N: the first N blocks of each tower).
+        trim_text: cut the captions after the longest of each batch, as the trainer's --trim_text (its default).
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default.
         seed: seed of the weights and of the synthetic batches.
         out: folder of the JSON record.
@@ -118,6 +123,7 @@ def main(
         peak_tflops=float(peak_tflops),
         compile=bool(compile),
         grad_checkpointing=grad_checkpointing,
+        trim_text=trim_text,
         seed=seed,
         wandb="off",
         progress=False,
@@ -151,10 +157,11 @@ class Bench:
     cfg: TrainConfig
     models: loop.Models
     initial: dict[str, torch.Tensor]  # the student's initial weights (CPU), restored before each configuration
-    tokenizer: object
+    tokenizer: object  # the trainer's: captions cut after the longest of each batch unless --trim_text False
     size: int  # frame size S
     device: torch.device
-    per_video: int  # FLOPs of the student's forward of one video and its caption
+    per_video: int  # FLOPs of the student's forward of one video and its caption at the full context length
+    per_video_at: Callable[[int], int]  # the same with the caption that many tokens wide
     datasheet: float  # peak TFLOP/s from the trainer's lookup or --peak_tflops; 0 = unknown
     measured: float  # measured dense bf16 matmul TFLOP/s (GPU); 0 on CPU
     bf16: bool  # the step runs under bf16 autocast
@@ -166,7 +173,7 @@ class Bench:
             f"train_step: {self.machine['device_name']}, torch {torch.__version__}, model {self.cfg.model} "
             f"({self.size}x{self.size}, {self.cfg.frames} frames), recipe {self.cfg.recipe}, "
             f"{'bf16 autocast' if self.bf16 else 'fp32'}, models built in {self.build_s:.1f} s, "
-            f"student forward {self.per_video / 1e9:.2f} GFLOP per video"
+            f"student forward {self.per_video / 1e9:.2f} GFLOP per video (captions at the full context length)"
             + (
                 f", measured bf16 matmul peak {self.measured:.0f} TFLOP/s (datasheet {self.datasheet:.0f})"
                 if self.measured
@@ -177,7 +184,8 @@ class Bench:
     def rates(self, row: dict) -> dict:
         """FLOPs per step and per pair; pairs/s, achieved TFLOP/s and MFU (None without a peak) when it ran."""
         lab, unl = row["labeled"], row["unlabeled"]
-        flops = monitor.step_flops(self.per_video, self.per_video, lab, unl)
+        per_video = self.per_video_at(row["caption_width"]) if "caption_width" in row else self.per_video
+        flops = monitor.step_flops(per_video, per_video, lab, unl)
         rates = {"flops_per_step": flops, "flops_per_pair": flops / (lab + unl)}
         if row["status"] != "ok":  # OOM or non-finite loss: no rate to report
             return rates
@@ -207,6 +215,7 @@ class Bench:
                 "teacher_dtype": str(next(self.models.teacher.parameters()).dtype),
                 "compile": self.cfg.compile,
                 "grad_checkpointing": self.cfg.grad_checkpointing,
+                "trim_text": self.cfg.trim_text,
                 "warmup_steps": warmup,
                 "timed_steps": steps,
                 "seed": self.cfg.seed,
@@ -234,14 +243,16 @@ def set_up(cfg: TrainConfig, dist: distributed.DistInfo) -> Bench:
         build_s = time.perf_counter() - t0
     tokenizer = tokenizer_for(cfg.model)
     size = cfg.crop or image_size(models.student.clip)
+    per_video_at = functools.cache(lambda width: count_forward_flops(models, cfg.frames, size, tokenizer, dev, width))
     return Bench(
         cfg=cfg,
         models=models,
         initial={k: v.detach().to("cpu", copy=True) for k, v in models.student.state_dict().items()},
-        tokenizer=tokenizer,
+        tokenizer=text_tokenizer(models.student.clip, tokenizer, cfg.trim_text),
         size=size,
         device=dev,
         per_video=count_forward_flops(models, cfg.frames, size, tokenizer, dev),
+        per_video_at=per_video_at,
         datasheet=monitor.peak_tflops(dev, cfg.peak_tflops),
         measured=measure_matmul_tflops(dev),
         bf16=isinstance(loop.autocast(cfg, dev), torch.autocast),
@@ -264,6 +275,7 @@ def run_config(bench: Bench, cfg: TrainConfig, warmup: int, steps: int) -> dict:
         seed = cfg.seed * 1_000_003 + cfg.batch_labeled * 1009 + cfg.batch_unlabeled
         labeled = synthetic_batch(cfg.batch_labeled, cfg.frames, bench.size, bench.tokenizer, seed, pin)
         unlabeled = synthetic_batch(cfg.batch_unlabeled, cfg.frames, bench.size, bench.tokenizer, seed + 1, pin)
+        row["caption_width"] = max(labeled.tokens.shape[1], unlabeled.tokens.shape[1])
         progress = loop.Progress()
         times, results = [], []
         for i in range(warmup + steps):
@@ -347,13 +359,15 @@ def input_copy_ms(labeled: data.Batch, unlabeled: data.Batch, dev: torch.device)
     """Median ms of the step's input transfer: the trainer's ``torch.cat`` on the host then ``.to(device)``, and the
     alternative of copying each (pinned) batch and concatenating on the device."""
 
+    width = max(labeled.tokens.shape[1], unlabeled.tokens.shape[1])  # captions cut to two widths: joined at one
+
     def trainer_way():
         torch.cat([labeled.video, unlabeled.video]).to(dev, non_blocking=True)
-        torch.cat([labeled.tokens, unlabeled.tokens]).to(dev, non_blocking=True)
+        torch.cat([fit_width(b.tokens, width) for b in (labeled, unlabeled)]).to(dev, non_blocking=True)
 
     def copy_then_cat():
         torch.cat([labeled.video.to(dev, non_blocking=True), unlabeled.video.to(dev, non_blocking=True)])
-        torch.cat([labeled.tokens.to(dev, non_blocking=True), unlabeled.tokens.to(dev, non_blocking=True)])
+        torch.cat([fit_width(b.tokens.to(dev, non_blocking=True), width) for b in (labeled, unlabeled)])
 
     result = {}
     for name, fn in (("trainer_cat_then_copy", trainer_way), ("copy_then_cat", copy_then_cat)):
@@ -361,11 +375,12 @@ def input_copy_ms(labeled: data.Batch, unlabeled: data.Batch, dev: torch.device)
     return result
 
 
-def count_forward_flops(models, frames: int, size: int, tokenizer, dev: torch.device) -> int:
-    """FLOPs of the student's forward of one video and its caption, as the trainer's ``_flops_per_step`` counts."""
+def count_forward_flops(models, frames: int, size: int, tokenizer, dev: torch.device, width: int = 0) -> int:
+    """FLOPs of the student's forward of one video and its caption (``width`` tokens wide; 0: the tokenizer's
+    context length), as the trainer's ``_flops_per_step`` counts."""
     video = torch.zeros(1, frames, 3, size, size, device=dev)  # (1, T, 3, S, S)
     tokens = tokenizer(["a video"]).to(dev)  # (1, L)
-    return monitor.forward_flops(models.student, video, tokens)
+    return monitor.forward_flops(models.student, video, fit_width(tokens, width) if width else tokens)
 
 
 def machine_info(dev: torch.device) -> dict:

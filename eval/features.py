@@ -17,7 +17,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from eval.frame_cache import FrameCache
 from train.data import EvalTransform
-from train.model import encode_text, encode_video
+from train.model import encode_text, encode_video, trim_padding, trims_text
 
 
 def eval_autocast(device: torch.device):
@@ -86,15 +86,29 @@ def video_embeddings(
 
 @torch.no_grad()
 def text_embeddings(
-    clip, tokenizer, texts: list[str], batch_size: int, device: torch.device, autocast=None
+    clip, tokenizer, texts: list[str], batch_size: int, device: torch.device, autocast=None, trim: bool = True
 ) -> torch.Tensor:
-    """(N, D) L2-normalised embeddings of ``texts`` (truncated to the model's context length by the tokenizer)."""
+    """(N, D) L2-normalised embeddings of ``texts`` (truncated to the model's context length by the tokenizer).
+
+    Where the model's embeddings do not depend on the padding (``train.model.trims_text``), the texts go shortest
+    first and each batch is cut after its longest caption: a batch of short captions costs a fraction of CLIP's 77
+    tokens each. The rows come back in the order of ``texts``. ``trim=False``: every text at the full context
+    length, in the order given (``benchmarks.text_bench`` compares the two).
+    """
+    if not texts:
+        return torch.zeros(0, 0)
+    tokens = tokenizer(texts)  # (N, L)
+    trim = trim and trims_text(clip)
+    order = (tokens != 0).sum(dim=1).argsort(stable=True) if trim else torch.arange(len(texts))
     parts = []
     for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[i : i + batch_size]).to(device)
+        batch = tokens[order[i : i + batch_size]]
+        batch = trim_padding(batch) if trim else batch
         with autocast or torch.autocast(device.type, enabled=False):
-            parts.append(encode_text(clip, tokens).float().cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
+            parts.append(encode_text(clip, batch.to(device)).float().cpu())
+    embeddings = torch.empty(len(texts), parts[0].shape[1])
+    embeddings[order] = torch.cat(parts)
+    return embeddings
 
 
 @torch.no_grad()

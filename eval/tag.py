@@ -95,7 +95,9 @@ def label_embeddings(clip, tokenizer, labels: list[str], batch_size: int, device
     return torch.nn.functional.normalize(means, dim=-1)
 
 
-CPU_BATCHES = (1, 8)  # (videos, texts) per forward on a CPU: the fastest measured (benchmarks.batch_bench)
+# (videos, texts) per forward on a CPU: the fastest measured (benchmarks.batch_bench). Texts were fastest 8 at a time
+# at CLIP's 77 tokens; cut to their batch's longest (eval.features.text_embeddings), 64 at a time
+CPU_BATCHES = (1, 64)
 GPU_BATCH = 64
 
 
@@ -169,7 +171,7 @@ def main(
         device: auto, cuda or cpu.
         workers: processes decoding videos.
         batch_size: videos (or texts) per forward pass; 0 picks for the device (64 on a GPU; on a CPU 1 video and
-            8 texts, faster there).
+            64 texts, faster there).
         cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
             changed videos (default: a temporary folder, removed at the end).
     """

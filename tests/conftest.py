@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def expected_indices(num_frames: int, fps: float, n: int = 4) -> list[int]:
 
 
 TINY_CLIP = REPO / "tests" / "data" / "tiny-clip.json"
+
+
+def tiny_variant(folder: Path, name: str, **text_cfg) -> str:
+    """The tiny model with ``text_cfg`` changed (e.g. CLIP's 77-token context, where captions get cut), as a
+    model-config JSON ``folder/name.json`` of its own."""
+    config = json.loads(TINY_CLIP.read_text())
+    config["text_cfg"].update(text_cfg)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_CLIP, run_cli
+from conftest import TINY_CLIP, run_cli, tiny_variant, write_csv
 
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
@@ -21,7 +21,8 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert set(rows) == set(variants.split(","))
     assert record["complete"] is True
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 and "profile" in r for r in rows.values())
-    assert rows["ours"]["first_loss"] == rows["naive"]["first_loss"]
+    # ours cuts the captions' padding (--trim_text), naive does not: the same loss up to float rounding
+    assert rows["ours"]["first_loss"] == pytest.approx(rows["naive"]["first_loss"], rel=1e-6)
     assert abs(rows["ours+ckpt1"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-5  # recomputed, not changed
     assert abs(rows["ours+qkv"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4  # the same function
     assert rows["ours+cudnn"]["first_loss"] == rows["ours"]["first_loss"]  # no cuDNN on the CPU: the same kernel
@@ -31,7 +32,8 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert abs(rows["ours+cls"]["first_loss"] - rows["ours"]["first_loss"]) < 1e-4
     # +cls is counted at the FLOPs it performs: its MFU does not gain from the rows it leaves out
     flops = {v: r["flops_per_step"] for v, r in rows.items()}
-    assert flops["ours+cls"] < flops["ours"] == flops["naive"] == flops["ours+qkv"] == flops["ours+patch+flash"]
+    assert flops["ours+cls"] < flops["ours"] == flops["ours+qkv"] == flops["ours+patch+flash"]
+    assert flops["ours"] < flops["naive"]  # and the cut captions at the FLOPs of their width (naive: 32 tokens)
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -297,6 +299,10 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
         *judged,
         "last block alone: every row 24.20 ms, class token's row 4.00 ms per step (6.05x)",
     ]
+    kernels["text_tower"] = {"context": 77, "width": 32, "full": 0.0210, "trimmed": 0.0100}
+    assert verdict(None, None, None, None, None, kernels)[-1] == (
+        "text tower alone: 77 tokens 21.00 ms, cut to 32 (--trim_text, the default) 10.00 ms per step (2.10x)"
+    )
     cosine = "\n".join(verdict(None, None, None, None, {**numerics, "gradient_cosine": 0.95}))
     assert cosine.endswith("NOT MET")
     oom = {"device": "cuda", "rows": [{**step["rows"][1]}, {"variant": "naive", "batch": "128x128", "status": "OOM"}]}
@@ -455,3 +461,78 @@ def test_batch_bench_times_each_size_in_interleaved_rounds(tmp_path):
     assert best_size({1: [2.0, 1.0], 8: [1.5], 64: [1.0]}) == 1  # a tie goes to the smaller size
     bad = run_cli("benchmarks.batch_bench", "--model", TINY_CLIP, "--sizes", "0,x", "--out", tmp_path, check=False)
     assert bad.returncode == 1 and "error: --sizes must be a comma list" in bad.stderr
+
+
+def test_the_step_benchmarks_cut_the_captions_as_the_trainer_and_count_the_flops_at_their_width(tmp_path):
+    """The tiny model with CLIP's 77-token context, where 4-24 word captions get cut: step_variants' trainer variants
+    and train_step run the cut captions (the trainer's default), naive and +fullpad the padded ones, with the same
+    loss, each counted at its own width."""
+    model = tiny_variant(tmp_path, "tiny77", context_length=77)
+    run_cli(
+        "benchmarks.step_variants",
+        *("--model", model, "--batches", "2x3", "--variants", "naive,ours,ours+fullpad"),
+        *("--steps", 1, "--warmup", 0, "--out", tmp_path / "sv"),
+        timeout=300,
+    )
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "sv" / "step_variants_cpu.json").read_text())["rows"]}
+    widths = {v: r["caption_width"] for v, r in rows.items()}
+    assert widths["naive"] == widths["ours+fullpad"] == 77 and widths["ours"] < 77 and widths["ours"] % 8 == 0
+    assert rows["ours"]["flops_per_step"] < rows["ours+fullpad"]["flops_per_step"] == rows["naive"]["flops_per_step"]
+    assert rows["ours"]["first_loss"] == pytest.approx(rows["ours+fullpad"]["first_loss"], rel=1e-6)
+    results = {}
+    for trim in (True, False):
+        out = tmp_path / f"ts{trim}"
+        run_cli(
+            "benchmarks.train_step",
+            *("--model", model, "--batches", "2x3", "--device", "cpu", "--steps", 1, "--warmup", 0),
+            *("--trim_text", trim, "--out", out),
+            timeout=300,
+        )
+        record = json.loads((out / "train_step_cpu.json").read_text())
+        assert record["settings"]["trim_text"] is trim
+        (results[trim],) = record["results"]
+    cut, full = results[True], results[False]
+    assert full["caption_width"] == 77 and full["flops_per_step"] == rows["naive"]["flops_per_step"]  # one count
+    assert cut["caption_width"] < 77 and cut["caption_width"] % 8 == 0
+    assert cut["flops_per_step"] < full["flops_per_step"]
+    assert cut["losses"] == pytest.approx(full["losses"], rel=1e-6)
+    proc = run_cli("benchmarks.kernel_bench", "--model", model, "--batches", "2x3", "--out", tmp_path, timeout=300)
+    text = json.loads((tmp_path / "kernels.json").read_text())["text_tower"]
+    assert (text["context"], text["width"], text["captions_student"], text["captions_teacher"]) == (77, 24, 5, 3)
+    assert text["full"] > 0 and text["trimmed"] > 0
+    calls = {r["call"]: r for r in json.loads((tmp_path / "kernels.json").read_text())["attention"]}
+    assert calls["student text"]["tokens"] == calls["teacher text"]["tokens"] == 24  # as the step runs them
+    assert "text tower (5 + 3 captions): 77 tokens" in proc.stdout
+
+
+def test_text_bench_times_evaluation_and_training_texts_full_and_cut(tmp_path):
+    model = tiny_variant(tmp_path, "tiny77", context_length=77)
+    captions = ["Horse grazing - seperated on green screen", "Aerial shot of a winter forest, slow motion", "Sea"]
+    csv = write_csv(
+        tmp_path / "webvid.csv", [[str(i), c, "1", "1", "PT00H00M05S", "x.mp4"] for i, c in enumerate(captions)]
+    )
+    args = ("--model", model, "--captions", csv, "--train_batch", 8, "--batch_size", 16, "--repeats", 1)
+    proc = run_cli("benchmarks.text_bench", *args, "--device", "cpu", "--out", tmp_path / "out", timeout=300)
+    record = json.loads((tmp_path / "out" / "text_bench_cpu.json").read_text())
+    assert record["captions"].startswith("3 captions of ")
+    assert record["train_width"] == {"full": 77, "cut": 16}  # the longest caption: 12 tokens
+    assert set(record["eval_rounds_s"]) == {"UCF101 prompts", "captions"}
+    assert all(d < 1e-5 for d in record["eval_max_difference"].values())  # the same embeddings
+    assert all(len(r["full"]) == len(r["cut"]) == 1 for r in record["eval_rounds_s"].values())
+    assert "| eval: UCF101 prompts, 16 per pass | 4848 |" in proc.stdout
+    header_only = write_csv(tmp_path / "bad.csv", [], header=["videoid", "caption"])
+    for bad, says in ((("--captions", header_only), "no rows with a 'name' column"), (("--repeats", 0), "--repeats")):
+        proc = run_cli("benchmarks.text_bench", *bad, "--out", tmp_path / "refused", check=False)
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "refused").exists()
+
+
+def test_eval_bench_runs_end_to_end_and_records_how_it_was_run(tmp_path):
+    args = ("--videos", 4, "--seconds", 2, "--workers", 1, "--repeats", 1, "--classes", 3, "--sweep", 2)
+    run_cli("benchmarks.eval_bench", *args, "--device", "cpu", "--out", tmp_path, timeout=300)
+    record = json.loads((tmp_path / "eval_bench_cpu.json").read_text())
+    assert record["command"].endswith(
+        "-m benchmarks.eval_bench " + " ".join(map(str, args)) + f" --device cpu --out {tmp_path}"
+    )
+    assert record["encode"]["checks_ok"] and record["settings"]["videos"] == 4
+    assert (tmp_path / "eval_bench_cpu.md").read_text().strip()

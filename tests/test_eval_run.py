@@ -403,6 +403,6 @@ def test_tag_warns_when_fire_read_a_label_as_a_number(bench, tmp_path, capsys):
 def test_tag_batch_sizes_follow_the_device():
     from eval import tag
 
-    assert tag.batch_sizes(0, torch.device("cpu")) == tag.CPU_BATCHES == (1, 8)
+    assert tag.batch_sizes(0, torch.device("cpu")) == tag.CPU_BATCHES == (1, 64)
     assert tag.batch_sizes(0, torch.device("cuda")) == (64, 64)
     assert tag.batch_sizes(5, torch.device("cpu")) == (5, 5)

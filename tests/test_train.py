@@ -374,27 +374,36 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
-def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path):
-    """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1."""
+@pytest.mark.parametrize("levers", [{}, {"packed_qkv": True, "linear_patch_embed": True, "cls_last_block": True}])
+def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path, levers):
+    """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1, also
+    when the captions' widths change from step to step and differ between the two batches (--trim_text); with the
+    layer levers the GPU run times as well."""
     from torch._dynamo.utils import counters
 
     from train import distributed
-    from train.model import tokenizer_for
+    from train.model import TrimmedTokenizer, tokenizer_for
 
     torch.manual_seed(0)
     frames = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
-    tokens = tokenizer_for(str(TINY_CLIP))(["a red square", "a blue circle"])
-    batch = loop.data.Batch(frames, tokens, ["a", "b"], ["k1", "k2"], torch.tensor([0, 1]), 0)
+    tokenizer = TrimmedTokenizer(tokenizer_for(str(TINY_CLIP)))
+    captions = (["a red square", "a blue circle"], ["a red square turning slowly in the middle of a blue field"] * 2)
+    short, long = (loop.data.Batch(frames, tokenizer(c), c, ["k1", "k2"], torch.tensor([0, 1]), 0) for c in captions)
+    assert short.tokens.shape[1] == 8 and long.tokens.shape[1] == 16
+    batches = [(short, long), (long, short), (short, short)]
     losses, graphs = {}, []
     for compiled in (False, True):
-        cfg = tiny_config(train_shards, tmp_path / f"run{compiled}", compile=compiled)
+        # a tiny lr: Adam's first update moves every weight whose gradient is not exactly 0 by about lr, so a
+        # gradient of 1e-12 in one mode and 0 in the other would part the two runs (at full width as well); the
+        # losses of steps 2 and 3 are then those of the same weights, at other widths
+        cfg = tiny_config(train_shards, tmp_path / f"run{compiled}", compile=compiled, lr=1e-9, **levers)
         Path(cfg.out).mkdir()
         models = loop.build_models(cfg, distributed.init_distributed("cpu"))
         assert isinstance(models.teacher, torch._dynamo.eval_frame.OptimizedModule) == compiled
         optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
         losses[compiled], cpu = [], torch.device("cpu")
-        for _ in range(3):
-            step = loop.train_step(models, optimizer, scheduler, batch, batch, cfg, cpu, loop.Progress())
+        for labeled, unlabeled in batches:
+            step = loop.train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, cpu, loop.Progress())
             losses[compiled].append(float(step["loss"]))
             graphs.append(counters["stats"]["unique_graphs"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

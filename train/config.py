@@ -82,6 +82,10 @@ class TrainConfig:
     linear_patch_embed: bool = False
     # the ViT's last block for the class token only, the one row its embedding uses (train.cls_last_block)
     cls_last_block: bool = False
+    # cut each batch's captions after its longest one (to a multiple of 8 tokens) instead of CLIP's 77: the same
+    # embeddings for models whose text attention is causal (train.model.trims_text), and text-tower work in
+    # proportion to the batch's longest caption; other models are left as they are
+    trim_text: bool = True
     seed: int = 0
 
     # --- validation, checkpoints, fusion
@@ -130,7 +134,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
-        names += ("fuse", "progress")
+        names += ("trim_text", "fuse", "progress")
         switches = {n: getattr(self, n) for n in names}
         if self.compile is not None:  # None: compile on the GPU only
             switches["compile"] = self.compile

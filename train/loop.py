@@ -10,6 +10,7 @@ DDP's gradient averaging gives exactly the single-process gradient.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -35,10 +36,12 @@ from train.model import (
     checkpoint_blocks,
     create_clip,
     fit_problem,
+    fit_width,
     freeze,
     image_size,
     load_state_dict,
     state_shapes,
+    text_tokenizer,
     tokenizer_for,
 )
 from train.monitor import Monitor, Timer, forward_flops, peak_tflops, step_flops
@@ -172,13 +175,18 @@ def compute_loss(
     n_labeled = labeled.video.shape[0]
     # Copy each (pinned) batch as it is and join on the device: joining on the host makes an unpinned copy.
     frames = torch.cat([labeled.video.to(device, non_blocking=True), unlabeled.video.to(device, non_blocking=True)])
-    tokens = torch.cat([labeled.tokens.to(device, non_blocking=True), unlabeled.tokens.to(device, non_blocking=True)])
+    # each batch's captions may be cut to their own width (--trim_text): joined at the wider of the two
+    width = max(labeled.tokens.shape[1], unlabeled.tokens.shape[1])
+    tokens = torch.cat([fit_width(b.tokens.to(device, non_blocking=True), width) for b in (labeled, unlabeled)])
+    unlabeled_tokens = tokens[n_labeled:]
+    for t in (tokens, unlabeled_tokens):  # compiled: one graph for every width, not one per width
+        torch._dynamo.maybe_mark_dynamic(t, 1)
     # frames (Bl+Bu, T, 3, S, S), tokens (Bl+Bu, L)
     # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forwards
     with autocast(cfg, device), attention_kernel(cfg.attention_kernel):
         video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
         with torch.inference_mode():
-            teacher_video, teacher_text = models.teacher(frames[n_labeled:], tokens[n_labeled:])  # (Bu, D)
+            teacher_video, teacher_text = models.teacher(frames[n_labeled:], unlabeled_tokens)  # (Bu, D)
     # inference tensors cannot enter autograd graphs; clone() makes plain tensors of them.
     teacher_video, teacher_text = teacher_video.clone(), teacher_text.clone()
     gather = distributed.gather_with_grad
@@ -377,7 +385,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
-    tokenizer = tokenizer_for(cfg.model)
+    tokenizer = text_tokenizer(models.student.clip, tokenizer_for(cfg.model), cfg.trim_text)
     size = cfg.crop or image_size(models.student.clip)
     transform = data.TrainTransform(size, cfg.crop_scale)
     where = augment_on(cfg, dist.device)
@@ -393,7 +401,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         for k, stream in enumerate(streams)
     )
     monitor = Monitor(cfg, distributed.is_main(), cfg.steps, progress.step)
-    flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)
+    flops = _flops_per_step(models, cfg, size, tokenizer_for(cfg.model), dist.device)
     peak = peak_tflops(dist.device, cfg.peak_tflops)
     timer, window, last_val = Timer(), [], {}
     profiler = _profiler(cfg, dist, progress.step, monitor)
@@ -409,6 +417,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress)
             progress.step += 1
             timer.steps += 1
+            if peak:  # counted once per captions' width (a forward of one video): only where an MFU is logged
+                timer.flops += flops(max(lab.tokens.shape[1], unl.tokens.shape[1]))
             monitor.advance()
             window.append(result)
             profiled = profiler.end(progress.step)
@@ -416,7 +426,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 _log_profile(monitor, profiled, progress.step)
                 timer.reset()  # the profiler slows the host: its steps are not training throughput
             if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
-                _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress)
+                _log(monitor, window, timer, cfg, dist, peak, scheduler, progress)
                 window = []
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 for prefetcher in (labeled, unlabeled):
@@ -458,7 +468,7 @@ def _log_profile(monitor: Monitor, summary: dict, step: int) -> None:
     monitor.log(metrics, step=step)
 
 
-def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) -> None:
+def _log(monitor, window, timer, cfg, dist, peak, scheduler, progress) -> None:
     sync_dropped(progress, dist.device)
     done = [r for r in window if not r["skipped"]]
     metrics = {
@@ -476,8 +486,8 @@ def _log(monitor, window, timer, cfg, dist, flops, peak, scheduler, progress) ->
         videos = timer.steps * (cfg.batch_labeled + cfg.batch_unlabeled) * dist.world_size
         metrics["train/videos_per_s"] = videos / elapsed
         metrics["train/data_wait"] = timer.data / elapsed
-        if peak and flops:
-            metrics["train/mfu"] = flops * timer.steps / elapsed / (peak * 1e12)
+        if peak and timer.flops:
+            metrics["train/mfu"] = timer.flops / elapsed / (peak * 1e12)
     if dist.device.type == "cuda":
         metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
     monitor.log(metrics, step=progress.step)
@@ -538,14 +548,24 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict
     return summary
 
 
-def _flops_per_step(models: Models, cfg: TrainConfig, size: int, tokenizer, device: torch.device) -> int:
-    """FLOPs of one step on one rank, from a counted forward of one video (for MFU); 0 if counting fails."""
-    try:
-        frames = torch.zeros(1, cfg.frames, 3, size, size, device=device)
-        tokens = tokenizer(["a video"]).to(device)
-        per_video = forward_flops(models.student, frames, tokens)
+def _flops_per_step(models: Models, cfg: TrainConfig, size: int, tokenizer, device: torch.device):
+    """FLOPs of one step on one rank as a function of its captions' width in tokens (for MFU), counted once per width
+    from the forward of one video and a caption of that width; 0 if counting fails."""
+    frames = torch.zeros(1, cfg.frames, 3, size, size, device=device)
+    caption = tokenizer(["a video"]).to(device)  # (1, context length): SOT, 2 word pieces, EOT, padding
+    failed = []
+
+    @functools.cache
+    def flops(width: int) -> int:
+        if failed:
+            return 0
+        try:
+            per_video = forward_flops(models.student, frames, fit_width(caption, width))
+        except Exception as e:  # FLOP counting is best-effort monitoring, never a reason to stop training
+            failed.append(e)
+            if distributed.is_main():
+                print(f"warning: FLOP counting failed ({type(e).__name__}: {e}); no MFU will be logged")
+            return 0
         return step_flops(per_video, per_video, cfg.batch_labeled, cfg.batch_unlabeled)
-    except Exception as e:  # FLOP counting is best-effort monitoring, never a reason to stop training
-        if distributed.is_main():
-            print(f"warning: FLOP counting failed ({type(e).__name__}: {e}); no MFU will be logged")
-        return 0
+
+    return flops

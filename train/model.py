@@ -267,8 +267,86 @@ def encode_video(clip: torch.nn.Module, frames: torch.Tensor, renormalize: bool 
 
 
 def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text embeddings (B, D) of token ids (B, L)."""
-    return F.normalize(clip.encode_text(tokens), dim=-1)
+    """L2-normalised text embeddings (B, D) of token ids (B, L).
+
+    For a text tower ``trims_text`` accepts, L may be less than its context length (captions cut by ``trim_padding``):
+    the positional embedding and the causal mask are cut to L. Otherwise open_clip's own ``encode_text``.
+    """
+    if not trims_text(clip):
+        return F.normalize(clip.encode_text(tokens), dim=-1)
+    width = tokens.shape[1]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:width].to(cast)  # (B, L, width)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:width, :width]))
+    if getattr(clip, "text_pool_type", "argmax") == "argmax":  # the end-of-text token has the largest id
+        last = tokens.argmax(dim=-1)
+    else:  # "eos": the first end-of-text token
+        last = (tokens == clip.text_eos_id).int().argmax(dim=-1)
+    x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, width)
+    projection = clip.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+    return F.normalize(x, dim=-1)
+
+
+# captions are cut to a multiple of this many tokens: row counts the matrix kernels tile well, and few distinct widths
+TEXT_WIDTH_MULTIPLE = 8
+
+
+def trims_text(clip: torch.nn.Module) -> bool:
+    """Whether ``clip``'s text embeddings stay the same when the padding after every caption is cut off.
+
+    True for open_clip's ``CLIP`` text tower (OpenAI's and most others): its attention is causal, so no token sees
+    the ones after it, and the embedding is read at the end-of-text token ("argmax" or "eos" pooling), which comes
+    before the padding. Not for a tower without the causal mask, or one that reads the last or every position: there
+    the padding changes the result. Padding is 0 in open_clip's own tokenizer; a tokenizer that pads with another id
+    leaves nothing to cut (``trim_padding``), so the check is on the model only.
+    """
+    return (
+        isinstance(clip, open_clip.CLIP)
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "text_pool_type", "argmax") in ("argmax", "eos")
+        and getattr(clip.transformer, "batch_first", False)
+    )
+
+
+def trim_padding(tokens: torch.Tensor, multiple: int = TEXT_WIDTH_MULTIPLE) -> torch.Tensor:
+    """``tokens`` (B, L) without the columns of padding (0) after the longest caption, the width rounded up to
+    ``multiple`` (at most L): (B, L') with L' <= L. Contiguous, so a loader worker sends only those columns.
+
+    The text tower's work then follows the batch's longest caption: the 20 WebVid captions of the shared test CSV
+    (21 tokens on average, 42 at most) need 48 of CLIP's 77 columns, random 4-24 word captions 32
+    (benchmarks/README.md). Only for a model ``trims_text`` accepts.
+    """
+    used = (tokens != 0).any(dim=0).nonzero()  # the columns some caption uses
+    width = int(used[-1]) + 1 if len(used) else 1
+    width = min(tokens.shape[1], -(-width // multiple) * multiple)
+    return tokens[:, :width].contiguous()
+
+
+def fit_width(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """``tokens`` (B, L) cut or zero-padded to ``width`` columns (padding is 0): batches cut to different widths
+    joined without reading the device (the widths are shapes, known on the host)."""
+    if tokens.shape[1] >= width:
+        return tokens[:, :width]
+    return F.pad(tokens, (0, width - tokens.shape[1]))
+
+
+class TrimmedTokenizer:
+    """``tokenizer`` with ``trim_padding`` applied to each batch it makes (``text_tokenizer``); picklable, for
+    loader workers."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return trim_padding(self.tokenizer(texts))
+
+
+def text_tokenizer(clip: torch.nn.Module, tokenizer, trim: bool = True):
+    """``tokenizer`` cutting each batch's padding (``TrimmedTokenizer``) where ``clip`` allows it and ``trim`` asks
+    for it; else ``tokenizer`` itself."""
+    return TrimmedTokenizer(tokenizer) if trim and trims_text(clip) else tokenizer
 
 
 def checkpoint_blocks(clip: torch.nn.Module, blocks: bool | int) -> int:

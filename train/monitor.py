@@ -155,6 +155,7 @@ class Timer:
         self.start = time.perf_counter()
         self.data = 0.0
         self.steps = 0
+        self.flops = 0  # of the steps counted (their captions' widths differ: train.loop._flops_per_step)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
