@@ -135,12 +135,17 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
     return {**summary, "busy_fraction_of_step": summary["busy_s_per_step"] / step_s if step_s else None}
 
 
+CAPTION_WORDS = 40  # the longest synthetic caption, in words
+
+
 def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: bool) -> data.Batch:
     """A :class:`train.data.Batch` of ``n`` random videos (uint8 pixels, as the loader gives) and random captions."""
     gen = torch.Generator().manual_seed(seed)
     video = torch.randint(0, 256, (n, frames, 3, size, size), generator=gen, dtype=torch.uint8)  # (B, T, 3, S, S)
     rng = random.Random(seed)
-    texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) for _ in range(n)]
+    # 4-40 words of one token each: 24 tokens on average and 42 at most, as the 20 real WebVid captions of the
+    # shared test CSV (4-33 words, 21 tokens on average, 42 at most), so a batch is cut (--trim_text) to their 48
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, CAPTION_WORDS))) for _ in range(n)]
     batch = data.Batch(
         video=video,
         tokens=tokenizer(texts),  # (B, L) int64: SOT, word pieces, EOT, zero padding

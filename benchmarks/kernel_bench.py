@@ -81,7 +81,7 @@ def attention_call(
 
 
 def caption_widths(model: str, n_lab: int, n_unl: int) -> tuple[torch.Tensor, int]:
-    """The step variants' synthetic captions (``benchmarks.harness.synthetic_batch``, 4-24 words) of both batches as
+    """The step variants' synthetic captions (``benchmarks.harness.synthetic_batch``, 4-40 words) of both batches as
     the tokenizer pads them, (L+U, context), and the width the trainer cuts them to (``train.model.trim_padding``,
     the wider batch's)."""
     tokenizer = tokenizer_for(model)

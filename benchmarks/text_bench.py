@@ -14,7 +14,7 @@ machine hits one round, not one way), with random weights and bf16 autocast on C
    full context length against the width ``train.model.trim_padding`` cuts the batch to (``--trim_text``), eager.
 
 The captions: the ``name`` column of a WebVid CSV (``--captions``; e.g. the 20 real WebVid captions of
-``../shared/annotations/webvid/test_webvid.csv``), repeated to fill a training batch; without it, random 4-24 word
+``../shared/annotations/webvid/test_webvid.csv``), repeated to fill a training batch; without it, random 4-40 word
 captions as the step benchmarks use. A batch is cut to its longest caption, so the gain depends on the longest
 caption of each batch, not on the mean. Prints a table and writes ``--out/text_bench_<device>.json`` and ``.md``.
 """
@@ -68,7 +68,7 @@ def main(
 
     Args:
         model: open_clip model name or model-config JSON (random weights).
-        captions: a WebVid CSV whose ``name`` column gives the captions; "" = random 4-24 word captions.
+        captions: a WebVid CSV whose ``name`` column gives the captions; "" = random 4-40 word captions.
         batch_size: texts per pass in evaluation (``eval.run``'s default is 64).
         train_batch: captions in the training pass (the step's labeled + unlabeled).
         repeats: rounds; each times both ways once.
@@ -89,7 +89,7 @@ def main(
     tokenizer, autocast = tokenizer_for(str(model)), eval_autocast(dev)
     if not texts:
         texts = synthetic_batch(int(train_batch), 1, 1, tokenizer, 1, False).texts
-    source = f"{len(set(texts))} captions of {captions}" if captions else "random 4-24 word captions"
+    source = f"{len(set(texts))} captions of {captions}" if captions else "random 4-40 word captions"
     classes = [camel_case_to_words(f) for f in UCF101_FOLDERS]
     prompts = [p for per_class in class_prompts(classes, UCF101_TEMPLATES) for p in per_class]
     sets = {"UCF101 prompts": prompts, "captions": texts}

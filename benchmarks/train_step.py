@@ -11,7 +11,7 @@ in bf16 on GPU), ``train.loop.build_optimizer`` (AdamW, fused on GPU) and ``trai
 copy of both batches, one student forward over labeled + unlabeled videos, teacher forward on the unlabeled batch,
 Eq. 5, backward, gradient norm, optimizer and scheduler step). Only the data loader is replaced: each configuration
 uses one fixed pair of synthetic :class:`train.data.Batch` objects (random pixels in [0, 1] normalised with the CLIP
-mean/std, shape (B, T, 3, S, S); random captions of 4-24 words tokenised by the model's tokenizer, so the SOT/EOT
+mean/std, shape (B, T, 3, S, S); random captions of 4-40 words tokenised by the model's tokenizer, so the SOT/EOT
 layout is real, and cut after the longest of each batch as the trainer's loader cuts them unless ``--trim_text
 False``), pinned on GPU as the trainer's loader pins them.
 

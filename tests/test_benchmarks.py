@@ -464,7 +464,7 @@ def test_batch_bench_times_each_size_in_interleaved_rounds(tmp_path):
 
 
 def test_the_step_benchmarks_cut_the_captions_as_the_trainer_and_count_the_flops_at_their_width(tmp_path):
-    """The tiny model with CLIP's 77-token context, where 4-24 word captions get cut: step_variants' trainer variants
+    """The tiny model with CLIP's 77-token context, where 4-40 word captions get cut: step_variants' trainer variants
     and train_step run the cut captions (the trainer's default), naive and +fullpad the padded ones, with the same
     loss, each counted at its own width."""
     model = tiny_variant(tmp_path, "tiny77", context_length=77)
@@ -498,10 +498,16 @@ def test_the_step_benchmarks_cut_the_captions_as_the_trainer_and_count_the_flops
     assert cut["losses"] == pytest.approx(full["losses"], rel=1e-6)
     proc = run_cli("benchmarks.kernel_bench", "--model", model, "--batches", "2x3", "--out", tmp_path, timeout=300)
     text = json.loads((tmp_path / "kernels.json").read_text())["text_tower"]
-    assert (text["context"], text["width"], text["captions_student"], text["captions_teacher"]) == (77, 24, 5, 3)
+    # the same synthetic captions as step_variants' (seeds 1 and 2), cut to the same width
+    assert (text["context"], text["width"], text["captions_student"], text["captions_teacher"]) == (
+        77,
+        widths["ours"],
+        5,
+        3,
+    )
     assert text["full"] > 0 and text["trimmed"] > 0
     calls = {r["call"]: r for r in json.loads((tmp_path / "kernels.json").read_text())["attention"]}
-    assert calls["student text"]["tokens"] == calls["teacher text"]["tokens"] == 24  # as the step runs them
+    assert calls["student text"]["tokens"] == calls["teacher text"]["tokens"] == widths["ours"]  # as the step runs
     assert "text tower (5 + 3 captions): 77 tokens" in proc.stdout
 
 

@@ -315,8 +315,8 @@ def trim_padding(tokens: torch.Tensor, multiple: int = TEXT_WIDTH_MULTIPLE) -> t
     ``multiple`` (at most L): (B, L') with L' <= L. Contiguous, so a loader worker sends only those columns.
 
     The text tower's work then follows the batch's longest caption: the 20 WebVid captions of the shared test CSV
-    (21 tokens on average, 42 at most) need 48 of CLIP's 77 columns, random 4-24 word captions 32
-    (benchmarks/README.md). Only for a model ``trims_text`` accepts.
+    (21 tokens on average, 42 at most) need 48 of CLIP's 77 columns (benchmarks/README.md). Only for a model
+    ``trims_text`` accepts.
     """
     used = (tokens != 0).any(dim=0).nonzero()  # the columns some caption uses
     width = int(used[-1]) + 1 if len(used) else 1
