@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,6 +68,21 @@ def test_recipes_hold_the_stated_hyper_parameters():
         resolve("paper", sigma=0)
     with pytest.raises(ValueError, match="--recipe"):
         resolve("fancy")
+
+
+@pytest.mark.parametrize("asked", ["--help", "-h"])
+def test_help_lists_every_flag_with_what_it_does(asked):
+    """main takes **flags (an unknown flag then fails with the list of valid ones), so fire would hand --help to it
+    as a flag; the CLI turns it into fire's help. Each flag's line says what it does, from its config comment."""
+    proc = run_cli("train.main", asked)
+    shown = proc.stdout + proc.stderr  # fire writes its help to stderr when not on a terminal
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name}=" in shown
+    described = re.findall(r"^ {8}(\S.*)$", shown, flags=re.M)  # each flag's lines: type, default, text
+    texts = [line for line in described if not line.startswith(("Type:", "Default:"))]
+    assert len(texts) == len(dataclasses.fields(TrainConfig))
+    assert not any(t.startswith("(paper default") for t in texts)  # none without a description
+    assert any(t.startswith("cut each batch's captions after its longest one") for t in texts)  # a comment above
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):

@@ -54,9 +54,9 @@ class TrainConfig:
     # --- optimisation
     lr: float = 3e-5  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay (on all parameters, as the authors' code)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2)
     schedule: str = "constant"  # "constant" or "cosine" (to 0 at the last step, after warmup)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # the learning rate rises linearly to --lr over this many steps
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
     steps: int = 1000  # optimizer steps
     batch_labeled: int = 8  # labeled videos per rank per step
@@ -86,7 +86,7 @@ class TrainConfig:
     # embeddings for models whose text attention is causal (train.model.trims_text), and text-tower work in
     # proportion to the batch's longest caption; other models are left as they are
     trim_text: bool = True
-    seed: int = 0
+    seed: int = 0  # seeds the random teacher of a run without weights, the data order and the crops
 
     # --- validation, checkpoints, fusion
     val_every: int = 100  # steps between validations (and latest.pt saves)
@@ -101,7 +101,7 @@ class TrainConfig:
     workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank
     log_every: int = 10  # steps between console/W&B logs
     wandb: str = "auto"  # "auto": online with credentials, else offline; "online", "offline", "off"
-    wandb_project: str = "fitclip"
+    wandb_project: str = "fitclip"  # W&B project of the run
     run_name: str = ""  # W&B run name; "" = the out folder's name
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up the GPU model (no MFU on CPU)
     progress: bool = True  # console progress bar on rank 0

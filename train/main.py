@@ -39,9 +39,19 @@ def main(recipe: str = "paper", **flags) -> None:
 
 
 def _field_docs() -> dict[str, str]:
-    """The comment after each TrainConfig field, for --help."""
-    source = inspect.getsource(config_module.TrainConfig)
-    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", source, flags=re.M))
+    """Each TrainConfig field's comment, for --help: the one after it on its line, else the lines of comment right
+    above it (where a longer one is written)."""
+    docs, above = {}, []
+    for line in inspect.getsource(config_module.TrainConfig).splitlines():
+        comment = re.fullmatch(r"\s+# (.*)", line)
+        field = re.fullmatch(r"\s+(\w+): [^=]+= .*?(?:  # (.*))?", line)
+        if comment:
+            above.append(comment.group(1))
+            continue
+        if field and not field.group(1).startswith("_"):
+            docs[field.group(1)] = field.group(2) or " ".join(above)
+        above = []
+    return docs
 
 
 def _signature_for_help() -> None:
@@ -65,6 +75,12 @@ def _signature_for_help() -> None:
     main.__doc__ = "\n".join(lines)
 
 
+def _command(argv: list[str]) -> list[str]:
+    """The arguments for fire: ``--help`` (or ``-h``) asks for the help. fire would hand it to ``main``'s **flags as a
+    flag named help (which then fails as unknown), so it is turned into fire's own ``-- --help``."""
+    return ["--", "--help"] if {"--help", "-h"} & set(argv) else argv
+
+
 if __name__ == "__main__":
     _signature_for_help()
-    fire.Fire(main)
+    fire.Fire(main, command=_command(sys.argv[1:]))
