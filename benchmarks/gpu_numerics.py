@@ -4,12 +4,13 @@
         [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--cls_last_block False] \
         [--out DIR]
 
-Same weights, same uint8 batches: prints the loss of each and the cosine similarity and norm ratio of the
-student's gradients. Expected: loss within ~1e-2 relative, gradient cosine > 0.99 (bf16 tolerance). The
-optimised side takes the trainer's speed flags (``--compile``, on the GPU only; ``--packed_qkv``;
-``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``); the plain side is always open_clip's own
-layers, eager, in fp32. With ``--out`` the figures, the flags and the non-finite gradient count are also written to
-``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
+Same weights, same uint8 batches and captions (cut after the longest of each batch on the optimised side, as the
+trainer's loader cuts them, ``--trim_text``; at the full context length on the plain side): prints the loss of each
+and the cosine similarity and norm ratio of the student's gradients. Expected: loss within ~1e-2 relative, gradient
+cosine > 0.99 (bf16 tolerance). The optimised side takes the trainer's speed flags (``--compile``, on the GPU only;
+``--packed_qkv``; ``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``); the plain side is always
+open_clip's own layers, eager, in fp32. With ``--out`` the figures, the flags and the non-finite gradient count are
+also written to ``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from benchmarks.harness import random_models, synthetic_batch
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
-from train.model import VideoTextModel, create_clip, freeze, image_size, tokenizer_for
+from train.model import VideoTextModel, create_clip, freeze, image_size, text_tokenizer, tokenizer_for
 
 
 def compare(
@@ -61,12 +62,15 @@ def compare(
     student = VideoTextModel(plain_clip(), fast.renormalize_video).to(dev)
     teacher = freeze(VideoTextModel(plain_clip(), fast.renormalize_video)).to(dev)
     plain = loop.Models(student, student, teacher)  # fp32 everywhere, eager
-    tok = tokenizer_for(model)
     size = image_size(student.clip)
-    lab = synthetic_batch(batch, frames, size, tok, 1, dev.type == "cuda")
-    unl = synthetic_batch(batch, frames, size, tok, 2, dev.type == "cuda")
-    results = {}
+    # the same captions: at the full context length for the plain step, cut as the trainer's loader cuts them
+    # (--trim_text, its default) for the optimised one
+    tokenizers = {"plain fp32": tokenizer_for(model)}
+    tokenizers["optimised"] = text_tokenizer(models.student.clip, tokenizers["plain fp32"], fast.trim_text)
+    results, widths = {}, {}
     for name, m, cfg in (("plain fp32", plain, plain_cfg), ("optimised", models, fast)):
+        lab, unl = (synthetic_batch(batch, frames, size, tokenizers[name], k, dev.type == "cuda") for k in (1, 2))
+        widths[name] = max(lab.tokens.shape[1], unl.tokens.shape[1])
         m.student.zero_grad(set_to_none=True)
         loss, _ = loop.compute_loss(m, lab, unl, cfg, dev)
         loss.backward()
@@ -80,6 +84,7 @@ def compare(
         "model": model,
         "batch": batch,
         "flags": flags,
+        "caption_width": widths,
         "non_finite_gradients": int((~torch.isfinite(g16)).sum()),
         "loss_plain": l32,
         "loss_optimised": l16,

@@ -435,14 +435,18 @@ def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_
     ]
 
 
-def test_gpu_numerics_compares_the_levers_with_the_plain_step():
-    """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were."""
+@pytest.mark.parametrize("context", [32, 77])
+def test_gpu_numerics_compares_the_levers_with_the_plain_step(tmp_path, context):
+    """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were; at
+    CLIP's 77 tokens the optimised side's captions are cut, the plain side's are not."""
     from benchmarks.gpu_numerics import compare
 
     levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True, cls_last_block=True)
-    summary = compare(str(TINY_CLIP), batch=3, **levers)
+    summary = compare(tiny_variant(tmp_path, "tiny", context_length=context), batch=3, **levers)
     assert summary["relative_loss_difference"] < 1e-6
     assert summary["gradient_cosine"] > 0.99999 and abs(summary["norm_ratio"] - 1) < 1e-5
+    cut = summary["caption_width"]["optimised"]
+    assert summary["caption_width"]["plain fp32"] == context and (cut < 77 if context == 77 else cut == 32)
 
 
 def test_batch_bench_times_each_size_in_interleaved_rounds(tmp_path):

@@ -274,15 +274,15 @@ def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     if not trims_text(clip):
         return F.normalize(clip.encode_text(tokens), dim=-1)
-    width = tokens.shape[1]
+    length = tokens.shape[1]
     cast = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:width].to(cast)  # (B, L, width)
-    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:width, :width]))
+    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)  # (B, L, C)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
     if getattr(clip, "text_pool_type", "argmax") == "argmax":  # the end-of-text token has the largest id
         last = tokens.argmax(dim=-1)
     else:  # "eos": the first end-of-text token
         last = (tokens == clip.text_eos_id).int().argmax(dim=-1)
-    x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, width)
+    x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
     projection = clip.text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
