@@ -519,26 +519,29 @@ def test_the_step_benchmarks_cut_the_captions_as_the_trainer_and_count_the_flops
     assert "text tower (5 + 3 captions): 77 tokens" in proc.stdout
 
 
-def test_text_bench_times_evaluation_and_training_texts_full_and_cut(tmp_path):
+def test_text_bench_times_evaluation_and_training_texts_full_and_cut(tmp_path, capsys):
+    from benchmarks import text_bench
+
     model = tiny_variant(tmp_path, "tiny77", context_length=77)
     captions = ["Horse grazing - seperated on green screen", "Aerial shot of a winter forest, slow motion", "Sea"]
     csv = write_csv(
         tmp_path / "webvid.csv", [[str(i), c, "1", "1", "PT00H00M05S", "x.mp4"] for i, c in enumerate(captions)]
     )
-    args = ("--model", model, "--captions", csv, "--train_batch", 8, "--batch_size", 16, "--repeats", 1)
-    proc = run_cli("benchmarks.text_bench", *args, "--device", "cpu", "--out", tmp_path / "out", timeout=300)
+    # in process (a CLI start is seconds); its CLI is run below, refusing bad input
+    text_bench.main(model, str(csv), batch_size=16, train_batch=8, repeats=1, device="cpu", out=str(tmp_path / "out"))
     record = json.loads((tmp_path / "out" / "text_bench_cpu.json").read_text())
     assert record["captions"].startswith("3 captions of ")
     assert record["train_width"] == {"full": 77, "cut": 16}  # the longest caption: 12 tokens
     assert set(record["eval_rounds_s"]) == {"UCF101 prompts", "captions"}
     assert all(d < 1e-5 for d in record["eval_max_difference"].values())  # the same embeddings
     assert all(len(r["full"]) == len(r["cut"]) == 1 for r in record["eval_rounds_s"].values())
-    assert "| eval: UCF101 prompts, 16 per pass | 4848 |" in proc.stdout
+    assert "| eval: UCF101 prompts, 16 per pass | 4848 |" in capsys.readouterr().out
     header_only = write_csv(tmp_path / "bad.csv", [], header=["videoid", "caption"])
-    for bad, says in ((("--captions", header_only), "no rows with a 'name' column"), (("--repeats", 0), "--repeats")):
-        proc = run_cli("benchmarks.text_bench", *bad, "--out", tmp_path / "refused", check=False)
-        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr
-        assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit, match="--repeats must be a whole number of at least 1"):
+        text_bench.main(repeats=0, out=str(tmp_path / "refused"))
+    proc = run_cli("benchmarks.text_bench", "--captions", header_only, "--out", tmp_path / "refused", check=False)
+    assert proc.returncode == 1 and "no rows with a 'name' column" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_eval_bench_runs_end_to_end_and_records_how_it_was_run(tmp_path):
