@@ -166,6 +166,9 @@ def test_counted_flops_follow_the_captions_width(train_shards, tmp_path):
         per_video = forward_flops(models.student, frames, tokenizer(["a video"])[:, :width])
         assert flops(width) == step_flops(per_video, per_video, 3, cfg.batch_unlabeled)
     assert flops(8) < flops(16) < flops(32)
+    # the trainer passes its loader's tokenizer, which cuts "a video" to 8 columns: padded back to each width
+    cut = loop._flops_per_step(models, cfg, 32, TrimmedTokenizer(tokenizer), torch.device("cpu"))
+    assert [cut(w) for w in (8, 16, 32)] == [flops(w) for w in (8, 16, 32)]
 
 
 @pytest.mark.parametrize("value", ["yes", 1.5])

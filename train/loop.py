@@ -401,7 +401,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         for k, stream in enumerate(streams)
     )
     monitor = Monitor(cfg, distributed.is_main(), cfg.steps, progress.step)
-    flops = _flops_per_step(models, cfg, size, tokenizer_for(cfg.model), dist.device)
+    flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)
     peak = peak_tflops(dist.device, cfg.peak_tflops)
     timer, window, last_val = Timer(), [], {}
     profiler = _profiler(cfg, dist, progress.step, monitor)
@@ -552,7 +552,7 @@ def _flops_per_step(models: Models, cfg: TrainConfig, size: int, tokenizer, devi
     """FLOPs of one step on one rank as a function of its captions' width in tokens (for MFU), counted once per width
     from the forward of one video and a caption of that width; 0 if counting fails."""
     frames = torch.zeros(1, cfg.frames, 3, size, size, device=device)
-    caption = tokenizer(["a video"]).to(device)  # (1, context length): SOT, 2 word pieces, EOT, padding
+    caption = tokenizer(["a video"]).to(device)  # (1, L): SOT, 2 word pieces, EOT, padding; fit_width sets L
     failed = []
 
     @functools.cache
