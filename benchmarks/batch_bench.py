@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 import fire
-import torch
 
-from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, run_header, write_results
+from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, random_weights_run, write_results
 from benchmarks.harness import resolve_device
-from benchmarks.shard_bench import machine_info
 from eval.features import eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache
 from eval.prompts import class_prompts
@@ -111,11 +109,9 @@ def main(
             seconds_t, _, _ = _timed(lambda s=s: text_embeddings(clip, tokenizer, prompts, s, dev, autocast), dev, 1)
             text_rounds[s].append(seconds_t)
     best = {"videos": best_size(video_rounds), "texts": best_size(text_rounds)}
-    machine = machine_info()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({machine['cpu_count']} cores)"
+    headline, header = random_weights_run("batch_bench", str(model), dev)
     lines = [
-        f"`{model}`, random weights, on {name}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"{int(repeats)} interleaved rounds",
+        f"{headline}; {int(repeats)} interleaved rounds",
         "",
         *table("videos", len(ids), video_rounds),
         "",
@@ -126,10 +122,7 @@ def main(
     report = "\n".join(lines)
     print(report)
     results = {
-        **run_header("batch_bench"),
-        "device": name,
-        "machine": machine,
-        "model": str(model),
+        **header,
         "video_rounds_s": video_rounds,
         "text_rounds_s": text_rounds,
         "best": best,

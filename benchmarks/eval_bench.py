@@ -420,6 +420,15 @@ def run_header(bench: str) -> dict:
     }
 
 
+def random_weights_run(bench: str, model: str, dev: torch.device) -> tuple[str, dict]:
+    """A benchmark of ``model`` with random weights on ``dev``: the headline of its report (model, device, torch,
+    threads) and the first fields of its JSON (``run_header``, then the device, the machine and the model)."""
+    machine = machine_info()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({machine['cpu_count']} cores)"
+    headline = f"`{model}`, random weights, on {name}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return headline, {**run_header(bench), "device": name, "machine": machine, "model": str(model)}
+
+
 def write_results(out_dir: Path, bench: str, dev: torch.device, results: dict, report: str) -> None:
     """``results`` as ``OUT/<bench>_<device>.json`` and the printed ``report`` as the ``.md`` beside it, each
     written whole or not at all."""

@@ -28,9 +28,8 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.eval_bench import UCF101_FOLDERS, _timed, run_header, write_results
+from benchmarks.eval_bench import UCF101_FOLDERS, _timed, random_weights_run, write_results
 from benchmarks.harness import resolve_device, synthetic_batch
-from benchmarks.shard_bench import machine_info
 from eval.features import eval_autocast, text_embeddings
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.cli import count_problems
@@ -128,12 +127,10 @@ def main(
         for way, cols in (("full", full.shape[1]), ("cut", width)):
             seconds, _, _ = _timed(lambda cols=cols: train_pass(full[:, :cols]), dev, 1)
             train_rounds[way].append(seconds)
-    machine = machine_info()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({machine['cpu_count']} cores)"
+    headline, header = random_weights_run("text_bench", str(model), dev)
     trained = f"train: text tower, forward + backward, {full.shape[1]} -> {width} tokens"
     lines = [
-        f"`{model}`, random weights, on {name}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"{source}; {int(repeats)} interleaved rounds (fastest shown)",
+        f"{headline}; {source}; {int(repeats)} interleaved rounds (fastest shown)",
         "",
         "| what | texts | full width, s | cut, s | speed-up | largest difference | every round (s) |",
         "|---|---|---|---|---|---|---|",
@@ -146,10 +143,7 @@ def main(
     report = "\n".join(lines)
     print(report)
     results = {
-        **run_header("text_bench"),
-        "device": name,
-        "machine": machine,
-        "model": str(model),
+        **header,
         "captions": source,
         "eval_rounds_s": eval_rounds,
         "eval_max_difference": differences,
