@@ -48,7 +48,7 @@ from benchmarks.harness import (
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.cls_last_block import cls_last_block
-from train.model import encode_text, image_size, tokenizer_for, trim_padding
+from train.model import encode_text, image_size, tokenizer_for, trim_padding, trims_text
 from train.patch_embed import linear_patch_embed
 
 NAMES = {kernel: name for name, kernel in KERNELS.items() if kernel is not None}  # SDPBackend -> flag value
@@ -80,13 +80,15 @@ def attention_call(
     return call
 
 
-def caption_widths(model: str, n_lab: int, n_unl: int) -> tuple[torch.Tensor, int]:
+def caption_widths(model: str, clip: torch.nn.Module, n_lab: int, n_unl: int) -> tuple[torch.Tensor, int]:
     """The step variants' synthetic captions (``benchmarks.harness.synthetic_batch``, 4-40 words) of both batches as
-    the tokenizer pads them, (L+U, context), and the width the trainer cuts them to (``train.model.trim_padding``,
-    the wider batch's)."""
+    the tokenizer pads them, (L+U, context), and the width the trainer runs them at: cut by its loader
+    (``train.model.trim_padding``, the wider batch's) for a model ``train.model.trims_text`` accepts, else the
+    context length."""
     tokenizer = tokenizer_for(model)
     tokens = [synthetic_batch(n, 1, 1, tokenizer, k + 1, False).tokens for k, n in enumerate((n_lab, n_unl))]
-    return torch.cat(tokens), max(trim_padding(t).shape[1] for t in tokens)
+    joined = torch.cat(tokens)
+    return joined, max(trim_padding(t).shape[1] for t in tokens) if trims_text(clip) else joined.shape[1]
 
 
 def tower_shapes(clip: torch.nn.Module, frames: int, n_lab: int, n_unl: int, text_width: int) -> list[dict]:
@@ -291,7 +293,7 @@ def main(
     print(
         f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"
     )
-    captions = caption_widths(model, n_lab, n_unl)
+    captions = caption_widths(model, clip, n_lab, n_unl)
     rows = attention_rows(tower_shapes(clip, frames, n_lab, n_unl, captions[1]), dev, dtype)
     totals = step_attention_s(rows)
     best = best_kernel(totals)

@@ -82,6 +82,7 @@ from train.model import (
     normalize_frames,
     tokenizer_for,
     trim_padding,
+    trims_text,
 )
 from train.monitor import forward_flops, peak_tflops, step_flops
 from train.patch_embed import use_linear_patch_embed
@@ -122,24 +123,26 @@ def loader_batch(n: int, frames: int, size: int, tokenizer, seed: int, jpeg: boo
     return batch.pin_memory() if pin else batch
 
 
-def full_width(options: set[str]) -> bool:
+def full_width(options: set[str], clip: torch.nn.Module) -> bool:
     """Whether a variant's captions stay padded to the model's context length: naive (what open_clip's tokenizer
-    gives), +fullpad (``--trim_text False``). The others' are cut as the trainer's loader cuts them."""
-    return bool(options & {"naive", "fullpad"})
+    gives), +fullpad (``--trim_text False``), or a model whose text tower the cut would change
+    (``train.model.trims_text``, as the trainer's ``text_tokenizer`` decides). The others' are cut as the trainer's
+    loader cuts them."""
+    return bool(options & {"naive", "fullpad"}) or not trims_text(clip)
 
 
-def as_captioned(batch: Batch, options: set[str]) -> Batch:
+def as_captioned(batch: Batch, options: set[str], clip: torch.nn.Module) -> Batch:
     """``batch`` with its captions as the variant's step gets them (``full_width``): cut after the longest
     (``train.model.trim_padding``), pinned again where they were."""
-    if full_width(options):
+    if full_width(options, clip):
         return batch
     tokens = trim_padding(batch.tokens)
     return dataclasses.replace(batch, tokens=tokens.pin_memory() if batch.tokens.is_pinned() else tokens)
 
 
-def caption_width(pair: list[Batch], options: set[str]) -> int:
+def caption_width(pair: list[Batch], options: set[str], clip: torch.nn.Module) -> int:
     """The width in tokens of the captions a variant's step runs (its two batches joined at the wider)."""
-    return max(as_captioned(b, options).tokens.shape[1] for b in pair)
+    return max(as_captioned(b, options, clip).tokens.shape[1] for b in pair)
 
 
 def as_float_batch(batch: Batch) -> Batch:
@@ -210,7 +213,7 @@ def run_variant(
     student_clip.logit_scale.requires_grad_(False)
     checkpoint_blocks(student_clip, cfg_v.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(device)
-    batches = {source: [as_captioned(b, options) for b in pair] for source, pair in batches.items()}
+    batches = {source: [as_captioned(b, options, student_clip) for b in pair] for source, pair in batches.items()}
     lab, unl = batches["plain"]
     row = {"variant": variant, "batch": f"{lab.video.shape[0]}x{unl.video.shape[0]}"}
     row["caption_width"] = max(lab.tokens.shape[1], unl.tokens.shape[1])
@@ -380,7 +383,7 @@ def main(
                 ]
         for variant in variant_list:
             options = variant_options(variant)
-            counted = video_flops("cls" in options, caption_width(batches["plain"], options))
+            counted = video_flops("cls" in options, caption_width(batches["plain"], options, base["student"]))
             flops = step_flops(counted, counted, n_lab, n_unl)
             keep = functools.partial(keep_row, record, path, n_lab + n_unl, flops, measured, datasheet)
             row = run_variant(variant, base, cfg, batches, dev, steps, warmup, profile, on_timed=keep)
