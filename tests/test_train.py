@@ -87,6 +87,7 @@ def test_help_lists_every_flag_with_what_it_does():
     assert len(texts) == len(dataclasses.fields(TrainConfig))
     assert not any(t.startswith("(paper default") for t in texts)  # none without a description
     assert any(t.startswith("cut each batch's captions after its longest one") for t in texts)  # a comment above
+    assert "Additional flags" not in shown  # an unknown flag is refused (below)
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):

@@ -54,8 +54,10 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-def _signature_for_help() -> None:
-    """Give ``main`` one keyword parameter per config field, so fire's --help lists them all."""
+def _signature_for_help(helping: bool = False) -> None:
+    """Give ``main`` one keyword parameter per config field, so fire's --help lists them all. ``helping``: fire only
+    prints the help, so the signature leaves out ``**flags`` (fire would end the help with "Additional flags are
+    accepted", which is not so)."""
     docs = _field_docs()
     params = [inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default="paper", annotation=str)]
     lines = [
@@ -69,8 +71,8 @@ def _signature_for_help() -> None:
             continue
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=f.type))
         lines.append(f"    {f.name}: {docs.get(f.name, '')} (paper default: {f.default!r})")
-    # **flags stays in the signature, so an unknown flag reaches resolve() and fails with the list of valid ones
-    params.append(inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD))
+    if not helping:  # **flags stays, so an unknown flag reaches resolve() and fails with the list of valid ones
+        params.append(inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD))
     main.__signature__ = inspect.Signature(params)
     main.__doc__ = "\n".join(lines)
 
@@ -82,5 +84,6 @@ def _command(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    _signature_for_help()
-    fire.Fire(main, command=_command(sys.argv[1:]))
+    command = _command(sys.argv[1:])
+    _signature_for_help(helping=command == ["--", "--help"])
+    fire.Fire(main, command=command)
