@@ -39,9 +39,10 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_step.sh
 #
-# Carry .whl/ (the wheels benchmarks/gpu_check.sh lists), bench_shards/ and demo_output/shards/ (see
-# benchmarks/README.md for how to make them). MODEL, BATCH and SETTLE may be overridden (the CPU check of this
-# script: MODEL=tests/data/tiny-clip.json BATCH=4x4 SETTLE=8 OUT=/tmp/x bash benchmarks/gpu_step.sh), and so may
+# Carry .whl/ (the wheels benchmarks/gpu_check.sh lists), bench_shards/ and demo_output/shards/ (from a fresh
+# checkout, `.venv/bin/python -m benchmarks.gpu_prep` makes all three). MODEL, BATCH and SETTLE may be overridden
+# (the CPU check of this script: MODEL=tests/data/tiny-clip.json BATCH=4x4 SETTLE=8 OUT=/tmp/x
+# bash benchmarks/gpu_step.sh), and so may
 # TRAIN_DATA (the train part's shards: TRAIN_DATA/labeled, /train and /val; default demo_output/shards) and RUN_DIR
 # (where the train part's runs go, RUN_DIR/run_<mode>, outside OUT so that their checkpoints do not come back with
 # the results; default /tmp). tests/test_gpu_step.py runs this script so on the CPU.
