@@ -244,6 +244,7 @@ def set_up(cfg: TrainConfig, dist: distributed.DistInfo) -> Bench:
     tokenizer = tokenizer_for(cfg.model)
     size = cfg.crop or image_size(models.student.clip)
     per_video_at = functools.cache(lambda width: count_forward_flops(models, cfg.frames, size, tokenizer, dev, width))
+    context = tokenizer(["a video"]).shape[1]  # the full width: counted once, for the header and uncut rows alike
     return Bench(
         cfg=cfg,
         models=models,
@@ -251,7 +252,7 @@ def set_up(cfg: TrainConfig, dist: distributed.DistInfo) -> Bench:
         tokenizer=text_tokenizer(models.student.clip, tokenizer, cfg.trim_text),
         size=size,
         device=dev,
-        per_video=count_forward_flops(models, cfg.frames, size, tokenizer, dev),
+        per_video=per_video_at(context),
         per_video_at=per_video_at,
         datasheet=monitor.peak_tflops(dev, cfg.peak_tflops),
         measured=measure_matmul_tflops(dev),
@@ -375,12 +376,12 @@ def input_copy_ms(labeled: data.Batch, unlabeled: data.Batch, dev: torch.device)
     return result
 
 
-def count_forward_flops(models, frames: int, size: int, tokenizer, dev: torch.device, width: int = 0) -> int:
-    """FLOPs of the student's forward of one video and its caption (``width`` tokens wide; 0: the tokenizer's
-    context length), as the trainer's ``_flops_per_step`` counts."""
+def count_forward_flops(models, frames: int, size: int, tokenizer, dev: torch.device, width: int) -> int:
+    """FLOPs of the student's forward of one video and its caption ``width`` tokens wide, as the trainer's
+    ``_flops_per_step`` counts."""
     video = torch.zeros(1, frames, 3, size, size, device=dev)  # (1, T, 3, S, S)
     tokens = tokenizer(["a video"]).to(dev)  # (1, L)
-    return monitor.forward_flops(models.student, video, fit_width(tokens, width) if width else tokens)
+    return monitor.forward_flops(models.student, video, fit_width(tokens, width))
 
 
 def machine_info(dev: torch.device) -> dict:
