@@ -33,7 +33,7 @@ from benchmarks.harness import resolve_device, synthetic_batch
 from eval.features import eval_autocast, text_embeddings
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.cli import count_problems
-from train.model import create_clip, encode_text, tokenizer_for, trim_padding
+from train.model import create_clip, encode_text, text_tokenizer, tokenizer_for
 
 
 def read_captions(path: str) -> list[str]:
@@ -46,6 +46,12 @@ def read_captions(path: str) -> list[str]:
     if not rows or "name" not in rows[0]:
         raise ValueError(f"--captions {path}: no rows with a 'name' column (a WebVid CSV: videoid,name,...)")
     return [r["name"] for r in rows]
+
+
+def train_width(clip: torch.nn.Module, tokenizer, captions: list[str]) -> int:
+    """The width in tokens the trainer runs ``captions`` at as one batch: cut after the longest by its loader's
+    ``train.model.text_tokenizer`` where the model allows it (``trims_text``), else the context length."""
+    return text_tokenizer(clip, tokenizer)(captions).shape[1]
 
 
 def rounds_line(name: str, count: int, rounds: dict[str, list[float]], extra: str = "") -> str:
@@ -112,7 +118,7 @@ def main(
     # training: one batch of captions, forward and backward, as the step's text tower runs it
     batch = (texts * (int(train_batch) // len(texts) + 1))[: int(train_batch)]
     full = tokenizer(batch).to(dev)
-    width = trim_padding(full.cpu()).shape[1]
+    width = train_width(clip, tokenizer, batch)
     clip.train()
     train_rounds = {"full": [], "cut": []}
 

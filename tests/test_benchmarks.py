@@ -570,10 +570,12 @@ def test_eval_bench_runs_end_to_end_and_records_how_it_was_run(tmp_path):
 
 def test_the_step_benchmarks_cut_captions_only_where_the_trainer_would(tmp_path):
     """As the trainer's text_tokenizer: a model whose text tower the cut would change (no causal mask) keeps its
-    captions at the context length in step_variants and kernel_bench; a causal one gets them cut."""
+    captions at the context length in step_variants, kernel_bench and text_bench's training pass; a causal one gets
+    them cut."""
     from benchmarks.harness import synthetic_batch
     from benchmarks.kernel_bench import caption_widths
     from benchmarks.step_variants import caption_width
+    from benchmarks.text_bench import train_width
     from train.model import create_clip, tokenizer_for
 
     for name, change, cut in (("causal", {}, True), ("bidirectional", {"no_causal_mask": True}, False)):
@@ -583,4 +585,5 @@ def test_the_step_benchmarks_cut_captions_only_where_the_trainer_would(tmp_path)
         pair = [synthetic_batch(n, 1, 1, tokenizer_for(model), k + 1, False) for k, n in enumerate((2, 3))]
         assert tokens.shape == (5, 77) and caption_width(pair, {"ours"}, clip) == width
         assert (width < 77) is cut
+        assert train_width(clip, tokenizer_for(model), pair[0].texts + pair[1].texts) == width
         assert caption_width(pair, {"ours", "fullpad"}, clip) == caption_width(pair, {"naive"}, clip) == 77
