@@ -29,7 +29,8 @@
 #             it runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
 # LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+cls+patch for a second call, whose OUT starts empty);
 # else the kernels part chooses it, or it is ours+compile+cteacher+qkv+cls+patch when that part did not run.
-# Each run ends with benchmarks/issue6_verdict.py: every target met or not, and the GPU defaults the figures favour.
+# Each run ends with benchmarks/issue6_verdict.py: every target met or not, the GPU defaults the figures favour, and
+# the device call to make next (the second call of a lent session), if any.
 # Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode,
 # EPILOGUE_S, in seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks
 # write their JSON after every row (a step variant's timing before its profile), so a part cut short still counts
@@ -196,8 +197,8 @@ elif wants tune; then
         --out "$OUT/tune" --variants "$TUNE_VARIANTS"
 fi
 
-# the targets of issue 6 against this run's figures, and the defaults they suggest
-python3 -m benchmarks.issue6_verdict --out "$OUT" 2>&1 | tee "$OUT/verdict.log" || status=1
+# the targets of issue 6 against this run's figures, the defaults they suggest, and the device call to make next
+python3 -m benchmarks.issue6_verdict --out "$OUT" --levers "$LEVERS" 2>&1 | tee "$OUT/verdict.log" || status=1
 
 echo "gpu_step: exit status $status after $SECONDS s" | tee -a "$LOG"
 exit $status

@@ -11,7 +11,8 @@ loss and gradients against the plain fp32 step's, the loader's margin over the s
 (2x) in each place the crop can run, and which activation checkpointing fits 256+256 under the memory part's cap
 (``--memory_gib``, 78 GiB in gpu_step.sh), fastest first; and what the kernels and epilogue parts measured. It then
 names the settings the figures favour for the trainer's GPU defaults (the step's levers in ``LEVERS``, never one
-whose numerics check failed; ``--augment_on``; ``--grad_checkpointing``).
+whose numerics check failed; ``--augment_on``; ``--grad_checkpointing``). With ``--levers`` (gpu_step.sh passes its
+LEVERS) it ends with the device call to make next on the warm machine, if any (``next_call_lines``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "fullpad": ("captions at the full context length", "--trim_text False"),
 }
 REQUIRES = {"tma": "autotune"}  # a lever step_variants times only beside another: judged with it, against neither
+# the default step's seconds at 128+128 on an H200 on 2026-11-26 (call A, captions at 77 tokens): a default step
+# slower than this (beyond GAIN) on an H200 asks whether the cut captions' dynamic width costs the compiled step
+H200_DEFAULT_STEP_S = 0.3608
 # the step variant whose batches arrive as each --augment_on mode hands them over
+DEFAULT = "ours+compile+cteacher"  # the trainer's GPU default step (gpu_step.sh's DEFAULT)
 MODE_VARIANTS = {
-    "loader": "ours+compile+cteacher",
+    "loader": DEFAULT,
     "device": "ours+compile+cteacher+devaug",
     "device_jpeg": "ours+compile+cteacher+devjpeg",
 }
@@ -337,25 +342,64 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
+def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None, levers: str) -> list[str]:
+    """The second call a lent session should make on the warm machine, from what this call measured (step, tune and
+    epilogue as written, before the verdict merges them): the cut captions checked against full ones if the default
+    step came out slower than on 2026-11-26's H200; else the max-autotune variants of ``levers`` if this call did
+    not time both; else none. Device time is the tool's to count, so the command leaves BUDGET to be filled in."""
+    if not levers:
+        return []
+    first = "next call (only with at least 150 device-seconds left; timeout_s: those seconds less 20): "
+    default = _ok(step["rows"]).get(DEFAULT) if step else None
+    timed = {r["variant"] for r in step["rows"]} if step else set()
+    if (
+        default
+        and "H200" in str(step.get("device"))
+        and default.get("batch") == "128x128"
+        and default["s_per_step"] > H200_DEFAULT_STEP_S * GAIN
+        and f"{DEFAULT}+fullpad" not in timed
+    ):
+        return [
+            f"{first}PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad OUT=$OUT bash benchmarks/gpu_step.sh "
+            f"(the default step took {default['s_per_step']:.4f} s, slower than the {H200_DEFAULT_STEP_S} s of "
+            "2026-11-26's H200 at 77 tokens: does the cut captions' changing width cost the compiled step?)"
+        ]
+    tuned = _ok(tune["rows"]) if tune else {}
+    if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
+        return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
+    parts = "epilogue tune" if epilogue and not epilogue.get("complete", True) else "tune"
+    variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
+    return [
+        f'{first}PARTS="{parts}" LEVERS={levers} TUNE_VARIANTS={variants} BUDGET=<those seconds less 40> OUT=$OUT '
+        "bash benchmarks/gpu_step.sh (this call did not time both max-autotune variants)"
+    ]
+
+
 def _load(folder: Path, pattern: str) -> dict | None:
     found = sorted(folder.glob(pattern))
     return json.loads(found[0].read_text()) if found else None
 
 
-def main(out: str = "benchmarks/output") -> None:
-    """Print issue 6's verdict from the JSON files gpu_step.sh wrote into OUT."""
+def main(out: str = "benchmarks/output", levers: str = "") -> None:
+    """Print issue 6's verdict from the JSON files gpu_step.sh wrote into OUT; with ``--levers`` (gpu_step.sh's
+    LEVERS), also the device call to make next."""
     folder = Path(out)
     if not folder.is_dir():
         raise SystemExit(f"error: --out {out} is not a folder; point it at the OUT of benchmarks/gpu_step.sh")
+    if not isinstance(levers, str) or (levers and not levers.startswith(DEFAULT)):
+        raise SystemExit(f"error: --levers must be a step variant that starts with {DEFAULT}, got {levers!r}")
+    patterns = ("step_variants_*.json", "tune/step_variants_*.json", "epilogue.json")
+    step, tune, epilogue = (_load(folder, pattern) for pattern in patterns)
     lines = verdict(
-        _load(folder, "step_variants_*.json"),
+        step,
         _load(folder, "loader_bench.json"),
         _load(folder / "memory", "step_variants_*.json"),
-        _load(folder / "tune", "step_variants_*.json"),
+        tune,
         _load(folder, "numerics.json"),
         _load(folder, "kernels.json"),
-        _load(folder, "epilogue.json"),
+        epilogue,
     )
+    lines += next_call_lines(step, tune, epilogue, levers)
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 
 

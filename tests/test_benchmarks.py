@@ -400,6 +400,54 @@ def test_the_issue6_verdict_reports_the_mlp_halves_each_way():
     assert epilogue_lines(record)[0].endswith("matmul 25.2); stopped before its end (time limit?)")
 
 
+def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
+    """The call a lent session makes next on the warm machine, from what the first call measured."""
+    from benchmarks.issue6_verdict import DEFAULT, next_call_lines
+
+    levers = f"{DEFAULT}+qkv+cls"
+    step = {"device": "NVIDIA H200", "rows": _rows(naive=348, **{DEFAULT: 710, levers: 760})}
+    for row, seconds in zip(step["rows"], (0.736, 0.3605, 0.337), strict=True):
+        row["s_per_step"] = seconds
+    epilogue = {"complete": True, "ways": []}
+    tune_cmd = (
+        "next call (only with at least 150 device-seconds left; timeout_s: those seconds less 20): "
+        f'PARTS="tune" LEVERS={levers} TUNE_VARIANTS={levers},{levers}+autotune+tma,{levers}+autotune '
+        "BUDGET=<those seconds less 40> OUT=$OUT bash benchmarks/gpu_step.sh (this call did not time both "
+        "max-autotune variants)"
+    )
+    assert next_call_lines(step, None, epilogue, levers) == [tune_cmd]  # the tune part did not run
+    tune = {"device": "NVIDIA H200", "rows": _rows(**{f"{levers}+autotune+tma": 790})}
+    assert next_call_lines(step, tune, epilogue, levers) == [tune_cmd]  # cut short after its first variant
+    tune["rows"] += [{"variant": f"{levers}+autotune", "status": "error", "videos_per_s": 0}]
+    assert next_call_lines(step, tune, epilogue, levers) == [tune_cmd]  # its second variant failed
+    assert next_call_lines(step, tune, {"complete": False}, levers) == [tune_cmd.replace('"tune"', '"epilogue tune"')]
+    tune["rows"][1] = _rows(**{f"{levers}+autotune": 780})[0]
+    done = ["next call: none needed (both max-autotune variants were timed); give the machine back"]
+    assert next_call_lines(step, tune, epilogue, levers) == done
+    assert next_call_lines(None, tune, None, levers) == done  # the second call itself: PARTS=tune
+
+    # the default step slower than on 2026-11-26's H200 (beyond 2%): first, whether the cut captions cost it
+    step["rows"][1]["s_per_step"] = 0.3750
+    assert next_call_lines(step, tune, epilogue, levers) == [
+        "next call (only with at least 150 device-seconds left; timeout_s: those seconds less 20): PARTS=step "
+        f"STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad OUT=$OUT bash benchmarks/gpu_step.sh (the default step took "
+        "0.3750 s, slower than the 0.3608 s of 2026-11-26's H200 at 77 tokens: does the cut captions' changing "
+        "width cost the compiled step?)"
+    ]
+    assert next_call_lines({**step, "device": "NVIDIA H100 80GB HBM3"}, tune, epilogue, levers) == done  # slower card
+    step["rows"].append({**step["rows"][1], "variant": f"{DEFAULT}+fullpad"})  # that check was this call
+    assert next_call_lines(step, tune, epilogue, levers) == done
+    assert next_call_lines(step, tune, epilogue, "") == []  # LEVERS not given: no advice
+
+    # the CLI: the line after the verdict's, and a --levers that is not a step variant refused
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "step_variants_cuda.json").write_text(json.dumps(tune))
+    proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path, "--levers", levers)
+    assert proc.stdout.splitlines()[-1] == f"  {done[0]}"
+    proc = run_cli("benchmarks.issue6_verdict", "--out", tmp_path, "--levers", "qkv", check=False)
+    assert proc.returncode != 0 and "--levers must be a step variant that starts with" in proc.stderr
+
+
 def test_the_issue6_verdict_judges_the_tma_templates_with_the_max_autotune_they_need():
     from benchmarks.issue6_verdict import lever_lines
 
