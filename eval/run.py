@@ -217,7 +217,8 @@ def run(
             )
             report.write_result(cfg.out, name, d.name, record)
             records.append(record)
-            shown = ", ".join(f"{k} {v:.1f}" for k, v in record["metrics"].items() if k != "num")
+            # rounded as summary.md rounds them (half up), so the console and the table agree
+            shown = ", ".join(f"{k} {report.format_value(v, k)}" for k, v in record["metrics"].items() if k != "num")
             print(f"{name} / {d.name}: {shown} ({record['num_found']}/{record['num_expected']} videos)")
         del clip
     for name, _ in models:

@@ -120,7 +120,8 @@ def _spark_session(workers: int):
         from pyspark.sql import SparkSession
     except ImportError as e:
         raise RuntimeError(
-            "--distributor spark needs pyspark: pip install 'fitclip[spark]' (and Java 17+ on PATH)"
+            "--distributor spark needs pyspark: pip install '/path/to/fitclip[spark]' (this checkout), and Java 17+"
+            " on PATH"
         ) from e
     conf = SparkConf()
     builder = SparkSession.builder.appName("fitclip-shard").config("spark.ui.showConsoleProgress", "false")

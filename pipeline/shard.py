@@ -136,7 +136,7 @@ def validate(
         problems.append(f"--distributor must be one of {', '.join(DISTRIBUTORS)}, got {distributor!r}")
     if distributor == "spark":
         if importlib.util.find_spec("pyspark") is None:
-            problems.append("--distributor spark needs pyspark: pip install 'fitclip[spark]'")
+            problems.append("--distributor spark needs pyspark: pip install '/path/to/fitclip[spark]' (this checkout)")
         elif not (shutil.which("java") or os.environ.get("JAVA_HOME")):
             problems.append("--distributor spark needs Java 17+: put java on PATH or set JAVA_HOME")
     if video_root is not None and not Path(video_root).is_dir():
@@ -201,7 +201,7 @@ def main(
         caption_col: name of the caption column.
         url_col: name of the column with an http(s) URL or a file path (relative to the CSV's folder).
         page_dir_col: name of the column with the sub-folder under --video_root.
-        duration_col: name of the ISO 8601 duration column (informational).
+        duration_col: name of the ISO 8601 duration column (stored as csv_duration; part of each shard's fingerprint).
         timeout: seconds for one whole download attempt.
         retries: extra attempts after a transient download failure (with backoff).
         max_mb: downloads larger than this many MiB fail as too_large.

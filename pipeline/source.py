@@ -46,7 +46,7 @@ class Columns:
     caption: str = "name"  # the caption text
     url: str = "contentUrl"  # http(s) URL, or a local path (absolute or relative to the CSV's folder)
     page_dir: str = "page_dir"  # sub-folder of --video_root holding the video
-    duration: str = "duration"  # ISO 8601 duration ("PT00H00M17S"), informational only
+    duration: str = "duration"  # ISO 8601 duration ("PT00H00M17S"): stored as csv_duration, not used to sample
 
 
 @dataclass(frozen=True)

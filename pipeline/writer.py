@@ -26,8 +26,8 @@ TMP_MARK = ".tmp-"
 def sample_key(videoid: str) -> str:
     """A webdataset key for ``videoid``: no dots or slashes, deterministic, unique per videoid.
 
-    Ids made of ``[A-Za-z0-9_-]`` (all of WebVid's) are kept as they are. Any
-    other id is sanitised and suffixed with a hash of the original, so two ids
+    Ids of at most 80 characters made of ``[A-Za-z0-9_-]`` (all of WebVid's) are kept as they are. Any
+    other id is sanitised, cut to 80 characters and suffixed with a hash of the original, so two ids
     that sanitise alike ("a.b", "a/b") still get different keys.
     """
     key = _UNSAFE_KEY_CHARS.sub("_", videoid)[:_MAX_KEY]

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, TINY_CLIP, run_cli
 from PIL import Image
 
+from eval import report
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.datasets.fixtures import MISSING, make_layouts, ucf101_missing_id
 from pipeline import synthetic
@@ -64,6 +65,10 @@ def test_zero_shot_suite_end_to_end(bench):
             metrics = record["metrics"]
             keys = ("top1", "top5", "mean_per_class") if dataset in ("ucf101", "moments") else ("R@1", "R@5", "MdR")
             assert all(0 <= metrics[k] <= 100 or k == "MdR" for k in keys)
+            # the console line rounds as summary.md does (half up; a whole MdR without decimals)
+            line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{model} / {dataset}: "))
+            shown = line.split(": ", 1)[1].rsplit(" (", 1)[0].split(", ")
+            assert sorted(shown) == sorted(f"{k} {report.format_value(v, k)}" for k, v in metrics.items() if k != "num")
     summary = (out / "summary.md").read_text()
     assert "Table 1a: UCF101" in summary and "Table 2c: DiDeMo" in summary and "| FitCLIP |" in summary
     assert "Table 2a: MSR-VTT" in proc.stdout

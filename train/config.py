@@ -92,7 +92,7 @@ class TrainConfig:
     val_every: int = 100  # steps between validations (and latest.pt saves)
     val_batch: int = 64  # fixed batch size of the validation contrastive loss (the model-selection criterion)
     val_max: int = 0  # at most this many validation videos; 0 = all
-    resume: str = ""  # "" = fresh run (refuses a non-empty --out), "auto" = continue from OUT/latest.pt, or a path
+    resume: str = ""  # "" = fresh run (refuses an OUT with latest.pt), "auto" = continue from OUT/latest.pt, or a path
     alpha: float = 0.4  # fusion weight of the student: theta = (1 - alpha) * teacher + alpha * student
     fuse: bool = True  # fuse best.pt with the teacher at the end into OUT/fitclip.pt
 
