@@ -85,9 +85,17 @@ def test_help_lists_every_flag_with_what_it_does():
     described = re.findall(r"^ {8}(\S.*)$", shown, flags=re.M)  # each flag's lines: type, default, text
     texts = [line for line in described if not line.startswith(("Type:", "Default:"))]
     assert len(texts) == len(dataclasses.fields(TrainConfig))
-    assert not any(t.startswith("(paper default") for t in texts)  # none without a description
+    assert not any(t.startswith("(by recipe") for t in texts)  # none without a description
     assert any(t.startswith("cut each batch's captions after its longest one") for t in texts)  # a comment above
     assert "Additional flags" not in shown  # an unknown flag is refused (below)
+    # each default shown is the default recipe's (paper); where the recipes differ, the text gives each one's value
+    defaults = dict(re.findall(r"^ {4}(?:-\w, )?--(\w+)=\w+\n {8}Type: .*\n {8}Default: (.*)$", shown, flags=re.M))
+    paper = resolve("paper")
+    assert defaults == {f.name: repr(getattr(paper, f.name)) for f in dataclasses.fields(TrainConfig)}
+    assert "(by recipe: paper 0.05, reference 0.015, demo 0.05)" in shown  # --sigma
+    # sigma, lam, distillation, renormalize_video, lr, steps, precision, val_every, val_batch, device, workers,
+    # log_every and wandb; the other 36 fields (recipe aside) are the same in every recipe
+    assert shown.count("(by recipe: ") == 13
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):

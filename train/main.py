@@ -54,23 +54,36 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
+def _recipe_defaults(name: str, presets: dict[str, TrainConfig]) -> str:
+    """A field's default in each recipe, for its help: "" when every recipe agrees, else "paper X, reference Y"."""
+    values = {recipe: getattr(cfg, name) for recipe, cfg in presets.items()}
+    if len({repr(v) for v in values.values()}) == 1:
+        return ""
+    return ", ".join(f"{recipe} {value!r}" for recipe, value in values.items())
+
+
 def _signature_for_help(helping: bool = False) -> None:
     """Give ``main`` one keyword parameter per config field, so fire's --help lists them all. ``helping``: fire only
-    prints the help, so the signature leaves out ``**flags`` (fire would end the help with "Additional flags are
-    accepted", which is not so)."""
+    prints the help, so each parameter shows the default recipe's value (otherwise it is None: "not given", so that
+    the recipe fills it in), a flag whose recipes differ says so, and the signature leaves out ``**flags`` (fire
+    would end the help with "Additional flags are accepted", which is not so)."""
     docs = _field_docs()
+    presets = {name: make() for name, make in config_module.RECIPES.items()}
     params = [inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default="paper", annotation=str)]
     lines = [
         "Train FitCLIP: a student CLIP on labeled + unlabeled WebVid shards, distilled from the frozen teacher.",
         "",
         "Args:",
-        "    recipe: preset for every default: paper, reference or demo (flags not given take its value).",
+        "    recipe: preset for every default: paper, reference or demo (flags not given take its value; the defaults "
+        "shown are paper's).",
     ]
     for f in dataclasses.fields(TrainConfig):
         if f.name == "recipe":
             continue
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=f.type))
-        lines.append(f"    {f.name}: {docs.get(f.name, '')} (paper default: {f.default!r})")
+        default = getattr(presets["paper"], f.name) if helping else None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+        differ = _recipe_defaults(f.name, presets)
+        lines.append(f"    {f.name}: {docs.get(f.name, '')}" + (f" (by recipe: {differ})" if differ else ""))
     if not helping:  # **flags stays, so an unknown flag reaches resolve() and fails with the list of valid ones
         params.append(inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD))
     main.__signature__ = inspect.Signature(params)
