@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def comma_list(value) -> list[str]:
     """A fire argument meant as a comma list, as text items.
@@ -30,4 +32,31 @@ def count_problems(counts: dict[str, tuple[object, int]]) -> list[str]:
         f"--{name} must be a whole number of at least {least}, got {value!r}"
         for name, (value, least) in counts.items()
         if isinstance(value, bool) or not isinstance(value, int) or value < least
+    ]
+
+
+def number_problems(numbers: dict[str, tuple[object, float | None, float | None]]) -> list[str]:
+    """A line for each number (name without dashes -> (value, least, most), a bound None when there is none) that is
+    not a finite real number within its bounds. fire hands ``--x abc`` over as a str and ``--x 1,2`` as a tuple; True
+    is a number to Python, not here."""
+    problems = []
+    for name, (value, least, most) in numbers.items():
+        real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if real and (least is None or value >= least) and (most is None or value <= most):
+            continue
+        bounds = {(False, False): "", (True, False): f" of at least {least}", (False, True): f" of at most {most}"}
+        bounds[(True, True)] = f" from {least} to {most}"
+        problems.append(f"--{name} must be a number{bounds[(least is not None, most is not None)]}, got {value!r}")
+    return problems
+
+
+def pair_problems(pairs: dict[str, object]) -> list[str]:
+    """A line for each flag (name without dashes -> value) that must be two numbers, as fire hands ``--x 0.5,1.0``
+    over (a tuple); the bounds of each are the caller's to check."""
+    return [
+        f"--{name} must be two numbers separated by a comma (e.g. 0.9,0.999), got {value!r}"
+        for name, value in pairs.items()
+        if not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or number_problems({"x": (value[0], None, None), "y": (value[1], None, None)})
     ]

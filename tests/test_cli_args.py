@@ -5,7 +5,7 @@ from __future__ import annotations
 import fire
 import pytest
 
-from pipeline.cli import comma_list, count_problems
+from pipeline.cli import comma_list, count_problems, number_problems, pair_problems
 
 
 def fire_value(arg: str):
@@ -44,4 +44,34 @@ def test_count_problems_names_each_count_that_is_not_a_whole_number_of_at_least_
         "--d must be a whole number of at least 1, got 1.5",
         "--e must be a whole number of at least 1, got 'abc'",
         "--f must be a whole number of at least 1, got True",
+    ]
+
+
+def test_number_problems_names_each_value_that_is_not_a_finite_number_within_its_bounds():
+    numbers = {
+        "ok": (0.5, 0, 1),
+        "int": (3, 0, None),
+        "word": (fire_value("abc"), 0, None),  # fire: a str
+        "pair": (fire_value("1,2"), None, None),  # a tuple
+        "switch": (True, None, None),
+        "nan": (float("nan"), None, None),
+        "low": (-0.1, 0, 1),
+        "high": (3, None, 2),
+    }
+    assert number_problems(numbers) == [
+        "--word must be a number of at least 0, got 'abc'",
+        "--pair must be a number, got (1, 2)",
+        "--switch must be a number, got True",
+        "--nan must be a number, got nan",
+        "--low must be a number from 0 to 1, got -0.1",
+        "--high must be a number of at most 2, got 3",
+    ]
+
+
+def test_pair_problems_names_each_value_that_is_not_two_numbers():
+    pairs = {"ok": fire_value("0.9,0.999"), "one": fire_value("0.9"), "word": fire_value("0.9,abc"), "three": (1, 2, 3)}
+    assert pair_problems(pairs) == [
+        "--one must be two numbers separated by a comma (e.g. 0.9,0.999), got 0.9",
+        "--word must be two numbers separated by a comma (e.g. 0.9,0.999), got (0.9, 'abc')",
+        "--three must be two numbers separated by a comma (e.g. 0.9,0.999), got (1, 2, 3)",
     ]
