@@ -400,7 +400,7 @@ def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
-    with pytest.raises(shard.UsageError, match=r"pip install 'fitclip\[spark\]'"):
+    with pytest.raises(shard.UsageError, match=r"pip install '/path/to/fitclip\[spark\]' \(this checkout\)"):
         shard.validate(tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)
 
 
