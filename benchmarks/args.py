@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+from pipeline.cli import comma_list, number_problems
+
+# The shortest generated clip the clip benchmarks take, 10 frames at their 25 fps: enough for the 4 frames they sample,
+# each with the frame after it, which shard_bench's frame check compares against (8 frames or fewer lack some)
+MIN_CLIP_S = 0.4
 
 
 def parse_batches(text) -> list[tuple[int, int]]:
@@ -27,3 +34,51 @@ def checkpointed_blocks(options: set[str]) -> bool | int:
     False."""
     counts = [int(m[1]) if m[1] else True for m in map(CKPT.fullmatch, options) if m]
     return counts[0] if counts else False
+
+
+def refuse(problems: list[str]) -> None:
+    """Exit with one ``error:`` line naming every problem, if there is any: the house form of a refused flag, given
+    before any long work."""
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def count_list(value) -> list[int]:
+    """A comma list of whole numbers as fire hands it over (``1,2`` a tuple, ``4`` an int), checked by
+    ``count_list_problems`` first."""
+    return [int(item) for item in comma_list(value)]
+
+
+def count_list_problems(lists: dict[str, tuple[object, int]]) -> list[str]:
+    """A line for each flag (name without dashes -> (value, least)) that must be a comma list of whole numbers of at
+    least ``least`` and is not: empty, a word, a fraction (fire hands ``--x 1.5`` over as a float) or too small."""
+    return [
+        f"--{name} must be a comma list of whole numbers of at least {least} (e.g. 1,2), got {value!r}"
+        for name, (value, least) in lists.items()
+        if not comma_list(value) or not all(item.isdigit() and int(item) >= least for item in comma_list(value))
+    ]
+
+
+def choice_list_problems(name: str, value, choices: tuple[str, ...]) -> list[str]:
+    """A line if flag ``name`` is not a comma list of some of ``choices``."""
+    items = comma_list(value)
+    if items and set(items) <= set(choices):
+        return []
+    return [f"--{name} must be a comma list of {', '.join(choices)}, got {value!r}"]
+
+
+def clip_seconds_problems(seconds) -> list[str]:
+    """A line if ``--seconds``, the length of the generated clips, is not a number of at least ``MIN_CLIP_S``."""
+    return number_problems({"seconds": (seconds, MIN_CLIP_S, None)})
+
+
+def folder_problems(folders: dict[str, object]) -> list[str]:
+    """A line for each output-folder flag (name without dashes -> value) whose path, or a folder above it, is a file:
+    a benchmark makes the folder only when it writes, after its work, and would fail there."""
+    problems = []
+    for name, value in folders.items():
+        path = Path(str(value))
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"--{name} {str(value)!r}: {existing} is a file, not a folder; pass a folder")
+    return problems

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import fire
 
+from benchmarks.args import clip_seconds_problems, folder_problems, refuse
 from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, random_weights_run, write_results
-from benchmarks.harness import resolve_device
+from benchmarks.harness import device_problems, model_problems, resolve_device
 from eval.features import eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache
 from eval.prompts import class_prompts
@@ -32,6 +33,15 @@ def sizes_arg(sizes) -> list[int]:
     if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
         raise ValueError(f"--sizes must be a comma list of whole numbers of at least 1, got {sizes!r}")
     return [int(v) for v in values]
+
+
+def sizes_problems(sizes) -> list[str]:
+    """``sizes_arg``'s refusal as a line, if it refuses."""
+    try:
+        sizes_arg(sizes)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def best_size(rounds: dict[int, list[float]]) -> int:
@@ -69,19 +79,18 @@ def main(
         texts: UCF101 prompts to embed.
         repeats: rounds; each runs every size once.
         device: auto, cuda or cpu.
-        seconds: clip length.
-        out: output folder.
+        seconds: length of the generated clips.
+        out: output folder (the clips, the frame cache and the results).
     """
-    try:
-        size_list = sizes_arg(sizes)
-        bad = count_problems({"videos": (videos, 1), "texts": (texts, 1), "repeats": (repeats, 1)})
-        if bad:
-            raise ValueError("; ".join(bad))
-        dev = resolve_device(str(device))
-        clip = create_clip(str(model), "", dev).eval()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    out_dir = Path(out)
+    problems = sizes_problems(sizes) + count_problems(
+        {"videos": (videos, 1), "texts": (texts, 1), "repeats": (repeats, 1)}
+    )
+    problems += clip_seconds_problems(seconds) + model_problems(model) + device_problems(device)
+    refuse(problems + folder_problems({"out": out}))
+    size_list = sizes_arg(sizes)
+    dev = resolve_device(device)
+    clip = create_clip(str(model), "", dev).eval()
+    out_dir = Path(str(out))
     clips, _, _ = ensure_clips(out_dir / "clips", int(videos), float(seconds))
     dataset = make_dataset(clips)
     settings = CacheSettings(size=max(224, image_size(clip)))

@@ -1,7 +1,8 @@
 """The MLP half of an image block compiled three ways, alone at the step's shapes: what max-autotune, with and
 without Triton's persistent TMA matmul templates, saves where it can take bias and QuickGELU into the products.
 
-    python -m benchmarks.epilogue_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--out DIR]
+    python -m benchmarks.epilogue_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--device auto]
+        [--out DIR]
 
 A whole step's max-autotune tunes some 50 matrix products and every fused kernel, for minutes; this tunes the 6
 products of one MLP, so ``benchmarks/gpu_step.sh`` (epilogue part) answers in one call what ``step_variants
@@ -18,8 +19,9 @@ this order:
 Each way: its first call (compile and tuning), its median time per call, that times the tower's layers (the
 student's image blocks per step; the teacher's forward is left out), its largest difference to the default
 way's output, and a profile of 2 calls (``train.profiling``: time by kernel kind and the top kernels; a product that
-took its epilogue runs as a Triton template, ``triton_tem_...``, which counts as "fused (triton)"). Writes
-``DIR/epilogue.json`` after each way, so a time limit keeps what was measured.
+took its epilogue runs as a Triton template, ``triton_tem_...``, which counts as "fused (triton)"). Prints each way;
+with ``--out DIR`` also writes ``DIR/epilogue.json`` after each way, so a time limit keeps what was measured (without
+it, nothing is written).
 """
 
 from __future__ import annotations
@@ -79,8 +81,18 @@ def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, 
 def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
-    """Time the MLP half of an image block compiled each way at the student's rows; write OUT/epilogue.json."""
-    setup = kernel_setup(model, batches, device, frames)
+    """Time the MLP half of an image block compiled each way at the student's rows; with --out DIR, write
+    DIR/epilogue.json.
+
+    Args:
+        model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
+        batches: the step's batch as one LxU (L labeled + U unlabeled videos), e.g. 128x128; the block runs over the
+            student's (L+U) x frames images.
+        frames: frames per video.
+        device: auto, cuda or cpu; bf16 autocast on a GPU, fp32 on the CPU.
+        out: folder to write epilogue.json into; "" = print only, write nothing.
+    """
+    setup = kernel_setup(model, batches, device, frames, out)
     n_lab, n_unl, dev, dtype, clip, name = setup
     tower = clip.visual.transformer
     block = copy.deepcopy(tower.resblocks[0]).to(dev)
@@ -102,7 +114,7 @@ def main(
         "ways": [],  # in the order they ran (a list: the JSON's keys are sorted)
         "complete": False,
     }
-    path = Path(out) / "epilogue.json" if out else None
+    path = Path(str(out)) / "epilogue.json" if out else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
     reference = None

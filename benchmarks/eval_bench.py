@@ -47,14 +47,15 @@ import fire
 import open_clip
 import torch
 
-from benchmarks.harness import resolve_device
+from benchmarks.args import clip_seconds_problems, count_list, count_list_problems, folder_problems, refuse
+from benchmarks.harness import device_problems, model_problems, resolve_device
 from benchmarks.shard_bench import BackgroundLoad, machine_info
 from eval import frame_cache
 from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
 from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
-from pipeline.cli import comma_list
+from pipeline.cli import count_problems
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform
@@ -532,6 +533,16 @@ def _load(cores: float | None) -> str:
     return "n/a" if cores is None or cores != cores else f"{cores:.2f}"
 
 
+def flag_problems(videos, seconds, workers, model, batch_size, device, repeats, classes, sweep, threads, out):
+    """A line for each of ``main``'s flags that is out of range, checked before any clip is generated."""
+    problems = count_problems({"videos": (videos, 1), "batch_size": (batch_size, 1), "repeats": (repeats, 1)})
+    problems += count_problems({"sweep": (sweep, 1), "threads": (threads, 0)})
+    if count_problems({"classes": (classes, 1)}) or classes > len(UCF101_FOLDERS):
+        problems.append(f"--classes must be a whole number from 1 to {len(UCF101_FOLDERS)}, got {classes!r}")
+    problems += clip_seconds_problems(seconds) + count_list_problems({"workers": (workers, 1)})
+    return problems + model_problems(model) + device_problems(device) + folder_problems({"out": out})
+
+
 def main(
     videos: int = 48,
     seconds: float = 10,
@@ -556,15 +567,17 @@ def main(
         device: auto, cuda or cpu.
         repeats: runs of every timed phase; the fastest is reported.
         classes: UCF101 classes for the text encoding (101; fewer only for a quick check of a big model on CPU).
-        sweep: models in the sweep (11: alpha 0, 0.1, ..., 1).
+        sweep: models in the sweep (11 = alpha 0, 0.1, ..., 1), whose cost is projected from the measured parts
+            (decode, video and text encoding), not run.
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default. On a shared machine use 1.
         out: output folder (clips, scratch caches, results).
     """
-    worker_list = sorted({int(w) for w in comma_list(workers)})
-    if int(threads) > 0:
-        torch.set_num_threads(int(threads))
-    dev = resolve_device(str(device))
-    out_dir = Path(out)
+    refuse(flag_problems(videos, seconds, workers, model, batch_size, device, repeats, classes, sweep, threads, out))
+    worker_list = sorted(set(count_list(workers)))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    out_dir = Path(str(out))
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     machine = machine_info()

@@ -21,13 +21,26 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import random_models, synthetic_batch
+from benchmarks.args import folder_problems, refuse
+from benchmarks.harness import model_problems, random_models, synthetic_batch
+from pipeline.cli import count_problems, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
+from train.config import ATTENTION_KERNELS
 from train.model import VideoTextModel, create_clip, freeze, image_size, text_tokenizer, tokenizer_for
 
 
-def compare(
+def flag_problems(model, batch, frames, compile, attention_kernel, out, switches: dict) -> list[str]:
+    """A line for each flag out of range, checked before any model is built: ``switches`` are the levers that must be
+    True or False."""
+    problems = model_problems(model) + count_problems({"batch": (batch, 1), "frames": (frames, 1)})
+    problems += switch_problems({"compile": compile, **switches})
+    if attention_kernel not in ATTENTION_KERNELS:
+        problems.append(f"--attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {attention_kernel!r}")
+    return problems + folder_problems({"out": out})
+
+
+def main(
     model: str = "ViT-B-16-quickgelu",
     batch: int = 16,
     frames: int = 4,
@@ -38,15 +51,34 @@ def compare(
     cls_last_block: bool = False,
     out: str = "",
 ) -> dict:
-    """The plain and optimised losses, the gradient cosine and the gradient norm ratio (also printed)."""
-    dist = distributed.init_distributed("auto")
-    dev = dist.device
+    """Run the optimised step and the plain fp32 step on the same weights and batches; print their losses, the
+    gradient cosine and norm ratio (with --out DIR, also write DIR/numerics.json), and return them.
+
+    Args:
+        model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
+        batch: videos in each of the labeled and the unlabeled batch.
+        frames: frames per video.
+        compile: torch.compile the optimised side's student and teacher, as the trainer's --compile (on a GPU
+            only; on the CPU both sides run eager).
+        packed_qkv: the optimised side attends on views of the packed QKV projection (the trainer's --packed_qkv).
+        attention_kernel: the SDPA kernel the optimised side tries first (the trainer's --attention_kernel), one of
+            auto, cudnn, flash, efficient or math.
+        linear_patch_embed: the optimised side's patch embedding as one matrix product (the trainer's
+            --linear_patch_embed).
+        cls_last_block: the optimised side's last image block for the class token only (the trainer's
+            --cls_last_block).
+        out: folder to write numerics.json into; "" = print only, write nothing.
+    """
     levers = dict(
         packed_qkv=packed_qkv,
         attention_kernel=attention_kernel,
         linear_patch_embed=linear_patch_embed,
         cls_last_block=cls_last_block,
     )
+    switches = {name: value for name, value in levers.items() if name != "attention_kernel"}
+    refuse(flag_problems(model, batch, frames, compile, attention_kernel, out, switches))
+    dist = distributed.init_distributed("auto")
+    dev = dist.device
     # bf16 teacher on the GPU, the student compiled there; a flag out of range exits with TrainConfig's message
     fast, models = random_models(model, frames, dist, compile=compile and dev.type == "cuda", **levers)
     flags = {"compile": bool(fast.compile), **levers}
@@ -97,10 +129,10 @@ def compare(
         f"norm ratio {summary['norm_ratio']:.4f}; non-finite gradients {summary['non_finite_gradients']}"
     )
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(out) / "numerics.json", json_bytes(summary))
+        Path(str(out)).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(str(out)) / "numerics.json", json_bytes(summary))
     return summary
 
 
 if __name__ == "__main__":
-    fire.Fire(compare, serialize=lambda summary: None)  # compare printed it already
+    fire.Fire(main, serialize=lambda summary: None)  # main printed it already

@@ -133,7 +133,8 @@ def main(
         bench: make bench_shards/.
         demo: make demo_output/shards/.
         clips: distinct generated clips in bench_shards.
-        videos: videos in bench_shards (the clips repeated under other ids), in 4 shards.
+        videos: videos in bench_shards (the clips repeated under other ids), videos // 4 (at least 1) to a shard,
+            so 4 shards where it is a multiple of 4 (48 makes 4 of 12; 10 makes 5 of 2).
         seconds: length of each generated clip.
         size: the stored frames' short side in bench_shards.
         quick: the demo's reduced world (for tests; the GPU run's train part wants the full one).
@@ -146,7 +147,7 @@ def main(
     problems += switch_problems({"wheels": wheels, "bench": bench, "demo": demo, "quick": quick})
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    base = Path(root)
+    base = Path(str(root))
     if not (base / "benchmarks" / "gpu_step.sh").is_file():
         raise SystemExit(f"error: --root {root!r} is not the repository root (no benchmarks/gpu_step.sh there)")
     if wheels:

@@ -12,15 +12,16 @@ import statistics
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
-from benchmarks.args import parse_batches
+from benchmarks.args import folder_problems, parse_batches, refuse
+from pipeline.cli import count_problems
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
-from train.model import create_clip, image_size, register_model
+from train.model import create_clip, device_problems, image_size, register_model
 from train.profiling import activities, summarize, sync
 
 MATMUL_N = 8192  # the bf16 matmul of the measured peak: (N, N) @ (N, N)
@@ -33,10 +34,32 @@ WORDS = (
 ).split()
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """The device ``--device`` names (auto: CUDA where torch sees a GPU, else the CPU); one ``error:`` line for a
+    value ``device_problems`` refuses."""
+    refuse(device_problems(device))
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def model_problems(model) -> list[str]:
+    """A line if ``--model`` is neither an open_clip model name nor a readable model-config JSON
+    (``train.model.register_model``'s message, which names the flag); nothing is built."""
+    try:
+        register_model(str(model))
+    except (ValueError, FileNotFoundError) as e:
+        return [str(e)]
+    return []
+
+
+def batches_problems(batches) -> list[str]:
+    """A line if ``--batches`` is not a comma list of LxU (``benchmarks.args.parse_batches``'s message)."""
+    try:
+        parse_batches(batches)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def measure_matmul_tflops(dev: torch.device) -> float:
@@ -157,14 +180,11 @@ def synthetic_batch(n: int, frames: int, size: int, tokenizer, seed: int, pin: b
     return batch.pin_memory() if pin else batch
 
 
-def checked_args(model: str, batches) -> list[tuple[int, int]]:
-    """A benchmark CLI's ``--model`` and ``--batches``, checked before any work: the (L, U) batches, or a one-line
-    ``error:`` exit that says what to change."""
-    try:
-        register_model(str(model))
-        return parse_batches(batches)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+def checked_args(model: str, batches, problems: Sequence[str] = ()) -> list[tuple[int, int]]:
+    """A benchmark CLI's ``--model`` and ``--batches``, checked before any work with the ``problems`` its other flags
+    have: the (L, U) batches, or a one-line ``error:`` exit that says what to change."""
+    refuse(model_problems(model) + batches_problems(batches) + list(problems))
+    return parse_batches(batches)
 
 
 class KernelSetup(NamedTuple):
@@ -185,14 +205,13 @@ class KernelSetup(NamedTuple):
         )
 
 
-def kernel_setup(model: str, batches: str, device: str, frames: int) -> KernelSetup:
-    """The step's one LxU batch and its frames per video (checked first: a one-line ``error:`` exit), the device,
-    dtype and model."""
-    (n_lab, n_unl), *more = checked_args(model, batches)
-    if more:
-        raise SystemExit("error: --batches takes one LxU here (the step's batch)")
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-        raise SystemExit(f"error: --frames must be a positive integer (frames per video), got {frames!r}")
+def kernel_setup(model: str, batches: str, device: str, frames: int, out: str) -> KernelSetup:
+    """The step's one LxU batch and its frames per video, the device, dtype and model; the flags, ``--out`` too, are
+    checked first (a one-line ``error:`` exit)."""
+    problems = count_problems({"frames": (frames, 1)}) + device_problems(device) + folder_problems({"out": out})
+    if not batches_problems(batches) and len(parse_batches(batches)) > 1:
+        problems.append(f"--batches takes one LxU here (the step's batch), got {batches!r}")
+    ((n_lab, n_unl),) = checked_args(model, batches, problems)
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"

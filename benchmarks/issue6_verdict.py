@@ -382,8 +382,14 @@ def _load(folder: Path, pattern: str) -> dict | None:
 
 def main(out: str = "benchmarks/output", levers: str = "") -> None:
     """Print issue 6's verdict from the JSON files gpu_step.sh wrote into OUT; with ``--levers`` (gpu_step.sh's
-    LEVERS), also the device call to make next."""
-    folder = Path(out)
+    LEVERS), also the device call to make next.
+
+    Args:
+        out: the folder benchmarks/gpu_step.sh wrote its JSON files into (its OUT).
+        levers: the step variant gpu_step.sh timed as LEVERS, e.g. ours+compile+cteacher+qkv+patch; "" = no line
+            about the next device call.
+    """
+    folder = Path(str(out))
     if not folder.is_dir():
         raise SystemExit(f"error: --out {out} is not a folder; point it at the OUT of benchmarks/gpu_step.sh")
     if not isinstance(levers, str) or (levers and not levers.startswith(DEFAULT)):

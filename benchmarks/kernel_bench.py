@@ -1,6 +1,8 @@
-"""The step's attention, patch-embedding and last-block kernels alone, each way they can run, at the step's shapes.
+"""The step's attention, patch-embedding and last-block kernels and its text tower alone, each way they can run, at the
+step's shapes.
 
-    python -m benchmarks.kernel_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--out DIR]
+    python -m benchmarks.kernel_bench [--model ViT-B-16-quickgelu] [--batches 128x128] [--frames 4] [--device auto]
+        [--out DIR]
 
 Seconds of GPU time instead of the minutes a compiled step variant takes, so ``benchmarks/gpu_step.sh`` can pick the
 levers its step variants then time.
@@ -20,10 +22,11 @@ levers its step variants then time.
   their batch (``--trim_text``, the trainer's default), eager: the student's forward and backward, the teacher's
   forward. A record of what the default gains, not a lever to choose.
 
-Writes ``DIR/kernels.json``: the rows, the step's attention time with each kernel first, the fastest
-(``best_attention_kernel``, an ``--attention_kernel`` value), the patch embedding's two times, the last block's two
-times, the text tower's two times, and the ``benchmarks.step_variants`` options they favour (``step_levers``:
-``patch``, ``cls``, a kernel), which gpu_step.sh then times in the whole step.
+Prints each timing. With ``--out DIR`` it also writes ``DIR/kernels.json`` (without it, nothing is written): the rows,
+the step's attention time with each kernel first, the fastest (``best_attention_kernel``, an ``--attention_kernel``
+value), the patch embedding's two times, the last block's two times, the text tower's two times, and the
+``benchmarks.step_variants`` options they favour (``step_levers``: ``patch``, ``cls``, a kernel), which gpu_step.sh
+then times in the whole step.
 """
 
 from __future__ import annotations
@@ -287,8 +290,17 @@ def text_tower_rows(clip: torch.nn.Module, captions: tuple[torch.Tensor, int], n
 def main(
     model: str = "ViT-B-16-quickgelu", batches: str = "128x128", frames: int = 4, device: str = "auto", out: str = ""
 ) -> dict:
-    """Time the step's attention calls per kernel and its patch embedding both ways; write OUT/kernels.json."""
-    setup = kernel_setup(model, batches, device, frames)
+    """Time the step's attention calls per kernel, and its patch embedding, the image tower's last block and the text
+    tower both ways; with --out DIR, write DIR/kernels.json.
+
+    Args:
+        model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
+        batches: the step's batch as one LxU (L labeled + U unlabeled videos), e.g. 128x128.
+        frames: frames per video.
+        device: auto, cuda or cpu; bf16 autocast on a GPU, fp32 on the CPU.
+        out: folder to write kernels.json into; "" = print only, write nothing.
+    """
+    setup = kernel_setup(model, batches, device, frames, out)
     n_lab, n_unl, dev, dtype, clip, name = setup
     print(
         f"kernel_bench: {name}, torch {torch.__version__}, {model}, {n_lab}+{n_unl} videos of {frames} frames, {dtype}"
@@ -311,8 +323,8 @@ def main(
     record["step_levers"] = step_levers(best, record["patch_embed"], record["last_block"])
     print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(out) / "kernels.json", json_bytes(record))
+        Path(str(out)).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(str(out)) / "kernels.json", json_bytes(record))
     return record
 
 

@@ -10,7 +10,9 @@ run (``--augment_on``: in the workers, on the device after the workers decoded,
 or on the device including the JPEG decode), plus the single-core JPEG decode
 limit of the same frames measured in the same run. For the device modes it also
 times the device's share, ``train.prefetch.to_device`` of one batch (copy,
-decode, crop), synchronised, as the median of ``--batches`` batches.
+decode, crop), synchronised, at the largest worker count: the median over the
+first 10 of the ``--batches`` batches (all of them if fewer) with the first left
+out, as it pays for the set-up (nvjpeg, kernels); with one batch, that one.
 
 Timing starts after ``--settle`` videos per worker: until a worker's shuffle
 buffer (1,000 samples) is full, webdataset reads two samples per sample it
@@ -28,8 +30,9 @@ import fire
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from benchmarks.harness import resolve_device
-from pipeline.cli import comma_list
+from benchmarks.args import choice_list_problems, count_list, count_list_problems, folder_problems, refuse
+from benchmarks.harness import device_problems, model_problems, resolve_device
+from pipeline.cli import comma_list, count_problems
 from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
@@ -49,6 +52,22 @@ def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[in
             decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
         count += len(blobs)
     return count / (time.perf_counter() - start), shape
+
+
+def shard_problems(shards, frames) -> list[str]:
+    """A line if ``--shards`` is not a folder of complete shards, or ``--frames`` is not a count its samples hold
+    (``train.data``'s messages, which say what to do); only the first sample's headers are read."""
+    try:
+        data.list_shards(str(shards))
+    except data.DataError as e:
+        return [f"--shards {str(shards)!r}: {e}"]
+    if count_problems({"frames": (frames, 1)}):
+        return count_problems({"frames": (frames, 1)})
+    try:
+        data.check_frames(str(shards), frames)
+    except data.DataError as e:
+        return [str(e)]
+    return []
 
 
 def device_cost(batches: list, device: torch.device, size: int) -> tuple[float, int | None]:
@@ -82,13 +101,33 @@ def main(
     settle: int = 1000,
     out: str = "benchmarks/output",
 ) -> None:
+    """Videos/s of the trainer's unlabeled stream for each worker count and each place the crop runs, against the
+    single-core JPEG decode limit; writes OUT/loader_bench.json after each row.
+
+    Args:
+        shards: folder of shards made by pipeline.shard (the unlabeled stream reads them, resampled).
+        workers: loader worker counts to time, comma separated.
+        batch: videos per batch.
+        batches: batches timed per row, after the settling ones; in the device modes, the device's share is the
+            median over the first 10 of them (the first left out) at the largest worker count.
+        size: the crop's side in pixels, as the trainer's --crop (224 for ViT-B/16).
+        frames: frames per video (the shards must hold at least that many).
+        model: open_clip model name or model-config JSON whose tokenizer the stream uses (nothing is built).
+        augment_on: places the crop runs, comma separated, of loader, device and device_jpeg (the trainer's
+            --augment_on values).
+        device: auto, cuda or cpu; where the device modes' share is timed.
+        settle: videos per worker read before timing starts, until the shuffle buffers are full.
+        out: folder of loader_bench.json.
+    """
+    places = tuple(m for m in AUGMENT_ON if m != "auto")
+    problems = shard_problems(shards, frames) + count_list_problems({"workers": (workers, 1)})
+    problems += count_problems({"batch": (batch, 1), "batches": (batches, 1), "size": (size, 1), "settle": (settle, 0)})
+    problems += model_problems(model) + choice_list_problems("augment_on", augment_on, places)
+    refuse(problems + device_problems(device) + folder_problems({"out": out}))
+    shards = str(shards)  # fire hands a folder named 5 over as a number
     urls = data.list_shards(shards)
-    worker_list = [int(w) for w in comma_list(workers)]
+    worker_list = count_list(workers)
     modes = comma_list(augment_on)
-    places = [m for m in AUGMENT_ON if m != "auto"]
-    unknown = set(modes) - set(places)
-    if unknown:
-        raise SystemExit(f"--augment_on: unknown {sorted(unknown)}; choose from {', '.join(places)}")
     dev = resolve_device(device)
     limit, shape = jpeg_limit(urls)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -112,8 +151,8 @@ def main(
         "rows": rows,
         "complete": False,
     }
-    Path(out).mkdir(parents=True, exist_ok=True)
-    path = Path(out) / "loader_bench.json"
+    Path(str(out)).mkdir(parents=True, exist_ok=True)
+    path = Path(str(out)) / "loader_bench.json"
     for mode in modes:
         for w in worker_list:
             stream = data.unlabeled_stream(shards, frames, transform, tokenizer, batch, seed=0, augment_on=mode)

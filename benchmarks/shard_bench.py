@@ -42,8 +42,9 @@ import fire
 import numpy as np
 from PIL import Image
 
+from benchmarks.args import clip_seconds_problems, count_list, count_list_problems, folder_problems, refuse
 from pipeline import synthetic
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, count_problems
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
@@ -419,10 +420,31 @@ def bench_pipeline(
 # Report
 
 
+DEFAULT_GOPS = ("default", "none", "0")  # what --gops takes for x264's own keyframe interval
+
+
 def _parse_gop(value) -> int | None:
-    if value is None or str(value).lower() in ("default", "none", "0"):
+    if value is None or str(value).lower() in DEFAULT_GOPS:
         return None
     return int(value)
+
+
+def gop_problems(gops) -> list[str]:
+    """A line if ``--gops`` is not a comma list of keyframe intervals (whole numbers of frames, at least 1) or
+    "default"."""
+    items = comma_list(gops)
+    if items and all(g.lower() in DEFAULT_GOPS or (g.isdigit() and int(g) >= 1) for g in items):
+        return []
+    return [f"--gops must be a comma list of keyframe intervals in frames (at least 1) or default, got {gops!r}"]
+
+
+def flag_problems(clips, videos, seconds, gops, workers, pipeline_videos, samples_per_shard, repeats, out) -> list[str]:
+    """A line for each of ``main``'s flags that is out of range, checked before any clip is generated; the pipeline
+    runs' flags too, which pipeline.shard would refuse only after the per-core part."""
+    counts = {"clips": (clips, 1), "videos": (videos, 1), "pipeline_videos": (pipeline_videos, 1)}
+    problems = count_problems({**counts, "samples_per_shard": (samples_per_shard, 1), "repeats": (repeats, 1)})
+    problems += clip_seconds_problems(seconds) + gop_problems(gops) + count_list_problems({"workers": (workers, 1)})
+    return problems + folder_problems({"out": out})
 
 
 def _gop_name(gop: int | None) -> str:
@@ -529,9 +551,10 @@ def main(
         repeats: runs per worker count (interleaved); the fastest is reported.
         out: output folder (clips cache, CSVs, JSON results).
     """
+    refuse(flag_problems(clips, videos, seconds, gops, workers, pipeline_videos, samples_per_shard, repeats, out))
     gop_list = [_parse_gop(g) for g in comma_list(gops)]
-    worker_list = [int(w) for w in comma_list(workers)]
-    out_dir = Path(out)
+    worker_list = count_list(workers)
+    out_dir = Path(str(out))
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     machine = machine_info()

@@ -58,16 +58,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from benchmarks.args import CKPT, checkpointed_blocks
+from benchmarks.args import CKPT, checkpointed_blocks, folder_problems, refuse
 from benchmarks.harness import (
     checked_args,
+    device_problems,
     failure,
     measure_matmul_tflops,
     profile_or_error,
     random_models,
     synthetic_batch,
 )
-from pipeline.cli import comma_list
+from pipeline.cli import comma_list, count_problems, number_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.attention import use_packed_attention
@@ -170,19 +171,33 @@ def naive_step(student, teacher_fp32, optimizer, lab: Batch, unl: Batch, cfg, de
     return {"loss": loss.detach()}
 
 
-def variant_options(variant: str) -> set[str]:
-    """The levers of a variant ("ours+compile+ckpt6"); an unknown one is refused with the list of known ones."""
+def variant_problems(variant: str) -> list[str]:
+    """A line for what is wrong with a ``--variants`` entry ("ours+compile+ckpt6"): an unknown lever (with the list of
+    known ones), two attention kernels, +tma without +autotune."""
     options = set(variant.split("+"))
     unknown = {o for o in options if o not in VARIANT_OPTIONS and not CKPT.fullmatch(o)}
+    says = f"--variants {variant!r}:"
     if unknown:
-        raise SystemExit(
-            f"variant {variant!r}: unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"
-        )
+        return [f"{says} unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"]
     if len(options & set(KERNEL_OPTIONS)) > 1:
-        raise SystemExit(f"variant {variant!r}: name at most one attention kernel of {', '.join(KERNEL_OPTIONS)}")
+        return [f"{says} name at most one attention kernel of {', '.join(KERNEL_OPTIONS)}"]
     if "tma" in options and "autotune" not in options:
-        raise SystemExit(f"variant {variant!r}: +tma adds kernels that only max-autotune tunes; add +autotune")
-    return options
+        return [f"{says} +tma adds kernels that only max-autotune tunes; add +autotune"]
+    return []
+
+
+def variant_options(variant: str) -> set[str]:
+    """The levers of a variant ("ours+compile+ckpt6"); one ``variant_problems`` refuses is a one-line ``error:``
+    exit."""
+    refuse(variant_problems(variant))
+    return set(variant.split("+"))
+
+
+def variants_problems(variants: list[str]) -> list[str]:
+    """What is wrong with the ``--variants`` list: empty, or an entry ``variant_problems`` refuses."""
+    if not variants:
+        return ["--variants must name at least one variant (e.g. naive,ours,ours+compile)"]
+    return [line for variant in variants for line in variant_problems(variant)]
 
 
 def with_levers(model: torch.nn.Module, options: set[str]) -> torch.nn.Module:
@@ -316,18 +331,30 @@ def main(
     """Time each variant at each batch (LxU) in one run.
 
     Args:
+        model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
+        batches: comma list of LxU batches (L labeled + U unlabeled videos) to time every variant at, e.g. 128x128.
+        variants: comma list of step variants, each naive or ours with +levers, e.g. ours+compile+ckpt6; levers
+            compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, qkv, patch, cls, fullpad,
+            cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's module docstring).
+        steps: timed steps per variant and batch; the median is reported.
+        warmup: untimed steps before them; the first step's time, compiling included, is reported apart.
+        frames: frames per video.
+        device: auto, cuda or cpu.
         memory_gib: cap the GPU memory this process may use (e.g. 80 to check an H100's budget on an H200).
         profile: profile this many extra steps of each variant (GPU busy time by kernel kind).
+        out: folder of the JSON record, step_variants_DEVICE.json, written after each variant.
     """
+    variant_list = comma_list(variants)
+    problems = count_problems({"steps": (steps, 1), "warmup": (warmup, 0), "frames": (frames, 1)})
+    problems += count_problems({"profile": (profile, 0)}) + number_problems({"memory_gib": (memory_gib, 0, None)})
+    problems += device_problems(device) + folder_problems({"out": out})
+    # a typo in --variants is refused now, not after the variants before it have run
+    batch_list = checked_args(model, batches, problems + variants_problems(variant_list))
     dist = distributed.init_distributed(device)
     dev = dist.device
     if memory_gib and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
-    batch_list = checked_args(model, batches)
-    variant_list = comma_list(variants)
-    for variant in variant_list:  # a typo is refused now, not after the variants before it have run
-        variant_options(variant)
     cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
     student = models.student.clip.cpu()
     fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)  # on the GPU only once naive runs
@@ -370,8 +397,8 @@ def main(
         "rows": rows,
         "complete": False,
     }
-    Path(out).mkdir(parents=True, exist_ok=True)
-    path = Path(out) / f"step_variants_{name.lower().replace(' ', '-')}.json"
+    Path(str(out)).mkdir(parents=True, exist_ok=True)
+    path = Path(str(out)) / f"step_variants_{name.lower().replace(' ', '-')}.json"
     pin = dev.type == "cuda"
     for n_lab, n_unl in batch_list:
         sizes = (n_lab, n_unl)

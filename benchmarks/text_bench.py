@@ -22,14 +22,14 @@ caption of each batch, not on the mean. Prints a table and writes ``--out/text_b
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import fire
 import torch
 
+from benchmarks.args import folder_problems, refuse
 from benchmarks.eval_bench import UCF101_FOLDERS, _timed, random_weights_run, write_results
-from benchmarks.harness import resolve_device, synthetic_batch
+from benchmarks.harness import device_problems, model_problems, resolve_device, synthetic_batch
 from eval.features import eval_autocast, text_embeddings
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.cli import count_problems
@@ -46,6 +46,16 @@ def read_captions(path: str) -> list[str]:
     if not rows or "name" not in rows[0]:
         raise ValueError(f"--captions {path}: no rows with a 'name' column (a WebVid CSV: videoid,name,...)")
     return [r["name"] for r in rows]
+
+
+def captions_problems(captions) -> list[str]:
+    """``read_captions``' refusal of ``--captions`` as a line, if it refuses ("" = random captions: none)."""
+    try:
+        if captions:
+            read_captions(str(captions))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def train_width(clip: torch.nn.Module, tokenizer, captions: list[str]) -> int:
@@ -80,17 +90,14 @@ def main(
         device: auto, cuda or cpu.
         out: output folder.
     """
-    try:
-        bad = count_problems({"batch_size": (batch_size, 1), "train_batch": (train_batch, 1), "repeats": (repeats, 1)})
-        if bad:
-            raise ValueError("; ".join(bad))
-        texts = read_captions(str(captions)) if captions else []
-        dev = resolve_device(str(device))
-        clip = create_clip(str(model), "", dev)
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    problems = count_problems({"batch_size": (batch_size, 1), "train_batch": (train_batch, 1), "repeats": (repeats, 1)})
+    problems += captions_problems(captions) + model_problems(model) + device_problems(device)
+    refuse(problems + folder_problems({"out": out}))
+    texts = read_captions(str(captions)) if captions else []
+    dev = resolve_device(device)
+    clip = create_clip(str(model), "", dev)
+    out_dir = Path(str(out))
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, autocast = tokenizer_for(str(model)), eval_autocast(dev)
     if not texts:
         texts = synthetic_batch(int(train_batch), 1, 1, tokenizer, 1, False).texts

@@ -51,7 +51,17 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.harness import checked_args, checked_config, measure_matmul_tflops, synthetic_batch, time_call
+from benchmarks.args import folder_problems, parse_batches, refuse
+from benchmarks.harness import (
+    batches_problems,
+    checked_config,
+    device_problems,
+    measure_matmul_tflops,
+    model_problems,
+    synthetic_batch,
+    time_call,
+)
+from pipeline.cli import count_problems, number_problems, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig
@@ -95,23 +105,24 @@ def main(
         precision: "" = the recipe's (paper: auto = bf16 autocast on GPU; reference: fp32), or auto, bf16, fp32.
         peak_tflops: accelerator peak for MFU; 0 = the trainer's datasheet lookup (none on CPU).
         compile: torch.compile the student and the teacher, as the trainer's --compile.
-        grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing (True:
-            every block; N: the first N blocks of each tower).
+        grad_checkpointing: activation checkpointing in the student, as the trainer's --grad_checkpointing; True
+            checkpoints every block, a number N the first N blocks of each tower, False or 0 none.
         trim_text: cut the captions after the longest of each batch, as the trainer's --trim_text (its default).
         threads: torch CPU threads (torch.set_num_threads); 0 = torch's default.
         seed: seed of the weights and of the synthetic batches.
         out: folder of the JSON record.
     """
-    configs = checked_args(model, batches or f"{batch_labeled}x{batch_unlabeled}")
-    if steps < 1 or warmup < 0:
-        raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    if threads > 0:
-        torch.set_num_threads(int(threads))
-    dist = distributed.init_distributed(device)
-    if dist.world_size > 1:
-        raise SystemExit("benchmarks.train_step measures one process; run it without torchrun")
+    problems = model_problems(model) + (batches_problems(batches) if batches else [])  # else the two sizes below
+    problems += count_problems(
+        {"batch_labeled": (batch_labeled, 1), "batch_unlabeled": (batch_unlabeled, 1), "frames": (frames, 1)}
+    )
+    problems += count_problems({"steps": (steps, 1), "warmup": (warmup, 0), "threads": (threads, 0), "seed": (seed, 0)})
+    problems += number_problems({"peak_tflops": (peak_tflops, 0, None)})
+    problems += switch_problems({"compile": compile, "trim_text": trim_text}) + device_problems(device)
+    refuse(problems + folder_problems({"out": out}))
+    configs = parse_batches(batches or f"{batch_labeled}x{batch_unlabeled}")
     overrides = {"precision": precision} if precision else {}  # else the recipe's own (reference: fp32)
-    cfg = checked_config(
+    cfg = checked_config(  # the recipe, --precision and --grad_checkpointing: TrainConfig's checks, before any work
         recipe,
         **overrides,
         model=model,
@@ -121,13 +132,18 @@ def main(
         batch_labeled=configs[0][0],
         batch_unlabeled=configs[0][1],
         peak_tflops=float(peak_tflops),
-        compile=bool(compile),
+        compile=compile,
         grad_checkpointing=grad_checkpointing,
         trim_text=trim_text,
         seed=seed,
         wandb="off",
         progress=False,
     )
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dist = distributed.init_distributed(device)
+    if dist.world_size > 1:
+        raise SystemExit("error: benchmarks.train_step measures one process; run it without torchrun")
     bench = set_up(cfg, dist)
     print(bench.headline(), flush=True)
     rows = []
@@ -138,7 +154,7 @@ def main(
         rows.append(row)
         print(f"  {n_labeled}x{n_unlabeled}: {row_summary(row)}", flush=True)
 
-    out_dir = Path(out)
+    out_dir = Path(str(out))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"train_step_{device_slug(bench.device)}.json"
     atomic_write_bytes(path, json_bytes(bench.record(configs, warmup, steps, rows)))

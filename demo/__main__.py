@@ -24,6 +24,7 @@ from pathlib import Path
 import fire
 
 from demo.world import UCF_CLASSES
+from pipeline.cli import switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 MODEL = str(Path(__file__).resolve().parents[1] / "train" / "model_configs" / "demo-clip.json")
@@ -255,6 +256,24 @@ def chance_check(records: list[dict], factor: float = 2.0) -> list[str]:
     return problems
 
 
+def size_problems(root: Path, sizes: Sizes) -> list[str]:
+    """A line if ROOT holds a world made at other sizes: every stage after it would reuse that world (and the
+    subset of another size would fail), so a full run after --quick needs a folder of its own."""
+    done = root / "world" / "done.json"
+    if not done.is_file():
+        return []
+    made = json.loads(done.read_text()).get("sizes")
+    if made == sizes.__dict__:
+        return []
+    named = {
+        json.dumps(QUICK.__dict__, sort_keys=True): "--quick True",
+        json.dumps(Sizes().__dict__, sort_keys=True): "the full sizes",
+    }
+    was = named.get(json.dumps(made, sort_keys=True), "other sizes")
+    now = named[json.dumps(sizes.__dict__, sort_keys=True)]
+    return [f"--out {root} holds a demo made with {was}, and this run asks for {now}: use another --out, or remove it"]
+
+
 def main(out: str = "demo_output", quick: bool = False) -> None:
     """Run the demo into OUT.
 
@@ -263,8 +282,15 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
         quick: a reduced demo (fewer videos and steps) through the same code path; numbers are then not meaningful.
     """
     root = Path(str(out))
+    problems = switch_problems({"quick": quick})
+    if root.exists() and not root.is_dir():
+        problems.append(f"--out {root} is a file; give a folder (made if missing)")
+    sizes = QUICK if quick is True else Sizes()
+    if not problems:
+        problems += size_problems(root, sizes)
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
     root.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK if quick else Sizes()
     start = time.perf_counter()
     make_world(root, sizes)
     teacher = make_teacher(root, sizes)

@@ -34,6 +34,7 @@ from pipeline.cli import comma_list, switch_problems
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
+    check_device,
     check_weights,
     config_image_size,
     create_clip,
@@ -73,6 +74,21 @@ def default_name(weights: str) -> str:
         else weights
     )
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", stem).strip("._") or "model"
+
+
+def parse_alphas(alpha_sweep) -> list[float]:
+    """--alpha_sweep as fire hands it over (a number, a tuple or a text) -> the alphas; a ValueError naming the flag
+    for an item that is not a number in [0, 1]."""
+    alphas = []
+    for item in comma_list(alpha_sweep):
+        try:
+            alpha = float(item)
+        except ValueError:
+            alpha = float("nan")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"--alpha_sweep takes a comma list of numbers from 0 to 1 (e.g. 0,0.4,1), got {item!r}")
+        alphas.append(alpha)
+    return alphas
 
 
 def parse_fuse(weights: str) -> tuple[str, str, float]:
@@ -257,19 +273,23 @@ def main(
     """Zero-shot evaluation on UCF101, Moments in Time, MSR-VTT, YouCook2 and DiDeMo.
 
     Args:
-        suite: which benchmarks: zero_shot (all five).
+        suite: which benchmarks: zero_shot (all five), action (ucf101, moments) or retrieval (msrvtt, youcook2,
+            didemo).
         model: open_clip model name or model-config JSON (ViT-B-16-quickgelu for OpenAI's ViT-B/16).
         weights: comma list: open_clip tags, state dict / checkpoint files, or fuse:TEACHER:STUDENT:ALPHA.
-        names: comma list of display names, one per weights entry (default: the entries themselves).
+        names: comma list of display names (and OUT folders), one per weights entry; by default each entry without
+            its file suffix, with characters other than letters, digits and .=+- made _ (runs/x/best.pt gives
+            runs_x_best).
         data_root: folder holding ucf101/ moments/ msrvtt/ youcook2/ didemo/ in their official layouts.
         out: results folder: OUT/<name>/<dataset>.json, OUT/summary.md, OUT/cache/ (decoded frames).
-        datasets: comma list restricting the suite (e.g. ucf101,msrvtt).
+        datasets: comma list of datasets to run instead of the suite's (e.g. ucf101,msrvtt).
         batch_size: videos (or texts) per forward pass.
         device: auto, cuda or cpu.
         workers: processes decoding videos into the frame cache.
         frames: frames per video (segment midpoints).
         strict: fail if any video is missing or undecodable (default: count, list and leave them out).
-        alpha_sweep: comma list of alphas: evaluate fuse:TEACHER:STUDENT:alpha for each and plot metrics vs alpha.
+        alpha_sweep: comma list of alphas in [0, 1]: evaluate fuse:TEACHER:STUDENT:alpha for each (named alpha=A)
+            instead of --weights and --names, and plot metrics vs alpha.
         teacher: the teacher's weights for --alpha_sweep.
         student: the student's weights for --alpha_sweep.
         cache: frame cache folder (default OUT/cache); decoded once, reused by every model and rerun.
@@ -292,7 +312,7 @@ def main(
         if unknown:
             raise ValueError(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
         register_model(str(model))
-        alphas = [float(a) for a in comma_list(alpha_sweep)]
+        alphas = parse_alphas(alpha_sweep)
         if alphas:
             if not student:
                 raise ValueError("--alpha_sweep needs --student (and --teacher, default openai)")
@@ -321,6 +341,10 @@ def main(
         for name, value in {"batch_size": batch_size, "workers": workers, "frames": frames}.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        check_device(device)
+        for flag, folder in (("out", out), ("cache", cache)):
+            if folder and Path(str(folder)).exists() and not Path(str(folder)).is_dir():
+                raise ValueError(f"--{flag} {folder} is a file; give a folder (made if missing)")
         for _, entry in models:  # files exist and load, tags are known, before any video is decoded
             check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:

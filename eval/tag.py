@@ -173,7 +173,7 @@ def main(
         batch_size: videos (or texts) per forward pass; 0 picks for the device (64 on a GPU; on a CPU 1 video and
             64 texts, faster there).
         cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
-            changed videos (default: a temporary folder, removed at the end).
+            changed videos; by default a temporary folder, removed at the end.
     """
     folder = Path(str(videos))
     try:

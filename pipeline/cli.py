@@ -54,7 +54,7 @@ def pair_problems(pairs: dict[str, object]) -> list[str]:
     """A line for each flag (name without dashes -> value) that must be two numbers, as fire hands ``--x 0.5,1.0``
     over (a tuple); the bounds of each are the caller's to check."""
     return [
-        f"--{name} must be two numbers separated by a comma (e.g. 0.9,0.999), got {value!r}"
+        f"--{name} must be two numbers separated by a comma, got {value!r}"
         for name, value in pairs.items()
         if not isinstance(value, (tuple, list))
         or len(value) != 2

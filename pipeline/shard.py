@@ -205,8 +205,8 @@ def main(
         timeout: seconds for one whole download attempt.
         retries: extra attempts after a transient download failure (with backoff).
         max_mb: downloads larger than this many MiB fail as too_large.
-        retry_failed: also remake complete shards whose videos failed for a reason that may pass (timeout,
-            unreachable, HTTP 429 or 5xx): those videos are fetched again, the shard's samples copied.
+        retry_failed: also remake complete shards whose videos failed for a reason that may pass (a timeout,
+            an unreachable host, HTTP 429 or 5xx); those videos are fetched again, the shard's samples copied.
         progress: show a progress bar.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers

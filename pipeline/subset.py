@@ -138,7 +138,8 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
 
     Args:
         src: folder of shards made by pipeline.shard (only complete shards are used).
-        out: new folder for the subset's shards (must not exist, or be empty).
+        out: new folder for the subset's shards (must not exist, or be empty; one that already holds this same
+            subset is left as it is).
         n: number of samples to draw.
         seed: random seed; the same seed gives the same subset.
         samples_per_shard: samples per output shard.
@@ -151,7 +152,9 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
             raise SubsetError(f"--seed must be an integer, got {seed!r}")
         if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
             raise SubsetError(f"--samples_per_shard must be a positive integer, got {samples_per_shard!r}")
-        if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        if out_path.exists() and not out_path.is_dir():
+            raise SubsetError(f"--out {out_path} is a file; give a new folder for the subset's shards")
+        if out_path.exists() and any(out_path.iterdir()):
             previous = out_path / "subset.json"
             if previous.is_file():
                 done = json.loads(previous.read_text())

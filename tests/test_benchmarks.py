@@ -59,8 +59,8 @@ STEP_BENCHMARKS = ["kernel_bench", "epilogue_bench", "step_variants", "train_ste
 BAD_STEP_FLAGS = [  # (flags, the start of the refusal)
     ({"model": "nope"}, "--model 'nope'"),
     ({"batches": "8x"}, "--batches"),
-    ({"model": str(TINY_CLIP), "batches": "1x1", "frames": 0}, "--frames must be a positive integer"),
-    ({"model": str(TINY_CLIP), "batches": "1x1", "frames": "two"}, "--frames must be a positive integer"),
+    ({"model": str(TINY_CLIP), "batches": "1x1", "frames": 0}, "--frames must be a whole number of at least 1"),
+    ({"model": str(TINY_CLIP), "batches": "1x1", "frames": "two"}, "--frames must be a whole number of at least 1"),
 ]
 
 
@@ -79,7 +79,7 @@ def test_a_step_benchmarks_refusal_reaches_the_shell_as_one_line(tmp_path):
     proc = run_cli(
         "benchmarks.kernel_bench", "--model", TINY_CLIP, "--frames", "two", "--out", tmp_path / "o", check=False
     )
-    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --frames must be a positive integer")
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --frames must be a whole number of at least")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
@@ -506,7 +506,7 @@ def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_
 def test_gpu_numerics_compares_the_levers_with_the_plain_step(tmp_path, context):
     """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were; at
     CLIP's 77 tokens the optimised side's captions are cut, the plain side's are not."""
-    from benchmarks.gpu_numerics import compare
+    from benchmarks.gpu_numerics import main as compare
 
     levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True, cls_last_block=True)
     summary = compare(tiny_variant(tmp_path, "tiny", context_length=context), batch=3, **levers)

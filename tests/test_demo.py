@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from demo.__main__ import chance_check
+from demo.__main__ import chance_check, main
 
 
 @pytest.mark.slow
@@ -25,6 +25,25 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
     again = run_cli("demo", "--out", out, "--quick", timeout=600)
     assert "synthetic world: reusing" in again.stdout and "teacher: reusing" in again.stdout
     assert "already complete" in again.stdout and "nothing to do" in again.stdout
+    # a full run into the quick demo's folder would reuse its small world: refused before any work
+    with pytest.raises(SystemExit) as e:
+        main(out=str(out))
+    assert str(e.value) == (
+        f"error: --out {out} holds a demo made with --quick True, and this run asks for the full sizes: use another "
+        "--out, or remove it"
+    )
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("notes")
+    for flags, says in (
+        ({"quick": "no"}, "error: --quick must be True or False, got 'no'"),  # "no" would count as true
+        ({"out": str(tmp_path / "a_file")}, f"error: --out {tmp_path / 'a_file'} is a file; give a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(**{"out": str(tmp_path / "demo"), **flags})
+        assert str(e.value).startswith(says)
+        assert not (tmp_path / "demo").exists()
 
 
 def test_chance_check_flags_models_near_chance():

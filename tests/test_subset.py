@@ -81,6 +81,12 @@ def test_rerun_is_a_no_op_and_other_outputs_are_refused(source, tmp_path):
     assert (out / "000000.tar").stat().st_mtime_ns == before
     proc = run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 6, check=False)
     assert proc.returncode != 0 and "not empty" in proc.stderr
+    from pipeline import subset
+
+    (tmp_path / "a_file").write_text("notes")
+    with pytest.raises(SystemExit) as e:
+        subset.main(str(source), str(tmp_path / "a_file"), n=5)
+    assert str(e.value) == f"error: --out {tmp_path / 'a_file'} is a file; give a new folder for the subset's shards"
 
 
 def test_too_few_samples_fails_clearly(source, tmp_path):

@@ -98,6 +98,36 @@ def test_help_lists_every_flag_with_what_it_does():
     assert shown.count("(by recipe: ") == 13
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"lr": "abc"}, "--lr must be a number > 0, got 'abc'"),  # fire hands a word over as a str
+        ({"sigma": 0}, "--sigma must be a number > 0, got 0"),
+        ({"weight_decay": -1}, "--weight_decay must be a number of at least 0, got -1"),
+        ({"grad_clip": "abc"}, "--grad_clip must be a number of at least 0, got 'abc'"),
+        ({"peak_tflops": "abc"}, "--peak_tflops must be a number of at least 0, got 'abc'"),
+        ({"lam": 2}, "--lam must be a number from 0 to 1, got 2"),
+        ({"betas": 0.9}, "--betas must be two numbers separated by a comma, got 0.9"),  # one number, not a pair
+        ({"betas": (1.5, 0.9)}, "--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got (1.5, 0.9)"),
+        ({"crop_scale": (0.5, "abc")}, "--crop_scale must be two numbers separated by a comma, got (0.5, 'abc')"),
+        ({"crop_scale": (0.5, 2)}, "--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got (0.5, 2.0)"),
+        ({"warmup_steps": "abc"}, "--warmup_steps must be a whole number of at least 0, got 'abc'"),
+        ({"seed": 1.5}, "--seed must be a whole number of at least 0, got 1.5"),
+        ({"device": "cuda"}, "--device cuda, but no CUDA GPU is visible to torch; pass --device cpu or auto"),
+    ],
+)
+def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(flags, message, tmp_path, monkeypatch):
+    """Each as fire hands it over: one error line naming the flag (no traceback from a comparison or from AdamW), and
+    no run folder made."""
+    from train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    with pytest.raises(SystemExit) as e:
+        main.main(recipe="demo", out=str(tmp_path / "run"), **flags)
+    assert str(e.value) == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_bad_input_before_work(tmp_path):
     proc = run_cli("train.main", "--nope", "1", check=False)
     assert proc.returncode != 0 and "unknown flag" in proc.stderr and "Traceback" not in proc.stderr
@@ -210,8 +240,12 @@ def test_resume_auto_continues_from_latest(train_shards, tmp_path, capsys):
     capsys.readouterr()
     cfg = tiny_config(train_shards, out, steps=4, resume="auto", lr=2e-4, weight_decay=0.5)
     summary = loop.run(cfg)
-    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: this run's flags"))
+    printed = capsys.readouterr().out.splitlines()
+    note = next(line for line in printed if line.startswith("note: this run's flags"))
     assert all(f in note for f in ("--steps 2 -> 4", "--fuse False -> True", "--lr", "--weight_decay")), note
+    # --progress False: the last step's metrics (a log window ends there) as a console line instead of the bar's
+    logged = [line for line in printed if line.startswith("step 4: train loss ")]
+    assert len(logged) == 1 and "contrastive " in logged[0] and "videos_per_s " in logged[0], printed
     assert summary["steps"] == 4
     resumed = torch.load(out / checkpoint.LATEST, weights_only=True)
     assert resumed["step"] == 4

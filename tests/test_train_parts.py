@@ -287,6 +287,18 @@ def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "not found" in proc.stderr and not (tmp_path / "x.pt").exists()
+    # checked before any weights load: the flag named, nothing written
+    from train import fuse
+
+    for flags, says in (
+        ({"alpha": "abc"}, "error: --alpha must be a number from 0 to 1, got 'abc'"),
+        ({"alpha": 1.5}, "error: --alpha must be a number from 0 to 1, got 1.5"),
+        ({"out": str(tmp_path)}, f"error: --out {tmp_path} is a folder; give the file to write"),
+    ):
+        args = {"student": str(tmp_path / "best.pt"), "out": str(tmp_path / "y.pt"), "teacher": "nope", **flags}
+        with pytest.raises(SystemExit) as e:
+            fuse.main(model=str(TINY_CLIP), **args)
+        assert str(e.value).startswith(says) and not (tmp_path / "y.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics

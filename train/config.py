@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.cli import switch_problems
+from pipeline.cli import count_problems, number_problems, pair_problems, switch_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
@@ -32,7 +32,9 @@ class TrainConfig:
     labeled: str = ""  # labeled shards (the 4.5K subset): contrastive loss, cycled forever, reshuffled each pass
     unlabeled: str = ""  # unlabeled shards (all of WebVid): distillation loss, resampled streaming
     val: str = ""  # validation shards (WebVid val); "" = no validation (best.pt is then the last step)
-    out: str = "runs/fitclip"  # run folder: latest.pt, best.pt, fitclip.pt, config.json, wandb/
+    # run folder: latest.pt, best.pt, fitclip.pt, config.json, summary.json, wandb/ (and teacher_init.pt, profile/
+    # when used)
+    out: str = "runs/fitclip"
 
     # --- model
     model: str = "ViT-B-16-quickgelu"  # open_clip model name, or path to an open_clip model-config JSON
@@ -45,7 +47,8 @@ class TrainConfig:
     distillation: str = "ce"  # "ce": cross-entropy to teacher soft labels (paper); "kl": KL * 1/sigma^2 (code)
     renormalize_video: bool = True  # L2-normalise the mean of the frame embeddings (the authors' code does not)
     frames: int = 4  # frames per video used (the shards' first N)
-    crop: int = 0  # training crop size; 0 = the model's input size (224 for ViT-B/16)
+    # training crop size: 0 or the model's input size (its position embeddings fix it); 0 = that size (224 for ViT-B/16)
+    crop: int = 0
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
     # where the crop/resize/flip runs: "auto" = "device_jpeg" on GPU, "loader" on CPU; "loader" (the workers),
     # "device" (workers decode JPEG, the GPU crops a whole batch at once), "device_jpeg" (the GPU decodes too)
@@ -92,14 +95,17 @@ class TrainConfig:
     val_every: int = 100  # steps between validations (and latest.pt saves)
     val_batch: int = 64  # fixed batch size of the validation contrastive loss (the model-selection criterion)
     val_max: int = 0  # at most this many validation videos; 0 = all
-    resume: str = ""  # "" = fresh run (refuses an OUT with latest.pt), "auto" = continue from OUT/latest.pt, or a path
+    # "" = fresh run (refuses an OUT with latest.pt); "auto" = continue from OUT/latest.pt if there is one, else start
+    # fresh; or the path of a latest.pt to continue
+    resume: str = ""
     alpha: float = 0.4  # fusion weight of the student: theta = (1 - alpha) * teacher + alpha * student
     fuse: bool = True  # fuse best.pt with the teacher at the end into OUT/fitclip.pt
 
     # --- runtime and monitoring
     device: str = "auto"  # "auto", "cuda" or "cpu"
-    workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank
-    log_every: int = 10  # steps between console/W&B logs
+    workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank; validation uses at most 2
+    # steps between logs of the training metrics: to W&B, and to the progress bar or (--progress False) a console line
+    log_every: int = 10
     wandb: str = "auto"  # "auto": online with credentials, else offline; "online", "offline", "off"
     wandb_project: str = "fitclip"  # W&B project of the run
     run_name: str = ""  # W&B run name; "" = the out folder's name
@@ -109,14 +115,24 @@ class TrainConfig:
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
+        # numbers first: fire hands --lr abc over as a str, which the comparisons below could not take
+        problems = number_problems(
+            {
+                "lam": (self.lam, 0, 1),
+                "alpha": (self.alpha, 0, 1),
+                "weight_decay": (self.weight_decay, 0, None),
+                "grad_clip": (self.grad_clip, 0, None),
+                "peak_tflops": (self.peak_tflops, 0, None),
+            }
+        )
         for name in ("sigma", "lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"--{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.lam <= 1:
-            problems.append(f"--lam must be in [0, 1], got {self.lam}")
-        if not 0 <= self.alpha <= 1:
-            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
+            value = getattr(self, name)
+            if number_problems({name: (value, None, None)}) or not value > 0:
+                problems.append(f"--{name} must be a number > 0, got {value!r}")
+        problems += pair_problems({"betas": self.betas, "crop_scale": self.crop_scale})
+        if not pair_problems({"betas": self.betas}) and not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got {self.betas!r}")
+        problems += count_problems({"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0)})
         for name in ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -159,7 +175,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 problems.append(f"--{name} must be {what} >= 0, got {value!r}")
-        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+        lo_hi = self.crop_scale
+        if not pair_problems({"crop_scale": lo_hi}) and not (0 < lo_hi[0] <= lo_hi[1] <= 1):
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if problems:
             raise ValueError("; ".join(problems))
@@ -229,7 +246,7 @@ def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
         raise ValueError(
             f"unknown flag(s) {['--' + u for u in unknown]}; valid flags: " + " ".join("--" + n for n in sorted(names))
         )
-    for key in ("crop_scale", "betas"):
-        if key in overrides:
+    for key in ("crop_scale", "betas"):  # fire's (1, 1) as floats; anything else is for __post_init__ to refuse
+        if key in overrides and not pair_problems({key: overrides[key]}):
             overrides[key] = tuple(float(v) for v in overrides[key])
     return RECIPES[recipe](**overrides)

@@ -11,10 +11,12 @@ weight. The output is a plain open_clip state dict:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import fire
 import torch
 
+from pipeline.cli import number_problems
 from train.checkpoint import atomic_save
 from train.model import create_clip, load_state_dict
 
@@ -70,6 +72,11 @@ def main(
         teacher: the teacher's weights: an open_clip pretrained tag (openai) or a state dict file.
         alpha: the student's weight, in [0, 1] (the paper uses 0.4).
     """
+    problems = number_problems({"alpha": (alpha, 0, 1)})
+    if Path(str(out)).is_dir():
+        problems.append(f"--out {out} is a folder; give the file to write (e.g. {Path(str(out)) / 'fitclip.pt'})")
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
     try:
         path = fuse(model, str(teacher), str(student), float(alpha), str(out))
     except (ValueError, FileNotFoundError) as e:

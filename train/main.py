@@ -20,7 +20,7 @@ from train import config as config_module
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, resolve
 from train.data import DataError
-from train.model import WeightsError, check_crop
+from train.model import WeightsError, check_crop, check_device
 
 
 def main(recipe: str = "paper", **flags) -> None:
@@ -28,6 +28,7 @@ def main(recipe: str = "paper", **flags) -> None:
     try:
         cfg = resolve(recipe, **flags)
         check_crop(cfg.model, cfg.crop)  # also an unknown --model name or a missing/broken config JSON
+        check_device(cfg.device)
     except (ValueError, TypeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid

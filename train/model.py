@@ -211,6 +211,26 @@ def _side(size: int | tuple[int, int] | list[int]) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def device_problems(device) -> list[str]:
+    """A line if ``--device`` is not auto, cuda or cpu, or is cuda where torch sees no GPU: torch's own message for
+    either names no flag, and comes after the work before it."""
+    if not isinstance(device, str) or device not in DEVICES:
+        return [f"--device must be auto, cuda or cpu, got {device!r}"]
+    if device == "cuda" and not torch.cuda.is_available():
+        return ["--device cuda, but no CUDA GPU is visible to torch; pass --device cpu or auto"]
+    return []
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` of ``device_problems`` before any work (torch would fail later, mid-start)."""
+    problems = device_problems(device)
+    if problems:
+        raise ValueError(problems[0])
+
+
 def check_crop(model: str, crop: int) -> None:
     """--crop must be the model's input size (or 0 for it): a ViT's position embeddings fix its input size, so
     any other crop fails at the first forward."""
