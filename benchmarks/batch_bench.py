@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fire
 
-from benchmarks.args import clip_seconds_problems, folder_problems, refuse
+from benchmarks.args import clip_seconds_problems, folder_problems, raised_problems, refuse
 from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, random_weights_run, write_results
 from benchmarks.harness import device_problems, model_problems, resolve_device
 from eval.features import eval_autocast, text_embeddings, video_embeddings
@@ -37,11 +37,7 @@ def sizes_arg(sizes) -> list[int]:
 
 def sizes_problems(sizes) -> list[str]:
     """``sizes_arg``'s refusal as a line, if it refuses."""
-    try:
-        sizes_arg(sizes)
-    except ValueError as e:
-        return [str(e)]
-    return []
+    return raised_problems(sizes_arg, sizes)
 
 
 def best_size(rounds: dict[int, list[float]]) -> int:

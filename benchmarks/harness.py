@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.args import folder_problems, parse_batches, refuse
+from benchmarks.args import folder_problems, parse_batches, raised_problems, refuse
 from pipeline.cli import count_problems
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
@@ -46,20 +46,12 @@ def resolve_device(device) -> torch.device:
 def model_problems(model) -> list[str]:
     """A line if ``--model`` is neither an open_clip model name nor a readable model-config JSON
     (``train.model.register_model``'s message, which names the flag); nothing is built."""
-    try:
-        register_model(str(model))
-    except (ValueError, FileNotFoundError) as e:
-        return [str(e)]
-    return []
+    return raised_problems(lambda name: register_model(str(name)), model)
 
 
 def batches_problems(batches) -> list[str]:
     """A line if ``--batches`` is not a comma list of LxU (``benchmarks.args.parse_batches``'s message)."""
-    try:
-        parse_batches(batches)
-    except ValueError as e:
-        return [str(e)]
-    return []
+    return raised_problems(parse_batches, batches)
 
 
 def measure_matmul_tflops(dev: torch.device) -> float:
