@@ -166,7 +166,8 @@ def main(
         top: labels per video (tagging) or videos shown (search).
         model: open_clip model name or config JSON.
         weights: open_clip tag (openai), a weights file (e.g. a fused fitclip.pt), or fuse:TEACHER:STUDENT:ALPHA.
-        out: write the results as CSV here.
+        out: write the results as CSV here; tagging writes each video's --top labels, search every video ranked
+            (the console shows the first --top).
         frames: frames per video.
         device: auto, cuda or cpu.
         workers: processes decoding videos.
