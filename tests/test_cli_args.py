@@ -124,10 +124,12 @@ def docstring_args(doc: str) -> dict[str, str]:
 def test_fire_shows_each_flags_whole_help(module):
     """fire reads a continuation line that looks like an entry of its own ("... (unreachable, HTTP 5xx): those ...")
     as one, and --help then shows the flag's text cut there. Every CLI's Args entries, as fire parses them, must be
-    the whole text written."""
+    the whole text written, one for each of its flags."""
     main = importlib.import_module(module).main
     if module == "train.main":  # its help is made from the config's comments
         importlib.import_module(module)._signature_for_help(helping=True)
     written = docstring_args(main.__doc__)
     parsed = {arg.name: " ".join((arg.description or "").split()) for arg in docstrings.parse(main.__doc__).args}
-    assert written and parsed == written
+    assert parsed == written
+    assert sorted(written) == sorted(inspect.signature(main).parameters)  # every flag has help, and no other entry
+    assert all(written.values())
