@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.synthetic import iso_duration, write_csv, write_video
+from pipeline.writer import atomic_write_bytes
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -177,8 +178,8 @@ def write_ucf101(root: Path, per_class: int, seed: int) -> Path:
             lines.append(rel)
     lists = root / "ucfTrainTestlist"
     lists.mkdir(parents=True, exist_ok=True)
-    (lists / "classInd.txt").write_bytes("".join(f"{i + 1} {n}\r\n" for i, n in enumerate(names)).encode())
-    (lists / "testlist01.txt").write_bytes("".join(f"{rel}\r\n" for rel in lines).encode())
+    atomic_write_bytes(lists / "classInd.txt", "".join(f"{i + 1} {n}\r\n" for i, n in enumerate(names)).encode())
+    atomic_write_bytes(lists / "testlist01.txt", "".join(f"{rel}\r\n" for rel in lines).encode())
     return root
 
 

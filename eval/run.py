@@ -372,6 +372,9 @@ def main(
     loaded, skipped = load_datasets(chosen, cfg, {k: str(v) for k, v in roots.items() if v})
     if not loaded:
         sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
+    # the tables are rebuilt from every record at the end; until then an old summary.md would sit beside records this
+    # run has replaced (and stay so if it is stopped): it goes now
+    (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)
     try:
         records = run(cfg, models, loaded, skipped, bool(strict))
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA

@@ -13,12 +13,16 @@ Videos are rendered with numpy and encoded by the ffmpeg binary that the
 from __future__ import annotations
 
 import csv
+import io
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ffmpeg
 import numpy as np
+
+from pipeline.writer import TMP_MARK, atomic_write_bytes
 
 INDEX_BITS = 12  # up to 4096 frames
 _CELL_ROWS = 0.4  # share of the frame height used by the index cells
@@ -108,6 +112,9 @@ def write_video(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # encoded under a temporary name (its extension picks the container), renamed when complete: a stopped run
+    # never leaves a cut-short video under the final name
+    tmp = path.with_name(f".{path.stem}{TMP_MARK}{uuid.uuid4().hex[:12]}{path.suffix}")
     out_args = {"vcodec": codec, "pix_fmt": "yuv420p", "loglevel": "error"}
     if codec == "libx264":
         out_args.update(preset="veryfast", crf=23)
@@ -116,19 +123,23 @@ def write_video(
     out_args.update(extra or {})
     process = (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", r=fps)
-        .output(str(path), **out_args)
+        .output(str(tmp), **out_args)
         .overwrite_output()
         .run_async(pipe_stdin=True, cmd=ffmpeg_exe(), quiet=True)
     )
     try:
-        for frame in frames:
-            process.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        try:
+            for frame in frames:
+                process.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        finally:
+            process.stdin.close()
+            err = process.stderr.read()  # small: loglevel=error
+            process.wait()
+        if process.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed writing {path}: {err.decode(errors='replace')[-2000:]}")
+        os.replace(tmp, path)
     finally:
-        process.stdin.close()
-        err = process.stderr.read()  # small: loglevel=error
-        process.wait()
-    if process.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed writing {path}: {err.decode(errors='replace')[-2000:]}")
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -170,10 +181,11 @@ _VERBS = ["drifting left", "bouncing", "circling slowly", "sliding over texture"
 def write_csv(path: Path, rows: list[list], header: list[str] = WEBVID_COLUMNS) -> Path:
     """A CSV with a header row (WebVid's columns unless told), its folder made if missing; returns its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))
     return path
 
 

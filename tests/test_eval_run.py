@@ -169,6 +169,25 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         assert not (tmp_path / "o").exists(), args  # nothing decoded, nothing written
 
 
+def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(bench, tmp_path, monkeypatch):
+    """summary.md is rebuilt from every record at the end: a run stopped before then (here, failing on its first
+    model) must not leave the last run's tables beside the records it replaced."""
+    from eval import run
+
+    root, _, w = bench
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / report.SUMMARY_NAME).write_text("| the last run's table |")
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(run, "run", stopped)
+    with pytest.raises(SystemExit):
+        run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
+    assert not (out / report.SUMMARY_NAME).exists()
+
+
 @pytest.mark.slow
 def test_alpha_sweep_plots_metrics_against_alpha(bench, tmp_path):
     root, _, w = bench

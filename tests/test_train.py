@@ -280,6 +280,21 @@ def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
     assert not torch.equal(crops(0), crops(1))
 
 
+def test_a_run_resumed_at_its_last_step_keeps_its_summary_and_clears_a_killed_saves_temporary(train_shards, tmp_path):
+    """make demo run again resumes a finished run: summary.json must still hold the last validation (it was written
+    empty), and the temporary file of a save killed mid-way (gigabytes for ViT-B/16) is removed under the run's
+    lock."""
+    out = tmp_path / "run"
+    first = loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    assert first["last_val"]["videos"] > 0
+    stale = out / f".{checkpoint.LATEST}.tmp-0123456789ab"
+    stale.write_bytes(b"half a checkpoint")
+    again = loop.run(tiny_config(train_shards, out, steps=2, fuse=False, resume="auto"))
+    assert again["last_val"] == first["last_val"]
+    assert json.loads((out / "summary.json").read_text())["last_val"] == first["last_val"]
+    assert not stale.exists() and (out / checkpoint.LATEST).is_file()
+
+
 def test_resume_keeps_the_best_that_best_pt_holds(train_shards, tmp_path):
     """A crash after best.pt was saved but before latest.pt leaves latest.pt with an older best: the resumed
     run must not replace best.pt with a worse model."""

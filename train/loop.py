@@ -15,13 +15,13 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.writer import atomic_write_bytes, json_bytes
+from pipeline.writer import atomic_write_bytes, json_bytes, remove_temporaries
 from train import checkpoint, data, distributed
 from train.attention import attention_kernel, use_packed_attention
 from train.cls_last_block import use_cls_last_block
@@ -59,6 +59,8 @@ class Progress:
     skipped_steps: int = 0
     dropped_samples: int = 0  # over all ranks, as of the last sync_dropped
     unsynced_dropped: int = 0  # this rank's since then (not saved)
+    # the last validation's figures, for summary.json: saved, so a run resumed at its last step keeps them
+    last_val: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -275,6 +277,7 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
                 "best_val_loss": progress.best_val_loss,
                 "skipped_steps": progress.skipped_steps,
                 "dropped_samples": progress.dropped_samples,
+                "last_val": progress.last_val,
             },
             Path(cfg.out) / checkpoint.LATEST,
         )
@@ -343,6 +346,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.best_val_loss = state["best_val_loss"]
     progress.skipped_steps = state["skipped_steps"]
     progress.dropped_samples = state.get("dropped_samples", 0)
+    progress.last_val = state.get("last_val", {})  # not in checkpoints from before it was saved
     return state.get("config", {})
 
 
@@ -358,6 +362,8 @@ def run(cfg: TrainConfig) -> dict:
     resume_from = checkpoint.resume_path(out, cfg.resume, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
+    if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
+        remove_temporaries(out)
     try:
         summary = _train(cfg, dist, resume_from)
     finally:
@@ -403,7 +409,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     monitor = Monitor(cfg, distributed.is_main(), cfg.steps, progress.step)
     flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)
     peak = peak_tflops(dist.device, cfg.peak_tflops)
-    timer, window, last_val = Timer(), [], {}
+    timer, window = Timer(), []
     profiler = _profiler(cfg, dist, progress.step, monitor)
     try:
         while progress.step < cfg.steps:
@@ -431,14 +437,14 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 for prefetcher in (labeled, unlabeled):
                     prefetcher.settle()  # its thread idle while validation forks its loader workers
-                last_val = _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress)
+                _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress)
                 timer.reset()  # validation and saving are not training throughput
     finally:
         profiler.close()
         monitor.finish()
         for prefetcher in (labeled, unlabeled):
             prefetcher.close()
-    return _finish(models, cfg, progress, last_val)
+    return _finish(models, cfg, progress)
 
 
 def _profiler(cfg: TrainConfig, dist, step: int, monitor: Monitor) -> StepProfiler:
@@ -507,7 +513,7 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
     return f"the GPU waited for data {100 * data_wait:.0f}% of the time: {advice} (README: Training)"
 
 
-def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> dict:
+def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> None:
     sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
     val = {}
     if cfg.val:
@@ -520,11 +526,11 @@ def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monit
         if val["loss"] < progress.best_val_loss:
             progress.best_val_loss = val["loss"]
             save_best(models, cfg, progress, val)
+    progress.last_val = val
     save_latest(models, optimizer, scheduler, cfg, progress)
-    return val
 
 
-def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict) -> dict:
+def _finish(models: Models, cfg: TrainConfig, progress: Progress) -> dict:
     """Keep best.pt (the last step when there is no validation), fuse it with the teacher, write summary.json."""
     out = Path(cfg.out)
     summary = {
@@ -532,7 +538,7 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress, last_val: dict
         "skipped_steps": progress.skipped_steps,
         "dropped_samples": progress.dropped_samples,
         "best_val_loss": progress.best_val_loss,
-        "last_val": last_val,
+        "last_val": progress.last_val,
     }
     if distributed.is_main():
         if not cfg.val:
