@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from pipeline.cli import comma_list, number_problems
 
@@ -34,13 +33,6 @@ def checkpointed_blocks(options: set[str]) -> bool | int:
     False."""
     counts = [int(m[1]) if m[1] else True for m in map(CKPT.fullmatch, options) if m]
     return counts[0] if counts else False
-
-
-def refuse(problems: list[str]) -> None:
-    """Exit with one ``error:`` line naming every problem, if there is any: the house form of a refused flag, given
-    before any long work."""
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
 
 
 def raised_problems(check, value) -> list[str]:
@@ -80,15 +72,3 @@ def choice_list_problems(name: str, value, choices: tuple[str, ...]) -> list[str
 def clip_seconds_problems(seconds) -> list[str]:
     """A line if ``--seconds``, the length of the generated clips, is not a number of at least ``MIN_CLIP_S``."""
     return number_problems({"seconds": (seconds, MIN_CLIP_S, None)})
-
-
-def folder_problems(folders: dict[str, object]) -> list[str]:
-    """A line for each output-folder flag (name without dashes -> value) whose path, or a folder above it, is a file:
-    a benchmark makes the folder only when it writes, after its work, and would fail there."""
-    problems = []
-    for name, value in folders.items():
-        path = Path(str(value))
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            problems.append(f"--{name} {str(value)!r}: {existing} is a file, not a folder; pass a folder")
-    return problems

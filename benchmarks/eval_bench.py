@@ -47,7 +47,7 @@ import fire
 import open_clip
 import torch
 
-from benchmarks.args import clip_seconds_problems, count_list, count_list_problems, folder_problems, refuse
+from benchmarks.args import clip_seconds_problems, count_list, count_list_problems
 from benchmarks.harness import device_problems, model_problems, resolve_device
 from benchmarks.shard_bench import BackgroundLoad, machine_info
 from eval import frame_cache
@@ -55,7 +55,7 @@ from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
 from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
-from pipeline.cli import count_problems
+from pipeline.cli import count_problems, folder_problems, refuse
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform

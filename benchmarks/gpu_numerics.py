@@ -21,9 +21,8 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.args import folder_problems, refuse
 from benchmarks.harness import model_problems, random_models, synthetic_batch
-from pipeline.cli import count_problems, switch_problems
+from pipeline.cli import count_problems, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.config import ATTENTION_KERNELS

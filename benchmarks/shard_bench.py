@@ -42,9 +42,9 @@ import fire
 import numpy as np
 from PIL import Image
 
-from benchmarks.args import clip_seconds_problems, count_list, count_list_problems, folder_problems, refuse
+from benchmarks.args import clip_seconds_problems, count_list, count_list_problems
 from pipeline import synthetic
-from pipeline.cli import comma_list, count_problems
+from pipeline.cli import comma_list, count_problems, folder_problems, refuse
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes

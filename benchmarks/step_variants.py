@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from benchmarks.args import CKPT, checkpointed_blocks, folder_problems, refuse
+from benchmarks.args import CKPT, checkpointed_blocks
 from benchmarks.harness import (
     checked_args,
     device_problems,
@@ -68,7 +68,7 @@ from benchmarks.harness import (
     random_models,
     synthetic_batch,
 )
-from pipeline.cli import comma_list, count_problems, number_problems
+from pipeline.cli import comma_list, count_problems, folder_problems, number_problems, refuse
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.attention import use_packed_attention

@@ -51,7 +51,7 @@ from pathlib import Path
 import fire
 import torch
 
-from benchmarks.args import folder_problems, parse_batches, refuse
+from benchmarks.args import parse_batches
 from benchmarks.harness import (
     batches_problems,
     checked_config,
@@ -61,7 +61,7 @@ from benchmarks.harness import (
     synthetic_batch,
     time_call,
 )
-from pipeline.cli import count_problems, number_problems, switch_problems
+from pipeline.cli import count_problems, folder_problems, number_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig

@@ -24,7 +24,7 @@ from pathlib import Path
 import fire
 
 from demo.world import UCF_CLASSES
-from pipeline.cli import switch_problems
+from pipeline.cli import folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 MODEL = str(Path(__file__).resolve().parents[1] / "train" / "model_configs" / "demo-clip.json")
@@ -282,14 +282,11 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
         quick: a reduced demo (fewer videos and steps) through the same code path; numbers are then not meaningful.
     """
     root = Path(str(out))
-    problems = switch_problems({"quick": quick})
-    if root.exists() and not root.is_dir():
-        problems.append(f"--out {root} is a file; give a folder (made if missing)")
+    problems = switch_problems({"quick": quick}) + folder_problems({"out": root})
     sizes = QUICK if quick is True else Sizes()
     if not problems:
         problems += size_problems(root, sizes)
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
+    refuse(problems)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     make_world(root, sizes)

@@ -30,7 +30,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list, switch_problems
+from pipeline.cli import comma_list, folder_problems, switch_problems
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
@@ -342,9 +342,9 @@ def main(
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
         check_device(device)
-        for flag, folder in (("out", out), ("cache", cache)):
-            if folder and Path(str(folder)).exists() and not Path(str(folder)).is_dir():
-                raise ValueError(f"--{flag} {folder} is a file; give a folder (made if missing)")
+        bad = folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
+        if bad:
+            raise ValueError("; ".join(bad))
         for _, entry in models:  # files exist and load, tags are known, before any video is decoded
             check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:

@@ -30,7 +30,7 @@ from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, check_entry, load_model
-from pipeline.cli import comma_list, count_problems
+from pipeline.cli import comma_list, count_problems, refuse
 from pipeline.writer import atomic_write_bytes
 from train.distributed import init_distributed
 from train.model import image_size, register_model, tokenizer_for
@@ -191,8 +191,7 @@ def main(
     )
     if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
+    refuse(problems)
     numbers = number_labels(labels)
     if numbers:
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 def comma_list(value) -> list[str]:
@@ -60,3 +61,24 @@ def pair_problems(pairs: dict[str, object]) -> list[str]:
         or len(value) != 2
         or number_problems({"x": (value[0], None, None), "y": (value[1], None, None)})
     ]
+
+
+def refuse(problems: list[str]) -> None:
+    """Exit with one ``error:`` line naming every problem, if there is any: the house form of a refused flag, given
+    before any long work."""
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def folder_problems(folders: dict[str, object]) -> list[str]:
+    """A line for each output-folder flag (name without dashes -> value) whose path, or a folder above it, is a file:
+    the folder is made only when something is written, often after the work, and would fail there."""
+    problems = []
+    for name, value in folders.items():
+        path = Path(str(value))
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None or existing.is_dir():
+            continue
+        where = "" if existing == path else f": {existing}"
+        problems.append(f"--{name} {value}{where} is a file; give a folder (made if missing)")
+    return problems

@@ -16,7 +16,7 @@ from pathlib import Path
 import fire
 import torch
 
-from pipeline.cli import number_problems
+from pipeline.cli import number_problems, refuse
 from train.checkpoint import atomic_save
 from train.model import create_clip, load_state_dict
 
@@ -75,8 +75,7 @@ def main(
     problems = number_problems({"alpha": (alpha, 0, 1)})
     if Path(str(out)).is_dir():
         problems.append(f"--out {out} is a folder; give the file to write (e.g. {Path(str(out)) / 'fitclip.pt'})")
-    if problems:
-        sys.exit("error: " + "; ".join(problems))
+    refuse(problems)
     try:
         path = fuse(model, str(teacher), str(student), float(alpha), str(out))
     except (ValueError, FileNotFoundError) as e:
