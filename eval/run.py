@@ -30,7 +30,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list, folder_problems, switch_problems
+from pipeline.cli import comma_list, count_problems, folder_problems, switch_problems
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
@@ -338,9 +338,9 @@ def main(
         bad = switch_problems(switches)
         if bad:
             raise ValueError(bad[0])
-        for name, value in {"batch_size": batch_size, "workers": workers, "frames": frames}.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        bad = count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
+        if bad:
+            raise ValueError("; ".join(bad))
         check_device(device)
         bad = folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
         if bad:

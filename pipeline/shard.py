@@ -28,7 +28,7 @@ from pathlib import Path
 import fire
 from tqdm import tqdm
 
-from pipeline.cli import switch_problems
+from pipeline.cli import count_problems, folder_problems, switch_problems
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
@@ -121,17 +121,12 @@ def validate(
     progress=True,
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
-    problems = []
-    if not isinstance(workers, int) or workers < 1:
-        problems.append(f"--workers must be a positive integer, got {workers!r}")
-    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        problems.append(f"--samples_per_shard must be a positive integer, got {samples_per_shard!r}")
-    if not isinstance(frames, int) or frames < 1:
-        problems.append(f"--frames must be a positive integer, got {frames!r}")
-    if not isinstance(size, int) or size < 0:
-        problems.append(f"--size must be an integer >= 0 (0 keeps the original size), got {size!r}")
-    if not isinstance(quality, int) or not 1 <= quality <= 100:
-        problems.append(f"--quality must be an integer in 1..100, got {quality!r}")
+    problems = count_problems(
+        {"workers": (workers, 1), "samples_per_shard": (samples_per_shard, 1), "frames": (frames, 1)}
+    )
+    problems += count_problems({"size": (size, 0), "retries": (retries, 0)})
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        problems.append(f"--quality must be a whole number from 1 to 100, got {quality!r}")
     if distributor not in DISTRIBUTORS:
         problems.append(f"--distributor must be one of {', '.join(DISTRIBUTORS)}, got {distributor!r}")
     if distributor == "spark":
@@ -144,11 +139,8 @@ def validate(
     for name, value in (("--timeout", timeout), ("--max_mb", max_mb)):
         if not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"{name} must be a positive number, got {value!r}")
-    if not isinstance(retries, int) or retries < 0:
-        problems.append(f"--retries must be an integer >= 0, got {retries!r}")
     problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
-    if Path(out).exists() and not Path(out).is_dir():
-        problems.append(f"--out {out} exists and is not a directory")
+    problems += folder_problems({"out": out})
     if problems:
         raise UsageError("; ".join(problems))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import fire
 
+from pipeline.cli import count_problems
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -146,12 +147,11 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
     """
     src_path, out_path = Path(str(src)), Path(str(out))
     try:
-        if not isinstance(n, int) or n < 1:
-            raise SubsetError(f"--n must be a positive integer, got {n!r}")
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise SubsetError(f"--seed must be an integer, got {seed!r}")
-        if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-            raise SubsetError(f"--samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+        bad = count_problems({"n": (n, 1), "samples_per_shard": (samples_per_shard, 1)})
+        if bad:
+            raise SubsetError("; ".join(bad))
         if out_path.exists() and not out_path.is_dir():
             raise SubsetError(f"--out {out_path} is a file; give a new folder for the subset's shards")
         if out_path.exists() and any(out_path.iterdir()):

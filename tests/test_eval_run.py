@@ -158,8 +158,8 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"weights": str(w["teacher"]), "names": "a/b"}, "no slashes"),
         ({"renormalize_video": "no"}, "--renormalize_video must be True or False, got 'no'"),
         ({"strict": "yes"}, "--strict must be True or False"),
-        ({"batch_size": 0}, "--batch_size must be a positive integer"),
-        ({"frames": "four"}, "--frames must be a positive integer"),
+        ({"batch_size": 0}, "--batch_size must be a whole number of at least 1, got 0"),
+        ({"frames": "four"}, "--frames must be a whole number of at least 1"),
     ):
         kwargs = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "data_root": str(root / "data"), **args}
         kwargs["out"] = str(tmp_path / "o")

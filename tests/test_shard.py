@@ -404,6 +404,32 @@ def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
         shard.validate(tmp_path / "o", 1, 10, 4, 256, 90, None, "spark", 60, 2, 200)
 
 
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"workers": True}, "--workers must be a whole number of at least 1, got True"),
+        ({"samples_per_shard": 1.5}, "--samples_per_shard must be a whole number of at least 1, got 1.5"),
+        ({"size": "big"}, "--size must be a whole number of at least 0, got 'big'"),
+        ({"retries": -1}, "--retries must be a whole number of at least 0, got -1"),
+        ({"quality": True}, "--quality must be a whole number from 1 to 100, got True"),
+        ({"out": "{file}"}, "--out {file} is a file; give a folder"),
+    ],
+)
+def test_counts_are_checked_as_every_cli_checks_them(tmp_path, changed, message):
+    """One wording for a count across the CLIs (pipeline.cli.count_problems); fire hands --x True over as a bool."""
+    from pipeline import shard
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    good = {"out": tmp_path / "o", "workers": 1, "samples_per_shard": 10, "frames": 4, "size": 256, "quality": 90}
+    good |= {"video_root": None, "distributor": "multiprocessing", "timeout": 60, "retries": 2, "max_mb": 200}
+    shard.validate(**good)  # the unchanged arguments pass
+    changed = {k: v.format(file=a_file) if isinstance(v, str) else v for k, v in changed.items()}
+    with pytest.raises(shard.UsageError) as e:
+        shard.validate(**(good | changed))
+    assert str(e.value).startswith(message.format(file=a_file))
+
+
 def test_the_fingerprint_covers_everything_a_sample_holds():
     """A changed CSV duration (or --duration_col) redoes the shard: every sample's json records it."""
     import dataclasses

@@ -89,6 +89,27 @@ def test_rerun_is_a_no_op_and_other_outputs_are_refused(source, tmp_path):
     assert str(e.value) == f"error: --out {tmp_path / 'a_file'} is a file; give a new folder for the subset's shards"
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"n": True}, "error: --n must be a whole number of at least 1, got True"),
+        (
+            {"n": 0, "samples_per_shard": "many"},
+            "error: --n must be a whole number of at least 1, got 0; "
+            "--samples_per_shard must be a whole number of at least 1, got 'many'",
+        ),
+        ({"n": 5, "seed": True}, "error: --seed must be an integer, got True"),
+    ],
+)
+def test_counts_are_refused_before_any_work(tmp_path, args, message):
+    from pipeline import subset
+
+    with pytest.raises(SystemExit) as e:
+        subset.main(str(tmp_path / "no_source"), str(tmp_path / "s"), **args)
+    assert str(e.value) == message
+    assert not (tmp_path / "s").exists()
+
+
 def test_too_few_samples_fails_clearly(source, tmp_path):
     proc = run_cli("pipeline.subset", "--src", source, "--out", tmp_path / "s", "--n", 20, check=False)
     assert proc.returncode != 0

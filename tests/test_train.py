@@ -165,8 +165,8 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
         ({"teacher_weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
         ({"frames": 8}, "--frames 8: the samples in"),  # used to drop every sample and hang
         ({"crop": 24}, "--crop 24: " + str(TINY_CLIP) + " takes 32x32 frames"),  # used to fail at the first forward
-        ({"val_max": -1}, "--val_max must be an integer >= 0"),
-        ({"workers": -1}, "--workers must be an integer >= 0"),
+        ({"val_max": -1}, "--val_max must be a whole number of at least 0"),
+        ({"workers": -1}, "--workers must be a whole number of at least 0"),
     ):
         out = tmp_path / "run"
         with pytest.raises(SystemExit) as e:

@@ -133,10 +133,8 @@ class TrainConfig:
         if not pair_problems({"betas": self.betas}) and not all(0 <= b < 1 for b in self.betas):
             problems.append(f"--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got {self.betas!r}")
         problems += count_problems({"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0)})
-        for name in ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                problems.append(f"--{name} must be a positive integer, got {value!r}")
+        positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every")
+        problems += count_problems({name: (getattr(self, name), 1) for name in positive})
         for name, allowed in (
             ("precision", PRECISIONS),
             ("wandb", WANDB_MODES),
@@ -165,16 +163,9 @@ class TrainConfig:
             problems.append(
                 f"--grad_checkpointing must be True (every block), False, or a number of blocks >= 0, got {ckpt!r}"
             )
-        counts = {
-            "profile_steps": "a number of steps",
-            "val_max": "an integer",
-            "workers": "an integer",
-            "crop": "an integer",
-        }
-        for name, what in counts.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"--{name} must be {what} >= 0, got {value!r}")
+        problems += count_problems(
+            {name: (getattr(self, name), 0) for name in ("profile_steps", "val_max", "workers", "crop")}
+        )
         lo_hi = self.crop_scale
         if not pair_problems({"crop_scale": lo_hi}) and not (0 < lo_hi[0] <= lo_hi[1] <= 1):
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
