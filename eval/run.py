@@ -13,6 +13,7 @@ across alpha and plots each metric against it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -31,6 +32,8 @@ from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
 from pipeline.cli import comma_list, count_problems, folder_problems, switch_problems
+from pipeline.folder_lock import lock_folder
+from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
@@ -243,6 +246,20 @@ def run(
     return records
 
 
+@contextlib.contextmanager
+def out_lock(out: Path, names: list[str]):
+    """Hold ``OUT/.lock`` while this run writes its records, summary and plot: two runs into one OUT would replace
+    each other's records and tables. Under it, the temporaries a killed run left beside them are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = lock_folder(out)
+    if handle is None:
+        raise SystemExit(f"error: another eval.run is writing {out}; wait for it or give another --out")
+    with handle:
+        for folder in (out, *(out / name for name in names)):
+            remove_temporaries(folder)
+        yield
+
+
 def main(
     suite: str = "zero_shot",
     model: str = "ViT-B-16-quickgelu",
@@ -372,28 +389,29 @@ def main(
     loaded, skipped = load_datasets(chosen, cfg, {k: str(v) for k, v in roots.items() if v})
     if not loaded:
         sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
-    # the tables are rebuilt from every record at the end; until then an old summary.md would sit beside records this
-    # run has replaced (and stay so if it is stopped): it goes now
-    (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)
-    try:
-        records = run(cfg, models, loaded, skipped, bool(strict))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
-        sys.exit(f"error: {e}")
-    results = report.load_results(cfg.out)
-    summary = report.write_summary(cfg.out, results)
-    print(summary.read_text())
-    png = None
-    if alphas:
-        points = []
-        for r in records:
-            metric = report.headline_metric(r["dataset"])
-            if r["metrics"] and metric:
-                alpha = float(r["weights"].rsplit(":", 1)[1])
-                points.append(
-                    {"alpha": alpha, "dataset": r["dataset"], "metric": metric, "value": r["metrics"][metric]}
-                )
-        png = report.plot_alpha_sweep(points, Path(cfg.out) / "alpha_sweep.png")
-        print(f"alpha sweep plot: {png}")
+    with out_lock(Path(cfg.out), [name for name, _ in models]):
+        # the tables are rebuilt from every record at the end; until then an old summary.md would sit beside records
+        # this run has replaced (and stay so if it is stopped): it goes now
+        (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)
+        try:
+            records = run(cfg, models, loaded, skipped, bool(strict))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
+            sys.exit(f"error: {e}")
+        results = report.load_results(cfg.out)
+        summary = report.write_summary(cfg.out, results)
+        print(summary.read_text())
+        png = None
+        if alphas:
+            points = []
+            for r in records:
+                metric = report.headline_metric(r["dataset"])
+                if r["metrics"] and metric:
+                    alpha = float(r["weights"].rsplit(":", 1)[1])
+                    points.append(
+                        {"alpha": alpha, "dataset": r["dataset"], "metric": metric, "value": r["metrics"][metric]}
+                    )
+            png = report.plot_alpha_sweep(points, Path(cfg.out) / "alpha_sweep.png")
+            print(f"alpha sweep plot: {png}")
     if wandb != "off":
         log_to_wandb(records, cfg, wandb, png)
 

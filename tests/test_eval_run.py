@@ -188,6 +188,41 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
     assert not (out / report.SUMMARY_NAME).exists()
 
 
+def test_one_run_writes_an_out_at_a_time_and_clears_a_killed_runs_temporaries(bench, tmp_path, monkeypatch):
+    """Two runs into one OUT would replace each other's records and summary: the second is refused while the first
+    holds OUT/.lock. Under the lock, the temporaries a killed run left beside the records and the summary go."""
+    from eval import run
+    from pipeline.folder_lock import lock_folder
+
+    root, _, w = bench
+    out = tmp_path / "o"
+    (out / "teacher").mkdir(parents=True)
+    left = [out / ".summary.md.tmp-0123456789ab", out / "teacher" / ".ucf101.json.tmp-0123456789ab"]
+    for path in left:
+        path.write_text("half a record")
+    kept = out / "teacher" / "notes.txt"
+    kept.write_text("mine")
+    args = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "names": "teacher", "data_root": str(root / "data")}
+    monkeypatch.setattr(run, "lock_folder", lambda folder: lock_folder(folder, grace=0.0))
+    with lock_folder(out):
+        with pytest.raises(SystemExit) as e:
+            run.main(**args, out=str(out))
+    assert str(e.value) == f"error: another eval.run is writing {out}; wait for it or give another --out"
+    assert all(path.exists() for path in left)  # not the refused run's to touch
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(run, "run", stopped)
+    with pytest.raises(SystemExit):
+        run.main(**args, out=str(out))
+    assert not any(path.exists() for path in left)
+    assert kept.read_text() == "mine"
+    handle = lock_folder(out, grace=0.0)  # let go again, by the stopped run too
+    assert handle is not None
+    handle.close()
+
+
 @pytest.mark.slow
 def test_alpha_sweep_plots_metrics_against_alpha(bench, tmp_path):
     root, _, w = bench
