@@ -31,7 +31,7 @@ from eval.features import class_embeddings, eval_autocast, text_embeddings, vide
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, check_entry, load_model
 from pipeline.cli import comma_list, count_problems, refuse
-from pipeline.writer import atomic_write_bytes
+from pipeline.writer import atomic_write_bytes, remove_abandoned
 from train.distributed import init_distributed
 from train.model import image_size, register_model, tokenizer_for
 
@@ -231,6 +231,7 @@ def main(
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["video"])
         writer.writeheader()
         writer.writerows(rows)
+        remove_abandoned(out)  # a killed run's temporary
         atomic_write_bytes(out, buffer.getvalue().encode("utf-8"))  # a crash never leaves half a CSV
         print(f"wrote {len(rows)} rows to {out}")
 

@@ -11,11 +11,11 @@ same subset and byte-identical shards. ``OUT/subset.json`` records the keys.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import fire
@@ -24,11 +24,14 @@ from pipeline.cli import count_problems
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
+    hold_temporary,
     iter_tar_samples,
     json_bytes,
     read_stats,
+    remove_abandoned,
     shard_name,
     stats_path,
+    temporary_name,
 )
 
 _STATS = re.compile(r"^(\d{6})_stats\.json$")
@@ -75,9 +78,12 @@ def make_subset(src: Path, out: Path, n: int, seed: int, samples_per_shard: int)
         "source_shards": len(shards),
         "source_samples": total,
     }
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    remove_abandoned(out)  # the temporary folder of a run that was killed
+    tmp = temporary_name(out)
     tmp.mkdir(parents=True)
+    held = os.open(tmp, os.O_RDONLY)
     try:
+        hold_temporary(held)
         keys = _copy(src, tmp, shards, chosen, samples_per_shard)
         manifest = {**params, "keys": keys}
         atomic_write_bytes(tmp / "subset.json", json_bytes(manifest))
@@ -87,6 +93,8 @@ def make_subset(src: Path, out: Path, n: int, seed: int, samples_per_shard: int)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     return manifest
 
 

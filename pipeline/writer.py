@@ -8,12 +8,17 @@ leaves a half-written file under a final name; a shard is complete once its
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +26,7 @@ TAR_MTIME = 0  # fixed tar metadata: the same samples give byte-identical tars
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_KEY = 80
 TMP_MARK = ".tmp-"
+ABANDONED_AFTER_S = 10.0  # a temporary this young may be one whose writer has not yet locked it
 
 
 def sample_key(videoid: str) -> str:
@@ -49,16 +55,59 @@ def stats_path(out_dir: str | Path, shard: int) -> Path:
     return Path(out_dir) / f"{shard_name(shard)}_stats.json"
 
 
+def temporary_name(path: str | Path) -> Path:
+    """The name a new temporary of ``path`` gets: hidden, beside it, unique (``.NAME.tmp-<12 hex>``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def hold_temporary(fd: int) -> None:
+    """Mark an open temporary (a file's or a folder's descriptor) as in use until it is closed, so
+    :func:`remove_abandoned` leaves it: a ``flock`` ends only with its descriptor, and so with a killed process."""
+    with contextlib.suppress(OSError):  # no flock on this filesystem: remove_abandoned cannot lock it either
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_abandoned(path: str | Path) -> list[Path]:
+    """Delete the temporaries of ``path`` (``.NAME.tmp-*`` beside it, files or folders) that a killed writer left.
+
+    Every writer holds a ``flock`` on its temporary until it renames it (:func:`hold_temporary`), so one whose lock
+    can be taken has no writer left. Left alone: a temporary whose lock is held, or cannot be taken at all (a
+    filesystem without flock), and one younger than ``ABANDONED_AFTER_S`` (its writer may not have locked it yet).
+    Needs no lock of the folder: for the outputs of one file or folder that two runs may write at once."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:  # renamed into place meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            abandoned = time.time() - os.fstat(fd).st_mtime > ABANDONED_AFTER_S
+        except OSError:
+            abandoned = False
+        if abandoned:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        os.close(fd)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
+            hold_temporary(f.fileno())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still open, so still locked: a cleaner beside it never takes it for abandoned
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -110,6 +110,25 @@ def test_counts_are_refused_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_killed_runs_temporary_folder_goes_on_the_next_run(source, tmp_path):
+    """The subset is written into a hidden folder beside OUT and renamed: one left by a killed run (aged, unlocked)
+    is removed when the subset is made again; nothing else beside OUT is touched."""
+    import os
+    import time
+
+    from pipeline.writer import temporary_name
+
+    out = tmp_path / "s"
+    left = temporary_name(out)
+    left.mkdir()
+    (left / "000000.tar").write_bytes(b"half a shard")
+    old = time.time() - 60
+    os.utime(left, (old, old))
+    (tmp_path / "notes").write_text("mine")
+    run_cli("pipeline.subset", "--src", source, "--out", out, "--n", 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "s"]
+
+
 def test_too_few_samples_fails_clearly(source, tmp_path):
     proc = run_cli("pipeline.subset", "--src", source, "--out", tmp_path / "s", "--n", 20, check=False)
     assert proc.returncode != 0

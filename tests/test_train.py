@@ -207,6 +207,28 @@ def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_
         loop.run(tiny_config(train_shards, out))
 
 
+def test_fuse_clears_the_temporary_a_killed_fuse_left(tmp_path):
+    """train.fuse writes a whole model under a temporary name: one left by a killed run goes on the next."""
+    from pipeline.writer import temporary_name
+    from train import fuse
+    from train.model import create_clip
+
+    weights = {}
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        weights[name] = tmp_path / f"{name}.pt"
+        torch.save(create_clip(str(TINY_CLIP)).state_dict(), weights[name])
+    out = tmp_path / "fitclip.pt"
+    left = temporary_name(out)
+    left.write_bytes(b"half a model")
+    old = time.time() - 60
+    os.utime(left, (old, old))
+    fuse.fuse(str(TINY_CLIP), str(weights["teacher"]), str(weights["student"]), 0.4, str(out))
+    assert not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fitclip.pt", "student.pt", "teacher.pt"]
+    assert torch.load(out, weights_only=True).keys() == torch.load(weights["teacher"], weights_only=True).keys()
+
+
 @pytest.mark.parametrize("augment_on", ["device", "device_jpeg"])
 def test_a_run_with_the_crop_on_the_device(train_shards, tmp_path, augment_on):
     """The GPU default (the workers only decode, or not even that) through real loader workers, on the CPU."""

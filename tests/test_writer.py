@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +15,11 @@ from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
     iter_tar_samples,
+    remove_abandoned,
     remove_temporaries,
     sample_key,
     tar_path,
+    temporary_name,
 )
 
 
@@ -78,3 +85,65 @@ def test_atomic_write_and_cleanup(tmp_path):
     (tmp_path / ".000001.tar.tmp-abc").write_bytes(b"junk")
     assert [p.name for p in remove_temporaries(tmp_path)] == [".000001.tar.tmp-abc"]
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def _age(path, seconds=60.0):
+    """Make ``path`` look ``seconds`` old, as a killed writer's temporary is by the rerun."""
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_only_a_killed_writers_temporaries_are_removed(tmp_path):
+    """remove_abandoned needs no folder lock: each writer flocks its temporary, and the kernel lets go of a killed
+    process's flock. A live writer's temporary, a young one, and other names stay."""
+    target = tmp_path / "fitclip[1].pt"  # glob characters in the name: matched as text
+    held = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; from pipeline.writer import hold_temporary, temporary_name\n"
+            f"tmp = temporary_name({str(target)!r}); f = open(tmp, 'wb'); hold_temporary(f.fileno())\n"
+            "print(tmp, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    live = Path(held.stdout.readline().strip())
+    dead_folder = temporary_name(target)
+    dead_folder.mkdir()
+    (dead_folder / "000000.tar").write_bytes(b"half a subset")
+    dead_file, young = temporary_name(target), temporary_name(target)
+    dead_file.write_bytes(b"half a model")
+    young.write_bytes(b"just opened")
+    other = [tmp_path / ".other.pt.tmp-0123456789ab", tmp_path / "fitclip1.pt", tmp_path / ".fitclip[1].pt"]
+    for path in other:
+        path.write_bytes(b"not ours")
+    for path in (live, dead_folder, dead_file, *other):
+        _age(path)
+    try:
+        assert sorted(remove_abandoned(target)) == sorted([dead_folder, dead_file])
+        assert live.exists() and young.exists() and all(path.exists() for path in other)
+        held.kill()
+        held.wait()
+        assert remove_abandoned(target) == [live]  # its lock went with the process
+    finally:
+        held.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, *(p.name for p in other)])
+
+
+def test_a_writer_holds_its_temporary_until_the_rename(tmp_path, monkeypatch):
+    """atomic_write_bytes locks its temporary: a run cleaning up beside it meanwhile leaves it."""
+    import pipeline.writer as writer
+
+    target = tmp_path / "tags.csv"
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        _age(src)
+        seen.append(remove_abandoned(target))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    atomic_write_bytes(target, b"video,label\n")
+    assert seen == [[]] and target.read_bytes() == b"video,label\n"

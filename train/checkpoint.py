@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from pathlib import Path
 
 import torch
 
 from pipeline.folder_lock import GRACE_S, lock_folder
+from pipeline.writer import hold_temporary, temporary_name
 from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
@@ -31,13 +31,14 @@ def atomic_save(obj, path: str | Path) -> Path:
     """torch.save to a temporary name in the same folder, then rename: a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
+            hold_temporary(f.fileno())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still open, so still locked (hold_temporary)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,6 +17,7 @@ import fire
 import torch
 
 from pipeline.cli import number_problems, refuse
+from pipeline.writer import remove_abandoned
 from train.checkpoint import atomic_save
 from train.model import create_clip, load_state_dict
 
@@ -52,6 +53,7 @@ def teacher_state_dict(model: str, teacher: str) -> dict[str, torch.Tensor]:
 def fuse(model: str, teacher: str, student: str, alpha: float, out: str) -> str:
     """Fuse and write ``out`` atomically; returns its path."""
     fused = fuse_state_dicts(teacher_state_dict(model, teacher), load_state_dict(student), alpha)
+    remove_abandoned(out)  # the temporary of a run that was killed mid-save: a whole model's size
     atomic_save(fused, out)
     return str(out)
 
