@@ -76,7 +76,7 @@ def test_a_cpu_profile_counts_operators_per_step():
 
 def test_profile_steps_is_checked():
     for value in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="--profile_steps must be a number of steps >= 0"):
+        with pytest.raises(ValueError, match="--profile_steps must be a whole number of at least 0"):
             resolve("demo", profile_steps=value)
 
 
