@@ -32,7 +32,7 @@ from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
 from pipeline.cli import comma_list, count_problems, folder_problems, switch_problems
-from pipeline.folder_lock import lock_folder
+from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
@@ -253,7 +253,8 @@ def out_lock(out: Path, names: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     handle = lock_folder(out)
     if handle is None:
-        raise SystemExit(f"error: another eval.run is writing {out}; wait for it or give another --out")
+        held = out / LOCK_NAME
+        raise SystemExit(f"error: another run is writing {out} (it holds {held}): wait for it or give another --out")
     with handle:
         for folder in (out, *(out / name for name in names)):
             remove_temporaries(folder)

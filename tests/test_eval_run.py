@@ -207,7 +207,8 @@ def test_one_run_writes_an_out_at_a_time_and_clears_a_killed_runs_temporaries(be
     with lock_folder(out):
         with pytest.raises(SystemExit) as e:
             run.main(**args, out=str(out))
-    assert str(e.value) == f"error: another eval.run is writing {out}; wait for it or give another --out"
+    held = out / ".lock"
+    assert str(e.value) == f"error: another run is writing {out} (it holds {held}): wait for it or give another --out"
     assert all(path.exists() for path in left)  # not the refused run's to touch
 
     def stopped(*args, **kwargs):
