@@ -12,7 +12,8 @@
 #             its captions (--trim_text, the default): a record, not a choice
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
-#             tokens), LEVERS, and LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), and
+#             LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
 #   numerics  the step with LEVERS' flags against the plain fp32 step (loss, gradient cosine)
 #   memory    256+256 under a 78 GiB cap (what an 80 GB H100 leaves), compiled, checkpointing only the first 5 or 6
@@ -128,12 +129,13 @@ json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$
 fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
-STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}}"
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$LEVERS+prefetch,$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}}"
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
-# (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS, also with the batches as
-#     the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's
-#     thread); 2 profiled steps each. A variant that fails is recorded and the others still count. (Measured on an
+# (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
+#     feeds it, its batch's copy on the prefetcher's stream (+prefetch; the same compiled graphs, from inductor's
+#     cache), and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on
+#     the GPU by the prefetcher's thread); 2 profiled steps each. A variant that fails is recorded and the others still count. (Measured on an
 #     H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than the default.)
 wants step && run_part step "$STEP_S" \
     python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \

@@ -32,7 +32,10 @@ copies). +devaug / +devjpeg: the batches arrive as the loader hands them with ``
 "device_jpeg" (frames at the shards' 454x256, or their JPEG files, plus each video's crop) and pass through
 ``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
 batch are issued by its thread on a side stream while the step runs, and are
-inside the timed step.
+inside the timed step. +prefetch: the plain batches (cropped already, as
+``--augment_on loader`` hands them) pass through the same Prefetcher, as the
+trainer feeds every mode: their host-to-device copy overlaps the step on the side
+stream instead of running on the step's own stream before its kernels.
 Their pixels are smooth random pictures rather than noise, so their loss differs.
 
 --profile N: after timing, N more steps of each variant run under
@@ -92,7 +95,7 @@ from train.profiling import describe, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", "prefetch", *KERNEL_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -259,7 +262,7 @@ def run_variant(
             optimizer, scheduler = loop.build_optimizer(student, cfg_v, device)
             source = "devjpeg" if "devjpeg" in options else "devaug" if "devaug" in options else "plain"
             size = image_size(student.clip)
-            if source == "plain":
+            if source == "plain" and "prefetch" not in options:  # copied by the step itself, on its own stream
                 labeled, unlabeled = (itertools.repeat(b) for b in batches["plain"])
             else:
                 prefetchers = [Prefetcher(itertools.repeat(b), device, size) for b in batches[source]]
@@ -334,8 +337,9 @@ def main(
         model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
         batches: comma list of LxU batches (L labeled + U unlabeled videos) to time every variant at, e.g. 128x128.
         variants: comma list of step variants, each naive or ours with +levers, e.g. ours+compile+ckpt6; levers
-            compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, qkv, patch, cls, fullpad,
-            cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's module docstring).
+            compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, prefetch, qkv, patch, cls,
+            fullpad, cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's module
+            docstring).
         steps: timed steps per variant and batch; the median is reported.
         warmup: untimed steps before them; the first step's time, compiling included, is reported apart.
         frames: frames per video.

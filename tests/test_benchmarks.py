@@ -12,6 +12,7 @@ from conftest import TINY_CLIP, run_cli, tiny_variant, write_csv
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
     variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash,ours+cls,ours+math"
+    variants += ",ours+prefetch"
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -36,6 +37,7 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     flops = {v: r["flops_per_step"] for v, r in rows.items()}
     assert flops["ours+cls"] < flops["ours"] == flops["ours+qkv"] == flops["ours+patch+flash"]
     assert flops["ours"] < flops["naive"]  # and the cut captions at the FLOPs of their width (naive: 32 tokens)
+    assert rows["ours+prefetch"]["first_loss"] == rows["ours"]["first_loss"]  # the same batches, copied elsewhere
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -222,6 +224,23 @@ def test_the_issue6_verdict_says_what_the_step_would_reach_with_only_its_matmul_
     assert not step_lines({"device": "cuda", "rows": [best]})[1].startswith("time of")
 
 
+def test_the_issue6_verdict_says_what_overlapping_the_copy_saves_and_judges_the_mfu_on_the_fastest():
+    """+prefetch feeds a variant as the trainer does (its batch's copy on the prefetcher's stream): a line of what it
+    saves against the same variant copied by the step, not a lever to advise; the MFU is the fastest row's."""
+    from benchmarks.issue6_verdict import step_lines
+
+    levers = "ours+compile+cteacher+qkv+cls+patch"
+    rows = _rows(naive=347.9, **{levers: 780.0, f"{levers}+prefetch": 792.0})
+    for row, s_per_step, mfu in zip(rows[1:], (0.3282, 0.3232), (0.498, 0.506), strict=True):
+        row.update(s_per_step=s_per_step, mfu_measured=mfu)
+    lines = step_lines({"device": "cuda", "rows": rows})
+    assert lines[0].startswith(f"MFU at 128x128: 50.6% of the measured peak with {levers}+prefetch (target 55%)")
+    assert (
+        f"the batch's copy overlapped, as the trainer feeds the step: {levers}+prefetch 1.015x {levers} (5.0 ms a step)"
+    ) in lines
+    assert not any("worth making" in line or "prefetch together" in line for line in lines)
+
+
 def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
     from benchmarks.issue6_verdict import verdict
 
@@ -335,7 +354,13 @@ def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):
         "packed attention: ours+compile+cteacher+devjpeg+qkv 1.030x the step without it: "
         "worth making the default (--packed_qkv True)"
     ) in text
-    assert "loader, --augment_on device: 1200 videos/s with 6 workers = 1.74x" in text and "device_jpeg" in text
+    assert "loader, --augment_on device: 1200 videos/s with 6 workers = 1.74x" in text
+    # each mode's margin is over the fastest step fed as that mode feeds it: the levers raise the demand
+    assert (
+        "loader, --augment_on device_jpeg: 5000 videos/s with 6 workers = 7.35x the step's 680 videos/s "
+        "(ours+compile+cteacher+devjpeg+qkv) (target 2.0x): MET"
+    ) in text
+    assert "loader, --augment_on loader: 800 videos/s with 6 workers = 1.14x the step's 700 videos/s (" in text
     assert "suggested GPU default: --augment_on device_jpeg" in text  # the only mode fed with 2x
     assert "ours+compile+ckpt4: ok (81.0 GiB)" in text  # over the cap: does not fit
     assert "256+256 under 80 GiB: MET; fastest ours+compile+ckpt6, 0.800 s/step" in text

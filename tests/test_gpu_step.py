@@ -78,7 +78,13 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
     levers = f"{DEFAULT}+qkv{chosen}"
     assert f"gpu_step: LEVERS={levers} (trainer flags: --packed_qkv True" in log
     step = json.loads((out / "step_variants_cpu.json").read_text())["rows"]
-    assert [r["variant"] for r in step] == ["naive", DEFAULT, levers, f"{DEFAULT}+devjpeg+qkv{chosen}"]
+    assert [r["variant"] for r in step] == [
+        "naive",
+        DEFAULT,
+        levers,
+        f"{levers}+prefetch",
+        f"{DEFAULT}+devjpeg+qkv{chosen}",
+    ]
     tune = json.loads((out / "tune" / "step_variants_cpu.json").read_text())["rows"]
     assert [r["variant"] for r in tune] == [f"{levers}+autotune+tma", f"{levers}+autotune"]
     assert all(r["status"] == "ok" for r in step + tune)
@@ -88,6 +94,7 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
     numerics = [line for line in verdict.splitlines() if line.startswith("  numerics on CPU with ")]
     assert len(numerics) == 1 and "--packed_qkv True" in numerics[0] and numerics[0].endswith(": MET"), verdict
     assert "MLP halves alone" in verdict
+    assert f"  the batch's copy overlapped, as the trainer feeds the step: {levers}+prefetch " in verdict
     # both max-autotune variants were timed: no second call; the line reaches the output the device tool brings back
     done = "  next call: none needed (both max-autotune variants were timed); give the machine back"
     assert verdict.splitlines()[-1] == done
