@@ -38,6 +38,12 @@ trainer feeds every mode: their host-to-device copy overlaps the step on the sid
 stream instead of running on the step's own stream before its kernels.
 Their pixels are smooth random pictures rather than noise, so their loss differs.
 
+Timing: the timed steps run twice, each on its own (the GPU waited for before and
+after each; their median is ``s_per_step_synced``, the measure of the 2026-11-26
+H200 figures), then as many back to back with one wait at the end, as the
+trainer runs them: the host queues a step while the GPU runs the one before.
+Their mean is ``s_per_step``, which the rates and the MFU use.
+
 --profile N: after timing, N more steps of each variant run under
 torch.profiler; the GPU's busy time per step (kernels and copies), split into
 matmul / attention / fused (Triton) / copy / optimizer / other, is reported
@@ -285,7 +291,16 @@ def run_variant(
                 row["first_step_s"] = round(time.perf_counter() - start_compile, 2)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        row.update(s_per_step=statistics.median(times), first_loss=losses[0], last_loss=losses[-1], status="ok")
+        # then as many back to back, as the trainer runs them: the host queues the next step while the GPU runs this
+        # one (the trainer's step waits once, for its non-finite check). What training gets: the row's s/step.
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            result = step()
+        losses.append(float(result["loss"]))
+        sync(device)
+        row.update(s_per_step=(time.perf_counter() - t0) / steps, s_per_step_synced=statistics.median(times))
+        row.update(first_loss=losses[0], last_loss=losses[-1], status="ok")
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if on_timed is not None:
@@ -340,7 +355,9 @@ def main(
             compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, prefetch, qkv, patch, cls,
             fullpad, cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's module
             docstring).
-        steps: timed steps per variant and batch; the median is reported.
+        steps: timed steps per variant and batch, twice: each on its own, waiting for the GPU before and after it
+            (the median: s_per_step_synced), then as many back to back with one wait at the end, as the trainer
+            runs them (their mean: s_per_step, which the rates and the MFU use).
         warmup: untimed steps before them; the first step's time, compiling included, is reported apart.
         frames: frames per video.
         device: auto, cuda or cpu.
