@@ -306,6 +306,7 @@ def run_config(bench: Bench, cfg: TrainConfig, warmup: int, steps: int) -> dict:
             results.append({k: float(v) if isinstance(v, torch.Tensor) else v for k, v in result.items()})
             if i >= warmup:
                 times.append(elapsed)
+        loop.settle_skips(progress, scheduler)  # the steps a fused optimizer skipped on the device
         row["other_load_cores"] = load.other_cores()
         row.update(timing(times))
         row["losses"] = [r["loss"] for r in results]

@@ -394,14 +394,25 @@ NON_FINITE = {  # a parameter -> a loss whose value or gradient is not finite
 }
 
 
+def _no_host_wait(*args, **kwargs):
+    raise AssertionError("the step waited for the device")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "fused"])
 @pytest.mark.parametrize("what", list(NON_FINITE))
-def test_a_non_finite_loss_or_gradient_skips_the_step_and_keeps_the_weights(train_shards, tmp_path, monkeypatch, what):
-    cfg = tiny_config(train_shards, tmp_path / "run")
+def test_a_non_finite_loss_or_gradient_skips_the_step_and_keeps_the_weights(
+    train_shards, tmp_path, monkeypatch, what, fused
+):
+    """Skipped on the host (a wait for the device) with a plain AdamW; on the device with the fused one (the GPU
+    default), without a wait: the kernel leaves weights, moments and step count, settle_skips counts the skip and
+    takes the schedule back."""
+    cfg = tiny_config(train_shards, tmp_path / "run", warmup_steps=4)
     (tmp_path / "run").mkdir()
     from train import distributed
 
     models = loop.build_models(cfg, distributed.init_distributed("cpu"))
-    optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+    optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"), fused=fused)
+    first_lr = scheduler.get_last_lr()
     before = {k: v.clone() for k, v in models.student.state_dict().items()}
 
     def non_finite(models, *args):
@@ -410,10 +421,81 @@ def test_a_non_finite_loss_or_gradient_skips_the_step_and_keeps_the_weights(trai
 
     monkeypatch.setattr(loop, "compute_loss", non_finite)
     progress = loop.Progress()
-    result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
-    assert result["skipped"] and progress.skipped_steps == 1
+    with monkeypatch.context() as m:
+        if fused:
+            for conversion in ("item", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, conversion, _no_host_wait)
+        result = loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
+    loop.settle_skips(progress, scheduler)
+    assert float(result["finite"]) == 0 and progress.skipped_steps == 1
     assert all(torch.equal(v, before[k]) for k, v in models.student.state_dict().items())
-    assert not optimizer.state and scheduler.last_epoch == 0  # no moments, no schedule step
+    assert scheduler.last_epoch == 0 and scheduler.get_last_lr() == first_lr  # no schedule step
+    assert [group["lr"] for group in optimizer.param_groups] == first_lr
+    moments = [t for state in optimizer.state.values() for t in state.values()]
+    assert all(not t.any() for t in moments)  # none, or zeros and a step count of 0
+    loop.settle_skips(progress, scheduler)  # read once
+    assert progress.skipped_steps == 1 and scheduler.last_epoch == 0
+
+
+def test_a_log_windows_means_leave_out_its_skipped_steps(train_shards, tmp_path):
+    """A window's train/loss and the rest are means over its steps that were not skipped (whose figures may be NaN),
+    read once per window; the skips a fused optimizer made on the device are counted there."""
+    from types import SimpleNamespace
+
+    from train.monitor import Timer
+
+    cfg = tiny_config(train_shards, tmp_path / "run", warmup_steps=4)
+    optimizer, scheduler = loop.build_optimizer(torch.nn.Linear(1, 1), cfg, torch.device("cpu"), fused=True)
+    for _ in range(2):  # two steps taken, one of them skipped on the device (no gradients here: nothing moves)
+        optimizer.step()
+        scheduler.step()
+
+    def result(loss, finite):
+        parts = {"contrastive": torch.tensor(loss / 2), "distillation": torch.tensor(loss / 4)}
+        return {"loss": torch.tensor(loss), **parts, "grad_norm": torch.tensor(1.0), "finite": torch.tensor(finite)}
+
+    window = [result(2.0, 1.0), result(float("nan"), 0.0), result(4.0, 1.0)]
+    progress = loop.Progress(step=3, unsettled_skips=torch.tensor(1.0))
+    logged = {}
+    monitor = SimpleNamespace(log=lambda metrics, step: logged.update(metrics), warn_once=lambda *a: None)
+    dist = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    loop._log(monitor, window, Timer(), cfg, dist, None, scheduler, progress)
+    assert logged["train/loss"] == 3.0 and logged["train/contrastive"] == 1.5 and logged["train/distillation"] == 0.75
+    assert logged["train/skipped_steps"] == 1 and scheduler.last_epoch == 1  # one step taken
+    assert logged["train/lr"] == pytest.approx(cfg.lr * 2 / 4)  # warmup: (1 + 1) / 4 of it
+    logged.clear()
+    loop._log(monitor, [result(float("nan"), 0.0)], Timer(), cfg, dist, None, scheduler, progress)
+    assert "train/loss" not in logged and logged["train/skipped_steps"] == 1  # a window of skipped steps: no mean
+
+
+def test_a_skipped_step_then_a_good_one_move_the_weights_as_on_the_host(train_shards, tmp_path, monkeypatch):
+    """After settle_skips, the fused optimizer's device-side skip has left the run where the host path leaves it:
+    the next good step makes the same update (the same schedule point, Adam's first step again)."""
+    from train import distributed
+
+    weights = {}
+    for fused in (False, True):
+        cfg = tiny_config(train_shards, tmp_path / f"run{fused}", warmup_steps=4)
+        Path(cfg.out).mkdir()
+        torch.manual_seed(0)
+        models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+        optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"), fused=fused)
+        param = next(models.student.parameters())
+        initial = param.detach().clone()
+        losses = iter([param.sum() * float("nan"), (param.float() ** 2).sum()])
+
+        def scripted(models, *args, losses=losses):
+            return next(losses), {"contrastive": torch.tensor(0.0), "distillation": torch.tensor(0.0)}
+
+        monkeypatch.setattr(loop, "compute_loss", scripted)
+        progress = loop.Progress()
+        for _ in range(2):
+            loop.train_step(models, optimizer, scheduler, None, None, cfg, torch.device("cpu"), progress)
+            loop.settle_skips(progress, scheduler)
+        assert progress.skipped_steps == 1 and scheduler.last_epoch == 1
+        weights[fused] = param.detach().clone()
+        assert not torch.allclose(weights[fused], initial)  # the good step moved them
+    assert torch.allclose(weights[True], weights[False], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

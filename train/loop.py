@@ -56,7 +56,8 @@ class Progress:
 
     step: int = 0
     best_val_loss: float = math.inf
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # as of the last settle_skips
+    unsettled_skips: torch.Tensor | int = 0  # skipped on the device since then, not yet read (not saved)
     dropped_samples: int = 0  # over all ranks, as of the last sync_dropped
     unsynced_dropped: int = 0  # this rank's since then (not saved)
     # the last validation's figures, for summary.json: saved, so a run resumed at its last step keeps them
@@ -153,11 +154,11 @@ def _teacher_weights(cfg: TrainConfig) -> str:
     return cfg.teacher_weights or str(Path(cfg.out) / "teacher_init.pt")
 
 
-def build_optimizer(student: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(student: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None):
+    """AdamW (fused: one kernel for every tensor; by default on a GPU) and the warmup + cosine schedule."""
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
+    fused = device.type == "cuda" if fused is None else fused
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -205,26 +206,54 @@ def compute_loss(
 
 
 def train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, device, progress: Progress) -> dict:
-    """One optimizer step; a non-finite loss or gradient norm (on any rank) skips it without touching the weights."""
+    """One optimizer step; a non-finite loss or gradient norm (on any rank) skips it without touching the weights.
+
+    Returns the step's loss, its parts and the gradient norm, and ``finite`` (1.0, or 0.0 for a skipped step), as
+    tensors: converting every step would stall the GPU queue; ``_log`` converts once per window."""
     optimizer.zero_grad(set_to_none=True)
     loss, parts = compute_loss(models, labeled, unlabeled, cfg, device)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), max_norm)
     # The gradients are checked as well as the loss: a kernel can return non-finite gradients for a finite loss
-    # (reported of cuDNN's attention backward in some versions), and one such step would make every weight NaN. Both
-    # are read in the step's one wait for the GPU, after the backward has been queued.
+    # (reported of cuDNN's attention backward in some versions), and one such step would make every weight NaN.
     finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item() < 1:
+    result = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "finite": finite}
+    if optimizer.defaults.get("fused"):
+        # Skipped on the device, with no wait for the GPU, so the host queues the next step meanwhile: where
+        # found_inf is 1, the fused AdamW kernel leaves weights, moments and step count as they were (GradScaler's
+        # way). The schedule steps on; settle_skips takes it back when it reads the skips, once per log window.
+        optimizer.found_inf = 1.0 - finite
+        optimizer.step()
+        scheduler.step()
+        progress.unsettled_skips = progress.unsettled_skips + optimizer.found_inf
+        return result
+    if finite.item() < 1:  # the one wait for the GPU, after the backward has been queued
         optimizer.zero_grad(set_to_none=True)
         progress.skipped_steps += 1
-        return {"loss": float("nan"), "skipped": True}
+        return result
     optimizer.step()
     scheduler.step()
-    # tensors, not floats: converting every step would stall the GPU queue; _log converts once per window
-    return {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "skipped": False}
+    return result
+
+
+def settle_skips(progress: Progress, scheduler) -> None:
+    """Count the steps skipped on the device since the last call, and take the learning-rate schedule back by as
+    many: it advanced for them, and a skipped step is no step (as on the host path). Every rank skips the same
+    steps (their check is all-reduced), so each reads its own count."""
+    if isinstance(progress.unsettled_skips, int):
+        return
+    skipped = round(float(progress.unsettled_skips))
+    progress.unsettled_skips = 0
+    if skipped:
+        progress.skipped_steps += skipped
+        scheduler.last_epoch -= skipped
+        groups = scheduler.optimizer.param_groups
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
 
 
 @torch.no_grad()
@@ -476,15 +505,19 @@ def _log_profile(monitor: Monitor, summary: dict, step: int) -> None:
 
 def _log(monitor, window, timer, cfg, dist, peak, scheduler, progress) -> None:
     sync_dropped(progress, dist.device)
-    done = [r for r in window if not r["skipped"]]
+    settle_skips(progress, scheduler)
     metrics = {
         "train/lr": scheduler.get_last_lr()[0],
         "train/skipped_steps": progress.skipped_steps,
         "train/dropped_samples": progress.dropped_samples,
     }
+    # the window's means over the steps that were not skipped (a skipped step's figures may be NaN)
+    finite = torch.stack([r["finite"] for r in window]) > 0 if window else None
+    done = int(finite.sum()) if window else 0
     for key in ("loss", "contrastive", "distillation", "grad_norm"):
         if done:
-            metrics[f"train/{key}"] = float(torch.stack([r[key].float() for r in done]).mean())
+            values = torch.stack([r[key].float() for r in window])
+            metrics[f"train/{key}"] = float(torch.where(finite, values, 0.0).sum() / done)
     # throughput over the steps since the timer's reset (a log, a validation or a profile), which need not be the
     # whole window; none when a profile just ended
     if timer.steps:
@@ -515,6 +548,7 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
 
 def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> None:
     sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
+    settle_skips(progress, scheduler)  # and every skipped step, with the schedule where it belongs
     val = {}
     if cfg.val:
         val = validate(models.student, cfg, dist.device, tokenizer)
