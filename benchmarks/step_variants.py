@@ -356,8 +356,8 @@ def main(
             fullpad, cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's module
             docstring).
         steps: timed steps per variant and batch, twice: each on its own, waiting for the GPU before and after it
-            (the median: s_per_step_synced), then as many back to back with one wait at the end, as the trainer
-            runs them (their mean: s_per_step, which the rates and the MFU use).
+            (their median is s_per_step_synced), then as many back to back with one wait at the end, as the
+            trainer runs them (their mean is s_per_step, which the rates and the MFU use).
         warmup: untimed steps before them; the first step's time, compiling included, is reported apart.
         frames: frames per video.
         device: auto, cuda or cpu.
