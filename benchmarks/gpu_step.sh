@@ -133,10 +133,11 @@ STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$LEVERS+prefetch,$DEFAULT
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
-#     feeds it, its batch's copy on the prefetcher's stream (+prefetch; the same compiled graphs, from inductor's
-#     cache), and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on
-#     the GPU by the prefetcher's thread); 2 profiled steps each. A variant that fails is recorded and the others still count. (Measured on an
-#     H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than the default.)
+#     feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS' compiled code, not compiled again),
+#     and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by
+#     the prefetcher's thread); 2 profiled steps each. A variant that fails is recorded and the others still count.
+#     (Measured on an H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than
+#     the default.)
 wants step && run_part step "$STEP_S" \
     python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
     --out "$OUT" --variants "$STEP_VARIANTS"
