@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from eval.features import class_embeddings, eval_autocast, text_embeddings, vide
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, check_entry, load_model
 from pipeline.cli import comma_list, count_problems, refuse
-from pipeline.writer import atomic_write_bytes, remove_abandoned
+from pipeline.writer import atomic_write_bytes, hold_temporary, remove_abandoned, temporary_name
 from train.distributed import init_distributed
 from train.model import image_size, register_model, tokenizer_for
 
@@ -77,14 +79,28 @@ def find_videos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
+TEMPORARY_CACHE = "fitclip-tag-cache"  # without --cache: .fitclip-tag-cache.tmp-<hex> in the system's temp folder
+
+
 @contextlib.contextmanager
 def cache_root(cache: Path | None) -> Iterator[Path]:
-    """``--cache`` as given, or a temporary folder removed afterwards."""
+    """``--cache`` as given, or a temporary folder removed afterwards. The decoded frames of a large folder are
+    gigabytes: a run killed before it could remove them (SIGKILL, the OOM killer) leaves them, so each run first
+    removes the ones whose run is gone (their lock let go, ``pipeline.writer.remove_abandoned``)."""
     if cache is not None:
         yield cache
         return
-    with tempfile.TemporaryDirectory(prefix="fitclip-tag-") as tmp:
-        yield Path(tmp)
+    target = Path(tempfile.gettempdir()) / TEMPORARY_CACHE
+    remove_abandoned(target)
+    tmp = temporary_name(target)
+    tmp.mkdir()
+    held = os.open(tmp, os.O_RDONLY)
+    try:
+        hold_temporary(held)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(held)
 
 
 @torch.no_grad()

@@ -386,6 +386,50 @@ def test_tag_numeric_labels_and_a_folder_with_nothing_readable(bench, tmp_path):
     assert not (tmp_path / "search.csv").exists()
 
 
+def test_tag_without_cache_removes_its_frames_and_those_a_killed_run_left(tmp_path, monkeypatch):
+    """eval.tag without --cache decodes into a temporary folder of the system's temp folder and removes it; one that
+    a killed run left (its lock let go) goes at the next run; a live run's (locked) stays."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from eval import tag
+    from pipeline.writer import temporary_name
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target = tmp_path / tag.TEMPORARY_CACHE
+    left = temporary_name(target)
+    (left / "ucf").mkdir(parents=True)
+    (left / "ucf" / "000000.tar").write_bytes(b"frames")
+    old = time.time() - 60
+    os.utime(left, (old, old))
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, time; from pipeline.writer import hold_temporary, temporary_name\n"
+            f"tmp = temporary_name({str(target)!r}); os.mkdir(tmp); hold_temporary(os.open(tmp, os.O_RDONLY))\n"
+            "os.utime(tmp, (0, 0)); print(tmp, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        running = Path(live.stdout.readline().strip())
+        with tag.cache_root(None) as root:
+            assert root.is_dir() and root.parent == tmp_path and root.name.startswith(f".{tag.TEMPORARY_CACHE}.tmp-")
+            (root / "frames").write_bytes(b"decoded")
+            assert not left.exists() and running.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [running.name]
+    finally:
+        live.kill()
+    with tag.cache_root(tmp_path / "kept") as root:
+        assert root == tmp_path / "kept"
+
+
 def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkeypatch):
     """--labels_file keeps each line's text (commas, 1.10); --cache serves a second run without decoding and decodes
     only a video added since; the results do not depend on the cache."""
