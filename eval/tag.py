@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from eval.features import class_embeddings, eval_autocast, text_embeddings, vide
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, check_entry, load_model
 from pipeline.cli import comma_list, count_problems, refuse
-from pipeline.writer import atomic_write_bytes, hold_temporary, remove_abandoned, temporary_name
+from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
 from train.model import image_size, register_model, tokenizer_for
 
@@ -92,15 +91,11 @@ def cache_root(cache: Path | None) -> Iterator[Path]:
         return
     target = Path(tempfile.gettempdir()) / TEMPORARY_CACHE
     remove_abandoned(target)
-    tmp = temporary_name(target)
-    tmp.mkdir()
-    held = os.open(tmp, os.O_RDONLY)
-    try:
-        hold_temporary(held)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.close(held)
+    with held_temporary_folder(target) as tmp:
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()

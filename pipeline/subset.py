@@ -11,7 +11,6 @@ same subset and byte-identical shards. ``OUT/subset.json`` records the keys.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -24,14 +23,13 @@ from pipeline.cli import count_problems
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
-    hold_temporary,
+    held_temporary_folder,
     iter_tar_samples,
     json_bytes,
     read_stats,
     remove_abandoned,
     shard_name,
     stats_path,
-    temporary_name,
 )
 
 _STATS = re.compile(r"^(\d{6})_stats\.json$")
@@ -79,22 +77,17 @@ def make_subset(src: Path, out: Path, n: int, seed: int, samples_per_shard: int)
         "source_samples": total,
     }
     remove_abandoned(out)  # the temporary folder of a run that was killed
-    tmp = temporary_name(out)
-    tmp.mkdir(parents=True)
-    held = os.open(tmp, os.O_RDONLY)
-    try:
-        hold_temporary(held)
-        keys = _copy(src, tmp, shards, chosen, samples_per_shard)
-        manifest = {**params, "keys": keys}
-        atomic_write_bytes(tmp / "subset.json", json_bytes(manifest))
-        if out.exists():  # an empty folder (checked by the caller)
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(held)
+    with held_temporary_folder(out) as tmp:
+        try:
+            keys = _copy(src, tmp, shards, chosen, samples_per_shard)
+            manifest = {**params, "keys": keys}
+            atomic_write_bytes(tmp / "subset.json", json_bytes(manifest))
+            if out.exists():  # an empty folder (checked by the caller)
+                out.rmdir()
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return manifest
 
 

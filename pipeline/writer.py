@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 TAR_MTIME = 0  # fixed tar metadata: the same samples give byte-identical tars
@@ -66,6 +67,38 @@ def hold_temporary(fd: int) -> None:
     :func:`remove_abandoned` leaves it: a ``flock`` ends only with its descriptor, and so with a killed process."""
     with contextlib.suppress(OSError):  # no flock on this filesystem: remove_abandoned cannot lock it either
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+_held_folders: set[int] = set()  # descriptors of the temporary folders this process holds (held_temporary_folder)
+
+
+def _let_go_in_child() -> None:
+    # a forked child (a decode or loader worker) inherits the descriptor, and a flock lasts until its last copy is
+    # closed: a worker orphaned by the kill of its run would keep that run's folder from counting as abandoned
+    for fd in list(_held_folders):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_folders.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
+@contextlib.contextmanager
+def held_temporary_folder(target: str | Path) -> Iterator[Path]:
+    """A new temporary folder of ``target`` (``.NAME.tmp-<12 hex>`` beside it), held (:func:`hold_temporary`) while
+    the block runs, by this process and not by the children it forks. What becomes of the folder is the caller's:
+    renamed into place, or removed."""
+    tmp = temporary_name(target)
+    tmp.mkdir(parents=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    _held_folders.add(fd)
+    try:
+        hold_temporary(fd)
+        yield tmp
+    finally:
+        _held_folders.discard(fd)
+        os.close(fd)
 
 
 def remove_abandoned(path: str | Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -150,3 +151,33 @@ def test_a_writer_holds_its_temporary_until_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.os, "replace", replace)
     atomic_write_bytes(target, b"video,label\n")
     assert seen == [[]] and target.read_bytes() == b"video,label\n"
+
+
+def test_a_held_folder_is_let_go_when_its_process_dies_though_a_forked_child_lives(tmp_path):
+    """A decode or loader worker forked while a run holds its temporary folder must not keep holding it: the run
+    killed, its orphaned worker still alive, the folder counts as abandoned."""
+    target = tmp_path / "subset"
+    script = (
+        "import os, sys, time; from pipeline.writer import held_temporary_folder\n"
+        f"with held_temporary_folder({str(target)!r}) as tmp:\n"
+        "    os.utime(tmp, (0, 0))\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(120); os._exit(0)\n"
+        "    print(tmp, child, flush=True); time.sleep(120)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    folder, child = run.stdout.readline().split()
+    try:
+        assert remove_abandoned(target) == []  # its run holds it
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 5
+        while not (removed := remove_abandoned(target)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert removed == [Path(folder)]  # though the forked child lives on
+        os.kill(int(child), 0)  # (it does)
+    finally:
+        run.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child), 9)
