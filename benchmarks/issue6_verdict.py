@@ -252,16 +252,13 @@ def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> 
 def mode_demand(rows: dict[str, dict], mode: str) -> dict | None:
     """The step the loader has to feed in ``mode``: the fastest variant timed with its batches as that mode hands
     them (the levers change the demand, so the margin is judged against the most demanding step, not the default's)."""
-    source = MODE_SOURCES[mode]
-    fed = [
-        row
-        for name, row in rows.items()
-        if name != "naive"
-        and (
-            source in name.split("+") if source else not set(name.split("+")) & {s for s in MODE_SOURCES.values() if s}
-        )
-    ]
-    return max(fed, key=lambda row: row["videos_per_s"], default=None)
+    source, on_device = MODE_SOURCES[mode], {s for s in MODE_SOURCES.values() if s}
+
+    def fed(options: set[str]) -> bool:  # as the loader feeds the step in this mode
+        return source in options if source else not options & on_device
+
+    candidates = [row for name, row in rows.items() if name != "naive" and fed(set(name.split("+")))]
+    return max(candidates, key=lambda row: row["videos_per_s"], default=None)
 
 
 def prefetch_lines(rows: dict[str, dict]) -> list[str]:

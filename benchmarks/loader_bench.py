@@ -61,8 +61,9 @@ def shard_problems(shards, frames) -> list[str]:
         data.list_shards(str(shards))
     except data.DataError as e:
         return [f"--shards {str(shards)!r}: {e}"]
-    if count_problems({"frames": (frames, 1)}):
-        return count_problems({"frames": (frames, 1)})
+    bad = count_problems({"frames": (frames, 1)})
+    if bad:
+        return bad
     try:
         data.check_frames(str(shards), frames)
     except data.DataError as e:

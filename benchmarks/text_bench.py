@@ -27,6 +27,7 @@ from pathlib import Path
 import fire
 import torch
 
+from benchmarks.args import raised_problems
 from benchmarks.eval_bench import UCF101_FOLDERS, _timed, random_weights_run, write_results
 from benchmarks.harness import device_problems, model_problems, resolve_device, synthetic_batch
 from eval.features import eval_autocast, text_embeddings
@@ -49,12 +50,7 @@ def read_captions(path: str) -> list[str]:
 
 def captions_problems(captions) -> list[str]:
     """``read_captions``' refusal of ``--captions`` as a line, if it refuses ("" = random captions: none)."""
-    try:
-        if captions:
-            read_captions(str(captions))
-    except ValueError as e:
-        return [str(e)]
-    return []
+    return raised_problems(read_captions, str(captions)) if captions else []
 
 
 def train_width(clip: torch.nn.Module, tokenizer, captions: list[str]) -> int:

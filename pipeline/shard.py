@@ -121,10 +121,8 @@ def validate(
     progress=True,
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
-    problems = count_problems(
-        {"workers": (workers, 1), "samples_per_shard": (samples_per_shard, 1), "frames": (frames, 1)}
-    )
-    problems += count_problems({"size": (size, 0), "retries": (retries, 0)})
+    counts = {"workers": (workers, 1), "samples_per_shard": (samples_per_shard, 1), "frames": (frames, 1)}
+    problems = count_problems({**counts, "size": (size, 0), "retries": (retries, 0)})
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         problems.append(f"--quality must be a whole number from 1 to 100, got {quality!r}")
     if distributor not in DISTRIBUTORS:

@@ -96,12 +96,12 @@ class Monitor:
             return
         if self.run is not None:
             self.run.log(metrics, step=step)
-        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
+        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
         if self.bar is not None:
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix({k.split("/")[-1]: v for k, v in shown.items()}, refresh=False)
         elif any(k.startswith("train/") for k in metrics):
             # --progress False (e.g. a batch job's log file): a line per log window instead (validation prints its own)
-            trained = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k in _HEADLINE and "train/" in k]
+            trained = [f"{k.split('/')[-1]} {v}" for k, v in shown.items() if k.startswith("train/")]
             print(f"step {step}: train " + ", ".join(trained), flush=True)
 
     def log_text(self, message: str) -> None:
