@@ -139,11 +139,10 @@ def main(
         size: the stored frames' short side in bench_shards.
         quick: the demo's reduced world (for tests; the GPU run's train part wants the full one).
     """
-    from pipeline.cli import count_problems, refuse, switch_problems
+    from pipeline.cli import count_problems, positive_problems, refuse, switch_problems
 
     problems = count_problems({"clips": (clips, 1), "videos": (videos, 1), "size": (size, 1)})
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
-        problems.append(f"--seconds must be a positive number, got {seconds!r}")
+    problems += positive_problems({"seconds": seconds})
     problems += switch_problems({"wheels": wheels, "bench": bench, "demo": demo, "quick": quick})
     refuse(problems)
     base = Path(str(root))

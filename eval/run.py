@@ -31,16 +31,16 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list, count_problems, folder_problems, switch_problems
+from pipeline.cli import comma_list, count_problems, folder_problems, refuse, switch_problems
 from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
-    check_device,
     check_weights,
     config_image_size,
     create_clip,
+    device_problems,
     image_size,
     is_weights_file,
     load_state_dict,
@@ -322,47 +322,41 @@ def main(
         youcook2_root: YouCook2 folder.
         didemo_root: DiDeMo folder.
     """
+    # every flag's problem in one line, as the other CLIs give them; the files (model config, weights) after
+    problems = [] if suite in SUITES else [f"--suite must be one of {', '.join(SUITES)}, got {suite!r}"]
+    chosen = comma_list(datasets) or list(SUITES.get(suite, ()))
+    unknown = [d for d in chosen if d not in DATASETS]
+    if unknown:
+        problems.append(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     try:
-        if suite not in SUITES:
-            raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
-        chosen = comma_list(datasets) or list(SUITES[suite])
-        unknown = [d for d in chosen if d not in DATASETS]
-        if unknown:
-            raise ValueError(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
-        register_model(str(model))
         alphas = parse_alphas(alpha_sweep)
-        if alphas:
-            if not student:
-                raise ValueError("--alpha_sweep needs --student (and --teacher, default openai)")
-            models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
-        else:
-            entries = comma_list(weights)
-            labels = comma_list(names) or [default_name(e) for e in entries]
-            if len(labels) != len(entries):
-                raise ValueError(f"--names has {len(labels)} entries but --weights has {len(entries)}")
-            models = list(zip(labels, entries, strict=True))
-        bad = [n for n in labels if not n or "/" in n or n in (".", "..")] if not alphas else []
+    except ValueError as e:
+        alphas, problems = [], [*problems, str(e)]
+    if alphas:
+        if not student:
+            problems.append("--alpha_sweep needs --student (and --teacher, default openai)")
+        models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
+    else:
+        entries = comma_list(weights)
+        labels = comma_list(names) or [default_name(e) for e in entries]
+        if len(labels) != len(entries):
+            problems.append(f"--names has {len(labels)} entries but --weights has {len(entries)}")
+        models = list(zip(labels, entries, strict=False))
+        bad = [n for n in labels if not n or "/" in n or n in (".", "..")]
         if bad:
-            raise ValueError(f"--names {bad}: a name becomes a folder of OUT, so no slashes or dots-only names")
-        if wandb not in ("off", "offline", "online"):
-            raise ValueError(f"--wandb must be off, offline or online, got {wandb!r}")
-        if didemo_split not in ("test", "val"):
-            raise ValueError(f"--didemo_split must be test or val, got {didemo_split!r}")
-        switches = {
-            "strict": strict,
-            "didemo_merge_same_video": didemo_merge_same_video,
-            "renormalize_video": renormalize_video,
-        }
-        bad = switch_problems(switches)
-        if bad:
-            raise ValueError(bad[0])
-        bad = count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
-        if bad:
-            raise ValueError("; ".join(bad))
-        check_device(device)
-        bad = folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
-        if bad:
-            raise ValueError("; ".join(bad))
+            problems.append(f"--names {bad}: a name becomes a folder of OUT, so no slashes or dots-only names")
+    if wandb not in ("off", "offline", "online"):
+        problems.append(f"--wandb must be off, offline or online, got {wandb!r}")
+    if didemo_split not in ("test", "val"):
+        problems.append(f"--didemo_split must be test or val, got {didemo_split!r}")
+    switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
+    problems += switch_problems(switches | {"renormalize_video": renormalize_video})
+    problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
+    problems += device_problems(device)
+    problems += folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
+    refuse(problems)
+    try:
+        register_model(str(model))
         for _, entry in models:  # files exist and load, tags are known, before any video is decoded
             check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:

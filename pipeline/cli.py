@@ -51,6 +51,16 @@ def number_problems(numbers: dict[str, tuple[object, float | None, float | None]
     return problems
 
 
+def positive_problems(numbers: dict[str, object]) -> list[str]:
+    """A line for each number (name without dashes -> value) that is not a finite real number greater than 0: a
+    length, a rate or a time, where 0 means nothing. As in :func:`number_problems`, True is not a number here."""
+    return [
+        f"--{name} must be a number greater than 0, got {value!r}"
+        for name, value in numbers.items()
+        if number_problems({name: (value, None, None)}) or not value > 0
+    ]
+
+
 def pair_problems(pairs: dict[str, object]) -> list[str]:
     """A line for each flag (name without dashes -> value) that must be two numbers, as fire hands ``--x 0.5,1.0``
     over (a tuple); the bounds of each are the caller's to check."""

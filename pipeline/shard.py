@@ -28,7 +28,7 @@ from pathlib import Path
 import fire
 from tqdm import tqdm
 
-from pipeline.cli import count_problems, folder_problems, switch_problems
+from pipeline.cli import count_problems, folder_problems, positive_problems, switch_problems
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
@@ -134,9 +134,7 @@ def validate(
             problems.append("--distributor spark needs Java 17+: put java on PATH or set JAVA_HOME")
     if video_root is not None and not Path(video_root).is_dir():
         problems.append(f"--video_root {video_root} is not a directory")
-    for name, value in (("--timeout", timeout), ("--max_mb", max_mb)):
-        if not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{name} must be a positive number, got {value!r}")
+    problems += positive_problems({"timeout": timeout, "max_mb": max_mb})
     problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
     problems += folder_problems({"out": out})
     if problems:

@@ -10,7 +10,7 @@ import fire
 import pytest
 from fire import docstrings
 
-from pipeline.cli import comma_list, count_problems, number_problems, pair_problems
+from pipeline.cli import comma_list, count_problems, number_problems, pair_problems, positive_problems
 
 
 def fire_value(arg: str):
@@ -70,6 +70,19 @@ def test_number_problems_names_each_value_that_is_not_a_finite_number_within_its
         "--nan must be a number, got nan",
         "--low must be a number from 0 to 1, got -0.1",
         "--high must be a number of at most 2, got 3",
+    ]
+
+
+def test_positive_problems_names_each_value_that_is_not_a_finite_number_greater_than_0():
+    numbers = {"ok": 0.5, "int": 3, "zero": 0, "negative": -1.5, "word": fire_value("abc"), "switch": True}
+    numbers |= {"inf": float("inf"), "pair": fire_value("1,2")}
+    assert positive_problems(numbers) == [
+        "--zero must be a number greater than 0, got 0",
+        "--negative must be a number greater than 0, got -1.5",
+        "--word must be a number greater than 0, got 'abc'",
+        "--switch must be a number greater than 0, got True",
+        "--inf must be a number greater than 0, got inf",
+        "--pair must be a number greater than 0, got (1, 2)",
     ]
 
 

@@ -169,6 +169,22 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         assert not (tmp_path / "o").exists(), args  # nothing decoded, nothing written
 
 
+def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
+    """As the other CLIs do: one error line naming each wrong flag, not the first group's alone."""
+    from eval import run
+
+    root, _, w = bench
+    kwargs = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "data_root": str(root / "data")}
+    wrong = {"suite": "nope", "wandb": "maybe", "strict": "yes", "batch_size": 0, "device": "gpu"}
+    with pytest.raises(SystemExit) as e:
+        run.main(**kwargs, **wrong, out=str(tmp_path / "o"))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    for flag in wrong:
+        assert f"--{flag} " in message, (flag, message)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(bench, tmp_path, monkeypatch):
     """summary.md is rebuilt from every record at the end: a run stopped before then (here, failing on its first
     model) must not leave the last run's tables beside the records it replaced."""

@@ -55,7 +55,7 @@ def test_makes_the_bench_and_demo_shards_once_and_reuses_them(tmp_path, capsys):
     "flags, says",
     [
         ({"videos": 0}, "--videos must be a whole number of at least 1"),
-        ({"seconds": "long"}, "--seconds must be a positive number"),
+        ({"seconds": "long"}, "--seconds must be a number greater than 0"),
         ({"wheels": "yes"}, "--wheels must be True or False"),
         ({"root": "/"}, "is not the repository root"),
     ],

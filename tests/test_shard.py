@@ -413,6 +413,8 @@ def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
         ({"retries": -1}, "--retries must be a whole number of at least 0, got -1"),
         ({"quality": True}, "--quality must be a whole number from 1 to 100, got True"),
         ({"out": "{file}"}, "--out {file} is a file; give a folder"),
+        ({"timeout": True}, "--timeout must be a number greater than 0, got True"),
+        ({"max_mb": 0}, "--max_mb must be a number greater than 0, got 0"),
     ],
 )
 def test_counts_are_checked_as_every_cli_checks_them(tmp_path, changed, message):

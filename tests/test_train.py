@@ -101,8 +101,8 @@ def test_help_lists_every_flag_with_what_it_does():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"lr": "abc"}, "--lr must be a number > 0, got 'abc'"),  # fire hands a word over as a str
-        ({"sigma": 0}, "--sigma must be a number > 0, got 0"),
+        ({"lr": "abc"}, "--lr must be a number greater than 0, got 'abc'"),  # fire hands a word over as a str
+        ({"sigma": 0}, "--sigma must be a number greater than 0, got 0"),
         ({"weight_decay": -1}, "--weight_decay must be a number of at least 0, got -1"),
         ({"grad_clip": "abc"}, "--grad_clip must be a number of at least 0, got 'abc'"),
         ({"peak_tflops": "abc"}, "--peak_tflops must be a number of at least 0, got 'abc'"),

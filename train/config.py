@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.cli import count_problems, number_problems, pair_problems, switch_problems
+from pipeline.cli import count_problems, number_problems, pair_problems, positive_problems, switch_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
@@ -125,10 +125,7 @@ class TrainConfig:
                 "peak_tflops": (self.peak_tflops, 0, None),
             }
         )
-        for name in ("sigma", "lr"):
-            value = getattr(self, name)
-            if number_problems({name: (value, None, None)}) or not value > 0:
-                problems.append(f"--{name} must be a number > 0, got {value!r}")
+        problems += positive_problems({"sigma": self.sigma, "lr": self.lr})
         problems += pair_problems({"betas": self.betas, "crop_scale": self.crop_scale})
         if not pair_problems({"betas": self.betas}) and not all(0 <= b < 1 for b in self.betas):
             problems.append(f"--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got {self.betas!r}")
