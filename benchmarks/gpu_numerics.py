@@ -2,13 +2,14 @@
 
     python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
         [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--cls_last_block False] \
-        [--out DIR]
+        [--teacher_stream False] [--out DIR]
 
 Same weights, same uint8 batches and captions (cut after the longest of each batch on the optimised side, as the
 trainer's loader cuts them, ``--trim_text``; at the full context length on the plain side): prints the loss of each
 and the cosine similarity and norm ratio of the student's gradients. Expected: loss within ~1e-2 relative, gradient
 cosine > 0.99 (bf16 tolerance). The optimised side takes the trainer's speed flags (``--compile``, on the GPU only;
-``--packed_qkv``; ``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``); the plain side is always
+``--packed_qkv``; ``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``; ``--teacher_stream``, which
+checks that the two streams are joined where they must be); the plain side is always
 open_clip's own layers, eager, in fp32. With ``--out`` the figures, the flags and the non-finite gradient count are
 also written to ``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
 """
@@ -48,6 +49,7 @@ def main(
     attention_kernel: str = "auto",
     linear_patch_embed: bool = False,
     cls_last_block: bool = False,
+    teacher_stream: bool = False,
     out: str = "",
 ) -> dict:
     """Run the optimised step and the plain fp32 step on the same weights and batches; print their losses, the
@@ -66,6 +68,8 @@ def main(
             --linear_patch_embed).
         cls_last_block: the optimised side's last image block for the class token only (the trainer's
             --cls_last_block).
+        teacher_stream: the optimised side's teacher forward on a second CUDA stream (the trainer's
+            --teacher_stream; on the GPU only).
         out: folder to write numerics.json into; "" = print only, write nothing.
     """
     levers = dict(
@@ -73,6 +77,7 @@ def main(
         attention_kernel=attention_kernel,
         linear_patch_embed=linear_patch_embed,
         cls_last_block=cls_last_block,
+        teacher_stream=teacher_stream,
     )
     switches = {name: value for name, value in levers.items() if name != "attention_kernel"}
     refuse(flag_problems(model, batch, frames, compile, attention_kernel, out, switches))

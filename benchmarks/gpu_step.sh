@@ -12,15 +12,16 @@
 #             its captions (--trim_text, the default): a record, not a choice
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
-#             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), and
-#             LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), that
+#             with the teacher's forward on its own CUDA stream (+tstream, --teacher_stream), and LEVERS as the
+#             GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
-#   numerics  the step with LEVERS' flags against the plain fp32 step (loss, gradient cosine)
+#   numerics  the step with LEVERS' flags and --teacher_stream against the plain fp32 step (loss, gradient cosine)
 #   memory    256+256 under a 78 GiB cap (what an 80 GB H100 leaves), compiled, checkpointing only the first 5 or 6
 #             blocks of each tower: whether 5 fits, and how much faster it is
 #   loader    the loader's three modes with 6 workers, and the device's share of each
 #   train     a short train.main run through the prefetcher's CUDA path in each of TRAIN_MODES (default
-#             device_jpeg, the GPU default) with LEVERS' flags, with --profile_steps
+#             device_jpeg, the GPU default) with LEVERS' flags and --teacher_stream, with --profile_steps
 #   epilogue  the MLP half of an image block at the student's rows, compiled in torch's default mode, with
 #             max-autotune and Triton's persistent TMA matmul templates (--persistent_tma_matmul), and with
 #             max-autotune alone: whether tuning takes bias and QuickGELU into the products, in a minute or two,
@@ -58,7 +59,7 @@ PARTS="${PARTS:-kernels step numerics train epilogue tune}"
 BIG="${BIG:-256x256}"
 BUDGET="${BUDGET:-570}"
 KERNELS_S="${KERNELS_S:-60}"
-STEP_S="${STEP_S:-250}"
+STEP_S="${STEP_S:-290}"
 NUMERICS_S="${NUMERICS_S:-60}"
 MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
@@ -110,6 +111,7 @@ lever_flags() {
             qkv) flags+=(--packed_qkv True) ;;
             patch) flags+=(--linear_patch_embed True) ;;
             cls) flags+=(--cls_last_block True) ;;
+            tstream) flags+=(--teacher_stream True) ;;
             cudnn|flash|efficient|math) flags+=(--attention_kernel "$option") ;;
         esac
     done
@@ -129,13 +131,15 @@ json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$
 fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
-STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$LEVERS+prefetch,$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}}"
+DEVJPEG="$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}"  # LEVERS as the GPU default loader mode feeds it
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$LEVERS+prefetch,$LEVERS+prefetch+tstream,$DEVJPEG}"
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
 #     feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS' compiled code, not compiled again),
+#     that with the teacher's forward on a second stream beside the student's (+tstream: the same compiled code),
 #     and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by
-#     the prefetcher's thread); 2 profiled steps each. A variant that fails is recorded and the others still count.
+#     the prefetcher's thread); 2 profiled steps each. The two compiles took 83-114 s each on H200s. A variant that fails is recorded and the others still count.
 #     (Measured on an H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than
 #     the default.)
 wants step && run_part step "$STEP_S" \
@@ -145,10 +149,14 @@ wants step && run_part step "$STEP_S" \
 # (1b) numerics of LEVERS: the optimised step (bf16, eager: the kernels are the same compiled) against the plain
 #      fp32 step with open_clip's own layers, 16+16 videos (NaN gradients from cuDNN's attention backward on
 #      H100/H200 have been reported against some versions: cudnn-frontend issues 160 and 1072; it is torch's own
-#      choice there); the verdict judges numerics.json and advises none of its levers as a default if it failed
-# shellcheck disable=SC2086  # FLAGS is a list of words
+#      choice there); the verdict judges numerics.json and advises none of its levers as a default if it failed.
+#      With the teacher on its own stream too (--teacher_stream): a missing wait between the streams would give the
+#      distillation loss another teacher output than the plain step's
+CHECK_FLAGS="$FLAGS"  # the checks' flags (numerics, train): LEVERS' and the teacher's stream
+[[ " $FLAGS " == *" --teacher_stream "* ]] || CHECK_FLAGS="$FLAGS --teacher_stream True"
+# shellcheck disable=SC2086  # a list of words
 wants numerics && run_part numerics "$NUMERICS_S" \
-    python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False $FLAGS --out "$OUT"
+    python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False $CHECK_FLAGS --out "$OUT"
 
 # (2) memory: the largest batch the issue asks for, under what an H100 leaves, checkpointing only as many blocks as
 #     needed. Measured on an H200: the first 6 blocks fit (70.1 GiB, 0.78 s), all 12 too (23.5 GiB, 0.97 s), each
@@ -164,7 +172,7 @@ wants loader && run_part loader "$LOADER_S" \
     python3 -m benchmarks.loader_bench --shards bench_shards --workers 6 --batch "${BATCH%%x*}" --batches 8 \
     --settle "$SETTLE" --model "$MODEL" --out "$OUT"
 
-# (4) train.main through the prefetcher's CUDA path with LEVERS' flags (tiny demo model, not compiled: a check)
+# (4) train.main through the prefetcher's CUDA path with the checks' flags (tiny demo model, not compiled: a check)
 wants train && for mode in $TRAIN_MODES; do
     rm -rf "$RUN_DIR/run_$mode"
     # shellcheck disable=SC2086
@@ -172,7 +180,7 @@ wants train && for mode in $TRAIN_MODES; do
         python3 -m train.main --recipe demo --device auto --model train/model_configs/demo-clip.json \
         --teacher_weights "" --labeled "$TRAIN_DATA/labeled" --unlabeled "$TRAIN_DATA/train" \
         --val "$TRAIN_DATA/val" --out "$RUN_DIR/run_$mode" --steps 6 --val_every 6 --log_every 3 --workers 2 \
-        --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2 $FLAGS
+        --wandb off --progress False --compile False --augment_on "$mode" --profile_steps 2 $CHECK_FLAGS
     for made in summary.json profile/rank0.json; do
         [ -f "$RUN_DIR/run_$mode/$made" ] && continue
         echo "gpu_step: train.main ($mode) wrote no $made" | tee -a "$LOG" >&2

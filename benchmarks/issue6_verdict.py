@@ -37,6 +37,7 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "qkv": ("packed attention", "--packed_qkv True"),
     "patch": ("linear patch embedding", "--linear_patch_embed True"),
     "cls": ("class-token last block", "--cls_last_block True"),
+    "tstream": ("the teacher on its own CUDA stream", "--teacher_stream True"),
     "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
     "flash": ("flash attention first", "--attention_kernel flash"),
     "efficient": ("memory-efficient attention first", "--attention_kernel efficient"),

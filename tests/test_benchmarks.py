@@ -12,7 +12,7 @@ from conftest import TINY_CLIP, run_cli, tiny_variant, write_csv
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
     variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash,ours+cls,ours+math"
-    variants += ",ours+prefetch"
+    variants += ",ours+prefetch,ours+tstream"
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -39,6 +39,7 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert flops["ours+cls"] < flops["ours"] == flops["ours+qkv"] == flops["ours+patch+flash"]
     assert flops["ours"] < flops["naive"]  # and the cut captions at the FLOPs of their width (naive: 32 tokens)
     assert rows["ours+prefetch"]["first_loss"] == rows["ours"]["first_loss"]  # the same batches, copied elsewhere
+    assert rows["ours+tstream"]["first_loss"] == rows["ours"]["first_loss"]  # no second stream on the CPU: the same
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -240,6 +241,19 @@ def test_the_issue6_verdict_says_what_overlapping_the_copy_saves_and_judges_the_
         f"the batch's copy overlapped, as the trainer feeds the step: {levers}+prefetch 1.015x {levers} (5.0 ms a step)"
     ) in lines
     assert not any("worth making" in line or "prefetch together" in line for line in lines)
+
+
+def test_the_issue6_verdict_judges_the_teacher_on_its_own_stream_as_a_lever():
+    """+tstream is a trainer flag off by default (--teacher_stream): judged against the same variant without it, and
+    advised only where it beats timing noise."""
+    from benchmarks.issue6_verdict import step_lines
+
+    fed = "ours+compile+cteacher+qkv+cls+patch+prefetch"
+    for faster, advice in ((820.0, "worth making the default (--teacher_stream True)"), (795.0, "no gain worth")):
+        lines = step_lines({"device": "cuda", "rows": _rows(naive=347.9, **{fed: 792.0, f"{fed}+tstream": faster})})
+        said = [line for line in lines if line.startswith("the teacher on its own CUDA stream: ")]
+        assert len(said) == 1 and said[0].endswith(advice if advice.endswith(")") else advice + " a default")
+        assert said[0].startswith(f"the teacher on its own CUDA stream: {fed}+tstream {faster / 792:.3f}x the step")
 
 
 def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):

@@ -100,7 +100,7 @@ def test_student_and_teacher_run_under_the_chosen_attention_kernel_and_packed_qk
         assert len(blocks) == 4 and all("attention" in vars(b) for b in blocks)  # use_packed_attention's method
         blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()[0]))
     loss_and_grads(models, cfg, *batches())
-    assert seen == [KERNELS[kernel].value] * 2  # the student's forward, then the teacher's
+    assert seen == [KERNELS[kernel].value] * 2  # the teacher's forward, then the student's
 
 
 def test_linear_patch_embed_reaches_the_student_and_the_teacher(tmp_path):
@@ -149,9 +149,10 @@ def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_
         resolve("paper", out=str(tmp_path), **{flag: value})
 
 
-@pytest.mark.parametrize(
-    "flag", ["packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul", "compile", "fuse"]
-)
+SWITCHES = ("packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul", "teacher_stream")
+
+
+@pytest.mark.parametrize("flag", [*SWITCHES, "compile", "fuse"])
 def test_a_switch_given_anything_but_true_or_false_is_refused(tmp_path, flag):
     """fire hands "maybe" over as a string, which Python would take as True."""
     with pytest.raises(ValueError, match=f"--{flag} must be True or False, got 'maybe'"):

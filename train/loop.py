@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.writer import atomic_write_bytes, json_bytes, remove_temporaries
-from train import checkpoint, data, distributed
+from train import checkpoint, data, distributed, streams
 from train.attention import attention_kernel, use_packed_attention
 from train.cls_last_block import use_cls_last_block
 from train.config import TrainConfig
@@ -185,11 +185,14 @@ def compute_loss(
     for t in (tokens, unlabeled_tokens):  # compiled: one graph for every width, not one per width
         torch._dynamo.maybe_mark_dynamic(t, 1)
     # frames (Bl+Bu, T, 3, S, S), tokens (Bl+Bu, L)
+    side = streams.side_stream(device) if cfg.teacher_stream and device.type == "cuda" else None
     # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forwards
     with autocast(cfg, device), attention_kernel(cfg.attention_kernel):
-        video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
-        with torch.inference_mode():
+        # the teacher first: with --teacher_stream its kernels run on their own stream, beside the student's forward
+        with streams.on_side(side, frames, unlabeled_tokens), torch.inference_mode():
             teacher_video, teacher_text = models.teacher(frames[n_labeled:], unlabeled_tokens)  # (Bu, D)
+        video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
+    streams.join(side, teacher_video, teacher_text)
     # inference tensors cannot enter autograd graphs; clone() makes plain tensors of them.
     teacher_video, teacher_text = teacher_video.clone(), teacher_text.clone()
     gather = distributed.gather_with_grad
