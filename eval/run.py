@@ -322,7 +322,7 @@ def main(
         youcook2_root: YouCook2 folder.
         didemo_root: DiDeMo folder.
     """
-    # every flag's problem in one line, as the other CLIs give them; the files (model config, weights) after
+    # every problem in one line, as the other CLIs give them: the flags', the model config's and each weights entry's
     problems = [] if suite in SUITES else [f"--suite must be one of {', '.join(SUITES)}, got {suite!r}"]
     chosen = comma_list(datasets) or list(SUITES.get(suite, ()))
     unknown = [d for d in chosen if d not in DATASETS]
@@ -354,13 +354,17 @@ def main(
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
     problems += device_problems(device)
     problems += folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
-    refuse(problems)
     try:
         register_model(str(model))
-        for _, entry in models:  # files exist and load, tags are known, before any video is decoded
-            check_entry(str(model), entry)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        problems.append(str(e))
+    else:
+        for _, entry in models:  # files exist and load, tags are known, before any video is decoded
+            try:
+                check_entry(str(model), entry)
+            except (ValueError, FileNotFoundError) as e:
+                problems.append(str(e))
+    refuse(problems)
     cfg = EvalConfig(
         model=str(model),
         data_root=str(data_root),

@@ -174,7 +174,11 @@ def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
     from eval import run
 
     root, _, w = bench
-    kwargs = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "data_root": str(root / "data")}
+    kwargs = {
+        "model": str(TINY_CLIP),
+        "weights": f"{w['teacher']},{tmp_path / 'typo.pt'}",
+        "data_root": str(root / "data"),
+    }
     wrong = {"suite": "nope", "wandb": "maybe", "strict": "yes", "batch_size": 0, "device": "gpu"}
     with pytest.raises(SystemExit) as e:
         run.main(**kwargs, **wrong, out=str(tmp_path / "o"))
@@ -182,6 +186,10 @@ def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
     assert message.startswith("error: ") and "\n" not in message
     for flag in wrong:
         assert f"--{flag} " in message, (flag, message)
+    assert "weights file not found" in message and "typo.pt" in message  # the weights are checked with the flags
+    with pytest.raises(SystemExit) as e:
+        run.main(**(kwargs | {"model": "ViT-B-16-typo"}), batch_size=0, out=str(tmp_path / "o"))
+    assert "--batch_size " in str(e.value.code) and "quickgelu" in str(e.value.code)  # and the model's
     assert not (tmp_path / "o").exists()
 
 
