@@ -34,7 +34,7 @@ from eval.run import cache_settings, check_entry, load_model
 from pipeline.cli import comma_list, count_problems, refuse
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
-from train.model import image_size, register_model, tokenizer_for
+from train.model import device_problems, image_size, register_model, tokenizer_for
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
 LABEL_TEMPLATES = ("a video of {}.", "a photo of {}.", "{}")
@@ -187,21 +187,27 @@ def main(
         cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
             changed videos; by default a temporary folder, removed at the end.
     """
-    folder = Path(str(videos))
+    # every problem in one line, as the other CLIs give them: the flags', then the model config's and the weights'
+    folder, query, problems = Path(str(videos)), as_text(query), []
     try:
         label_list = read_labels(labels, labels_file)
     except ValueError as e:
-        sys.exit(f"error: {e}")
-    query = as_text(query)
+        label_list, problems = None, [str(e)]
     if not folder.is_dir():
-        sys.exit(f"error: --videos {folder} is not a folder")
-    if bool(label_list) == bool(query):
-        sys.exit('error: give either --labels "a,b,c" or --labels_file FILE (tagging) or --query "some text" (search)')
-    problems = count_problems(
+        problems.append(f"--videos {folder} is not a folder")
+    if label_list is not None and bool(label_list) == bool(query):
+        problems.append('give either --labels "a,b,c" or --labels_file FILE (tagging) or --query "some text" (search)')
+    problems += count_problems(
         {"top": (top, 1), "workers": (workers, 1), "batch_size": (batch_size, 0), "frames": (frames, 1)}
     )
     if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
+    problems += device_problems(device)
+    try:
+        register_model(str(model))
+        check_entry(str(model), str(weights))
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(str(e))
     refuse(problems)
     numbers = number_labels(labels)
     if numbers:
@@ -213,10 +219,8 @@ def main(
     paths = find_videos(folder)
     if not paths:
         sys.exit(f"error: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {folder}")
-    try:  # everything that can fail fast does, before any video is decoded
-        register_model(str(model))
+    try:  # everything else that can fail fast does, before any video is decoded
         settings = cache_settings(str(model), frames)
-        check_entry(str(model), str(weights))
         dev = init_distributed(str(device)).device  # the trainer's device choice, with its clear CUDA errors
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

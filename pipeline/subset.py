@@ -148,9 +148,7 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
     """
     src_path, out_path = Path(str(src)), Path(str(out))
     try:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SubsetError(f"--seed must be an integer, got {seed!r}")
-        bad = count_problems({"n": (n, 1), "samples_per_shard": (samples_per_shard, 1)})
+        bad = count_problems({"n": (n, 1), "samples_per_shard": (samples_per_shard, 1), "seed": (seed, 0)})
         if bad:
             raise SubsetError("; ".join(bad))
         if out_path.exists() and not out_path.is_dir():

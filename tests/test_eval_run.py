@@ -523,6 +523,20 @@ def test_tag_bad_input_fails_before_decoding(bench, tmp_path, kwargs, message):
     assert not (tmp_path / "cache").exists()  # nothing decoded
 
 
+def test_tag_names_every_problem_in_one_line(bench, tmp_path):
+    """As eval.run does: the labels, the folder, the counts, the device and the weights in one error line."""
+    from eval import tag
+
+    _, _, w = bench
+    wrong = {"labels": "a", "query": "a dog", "top": 0, "device": "gpu", "weights": str(tmp_path / "nope.pt")}
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(tmp_path / "no_videos"), model=str(TINY_CLIP), **wrong)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    said = ("--videos ", "give either --labels", "--top must be", "--device must be", "nope.pt")
+    assert all(part in message for part in said), message
+
+
 def test_tag_warns_when_fire_read_a_label_as_a_number(bench, tmp_path, capsys):
     from eval import tag
 

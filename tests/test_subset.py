@@ -98,7 +98,7 @@ def test_rerun_is_a_no_op_and_other_outputs_are_refused(source, tmp_path):
             "error: --n must be a whole number of at least 1, got 0; "
             "--samples_per_shard must be a whole number of at least 1, got 'many'",
         ),
-        ({"n": 5, "seed": True}, "error: --seed must be an integer, got True"),
+        ({"n": 5, "seed": True}, "error: --seed must be a whole number of at least 0, got True"),
     ],
 )
 def test_counts_are_refused_before_any_work(tmp_path, args, message):
