@@ -2,14 +2,15 @@
 
     python -m benchmarks.gpu_numerics [--model ViT-B-16-quickgelu] [--batch 16] [--compile True] \
         [--packed_qkv False] [--attention_kernel auto] [--linear_patch_embed False] [--cls_last_block False] \
-        [--teacher_stream False] [--out DIR]
+        [--teacher_stream off] [--out DIR]
 
 Same weights, same uint8 batches and captions (cut after the longest of each batch on the optimised side, as the
 trainer's loader cuts them, ``--trim_text``; at the full context length on the plain side): prints the loss of each
 and the cosine similarity and norm ratio of the student's gradients. Expected: loss within ~1e-2 relative, gradient
 cosine > 0.99 (bf16 tolerance). The optimised side takes the trainer's speed flags (``--compile``, on the GPU only;
 ``--packed_qkv``; ``--attention_kernel``; ``--linear_patch_embed``; ``--cls_last_block``; ``--teacher_stream``, which
-checks that the two streams are joined where they must be); the plain side is always
+checks that the two streams are joined where they must be: with ``ahead`` the teacher's embeddings are queued before
+the step, as the step before queues them); the plain side is always
 open_clip's own layers, eager, in fp32. With ``--out`` the figures, the flags and the non-finite gradient count are
 also written to ``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judges.
 """
@@ -26,17 +27,21 @@ from benchmarks.harness import model_problems, random_models, synthetic_batch
 from pipeline.cli import count_problems, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
-from train.config import ATTENTION_KERNELS
+from train.config import ATTENTION_KERNELS, TEACHER_STREAMS
 from train.model import VideoTextModel, create_clip, freeze, image_size, text_tokenizer, tokenizer_for
 
 
-def flag_problems(model, batch, frames, compile, attention_kernel, out, switches: dict) -> list[str]:
+def flag_problems(
+    model, batch, frames, compile, attention_kernel, out, switches: dict, teacher_stream="off"
+) -> list[str]:
     """A line for each flag out of range, checked before any model is built: ``switches`` are the levers that must be
     True or False."""
     problems = model_problems(model) + count_problems({"batch": (batch, 1), "frames": (frames, 1)})
     problems += switch_problems({"compile": compile, **switches})
     if attention_kernel not in ATTENTION_KERNELS:
         problems.append(f"--attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {attention_kernel!r}")
+    if teacher_stream not in TEACHER_STREAMS:
+        problems.append(f"--teacher_stream must be one of {', '.join(TEACHER_STREAMS)}, got {teacher_stream!r}")
     return problems + folder_problems({"out": out})
 
 
@@ -49,7 +54,7 @@ def main(
     attention_kernel: str = "auto",
     linear_patch_embed: bool = False,
     cls_last_block: bool = False,
-    teacher_stream: bool = False,
+    teacher_stream: str = "off",
     out: str = "",
 ) -> dict:
     """Run the optimised step and the plain fp32 step on the same weights and batches; print their losses, the
@@ -68,8 +73,9 @@ def main(
             --linear_patch_embed).
         cls_last_block: the optimised side's last image block for the class token only (the trainer's
             --cls_last_block).
-        teacher_stream: the optimised side's teacher forward on a second CUDA stream (the trainer's
-            --teacher_stream; on the GPU only).
+        teacher_stream: where the optimised side's teacher runs (the trainer's --teacher_stream; on the GPU only):
+            off, beside (on a second CUDA stream, beside the student's forward) or ahead (queued on it before the
+            step, as the step before queues it in training).
         out: folder to write numerics.json into; "" = print only, write nothing.
     """
     levers = dict(
@@ -79,8 +85,8 @@ def main(
         cls_last_block=cls_last_block,
         teacher_stream=teacher_stream,
     )
-    switches = {name: value for name, value in levers.items() if name != "attention_kernel"}
-    refuse(flag_problems(model, batch, frames, compile, attention_kernel, out, switches))
+    switches = {name: value for name, value in levers.items() if name not in ("attention_kernel", "teacher_stream")}
+    refuse(flag_problems(model, batch, frames, compile, attention_kernel, out, switches, teacher_stream))
     dist = distributed.init_distributed("auto")
     dev = dist.device
     # bf16 teacher on the GPU, the student compiled there; a flag out of range exits with TrainConfig's message
@@ -108,7 +114,9 @@ def main(
         lab, unl = (synthetic_batch(batch, frames, size, tokenizers[name], k, dev.type == "cuda") for k in (1, 2))
         widths[name] = max(lab.tokens.shape[1], unl.tokens.shape[1])
         m.student.zero_grad(set_to_none=True)
-        loss, _ = loop.compute_loss(m, lab, unl, cfg, dev)
+        # --teacher_stream ahead: the teacher's embeddings queued on the side stream first, as the step before does
+        ready = loop.teacher_ahead(m, unl, cfg, dev) if cfg.teacher_stream == "ahead" else None
+        loss, _ = loop.compute_loss(m, lab, unl, cfg, dev, ready)
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in m.student.parameters() if p.grad is not None])
         results[name] = (float(loss.detach()), grads)

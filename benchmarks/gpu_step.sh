@@ -13,15 +13,17 @@
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
 #             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), that
-#             with the teacher's forward on its own CUDA stream (+tstream, --teacher_stream), and LEVERS as the
-#             GPU loader hands the batches over (+devjpeg).
+#             with the teacher's forward on a second CUDA stream beside the student's forward (+tstream,
+#             --teacher_stream beside) and the next step's beside this step's backward (+tahead, --teacher_stream
+#             ahead), and LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
-#   numerics  the step with LEVERS' flags and --teacher_stream against the plain fp32 step (loss, gradient cosine)
+#   numerics  the step with LEVERS' flags and --teacher_stream ahead against the plain fp32 step (loss, gradient
+#             cosine)
 #   memory    256+256 under a 78 GiB cap (what an 80 GB H100 leaves), compiled, checkpointing only the first 5 or 6
 #             blocks of each tower: whether 5 fits, and how much faster it is
 #   loader    the loader's three modes with 6 workers, and the device's share of each
 #   train     a short train.main run through the prefetcher's CUDA path in each of TRAIN_MODES (default
-#             device_jpeg, the GPU default) with LEVERS' flags and --teacher_stream, with --profile_steps
+#             device_jpeg, the GPU default) with LEVERS' flags and --teacher_stream ahead, with --profile_steps
 #   epilogue  the MLP half of an image block at the student's rows, compiled in torch's default mode, with
 #             max-autotune and Triton's persistent TMA matmul templates (--persistent_tma_matmul), and with
 #             max-autotune alone: whether tuning takes bias and QuickGELU into the products, in a minute or two,
@@ -111,7 +113,8 @@ lever_flags() {
             qkv) flags+=(--packed_qkv True) ;;
             patch) flags+=(--linear_patch_embed True) ;;
             cls) flags+=(--cls_last_block True) ;;
-            tstream) flags+=(--teacher_stream True) ;;
+            tstream) flags+=(--teacher_stream beside) ;;
+            tahead) flags+=(--teacher_stream ahead) ;;
             cudnn|flash|efficient|math) flags+=(--attention_kernel "$option") ;;
         esac
     done
@@ -132,12 +135,14 @@ fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
 DEVJPEG="$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}"  # LEVERS as the GPU default loader mode feeds it
-STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$LEVERS+prefetch,$LEVERS+prefetch+tstream,$DEVJPEG}"
+FED="$LEVERS+prefetch"  # LEVERS fed as the trainer feeds it
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$FED,$FED+tstream,$FED+tahead,$DEVJPEG}"
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
 #     feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS' compiled code, not compiled again),
-#     that with the teacher's forward on a second stream beside the student's (+tstream: the same compiled code),
+#     that with the teacher's forward on a second stream beside the student's forward (+tstream) or the next
+#     step's beside this step's backward (+tahead) (the same compiled code),
 #     and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by
 #     the prefetcher's thread); 2 profiled steps each. The two compiles took 83-114 s each on H200s. A variant that
 #     fails is recorded and the others still count.
@@ -151,10 +156,11 @@ wants step && run_part step "$STEP_S" \
 #      fp32 step with open_clip's own layers, 16+16 videos (NaN gradients from cuDNN's attention backward on
 #      H100/H200 have been reported against some versions: cudnn-frontend issues 160 and 1072; it is torch's own
 #      choice there); the verdict judges numerics.json and advises none of its levers as a default if it failed.
-#      With the teacher on its own stream too (--teacher_stream): a missing wait between the streams would give the
+#      With the teacher on its own stream too (--teacher_stream ahead: its embeddings queued there before the step,
+#      as the step before queues them; beside shares its waits): a missing wait between the streams would give the
 #      distillation loss another teacher output than the plain step's
 CHECK_FLAGS="$FLAGS"  # the checks' flags (numerics, train): LEVERS' and the teacher's stream
-[[ " $FLAGS " == *" --teacher_stream "* ]] || CHECK_FLAGS="$FLAGS --teacher_stream True"
+[[ " $FLAGS " == *" --teacher_stream "* ]] || CHECK_FLAGS="$FLAGS --teacher_stream ahead"
 # shellcheck disable=SC2086  # a list of words
 wants numerics && run_part numerics "$NUMERICS_S" \
     python3 -m benchmarks.gpu_numerics --model "$MODEL" --batch 16 --compile False $CHECK_FLAGS --out "$OUT"

@@ -38,7 +38,8 @@ trainer feeds every mode: their host-to-device copy overlaps the step on the sid
 stream instead of running on the step's own stream before its kernels.
 Their pixels are smooth random pictures rather than noise, so their loss differs.
 +tstream: the teacher's forward on a second CUDA stream, queued before the student's forward and run beside it
-(``--teacher_stream``, ``train.streams``; the same kernels, so it reuses the compiled code of the variant without it).
+(``--teacher_stream beside``, ``train.streams``); +tahead: the next step's teacher there, beside this step's backward
+(``--teacher_stream ahead``). The same kernels: each reuses the compiled code of the variant without it.
 
 Timing: the timed steps run twice, each on its own (the GPU waited for before and
 after each; their median is ``s_per_step_synced``, the measure of the 2026-11-26
@@ -103,7 +104,9 @@ from train.profiling import describe, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", "prefetch", "tstream", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", "prefetch", *KERNEL_OPTIONS)
+TEACHER_OPTIONS = {"tstream": "beside", "tahead": "ahead"}  # variant option -> --teacher_stream
+VARIANT_OPTIONS += tuple(TEACHER_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
 
@@ -192,6 +195,8 @@ def variant_problems(variant: str) -> list[str]:
         return [f"{says} unknown {sorted(unknown)}; options: {', '.join(VARIANT_OPTIONS)}, ckptN (N blocks)"]
     if len(options & set(KERNEL_OPTIONS)) > 1:
         return [f"{says} name at most one attention kernel of {', '.join(KERNEL_OPTIONS)}"]
+    if len(options & set(TEACHER_OPTIONS)) > 1:
+        return [f"{says} name at most one of {', '.join(TEACHER_OPTIONS)} (where the teacher runs)"]
     if "tma" in options and "autotune" not in options:
         return [f"{says} +tma adds kernels that only max-autotune tunes; add +autotune"]
     return []
@@ -234,7 +239,7 @@ def run_variant(
         compile="compile" in options,
         grad_checkpointing=checkpointed_blocks(options),
         attention_kernel=next((k for k in KERNEL_OPTIONS if k in options), cfg.attention_kernel),
-        teacher_stream="tstream" in options,
+        teacher_stream=next((TEACHER_OPTIONS[o] for o in TEACHER_OPTIONS if o in options), "off"),
     )
     student_clip = with_levers(copy.deepcopy(base_models["student"]), options)
     student_clip.logit_scale.requires_grad_(False)
@@ -277,10 +282,11 @@ def run_variant(
                 prefetchers = [Prefetcher(itertools.repeat(b), device, size) for b in batches[source]]
                 labeled, unlabeled = prefetchers
 
-            def step():
-                return loop.train_step(
-                    models, optimizer, scheduler, next(labeled), next(unlabeled), cfg_v, device, loop.Progress()
-                )
+            ahead = loop.Ahead() if cfg_v.teacher_stream == "ahead" else None
+
+            def step():  # with +tahead, as the trainer's loop: the next unlabeled batch taken one step early
+                lab, unl = next(labeled), loop.take_unlabeled(unlabeled, ahead, last=False)
+                return loop.train_step(models, optimizer, scheduler, lab, unl, cfg_v, device, loop.Progress(), ahead)
 
         times, losses = [], []
         start_compile = time.perf_counter()
@@ -355,9 +361,9 @@ def main(
         model: open_clip model name or model-config JSON (random weights, nothing is downloaded).
         batches: comma list of LxU batches (L labeled + U unlabeled videos) to time every variant at, e.g. 128x128.
         variants: comma list of step variants, each naive or ours with +levers, e.g. ours+compile+ckpt6; levers
-            compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, prefetch, tstream, qkv,
-            patch, cls, fullpad, cudnn, flash, efficient or math (what each does is in benchmarks/step_variants.py's
-            module docstring).
+            compile, cteacher, autotune, tma, graphs, ckpt or ckptN, devaug, devjpeg, prefetch, tstream, tahead,
+            qkv, patch, cls, fullpad, cudnn, flash, efficient or math (what each does is in
+            benchmarks/step_variants.py's module docstring).
         steps: timed steps per variant and batch, twice: each on its own, waiting for the GPU before and after it
             (their median is s_per_step_synced), then as many back to back with one wait at the end, as the
             trainer runs them (their mean is s_per_step, which the rates and the MFU use).

@@ -12,7 +12,7 @@ from conftest import TINY_CLIP, run_cli, tiny_variant, write_csv
 
 def test_step_variants_times_every_lever_and_profiles(tmp_path):
     variants = "naive,ours,ours+devaug,ours+devjpeg,ours+ckpt1,ours+qkv,ours+cudnn,ours+patch+flash,ours+cls,ours+math"
-    variants += ",ours+prefetch,ours+tstream"
+    variants += ",ours+prefetch,ours+tstream,ours+tahead"
     run_cli(
         "benchmarks.step_variants",
         *("--model", TINY_CLIP, "--batches", "2x2", "--variants", variants),
@@ -40,6 +40,9 @@ def test_step_variants_times_every_lever_and_profiles(tmp_path):
     assert flops["ours"] < flops["naive"]  # and the cut captions at the FLOPs of their width (naive: 32 tokens)
     assert rows["ours+prefetch"]["first_loss"] == rows["ours"]["first_loss"]  # the same batches, copied elsewhere
     assert rows["ours+tstream"]["first_loss"] == rows["ours"]["first_loss"]  # no second stream on the CPU: the same
+    # the next step's teacher queued during the step before, at its captions' own width: the same within float noise
+    assert rows["ours+tahead"]["first_loss"] == rows["ours"]["first_loss"]
+    assert rows["ours+tahead"]["last_loss"] == pytest.approx(rows["ours"]["last_loss"], rel=1e-4)
     # the loader's two device forms are the same pictures and crops: JPEG only adds its compression
     assert abs(rows["ours+devaug"]["first_loss"] - rows["ours+devjpeg"]["first_loss"]) < 0.05
 
@@ -49,6 +52,7 @@ def test_step_variants_refuses_an_unknown_lever(tmp_path):
 
     refused = (("turbo", "options:"), ("ckptx", "options:"), ("flash+cudnn", "at most one attention kernel"))
     refused += (("compile+tma", "add +autotune"),)  # TMA templates are candidates only max-autotune tunes
+    refused += (("tstream+tahead", "at most one of tstream, tahead"),)
     for lever, says in refused:
         with pytest.raises(SystemExit, match=re.escape(says)) as refusal:
             variant_options(f"ours+{lever}")
@@ -243,17 +247,24 @@ def test_the_issue6_verdict_says_what_overlapping_the_copy_saves_and_judges_the_
     assert not any("worth making" in line or "prefetch together" in line for line in lines)
 
 
-def test_the_issue6_verdict_judges_the_teacher_on_its_own_stream_as_a_lever():
-    """+tstream is a trainer flag off by default (--teacher_stream): judged against the same variant without it, and
-    advised only where it beats timing noise."""
+@pytest.mark.parametrize(
+    ("option", "what", "flag"),
+    [
+        ("tstream", "the teacher beside the student's forward", "--teacher_stream beside"),
+        ("tahead", "the next step's teacher beside the backward", "--teacher_stream ahead"),
+    ],
+)
+def test_the_issue6_verdict_judges_the_teacher_on_its_own_stream_as_a_lever(option, what, flag):
+    """+tstream and +tahead are --teacher_stream's values, off by default: each judged against the same variant
+    without it, and advised only where it beats timing noise."""
     from benchmarks.issue6_verdict import step_lines
 
     fed = "ours+compile+cteacher+qkv+cls+patch+prefetch"
-    for faster, advice in ((820.0, "worth making the default (--teacher_stream True)"), (795.0, "no gain worth")):
-        lines = step_lines({"device": "cuda", "rows": _rows(naive=347.9, **{fed: 792.0, f"{fed}+tstream": faster})})
-        said = [line for line in lines if line.startswith("the teacher on its own CUDA stream: ")]
-        assert len(said) == 1 and said[0].endswith(advice if advice.endswith(")") else advice + " a default")
-        assert said[0].startswith(f"the teacher on its own CUDA stream: {fed}+tstream {faster / 792:.3f}x the step")
+    for faster, advice in ((820.0, f"worth making the default ({flag})"), (795.0, "no gain worth a default")):
+        lines = step_lines({"device": "cuda", "rows": _rows(naive=347.9, **{fed: 792.0, f"{fed}+{option}": faster})})
+        said = [line for line in lines if line.startswith(f"{what}: ")]
+        assert len(said) == 1 and said[0].endswith(advice)
+        assert said[0].startswith(f"{what}: {fed}+{option} {faster / 792:.3f}x the step without it")
 
 
 def test_the_issue6_verdict_judges_each_target_and_suggests_defaults(tmp_path):

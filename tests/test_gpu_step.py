@@ -84,6 +84,7 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
         levers,
         f"{levers}+prefetch",
         f"{levers}+prefetch+tstream",
+        f"{levers}+prefetch+tahead",
         f"{DEFAULT}+devjpeg+qkv{chosen}",
     ]
     tune = json.loads((out / "tune" / "step_variants_cpu.json").read_text())["rows"]
@@ -94,8 +95,9 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
     verdict = (out / "verdict.log").read_text()
     numerics = [line for line in verdict.splitlines() if line.startswith("  numerics on CPU with ")]
     assert len(numerics) == 1 and "--packed_qkv True" in numerics[0] and numerics[0].endswith(": MET"), verdict
-    assert "--teacher_stream True" in numerics[0]  # the checks run the teacher on its own stream too
-    assert "the teacher on its own CUDA stream: " in verdict
+    assert "--teacher_stream ahead" in numerics[0]  # the checks run the teacher on its own stream too
+    assert "the teacher beside the student's forward: " in verdict
+    assert "the next step's teacher beside the backward: " in verdict
     assert "MLP halves alone" in verdict
     assert f"  the batch's copy overlapped, as the trainer feeds the step: {levers}+prefetch " in verdict
     # both max-autotune variants were timed: no second call; the line reaches the output the device tool brings back

@@ -13,7 +13,7 @@ from train import distributed, loop
 from train.attention import KERNELS
 from train.config import resolve
 from train.data import Batch
-from train.model import normalize_frames, tokenizer_for
+from train.model import TrimmedTokenizer, normalize_frames, tokenizer_for
 
 
 def batches(n: int = 6) -> tuple[Batch, Batch]:
@@ -142,14 +142,19 @@ def test_persistent_tma_matmul_adds_the_templates_to_max_autotune_in_this_compil
 
 @pytest.mark.parametrize(
     "flag, value",
-    [("attention_kernel", "fast"), ("compile_mode", "reduce-overhead"), ("compile_mode", "max-autotune")],
+    [
+        ("attention_kernel", "fast"),
+        ("compile_mode", "reduce-overhead"),
+        ("compile_mode", "max-autotune"),
+        ("teacher_stream", True),  # a switch before it had three values
+    ],
 )
 def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_path, flag, value):
     with pytest.raises(ValueError, match=f"--{flag} must be one of"):
         resolve("paper", out=str(tmp_path), **{flag: value})
 
 
-SWITCHES = ("packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul", "teacher_stream")
+SWITCHES = ("packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
 
 
 @pytest.mark.parametrize("flag", [*SWITCHES, "compile", "fuse"])
@@ -157,3 +162,61 @@ def test_a_switch_given_anything_but_true_or_false_is_refused(tmp_path, flag):
     """fire hands "maybe" over as a string, which Python would take as True."""
     with pytest.raises(ValueError, match=f"--{flag} must be True or False, got 'maybe'"):
         resolve("paper", out=str(tmp_path), **{flag: "maybe"})
+
+
+@pytest.mark.parametrize("mode", ["beside", "ahead"])
+def test_the_teacher_on_its_own_stream_trains_as_the_teacher_in_its_step(tmp_path, mode):
+    """--teacher_stream takes the same batches in the same order and trains to the same losses and weights as the
+    plain step, with one teacher forward per step. ahead takes each unlabeled batch one step early (take_unlabeled)
+    and queues its teacher during the step before (on the CPU: after the backward, on the one stream); the last step
+    queues none."""
+    g = torch.Generator().manual_seed(1)
+    tok = TrimmedTokenizer(tokenizer_for(str(TINY_CLIP)))  # as the trainer's loader cuts captions (--trim_text)
+    words = ("a red shape", "a blue shape turning slowly", "a green shape turning slowly in the middle of a field")
+    steps = []
+    for i in range(4):  # captions of other widths in each batch and step
+        pair = []
+        for b in range(2):
+            texts = [f"{words[(i + b) % 3]} {k}" for k in range(3)]
+            video = torch.randint(0, 256, (3, 4, 3, 32, 32), generator=g, dtype=torch.uint8)
+            pair.append(Batch(video, tok(texts), texts, ["1", "2", "3"], torch.arange(3), 0))
+        steps.append(pair)
+    runs = {}
+    for teacher_stream in ("off", mode):
+        cfg, models = tiny_fp32(tmp_path / teacher_stream, lam=0.5, lr=1e-3, teacher_stream=teacher_stream)
+        if runs:  # one init for both
+            models.student.load_state_dict(runs["off"]["student"])
+            models.teacher.load_state_dict(runs["off"]["teacher"])
+        init = {k: v.clone() for k, v in models.student.state_dict().items()}
+        calls = []
+        models.teacher.register_forward_hook(
+            lambda module, args, out, calls=calls: calls.append((args[1].shape[1], out))
+        )
+        optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
+        ahead = loop.Ahead() if teacher_stream == "ahead" else None
+        labeled, unlabeled = iter([p[0] for p in steps]), iter([p[1] for p in steps])
+        seen, losses = [], []
+        for i in range(len(steps)):  # as the trainer's loop takes its batches
+            lab, unl = next(labeled), loop.take_unlabeled(unlabeled, ahead, last=i + 1 == len(steps))
+            seen.append(unl)
+            result = loop.train_step(
+                models, optimizer, scheduler, lab, unl, cfg, torch.device("cpu"), loop.Progress(), ahead
+            )
+            losses.append(float(result["loss"]))
+        runs[teacher_stream] = {"student": init, "teacher": models.teacher.state_dict(), "losses": losses}
+        runs[teacher_stream] |= {"calls": calls, "seen": seen, "trained": models.student.state_dict()}
+    plain, other = runs["off"], runs[mode]
+    assert all(a is b for a, b in zip(other["seen"], [p[1] for p in steps], strict=True))  # the same order
+    assert len(other["calls"]) == len(plain["calls"]) == len(steps)  # one teacher forward per step
+    # the teacher sees each unlabeled batch's captions at their own width whichever way it runs (one compiled graph)
+    widths = [[width for width, _ in run["calls"]] for run in (plain, other)]
+    assert widths[0] == widths[1] == [p[1].tokens.shape[1] for p in steps]
+    assert len(set(widths[0])) > 1 and widths[0] != [p[0].tokens.shape[1] for p in steps]  # not the labeled width
+    for (_, mine), (_, theirs) in zip(other["calls"], plain["calls"], strict=True):  # each batch's, in order
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a, b)
+    assert other["losses"] == plain["losses"]  # the same computation, in another order on the GPU
+    moved = max(float((w - plain["student"][n]).abs().max()) for n, w in plain["trained"].items())
+    assert moved > 1e-3  # the steps trained: the weights below compare something
+    for name, weight in plain["trained"].items():
+        assert torch.equal(other["trained"][name], weight), name

@@ -239,6 +239,14 @@ def test_a_run_with_the_crop_on_the_device(train_shards, tmp_path, augment_on):
     assert math.isfinite(summary["best_val_loss"])
 
 
+def test_a_run_with_the_teacher_ahead(train_shards, tmp_path):
+    """--teacher_stream ahead through a whole run: each unlabeled batch taken one step early, across a validation,
+    and none after the last step (on the CPU the teacher runs on the one stream)."""
+    cfg = tiny_config(train_shards, tmp_path / "run", steps=3, val_every=2, fuse=False, teacher_stream="ahead")
+    summary = loop.run(cfg)
+    assert summary["steps"] == 3 and summary["dropped_samples"] == 0 and math.isfinite(summary["best_val_loss"])
+
+
 def test_a_run_whose_prefetchers_prepare_in_a_thread_as_on_a_gpu(train_shards, tmp_path, monkeypatch):
     """The GPU's prefetch thread (on the CPU here) through a whole run: loader workers, validation forking its own
     while the thread lives (the trainer settles it first), and the thread stopped at the end."""

@@ -15,6 +15,7 @@ from pipeline.cli import count_problems, number_problems, pair_problems, positiv
 
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
+TEACHER_STREAMS = ("off", "beside", "ahead")  # --teacher_stream: where the teacher's forward runs
 WANDB_MODES = ("auto", "online", "offline", "off")
 SCHEDULES = ("constant", "cosine")
 DISTILLATIONS = ("ce", "kl")
@@ -89,11 +90,12 @@ class TrainConfig:
     # embeddings for models whose text attention is causal (train.model.trims_text), and text-tower work in
     # proportion to the batch's longest caption; other models are left as they are
     trim_text: bool = True
-    # the teacher's forward on a second CUDA stream, queued before the student's forward and run beside it: the GPU
-    # may overlap the teacher's matrix products with the student's memory-bound kernels (train.loop.compute_loss).
-    # Ignored on the CPU. The second stream keeps its own cached memory: about the teacher's largest activations more
-    # (estimated 1-2 GiB for 128 unlabeled ViT-B/16 videos)
-    teacher_stream: bool = False
+    # the teacher's forward on a second CUDA stream (train.streams), where the GPU may overlap its matrix products
+    # with the student's memory-bound kernels: "beside" the student's forward of the same step; "ahead": the next
+    # step's unlabeled batch, taken one step early, beside this step's backward; "off": one stream. Ignored on the
+    # CPU. The second stream keeps its own cached memory: about the teacher's largest activations more (estimated
+    # 1-2 GiB for 128 unlabeled ViT-B/16 videos)
+    teacher_stream: str = "off"
     seed: int = 0  # seeds the random teacher of a run without weights, the data order and the crops
 
     # --- validation, checkpoints, fusion
@@ -146,11 +148,12 @@ class TrainConfig:
             ("augment_on", AUGMENT_ON),
             ("attention_kernel", ATTENTION_KERNELS),
             ("compile_mode", COMPILE_MODES),
+            ("teacher_stream", TEACHER_STREAMS),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
-        names += ("trim_text", "teacher_stream", "fuse", "progress")
+        names += ("trim_text", "fuse", "progress")
         switches = {n: getattr(self, n) for n in names}
         if self.compile is not None:  # None: compile on the GPU only
             switches["compile"] = self.compile

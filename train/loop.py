@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,28 +172,88 @@ def build_optimizer(student: torch.nn.Module, cfg: TrainConfig, device: torch.de
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class Ahead:
+    """``--teacher_stream ahead``: the next step's unlabeled batch, taken one step early (``take_unlabeled``), and
+    the teacher's embeddings of a batch, queued on the side stream during the step before the one that uses them."""
+
+    batch: data.Batch | None = None  # the next step's unlabeled batch
+    embedded: data.Batch | None = None  # the batch whose embeddings are queued
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the teacher's (video, text), inference tensors
+
+
+def take_unlabeled(unlabeled: Iterator[data.Batch], ahead: Ahead | None, last: bool) -> data.Batch:
+    """This step's unlabeled batch: the one taken early at the step before (``--teacher_stream ahead``), else the
+    next; with ``ahead``, also the next step's, taken now so that this step can queue its teacher (none after the
+    ``last`` step). The batches come in the same order either way."""
+    batch = ahead.batch if ahead is not None and ahead.batch is not None else next(unlabeled)
+    if ahead is not None:
+        ahead.batch = None if last else next(unlabeled)
+    return batch
+
+
+def teacher_embeddings(
+    models: Models, frames: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, side: torch.cuda.Stream | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (video, text) embeddings, as inference tensors; queued on ``side`` if given (None: the
+    current stream), where the reader must ``streams.join`` them first."""
+    # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forward
+    with autocast(cfg, frames.device), attention_kernel(cfg.attention_kernel):
+        with streams.on_side(side, frames, tokens), torch.inference_mode():
+            return models.teacher(frames, tokens)
+
+
+def teacher_ahead(
+    models: Models, batch: data.Batch, cfg: TrainConfig, device: torch.device, after: torch.cuda.Event | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's embeddings of an unlabeled batch, queued on the side stream for the step that will use it
+    (``--teacher_stream ahead``), after the event ``after`` only (``streams.mark``: the batch ready, the backward
+    queued since not waited for)."""
+    with streams.on_side(_side(cfg, device), batch.video, batch.tokens, after=after):
+        frames, tokens = _on_device(batch, device)  # a batch not on the GPU yet: copied on the side stream
+        return teacher_embeddings(models, frames, tokens, cfg, None)
+
+
+def _on_device(batch: data.Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's frames and captions on ``device`` (already there from the prefetcher: as they are), the captions'
+    width marked dynamic: compiled, one graph for every width, not one per width."""
+    video, tokens = (t.to(device, non_blocking=True) for t in (batch.video, batch.tokens))
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    return video, tokens
+
+
+def _side(cfg: TrainConfig, device: torch.device) -> torch.cuda.Stream | None:
+    """The teacher's stream under ``--teacher_stream`` beside or ahead on a GPU; None: the step's own."""
+    return streams.side_stream(device) if cfg.teacher_stream != "off" and device.type == "cuda" else None
+
+
 def compute_loss(
-    models: Models, labeled: data.Batch, unlabeled: data.Batch, cfg: TrainConfig, device: torch.device
+    models: Models,
+    labeled: data.Batch,
+    unlabeled: data.Batch,
+    cfg: TrainConfig,
+    device: torch.device,
+    teacher_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 5 on the global batch. One student forward over labeled and unlabeled videos together."""
+    """Eq. 5 on the global batch. One student forward over labeled and unlabeled videos together. ``teacher_out``:
+    the teacher's embeddings of ``unlabeled``, queued earlier (``teacher_ahead``); else the teacher runs here."""
     n_labeled = labeled.video.shape[0]
     # Copy each (pinned) batch as it is and join on the device: joining on the host makes an unpinned copy.
-    frames = torch.cat([labeled.video.to(device, non_blocking=True), unlabeled.video.to(device, non_blocking=True)])
+    (lab_video, lab_tokens), (unl_video, unl_tokens) = (_on_device(b, device) for b in (labeled, unlabeled))
+    frames = torch.cat([lab_video, unl_video])
     # each batch's captions may be cut to their own width (--trim_text): joined at the wider of the two
-    width = max(labeled.tokens.shape[1], unlabeled.tokens.shape[1])
-    tokens = torch.cat([fit_width(b.tokens.to(device, non_blocking=True), width) for b in (labeled, unlabeled)])
-    unlabeled_tokens = tokens[n_labeled:]
-    for t in (tokens, unlabeled_tokens):  # compiled: one graph for every width, not one per width
-        torch._dynamo.maybe_mark_dynamic(t, 1)
+    width = max(lab_tokens.shape[1], unl_tokens.shape[1])
+    tokens = torch.cat([fit_width(lab_tokens, width), fit_width(unl_tokens, width)])
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)  # compiled: one graph for every width, not one per width
     # frames (Bl+Bu, T, 3, S, S), tokens (Bl+Bu, L)
-    side = streams.side_stream(device) if cfg.teacher_stream and device.type == "cuda" else None
-    # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forwards
+    side = _side(cfg, device)
+    if teacher_out is None:  # the teacher first: on the side stream its kernels run beside the student's forward
+        # the unlabeled batch's own tensors, as teacher_ahead gives them: one compiled graph for both ways
+        teacher_out = teacher_embeddings(models, unl_video, unl_tokens, cfg, side)  # (Bu, D) each
     with autocast(cfg, device), attention_kernel(cfg.attention_kernel):
-        # the teacher first: with --teacher_stream its kernels run on their own stream, beside the student's forward
-        with streams.on_side(side, frames, unlabeled_tokens), torch.inference_mode():
-            teacher_video, teacher_text = models.teacher(frames[n_labeled:], unlabeled_tokens)  # (Bu, D)
         video, text = models.trained(frames, tokens)  # (Bl+Bu, D) each
-    streams.join(side, teacher_video, teacher_text)
+    streams.join(side, *teacher_out)
+    teacher_video, teacher_text = teacher_out
     # inference tensors cannot enter autograd graphs; clone() makes plain tensors of them.
     teacher_video, teacher_text = teacher_video.clone(), teacher_text.clone()
     gather = distributed.gather_with_grad
@@ -208,14 +269,27 @@ def compute_loss(
     return total, {"contrastive": contrastive.detach(), "distillation": distill.detach()}
 
 
-def train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, device, progress: Progress) -> dict:
+def train_step(
+    models, optimizer, scheduler, labeled, unlabeled, cfg, device, progress: Progress, ahead: Ahead | None = None
+) -> dict:
     """One optimizer step; a non-finite loss or gradient norm (on any rank) skips it without touching the weights.
 
     Returns the step's loss, its parts and the gradient norm, and ``finite`` (1.0, or 0.0 for a skipped step), as
-    tensors: converting every step would stall the GPU queue; ``_log`` converts once per window."""
+    tensors: converting every step would stall the GPU queue; ``_log`` converts once per window. With ``ahead``
+    (``--teacher_stream ahead``): the teacher's embeddings of ``unlabeled`` if the step before queued them, and
+    those of ``ahead.batch`` queued for the next step while this step's backward runs."""
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = compute_loss(models, labeled, unlabeled, cfg, device)
+    ready = ahead.embeddings if ahead is not None and ahead.embedded is unlabeled else None
+    # the next batch is on its way to the GPU (the prefetcher's copy, waited for on this stream); this step is not
+    batch_ready = streams.mark(_side(cfg, device)) if ahead is not None else None
+    loss, parts = compute_loss(models, labeled, unlabeled, cfg, device, ready)
     loss.backward()
+    if ahead is not None:  # queued after the backward, waiting only for the batch: the GPU runs the two side by side
+        ahead.embedded = ahead.batch
+        if ahead.batch is not None:
+            ahead.embeddings = teacher_ahead(models, ahead.batch, cfg, device, batch_ready)
+        else:
+            ahead.embeddings = None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), max_norm)
     # The gradients are checked as well as the loss: a kernel can return non-finite gradients for a finite loss
@@ -442,17 +516,18 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     flops = _flops_per_step(models, cfg, size, tokenizer, dist.device)
     peak = peak_tflops(dist.device, cfg.peak_tflops)
     timer, window = Timer(), []
+    ahead = Ahead() if cfg.teacher_stream == "ahead" else None
     profiler = _profiler(cfg, dist, progress.step, monitor)
     try:
         while progress.step < cfg.steps:
             profiler.begin(progress.step)
             t0 = time.perf_counter()
-            lab, unl = next(labeled), next(unlabeled)
+            lab, unl = next(labeled), take_unlabeled(unlabeled, ahead, last=progress.step + 1 >= cfg.steps)
             timer.data += time.perf_counter() - t0
             if progress.step == 0 and distributed.is_main():
                 monitor.log_samples(*data.sample_grid(lab), step=0)
             progress.unsynced_dropped += lab.dropped + unl.dropped
-            result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress)
+            result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress, ahead)
             progress.step += 1
             timer.steps += 1
             if peak:  # counted once per captions' width (a forward of one video): only where an MFU is logged
