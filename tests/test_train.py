@@ -568,8 +568,9 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
 @pytest.mark.parametrize("levers", [{}, {"packed_qkv": True, "linear_patch_embed": True, "cls_last_block": True}])
 def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path, levers):
     """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1, also
-    when the captions' widths change from step to step and differ between the two batches (--trim_text); with the
-    layer levers the GPU run times as well."""
+    when the captions' widths change from step to step and differ between the two batches (--trim_text), when the
+    frames come strided as the GPU crop hands them, and when the teacher is queued a step early (--teacher_stream
+    ahead); with the layer levers the GPU run times as well."""
     from torch._dynamo.utils import counters
 
     from train import distributed
@@ -581,7 +582,10 @@ def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shar
     captions = (["a red square", "a blue circle"], ["a red square turning slowly in the middle of a blue field"] * 2)
     short, long = (loop.data.Batch(frames, tokenizer(c), c, ["k1", "k2"], torch.tensor([0, 1]), 0) for c in captions)
     assert short.tokens.shape[1] == 8 and long.tokens.shape[1] == 16
-    batches = [(short, long), (long, short), (short, short)]
+    # the GPU crop's frames are strided (channels last); the teacher takes each unlabeled batch as it comes
+    strided = dataclasses.replace(long, video=frames.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3))
+    assert not strided.video.is_contiguous()
+    batches = [(short, long), (long, short), (short, short), (short, strided), (long, long), (short, short)]
     losses, graphs = {}, []
     for compiled in (False, True):
         # a tiny lr: Adam's first update moves every weight whose gradient is not exactly 0 by about lr, so a
@@ -593,13 +597,19 @@ def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shar
         assert isinstance(models.teacher, torch._dynamo.eval_frame.OptimizedModule) == compiled
         optimizer, scheduler = loop.build_optimizer(models.student, cfg, torch.device("cpu"))
         losses[compiled], cpu = [], torch.device("cpu")
-        for labeled, unlabeled in batches:
-            step = loop.train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, cpu, loop.Progress())
+        ahead = loop.Ahead()  # the last two steps as --teacher_stream ahead runs them: the teacher queued a step early
+        for i, (labeled, unlabeled) in enumerate(batches):
+            early = ahead if i >= len(batches) - 2 else None
+            if early is not None:
+                early.batch = batches[i + 1][1] if i + 1 < len(batches) else None
+            step = loop.train_step(models, optimizer, scheduler, labeled, unlabeled, cfg, cpu, loop.Progress(), early)
             losses[compiled].append(float(step["loss"]))
             graphs.append(counters["stats"]["unique_graphs"])
+    assert ahead.embedded is None and ahead.embeddings is None  # the last step queued none
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    made = [g - graphs[0] for g in graphs[3:]]  # graphs made by the compiled steps: on the first only
-    assert graphs[:3] == [graphs[0]] * 3 and made[0] >= 2 and made == [made[0]] * 3  # student + teacher
+    steps = len(batches)
+    made = [g - graphs[0] for g in graphs[steps:]]  # graphs made by the compiled steps: on the first only
+    assert graphs[:steps] == [graphs[0]] * steps and made[0] >= 2 and made == [made[0]] * steps  # student + teacher
 
 
 @pytest.mark.parametrize("value", [-1, "half", 1.5])

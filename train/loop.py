@@ -198,8 +198,12 @@ def teacher_embeddings(
     """The frozen teacher's (video, text) embeddings, as inference tensors; queued on ``side`` if given (None: the
     current stream), where the reader must ``streams.join`` them first."""
     # the kernel order is read when SDPA is called (compiled: when the graph is traced), so it wraps the forward
-    with autocast(cfg, frames.device), attention_kernel(cfg.attention_kernel):
-        with streams.on_side(side, frames, tokens), torch.inference_mode():
+    with autocast(cfg, frames.device), attention_kernel(cfg.attention_kernel), streams.on_side(side, frames, tokens):
+        # one layout for the compiled graph whatever the loader mode hands over (the GPU crop's frames are strided):
+        # a copy of those, on this stream, else nothing; outside inference mode, which would make an inference
+        # tensor of a copy only, and a graph for each kind
+        frames, tokens = frames.contiguous(), tokens.contiguous()
+        with torch.inference_mode():
             return models.teacher(frames, tokens)
 
 
