@@ -330,11 +330,9 @@ def settle_skips(progress: Progress, scheduler) -> None:
     progress.unsettled_skips = 0
     if skipped:
         progress.skipped_steps += skipped
-        scheduler.last_epoch -= skipped
-        groups = scheduler.optimizer.param_groups
-        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in groups]
+        # one step short of where the skips leave it, then the scheduler's own step: its epoch and learning rate
+        scheduler.last_epoch -= skipped + 1
+        scheduler.step()
 
 
 @torch.no_grad()
