@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 TAR_MTIME = 0  # fixed tar metadata: the same samples give byte-identical tars
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -130,20 +131,29 @@ def remove_abandoned(path: str | Path) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s bytes into: open at a new temporary name beside it (:func:`temporary_name`), held
+    (:func:`hold_temporary`); when the block ends, fsynced and renamed over ``path``. A failure removes it, so a
+    crash never leaves a torn file under the final name."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             hold_temporary(f.fileno())
-            f.write(data)
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
             os.replace(tmp, path)  # still open, so still locked: a cleaner beside it never takes it for abandoned
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path`` (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def json_bytes(obj) -> bytes:
@@ -181,7 +191,7 @@ class TarShardWriter:
 
     def __init__(self, out_dir: str | Path, shard: int):
         self.final = tar_path(out_dir, shard)
-        self.tmp = self.final.with_name(f".{self.final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        self.tmp = temporary_name(self.final)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0

@@ -8,14 +8,13 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import torch
 
 from pipeline.folder_lock import GRACE_S, lock_folder
-from pipeline.writer import hold_temporary, temporary_name
+from pipeline.writer import atomic_file
 from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
@@ -31,17 +30,8 @@ def atomic_save(obj, path: str | Path) -> Path:
     """torch.save to a temporary name in the same folder, then rename: a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            hold_temporary(f.fileno())
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-            os.replace(tmp, path)  # still open, so still locked (hold_temporary)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
     return path
 
 
