@@ -35,16 +35,6 @@ def checkpointed_blocks(options: set[str]) -> bool | int:
     return counts[0] if counts else False
 
 
-def raised_problems(check, value) -> list[str]:
-    """``check(value)``'s refusal (a ValueError or FileNotFoundError, whose message names the flag) as a line, or
-    nothing: for the parsers that raise, beside the checks that return lines."""
-    try:
-        check(value)
-    except (ValueError, FileNotFoundError) as e:
-        return [str(e)]
-    return []
-
-
 def count_list(value) -> list[int]:
     """A comma list of whole numbers as fire hands it over (``1,2`` a tuple, ``4`` an int), checked by
     ``count_list_problems`` first."""

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.args import parse_batches, raised_problems
-from pipeline.cli import count_problems, folder_problems, refuse
+from benchmarks.args import parse_batches
+from pipeline.cli import count_problems, folder_problems, raised_problems, refuse
 from train import data, distributed, loop
 from train.config import TrainConfig, resolve
 from train.model import create_clip, device_problems, image_size, register_model

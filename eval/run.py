@@ -14,6 +14,7 @@ across alpha and plots each metric against it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sys
 import time
@@ -31,7 +32,7 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list, count_problems, folder_problems, refuse, switch_problems
+from pipeline.cli import comma_list, count_problems, folder_problems, raised_problems, refuse, switch_problems
 from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
@@ -120,6 +121,14 @@ def check_entry(model: str, weights: str) -> None:
         check_weights(model, student)
     else:
         check_weights(model, weights)
+
+
+def weights_problems(model: str, entries: list[str]) -> list[str]:
+    """A line for ``--model`` if it cannot be registered, else one for each weights entry that cannot load
+    (:func:`check_entry`): before the frame cache is built."""
+    return raised_problems(register_model, model) or [
+        line for entry in entries for line in raised_problems(functools.partial(check_entry, model), entry)
+    ]
 
 
 def load_model(model: str, weights: str, device: torch.device) -> torch.nn.Module:
@@ -354,16 +363,7 @@ def main(
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
     problems += device_problems(device)
     problems += folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
-    try:
-        register_model(str(model))
-    except (ValueError, FileNotFoundError) as e:
-        problems.append(str(e))
-    else:
-        for _, entry in models:  # files exist and load, tags are known, before any video is decoded
-            try:
-                check_entry(str(model), entry)
-            except (ValueError, FileNotFoundError) as e:
-                problems.append(str(e))
+    problems += weights_problems(str(model), [entry for _, entry in models])
     refuse(problems)
     cfg = EvalConfig(
         model=str(model),

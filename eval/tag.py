@@ -30,11 +30,11 @@ import torch
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
-from eval.run import cache_settings, check_entry, load_model
+from eval.run import cache_settings, load_model, weights_problems
 from pipeline.cli import comma_list, count_problems, refuse
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
-from train.model import device_problems, image_size, register_model, tokenizer_for
+from train.model import device_problems, image_size, tokenizer_for
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
 LABEL_TEMPLATES = ("a video of {}.", "a photo of {}.", "{}")
@@ -202,12 +202,7 @@ def main(
     )
     if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
-    problems += device_problems(device)
-    try:
-        register_model(str(model))
-        check_entry(str(model), str(weights))
-    except (ValueError, FileNotFoundError) as e:
-        problems.append(str(e))
+    problems += device_problems(device) + weights_problems(str(model), [str(weights)])
     refuse(problems)
     numbers = number_labels(labels)
     if numbers:

@@ -73,6 +73,16 @@ def pair_problems(pairs: dict[str, object]) -> list[str]:
     ]
 
 
+def raised_problems(check, value) -> list[str]:
+    """``check(value)``'s refusal (a ValueError or FileNotFoundError, whose message names the flag) as a line, or
+    nothing: for the parsers that raise, beside the checks that return lines."""
+    try:
+        check(value)
+    except (ValueError, FileNotFoundError) as e:
+        return [str(e)]
+    return []
+
+
 def refuse(problems: list[str]) -> None:
     """Exit with one ``error:`` line naming every problem, if there is any: the house form of a refused flag, given
     before any long work."""
