@@ -142,9 +142,9 @@ TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
 #     feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS' compiled code, not compiled again),
 #     that with the teacher's forward on a second stream beside the student's forward (+tstream) or the next
-#     step's beside this step's backward (+tahead) (the same compiled code),
-#     and with the batches as the loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by
-#     the prefetcher's thread); 2 profiled steps each. The two compiles took 83-114 s each on H200s. A variant that
+#     step's beside this step's backward (+tahead), both on the same compiled code, and with the batches as the
+#     loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's thread);
+#     2 profiled steps each. The two compiles took 83-114 s each on H200s. A variant that
 #     fails is recorded and the others still count.
 #     (Measured on an H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than
 #     the default.)
