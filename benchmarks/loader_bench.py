@@ -112,7 +112,7 @@ def main(
         batches: batches timed per row, after the settling ones; in the device modes, the device's share is the
             median over the first 10 of them (the first left out) at the largest worker count.
         size: the crop's side in pixels, as the trainer's --crop (224 for ViT-B/16).
-        frames: frames per video (the shards must hold at least that many).
+        frames: frames per video (the shards must hold that many).
         model: open_clip model name or model-config JSON whose tokenizer the stream uses (nothing is built).
         augment_on: places the crop runs, comma separated, of loader, device and device_jpeg (the trainer's
             --augment_on values).

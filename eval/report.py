@@ -386,6 +386,33 @@ def _models_section(results: list[dict], models: list[str]) -> list[str]:
     return ["## Models", "", *_table(["Model", "Weights", "Code version"], rows, text_columns=3), ""] if rows else []
 
 
+def protocol_notes(results: list[dict]) -> list[str]:
+    """Where the runs behind ``results`` evaluated otherwise than the authors' code, whose numbers the paper's rows
+    are (REFERENCE.md), each with the flag that matches it; no lines if nowhere. A reader comparing rows must know."""
+    scored = [rec for rec in results if not rec.get("skipped")]
+    configs = [rec.get("config") or {} for rec in scored]
+    notes = []
+    if any(c.get("renormalize_video") for c in configs):
+        notes.append(
+            "video embeddings are the mean of the frame embeddings, re-normalised; the authors' code does not "
+            "re-normalise it (`--renormalize_video False`), which changes the retrieval tables' rankings, not the "
+            "classification ones"
+        )
+    if any(c.get("didemo_split") == "test" for rec, c in zip(scored, configs, strict=True) if _is(rec, "didemo")):
+        notes.append(
+            "DiDeMo is scored on `test_data.json`; the authors' code used `val_data.json` (`--didemo_split val`)"
+        )
+    if not notes:
+        return []
+    head = "Protocol, where it differs from the authors' code behind the paper's rows:"
+    return [head, *(f"- {note}" for note in notes), ""]
+
+
+def _is(rec: dict, key: str) -> bool:
+    bench = benchmark_of(str(rec["dataset"]))
+    return bench is not None and bench.key == key
+
+
 def summary_markdown(results: list[dict], include_paper: bool = True) -> str:
     """The paper's tables (1a, 1b, 2a-c, 3) with one row per model, in the order models first appear in
     ``results``; the paper's own rows in italics when ``include_paper``; skipped datasets listed at the end."""
@@ -394,6 +421,7 @@ def summary_markdown(results: list[dict], include_paper: bool = True) -> str:
     lines = ["# Zero-shot results", ""]
     if include_paper:
         lines += ["Rows marked *(paper)* are the paper's figures (ViT-B/16, 4 frames); – = not evaluated/reported.", ""]
+        lines += protocol_notes(results)
     else:
         lines += ["– = not evaluated.", ""]
     lines += _models_section(results, models)

@@ -172,6 +172,28 @@ def test_summary_without_paper_rows():
     assert list(rows(section(md, "Table 1a"))) == ["ours-fitclip", "ours-clip"]
 
 
+def test_the_summary_says_where_the_protocol_differs_from_the_one_behind_the_paper_rows():
+    """The paper's rows come from the authors' code: video embeddings not re-normalised, DiDeMo's val split."""
+    ours = {"renormalize_video": True, "didemo_split": "test"}
+    theirs = {"renormalize_video": False, "didemo_split": "val"}
+    results = [record("m", "msrvtt", {"R@1": 1.0}), record("m", "didemo", {"R@1": 1.0})]
+
+    def summary(config: dict) -> str:
+        for rec in results:
+            rec["config"] = {"frames": 4, **config}
+        return report.summary_markdown(results)
+
+    md = summary(ours)
+    assert "Protocol, where it differs from the authors' code" in md
+    assert "`--renormalize_video False`" in md and "`--didemo_split val`" in md
+    assert "Protocol" not in summary(theirs)
+    summary({**theirs, "didemo_split": "test"})
+    assert "didemo_split val" in report.summary_markdown(results)
+    assert "didemo_split" not in report.summary_markdown(results[:1])  # DiDeMo not scored
+    summary(ours)
+    assert "Protocol" not in report.summary_markdown(results, include_paper=False)  # no paper rows to compare with
+
+
 def test_model_order_follows_first_appearance():
     results = [record("zeta", "didemo", {"R@5": 40.0}), record("alpha", "ucf101", {"top1": 1.0})]
     overview = rows(section(report.summary_markdown(results, include_paper=False), "Table 3"))

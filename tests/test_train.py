@@ -164,6 +164,7 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
         ({"teacher_weights": "openai_typo"}, "neither a weights file nor a pretrained tag of tiny-clip"),
         ({"teacher_weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
         ({"frames": 8}, "--frames 8: the samples in"),  # used to drop every sample and hang
+        ({"frames": 2}, "hold 4 frames, the midpoints of 4 segments"),  # used to train on each clip's first half
         ({"crop": 24}, "--crop 24: " + str(TINY_CLIP) + " takes 32x32 frames"),  # used to fail at the first forward
         ({"val_max": -1}, "--val_max must be a whole number of at least 0"),
         ({"workers": -1}, "--workers must be a whole number of at least 0"),
@@ -184,7 +185,7 @@ def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_
     latest = torch.load(out / checkpoint.LATEST, weights_only=True)
     assert latest["step"] == 4
     assert latest["config"]["recipe"] == "demo" and latest["config"]["steps"] == 4
-    assert {"student", "optimizer", "scheduler", "rng", "best_val_loss"} <= set(latest)
+    assert {"student", "optimizer", "scheduler", "best_val_loss"} <= set(latest)
     best = torch.load(out / checkpoint.BEST, weights_only=True)
     assert best["val"]["loss"] == pytest.approx(summary["best_val_loss"])
     assert json.loads((out / "config.json").read_text())["model"] == str(TINY_CLIP)
@@ -308,6 +309,46 @@ def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
 
     assert torch.equal(crops(0), crops(0))
     assert not torch.equal(crops(0), crops(1))
+
+
+def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_with_this_runs():
+    """A CPU run's checkpoint (unfused AdamW) resumed on a GPU (fused): the saved groups said fused=False, and the
+    fused path's first step (found_inf) failed with "Expected grad_scale and found_inf to be None"."""
+    cfg = resolve("demo", labeled="l", unlabeled="u", out="o")
+    model = torch.nn.Linear(4, 4)
+    saved, _ = loop.build_optimizer(model, cfg, torch.device("cpu"), fused=False)
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    optimizer, _ = loop.build_optimizer(model, cfg, torch.device("cpu"), fused=True)  # fused AdamW runs on CPUs too
+    loop.load_optimizer(optimizer, saved.state_dict())
+    assert [g["fused"] for g in optimizer.param_groups] == [True] and optimizer.state[model.weight]["step"] == 1
+    before = model.weight.detach().clone()
+    optimizer.found_inf = torch.tensor(0.0)  # as train_step sets it for a fused AdamW
+    optimizer.step()
+    assert not torch.equal(model.weight, before)
+
+
+def test_each_rank_and_step_seeds_its_own_random_numbers():
+    """With --workers 0 the trainer's process draws the crops (torch) and flips (Python's random): the same for the
+    same seed, rank and step, different between ranks. A resumed run used to give every rank rank 0's state."""
+    import random
+
+    def draw(seed: int, rank: int, step: int) -> tuple[float, float]:
+        loop.seed_process(seed, rank, step)
+        return float(torch.rand(())), random.random()
+
+    assert draw(0, 1, 5) == draw(0, 1, 5)
+    assert len({draw(0, 0, 5), draw(0, 1, 5), draw(0, 0, 6), draw(1, 0, 5)}) == 4
+
+
+def test_the_same_seed_trains_the_same_weights(train_shards, tmp_path):
+    """--workers 0 (the crops drawn in the trainer's process): Python's random was not seeded, so two runs with one
+    seed trained different weights."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    a, b = (torch.load(out / checkpoint.LATEST, weights_only=True)["student"] for out in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_run_resumed_at_its_last_step_keeps_its_summary_and_clears_a_killed_saves_temporary(train_shards, tmp_path):

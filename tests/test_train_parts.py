@@ -8,6 +8,7 @@ import itertools
 import random
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,42 @@ def test_a_loader_worker_counts_only_its_own_skipped_samples(train_shards, monke
     assert [b.dropped for b in batches] == [0, 0]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_labeled_stream_goes_on_where_it_stopped(train_shards, monkeypatch, workers):
+    """A resumed run's labeled batches (rank 1 of 2, 8 samples, batches of 3: passes end inside batches) are the
+    batches the run would have had next: the same samples, in the same passes. It used to start a new pass with a
+    new permutation, repeating part of the interrupted one and skipping the rest."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    tok = tokenizer_for(str(TINY_CLIP))
+
+    def keys(skip: int, count: int) -> list[list[str]]:
+        stream = data.labeled_stream(
+            train_shards["labeled"], 4, data.TrainTransform(32), tok, 3, 7, "device_jpeg", skip_batches=skip
+        )
+        return [b.keys for b in itertools.islice(iter(data.loader(stream, workers, False, 0)), count)]
+
+    straight = keys(0, 9)
+    assert keys(5, 4) == straight[5:]
+    assert keys(4, 5) == straight[4:]
+
+
+def test_every_reader_yields_and_each_pass_covers_every_sample_once(train_shards, monkeypatch):
+    """8 samples over 3 readers (not a divisor), and over 12 (more readers than samples: a reader with no share
+    used to spin forever without a sample): the readers' first elements, taken in turn, are whole passes."""
+    for readers in (3, 12):
+        monkeypatch.setenv("WORLD_SIZE", str(readers))
+        taken = []
+        for reader in range(readers):
+            monkeypatch.setenv("RANK", str(reader))
+            source = data.IndexedShards(data.list_shards(train_shards["labeled"]), seed=3)
+            taken.append([s["__index__"] for s in itertools.islice(source(), 8)])
+        in_turn = [taken[r][j] for j in range(8) for r in range(readers)]  # the sequence the readers split
+        passes = [in_turn[i : i + 8] for i in range(0, len(in_turn), 8)]
+        assert all(sorted(p) == list(range(8)) for p in passes), readers
+        assert passes[0] != passes[1]  # reshuffled each pass
+
+
 def test_train_transform_shares_one_crop_and_flip_across_frames():
     frames = [torch.arange(3 * 40 * 60, dtype=torch.float32).view(3, 40, 60).to(torch.uint8)] * 4
     random.seed(0)
@@ -342,17 +379,91 @@ def test_wandb_mode_is_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_mode("off") == "off"
 
 
+def test_wandb_plots_against_the_trainers_step_so_a_resumed_run_keeps_its_steps(monkeypatch, tmp_path):
+    """A resumed run logs again the steps since its checkpoint. Logged as W&B's own step they were dropped (it
+    must grow); as a metric that every other one is plotted against, they are kept."""
+    import wandb
+
+    from train.config import resolve
+    from train.monitor import STEP_METRIC, Monitor
+
+    class Run:  # records what the Monitor asks of W&B (the real calls run offline in test_train's torchrun test)
+        def __init__(self):
+            self.calls = []
+
+        def define_metric(self, name, **options):
+            self.calls.append(("define_metric", name, options))
+
+        def log(self, data, **options):
+            self.calls.append(("log", data, options))
+
+    run = Run()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    cfg = resolve("demo", labeled="l", unlabeled="u", out=str(tmp_path), wandb="offline", progress=False)
+    monitor = Monitor(cfg, True, 10, 0)
+    for step in (4, 5, 4):  # a resume after step 5, from the checkpoint of step 4
+        monitor.log({"train/loss": 1.0}, step=step)
+    assert run.calls[:2] == [("define_metric", STEP_METRIC, {}), ("define_metric", "*", {"step_metric": STEP_METRIC})]
+    assert run.calls[2:] == [("log", {"train/loss": 1.0, STEP_METRIC: s}, {}) for s in (4, 5, 4)]
+
+
 def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
 
 
-def test_a_stream_of_broken_samples_fails_instead_of_spinning():
-    from train.data import DataError, readable
+def _damaged_copy(folder, tmp_path, damage) -> Path:
+    """A copy of a shard folder whose every frame is rewritten by ``damage`` (a payload -> payload function)."""
+    out = tmp_path / "damaged"
+    shutil.copytree(folder, out)
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(info, tar.extractfile(info).read()) for info in tar]
+        with tarfile.open(shard, "w") as tar:
+            for info, payload in members:
+                if info.name.endswith(".jpg"):
+                    payload = damage(info.name, payload)
+                    info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return out
 
-    samples = [None, {"a": 1}, None, None, {"b": 2}]
-    assert list(readable(iter(samples), limit=3)) == [{"a": 1}, {"b": 2}]  # the streak restarts after a good one
-    with pytest.raises(DataError, match="3 samples in a row could not be read"):
-        list(readable(iter([{"a": 1}, None, None, None, {"b": 2}]), limit=3))
+
+@pytest.mark.parametrize("kind", ["labeled", "unlabeled", "tars"])
+def test_a_stream_of_broken_samples_fails_instead_of_spinning(train_shards, tmp_path, monkeypatch, kind):
+    """Every sample broken (or every tar): the endless streams used to spin forever. webdataset's map drops a
+    stage's None results, so the count of broken samples in a row must be kept where they are found."""
+    monkeypatch.setattr(data, "DRY_LIMIT", 50)
+    monkeypatch.setattr(data, "_streak", 0)
+    if kind == "tars":  # every shard cut short before its first member's end: tar errors, no sample at all
+        folder = tmp_path / "cut"
+        shutil.copytree(train_shards["unlabeled"], folder)
+        for shard in folder.glob("*.tar"):
+            shard.write_bytes(shard.read_bytes()[:700])
+    else:
+        folder = _damaged_copy(train_shards[kind], tmp_path, lambda name, payload: b"not a jpeg")
+    make = data.labeled_stream if kind == "labeled" else data.unlabeled_stream
+    stream = make(folder, 4, data.TrainTransform(32), tokenizer_for(str(TINY_CLIP)), 4, 0)
+    with pytest.raises(data.DataError, match="50 samples or shard members in a row could not be read"):
+        next(iter(data.loader(stream, 0, False, 0)))
+
+
+def test_the_count_of_broken_samples_in_a_row_restarts_at_a_good_one(monkeypatch):
+    from torchvision.io import encode_jpeg
+
+    monkeypatch.setattr(data, "DRY_LIMIT", 3)
+    monkeypatch.setattr(data, "_streak", 0)
+    jpeg = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes()
+
+    def samples(pattern: str) -> list[dict]:  # g: a good sample, b: one whose frames are not JPEGs
+        frames = {"g": jpeg, "b": b"not a jpeg"}
+        return [
+            {"__key__": f"{i:03d}", "txt": b"a caption", **{f"{k}.jpg": frames[c] for k in range(4)}}
+            for i, c in enumerate(pattern)
+        ]
+
+    kept = list(data.decoded(iter(samples("bgbbgbb")), 4, data.TrainTransform(8)))
+    assert [s["key"] for s in kept] == ["001", "004"]
+    with pytest.raises(data.DataError, match="3 samples or shard members in a row"):
+        list(data.decoded(iter(samples("gbbbg")), 4, data.TrainTransform(8)))
 
 
 def test_clip_normalisation_adds_no_tensor_inputs_to_a_compiled_graph():

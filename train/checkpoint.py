@@ -3,12 +3,12 @@
 A checkpoint is a dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)`` (no code runs on load):
 ``step``, ``student`` (state dict), ``optimizer``, ``scheduler``, ``config``,
-``rng`` (torch CPU/CUDA and Python states), ``best_val_loss``, ``skipped_steps``.
+``best_val_loss``, ``skipped_steps``. No random state: a resumed run seeds each rank from
+``--seed``, its rank and the step (``train.loop.seed_process``).
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
 # what restoring a run needs (train.loop.restore); best.pt and fitclip.pt lack the optimizer's state and the rest
-RESUMABLE_KEYS = ("step", "student", "optimizer", "scheduler", "rng", "best_val_loss", "skipped_steps")
+RESUMABLE_KEYS = ("step", "student", "optimizer", "scheduler", "best_val_loss", "skipped_steps")
 
 
 class CheckpointError(ValueError):
@@ -43,22 +43,6 @@ def best_val_loss(out: str | Path) -> float:
         return float(load(path, mmap=True)["val"]["loss"])
     except (FileNotFoundError, KeyError, TypeError):  # no best.pt, or one saved without validation
         return float("inf")
-
-
-def rng_state() -> dict:
-    python = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": [python[0], list(python[1]), python[2]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load(path: str | Path, mmap: bool = False) -> dict:

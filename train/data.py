@@ -20,6 +20,7 @@ reports how many its worker dropped since the previous batch), never slept on.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
@@ -40,6 +41,8 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
+_streak = 0  # per loader-worker process: broken samples and shard members since the last good sample
+DRY_LIMIT = 1000  # broken in a row after which a stream gives up
 
 
 class DataError(ValueError):
@@ -64,34 +67,62 @@ def list_shards(folder: str | Path) -> list[str]:
 
 
 def check_frames(folder: str | Path, frames: int) -> None:
-    """Refuse a --frames that the folder's samples lack (read from the first sample's tar headers): every sample
-    would be dropped, and an endless stream of dropped samples never yields a batch."""
+    """Refuse a --frames other than the number of frames the folder's samples hold (read from the first sample's
+    tar headers). Fewer: every sample would be dropped, and an endless stream of dropped samples never yields a
+    batch. More: a sample's N frames are the midpoints of N equal segments of its clip (``pipeline.frames``), so
+    the first --frames of them would cover only the start of each clip, and no subset of them is the midpoints of
+    --frames segments that evaluation samples."""
     first = next((members for url in list_shards(folder) for _, members in _tar_samples(url)), None)
     if first is None:  # no sample at all: the streams say so
         return
     have = next(k for k in itertools.count() if f"{k}.jpg" not in first)
     if have < frames:
         raise DataError(
-            f"--frames {frames}: the samples in {folder} hold {have} frames; pass --frames {have} or lower, or "
+            f"--frames {frames}: the samples in {folder} hold {have} frames; pass --frames {have}, or "
             f"re-shard with python -m pipeline.shard --frames {frames}"
+        )
+    if have > frames:
+        raise DataError(
+            f"--frames {frames}: the samples in {folder} hold {have} frames, the midpoints of {have} segments of "
+            f"each clip, and their first {frames} would cover only the first {frames}/{have} of it; pass --frames "
+            f"{have}, or re-shard with python -m pipeline.shard --frames {frames}"
         )
 
 
 def _reader() -> tuple[int, int]:
     """(reader id, number of readers) over ranks x loader workers."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, workers = _worker()
     return rank * workers + worker, world * workers
+
+
+def _worker() -> tuple[int, int]:
+    """(this loader worker's id, number of workers) of this rank's loader; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 def count_and_continue(exn: Exception) -> bool:
     """webdataset handler: log, count, go on (webdataset's warn_and_continue sleeps 0.5 s per error)."""
-    global _dropped
-    _dropped += 1
-    if _dropped <= 3:
-        log.warning("skipping a broken shard member: %s", exn)
+    _broken("skipping a broken shard member: %s", exn)
     return True
+
+
+def _broken(message: str, *args) -> None:
+    """Count a broken sample or shard member (logging the first few); a DataError after DRY_LIMIT in a row. The
+    training streams are endless: one whose every shard or sample is broken would otherwise spin forever, and
+    webdataset drops a stage's None results before a later stage could count them."""
+    global _dropped, _streak
+    _dropped += 1
+    _streak += 1
+    if _dropped <= 3:
+        log.warning(message, *args)
+    if _streak >= DRY_LIMIT:
+        _streak = 0
+        raise DataError(
+            f"{DRY_LIMIT} samples or shard members in a row could not be read (see the warnings above); check the "
+            "shards with python -m pipeline.shard's _stats.json, or re-shard them"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,7 +181,6 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
     (applied by ``train.augment``). "device_jpeg": no decoding here; "jpegs" holds the T
     encoded frames (bytes), decoded on the device.
     """
-    global _dropped
     try:
         out = {"text": sample["txt"].decode("utf-8"), "key": sample["__key__"], "index": sample.get("__index__", -1)}
         if augment_on == "device_jpeg":
@@ -168,9 +198,7 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
             out["video"] = transform(images)
         return out
     except Exception as e:  # missing member, corrupt JPEG, bad UTF-8: skip and count
-        _dropped += 1
-        if _dropped <= 3:
-            log.warning("skipping sample %s: %s", sample.get("__key__"), e)
+        _broken("skipping sample %s: %s", sample.get("__key__"), e)
         return None
 
 
@@ -289,31 +317,59 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 class IndexedShards:
     """Random access to the samples of a few shards (the labeled set, validation), through a tar index.
 
-    Called with no argument, it yields raw samples (``{"__key__", "__index__", ext: bytes}``)
-    of this reader's share: ``passes`` passes (``None`` = forever), each pass a
-    new permutation of all samples when ``shuffle`` (seeded by seed and pass),
-    split across readers as ``order[reader::readers]``.
+    Called with no argument, it yields raw samples (``{"__key__", "__index__", ext: bytes}``) of this reader's
+    share of a sequence of ``passes`` passes (``None`` = forever), each pass a new permutation of all samples when
+    ``shuffle`` (seeded by seed and pass), one after the other: the readers (ranks x loader workers) take its
+    elements in turn, reader r those at r, r + readers, r + 2 readers, ... So every reader yields, even with fewer
+    samples than readers, and each sample comes once per pass over all readers.
+
+    ``skip_batches`` (a resumed run's step): this rank's loader has already handed out that many batches of
+    ``batch`` samples, taking them from its workers in turn (a DataLoader's order); the readers start after the
+    samples put in them, so that the run goes on through the same passes in the same order, each batch holding the
+    samples it would have held (to within the broken samples skipped before, which moved the readers on).
     """
 
-    def __init__(self, urls: list[str], seed: int = 0, shuffle: bool = True, passes: int | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        seed: int = 0,
+        shuffle: bool = True,
+        passes: int | None = None,
+        skip_batches: int = 0,
+        batch: int = 1,
+    ):
         self.samples = _index_tars(urls)
         if not self.samples:
             raise DataError(f"the shards {urls[0]}... hold no samples")
         self.seed, self.shuffle, self.passes = seed, shuffle, passes
+        self.skip_batches, self.batch = skip_batches, batch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __call__(self) -> Iterator[dict]:
         reader, readers = _reader()
+        worker, workers = _worker()
+        # A loader takes its batches from its workers in turn, starting at worker 0, so a resumed loader's worker
+        # w makes the batches the first loader's worker (w + skip_batches) % workers would have made next: it
+        # takes that worker's place among the readers, after the samples that worker handed out
+        role = (worker + self.skip_batches) % workers
+        reader += role - worker
+        skip = len(range(role, self.skip_batches, workers)) * self.batch
+        n = len(self.samples)
+        end = None if self.passes is None else self.passes * n
         files: dict[str, object] = {}
+        epoch, order = -1, []
         try:
-            for epoch in itertools.count() if self.passes is None else range(self.passes):
-                order = list(range(len(self.samples)))
-                if self.shuffle:
-                    random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-                for index in order[reader::readers]:
-                    yield self._read(index, files)
+            for position in itertools.count(reader + skip * readers, readers):
+                if end is not None and position >= end:
+                    return
+                if position // n != epoch:
+                    epoch = position // n
+                    order = list(range(n))
+                    if self.shuffle:
+                        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                yield self._read(order[position % n], files)
         finally:
             for f in files.values():
                 f.close()
@@ -351,38 +407,30 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
             yield key, members
 
 
-DRY_LIMIT = 1000  # broken samples in a row after which a stream gives up
-
-
-def readable(samples: Iterator[dict | None], limit: int = DRY_LIMIT) -> Iterator[dict]:
-    """The decoded samples, without the broken ones (None); a DataError after ``limit`` broken in a row: the
-    training streams are endless, and one that yields no sample would spin forever instead of failing."""
-    streak = 0
+def decoded(samples: Iterator[dict], frames: int, transform: Callable, augment_on: str = "loader") -> Iterator[dict]:
+    """``decode_sample`` of each sample, without the broken ones (counted; a DataError after DRY_LIMIT in a row)."""
+    global _streak
     for sample in samples:
-        if sample is not None:
-            streak = 0
-            yield sample
-            continue
-        streak += 1
-        if streak >= limit:
-            raise DataError(
-                f"{limit} samples in a row could not be read (see the warnings above); check the shards with "
-                "python -m pipeline.shard's _stats.json, or re-shard them"
-            )
+        out = decode_sample(sample, frames, transform, augment_on)
+        if out is not None:
+            _streak = 0
+            yield out
 
 
 def _batches(source, frames, transform, tokenizer, batch: int, partial: bool, augment_on: str = "loader") -> list:
     return [
         source,
-        wds.map(lambda s: decode_sample(s, frames, transform, augment_on)),
-        readable,
+        functools.partial(decoded, frames=frames, transform=transform, augment_on=augment_on),
         wds.batched(batch, collation_fn=make_collate(tokenizer), partial=partial),
     ]
 
 
-def labeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_on="loader") -> wds.DataPipeline:
-    """Forever, in passes over all labeled samples, reshuffled each pass."""
-    source = IndexedShards(list_shards(folder), seed)
+def labeled_stream(
+    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", skip_batches: int = 0
+) -> wds.DataPipeline:
+    """Forever, in passes over all labeled samples, reshuffled each pass; ``skip_batches``: a resumed run's step,
+    to go on where it stopped (``IndexedShards``)."""
+    source = IndexedShards(list_shards(folder), seed, skip_batches=skip_batches, batch=batch)
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
 
@@ -422,8 +470,8 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
 
 def _new_worker(worker_id: int) -> None:
     """A forked worker counts its own skipped samples, not those its parent had not yet handed out."""
-    global _dropped
-    _dropped = 0
+    global _dropped, _streak
+    _dropped = _streak = 0
 
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:

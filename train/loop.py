@@ -13,6 +13,7 @@ import copy
 import functools
 import json
 import math
+import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -381,7 +382,6 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "config": cfg.to_dict(),
-                "rng": checkpoint.rng_state(),
                 "best_val_loss": progress.best_val_loss,
                 "skipped_steps": progress.skipped_steps,
                 "dropped_samples": progress.dropped_samples,
@@ -407,6 +407,15 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         for k in current
         if k != "resume" and k in saved and saved[k] != current[k]
     ]
+
+
+def seed_process(seed: int, rank: int, step: int) -> None:
+    """Seed this process's torch and Python random numbers from --seed, its rank and the step it starts at: with
+    --workers 0 they draw the crops and flips, which must differ between the ranks and be the same for the same
+    seed. A resumed run starts afresh from its step (a checkpoint held rank 0's state only, which every rank took)."""
+    value = seed + 7919 * rank + 1_000_003 * step
+    torch.manual_seed(value)
+    random.seed(value)
 
 
 def loader_seed(seed: int, stream: int, rank: int) -> int:
@@ -436,6 +445,17 @@ def apply_hyper_parameters(optimizer, scheduler, cfg: TrainConfig) -> None:
         )
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this run's choice of kernel: the saved parameter groups carry
+    the saving run's (a CPU run's fused=False), and a fused AdamW's group that says otherwise fails at the first
+    step that passes ``found_inf`` (``train_step`` reads the choice from ``optimizer.defaults``)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach", "capturable"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+
+
 def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress) -> dict:
     """Load a run's state from ``path`` into the models, optimizer, scheduler and progress; returns its config."""
     state = checkpoint.load(path)
@@ -443,13 +463,12 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     if not problem:
         models.student.clip.load_state_dict(state["student"])
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer(optimizer, state["optimizer"])
         except ValueError as e:  # parameter groups of another model or recipe
             problem = str(e)
     if problem:  # a model that cannot be built on the meta device, or another optimizer layout
         raise checkpoint.another_model(path, state, problem)
     scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(state["rng"])
     progress.step = state["step"]
     progress.best_val_loss = state["best_val_loss"]
     progress.skipped_steps = state["skipped_steps"]
@@ -482,7 +501,10 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | None) -> dict:
-    torch.manual_seed(cfg.seed + dist.rank)
+    # one seed on every rank while the models are built: DDP hands rank 0's student to the others, but nothing
+    # would hand them its teacher, and a teacher of random weights (a model config without --teacher_weights)
+    # would differ between ranks
+    torch.manual_seed(cfg.seed)
     if distributed.is_main():
         print("train.main config:\n" + json.dumps(cfg.to_dict(), indent=1))
     models = build_models(cfg, dist)
@@ -497,16 +519,22 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             changes = config_changes(saved, cfg.to_dict())
             if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
+    seed_process(cfg.seed, dist.rank, progress.step)
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
     tokenizer = text_tokenizer(models.student.clip, tokenizer_for(cfg.model), cfg.trim_text)
     size = cfg.crop or image_size(models.student.clip)
     transform = data.TrainTransform(size, cfg.crop_scale)
     where = augment_on(cfg, dist.device)
-    seed = cfg.seed + progress.step  # a resumed run draws new data rather than replaying the first batches
+    # A resumed run goes on through the labeled passes where it stopped (the same permutations, past the batches
+    # it trained on). Its unlabeled shards are drawn at random with replacement: there a new seed (a new draw,
+    # not a replay of the first batches) is as good as the old position. So are new crops.
+    seed = cfg.seed + progress.step
     pin = dist.device.type == "cuda"
     streams = (
-        data.labeled_stream(cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, seed, where),
+        data.labeled_stream(
+            cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, cfg.seed, where, progress.step
+        ),
         data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform, tokenizer, cfg.batch_unlabeled, seed, where),
     )
     # batches reach the step on the device: copied (and cropped, if `where` says so) one step ahead

@@ -84,6 +84,11 @@ class Monitor:
                 id=_run_id(cfg.out),
                 settings=wandb.Settings(save_code=False, console="off"),
             )
+            # Every metric is plotted against the trainer's step, logged as a metric of its own rather than as W&B's
+            # step: a resumed run logs again the steps since its checkpoint, which W&B drops ("steps must be
+            # monotonically increasing") when they are its own step
+            self.run.define_metric(STEP_METRIC)
+            self.run.define_metric("*", step_metric=STEP_METRIC)
             print(
                 f"W&B: {mode} run in {cfg.out}/wandb"
                 + (" (upload later with `wandb sync`)" if mode == "offline" else "")
@@ -95,7 +100,7 @@ class Monitor:
         if not self.is_main:
             return
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({**metrics, STEP_METRIC: step})
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1]: v for k, v in shown.items()}, refresh=False)
@@ -120,7 +125,7 @@ class Monitor:
             import wandb
 
             image = (grid.permute(1, 2, 0).numpy() * 255).astype("uint8")
-            self.run.log({"samples": wandb.Image(image, caption=" | ".join(captions))}, step=step)
+            self.run.log({"samples": wandb.Image(image, caption=" | ".join(captions)), STEP_METRIC: step})
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -133,6 +138,7 @@ class Monitor:
             self.run.finish()
 
 
+STEP_METRIC = "trainer/step"  # W&B's x-axis for every metric (see Monitor.__init__)
 _HEADLINE = ("train/loss", "train/contrastive", "train/videos_per_s", "train/mfu", "val/loss", "val/R@1")
 
 
