@@ -326,7 +326,9 @@ class IndexedShards:
     ``skip_batches`` (a resumed run's step): this rank's loader has already handed out that many batches of
     ``batch`` samples, taking them from its workers in turn (a DataLoader's order); the readers start after the
     samples put in them, so that the run goes on through the same passes in the same order, each batch holding the
-    samples it would have held (to within the broken samples skipped before, which moved the readers on).
+    samples it would have held (to within the broken samples skipped before, which moved the readers on). That
+    takes the same number of ranks and of loader workers as before; with another number of workers the readers
+    start near the same place in the passes, and a few samples around it may come twice or not at all.
     """
 
     def __init__(
