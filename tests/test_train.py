@@ -311,6 +311,32 @@ def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
     assert not torch.equal(crops(0), crops(1))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(train_shards, tmp_path, monkeypatch, workers):
+    """8 labeled samples in batches of 3: a run stopped after step 3 and resumed to step 6 trains on the labeled
+    batches a straight run has at steps 4-6 (it used to start a new pass with a new permutation)."""
+    seen = []
+    step = loop.train_step
+    monkeypatch.setattr(
+        loop,
+        "train_step",
+        lambda models, opt, sched, lab, *a: seen.append(lab.keys) or step(models, opt, sched, lab, *a),
+    )
+
+    def run(out, steps, **flags):
+        seen.clear()
+        loop.run(
+            tiny_config(
+                train_shards, out, steps=steps, batch_labeled=3, val_every=3, fuse=False, workers=workers, **flags
+            )
+        )
+        return list(seen)
+
+    straight = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    assert run(tmp_path / "b", 6, resume="auto") == straight[3:]
+
+
 def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_with_this_runs():
     """A CPU run's checkpoint (unfused AdamW) resumed on a GPU (fused): the saved groups said fused=False, and the
     fused path's first step (found_inf) failed with "Expected grad_scale and found_inf to be None"."""
