@@ -48,6 +48,7 @@ from train.model import (
     register_model,
     tokenizer_for,
 )
+from train.monitor import online_problems
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,7 @@ def main(
             problems.append(f"--names {bad}: a name becomes a folder of OUT, so no slashes or dots-only names")
     if wandb not in ("off", "offline", "online"):
         problems.append(f"--wandb must be off, offline or online, got {wandb!r}")
+    problems += online_problems(wandb)  # wandb.init would refuse it after every model was scored
     if didemo_split not in ("test", "val"):
         problems.append(f"--didemo_split must be test or val, got {didemo_split!r}")
     switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}

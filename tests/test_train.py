@@ -165,6 +165,7 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
         ({"teacher_weights": str(tmp_path / "notes.pt")}, "not a state dict torch can load"),
         ({"frames": 8}, "--frames 8: the samples in"),  # used to drop every sample and hang
         ({"frames": 2}, "hold 4 frames, the midpoints of 4 segments"),  # used to train on each clip's first half
+        ({"out": str(REPO / "README.md")}, "README.md is a file; give a folder"),  # was a bare "[Errno 17]"
         ({"crop": 24}, "--crop 24: " + str(TINY_CLIP) + " takes 32x32 frames"),  # used to fail at the first forward
         ({"val_max": -1}, "--val_max must be a whole number of at least 0"),
         ({"workers": -1}, "--workers must be a whole number of at least 0"),
@@ -335,6 +336,69 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(train_sha
     straight = run(tmp_path / "a", 6)
     run(tmp_path / "b", 3)
     assert run(tmp_path / "b", 6, resume="auto") == straight[3:]
+
+
+def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_model(train_shards, tmp_path, capsys):
+    """--resume A/latest.pt --out B: B has no best.pt, so A's best loss must not stand. With it (and a learning rate
+    too small to improve on A), B never saved a best.pt and the run failed at the end: weights file not found."""
+    first = tmp_path / "a"
+    loop.run(tiny_config(train_shards, first, steps=2, fuse=False))
+    second = tmp_path / "b"
+    summary = loop.run(tiny_config(train_shards, second, steps=3, resume=str(first / checkpoint.LATEST), lr=1e-30))
+    assert (second / checkpoint.BEST).is_file() and (second / checkpoint.FUSED).is_file()
+    assert summary["best_val_loss"] == summary["last_val"]["loss"]
+    capsys.readouterr()
+    loop.run(tiny_config(train_shards, second, steps=2, resume="auto"))  # a checkpoint past --steps: say so
+    assert "note: the checkpoint is at step 3, --steps is 2: nothing to train" in capsys.readouterr().out
+
+
+def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):
+    """No validation: the best loss stays infinite, which json.dumps wrote as the bare word Infinity."""
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, val="", fuse=False))
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["best_val_loss"] is None and summary["steps"] == 2
+
+
+def test_the_validation_loss_scores_every_video_in_batches_of_one_size():
+    torch.manual_seed(0)
+    video = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+
+    def brute(starts, size):
+        return sum(float(loop.contrastive_loss(video[i : i + size], text[i : i + size], 0.05)) for i in starts) / len(
+            starts
+        )
+
+    assert loop.validation_loss(video, text, 3, 0.05) == pytest.approx(brute([0, 3, 4], 3))  # the last 3: 4, 5, 6
+    assert loop.validation_loss(video[:6], text[:6], 3, 0.05) == pytest.approx(brute([0, 3], 3))
+    assert loop.validation_loss(video, text, 64, 0.05) == pytest.approx(brute([0], 7))
+
+
+def test_wandb_online_without_credentials_is_refused_before_any_work(train_shards, tmp_path, monkeypatch):
+    """wandb.init refused it only once the trainer had built its models (eval.run: once every model was scored)."""
+    from eval.run import main as eval_main
+    from train.main import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, out), "wandb": "online"})
+    assert "--wandb online: no W&B credentials found" in str(e.value.code) and not out.exists()
+    with pytest.raises(SystemExit) as e:
+        eval_main(model=str(TINY_CLIP), weights="", data_root=str(tmp_path), out=str(out), wandb="online")
+    assert "--wandb online: no W&B credentials found" in str(e.value.code) and not out.exists()
+    (tmp_path / "netrc").write_text("machine wandb.example.org login user password x\n")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a self-hosted server the user logged in to
+    from train.monitor import online_problems
+
+    assert online_problems("online") == []
 
 
 def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_with_this_runs():

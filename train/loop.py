@@ -360,13 +360,22 @@ def validate(student: VideoTextModel, cfg: TrainConfig, device: torch.device, to
     order = index.argsort()
     video, text = torch.cat([s[1] for s in shards])[order], torch.cat([s[2] for s in shards])[order]
     n = video.shape[0]
-    size = min(cfg.val_batch, n)
-    losses = [
-        contrastive_loss(video[i : i + size], text[i : i + size], cfg.sigma) for i in range(0, n - size + 1, size)
-    ]
-    metrics = {"loss": float(torch.stack(losses).mean()), "videos": n}
+    metrics = {"loss": validation_loss(video, text, cfg.val_batch, cfg.sigma), "videos": n}
     metrics.update(retrieval_metrics(text @ video.T))  # queries: texts, candidates: videos
     return metrics
+
+
+def validation_loss(video: torch.Tensor, text: torch.Tensor, batch: int, sigma: float) -> float:
+    """The mean contrastive loss over batches of ``batch`` videos in order: a fixed batch, as the loss depends on
+    it (the paper's model selection). When ``batch`` does not divide the count, the last batch is the last
+    ``batch`` videos, overlapping the one before: every video is scored, and no batch is smaller than the others
+    (with 127 videos in batches of 64, the last 63 used to be left out)."""
+    n = video.shape[0]
+    size = min(batch, n)
+    starts = list(range(0, n - size + 1, size))
+    if n % size:
+        starts.append(n - size)
+    return float(torch.stack([contrastive_loss(video[i : i + size], text[i : i + size], sigma) for i in starts]).mean())
 
 
 def _cat(parts: list[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
@@ -513,9 +522,14 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     if resume_from is not None:
         saved = restore(resume_from, models, optimizer, scheduler, progress)
         apply_hyper_parameters(optimizer, scheduler, cfg)
-        progress.best_val_loss = min(progress.best_val_loss, checkpoint.best_val_loss(cfg.out))
+        # the best loss is that of a best.pt in OUT: a run resumed from another folder's latest.pt has none yet,
+        # and keeping that folder's best would leave it without one (nothing better to save) and without fitclip.pt
+        here = (Path(cfg.out) / checkpoint.BEST).is_file()
+        progress.best_val_loss = min(progress.best_val_loss, checkpoint.best_val_loss(cfg.out)) if here else math.inf
         if distributed.is_main():
             print(f"resumed from {resume_from} at step {progress.step}")
+            if progress.step >= cfg.steps:
+                print(f"note: the checkpoint is at step {progress.step}, --steps is {cfg.steps}: nothing to train")
             changes = config_changes(saved, cfg.to_dict())
             if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
@@ -679,7 +693,7 @@ def _finish(models: Models, cfg: TrainConfig, progress: Progress) -> dict:
         "steps": progress.step,
         "skipped_steps": progress.skipped_steps,
         "dropped_samples": progress.dropped_samples,
-        "best_val_loss": progress.best_val_loss,
+        "best_val_loss": progress.best_val_loss if math.isfinite(progress.best_val_loss) else None,  # no validation
         "last_val": progress.last_val,
     }
     if distributed.is_main():

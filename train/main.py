@@ -16,11 +16,13 @@ import sys
 
 import fire
 
+from pipeline.cli import folder_problems, refuse
 from train import config as config_module
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, resolve
 from train.data import DataError
 from train.model import WeightsError, check_crop, check_device
+from train.monitor import online_problems
 
 
 def main(recipe: str = "paper", **flags) -> None:
@@ -29,6 +31,7 @@ def main(recipe: str = "paper", **flags) -> None:
         cfg = resolve(recipe, **flags)
         check_crop(cfg.model, cfg.crop)  # also an unknown --model name or a missing/broken config JSON
         check_device(cfg.device)
+        refuse(folder_problems({"out": cfg.out}) + online_problems(cfg.wandb))
     except (ValueError, TypeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
@@ -50,13 +51,34 @@ def wandb_mode(requested: str) -> str:
     """ "auto" -> "online" with credentials, else "offline"."""
     if requested != "auto":
         return requested
+    return "online" if has_credentials() else "offline"
+
+
+def has_credentials() -> bool:
+    """W&B credentials as ``wandb login`` leaves them: ``WANDB_API_KEY``, or a netrc entry for the W&B host
+    (``WANDB_BASE_URL``'s, api.wandb.ai by default)."""
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+        return _wandb_host() in netrc.read_text()
     except OSError:
-        return "offline"
+        return False
+
+
+def online_problems(mode: str) -> list[str]:
+    """A line if ``--wandb online`` is asked for without credentials: wandb.init would refuse it only once the run
+    has built its models (the trainer) or scored every model (eval.run)."""
+    if mode != "online" or has_credentials():
+        return []
+    return [
+        f"--wandb online: no W&B credentials found (WANDB_API_KEY, or `wandb login` for {_wandb_host()}); log in "
+        "first, or pass --wandb offline (upload the run later with `wandb sync`)"
+    ]
+
+
+def _wandb_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
 
 
 class Monitor:
