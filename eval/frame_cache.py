@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval.datasets.base import EvalDataset, Item
+from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remove_temporaries, sample_key
@@ -43,6 +44,8 @@ from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remo
 CACHE_VERSION = 3
 MISSING_FILE = "missing_file"
 UNEXPECTED = "unexpected_error"
+# retried by the next build, as every unexpected error is: an out-of-memory kill may not happen again
+CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
 _SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
@@ -103,10 +106,6 @@ def decode_item(item: Item, settings: CacheSettings) -> tuple[str, list[tuple[st
     meta = {"id": item.id, "video": item.video, "window": item.window, "timestamps": clip.timestamps}
     members.append(("json", json_bytes(meta)))
     return item.id, members, ""
-
-
-def _decode_star(args):
-    return decode_item(*args)
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -236,37 +235,44 @@ def decode_into_shards(
     """Decode ``items`` into new shards ``first_shard``, ... of ``folder``: ({id: [tar name, key]}, {id: reason})."""
     found: dict[str, list[str]] = {}
     missing: dict[str, str] = {}
-    writer, shard = None, first_shard
-    jobs = [(item, settings) for item in items]
-    # fork where there is one: a spawned worker re-imports the __main__ module (eval.run: torch, open_clip, ~5 s
-    # each); forking before any model or tensor work exists is safe, and the workers only use PyAV and PIL.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    pool = context.Pool(workers) if workers > 1 and len(jobs) > 1 else None
-    results = pool.imap(_decode_star, jobs, chunksize=4) if pool else map(_decode_star, jobs)
-    try:
-        for item_id, members, reason in tqdm(
-            results, total=len(jobs), desc=f"decoding {name}", unit="video", disable=not progress
-        ):
-            if members is None:
-                missing[item_id] = reason
-                continue
-            if writer is None:
-                writer = TarShardWriter(folder, shard)
-            key = sample_key(item_id)
-            writer.add_sample(key, members)
-            found[item_id] = [writer.final.name, key]
-            if writer.samples == settings.per_shard:
-                writer.commit()
-                writer, shard = None, shard + 1
-        if writer is not None:
+    state = {"writer": None, "shard": first_shard}
+    bar = tqdm(total=len(items), desc=f"decoding {name}", unit="video", disable=not progress)
+
+    def keep(result: tuple[str, list[tuple[str, bytes]] | None, str]) -> None:
+        item_id, members, reason = result
+        bar.update(1)
+        if members is None:
+            missing[item_id] = reason
+            return
+        if state["writer"] is None:
+            state["writer"] = TarShardWriter(folder, state["shard"])
+        writer, key = state["writer"], sample_key(item_id)
+        writer.add_sample(key, members)
+        found[item_id] = [writer.final.name, key]
+        if writer.samples == settings.per_shard:
             writer.commit()
-            writer = None
+            state["writer"], state["shard"] = None, state["shard"] + 1
+
+    try:
+        if workers > 1 and len(items) > 1:
+            # fork where there is one: a spawned worker re-imports the __main__ module (eval.run: torch, open_clip,
+            # ~5 s each); forking before any model or tensor work exists is safe, and the workers only use PyAV and
+            # PIL. A worker that dies on a video (a decoder's segfault, the OOM killer) costs that video only
+            # (run_isolated); with multiprocessing.Pool the build waited for it for ever, holding the cache's lock
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            for item in run_isolated(items, settings, workers, keep, decode_item, context):
+                keep((item.id, None, CRASHED))
+        else:
+            for item in items:
+                keep(decode_item(item, settings))
+        if state["writer"] is not None:
+            state["writer"].commit()
+            state["writer"] = None
     finally:
-        if writer is not None:  # interrupted: no half-written tar is left behind
-            writer.abort()
-        if pool:
-            pool.terminate()
+        bar.close()
+        if state["writer"] is not None:  # interrupted: no half-written tar is left behind
+            state["writer"].abort()
     return found, missing
 
 

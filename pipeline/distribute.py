@@ -40,31 +40,39 @@ def run_local(
     the one that kills its worker is identified; such shards are reported in a
     :class:`ShardCrash` at the end, after all other shards are done.
     """
-    crashed: list[int] = []
+    crashed = run_isolated(tasks, settings, workers, on_result, job, multiprocessing.get_context("spawn"))
+    if crashed:
+        raise ShardCrash(sorted(t.shard for t in crashed))
+
+
+def run_isolated(tasks: Iterable, settings: object, workers: int, on_result: Callable, job: Callable, context) -> list:
+    """``on_result(job(task, settings))`` for every task, on ``workers`` processes of the multiprocessing
+    ``context``, at most ``2 * workers`` submitted at a time; returns the tasks whose worker process died even when
+    run alone (the tasks in flight when a worker dies are rerun one at a time in fresh processes, so that the one
+    that kills its worker is identified, and the others are not lost). A worker that dies leaves a pool's pending
+    results unanswered, which used to hang a ``multiprocessing.Pool``'s caller for ever."""
+    crashed = []
     tasks = iter(tasks)
     while True:
-        suspects, unstarted = _run_pool(tasks, settings, workers, on_result, job)
+        suspects, unstarted = _run_pool(tasks, settings, workers, on_result, job, context)
         if not suspects and not unstarted:
-            break
-        for task in suspects:  # alone, so a crash is this shard's
-            again, _ = _run_pool(iter([task]), settings, 1, on_result, job)
-            crashed.extend(t.shard for t in again)
+            return crashed
+        for task in suspects:  # alone, so a crash is this task's
+            again, _ = _run_pool(iter([task]), settings, 1, on_result, job, context)
+            crashed.extend(again)
         tasks = itertools.chain(unstarted, tasks)
-    if crashed:
-        raise ShardCrash(sorted(crashed))
 
 
 def _run_pool(
-    tasks: Iterator[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, job: Job
-) -> tuple[list[ShardTask], list[ShardTask]]:
+    tasks: Iterator, settings: object, workers: int, on_result: Callable, job: Callable, context
+) -> tuple[list, list]:
     """Run until ``tasks`` is exhausted.
 
     Returns ``(suspects, unstarted)``, both empty unless the pool broke: then the
     tasks that were running when a worker died, and one taken but not submitted.
     """
-    context = multiprocessing.get_context("spawn")  # no fork: safe with threads and native libraries
-    pending: dict[Future, ShardTask] = {}
-    taken: ShardTask | None = None
+    pending: dict[Future, object] = {}
+    taken = None
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         try:
             for taken in itertools.islice(tasks, 2 * workers):
@@ -73,9 +81,9 @@ def _run_pool(
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    stats = future.result()  # raises BrokenProcessPool if a worker died
+                    result = future.result()  # raises BrokenProcessPool if a worker died
                     del pending[future]
-                    on_result(stats)
+                    on_result(result)
                     for taken in itertools.islice(tasks, 1):
                         pending[pool.submit(job, taken, settings)] = taken
                         taken = None

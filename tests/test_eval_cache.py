@@ -218,3 +218,28 @@ def test_a_second_build_of_the_same_cache_waits_and_decodes_nothing_twice(tmp_pa
     assert not waiting.is_alive() and results[0].found == record.found
     assert sorted(decoded) == ["fixed", "kept", "late"]  # each once: the waiting build found them made
     assert "another run is building" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120, method="thread")  # a hang ends the run (a SIGALRM does not reach a Pool wait)
+def test_a_worker_that_dies_costs_its_video_only(tmp_path, monkeypatch):
+    """A decoder that kills its process (a segfault, the OOM killer): multiprocessing.Pool never answered for the
+    videos that worker held, and the build waited for ever, holding the cache's lock. Now that video is missing
+    (retried by the next build) and every other is decoded."""
+    videos = tmp_path / "videos"
+    names = ("a", "b", "crash", "d", "e")
+    for name in names:
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = EvalDataset("toy", RETRIEVAL, [Item(id=n, video=str(videos / f"{n}.mp4"), text=n) for n in names])
+    real = frame_cache.decode_frames
+
+    def crashing(path, *args, **kwargs):  # inherited by the forked workers
+        if Path(path).stem == "crash":
+            os._exit(9)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(frame_cache, "decode_frames", crashing)
+    cache = build_cache(ds, tmp_path / "cache", CacheSettings(), workers=2, progress=False)
+    assert set(cache.found) == {"a", "b", "d", "e"} and cache.missing == {"crash": frame_cache.CRASHED}
+    monkeypatch.setattr(frame_cache, "decode_frames", real)  # (the in-process build below would call it too)
+    assert first_frame_index(cache, "e") == first_frame_index(build(ds, tmp_path / "again"), "e")
+    assert set(build_cache(ds, tmp_path / "cache", CacheSettings(), workers=2, progress=False).found) == set(names)
