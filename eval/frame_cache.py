@@ -176,7 +176,7 @@ def build_cache(
     folder = Path(folder) if folder is not None else cache_folder(root, dataset, settings)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
-    if record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder)):
+    if record is not None and not _stale(dataset.items, record, stamps, folder):
         return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder, dataset.name):
@@ -204,9 +204,9 @@ def _rebuild(
             file=sys.stderr,
         )
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
-    if record is not None and not plan:
+    if record is not None and not _stale(dataset.items, record, stamps, folder):
         return _load(folder, record)
-    if record is not None:
+    if record is not None and plan:
         print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
     remove_temporaries(folder)  # of a build that was killed (no other build runs: the lock)
     todo = [item for item in dataset.items if item.id in plan]
@@ -274,6 +274,13 @@ def decode_into_shards(
         if state["writer"] is not None:  # interrupted: no half-written tar is left behind
             state["writer"].abort()
     return found, missing
+
+
+def _stale(items: list[Item], record: dict, stamps: dict[str, Stamp], folder: Path) -> bool:
+    """Whether the manifest must be written again: a video to decode, or one it lists that is gone (a video removed
+    from eval.tag's folder, whose frames the rewrite lets go)."""
+    listed = set(record["found"]) | set(record["missing"])
+    return bool(plan_decode(items, record, stamps, existing_shards(folder))) or bool(listed - {i.id for i in items})
 
 
 def _load(folder: Path, record: dict) -> FrameCache:

@@ -158,8 +158,13 @@ def code_version() -> str:
 
 
 def _check_path_part(name: str, what: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+    if not is_path_part(name):
         raise ValueError(f"{what} {name!r} cannot be a file name: use a name without slashes")
+
+
+def is_path_part(name: str) -> bool:
+    """Whether ``name`` can be one file or folder name (no slashes, not . or ..)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def result_path(out_dir: str | Path, model_name: str, dataset_name: str) -> Path:

@@ -68,6 +68,8 @@ class EvalConfig:
     cache: str = ""
 
 
+# what OUT holds besides the models' folders (OUT/<name>/): a model of one of these names would collide with it
+RESERVED_NAMES = frozenset({report.SUMMARY_NAME, "cache", "wandb", "alpha_sweep.png", LOCK_NAME})
 CACHE_MIN_SIZE = 224  # cached frames' shorter side is at least this, so every 224-px model shares one cache
 
 
@@ -171,6 +173,10 @@ def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> t
         except AnnotationsMissing as e:
             skipped.append({"dataset": name, "skipped": True, "reason": str(e), "path": e.path})
             print(f"skipping {name}: {e}", file=sys.stderr)
+        except (ValueError, OSError) as e:  # a malformed or unreadable annotation file (its parser names it)
+            raise SystemExit(
+                f"error: {name}: {e}; fix or replace the annotation file, or leave {name} out with --datasets"
+            ) from e
     return loaded, skipped
 
 
@@ -257,7 +263,7 @@ def run(
 
 
 @contextlib.contextmanager
-def out_lock(out: Path, names: list[str]):
+def out_lock(out: Path):
     """Hold ``OUT/.lock`` while this run writes its records, summary and plot: two runs into one OUT would replace
     each other's records and tables. Under it, the temporaries a killed run left beside them are removed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -266,9 +272,17 @@ def out_lock(out: Path, names: list[str]):
         held = out / LOCK_NAME
         raise SystemExit(f"error: another run is writing {out} (it holds {held}): wait for it or give another --out")
     with handle:
-        for folder in (out, *(out / name for name in names)):
+        # every model's folder, not only this run's: a killed run into OUT may have scored other names
+        for folder in (out, *(path for path in out.iterdir() if path.is_dir() and path.name not in RESERVED_NAMES)):
             remove_temporaries(folder)
         yield
+
+
+def _summarise_what_is_there(out: str) -> None:
+    """summary.md from the records in OUT, for a run that stops early: it removed the old tables at its start."""
+    results = report.load_results(out)
+    if results:
+        report.write_summary(out, results)
 
 
 def main(
@@ -352,7 +366,18 @@ def main(
         if len(labels) != len(entries):
             problems.append(f"--names has {len(labels)} entries but --weights has {len(entries)}")
         models = list(zip(labels, entries, strict=False))
-        bad = [n for n in labels if not n or "/" in n or n in (".", "..")]
+        if not entries:
+            problems.append("--weights names no model: give one or more entries (e.g. openai,runs/x/best.pt)")
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice and len(labels) == len(entries):
+            problems.append(
+                f"two models would be named {', '.join(twice)}, and each model's records go to OUT/<name>: give "
+                "--names, one distinct name per weights entry"
+            )
+        taken = sorted(set(labels) & RESERVED_NAMES)
+        if taken:
+            problems.append(f"--names {taken}: OUT holds files and folders of that name; choose other names")
+        bad = [n for n in labels if not report.is_path_part(n)]
         if bad:
             problems.append(f"--names {bad}: a name becomes a folder of OUT, so no slashes or dots-only names")
     if wandb not in ("off", "offline", "online"):
@@ -390,14 +415,18 @@ def main(
     loaded, skipped = load_datasets(chosen, cfg, {k: str(v) for k, v in roots.items() if v})
     if not loaded:
         sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
-    with out_lock(Path(cfg.out), [name for name, _ in models]):
+    with out_lock(Path(cfg.out)):
         # the tables are rebuilt from every record at the end; until then an old summary.md would sit beside records
         # this run has replaced (and stay so if it is stopped): it goes now
         (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)
         try:
             records = run(cfg, models, loaded, skipped, bool(strict))
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
+            _summarise_what_is_there(cfg.out)
             sys.exit(f"error: {e}")
+        except BaseException:  # --strict's refusal, Ctrl-C: the tables of the records written so far
+            _summarise_what_is_there(cfg.out)
+            raise
         results = report.load_results(cfg.out)
         summary = report.write_summary(cfg.out, results)
         print(summary.read_text())

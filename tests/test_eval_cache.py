@@ -112,6 +112,12 @@ def test_a_folder_cache_decodes_added_videos_and_drops_removed_ones(tmp_path, de
     assert frame_cache.video_folder_cache(root, videos / ".." / "videos", settings) == third.folder  # same folder
     assert frame_cache.video_folder_cache(root, videos, CacheSettings(size=256)) != third.folder
 
+    (videos / "b.mp4").unlink()  # a removal alone, nothing to decode: it used to leave the manifest as it was
+    decoded.clear()
+    fourth = folder_build()
+    assert decoded == [] and set(fourth.found) == {"c.mp4", "d.mp4"}
+    assert set(json.loads((fourth.folder / "manifest.json").read_text())["found"]) == {"c.mp4", "d.mp4"}
+
 
 def test_unexpected_errors_are_retried(tmp_path, decoded, monkeypatch, capsys):
     videos = tmp_path / "videos"

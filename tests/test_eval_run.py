@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import tarfile
 import tempfile
 from dataclasses import replace
@@ -156,6 +157,10 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"data_root": str(tmp_path / "empty")}, "no dataset found"),
         ({"model": "ViT-B-16-typo"}, "quickgelu"),
         ({"weights": str(w["teacher"]), "names": "a/b"}, "no slashes"),
+        ({"weights": str(w["teacher"]), "names": "a\\b"}, "no slashes"),  # failed only after the work
+        ({"weights": str(w["teacher"]), "names": "summary.md"}, "OUT holds files and folders of that name"),
+        ({"weights": f"{w['teacher']},{w['student']}", "names": "x,x"}, "two models would be named x"),
+        ({"weights": ""}, "--weights names no model"),  # decoded every video for no model
         ({"renormalize_video": "no"}, "--renormalize_video must be True or False, got 'no'"),
         ({"strict": "yes"}, "--strict must be True or False"),
         ({"batch_size": 0}, "--batch_size must be a whole number of at least 1, got 0"),
@@ -195,7 +200,8 @@ def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
 
 def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(bench, tmp_path, monkeypatch):
     """summary.md is rebuilt from every record at the end: a run stopped before then (here, failing on its first
-    model) must not leave the last run's tables beside the records it replaced."""
+    model, or refused by --strict) must not leave the last run's tables beside the records it replaced, and makes
+    them from the records in OUT (it used to leave none)."""
     from eval import run
 
     root, _, w = bench
@@ -209,7 +215,35 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
     monkeypatch.setattr(run, "run", stopped)
     with pytest.raises(SystemExit):
         run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
-    assert not (out / report.SUMMARY_NAME).exists()
+    assert not (out / report.SUMMARY_NAME).exists()  # no record in OUT: no tables
+
+    record = {"dataset": "msrvtt", "metrics": {"R@1": 1.0}, "num_expected": 1, "num_found": 1, "num_missing": 0}
+    record.update(model="earlier", missing=[], weights="x", config={}, code_version="abc1234")
+    report.write_result(out, "earlier", "msrvtt", record)
+
+    def strict(*args, **kwargs):
+        raise SystemExit("error: --strict and 1 msrvtt video(s) are missing")
+
+    monkeypatch.setattr(run, "run", strict)
+    with pytest.raises(SystemExit):
+        run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
+    assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
+
+
+def test_a_malformed_annotation_file_is_an_error_line(bench, tmp_path):
+    """A classInd.txt that does not fit the test list: a traceback, now one error line naming the dataset."""
+    from eval import run
+
+    root, _, w = bench
+    lists = tmp_path / "data" / "ucf101" / "ucfTrainTestlist"
+    shutil.copytree(root / "data" / "ucf101" / "ucfTrainTestlist", lists)
+    (lists / "classInd.txt").write_text("1 SomethingElse\n")
+    with pytest.raises(SystemExit) as e:
+        run.main(
+            model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(tmp_path / "data"), out=str(tmp_path / "o")
+        )
+    assert str(e.value.code).startswith("error: ucf101: ") and "--datasets" in str(e.value.code)
+    assert not (tmp_path / "o").exists()
 
 
 def test_one_run_writes_an_out_at_a_time_and_clears_a_killed_runs_temporaries(bench, tmp_path, monkeypatch):
@@ -221,7 +255,9 @@ def test_one_run_writes_an_out_at_a_time_and_clears_a_killed_runs_temporaries(be
     root, _, w = bench
     out = tmp_path / "o"
     (out / "teacher").mkdir(parents=True)
+    (out / "other").mkdir()  # a model of a killed run that this one does not score
     left = [out / ".summary.md.tmp-0123456789ab", out / "teacher" / ".ucf101.json.tmp-0123456789ab"]
+    left.append(out / "other" / ".msrvtt.json.tmp-0123456789ab")
     for path in left:
         path.write_text("half a record")
     kept = out / "teacher" / "notes.txt"
