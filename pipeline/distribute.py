@@ -40,7 +40,8 @@ def run_local(
     the one that kills its worker is identified; such shards are reported in a
     :class:`ShardCrash` at the end, after all other shards are done.
     """
-    crashed = run_isolated(tasks, settings, workers, on_result, job, multiprocessing.get_context("spawn"))
+    spawn = multiprocessing.get_context("spawn")  # no fork: safe with threads and native libraries
+    crashed = run_isolated(tasks, settings, workers, on_result, job, spawn)
     if crashed:
         raise ShardCrash(sorted(t.shard for t in crashed))
 
