@@ -372,7 +372,7 @@ def main(
         if twice and len(labels) == len(entries):
             problems.append(
                 f"two models would be named {', '.join(twice)}, and each model's records go to OUT/<name>: give "
-                "--names, one distinct name per weights entry"
+                "distinct --names, one per weights entry"
             )
         taken = sorted(set(labels) & RESERVED_NAMES)
         if taken:
