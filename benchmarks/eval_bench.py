@@ -165,15 +165,20 @@ def cache_bytes(cache: FrameCache) -> int:
 
 
 class _ResultTimes:
-    """Stands in for build_cache's tqdm: records when each decoded video reaches the writing loop."""
+    """Stands in for build_cache's tqdm progress bar: records when each decoded video reaches the writer (the bar's
+    ``update``)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def __call__(self, iterable, **_kwargs):
-        for result in iterable:
-            self.times.append(time.perf_counter())
-            yield result
+    def __call__(self, *_args, **_kwargs) -> _ResultTimes:  # tqdm(total=..., desc=...): the bar
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.times.extend([time.perf_counter()] * n)
+
+    def close(self) -> None:
+        pass
 
 
 def steady_rate(times: list[float], burst_s: float = BURST_S) -> float | None:
