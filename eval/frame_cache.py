@@ -176,7 +176,8 @@ def build_cache(
     folder = Path(folder) if folder is not None else cache_folder(root, dataset, settings)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
-    if record is not None and not _stale(dataset.items, record, stamps, folder):
+    fresh = record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder))
+    if fresh and not _gone(dataset.items, record):
         return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder, dataset.name):
@@ -204,7 +205,7 @@ def _rebuild(
             file=sys.stderr,
         )
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
-    if record is not None and not _stale(dataset.items, record, stamps, folder):
+    if record is not None and not plan and not _gone(dataset.items, record):
         return _load(folder, record)
     if record is not None and plan:
         print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
@@ -276,11 +277,10 @@ def decode_into_shards(
     return found, missing
 
 
-def _stale(items: list[Item], record: dict, stamps: dict[str, Stamp], folder: Path) -> bool:
-    """Whether the manifest must be written again: a video to decode, or one it lists that is gone (a video removed
-    from eval.tag's folder, whose frames the rewrite lets go)."""
-    listed = set(record["found"]) | set(record["missing"])
-    return bool(plan_decode(items, record, stamps, existing_shards(folder))) or bool(listed - {i.id for i in items})
+def _gone(items: list[Item], record: dict) -> bool:
+    """Whether the manifest lists an item no longer among ``items`` (a video removed from eval.tag's folder): then
+    it is written again without it, even with nothing to decode, and its frames are let go."""
+    return bool((set(record["found"]) | set(record["missing"])) - {item.id for item in items})
 
 
 def _load(folder: Path, record: dict) -> FrameCache:

@@ -278,11 +278,11 @@ def out_lock(out: Path):
         yield
 
 
-def _summarise_what_is_there(out: str) -> None:
-    """summary.md from the records in OUT, for a run that stops early: it removed the old tables at its start."""
+def summarise(out: str) -> Path | None:
+    """OUT/summary.md from every record in OUT (None: there is none), at the end of a run, however it ends: it
+    removed the old tables at its start."""
     results = report.load_results(out)
-    if results:
-        report.write_summary(out, results)
+    return report.write_summary(out, results) if results else None
 
 
 def main(
@@ -422,14 +422,11 @@ def main(
         try:
             records = run(cfg, models, loaded, skipped, bool(strict))
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
-            _summarise_what_is_there(cfg.out)
             sys.exit(f"error: {e}")
-        except BaseException:  # --strict's refusal, Ctrl-C: the tables of the records written so far
-            _summarise_what_is_there(cfg.out)
-            raise
-        results = report.load_results(cfg.out)
-        summary = report.write_summary(cfg.out, results)
-        print(summary.read_text())
+        finally:  # also when the run stops early (an error, --strict's refusal, Ctrl-C): the records written so far
+            summary = summarise(cfg.out)
+        if summary is not None:
+            print(summary.read_text())
         png = None
         if alphas:
             points = []
