@@ -180,26 +180,33 @@ def test_validation_stream_is_complete_and_ordered_by_index(train_shards):
     assert all(b.video.shape[1:] == (4, 3, 32, 32) for b in batches)
 
 
+def _damaged_copy(folder, tmp_path, damage) -> Path:
+    """A copy of a shard folder whose every frame is rewritten by ``damage`` ((member name, payload) -> payload)."""
+    out = tmp_path / "damaged"
+    shutil.copytree(folder, out)
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(info, tar.extractfile(info).read()) for info in tar]
+        with tarfile.open(shard, "w") as tar:
+            for info, payload in members:
+                if info.name.endswith(".jpg"):
+                    payload = damage(info.name, payload)
+                    info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return out
+
+
 @pytest.mark.parametrize("augment_on", ["loader", "device", "device_jpeg"])
 def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path, augment_on):
     """Not a JPEG, a JPEG cut short, a truncated tar: the stream goes on and each batch says how many it dropped.
 
     With augment_on device_jpeg the workers do not decode; their header check must catch the same samples."""
-    broken = tmp_path / "broken"
-    shutil.copytree(train_shards["unlabeled"], broken)
-    first = broken / "000000.tar"
-    members = []
-    with tarfile.open(first) as tar:
-        for info in tar:
-            members.append((info, tar.extractfile(info).read()))
-    jpegs = [info.name for info, _ in members if info.name.endswith(".1.jpg")]
+    with tarfile.open(train_shards["unlabeled"] / "000000.tar") as tar:
+        jpegs = [name for name in tar.getnames() if name.endswith(".1.jpg")]
     damage = {jpegs[0]: lambda payload: b"not a jpeg", jpegs[1]: lambda payload: payload[: len(payload) // 2]}
-    with tarfile.open(first, "w") as tar:
-        for info, payload in members:
-            if info.name in damage:
-                payload = damage[info.name](payload)
-                info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    broken = _damaged_copy(
+        train_shards["unlabeled"], tmp_path, lambda name, payload: damage[name](payload) if name in damage else payload
+    )
     cut = broken / "000001.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     tok = tokenizer_for(str(TINY_CLIP))
@@ -409,22 +416,6 @@ def test_wandb_plots_against_the_trainers_step_so_a_resumed_run_keeps_its_steps(
 
 def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
-
-
-def _damaged_copy(folder, tmp_path, damage) -> Path:
-    """A copy of a shard folder whose every frame is rewritten by ``damage`` (a payload -> payload function)."""
-    out = tmp_path / "damaged"
-    shutil.copytree(folder, out)
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = [(info, tar.extractfile(info).read()) for info in tar]
-        with tarfile.open(shard, "w") as tar:
-            for info, payload in members:
-                if info.name.endswith(".jpg"):
-                    payload = damage(info.name, payload)
-                    info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return out
 
 
 @pytest.mark.parametrize("kind", ["labeled", "unlabeled", "tars"])

@@ -5,8 +5,9 @@ Three streams, all over the shard format of ``shards/README.md``:
 - *labeled* (the 4.5K subset): infinite, in passes; every pass visits every
   sample once across all ranks and loader workers, in a new order. A tar index
   (headers only) gives random access, and each reader (rank x worker) takes
-  every ``readers``-th sample of the pass's permutation, so it works with fewer
-  shards than readers.
+  every ``readers``-th sample of the passes' permutations laid end to end, so it
+  works with fewer shards, or samples, than readers, and a resumed run goes on
+  where it stopped.
 - *unlabeled* (all of WebVid): infinite, resampled: each reader draws shards at
   random (seeded) and shuffles samples in a buffer. No node splitting is needed
   and no rank can run dry, so DDP never waits on an uneven stream.
@@ -15,7 +16,8 @@ Three streams, all over the shard format of ``shards/README.md``:
   back in order.
 
 Corrupt tar members and undecodable JPEGs are skipped and counted (each batch
-reports how many its worker dropped since the previous batch), never slept on.
+reports how many its worker dropped since the previous batch), never slept on;
+``DRY_LIMIT`` of them in a row stop the stream with a DataError.
 """
 
 from __future__ import annotations
