@@ -312,10 +312,13 @@ def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
     assert not torch.equal(crops(0), crops(1))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(train_shards, tmp_path, monkeypatch, workers):
-    """8 labeled samples in batches of 3: a run stopped after step 3 and resumed to step 6 trains on the labeled
-    batches a straight run has at steps 4-6 (it used to start a new pass with a new permutation)."""
+@pytest.mark.parametrize("workers, resumed_workers", [(0, 2), (2, 0)])
+def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
+    train_shards, tmp_path, monkeypatch, workers, resumed_workers
+):
+    """8 labeled samples in batches of 3: a run stopped after step 3 and resumed to step 6, with another number of
+    loader workers, trains on the labeled batches a straight run has at steps 4-6 (it used to start a new pass with
+    a new permutation, and then to go on exactly only with the same workers)."""
     seen = []
     step = loop.train_step
     monkeypatch.setattr(
@@ -324,7 +327,7 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(train_sha
         lambda models, opt, sched, lab, *a: seen.append(lab.keys) or step(models, opt, sched, lab, *a),
     )
 
-    def run(out, steps, **flags):
+    def run(out, steps, workers, **flags):
         seen.clear()
         loop.run(
             tiny_config(
@@ -333,9 +336,14 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(train_sha
         )
         return list(seen)
 
-    straight = run(tmp_path / "a", 6)
-    run(tmp_path / "b", 3)
-    assert run(tmp_path / "b", 6, resume="auto") == straight[3:]
+    straight = run(tmp_path / "a", 6, workers)
+    run(tmp_path / "b", 3, workers)
+    state = checkpoint.load(tmp_path / "b" / "latest.pt")
+    assert state.pop("labeled_seen") == 9
+    assert run(tmp_path / "b", 6, resumed_workers, resume="auto") == straight[3:]
+    (tmp_path / "c").mkdir()  # a checkpoint from before labeled_seen was saved: counted from its step
+    torch.save(state, tmp_path / "c" / "old.pt")
+    assert run(tmp_path / "c", 6, resumed_workers, resume=str(tmp_path / "c" / "old.pt")) == straight[3:]
 
 
 def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_model(train_shards, tmp_path, capsys):

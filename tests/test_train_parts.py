@@ -228,24 +228,32 @@ def test_a_loader_worker_counts_only_its_own_skipped_samples(train_shards, monke
     assert [b.dropped for b in batches] == [0, 0]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_labeled_stream_goes_on_where_it_stopped(train_shards, monkeypatch, workers):
-    """A resumed run's labeled batches (rank 1 of 2, 8 samples, batches of 3: passes end inside batches) are the
-    batches the run would have had next: the same samples, in the same passes. It used to start a new pass with a
-    new permutation, repeating part of the interrupted one and skipping the rest."""
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def _labeled_keys(folder, monkeypatch, ranks: int, batch: int, workers: int, start: int, steps: int) -> list[str]:
+    """The labeled samples ``steps`` steps of a run on ``ranks`` ranks take, rank after rank within a step."""
     tok = tokenizer_for(str(TINY_CLIP))
+    per_rank = []
+    for rank in range(ranks):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(ranks))
+        stream = data.labeled_stream(folder, 4, data.TrainTransform(32), tok, batch, 7, "device_jpeg", start=start)
+        per_rank.append([b.keys for b in itertools.islice(iter(data.loader(stream, workers, False, 0)), steps)])
+    assert all(len(keys) == batch for batches in per_rank for keys in batches)
+    return [k for step in range(steps) for rank in range(ranks) for k in per_rank[rank][step]]
 
-    def keys(skip: int, count: int) -> list[list[str]]:
-        stream = data.labeled_stream(
-            train_shards["labeled"], 4, data.TrainTransform(32), tok, 3, 7, "device_jpeg", skip_batches=skip
-        )
-        return [b.keys for b in itertools.islice(iter(data.loader(stream, workers, False, 0)), count)]
 
-    straight = keys(0, 9)
-    assert keys(5, 4) == straight[5:]
-    assert keys(4, 5) == straight[4:]
+def test_a_resumed_labeled_stream_goes_on_where_it_stopped_with_any_ranks_workers_or_batch(train_shards, monkeypatch):
+    """The steps of a run (2 ranks, 2 workers each, batches of 3; 8 samples, so passes end inside batches) take
+    the passes' samples in order, each pass every sample once in a new order. A run resumed after 3 steps (18
+    samples) on 3 ranks without workers, batches of 2, or on 1 rank with 2 workers, batches of 5, takes the samples
+    the first run would have taken next. It used to start a new pass with a new permutation, and then (skipping by
+    batches) to go on exactly only with the same ranks and workers."""
+    folder = train_shards["labeled"]
+    straight = _labeled_keys(folder, monkeypatch, ranks=2, batch=3, workers=2, start=0, steps=6)
+    passes = [straight[i : i + 8] for i in range(0, 32, 8)]
+    assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == 8 for p in passes)
+    assert passes[0] != passes[1]  # reshuffled each pass
+    assert _labeled_keys(folder, monkeypatch, ranks=3, batch=2, workers=0, start=18, steps=3) == straight[18:]
+    assert _labeled_keys(folder, monkeypatch, ranks=1, batch=5, workers=2, start=18, steps=3) == straight[18:33]
 
 
 def test_every_reader_yields_and_each_pass_covers_every_sample_once(train_shards, monkeypatch):

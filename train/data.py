@@ -4,10 +4,10 @@ Three streams, all over the shard format of ``shards/README.md``:
 
 - *labeled* (the 4.5K subset): infinite, in passes; every pass visits every
   sample once across all ranks and loader workers, in a new order. A tar index
-  (headers only) gives random access, and each reader (rank x worker) takes
-  every ``readers``-th sample of the passes' permutations laid end to end, so it
-  works with fewer shards, or samples, than readers, and a resumed run goes on
-  where it stopped.
+  (headers only) gives random access to the passes' permutations laid end to
+  end, and each step takes the next ranks x batch samples of that sequence, a
+  slice per rank. So it works with fewer shards, or samples, than readers, and a
+  resumed run goes on where it stopped, with any number of ranks or workers.
 - *unlabeled* (all of WebVid): infinite, resampled: each reader draws shards at
   random (seeded) and shuffles samples in a buffer. No node splitting is needed
   and no rank can run dry, so DDP never waits on an uneven stream.
@@ -91,11 +91,9 @@ def check_frames(folder: str | Path, frames: int) -> None:
         )
 
 
-def _reader() -> tuple[int, int]:
-    """(reader id, number of readers) over ranks x loader workers."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    worker, workers = _worker()
-    return rank * workers + worker, world * workers
+def _rank() -> tuple[int, int]:
+    """(this process's rank, number of ranks), from torchrun's environment; (0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _worker() -> tuple[int, int]:
@@ -321,16 +319,15 @@ class IndexedShards:
 
     Called with no argument, it yields raw samples (``{"__key__", "__index__", ext: bytes}``) of this reader's
     share of a sequence of ``passes`` passes (``None`` = forever), each pass a new permutation of all samples when
-    ``shuffle`` (seeded by seed and pass), one after the other: the readers (ranks x loader workers) take its
-    elements in turn, reader r those at r, r + readers, r + 2 readers, ... So every reader yields, even with fewer
-    samples than readers, and each sample comes once per pass over all readers.
+    ``shuffle`` (seeded by seed and pass), laid end to end. The sequence is cut into slices of ``batch`` samples,
+    dealt as a run's steps take them: loader batch t of every rank's loader (made by its worker t % workers, the
+    DataLoader's round-robin) holds, on rank k of K, the slice at ``start + t*K*batch + k*batch``. So a step
+    takes the next K*batch samples of the sequence whatever the number of ranks and workers; every reader yields,
+    even with fewer samples than readers; and each sample comes once per pass over all readers.
 
-    ``skip_batches`` (a resumed run's step): this rank's loader has already handed out that many batches of
-    ``batch`` samples, taking them from its workers in turn (a DataLoader's order); the readers start after the
-    samples put in them, so that the run goes on through the same passes in the same order, each batch holding the
-    samples it would have held (to within the broken samples skipped before, which moved the readers on). That
-    takes the same number of ranks and of loader workers as before; with another number of workers the readers
-    start near the same place in the passes, and a few samples around it may come twice or not at all.
+    ``start`` (a resumed run's ``labeled_seen``): the samples of the sequence the run took before. A resumed run
+    goes on through the same passes in the same order with any number of ranks, loader workers or batch (to
+    within the broken samples skipped before, each of which moved its reader on by one).
     """
 
     def __init__(
@@ -339,33 +336,33 @@ class IndexedShards:
         seed: int = 0,
         shuffle: bool = True,
         passes: int | None = None,
-        skip_batches: int = 0,
+        start: int = 0,
         batch: int = 1,
     ):
         self.samples = _index_tars(urls)
         if not self.samples:
             raise DataError(f"the shards {urls[0]}... hold no samples")
         self.seed, self.shuffle, self.passes = seed, shuffle, passes
-        self.skip_batches, self.batch = skip_batches, batch
+        self.start, self.batch = start, batch
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __call__(self) -> Iterator[dict]:
-        reader, readers = _reader()
+    def positions(self) -> Iterator[int]:
+        """This reader's places in the sequence, in order (see the class)."""
+        rank, ranks = _rank()
         worker, workers = _worker()
-        # A loader takes its batches from its workers in turn, starting at worker 0, so a resumed loader's worker
-        # w makes the batches the first loader's worker (w + skip_batches) % workers would have made next: it
-        # takes that worker's place among the readers, after the samples that worker handed out
-        role = (worker + self.skip_batches) % workers
-        reader += role - worker
-        skip = len(range(role, self.skip_batches, workers)) * self.batch
+        for t in itertools.count(worker, workers):  # the loader batches this worker makes
+            first = self.start + (t * ranks + rank) * self.batch
+            yield from range(first, first + self.batch)
+
+    def __call__(self) -> Iterator[dict]:
         n = len(self.samples)
         end = None if self.passes is None else self.passes * n
         files: dict[str, object] = {}
         epoch, order = -1, []
         try:
-            for position in itertools.count(reader + skip * readers, readers):
+            for position in self.positions():
                 if end is not None and position >= end:
                     return
                 if position // n != epoch:
@@ -430,11 +427,11 @@ def _batches(source, frames, transform, tokenizer, batch: int, partial: bool, au
 
 
 def labeled_stream(
-    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", skip_batches: int = 0
+    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", start: int = 0
 ) -> wds.DataPipeline:
-    """Forever, in passes over all labeled samples, reshuffled each pass; ``skip_batches``: a resumed run's step,
-    to go on where it stopped (``IndexedShards``)."""
-    source = IndexedShards(list_shards(folder), seed, skip_batches=skip_batches, batch=batch)
+    """Forever, in passes over all labeled samples, reshuffled each pass; ``start``: the samples a resumed run
+    took before, to go on where it stopped (``IndexedShards``)."""
+    source = IndexedShards(list_shards(folder), seed, start=start, batch=batch)
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
 

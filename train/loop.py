@@ -64,6 +64,9 @@ class Progress:
     unsynced_dropped: int = 0  # this rank's since then (not saved)
     # the last validation's figures, for summary.json: saved, so a run resumed at its last step keeps them
     last_val: dict = field(default_factory=dict)
+    # labeled samples taken over all ranks (ranks x --batch_labeled a step): where a resumed run's labeled stream
+    # goes on, whatever its number of ranks, workers or batch (train.data.IndexedShards); None: not yet known
+    labeled_seen: int | None = 0
 
 
 @dataclass
@@ -395,6 +398,7 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
                 "skipped_steps": progress.skipped_steps,
                 "dropped_samples": progress.dropped_samples,
                 "last_val": progress.last_val,
+                "labeled_seen": progress.labeled_seen,
             },
             Path(cfg.out) / checkpoint.LATEST,
         )
@@ -483,6 +487,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.skipped_steps = state["skipped_steps"]
     progress.dropped_samples = state.get("dropped_samples", 0)
     progress.last_val = state.get("last_val", {})  # not in checkpoints from before it was saved
+    progress.labeled_seen = state.get("labeled_seen")  # nor this: run() counts it from the step
     return state.get("config", {})
 
 
@@ -533,6 +538,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             changes = config_changes(saved, cfg.to_dict())
             if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
+    if progress.labeled_seen is None:  # a checkpoint from before labeled_seen was saved: as this run would count
+        progress.labeled_seen = progress.step * dist.world_size * cfg.batch_labeled
     seed_process(cfg.seed, dist.rank, progress.step)
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
@@ -540,14 +547,14 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     size = cfg.crop or image_size(models.student.clip)
     transform = data.TrainTransform(size, cfg.crop_scale)
     where = augment_on(cfg, dist.device)
-    # A resumed run goes on through the labeled passes where it stopped (the same permutations, past the batches
+    # A resumed run goes on through the labeled passes where it stopped (the same permutations, past the samples
     # it trained on). Its unlabeled shards are drawn at random with replacement: there a new seed (a new draw,
     # not a replay of the first batches) is as good as the old position. So are new crops.
     seed = cfg.seed + progress.step
     pin = dist.device.type == "cuda"
     streams = (
         data.labeled_stream(
-            cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, cfg.seed, where, progress.step
+            cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
         ),
         data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform, tokenizer, cfg.batch_unlabeled, seed, where),
     )
@@ -573,6 +580,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             progress.unsynced_dropped += lab.dropped + unl.dropped
             result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress, ahead)
             progress.step += 1
+            progress.labeled_seen += dist.world_size * cfg.batch_labeled
             timer.steps += 1
             if peak:  # counted once per captions' width (a forward of one video): only where an MFU is logged
                 timer.flops += flops(max(lab.tokens.shape[1], unl.tokens.shape[1]))
