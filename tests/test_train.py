@@ -116,14 +116,16 @@ def test_help_lists_every_flag_with_what_it_does():
         ({"device": "cuda"}, "--device cuda, but no CUDA GPU is visible to torch; pass --device cpu or auto"),
     ],
 )
-def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(flags, message, tmp_path, monkeypatch):
+def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(
+    flags, message, train_shards, tmp_path, monkeypatch
+):
     """Each as fire hands it over: one error line naming the flag (no traceback from a comparison or from AdamW), and
     no run folder made."""
     from train import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
     with pytest.raises(SystemExit) as e:
-        main.main(recipe="demo", out=str(tmp_path / "run"), **flags)
+        main.main(recipe="demo", **{**tiny_run(train_shards, tmp_path / "run"), **flags})
     assert str(e.value) == f"error: {message}"
     assert not (tmp_path / "run").exists()
 
@@ -175,6 +177,29 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
             main("demo", **{**tiny_run(train_shards, out), **flags})
         assert message in str(e.value.code), (flags, e.value.code)
         assert not out.exists(), flags
+
+
+def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkeypatch):
+    """The checks of the model, device, --out, --wandb, the shard folders, the weights and --resume waited for the
+    config's to pass: --lr 0 --wandb online named --lr only, and each relaunch failed on the next problem."""
+    from train.main import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    flags = {**tiny_run(train_shards, tmp_path / "run"), "lr": 0, "wandb": "online", "crop": 24}
+    flags.update(unlabeled=str(tmp_path / "nope"), out=str(REPO / "README.md"), labeled="")
+    with pytest.raises(SystemExit) as e:
+        main("demo", **flags)
+    message = str(e.value.code)
+    assert message.startswith("error: --lr must be a number greater than 0") and message.count("\n") == 0
+    for part in ("--crop 24: ", "README.md is a file", "--wandb online: no W&B", "--labeled is missing", "nope"):
+        assert part in message, part
+    flags = {**tiny_run(train_shards, tmp_path / "run"), "teacher_weights": str(tmp_path / "x.pt"), "frames": 2}
+    with pytest.raises(SystemExit) as e:  # with a valid config: the inputs' problems, all of them
+        main("demo", **{**flags, "resume": str(tmp_path / "y.pt")})
+    assert all(p in str(e.value.code) for p in ("hold 4 frames", "not found: " + str(tmp_path / "x.pt"), "y.pt: no"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):

@@ -10,6 +10,7 @@ the preset the others default to. ``python -m train.main --help`` lists them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -18,28 +19,64 @@ import fire
 
 from pipeline.cli import folder_problems, refuse
 from train import config as config_module
-from train.checkpoint import CheckpointError
+from train.checkpoint import CheckpointError, resume_path
 from train.config import TrainConfig, resolve
-from train.data import DataError
-from train.model import WeightsError, check_crop, check_device
+from train.data import DataError, check_frames, list_shards
+from train.model import DEVICES, WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
 
 
 def main(recipe: str = "paper", **flags) -> None:
     flags = {k: v for k, v in flags.items() if v is not None}  # None: not given on the command line
-    try:
-        cfg = resolve(recipe, **flags)
-        check_crop(cfg.model, cfg.crop)  # also an unknown --model name or a missing/broken config JSON
-        check_device(cfg.device)
-        refuse(folder_problems({"out": cfg.out}) + online_problems(cfg.wandb))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cfg, problems = checked(recipe, flags)
+    refuse(problems)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
     try:
         run(cfg)
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+REQUIRED_FOLDERS = {
+    "labeled": "labeled shards (python -m pipeline.subset makes them)",
+    "unlabeled": "unlabeled shards (python -m pipeline.shard makes them)",
+}
+
+
+def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
+    """The config of ``recipe`` with ``flags`` (None if it is refused), and every problem of the command: the
+    config's checks, then those of --model, --device, --out, --wandb, the shard folders, the teacher's weights and
+    --resume, each with the flag as given or its recipe's default. So a command with several wrong flags is
+    refused once, naming them all (refused in turn, each relaunch would fail again on the next one). The inputs
+    are checked as ``train.loop.run`` checks them first: cheaply (tar headers, mapped files)."""
+    problems = []
+    try:
+        cfg = resolve(recipe, **flags)
+    except (ValueError, TypeError) as e:
+        cfg = None
+        problems.append(str(e))
+    given = cfg.to_dict() if cfg else {**config_module.RECIPES.get(recipe, config_module.paper)().to_dict(), **flags}
+    crop, frames = (given[k] if type(given[k]) is int else 0 for k in ("crop", "frames"))  # else named above
+    problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
+    problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
+    checks = [functools.partial(check_crop, given["model"], crop)]  # also an unknown --model, a broken JSON
+    for name, make in REQUIRED_FOLDERS.items():
+        if not given[name]:
+            problems.append(f"--{name} is missing: give the folder of the {make}")
+    for folder in (given[k] for k in ("labeled", "unlabeled", "val") if given[k]):
+        checks.append(
+            functools.partial(check_frames, folder, frames) if frames else functools.partial(list_shards, folder)
+        )
+    if cfg:
+        checks.append(functools.partial(check_weights, cfg.model, cfg.teacher_weights))
+        checks.append(functools.partial(resume_path, cfg.out, cfg.resume, cfg.model))
+    for check in checks:
+        try:
+            check()
+        except (ValueError, TypeError, OSError) as e:  # CheckpointError, DataError, WeightsError among them
+            problems.append(str(e))
+    return cfg, list(dict.fromkeys(problems))  # a broken --model fails the crop and the weights checks alike
 
 
 def _field_docs() -> dict[str, str]:

@@ -224,13 +224,6 @@ def device_problems(device) -> list[str]:
     return []
 
 
-def check_device(device: str) -> None:
-    """Refuse a ``--device`` of ``device_problems`` before any work (torch would fail later, mid-start)."""
-    problems = device_problems(device)
-    if problems:
-        raise ValueError(problems[0])
-
-
 def check_crop(model: str, crop: int) -> None:
     """--crop must be the model's input size (or 0 for it): a ViT's position embeddings fix its input size, so
     any other crop fails at the first forward."""
