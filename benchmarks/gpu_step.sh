@@ -13,9 +13,9 @@
 #   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
 #             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
 #             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), that
-#             with the teacher's forward on a second CUDA stream beside the student's forward (+tstream,
-#             --teacher_stream beside) and the next step's beside this step's backward (+tahead, --teacher_stream
-#             ahead), and LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             with the next step's teacher forward on a second CUDA stream beside this step's backward (+tahead,
+#             --teacher_stream ahead) and with the teacher's forward beside the student's forward (+tstream,
+#             --teacher_stream beside), and LEVERS as the GPU loader hands the batches over (+devjpeg).
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
 #   numerics  the step with LEVERS' flags and --teacher_stream ahead against the plain fp32 step (loss, gradient
 #             cosine)
@@ -36,7 +36,8 @@
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, the GPU defaults the figures favour, and
 # the device call to make next (the second call of a lent session), if any.
 # Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode,
-# EPILOGUE_S, in seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict), and the benchmarks
+# EPILOGUE_S, in seconds; the tune part: BUDGET less the seconds spent, less 20 for the verdict; none past BUDGET,
+# which must be a whole number of seconds), and the benchmarks
 # write their JSON after every row (a step variant's timing before its profile), so a part cut short still counts
 # what it measured and the verdict always runs. All parts log to OUT/gpu_step.log (the device tool returns at most 8
 # files). BUDGET is 570 s: give the device tool 595, on an nvidia-h200. Run from the repository root on the GPU
@@ -61,12 +62,12 @@ PARTS="${PARTS:-kernels step numerics train epilogue tune}"
 BIG="${BIG:-256x256}"
 BUDGET="${BUDGET:-570}"
 KERNELS_S="${KERNELS_S:-60}"
-STEP_S="${STEP_S:-290}"
+STEP_S="${STEP_S:-320}"
 NUMERICS_S="${NUMERICS_S:-60}"
 MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
 TRAIN_S="${TRAIN_S:-40}"
-EPILOGUE_S="${EPILOGUE_S:-120}"
+EPILOGUE_S="${EPILOGUE_S:-90}"
 TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
 TRAIN_DATA="${TRAIN_DATA:-demo_output/shards}"
 RUN_DIR="${RUN_DIR:-/tmp}"
@@ -76,8 +77,14 @@ for part in $PARTS; do
     *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, epilogue, tune)" >&2
        exit 2;; esac
 done
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -lt 60 ]; then
+    echo "gpu_step: BUDGET must be a whole number of seconds, at least 60 (the device-seconds left less 40), got" \
+        "'$BUDGET'" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_step.log"
+export PYTHONUNBUFFERED=1  # a part's log lines reach LOG as they are printed, up to its time limit's kill
 
 if ! python3 -c "import open_clip" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -92,10 +99,17 @@ status=0
 
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 
-# run_part NAME LIMIT COMMAND...: COMMAND (and its loader workers) stopped after LIMIT seconds, its output added to LOG
+# run_part NAME LIMIT COMMAND...: COMMAND (and its loader workers) stopped after LIMIT seconds, or where BUDGET ends
+# if that is sooner (the verdict runs after the last part, inside the device call's limit), its output added to LOG
 run_part() {
-    local name=$1 limit=$2
+    local name=$1 limit=$2 left=$((BUDGET - SECONDS - 5))
     shift 2
+    if [ "$left" -lt 10 ]; then
+        echo "gpu_step: no time left for the $name part (BUDGET $BUDGET s, at second $SECONDS)" | tee -a "$LOG" >&2
+        status=1
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     echo "gpu_step: $name part, at most $limit s, from second $SECONDS" | tee -a "$LOG"
     timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v USDT | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
@@ -130,13 +144,18 @@ if [ -z "${LEVERS:-}" ]; then
     if [ -f "$OUT/kernels.json" ]; then
         chosen=$(python3 -c "import json, sys; print(''.join('+' + o for o in \
 json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$DEFAULT+qkv$chosen" || status=1
+    elif wants kernels; then  # the kernels part failed: it is the first to run +cls and +patch on the GPU
+        LEVERS="$DEFAULT+qkv"
+        echo "gpu_step: the kernels part wrote no kernels.json: LEVERS without +cls and +patch" | tee -a "$LOG" >&2
     fi
 fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
 DEVJPEG="$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}"  # LEVERS as the GPU default loader mode feeds it
 FED="$LEVERS+prefetch"  # LEVERS fed as the trainer feeds it
-STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$FED,$FED+tstream,$FED+tahead,$DEVJPEG}"
+# the likeliest best step (+tahead) before +tstream, and +devjpeg (for the loader part) last: the time limit cuts the
+# list's end
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$FED,$FED+tahead,$FED+tstream,$DEVJPEG}"
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
 # (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
@@ -207,7 +226,7 @@ wants epilogue && run_part epilogue "$EPILOGUE_S" \
 #     not timed again, but one with a candidate missing is timed afresh, all of them; so +autotune's candidates,
 #     a subset of +tma's, then come from the cache
 tune_s=$((BUDGET - SECONDS - 20))
-if wants tune && [ "$tune_s" -lt 60 ]; then
+if wants tune && [ "$tune_s" -lt 120 ]; then  # less cannot compile the whole step with max-autotune
     echo "gpu_step: no time left for the tune part ($tune_s s of BUDGET $BUDGET)" | tee -a "$LOG" >&2
 elif wants tune; then
     mkdir -p "$OUT/tune" && run_part tune "$tune_s" \

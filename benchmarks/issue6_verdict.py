@@ -68,13 +68,21 @@ def _mark(passed: bool) -> str:
     return "MET" if passed else "NOT MET"
 
 
-def step_lines(step: dict, unsafe: frozenset[str] = frozenset()) -> list[str]:
+def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool = False) -> list[str]:
     rows = _ok(step["rows"])
     trainer = {v: r for v, r in rows.items() if v != "naive"}
     if not trainer:
         return ["step: no variant but naive ran"]
+    lines, astray = [], wrong_losses(rows)
+    if astray:  # e.g. a missing wait between CUDA streams: fast, and wrong
+        reference = next(v for v in (DEFAULT, "naive") if v in rows)
+        lines.append(
+            f"variants whose first-step loss is off {reference}'s by {LOSS_TOLERANCE:g} or more (relative), left out "
+            f"of the judging (a wrong result?): " + ", ".join(f"{v} {rows[v]['first_loss']:.5f}" for v in astray)
+        )
+        rows = {v: r for v, r in rows.items() if v not in astray}  # nor advised as a lever: the reference stays
+        trainer = {v: r for v, r in rows.items() if v != "naive"}
     best_name, best = max(trainer.items(), key=lambda kv: kv[1]["videos_per_s"])
-    lines = []
     mfu = best.get("mfu_measured")
     if mfu is None:
         lines.append(f"MFU: not measured on {step['device']} (no bf16 peak)")
@@ -91,11 +99,30 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset()) -> list[str]:
     else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
         why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
         lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
-    lines += lever_lines(rows, unsafe) + prefetch_lines(rows)
+    lines += lever_lines(rows, unsafe, unchecked) + prefetch_lines(rows)
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
         lines.append(f"variants that failed: {', '.join(failed)} (their errors are in the JSON)")
     return lines
+
+
+def wrong_losses(rows: dict[str, dict]) -> list[str]:
+    """The variants whose first step's loss is off the trainer's default step's (or the naive step's) by
+    ``LOSS_TOLERANCE`` or more, relative. Every variant starts from the same weights on the same batches, so their
+    first losses differ by bf16 noise only (1.5e-3 between naive and the default on the H200); more means a variant
+    computes something else. Variants that crop on the device (+devaug, +devjpeg) draw other crops, so other
+    batches: they are not compared."""
+    reference = next((rows[v] for v in (DEFAULT, "naive") if v in rows and "first_loss" in rows[v]), None)
+    if reference is None:
+        return []
+    ref, cropped = reference["first_loss"], {s for s in MODE_SOURCES.values() if s}
+    return [
+        v
+        for v, r in rows.items()
+        if "first_loss" in r
+        and not cropped & set(v.split("+"))
+        and not abs(r["first_loss"] - ref) < LOSS_TOLERANCE * abs(ref)  # NaN is off too
+    ]
 
 
 def time_lines(name: str, row: dict) -> list[str]:
@@ -198,16 +225,19 @@ def epilogue_lines(epilogue: dict) -> list[str]:
     ]
 
 
-def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset()) -> list[str]:
+def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset(), unchecked: bool = False) -> list[str]:
     """For each variant timed with and without one of ``LEVERS``, the step's speed with it over without; and for each
     with several, its speed over the variant with none of them. A lever in ``unsafe`` (its numerics check failed)
-    is never advised as a default."""
+    is never advised as a default; with ``unchecked`` (no numerics check in this OUT: the numerics part failed,
+    was cut off or did not run) none is advised without one."""
 
     def advice(ratio: float, used: list[str], flags: str) -> str:
         if ratio < GAIN:
             return "no gain worth a default"
         if unsafe & set(used):
             return f"faster, but not a default: the numerics check with {', '.join(sorted(unsafe & set(used)))} failed"
+        if unchecked:
+            return f"worth making the default ({flags}) only once a numerics check with it passes: none in this OUT"
         return f"worth making the default ({flags})"
 
     lines = []
@@ -355,7 +385,7 @@ def verdict(
     step, loader, memory = (r if r and r["rows"] else None for r in (step, loader, memory))  # nothing to judge
     more, unsafe = numerics_lines(numerics) if numerics else ([], set())
     if step:
-        lines += step_lines(step, frozenset(unsafe))
+        lines += step_lines(step, frozenset(unsafe), unchecked=numerics is None)
     lines += more
     lines += kernel_lines(kernels) if kernels else []
     lines += epilogue_lines(epilogue) if epilogue else []
@@ -372,16 +402,29 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
+FILL = "SECONDS_LEFT_LESS_40"  # the next call's BUDGET, for the session to fill in (gpu_step.sh refuses it as is)
+
+
 def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None, levers: str) -> list[str]:
     """The second call a lent session should make on the warm machine, from what this call measured (step, tune and
-    epilogue as written, before the verdict merges them): the cut captions checked against full ones if the default
-    step came out slower than on 2026-11-26's H200; else the max-autotune variants of ``levers`` if this call did
-    not time both; else none. Device time is the tool's to count, so the command leaves BUDGET to be filled in."""
+    epilogue as written, before the verdict merges them), first to last: the step variants that the MFU target is
+    judged on, if the step part's time limit cut them off; the cut captions checked against full ones if the
+    default step came out slower than on 2026-11-26's H200; the max-autotune variants of ``levers`` if this call
+    did not time both; else none. Two lines: why, with the device-seconds it needs, then the bare command. Device
+    time is the tool's to count, so the command's BUDGET (``FILL``) is left to the session to fill in."""
     if not levers:
         return []
-    first = "next call (only with at least 150 device-seconds left; timeout_s: those seconds less 20): "
-    default = _ok(step["rows"]).get(DEFAULT) if step else None
     timed = {r["variant"] for r in step["rows"]} if step else set()
+    fed = f"{levers}+prefetch"
+    judged = [levers, fed, f"{fed}+tahead", f"{fed}+tstream"]  # gpu_step.sh's candidates for the best step
+    cut = [v for v in judged if v not in timed] if step and step.get("complete", True) is False else []
+    if cut:
+        return _call(
+            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join(cut)}",
+            f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
+            "compile short",
+        )
+    default = _ok(step["rows"]).get(DEFAULT) if step else None
     # timed as 2026-11-26's figure was: each step on its own (rows from before the back-to-back timing have only that)
     then = default.get("s_per_step_synced", default["s_per_step"]) if default else None
     if (
@@ -391,19 +434,27 @@ def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None,
         and then > H200_DEFAULT_STEP_S * GAIN
         and f"{DEFAULT}+fullpad" not in timed
     ):
-        return [
-            f"{first}PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad OUT=$OUT bash benchmarks/gpu_step.sh "
-            f"(the default step took {then:.4f} s, slower than the {H200_DEFAULT_STEP_S} s of "
-            "2026-11-26's H200 at 77 tokens: does the cut captions' changing width cost the compiled step?)"
-        ]
+        return _call(
+            f"PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad",
+            f"the default step took {then:.4f} s, slower than the {H200_DEFAULT_STEP_S} s of 2026-11-26's H200 at 77 "
+            "tokens: does the cut captions' changing width cost the compiled step?",
+        )
     tuned = _ok(tune["rows"]) if tune else {}
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
         return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
     parts = "epilogue tune" if epilogue and not epilogue.get("complete", True) else "tune"
     variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
+    return _call(
+        f'PARTS="{parts}" LEVERS={levers} TUNE_VARIANTS={variants}',
+        "this call did not time both max-autotune variants",
+    )
+
+
+def _call(settings: str, why: str) -> list[str]:
     return [
-        f'{first}PARTS="{parts}" LEVERS={levers} TUNE_VARIANTS={variants} BUDGET=<those seconds less 40> OUT=$OUT '
-        "bash benchmarks/gpu_step.sh (this call did not time both max-autotune variants)"
+        f"next call, only with at least 150 device-seconds left (timeout_s: those seconds less 20; BUDGET: less 40): "
+        f"{why}",
+        f"next call: {settings} BUDGET={FILL} OUT=$OUT bash benchmarks/gpu_step.sh",
     ]
 
 

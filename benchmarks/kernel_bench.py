@@ -62,15 +62,19 @@ def attention_call(
     batch: int, tokens: int, heads: int, head_dim: int, backward: bool, mask: bool, device, dtype
 ) -> Callable[[], object]:
     """One self-attention call of a tower: q, k, v as strided views of a packed (B, N, 3, heads, head_dim) tensor,
-    the float causal mask of open_clip's text tower if ``mask`` (float32: under autocast the text tower's residual
-    stream stays float32, and ``train.attention`` casts the mask to it); forward, or forward and backward."""
+    the float causal mask of open_clip's text tower if ``mask``, in ``dtype``; forward, or forward and backward.
+
+    The mask is in ``dtype`` as the step's reaches SDPA: ``train.attention`` casts it to the text tower's residual
+    stream (float32 under autocast), and CUDA autocast then casts every floating input of
+    ``scaled_dot_product_attention`` to bf16. (A float32 mask beside bf16 q, k, v outside autocast is another call:
+    the memory-efficient kernel refuses it, "invalid dtype for bias - should match query's dtype".)"""
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, dtype=dtype, generator=gen)
     qkv.requires_grad_(backward)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     attn_mask = None
     if mask:
-        attn_mask = torch.full((tokens, tokens), float("-inf"), device=device).triu_(1)
+        attn_mask = torch.full((tokens, tokens), float("-inf"), device=device, dtype=dtype).triu_(1)
     grad = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=gen)
 
     def call():
@@ -129,7 +133,10 @@ def attention_rows(calls: list[dict], device: torch.device, dtype: torch.dtype) 
         shape = (spec[k] for k in ("batch", "tokens", "heads", "head_dim", "backward", "mask"))
         fn = attention_call(*shape, device, dtype)
         row = dict(spec)
-        row["auto"] = time_call(fn, device)
+        try:  # torch's own choice can fail where the kernel it picks refuses the call: recorded, not fatal
+            row["auto"] = time_call(fn, device)
+        except RuntimeError as e:
+            row["auto"], row["auto_error"] = None, str(e)[:200]
         for kernel in TORCH_ORDER:
             try:
                 with sdpa_kernel([kernel]):
@@ -148,8 +155,9 @@ def attention_rows(calls: list[dict], device: torch.device, dtype: torch.dtype) 
 
 def step_attention_s(rows: list[dict]) -> dict[str, float]:
     """The step's attention seconds with each --attention_kernel: each call's time with that kernel, or with the
-    first kernel after it in torch's order that can serve the call, times the tower's layers."""
-    totals = {"auto": sum(r["auto"] * r["layers"] for r in rows)}
+    first kernel after it in torch's order that can serve the call, times the tower's layers ("auto": torch's own
+    choice, left out where it failed a call)."""
+    totals = {} if any(r["auto"] is None for r in rows) else {"auto": sum(r["auto"] * r["layers"] for r in rows)}
     for first in TORCH_ORDER:
         order = [first, *(k for k in TORCH_ORDER if k != first)]
         total = 0.0
@@ -164,9 +172,12 @@ def step_attention_s(rows: list[dict]) -> dict[str, float]:
 
 
 def best_kernel(totals: dict[str, float]) -> str:
-    """The --attention_kernel value to try in the step: the fastest, unless "auto" is within ``MARGIN`` of it."""
+    """The --attention_kernel value to try in the step: the fastest, unless "auto" is within ``MARGIN`` of it (or
+    nothing served every call)."""
+    if not totals:
+        return "auto"
     fastest = min(totals, key=totals.get)
-    return "auto" if totals["auto"] <= totals[fastest] * MARGIN else fastest
+    return "auto" if "auto" in totals and totals["auto"] <= totals[fastest] * MARGIN else fastest
 
 
 def step_levers(best_attention_kernel: str, patch: dict, last_block: dict) -> list[str]:

@@ -83,8 +83,8 @@ def test_the_gpu_script_runs_every_default_part_without_the_packages_the_gpu_mac
         DEFAULT,
         levers,
         f"{levers}+prefetch",
-        f"{levers}+prefetch+tstream",
         f"{levers}+prefetch+tahead",
+        f"{levers}+prefetch+tstream",
         f"{DEFAULT}+devjpeg+qkv{chosen}",
     ]
     tune = json.loads((out / "tune" / "step_variants_cpu.json").read_text())["rows"]
@@ -121,3 +121,30 @@ def test_the_second_calls_tune_part_runs_on_the_levers_it_is_given(tmp_path):
     assert f"max-autotune compile: {levers}+autotune " in verdict
     assert f"max-autotune compile with persistent TMA matmul templates: {levers}+autotune+tma " in verdict
     assert verdict.splitlines()[-1].startswith("  next call: none needed")
+
+
+def test_a_budget_bounds_every_part_and_a_placeholder_is_refused(tmp_path):
+    """The verdict runs inside the device call's limit: a part's limit is cut to what is left of BUDGET (a second
+    call's step part used to keep its 290 s against a timeout of 130). The next call's BUDGET placeholder, pasted
+    as it is, is refused before any work."""
+    proc = run_script(tmp_path, OUT=str(tmp_path / "refused"), BUDGET="SECONDS_LEFT_LESS_40")
+    assert proc.returncode == 2 and "BUDGET must be a whole number of seconds" in proc.stderr
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    (tmp_path / "b").mkdir()
+    proc = run_script(tmp_path / "b", OUT=str(out), PARTS="epilogue", BUDGET="60", EPILOGUE_S="600", LEVERS=DEFAULT)
+    log = (out / "gpu_step.log").read_text()
+    started = [line for line in log.splitlines() if line.startswith("gpu_step: epilogue part, at most ")]
+    assert len(started) == 1 and int(started[0].split()[5]) <= 55, log
+    assert (out / "verdict.log").is_file()
+
+
+def test_levers_leave_out_cls_and_patch_when_the_kernels_part_fails(tmp_path):
+    """The kernels part is the first to run --cls_last_block and --linear_patch_embed on the GPU: if it fails, the
+    parts after it time LEVERS without them (the fallback used to hold both, so that every LEVERS row failed too)."""
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, OUT=str(out), PARTS="kernels", MODEL=str(tmp_path / "missing.json"))
+    assert proc.returncode == 1
+    log = (out / "gpu_step.log").read_text()
+    assert f"gpu_step: LEVERS={DEFAULT}+qkv (trainer flags: --packed_qkv True)" in log, log
+    assert "the kernels part wrote no kernels.json" in log
