@@ -15,15 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fire
-
 from benchmarks.args import clip_seconds_problems
 from benchmarks.eval_bench import _timed, ensure_clips, make_dataset, random_weights_run, write_results
 from benchmarks.harness import device_problems, model_problems, resolve_device
 from eval.features import eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache
 from eval.prompts import class_prompts
-from pipeline.cli import comma_list, count_problems, folder_problems, raised_problems, refuse
+from pipeline.cli import comma_list, count_problems, fire_main, folder_problems, raised_problems, refuse
 from train.model import create_clip, image_size, tokenizer_for
 
 
@@ -136,4 +134,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

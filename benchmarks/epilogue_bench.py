@@ -30,7 +30,6 @@ import copy
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 from benchmarks.harness import (
@@ -42,6 +41,7 @@ from benchmarks.harness import (
     time_call,
     training_call,
 )
+from pipeline.cli import fire_main
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.loop import compile_options
 from train.profiling import sync
@@ -144,4 +144,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda record: None)  # main printed it already
+    fire_main(main, serialize=lambda record: None)  # main printed it already

@@ -43,7 +43,6 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import fire
 import open_clip
 import torch
 
@@ -55,7 +54,7 @@ from eval.datasets.base import CLASSIFICATION, EvalDataset, Item
 from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
-from pipeline.cli import count_problems, folder_problems, refuse
+from pipeline.cli import count_problems, fire_main, folder_problems, refuse
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform
@@ -658,4 +657,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import fire
 import torch
 
 from benchmarks.harness import model_problems, random_models, synthetic_batch
-from pipeline.cli import count_problems, folder_problems, refuse, switch_problems
+from pipeline.cli import count_problems, fire_main, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.config import ATTENTION_KERNELS, TEACHER_STREAMS
@@ -147,4 +146,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda summary: None)  # main printed it already
+    fire_main(main, serialize=lambda summary: None)  # main printed it already

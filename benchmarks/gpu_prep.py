@@ -24,9 +24,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import fire
-
 from benchmarks import shard_bench
+from pipeline.cli import fire_main
 
 # What the GPU image lacks (it has torch, torchvision, timm, huggingface_hub, safetensors, regex, tqdm, pyyaml,
 # numpy and pillow): the trainer's and the benchmarks' other imports, and theirs
@@ -158,4 +157,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fire
-
 from benchmarks.args import checkpointed_blocks
+from pipeline.cli import fire_main
 
 MFU_TARGET = 0.55
 SPEEDUP_TARGET = 1.7
@@ -493,4 +492,4 @@ def main(out: str = "benchmarks/output", levers: str = "") -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

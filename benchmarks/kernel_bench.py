@@ -35,7 +35,6 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
@@ -48,6 +47,7 @@ from benchmarks.harness import (
     time_call,
     training_call,
 )
+from pipeline.cli import fire_main
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.attention import KERNELS, TORCH_ORDER
 from train.cls_last_block import cls_last_block
@@ -340,4 +340,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda record: None)  # main printed it already
+    fire_main(main, serialize=lambda record: None)  # main printed it already

@@ -26,13 +26,12 @@ import statistics
 import time
 from pathlib import Path
 
-import fire
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.args import choice_list_problems, count_list, count_list_problems
 from benchmarks.harness import device_problems, model_problems, resolve_device
-from pipeline.cli import comma_list, count_problems, folder_problems, refuse
+from pipeline.cli import comma_list, count_problems, fire_main, folder_problems, refuse
 from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
@@ -198,4 +197,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -38,13 +38,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import av
-import fire
 import numpy as np
 from PIL import Image
 
 from benchmarks.args import clip_seconds_problems, count_list, count_list_problems
 from pipeline import synthetic
-from pipeline.cli import comma_list, count_problems, folder_problems, refuse
+from pipeline.cli import comma_list, count_problems, fire_main, folder_problems, refuse
 from pipeline.frames import decode_frames, encode_jpeg
 from pipeline.synthetic import ffmpeg_exe, iso_duration, write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
@@ -624,4 +623,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

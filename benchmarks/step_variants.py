@@ -65,7 +65,6 @@ import time
 import traceback
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
@@ -80,7 +79,7 @@ from benchmarks.harness import (
     random_models,
     synthetic_batch,
 )
-from pipeline.cli import comma_list, count_problems, folder_problems, number_problems, refuse
+from pipeline.cli import comma_list, count_problems, fire_main, folder_problems, number_problems, refuse
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.attention import use_packed_attention
@@ -484,4 +483,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

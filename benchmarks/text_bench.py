@@ -24,14 +24,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import fire
 import torch
 
 from benchmarks.eval_bench import UCF101_FOLDERS, _timed, random_weights_run, write_results
 from benchmarks.harness import device_problems, model_problems, resolve_device, synthetic_batch
 from eval.features import eval_autocast, text_embeddings
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
-from pipeline.cli import count_problems, folder_problems, raised_problems, refuse
+from pipeline.cli import count_problems, fire_main, folder_problems, raised_problems, refuse
 from train.model import create_clip, encode_text, text_tokenizer, tokenizer_for
 
 
@@ -161,4 +160,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

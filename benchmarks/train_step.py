@@ -48,7 +48,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import fire
 import torch
 
 from benchmarks.args import parse_batches
@@ -61,7 +60,7 @@ from benchmarks.harness import (
     synthetic_batch,
     time_call,
 )
-from pipeline.cli import count_problems, folder_problems, number_problems, refuse, switch_problems
+from pipeline.cli import count_problems, fire_main, folder_problems, number_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import data, distributed, loop, monitor
 from train.config import TrainConfig
@@ -517,4 +516,4 @@ def _percent(value) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -21,10 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fire
-
 from demo.world import UCF_CLASSES
-from pipeline.cli import folder_problems, refuse, switch_problems
+from pipeline.cli import fire_main, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 MODEL = str(Path(__file__).resolve().parents[1] / "train" / "model_configs" / "demo-clip.json")
@@ -313,4 +311,4 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import fire
 import torch
 
 from eval import report
@@ -32,7 +31,15 @@ from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
-from pipeline.cli import comma_list, count_problems, folder_problems, raised_problems, refuse, switch_problems
+from pipeline.cli import (
+    comma_list,
+    count_problems,
+    fire_main,
+    folder_problems,
+    raised_problems,
+    refuse,
+    switch_problems,
+)
 from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
@@ -466,4 +473,4 @@ def log_to_wandb(records: list[dict], cfg: EvalConfig, mode: str, png: Path | No
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

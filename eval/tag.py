@@ -24,14 +24,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import fire
 import torch
 
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, load_model, weights_problems
-from pipeline.cli import comma_list, count_problems, refuse
+from pipeline.cli import comma_list, count_problems, fire_main, refuse
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
 from train.model import device_problems, image_size, tokenizer_for
@@ -280,4 +279,4 @@ def _search(clip, tokenizer, paths, video, query, top, device) -> list[dict]:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

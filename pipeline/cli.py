@@ -1,9 +1,49 @@
-"""What the command lines share: reading fire's forms of a comma-separated argument (torch-free)."""
+"""What the command lines share: fire's entry point with its flags checked first, the house form of a refusal, and
+readings of fire's forms of an argument (torch-free)."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import fire
+
+
+def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> None:
+    """``fire.Fire(fn, **fire_options)``, after refusing the --flags ``fn`` does not take. fire reports a flag it
+    could not consume only once ``fn`` has returned: after the whole job, run with the misspelt flag's default
+    (``eval.run --dataset ucf101`` scored every dataset), or never, where ``fn`` exits itself (``pipeline.shard``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    unknown = unknown_flags(argv, fn)
+    if unknown:
+        names = sorted(inspect.signature(fn).parameters)
+        guesses = [difflib.get_close_matches(u[2:], names, n=1) for u in unknown]
+        said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
+        raise SystemExit(f"error: unknown flag(s) {said}; valid flags: " + " ".join("--" + n for n in names))
+    fire.Fire(fn, command=argv, **fire_options)
+
+
+def unknown_flags(argv: list[str], fn: Callable) -> list[str]:
+    """The ``--name`` tokens of ``argv`` (as ``--name value``, ``--name=value``, ``--no<name>``; fire reads dashes in
+    a name as underscores) that name no parameter of ``fn``, up to fire's own ``--`` and besides its --help."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    unknown = []
+    for token in argv:
+        if token == "--":  # fire's own flags follow
+            break
+        if not token.startswith("--") or len(token) == 2:
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in params or name == "help" or (name.startswith("no") and name[2:] in params):
+            continue
+        unknown.append("--" + name)
+    return unknown
 
 
 def comma_list(value) -> list[str]:

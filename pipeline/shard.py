@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import fire
 from tqdm import tqdm
 
-from pipeline.cli import count_problems, folder_problems, positive_problems, switch_problems
+from pipeline.cli import count_problems, fire_main, folder_problems, positive_problems, switch_problems
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
@@ -334,4 +333,4 @@ def warn_stale(out_dir: Path, last_shard: int) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

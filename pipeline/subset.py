@@ -17,9 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import fire
-
-from pipeline.cli import count_problems
+from pipeline.cli import count_problems, fire_main
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -177,4 +175,4 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fire
 import torch
 
-from pipeline.cli import number_problems, refuse
+from pipeline.cli import fire_main, number_problems, refuse
 from pipeline.writer import remove_abandoned
 from train.checkpoint import atomic_save
 from train.model import create_clip, load_state_dict
@@ -86,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main)
