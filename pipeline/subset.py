@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 from pipeline.cli import count_problems, fire_main
@@ -102,20 +103,26 @@ def _copy(src: Path, dst: Path, shards: list[tuple[int, int]], chosen: list[int]
             offset += ok
             continue
         seen = 0
-        for position, (key, members) in enumerate(iter_tar_samples(src / f"{shard_name(shard)}.tar")):
-            seen += 1
-            if offset + position != target:
-                continue
-            if writer is None:
-                writer = TarShardWriter(dst, len(keys) // per_shard)
-            writer.add_sample(key, members)
-            keys.append(key)
-            if writer.samples == per_shard:
-                _finish(writer, dst, len(keys) // per_shard - 1)
-                writer = None
-            target = next(wanted, None)
-            if target is None:
-                break
+        path = src / f"{shard_name(shard)}.tar"
+        try:
+            for position, (key, members) in enumerate(iter_tar_samples(path)):
+                seen += 1
+                if offset + position != target:
+                    continue
+                if writer is None:
+                    writer = TarShardWriter(dst, len(keys) // per_shard)
+                writer.add_sample(key, members)
+                keys.append(key)
+                if writer.samples == per_shard:
+                    _finish(writer, dst, len(keys) // per_shard - 1)
+                    writer = None
+                target = next(wanted, None)
+                if target is None:
+                    break
+        except (tarfile.TarError, EOFError) as e:  # a tar cut short: one line that names it, not a traceback
+            raise SubsetError(
+                f"{path} is damaged ({e}); re-shard it (delete its _stats.json and rerun pipeline.shard)"
+            ) from None
         if target is not None and seen != ok:
             raise SubsetError(
                 f"{src}/{shard_name(shard)}.tar has {seen} samples but its stats say {ok}; "

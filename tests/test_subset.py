@@ -147,3 +147,15 @@ def test_only_complete_shards_are_used(source, tmp_path):
     keys = {k for k, _ in samples(tmp_path / "s")}
     incomplete = {k for k, _ in iter_tar_samples(partial / "000001.tar")}
     assert len(keys) == 13 and not keys & incomplete
+
+
+def test_a_damaged_source_shard_is_named_in_one_line(source, tmp_path):
+    """A tar cut short (its _stats.json still there) gave tarfile's traceback."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source, damaged)
+    tar = damaged / "000001.tar"
+    tar.write_bytes(tar.read_bytes()[:30000])
+    proc = run_cli("pipeline.subset", "--src", damaged, "--out", tmp_path / "s", "--n", 19, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {tar} is damaged (") and "re-shard it" in proc.stderr
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".*"))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -200,6 +201,23 @@ def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkey
         main("demo", **{**flags, "resume": str(tmp_path / "y.pt")})
     assert all(p in str(e.value.code) for p in ("hold 4 frames", "not found: " + str(tmp_path / "x.pt"), "y.pt: no"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_labeled_or_validation_tar_is_skipped_not_fatal(train_shards, tmp_path, caplog):
+    """A tar cut short in --labeled stopped the run at its start, in --val at its first validation (with nothing
+    saved), with tarfile's traceback. Its samples before the cut are used, the rest skipped with a warning."""
+    shards = dict(train_shards)
+    for name in ("labeled", "val"):
+        shards[name] = tmp_path / name
+        shutil.copytree(train_shards[name], shards[name])
+        tar = shards[name] / "000001.tar"
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    summary = loop.run(tiny_config(shards, tmp_path / "run", steps=2, val_every=2))
+    assert summary["steps"] == 2 and 0 < summary["last_val"]["videos"] < 8
+    assert (tmp_path / "run" / checkpoint.LATEST).is_file()
+    warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage() or "cut short" in r.getMessage()]
+    assert any(str(shards["val"] / "000001.tar") in m for m in warned), warned
+    assert any(str(shards["labeled"] / "000001.tar") in m for m in warned), warned
 
 
 def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):

@@ -392,20 +392,37 @@ def _index_tars(urls: list[str]) -> list[tuple[str, str, dict[str, tuple[int, in
 
 def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     """(key, {ext: (data offset, size)}) of each sample of one tar, in order, as its headers are read (a caller
-    that stops early reads no further)."""
-    with tarfile.open(url, mode="r:") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = os.path.basename(info.name).partition(".")
-            if k != key and members:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = (info.offset_data, info.size)
-        if members:
-            yield key, members
+    that stops early reads no further). A tar cut short (a copy or a disk that failed) gives the samples before the
+    cut, with a warning: the streams skip broken shard members, and the labeled and validation sets go through
+    this index, where one damaged tar used to stop the run with a traceback (at its first validation, with nothing
+    saved)."""
+    size = os.path.getsize(url)
+    key, members, count = None, {}, 0
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = os.path.basename(info.name).partition(".")
+                if k != key and members:
+                    count += 1
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = (info.offset_data, info.size)
+    except (tarfile.TarError, EOFError) as e:  # the sample being read when the tar ended may be cut: left out
+        log.warning(
+            "%s is damaged (%s): using its first %d samples and skipping the rest; re-make it with pipeline.shard "
+            "(delete its _stats.json and rerun the same command)",
+            url,
+            e,
+            count,
+        )
+        return
+    if members and all(offset + length <= size for offset, length in members.values()):
+        yield key, members
+    elif members:  # the last member's data runs past the end of the file
+        log.warning("%s is cut short inside its last sample %s: skipping that sample", url, key)
 
 
 def decoded(samples: Iterator[dict], frames: int, transform: Callable, augment_on: str = "loader") -> Iterator[dict]:
