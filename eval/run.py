@@ -45,6 +45,7 @@ from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
+    EMPTY_WEIGHTS,
     check_weights,
     config_image_size,
     create_clip,
@@ -113,6 +114,9 @@ def parse_fuse(weights: str) -> tuple[str, str, float]:
         alpha = float(parts[1]) if len(parts) == 2 else float("nan")
     except ValueError:
         alpha = float("nan")
+    for role, given in (("TEACHER", teacher), ("STUDENT", student)):
+        if alpha == alpha and not given:  # an ALPHA, so the form is right but a part is empty: say which
+            raise ValueError(f"--weights {weights}: its {role} is empty; {EMPTY_WEIGHTS}")
     if not (teacher and student and 0.0 <= alpha <= 1.0):
         raise ValueError(
             f"--weights {weights}: write fuse:TEACHER:STUDENT:ALPHA with ALPHA in [0, 1] "
@@ -122,7 +126,10 @@ def parse_fuse(weights: str) -> tuple[str, str, float]:
 
 
 def check_entry(model: str, weights: str) -> None:
-    """Fail before the frame cache is built (minutes to hours) on a weights entry that cannot load."""
+    """Fail before the frame cache is built (minutes to hours) on a weights entry that cannot load, or that is empty
+    (open_clip would build a model of random weights, different on every run)."""
+    if not weights.strip():
+        raise ValueError(f"--weights is empty; {EMPTY_WEIGHTS}")
     if weights.startswith("fuse:"):
         teacher, student, _ = parse_fuse(weights)
         check_weights(model, teacher)
@@ -363,10 +370,14 @@ def main(
         alphas = parse_alphas(alpha_sweep)
     except ValueError as e:
         alphas, problems = [], [*problems, str(e)]
+    models = []
     if alphas:
         if not student:
             problems.append("--alpha_sweep needs --student (and --teacher, default openai)")
-        models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
+        if not str(teacher).strip():
+            problems.append(f"--alpha_sweep: --teacher is empty; {EMPTY_WEIGHTS}")
+        if student and str(teacher).strip():  # else one line above, not one per alpha
+            models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
     else:
         entries = comma_list(weights)
         labels = comma_list(names) or [default_name(e) for e in entries]

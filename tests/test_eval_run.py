@@ -161,6 +161,9 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"weights": str(w["teacher"]), "names": "summary.md"}, "OUT holds files and folders of that name"),
         ({"weights": f"{w['teacher']},{w['student']}", "names": "x,x"}, "two models would be named x"),
         ({"weights": ""}, "--weights names no model"),  # decoded every video for no model
+        # an empty TEACHER (or STUDENT) said "write fuse:TEACHER:STUDENT:ALPHA", once per alpha of a sweep
+        ({"weights": f"fuse::{w['student']}:0.4"}, "its TEACHER is empty; give an open_clip pretrained tag"),
+        ({"alpha_sweep": "0,1", "teacher": "", "student": str(w["student"])}, "--alpha_sweep: --teacher is empty"),
         ({"renormalize_video": "no"}, "--renormalize_video must be True or False, got 'no'"),
         ({"strict": "yes"}, "--strict must be True or False"),
         ({"batch_size": 0}, "--batch_size must be a whole number of at least 1, got 0"),
@@ -534,6 +537,7 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkey
         ({"labels": "a", "weights": "nope.pt"}, "nope.pt"),
         ({"labels": "a", "cache": "LABELS/cache"}, "cannot make that folder"),
         ({"labels": "a", "out": "NOFILE/tags.csv"}, "give a file name in an existing folder"),
+        ({"labels": "a", "weights": ""}, "--weights is empty; give an open_clip pretrained tag"),  # random weights
     ],
 )
 def test_tag_bad_input_fails_before_decoding(bench, tmp_path, kwargs, message):

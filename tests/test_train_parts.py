@@ -346,6 +346,8 @@ def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
         ({"alpha": "abc"}, "error: --alpha must be a number from 0 to 1, got 'abc'"),
         ({"alpha": 1.5}, "error: --alpha must be a number from 0 to 1, got 1.5"),
         ({"out": str(tmp_path)}, f"error: --out {tmp_path} is a folder; give the file to write"),
+        # a random teacher, different on every run (a run trained with --teacher_weights "" saved teacher_init.pt)
+        ({"teacher": ""}, "error: --teacher is empty; give an open_clip pretrained tag (openai) or a weights file"),
     ):
         args = {"student": str(tmp_path / "best.pt"), "out": str(tmp_path / "y.pt"), "teacher": "nope", **flags}
         with pytest.raises(SystemExit) as e:

@@ -122,6 +122,13 @@ def is_weights_file(weights: str) -> bool:
     return path.suffix in WEIGHT_SUFFIXES or path.exists() or "/" in weights
 
 
+# what to give where an empty weights entry would build a model of random weights
+EMPTY_WEIGHTS = (
+    'give an open_clip pretrained tag (openai) or a weights file (a run trained with --teacher_weights "" saved '
+    "its teacher as OUT/teacher_init.pt)"
+)
+
+
 def check_weights(model: str, weights: str) -> None:
     """Fail fast, before any long work, on weights that cannot load.
 
