@@ -115,6 +115,11 @@ def test_help_lists_every_flag_with_what_it_does():
         ({"warmup_steps": "abc"}, "--warmup_steps must be a whole number of at least 0, got 'abc'"),
         ({"seed": 1.5}, "--seed must be a whole number of at least 0, got 1.5"),
         ({"device": "cuda"}, "--device cuda, but no CUDA GPU is visible to torch; pass --device cpu or auto"),
+        ({"val": True}, "--val needs a value (fire reads a bare --val as True)"),  # was a TypeError traceback
+        (
+            {"run_name": 1.5},
+            "--run_name 1.5 reached us as a float, not as the text typed; quote it twice (--run_name \"'...'\")",
+        ),
     ],
 )
 def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(
@@ -129,6 +134,13 @@ def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(
         main.main(recipe="demo", **{**tiny_run(train_shards, tmp_path / "run"), **flags})
     assert str(e.value) == f"error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_number_given_for_a_text_flag_is_the_text_typed(train_shards, tmp_path, monkeypatch):
+    """fire hands --out 2024 over as the int 2024 (it failed with a TypeError traceback in Path)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve("demo", **{**tiny_run(train_shards, tmp_path), "out": 2024, "run_name": 7})
+    assert (cfg.out, cfg.run_name) == ("2024", "7")
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):

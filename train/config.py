@@ -122,8 +122,9 @@ class TrainConfig:
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
-        # numbers first: fire hands --lr abc over as a str, which the comparisons below could not take
-        problems = number_problems(
+        problems = self._text_problems()
+        # numbers next: fire hands --lr abc over as a str, which the comparisons below could not take
+        problems += number_problems(
             {
                 "lam": (self.lam, 0, 1),
                 "alpha": (self.alpha, 0, 1),
@@ -176,6 +177,26 @@ class TrainConfig:
             problems.append(f"--crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _text_problems(self) -> list[str]:
+        """The text fields (paths, names, choices) as fire hands them over: ``--out 2024`` as the int 2024, taken as
+        the text it was; a bare ``--val`` (no value) as True, and ``--run_name 1.50`` as the float 1.5, which is not
+        the text typed: refused, with the fix."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type != "str" or isinstance(value, str):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, str(value))
+            elif isinstance(value, bool) or value is None:
+                problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
+            else:
+                problems.append(
+                    f"--{f.name} {value!r} reached us as a {type(value).__name__}, not as the text typed; quote it "
+                    f"twice (--{f.name} \"'...'\")"
+                )
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -60,11 +60,13 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     crop, frames = (given[k] if type(given[k]) is int else 0 for k in ("crop", "frames"))  # else named above
     problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
     problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
-    checks = [functools.partial(check_crop, given["model"], crop)]  # also an unknown --model, a broken JSON
+    checks = []
+    if type(given["model"]) in (str, int):  # else named above
+        checks.append(functools.partial(check_crop, str(given["model"]), crop))  # also an unknown --model, broken JSON
     for name, make in REQUIRED_FOLDERS.items():
         if not given[name]:
             problems.append(f"--{name} is missing: give the folder of the {make}")
-    for folder in (given[k] for k in ("labeled", "unlabeled", "val") if given[k]):
+    for folder in (str(given[k]) for k in ("labeled", "unlabeled", "val") if type(given[k]) in (str, int) and given[k]):
         checks.append(
             functools.partial(check_frames, folder, frames) if frames else functools.partial(list_shards, folder)
         )
