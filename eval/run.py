@@ -441,6 +441,11 @@ def main(
             records = run(cfg, models, loaded, skipped, bool(strict))
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
             sys.exit(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
+            sys.exit(
+                f"interrupted: {cfg.out}/{report.SUMMARY_NAME} holds what was scored; the frame cache is kept, so the "
+                "same command decodes only the videos it had not reached"
+            )
         finally:  # also when the run stops early (an error, --strict's refusal, Ctrl-C): the records written so far
             summary = summarise(cfg.out)
         if summary is not None:

@@ -232,6 +232,16 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
         run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
     assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
 
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (out / report.SUMMARY_NAME).unlink()
+    monkeypatch.setattr(run, "run", ctrl_c)
+    with pytest.raises(SystemExit) as e:  # it was a traceback
+        run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
+    assert str(e.value.code).startswith(f"interrupted: {out}/{report.SUMMARY_NAME} holds what was scored; the frame")
+    assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
+
 
 def test_a_malformed_annotation_file_is_an_error_line(bench, tmp_path):
     """A classInd.txt that does not fit the test list: a traceback, now one error line naming the dataset."""

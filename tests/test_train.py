@@ -730,6 +730,26 @@ def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_ends_a_run_with_one_line_that_says_how_to_go_on(train_shards, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the trainer and its loader workers) printed a traceback."""
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.main", *cli_args(train_shards, out, steps=400, val_every=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (out / checkpoint.LATEST).exists():
+        time.sleep(0.2)
+    time.sleep(1)  # mid-training, past the first save
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert f"interrupted: {out}/latest.pt holds the run as of its last save" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     """kill -9 the whole torchrun job after a checkpoint; the same command with --resume auto finishes it."""
     out = tmp_path / "run"

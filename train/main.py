@@ -36,6 +36,11 @@ def main(recipe: str = "paper", **flags) -> None:
         run(cfg)
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
+        sys.exit(
+            f"interrupted: {cfg.out}/latest.pt holds the run as of its last save (every --val_every steps); rerun the "
+            "same command with --resume auto to go on from there"
+        )
 
 
 REQUIRED_FOLDERS = {
