@@ -292,10 +292,12 @@ def out_lock(out: Path):
         yield
 
 
-def summarise(out: str) -> Path | None:
+def summarise(out: str, names: list[str] = ()) -> Path | None:
     """OUT/summary.md from every record in OUT (None: there is none), at the end of a run, however it ends: it
-    removed the old tables at its start."""
-    results = report.load_results(out)
+    removed the old tables at its start. The models of ``names`` (this run's, in its --names order) come first, in
+    that order, then any others in OUT by name."""
+    rank = {name: i for i, name in enumerate(names)}
+    results = sorted(report.load_results(out), key=lambda r: rank.get(r["model"], len(rank)))  # stable: path order
     return report.write_summary(out, results) if results else None
 
 
@@ -447,7 +449,7 @@ def main(
                 "same command decodes only the videos it had not reached"
             )
         finally:  # also when the run stops early (an error, --strict's refusal, Ctrl-C): the records written so far
-            summary = summarise(cfg.out)
+            summary = summarise(cfg.out, [name for name, _ in models])
         if summary is not None:
             print(summary.read_text())
         png = None

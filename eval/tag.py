@@ -187,6 +187,7 @@ def main(
             changed videos; by default a temporary folder, removed at the end.
     """
     # every problem in one line, as the other CLIs give them: the flags', then the model config's and the weights'
+    raw_query = query
     folder, query, problems = Path(str(videos)), as_text(query), []
     try:
         label_list = read_labels(labels, labels_file)
@@ -208,6 +209,13 @@ def main(
         print(
             f"warning: --labels {', '.join(numbers)} reached us as number(s), so the text may not be what you typed "
             "(1.10 arrives as 1.1); to keep it exactly, quote each label (--labels '\"1.10\"') or use --labels_file",
+            file=sys.stderr,
+        )
+    numbers = number_labels(raw_query)
+    if numbers:
+        print(
+            f"warning: --query {', '.join(numbers)} reached us as number(s), so the text may not be what you typed "
+            "(1.10 arrives as 1.1); to keep it exactly, quote it (--query '\"1.10\"')",
             file=sys.stderr,
         )
     paths = find_videos(folder)

@@ -72,6 +72,9 @@ def test_zero_shot_suite_end_to_end(bench):
             assert sorted(shown) == sorted(f"{k} {report.format_value(v, k)}" for k, v in metrics.items() if k != "num")
     summary = (out / "summary.md").read_text()
     assert "Table 1a: UCF101" in summary and "Table 2c: DiDeMo" in summary and "| FitCLIP |" in summary
+    # rows in --names order (they came sorted by name: CLIP, FitCLIP, Student)
+    rows = [line.split(" | ")[0] for line in summary.splitlines() if line.startswith(("| CLIP ", "| Student ", "| Fit"))]
+    assert rows[:3] == ["| CLIP", "| Student", "| FitCLIP"], rows
     assert "Table 2a: MSR-VTT" in proc.stdout
     # the fused model's numbers come from the fused weights, not from either parent
     fused = json.loads((out / "FitCLIP" / "msrvtt.json").read_text())
@@ -596,6 +599,8 @@ def test_tag_warns_when_fire_read_a_label_as_a_number(bench, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: --labels 1.1 reached us as number(s)" in err and "--labels_file" in err
     assert {r["label"] for r in csv.DictReader((tmp_path / "t.csv").open())} == {"1.1", "2", "snow"}
+    tag.main(str(layouts["msrvtt"] / "videos"), query=1.1, out=str(tmp_path / "q.csv"), **common)  # --query 1.10
+    assert "warning: --query 1.1 reached us as number(s)" in capsys.readouterr().err  # it searched in silence
 
 
 def test_tag_batch_sizes_follow_the_device():

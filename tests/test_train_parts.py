@@ -150,11 +150,29 @@ def test_checkpointing_the_first_blocks_frees_their_activations_and_keeps_gradie
 def test_missing_or_empty_shard_folders_fail_clearly(tmp_path):
     with pytest.raises(data.DataError, match="does not exist.*pipeline.shard"):
         data.list_shards(tmp_path / "nope")
+    (tmp_path / "000000.tar").write_bytes(b"")  # a shard given for its folder: it said "does not exist"
+    with pytest.raises(data.DataError, match="is a file; give the folder that holds the shards"):
+        data.list_shards(tmp_path / "000000.tar")
+    (tmp_path / "000000.tar").unlink()
     with pytest.raises(data.DataError, match="no complete shard"):
         data.list_shards(tmp_path)
     (tmp_path / "000000.tar").write_bytes(b"")  # a tar without stats is not complete
     with pytest.raises(data.DataError, match="no complete shard"):
         data.list_shards(tmp_path)
+
+
+def test_a_step_larger_than_the_labeled_set_is_warned_of(train_shards, monkeypatch, caplog):
+    """Its videos come twice in one step, and the contrastive loss takes each copy for another video."""
+    tok = tokenizer_for(str(TINY_CLIP))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data.labeled_stream(train_shards["labeled"], 4, data.TrainTransform(32), tok, 4, 0)
+    assert not [r for r in caplog.records if "come twice" in r.getMessage()]  # 2 x 4 of 8
+    data.labeled_stream(train_shards["labeled"], 4, data.TrainTransform(32), tok, 5, 0)
+    warned = [r.getMessage() for r in caplog.records if "come twice" in r.getMessage()]
+    assert warned == [
+        "a step takes 10 labeled videos (2 ranks x --batch_labeled 5) from a set of 8: some come twice in one step, "
+        "where the contrastive loss takes each copy for another video; lower --batch_labeled"
+    ]
 
 
 def test_labeled_passes_cover_every_sample_once_across_readers(train_shards, monkeypatch):

@@ -54,6 +54,11 @@ class DataError(ValueError):
 def list_shards(folder: str | Path) -> list[str]:
     """The complete shards (tar with its ``_stats.json``) of a folder, in order."""
     path = Path(folder)
+    if str(folder) and path.is_file():
+        raise DataError(
+            f"shard folder {str(folder)!r} is a file; give the folder that holds the shards ({path.parent} if it "
+            "is one of them)"
+        )
     if not str(folder) or not path.is_dir():
         raise DataError(
             f"shard folder {str(folder)!r} does not exist; make it with python -m pipeline.shard "
@@ -449,6 +454,16 @@ def labeled_stream(
     """Forever, in passes over all labeled samples, reshuffled each pass; ``start``: the samples a resumed run
     took before, to go on where it stopped (``IndexedShards``)."""
     source = IndexedShards(list_shards(folder), seed, start=start, batch=batch)
+    rank, ranks = _rank()
+    if rank == 0 and ranks * batch > len(source):  # the same video twice in a step: a false negative for the loss
+        log.warning(
+            "a step takes %d labeled videos (%d ranks x --batch_labeled %d) from a set of %d: some come twice in one "
+            "step, where the contrastive loss takes each copy for another video; lower --batch_labeled",
+            ranks * batch,
+            ranks,
+            batch,
+            len(source),
+        )
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
 
