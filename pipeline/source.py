@@ -10,6 +10,7 @@ number of rows (the duplicate check keeps 8 bytes per row, see :class:`SeenKeys`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import re
 import sys
@@ -101,6 +102,10 @@ def read_header(path: str | Path, columns: Columns, video_root: str | Path | Non
             else ""
         )
         raise CsvError(f"{path}: missing column(s) {missing}; the header is {header}. Use {hints}{where}.")
+    used = [c for c in dataclasses.astuple(columns) if c]
+    twice = sorted({c for c in used if header.count(c) > 1})
+    if twice:  # a row's fields become a dict by name: the last column of the name would win, in silence
+        raise CsvError(f"{path}: the header names column(s) {twice} more than once; rename all but one")
     return header
 
 

@@ -40,6 +40,8 @@ def test_columns_in_any_order_and_renamed(tmp_path):
         ("videoid,name,page_dir\n1,x,d\n", "contentUrl"),
         ("id,name,contentUrl\n1,x,y\n", "videoid"),
         ("videoid,contentUrl\n1,y\n", "'name'"),
+        # the caption came from the last column of the name, in silence
+        ("videoid,name,contentUrl,name\n1,a,y,b\n", r"names column\(s\) \['name'\] more than once; rename all but one"),
     ],
 )
 def test_bad_csv_is_refused_with_the_reason(tmp_path, content, message):
