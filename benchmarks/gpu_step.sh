@@ -77,9 +77,16 @@ for part in $PARTS; do
     *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, epilogue, tune)" >&2
        exit 2;; esac
 done
-if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -lt 60 ]; then
-    echo "gpu_step: BUDGET must be a whole number of seconds, at least 60 (the device-seconds left less 40), got" \
-        "'$BUDGET'" >&2
+# whole numbers of seconds (read in base 10: bash would read 0570 as octal), before any work
+for limit in BUDGET KERNELS_S STEP_S NUMERICS_S MEMORY_S LOADER_S TRAIN_S EPILOGUE_S; do
+    if ! [[ "${!limit}" =~ ^[0-9]+$ ]] || [ "$((10#${!limit}))" -lt 1 ]; then
+        echo "gpu_step: $limit must be a whole number of seconds, at least 1, got '${!limit}'" >&2
+        exit 2
+    fi
+    printf -v "$limit" '%d' "$((10#${!limit}))"
+done
+if [ "$BUDGET" -lt 60 ]; then
+    echo "gpu_step: BUDGET must be at least 60 s (the device-seconds left less 40), got $BUDGET" >&2
     exit 2
 fi
 mkdir -p "$OUT"

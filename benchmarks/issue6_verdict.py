@@ -18,6 +18,7 @@ LEVERS) it ends with the device call to make next on the warm machine, if any (`
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from benchmarks.args import checkpointed_blocks
@@ -74,13 +75,15 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool
         return ["step: no variant but naive ran"]
     lines, astray = [], wrong_losses(rows)
     if astray:  # e.g. a missing wait between CUDA streams: fast, and wrong
-        reference = next(v for v in (DEFAULT, "naive") if v in rows)
+        reference = next(v for v in (DEFAULT, "naive") if v in rows and _finite(rows[v].get("first_loss")))
         lines.append(
             f"variants whose first-step loss is off {reference}'s by {LOSS_TOLERANCE:g} or more (relative), left out "
             f"of the judging (a wrong result?): " + ", ".join(f"{v} {rows[v]['first_loss']:.5f}" for v in astray)
         )
         rows = {v: r for v, r in rows.items() if v not in astray}  # nor advised as a lever: the reference stays
         trainer = {v: r for v, r in rows.items() if v != "naive"}
+        if not trainer:
+            return [*lines, "step: no variant but naive left to judge"]
     best_name, best = max(trainer.items(), key=lambda kv: kv[1]["videos_per_s"])
     mfu = best.get("mfu_measured")
     if mfu is None:
@@ -111,17 +114,23 @@ def wrong_losses(rows: dict[str, dict]) -> list[str]:
     first losses differ by bf16 noise only (1.5e-3 between naive and the default on the H200); more means a variant
     computes something else. Variants that crop on the device (+devaug, +devjpeg) draw other crops, so other
     batches: they are not compared."""
-    reference = next((rows[v] for v in (DEFAULT, "naive") if v in rows and "first_loss" in rows[v]), None)
-    if reference is None:
+    name = next((v for v in (DEFAULT, "naive") if v in rows and _finite(rows[v].get("first_loss"))), None)
+    if name is None:  # nothing to compare with (a NaN or zero default loss is judged by the numerics check)
         return []
-    ref, cropped = reference["first_loss"], {s for s in MODE_SOURCES.values() if s}
+    ref, cropped = rows[name]["first_loss"], {s for s in MODE_SOURCES.values() if s}
     return [
         v
         for v, r in rows.items()
-        if "first_loss" in r
+        if v != name
+        and "first_loss" in r
         and not cropped & set(v.split("+"))
         and not abs(r["first_loss"] - ref) < LOSS_TOLERANCE * abs(ref)  # NaN is off too
     ]
+
+
+def _finite(loss) -> bool:
+    """A loss to compare others with: a finite number other than 0."""
+    return isinstance(loss, (int, float)) and math.isfinite(loss) and loss != 0
 
 
 def time_lines(name: str, row: dict) -> list[str]:
@@ -227,8 +236,9 @@ def epilogue_lines(epilogue: dict) -> list[str]:
 def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset(), unchecked: bool = False) -> list[str]:
     """For each variant timed with and without one of ``LEVERS``, the step's speed with it over without; and for each
     with several, its speed over the variant with none of them. A lever in ``unsafe`` (its numerics check failed)
-    is never advised as a default; with ``unchecked`` (no numerics check in this OUT: the numerics part failed,
-    was cut off or did not run) none is advised without one."""
+    is never advised as a default; with ``unchecked`` (no numerics.json at all in this OUT: the numerics part
+    failed, was cut off or did not run) none is advised without one. (A numerics.json covers the levers of its own
+    flags only; the others, +tstream or max-autotune, are judged on speed and on ``wrong_losses``.)"""
 
     def advice(ratio: float, used: list[str], flags: str) -> str:
         if ratio < GAIN:
@@ -401,6 +411,7 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
+TUNE_MIN_S, EPILOGUE_S = 120, 90  # gpu_step.sh's least BUDGET left for the tune part, and the epilogue part's limit
 FILL = "SECONDS_LEFT_LESS_40"  # the next call's BUDGET, for the session to fill in (gpu_step.sh refuses it as is)
 
 
@@ -417,11 +428,12 @@ def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None,
     fed = f"{levers}+prefetch"
     judged = [levers, fed, f"{fed}+tahead", f"{fed}+tstream"]  # gpu_step.sh's candidates for the best step
     cut = [v for v in judged if v not in timed] if step and step.get("complete", True) is False else []
-    if cut:
+    if cut:  # with the default step first: this call's OUT starts empty, and the verdict judges against it
         return _call(
-            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join(cut)}",
+            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join([DEFAULT, *cut])}",
             f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
             "compile short",
+            150,
         )
     default = _ok(step["rows"]).get(DEFAULT) if step else None
     # timed as 2026-11-26's figure was: each step on its own (rows from before the back-to-back timing have only that)
@@ -437,22 +449,26 @@ def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None,
             f"PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad",
             f"the default step took {then:.4f} s, slower than the {H200_DEFAULT_STEP_S} s of 2026-11-26's H200 at 77 "
             "tokens: does the cut captions' changing width cost the compiled step?",
+            200,  # +fullpad compiles afresh
         )
     tuned = _ok(tune["rows"]) if tune else {}
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
         return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
-    parts = "epilogue tune" if epilogue and not epilogue.get("complete", True) else "tune"
+    again = epilogue and not epilogue.get("complete", True)
     variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
     return _call(
-        f'PARTS="{parts}" LEVERS={levers} TUNE_VARIANTS={variants}',
+        f'PARTS="{"epilogue tune" if again else "tune"}" LEVERS={levers} TUNE_VARIANTS={variants}',
         "this call did not time both max-autotune variants",
+        # the tune part starts with at least TUNE_MIN_S of BUDGET left, after the epilogue's EPILOGUE_S
+        TUNE_MIN_S + 20 + 40 + 10 + (EPILOGUE_S if again else 0),
     )
 
 
-def _call(settings: str, why: str) -> list[str]:
+def _call(settings: str, why: str, seconds: int) -> list[str]:
+    """The two lines of a next call that needs ``seconds`` device-seconds left (its parts, the verdict, the start)."""
     return [
-        f"next call, only with at least 150 device-seconds left (timeout_s: those seconds less 20; BUDGET: less 40): "
-        f"{why}",
+        f"next call, only with at least {seconds} device-seconds left (timeout_s: those seconds less 20; BUDGET: "
+        f"less 40): {why}",
         f"next call: {settings} BUDGET={FILL} OUT=$OUT bash benchmarks/gpu_step.sh",
     ]
 

@@ -45,6 +45,7 @@ from pipeline.writer import remove_temporaries
 from train.distributed import init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
+    EMPTY_STUDENT,
     EMPTY_WEIGHTS,
     check_weights,
     config_image_size,
@@ -116,7 +117,8 @@ def parse_fuse(weights: str) -> tuple[str, str, float]:
         alpha = float("nan")
     for role, given in (("TEACHER", teacher), ("STUDENT", student)):
         if alpha == alpha and not given:  # an ALPHA, so the form is right but a part is empty: say which
-            raise ValueError(f"--weights {weights}: its {role} is empty; {EMPTY_WEIGHTS}")
+            advice = EMPTY_WEIGHTS if role == "TEACHER" else EMPTY_STUDENT
+            raise ValueError(f"--weights {weights}: its {role} is empty; {advice}")
     if not (teacher and student and 0.0 <= alpha <= 1.0):
         raise ValueError(
             f"--weights {weights}: write fuse:TEACHER:STUDENT:ALPHA with ALPHA in [0, 1] "
@@ -445,8 +447,9 @@ def main(
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
             sys.exit(
-                f"interrupted: {cfg.out}/{report.SUMMARY_NAME} holds what was scored; the frame cache is kept, so the "
-                "same command decodes only the videos it had not reached"
+                f"interrupted: the records scored so far are in {cfg.out} (with their tables in {report.SUMMARY_NAME}, "
+                "if any); the frame cache keeps the datasets it had finished decoding, so the same command decodes "
+                "only the others"
             )
         finally:  # also when the run stops early (an error, --strict's refusal, Ctrl-C): the records written so far
             summary = summarise(cfg.out, [name for name, _ in models])

@@ -28,8 +28,10 @@ def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> No
 
 
 def unknown_flags(argv: list[str], fn: Callable) -> list[str]:
-    """The ``--name`` tokens of ``argv`` (as ``--name value``, ``--name=value``, ``--no<name>``; fire reads dashes in
-    a name as underscores) that name no parameter of ``fn``, up to fire's own ``--`` and besides its --help."""
+    """The flags of ``argv`` that name no parameter of ``fn``, as fire reads them, up to fire's own ``--`` and
+    besides its --help: ``--name value``, ``--name=value``, ``--no<name>``, ``-name`` (fire takes one dash or
+    three as well), and one letter that starts exactly one parameter's name (fire's shortcut: ``-q`` for
+    ``--quick``); a dash and a digit is a negative number. fire reads dashes in a name as underscores."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
@@ -37,10 +39,13 @@ def unknown_flags(argv: list[str], fn: Callable) -> list[str]:
     for token in argv:
         if token == "--":  # fire's own flags follow
             break
-        if not token.startswith("--") or len(token) == 2:
+        name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if not token.startswith("-") or not name or name[0].isdigit() or name[0] == ".":  # a value
             continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        if name in params or name == "help" or (name.startswith("no") and name[2:] in params):
+        if len(name) == 1:
+            if name == "h" or sum(p.startswith(name) for p in params) == 1:
+                continue
+        elif name in params or name == "help" or (name.startswith("no") and name[2:] in params):
             continue
         unknown.append("--" + name)
     return unknown

@@ -485,9 +485,15 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     for row, seconds in zip(step["rows"], (0.736, 0.3605, 0.337), strict=True):
         row["s_per_step"] = seconds
     epilogue = {"complete": True, "ways": []}
-    why = "next call, only with at least 150 device-seconds left (timeout_s: those seconds less 20; BUDGET: less 40): "
-    tune_cmd = [
-        why + "this call did not time both max-autotune variants",
+
+    def why(seconds: int) -> str:
+        return (
+            f"next call, only with at least {seconds} device-seconds left (timeout_s: those seconds less 20; BUDGET: "
+            "less 40): "
+        )
+
+    tune_cmd = [  # the tune part starts with 120 s of BUDGET left: 120 + 20 for the verdict + 40 + 10 to start
+        why(190) + "this call did not time both max-autotune variants",
         f'next call: PARTS="tune" LEVERS={levers} TUNE_VARIANTS={levers},{levers}+autotune+tma,{levers}+autotune '
         "BUDGET=SECONDS_LEFT_LESS_40 OUT=$OUT bash benchmarks/gpu_step.sh",
     ]
@@ -496,7 +502,10 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     assert next_call_lines(step, tune, epilogue, levers) == tune_cmd  # cut short after its first variant
     tune["rows"] += [{"variant": f"{levers}+autotune", "status": "error", "videos_per_s": 0}]
     assert next_call_lines(step, tune, epilogue, levers) == tune_cmd  # its second variant failed
-    epilogue_cmd = [tune_cmd[0], tune_cmd[1].replace('"tune"', '"epilogue tune"')]
+    epilogue_cmd = [
+        why(280) + "this call did not time both max-autotune variants",
+        tune_cmd[1].replace('"tune"', '"epilogue tune"'),
+    ]
     assert next_call_lines(step, tune, {"complete": False}, levers) == epilogue_cmd
     tune["rows"][1] = _rows(**{f"{levers}+autotune": 780})[0]
     done = ["next call: none needed (both max-autotune variants were timed); give the machine back"]
@@ -506,14 +515,15 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     # the default step slower than on 2026-11-26's H200 (beyond 2%): first, whether the cut captions cost it
     step["rows"][1]["s_per_step"] = 0.3750
     assert next_call_lines(step, tune, epilogue, levers) == [
-        why + "the default step took 0.3750 s, slower than the 0.3608 s of 2026-11-26's H200 at 77 tokens: does the "
+        why(200)
+        + "the default step took 0.3750 s, slower than the 0.3608 s of 2026-11-26's H200 at 77 tokens: does the "
         "cut captions' changing width cost the compiled step?",
         f"next call: PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad BUDGET=SECONDS_LEFT_LESS_40 OUT=$OUT "
         "bash benchmarks/gpu_step.sh",
     ]
     # judged on the steps timed each on its own, as that figure was: the back-to-back mean may be faster
     step["rows"][1].update(s_per_step=0.3600, s_per_step_synced=0.3750)
-    assert next_call_lines(step, tune, epilogue, levers)[0].startswith(why + "the default step took")
+    assert next_call_lines(step, tune, epilogue, levers)[0].startswith(why(200) + "the default step took")
     step["rows"][1].update(s_per_step=0.3750, s_per_step_synced=0.3640)  # within 2% of it
     assert next_call_lines(step, tune, epilogue, levers) == done
     step["rows"][1].update(s_per_step_synced=0.3750)
@@ -527,10 +537,10 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     step["rows"].append({**step["rows"][2], "variant": fed})
     cut = {**step, "complete": False}
     assert next_call_lines(cut, tune, epilogue, levers) == [
-        why + f"the step part's time limit cut off {fed}+tahead, {fed}+tstream; on the warm machine inductor's "
+        why(150) + f"the step part's time limit cut off {fed}+tahead, {fed}+tstream; on the warm machine inductor's "
         "caches make their compile short",
-        f"next call: PARTS=step LEVERS={levers} STEP_VARIANTS={fed}+tahead,{fed}+tstream BUDGET=SECONDS_LEFT_LESS_40 "
-        "OUT=$OUT bash benchmarks/gpu_step.sh",
+        f"next call: PARTS=step LEVERS={levers} STEP_VARIANTS={DEFAULT},{fed}+tahead,{fed}+tstream "
+        "BUDGET=SECONDS_LEFT_LESS_40 OUT=$OUT bash benchmarks/gpu_step.sh",
     ]
     assert next_call_lines(step, tune, epilogue, levers) == done  # complete: the list left them out on purpose
 
@@ -755,3 +765,10 @@ def test_the_issue6_verdict_leaves_out_a_fast_variant_whose_loss_is_off():
     for row in rows:
         del row["first_loss"]  # rows without it (older records): nothing to compare
     assert step_lines(step)[0].startswith(f"MFU at 128x128: 57.1% of the measured peak with {fed}+tahead ")
+    # a NaN default loss (cuDNN's NaN risk): compared with naive's; every variant off: said, not a crash
+    rows[0]["first_loss"], rows[1]["first_loss"], rows[2]["first_loss"] = 9.85, float("nan"), 9.0
+    assert wrong_losses({r["variant"]: r for r in rows}) == [DEFAULT, fed]  # the reference itself never
+    nan = {"device": "NVIDIA H200", "rows": [{**rows[0], "first_loss": float("nan")}, rows[1]]}
+    assert wrong_losses({r["variant"]: r for r in nan["rows"]}) == []  # no finite reference: nothing compared
+    off = {"device": "NVIDIA H200", "rows": rows[:3]}
+    assert step_lines(off)[-1] == "step: no variant but naive left to judge"

@@ -162,7 +162,12 @@ def test_unknown_flags_are_the_names_a_function_does_not_take():
         return src
 
     argv = ["--src", "a.csv", "--sample_per_shard", "3", "--noprogress", "--samples-per-shard=2", "--bogus=1", "-x"]
-    assert unknown_flags(argv, main) == ["--sample_per_shard", "--bogus"]
+    assert unknown_flags(argv, main) == ["--sample_per_shard", "--bogus", "--x"]
+    # as fire reads them: one dash or three, a one-letter shortcut of exactly one name, negative numbers as values
+    assert unknown_flags(
+        ["-src", "a", "---progress", "-p", "--samples_per_shard", "-1", "-0.5", "-sed", "3"], main
+    ) == ["--sed"]
+    assert unknown_flags(["-s", "1"], main) == ["--s"]  # src or samples_per_shard: fire refuses it too
     assert unknown_flags(["--help"], main) == [] and unknown_flags(["--", "--interactive"], main) == []
     assert unknown_flags(["--anything"], lambda **flags: flags) == []  # a function that takes any flag checks its own
     with pytest.raises(SystemExit) as e:

@@ -243,7 +243,7 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
     monkeypatch.setattr(run, "run", ctrl_c)
     with pytest.raises(SystemExit) as e:  # it was a traceback
         run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
-    assert str(e.value.code).startswith(f"interrupted: {out}/{report.SUMMARY_NAME} holds what was scored; the frame")
+    assert str(e.value.code).startswith(f"interrupted: the records scored so far are in {out} (with their tables")
     assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
 
 

@@ -136,11 +136,17 @@ def test_bad_numbers_and_devices_are_refused_in_one_line_before_work(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_number_given_for_a_text_flag_is_the_text_typed(train_shards, tmp_path, monkeypatch):
-    """fire hands --out 2024 over as the int 2024 (it failed with a TypeError traceback in Path)."""
-    monkeypatch.chdir(tmp_path)
-    cfg = resolve("demo", **{**tiny_run(train_shards, tmp_path), "out": 2024, "run_name": 7})
-    assert (cfg.out, cfg.run_name) == ("2024", "7")
+def test_a_number_given_for_a_text_flag_is_the_text_typed():
+    """fire hands --out 2024 over as the int 2024 (it failed with a TypeError traceback in Path): given back as the
+    text typed. It also reads 2024_06_01 as 20240601 and 0x1F as 31, which are not: refused, with the fix."""
+    from train.main import typed_texts
+
+    argv = ["--out", "2024", "--run_name=7", "--steps", "10", "--val", "2024_06_01", "--resume", "0x1F"]
+    flags = {"out": 2024, "run_name": 7, "steps": 10, "val": 20240601, "resume": 31}
+    assert typed_texts(flags, argv) == {"out": "2024", "run_name": "7", "steps": 10, "val": 20240601, "resume": 31}
+    with pytest.raises(ValueError) as e:
+        resolve("demo", val=20240601)
+    assert str(e.value) == "--val 20240601 reached us as a int, not as the text typed; quote it twice (--val \"'...'\")"
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):
@@ -195,7 +201,7 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
 def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkeypatch):
     """The checks of the model, device, --out, --wandb, the shard folders, the weights and --resume waited for the
     config's to pass: --lr 0 --wandb online named --lr only, and each relaunch failed on the next problem."""
-    from train.main import main
+    from train.main import checked, main
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
@@ -209,10 +215,28 @@ def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkey
     for part in ("--crop 24: ", "README.md is a file", "--wandb online: no W&B", "--labeled is missing", "nope"):
         assert part in message, part
     flags = {**tiny_run(train_shards, tmp_path / "run"), "teacher_weights": str(tmp_path / "x.pt"), "frames": 2}
+    inputs = ("hold 4 frames", "not found: " + str(tmp_path / "x.pt"), "y.pt: no")
     with pytest.raises(SystemExit) as e:  # with a valid config: the inputs' problems, all of them
         main("demo", **{**flags, "resume": str(tmp_path / "y.pt")})
-    assert all(p in str(e.value.code) for p in ("hold 4 frames", "not found: " + str(tmp_path / "x.pt"), "y.pt: no"))
+    assert all(p in str(e.value.code) for p in inputs)
+    with pytest.raises(SystemExit) as e:  # and with a refused one: the weights and --resume did wait for it
+        main("demo", **{**flags, "resume": str(tmp_path / "y.pt"), "lr": 0})
+    assert all(p in str(e.value.code) for p in ("--lr must be", *inputs)), e.value.code
     assert not (tmp_path / "run").exists()
+    # each wrong flag once: a bare choice flag, a crop or frame count out of range, an unhashable --recipe
+    for bad, said in (
+        ({"device": True}, ["--device needs a value (fire reads a bare --device as True)"]),
+        ({"crop": -5}, ["--crop must be a whole number of at least 0, got -5"]),
+        ({"frames": -1}, ["--frames must be a whole number of at least 1, got -1"]),
+        (
+            {"labeled": 0},
+            ["--labeled 0 reached us as a int, not as the text typed; quote it twice (--labeled \"'...'\")"],
+        ),
+    ):
+        _, problems = checked("demo", {**tiny_run(train_shards, tmp_path / "run"), **bad})
+        assert problems == said, (bad, problems)
+    _, problems = checked(["paper"], tiny_run(train_shards, tmp_path / "run"))  # it was a TypeError traceback
+    assert problems == ["--recipe must be one of paper, reference, demo, got ['paper']"]
 
 
 def test_a_damaged_labeled_or_validation_tar_is_skipped_not_fatal(train_shards, tmp_path, caplog):
@@ -384,11 +408,8 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
 
     def run(out, steps, workers, **flags):
         seen.clear()
-        loop.run(
-            tiny_config(
-                train_shards, out, steps=steps, batch_labeled=3, val_every=3, fuse=False, workers=workers, **flags
-            )
-        )
+        flags = {"batch_labeled": 3, **flags}
+        loop.run(tiny_config(train_shards, out, steps=steps, val_every=3, fuse=False, workers=workers, **flags))
         return list(seen)
 
     straight = run(tmp_path / "a", 6, workers)
@@ -399,6 +420,12 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
     (tmp_path / "c").mkdir()  # a checkpoint from before labeled_seen was saved: counted from its step
     torch.save(state, tmp_path / "c" / "old.pt")
     assert run(tmp_path / "c", 6, resumed_workers, resume=str(tmp_path / "c" / "old.pt")) == straight[3:]
+    # with another --batch_labeled: counted with the checkpoint's batch of 3, not this run's 2 (its first batch is
+    # the first 2 samples of step 4's)
+    (tmp_path / "d").mkdir()
+    torch.save(state, tmp_path / "d" / "old.pt")
+    resumed = run(tmp_path / "d", 4, resumed_workers, resume=str(tmp_path / "d" / "old.pt"), batch_labeled=2)
+    assert resumed == [straight[3][:2]]
 
 
 def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_model(train_shards, tmp_path, capsys):

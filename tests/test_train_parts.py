@@ -175,6 +175,30 @@ def test_a_step_larger_than_the_labeled_set_is_warned_of(train_shards, monkeypat
     ]
 
 
+def test_a_tar_cut_anywhere_gives_only_its_whole_samples_and_one_warning(train_shards, tmp_path, caplog):
+    """tarfile raises on a cut inside a member's data but ends in silence on a cut at or inside a header: such a tar
+    lost its later samples with no warning, and its last sample given could lack members."""
+    tar = data.list_shards(train_shards["val"])[0]
+    whole = list(data._tar_samples(tar))
+    with tarfile.open(tar) as t:
+        infos = [i for i in t if i.isfile()]
+    raw = Path(tar).read_bytes()
+    third = [i for i in infos if i.name.startswith(whole[2][0] + ".")]  # the third sample's members
+    cuts = (third[0].offset, third[0].offset + 100, third[0].offset_data + 10, third[1].offset, third[-1].offset)
+    for n, cut in enumerate(cuts):  # at and inside its first header, in its first member's data, at later headers
+        cut_tar = tmp_path / f"{n}.tar"
+        cut_tar.write_bytes(raw[:cut])
+        caplog.clear()
+        assert list(data._tar_samples(str(cut_tar))) == whole[:2], cut
+        warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(warned) == 1 and "using its first 2 samples" in warned[0], (cut, warned)
+        assert list(data._tar_samples(str(cut_tar))) == whole[:2]  # validation indexes it again: no second warning
+        assert len([r for r in caplog.records if "is damaged" in r.getMessage()]) == 1
+    assert len(whole) == len({m.name.split(".")[0] for m in infos}) and not [
+        r for r in caplog.records if tar in r.getMessage()
+    ]
+
+
 def test_labeled_passes_cover_every_sample_once_across_readers(train_shards, monkeypatch):
     shards = data.IndexedShards(data.list_shards(train_shards["labeled"]), seed=3)
     assert len(shards) == 8
@@ -366,6 +390,7 @@ def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
         ({"out": str(tmp_path)}, f"error: --out {tmp_path} is a folder; give the file to write"),
         # a random teacher, different on every run (a run trained with --teacher_weights "" saved teacher_init.pt)
         ({"teacher": ""}, "error: --teacher is empty; give an open_clip pretrained tag (openai) or a weights file"),
+        ({"student": ""}, "error: --student is empty; give the student's weights file (the best.pt or latest.pt"),
     ):
         args = {"student": str(tmp_path / "best.pt"), "out": str(tmp_path / "y.pt"), "teacher": "nope", **flags}
         with pytest.raises(SystemExit) as e:

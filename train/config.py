@@ -122,7 +122,7 @@ class TrainConfig:
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
-        problems = self._text_problems()
+        problems, unread = self._text_problems()
         # numbers next: fire hands --lr abc over as a str, which the comparisons below could not take
         problems += number_problems(
             {
@@ -151,7 +151,7 @@ class TrainConfig:
             ("compile_mode", COMPILE_MODES),
             ("teacher_stream", TEACHER_STREAMS),
         ):
-            if getattr(self, name) not in allowed:
+            if name not in unread and getattr(self, name) not in allowed:  # else named above
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
         names += ("trim_text", "fuse", "progress")
@@ -178,25 +178,25 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def _text_problems(self) -> list[str]:
-        """The text fields (paths, names, choices) as fire hands them over: ``--out 2024`` as the int 2024, taken as
-        the text it was; a bare ``--val`` (no value) as True, and ``--run_name 1.50`` as the float 1.5, which is not
-        the text typed: refused, with the fix."""
-        problems = []
+    def _text_problems(self) -> tuple[list[str], set[str]]:
+        """A line for each text field (paths, names, choices) that is not text, as fire hands it over: a bare
+        ``--val`` (no value) as True; ``--run_name 1.50`` as the float 1.5 and ``--out 2024_06_01`` as the int
+        20240601, not the text typed (``train.main.typed_texts`` gives back the numbers typed as they are, as
+        ``--out 2024``). And the names of those fields, whose other checks would only repeat it."""
+        problems, unread = [], set()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type != "str" or isinstance(value, str):
                 continue
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, str(value))
-            elif isinstance(value, bool) or value is None:
+            unread.add(f.name)
+            if isinstance(value, bool) or value is None:
                 problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
             else:
                 problems.append(
                     f"--{f.name} {value!r} reached us as a {type(value).__name__}, not as the text typed; quote it "
                     f"twice (--{f.name} \"'...'\")"
                 )
-        return problems
+        return problems, unread
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -255,7 +255,7 @@ RECIPES = {"paper": paper, "reference": reference, "demo": demo}
 
 def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
     """The config of a recipe with flags applied; unknown flags fail with the list of valid ones."""
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)

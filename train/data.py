@@ -400,9 +400,9 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     that stops early reads no further). A tar cut short (a copy or a disk that failed) gives the samples before the
     cut, with a warning: the streams skip broken shard members, and the labeled and validation sets go through
     this index, where one damaged tar used to stop the run with a traceback (at its first validation, with nothing
-    saved)."""
-    size = os.path.getsize(url)
-    key, members, count = None, {}, 0
+    saved). tarfile raises on a cut inside a member's data, but ends in silence on one at or inside a header; the
+    end-of-archive block that every complete tar ends with tells the two apart."""
+    key, members, count, previous, whole = None, {}, 0, None, False
     try:
         with tarfile.open(url, mode="r:") as tar:
             for info in tar:
@@ -410,24 +410,42 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
                     continue
                 k, _, ext = os.path.basename(info.name).partition(".")
                 if k != key and members:
-                    count += 1
+                    count, previous = count + 1, set(members)
                     yield key, members
                     members = {}
                 key = k
                 members[ext] = (info.offset_data, info.size)
-    except (tarfile.TarError, EOFError) as e:  # the sample being read when the tar ended may be cut: left out
-        log.warning(
-            "%s is damaged (%s): using its first %d samples and skipping the rest; re-make it with pipeline.shard "
-            "(delete its _stats.json and rerun the same command)",
-            url,
-            e,
-            count,
-        )
+            end = tar.offset  # where tarfile stopped: the end-of-archive block, if the tar is whole
+        with open(url, "rb") as f:
+            f.seek(end)
+            whole = f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, EOFError, OSError) as e:  # cut inside a member's data: the sample being read is cut
+        _warn_damaged(url, e, count)
         return
-    if members and all(offset + length <= size for offset, length in members.values()):
+    if not whole:  # cut at or inside a header: every member read is whole, but the sample may lack the next ones
+        if members and set(members) == previous:
+            count += 1
+            yield key, members
+        _warn_damaged(url, tarfile.ReadError("no end-of-archive block where its headers end"), count)
+        return
+    if members:
         yield key, members
-    elif members:  # the last member's data runs past the end of the file
-        log.warning("%s is cut short inside its last sample %s: skipping that sample", url, key)
+
+
+_damaged: set[str] = set()  # tars warned of in this process (validation indexes its shards at every validation)
+
+
+def _warn_damaged(url: str, error: Exception, count: int) -> None:
+    if url in _damaged:
+        return
+    _damaged.add(url)
+    log.warning(
+        "%s is damaged (%s): using its first %d samples and skipping the rest; re-make it with pipeline.shard "
+        "(delete its _stats.json and rerun the same command)",
+        url,
+        error,
+        count,
+    )
 
 
 def decoded(samples: Iterator[dict], frames: int, transform: Callable, augment_on: str = "loader") -> Iterator[dict]:

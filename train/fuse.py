@@ -18,7 +18,7 @@ import torch
 from pipeline.cli import fire_main, number_problems, refuse
 from pipeline.writer import remove_abandoned
 from train.checkpoint import atomic_save
-from train.model import EMPTY_WEIGHTS, create_clip, load_state_dict
+from train.model import EMPTY_STUDENT, EMPTY_WEIGHTS, create_clip, load_state_dict
 
 
 def fuse_state_dicts(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor], alpha: float) -> dict:
@@ -74,9 +74,9 @@ def main(
         alpha: the student's weight, in [0, 1] (the paper uses 0.4).
     """
     problems = number_problems({"alpha": (alpha, 0, 1)})
-    for flag, given in (("teacher", teacher), ("student", student)):
+    for flag, given, advice in (("teacher", teacher, EMPTY_WEIGHTS), ("student", student, EMPTY_STUDENT)):
         if not str(given).strip():  # open_clip would build random weights, different on every run
-            problems.append(f"--{flag} is empty; {EMPTY_WEIGHTS}")
+            problems.append(f"--{flag} is empty; {advice}")
     if Path(str(out)).is_dir():
         problems.append(f"--out {out} is a folder; give the file to write (e.g. {Path(str(out)) / 'fitclip.pt'})")
     refuse(problems)

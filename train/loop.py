@@ -526,6 +526,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     progress = Progress()
     if resume_from is not None:
         saved = restore(resume_from, models, optimizer, scheduler, progress)
+        if progress.labeled_seen is None:  # a checkpoint from before labeled_seen was saved: its readers took
+            # about the first steps x ranks x batch samples, with its own batch and (not saved) as many ranks as now
+            progress.labeled_seen = progress.step * dist.world_size * saved.get("batch_labeled", cfg.batch_labeled)
         apply_hyper_parameters(optimizer, scheduler, cfg)
         # the best loss is that of a best.pt in OUT: a run resumed from another folder's latest.pt has none yet,
         # and keeping that folder's best would leave it without one (nothing better to save) and without fitclip.pt
@@ -538,8 +541,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             changes = config_changes(saved, cfg.to_dict())
             if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
-    if progress.labeled_seen is None:  # a checkpoint from before labeled_seen was saved: as this run would count
-        progress.labeled_seen = progress.step * dist.world_size * cfg.batch_labeled
     seed_process(cfg.seed, dist.rank, progress.step)
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import sys
+from pathlib import Path
 
 import fire
 
@@ -28,7 +30,7 @@ from train.monitor import online_problems
 
 def main(recipe: str = "paper", **flags) -> None:
     flags = {k: v for k, v in flags.items() if v is not None}  # None: not given on the command line
-    cfg, problems = checked(recipe, flags)
+    cfg, problems = checked(recipe, typed_texts(flags, sys.argv[1:]))
     refuse(problems)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
@@ -36,11 +38,25 @@ def main(recipe: str = "paper", **flags) -> None:
         run(cfg)
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
-        sys.exit(
-            f"interrupted: {cfg.out}/latest.pt holds the run as of its last save (every --val_every steps); rerun the "
-            "same command with --resume auto to go on from there"
-        )
+    except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept (from rank 0 only), not a traceback
+        latest = Path(cfg.out) / "latest.pt"
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(1)
+        if latest.is_file():
+            sys.exit(
+                f"interrupted: {latest} holds the run as of its last save (every --val_every steps); rerun the same "
+                "command with --resume auto to go on from there"
+            )
+        sys.exit("interrupted before the run's first save: nothing to resume; rerun the command to start it again")
+
+
+def typed_texts(flags: dict, argv: list[str]) -> dict:
+    """``flags`` with each text flag that fire read as an int given back as the text, where the command line holds
+    it as typed: ``--out 2024`` (fire's int 2024). fire also reads ``2024_06_01`` and ``0x1F`` as ints (20240601,
+    31), which are not what was typed: those stay numbers, for the config to refuse with the fix."""
+    texts = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "str"}
+    typed = set(argv) | {token.split("=", 1)[1] for token in argv if token.startswith("-") and "=" in token}
+    return {k: str(v) if k in texts and type(v) is int and str(v) in typed else v for k, v in flags.items()}
 
 
 REQUIRED_FOLDERS = {
@@ -61,23 +77,28 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     except (ValueError, TypeError) as e:
         cfg = None
         problems.append(str(e))
-    given = cfg.to_dict() if cfg else {**config_module.RECIPES.get(recipe, config_module.paper)().to_dict(), **flags}
-    crop, frames = (given[k] if type(given[k]) is int else 0 for k in ("crop", "frames"))  # else named above
+    preset = (config_module.RECIPES.get(recipe) if isinstance(recipe, str) else None) or config_module.paper
+    given = cfg.to_dict() if cfg else {**preset().to_dict(), **flags}
+    text = {k for k, v in given.items() if isinstance(v, str)}  # other values of text flags are named above
+    # a --crop or --frames out of range is named above too: the checks below take the model's own, or none
+    crop = given["crop"] if type(given["crop"]) is int and given["crop"] >= 0 else 0
+    frames = given["frames"] if type(given["frames"]) is int and given["frames"] >= 1 else 0
     problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
     problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
     checks = []
-    if type(given["model"]) in (str, int):  # else named above
-        checks.append(functools.partial(check_crop, str(given["model"]), crop))  # also an unknown --model, broken JSON
+    if "model" in text:
+        checks.append(functools.partial(check_crop, given["model"], crop))  # also an unknown --model, a broken JSON
     for name, make in REQUIRED_FOLDERS.items():
-        if not given[name]:
+        if given[name] == "":
             problems.append(f"--{name} is missing: give the folder of the {make}")
-    for folder in (str(given[k]) for k in ("labeled", "unlabeled", "val") if type(given[k]) in (str, int) and given[k]):
+    for folder in (given[k] for k in ("labeled", "unlabeled", "val") if k in text and given[k]):
         checks.append(
             functools.partial(check_frames, folder, frames) if frames else functools.partial(list_shards, folder)
         )
-    if cfg:
-        checks.append(functools.partial(check_weights, cfg.model, cfg.teacher_weights))
-        checks.append(functools.partial(resume_path, cfg.out, cfg.resume, cfg.model))
+    if {"model", "teacher_weights"} <= text:
+        checks.append(functools.partial(check_weights, given["model"], given["teacher_weights"]))
+    if {"model", "out", "resume"} <= text:
+        checks.append(functools.partial(resume_path, given["out"], given["resume"], given["model"]))
     for check in checks:
         try:
             check()

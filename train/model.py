@@ -127,6 +127,7 @@ EMPTY_WEIGHTS = (
     'give an open_clip pretrained tag (openai) or a weights file (a run trained with --teacher_weights "" saved '
     "its teacher as OUT/teacher_init.pt)"
 )
+EMPTY_STUDENT = "give the student's weights file (the best.pt or latest.pt of a train.main run)"
 
 
 def check_weights(model: str, weights: str) -> None:
