@@ -487,7 +487,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.skipped_steps = state["skipped_steps"]
     progress.dropped_samples = state.get("dropped_samples", 0)
     progress.last_val = state.get("last_val", {})  # not in checkpoints from before it was saved
-    progress.labeled_seen = state.get("labeled_seen")  # nor this: run() counts it from the step
+    progress.labeled_seen = state.get("labeled_seen")  # nor this: _train counts it from the step
     return state.get("config", {})
 
 
