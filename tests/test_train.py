@@ -118,7 +118,7 @@ def test_help_lists_every_flag_with_what_it_does():
         ({"val": True}, "--val needs a value (fire reads a bare --val as True)"),  # was a TypeError traceback
         (
             {"run_name": 1.5},
-            "--run_name 1.5 reached us as a float, not as the text typed; quote it twice (--run_name \"'...'\")",
+            "--run_name 1.5 reached us as a number, not as the text typed; quote it twice (--run_name \"'...'\")",
         ),
     ],
 )
@@ -146,7 +146,9 @@ def test_a_number_given_for_a_text_flag_is_the_text_typed():
     assert typed_texts(flags, argv) == {"out": "2024", "run_name": "7", "steps": 10, "val": 20240601, "resume": 31}
     with pytest.raises(ValueError) as e:
         resolve("demo", val=20240601)
-    assert str(e.value) == "--val 20240601 reached us as a int, not as the text typed; quote it twice (--val \"'...'\")"
+    assert (
+        str(e.value) == "--val 20240601 reached us as a number, not as the text typed; quote it twice (--val \"'...'\")"
+    )
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):
@@ -230,7 +232,7 @@ def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkey
         ({"frames": -1}, ["--frames must be a whole number of at least 1, got -1"]),
         (
             {"labeled": 0},
-            ["--labeled 0 reached us as a int, not as the text typed; quote it twice (--labeled \"'...'\")"],
+            ["--labeled 0 reached us as a number, not as the text typed; quote it twice (--labeled \"'...'\")"],
         ),
     ):
         _, problems = checked("demo", {**tiny_run(train_shards, tmp_path / "run"), **bad})

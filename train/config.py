@@ -192,9 +192,10 @@ class TrainConfig:
             if isinstance(value, bool) or value is None:
                 problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
             else:
+                kind = "number" if isinstance(value, (int, float)) else type(value).__name__
                 problems.append(
-                    f"--{f.name} {value!r} reached us as a {type(value).__name__}, not as the text typed; quote it "
-                    f"twice (--{f.name} \"'...'\")"
+                    f"--{f.name} {value!r} reached us as a {kind}, not as the text typed; quote it twice "
+                    f"(--{f.name} \"'...'\")"
                 )
         return problems, unread
 
