@@ -227,7 +227,7 @@ def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkey
     assert not (tmp_path / "run").exists()
     # each wrong flag once: a bare choice flag, a crop or frame count out of range, an unhashable --recipe
     for bad, said in (
-        ({"device": True}, ["--device needs a value (fire reads a bare --device as True)"]),
+        ({"device": True}, ["--device must be one of auto, cuda, cpu, got True"]),
         ({"crop": -5}, ["--crop must be a whole number of at least 0, got -5"]),
         ({"frames": -1}, ["--frames must be a whole number of at least 1, got -1"]),
         (
@@ -256,6 +256,28 @@ def test_a_damaged_labeled_or_validation_tar_is_skipped_not_fatal(train_shards, 
     warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage() or "cut short" in r.getMessage()]
     assert any(str(shards["val"] / "000001.tar") in m for m in warned), warned
     assert any(str(shards["labeled"] / "000001.tar") in m for m in warned), warned
+
+
+def test_the_validation_loader_forks_its_workers_once_per_run(train_shards, tmp_path, monkeypatch, recwarn):
+    """A loader made at each validation forked its workers mid-run; one such fork, made while a thread was ending,
+    deadlocked the new worker in CPython's fork handling and hung a torchrun job. The run makes one, at its start,
+    whose workers persist, and every validation is still a whole pass in file order."""
+    from train import data
+
+    made, forked = [], []
+    stream = data.validation_stream
+    monkeypatch.setattr(data, "validation_stream", lambda *a, **k: made.append(1) or stream(*a, **k))
+    start = torch.utils.data.dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counted(self, loader):
+        forked.append(loader.num_workers)
+        start(self, loader)
+
+    monkeypatch.setattr(torch.utils.data.dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    summary = loop.run(tiny_config(train_shards, tmp_path / "run", steps=4, val_every=1, workers=1))
+    assert len(made) == 1 and summary["last_val"]["videos"] == 8
+    assert forked == [1, 1, 1]  # the validation loader's worker, then the two training loaders': no more
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]  # validation records no graph
 
 
 def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):

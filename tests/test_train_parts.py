@@ -199,6 +199,27 @@ def test_a_tar_cut_anywhere_gives_only_its_whole_samples_and_one_warning(train_s
     ]
 
 
+def test_a_ctrl_c_during_a_checkpoint_save_takes_effect_once_the_file_is_in_place(tmp_path, monkeypatch):
+    """A Ctrl-C inside torch.save made its zip writer raise "unexpected pos" in place of the KeyboardInterrupt: a
+    traceback instead of train.main's one line, and the checkpoint lost."""
+    import os
+    import signal
+
+    from train import checkpoint
+
+    save = torch.save
+
+    def interrupted(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of the save
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"step": 3, "w": torch.ones(4)}, tmp_path / "latest.pt")
+    assert checkpoint.load(tmp_path / "latest.pt")["step"] == 3  # whole, under its name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+
+
 def test_labeled_passes_cover_every_sample_once_across_readers(train_shards, monkeypatch):
     shards = data.IndexedShards(data.list_shards(train_shards["labeled"]), seed=3)
     assert len(shards) == 8

@@ -10,6 +10,9 @@ rank and the step (``train.loop.seed_process``).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -28,12 +31,32 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary name in the same folder, then rename: a crash never leaves a torn file."""
+    """torch.save to a temporary name in the same folder, then rename: a crash never leaves a torn file. A Ctrl-C
+    during the save takes effect once the file is in place (``interrupt_after``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
+    with interrupt_after(), atomic_file(path) as f:
         torch.save(obj, f)
     return path
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """Hold a Ctrl-C (SIGINT) that comes inside the block until its end, then raise it. torch.save stopped part-way
+    raises an error of its own in place of the KeyboardInterrupt (its zip writer's "unexpected pos"), a traceback
+    for a Ctrl-C, and the checkpoint being written is lost. In the main thread only (where Python handles
+    signals); a block that raises keeps its own error."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+    if caught:
+        raise KeyboardInterrupt
 
 
 def best_val_loss(out: str | Path) -> float:

@@ -23,6 +23,17 @@ ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")  # the SDPA 
 # torch.compile modes the trainer allows. The CUDA-graph modes ("reduce-overhead", "max-autotune") are left out: a
 # graph replay overwrites the outputs of the step before, which the trainer keeps until its next log.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+CHOICES = {  # the text flags that take one of a few values
+    "precision": PRECISIONS,
+    "wandb": WANDB_MODES,
+    "schedule": SCHEDULES,
+    "distillation": DISTILLATIONS,
+    "device": ("auto", "cuda", "cpu"),
+    "augment_on": AUGMENT_ON,
+    "attention_kernel": ATTENTION_KERNELS,
+    "compile_mode": COMPILE_MODES,
+    "teacher_stream": TEACHER_STREAMS,
+}
 
 
 @dataclass(kw_only=True)
@@ -122,7 +133,7 @@ class TrainConfig:
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
-        problems, unread = self._text_problems()
+        problems = self._text_problems()
         # numbers next: fire hands --lr abc over as a str, which the comparisons below could not take
         problems += number_problems(
             {
@@ -140,18 +151,8 @@ class TrainConfig:
         problems += count_problems({"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0)})
         positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every")
         problems += count_problems({name: (getattr(self, name), 1) for name in positive})
-        for name, allowed in (
-            ("precision", PRECISIONS),
-            ("wandb", WANDB_MODES),
-            ("schedule", SCHEDULES),
-            ("distillation", DISTILLATIONS),
-            ("device", ("auto", "cuda", "cpu")),
-            ("augment_on", AUGMENT_ON),
-            ("attention_kernel", ATTENTION_KERNELS),
-            ("compile_mode", COMPILE_MODES),
-            ("teacher_stream", TEACHER_STREAMS),
-        ):
-            if name not in unread and getattr(self, name) not in allowed:  # else named above
+        for name, allowed in CHOICES.items():  # any value, text or not: the line names the choices
+            if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
         names += ("trim_text", "fuse", "progress")
@@ -178,17 +179,16 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def _text_problems(self) -> tuple[list[str], set[str]]:
-        """A line for each text field (paths, names, choices) that is not text, as fire hands it over: a bare
-        ``--val`` (no value) as True; ``--run_name 1.50`` as the float 1.5 and ``--out 2024_06_01`` as the int
-        20240601, not the text typed (``train.main.typed_texts`` gives back the numbers typed as they are, as
-        ``--out 2024``). And the names of those fields, whose other checks would only repeat it."""
-        problems, unread = [], set()
+    def _text_problems(self) -> list[str]:
+        """A line for each text field (paths, names) that is not text, as fire hands it over: a bare ``--val`` (no
+        value) as True; ``--run_name 1.50`` as the float 1.5 and ``--out 2024_06_01`` as the int 20240601, not the
+        text typed (``train.main.typed_texts`` gives back the numbers typed as they are, as ``--out 2024``). The
+        choices (``CHOICES``) are checked against their values, whatever the value."""
+        problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type != "str" or isinstance(value, str):
+            if f.type != "str" or isinstance(value, str) or f.name in CHOICES:
                 continue
-            unread.add(f.name)
             if isinstance(value, bool) or value is None:
                 problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
             else:
@@ -197,7 +197,7 @@ class TrainConfig:
                     f"--{f.name} {value!r} reached us as a {kind}, not as the text typed; quote it twice "
                     f"(--{f.name} \"'...'\")"
                 )
-        return problems, unread
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

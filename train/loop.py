@@ -339,19 +339,32 @@ def settle_skips(progress: Progress, scheduler) -> None:
         scheduler.step()
 
 
-@torch.no_grad()
-def validate(student: VideoTextModel, cfg: TrainConfig, device: torch.device, tokenizer) -> dict[str, float]:
-    """The student's labeled contrastive loss on the validation set at a fixed batch size, and text->video R@k.
-
-    Every rank embeds its share of the videos; the embeddings are gathered and put
-    back in file order, so the numbers do not depend on the number of ranks or workers.
-    """
-    student.eval()
+def validation_loader(student: VideoTextModel, cfg: TrainConfig, device: torch.device, tokenizer):
+    """The validation set's loader, made once per run: its workers persist from one validation to the next (each
+    validation starts a new pass through them). So it forks once, at the start, where a loader made at each
+    validation forked mid-run, and a fork made while a thread is starting or ending (the last validation loader's
+    queue feeder, closing late on a loaded machine) can leave the new worker deadlocked in CPython's fork handling
+    (``_PyThreadState_DeleteExcept``): its rank then waits on it forever (seen once under torchrun, 2 ranks on 2
+    cores, with 4 test processes beside them)."""
     stream = data.validation_stream(
         cfg.val, cfg.frames, data.EvalTransform(image_size(student.clip)), tokenizer, cfg.val_batch, cfg.val_max
     )
+    return data.loader(stream, min(cfg.workers, 2), device.type == "cuda", cfg.seed)
+
+
+@torch.no_grad()
+def validate(
+    student: VideoTextModel, cfg: TrainConfig, device: torch.device, tokenizer, loader=None
+) -> dict[str, float]:
+    """The student's labeled contrastive loss on the validation set at a fixed batch size, and text->video R@k.
+
+    Every rank embeds its share of the videos; the embeddings are gathered and put
+    back in file order, so the numbers do not depend on the number of ranks or workers. ``loader``: the run's
+    ``validation_loader`` (None: one made for this call).
+    """
+    student.eval()
     indices, videos, texts = [], [], []
-    for batch in data.loader(stream, min(cfg.workers, 2), device.type == "cuda", cfg.seed):
+    for batch in loader if loader is not None else validation_loader(student, cfg, device, tokenizer):
         with autocast(cfg, device):
             v, t = student(batch.video.to(device), batch.tokens.to(device))
         indices.append(batch.index)
@@ -553,6 +566,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     # not a replay of the first batches) is as good as the old position. So are new crops.
     seed = cfg.seed + progress.step
     pin = dist.device.type == "cuda"
+    val_loader = None
+    if cfg.val:  # its workers forked first, before the training loaders' threads (validation_loader says why)
+        val_loader = validation_loader(models.student, cfg, dist.device, tokenizer)
+        iter(val_loader)
     streams = (
         data.labeled_stream(
             cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
@@ -597,7 +614,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 for prefetcher in (labeled, unlabeled):
                     prefetcher.settle()  # its thread idle while validation forks its loader workers
-                _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress)
+                _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress, val_loader)
                 timer.reset()  # validation and saving are not training throughput
     finally:
         profiler.close()
@@ -677,12 +694,12 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
     return f"the GPU waited for data {100 * data_wait:.0f}% of the time: {advice} (README: Training)"
 
 
-def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress) -> None:
+def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress, loader=None) -> None:
     sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
     settle_skips(progress, scheduler)  # and every skipped step, with the schedule where it belongs
     val = {}
     if cfg.val:
-        val = validate(models.student, cfg, dist.device, tokenizer)
+        val = validate(models.student, cfg, dist.device, tokenizer, loader)
         monitor.log({f"val/{k}": v for k, v in val.items()}, step=progress.step)
         monitor.log_text(
             f"step {progress.step}: val loss {val['loss']:.4f}, text->video R@1 {val['R@1']:.1f} "
