@@ -613,7 +613,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 window = []
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 for prefetcher in (labeled, unlabeled):
-                    prefetcher.settle()  # its thread idle while validation forks its loader workers
+                    prefetcher.settle()  # its thread idle while validation runs
                 _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress, val_loader)
                 timer.reset()  # validation and saving are not training throughput
     finally:

@@ -106,8 +106,8 @@ class Prefetcher:
         return batch
 
     def settle(self) -> None:
-        """Wait until the thread has prepared the batch it is on (before a fork, like the validation loader's: a
-        thread inside a lock at the fork leaves that lock held in the child)."""
+        """Wait until the thread has prepared the batch it is on (before a fork: a thread inside a lock at the fork
+        leaves that lock held in the child; and before validation, which then has the host to itself)."""
         if isinstance(self.ahead, Future):
             wait([self.ahead])
 
