@@ -236,23 +236,24 @@ def decode_into_shards(
     """Decode ``items`` into new shards ``first_shard``, ... of ``folder``: ({id: [tar name, key]}, {id: reason})."""
     found: dict[str, list[str]] = {}
     missing: dict[str, str] = {}
-    state = {"writer": None, "shard": first_shard}
+    writer, shard = None, first_shard
     bar = tqdm(total=len(items), desc=f"decoding {name}", unit="video", disable=not progress)
 
     def keep(result: tuple[str, list[tuple[str, bytes]] | None, str]) -> None:
+        nonlocal writer, shard
         item_id, members, reason = result
         bar.update(1)
         if members is None:
             missing[item_id] = reason
             return
-        if state["writer"] is None:
-            state["writer"] = TarShardWriter(folder, state["shard"])
-        writer, key = state["writer"], sample_key(item_id)
+        if writer is None:
+            writer = TarShardWriter(folder, shard)
+        key = sample_key(item_id)
         writer.add_sample(key, members)
         found[item_id] = [writer.final.name, key]
         if writer.samples == settings.per_shard:
             writer.commit()
-            state["writer"], state["shard"] = None, state["shard"] + 1
+            writer, shard = None, shard + 1
 
     try:
         if workers > 1 and len(items) > 1:
@@ -267,13 +268,13 @@ def decode_into_shards(
         else:
             for item in items:
                 keep(decode_item(item, settings))
-        if state["writer"] is not None:
-            state["writer"].commit()
-            state["writer"] = None
+        if writer is not None:
+            writer.commit()
+            writer = None
     finally:
         bar.close()
-        if state["writer"] is not None:  # interrupted: no half-written tar is left behind
-            state["writer"].abort()
+        if writer is not None:  # interrupted: no half-written tar is left behind
+            writer.abort()
     return found, missing
 
 

@@ -204,20 +204,17 @@ def main(
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
     problems += device_problems(device) + weights_problems(str(model), [str(weights)])
     refuse(problems)
-    numbers = number_labels(labels)
-    if numbers:
-        print(
-            f"warning: --labels {', '.join(numbers)} reached us as number(s), so the text may not be what you typed "
-            "(1.10 arrives as 1.1); to keep it exactly, quote each label (--labels '\"1.10\"') or use --labels_file",
-            file=sys.stderr,
-        )
-    numbers = number_labels(raw_query)
-    if numbers:
-        print(
-            f"warning: --query {', '.join(numbers)} reached us as number(s), so the text may not be what you typed "
-            "(1.10 arrives as 1.1); to keep it exactly, quote it (--query '\"1.10\"')",
-            file=sys.stderr,
-        )
+    for flag, given, fix in (
+        ("labels", labels, "quote each label (--labels '\"1.10\"') or use --labels_file"),
+        ("query", raw_query, "quote it (--query '\"1.10\"')"),
+    ):
+        numbers = number_labels(given)
+        if numbers:
+            print(
+                f"warning: --{flag} {', '.join(numbers)} reached us as number(s), so the text may not be what you "
+                f"typed (1.10 arrives as 1.1); to keep it exactly, {fix}",
+                file=sys.stderr,
+            )
     paths = find_videos(folder)
     if not paths:
         sys.exit(f"error: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {folder}")

@@ -118,12 +118,12 @@ def pair_problems(pairs: dict[str, object]) -> list[str]:
     ]
 
 
-def raised_problems(check, value) -> list[str]:
-    """``check(value)``'s refusal (a ValueError or FileNotFoundError, whose message names the flag) as a line, or
-    nothing: for the parsers that raise, beside the checks that return lines."""
+def raised_problems(check, *args, errors: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)) -> list[str]:
+    """``check(*args)``'s refusal (one of ``errors``, whose message names the flag) as a line, or nothing: for the
+    parsers that raise, beside the checks that return lines."""
     try:
-        check(value)
-    except (ValueError, FileNotFoundError) as e:
+        check(*args)
+    except errors as e:
         return [str(e)]
     return []
 

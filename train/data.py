@@ -432,7 +432,7 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
         yield key, members
 
 
-_damaged: set[str] = set()  # tars warned of in this process (validation indexes its shards at every validation)
+_damaged: set[str] = set()  # tars warned of in this process (train.main's checks and the run index some twice)
 
 
 def _warn_damaged(url: str, error: Exception, count: int) -> None:
@@ -487,7 +487,7 @@ def labeled_stream(
 
 def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_on="loader") -> wds.DataPipeline:
     """Forever: shards drawn at random per reader (seeded by rank), samples shuffled in a buffer."""
-    rank = int(os.environ.get("RANK", 0))
+    rank, _ = _rank()
     source = [
         wds.ResampledShards(list_shards(folder), seed=seed + 1000 * rank, deterministic=True),
         wds.tarfile_to_samples(handler=count_and_continue),

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import fire
 
-from pipeline.cli import folder_problems, refuse
+from pipeline.cli import folder_problems, raised_problems, refuse
 from train import config as config_module
-from train.checkpoint import CheckpointError, resume_path
+from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import TrainConfig, resolve
 from train.data import DataError, check_frames, list_shards
 from train.model import DEVICES, WeightsError, check_crop, check_weights, device_problems
@@ -39,7 +39,7 @@ def main(recipe: str = "paper", **flags) -> None:
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept (from rank 0 only), not a traceback
-        latest = Path(cfg.out) / "latest.pt"
+        latest = Path(cfg.out) / LATEST
         if os.environ.get("RANK", "0") != "0":
             sys.exit(1)
         if latest.is_file():
@@ -99,11 +99,8 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
         checks.append(functools.partial(check_weights, given["model"], given["teacher_weights"]))
     if {"model", "out", "resume"} <= text:
         checks.append(functools.partial(resume_path, given["out"], given["resume"], given["model"]))
-    for check in checks:
-        try:
-            check()
-        except (ValueError, TypeError, OSError) as e:  # CheckpointError, DataError, WeightsError among them
-            problems.append(str(e))
+    for check in checks:  # CheckpointError, DataError, WeightsError are ValueErrors; FileExistsError an OSError
+        problems += raised_problems(check, errors=(ValueError, TypeError, OSError))
     return cfg, list(dict.fromkeys(problems))  # a broken --model fails the crop and the weights checks alike
 
 
