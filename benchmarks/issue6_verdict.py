@@ -75,10 +75,10 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool
         return ["step: no variant but naive ran"]
     lines, astray = [], wrong_losses(rows)
     if astray:  # e.g. a missing wait between CUDA streams: fast, and wrong
-        reference = next(v for v in (DEFAULT, "naive") if v in rows and _finite(rows[v].get("first_loss")))
         lines.append(
-            f"variants whose first-step loss is off {reference}'s by {LOSS_TOLERANCE:g} or more (relative), left out "
-            f"of the judging (a wrong result?): " + ", ".join(f"{v} {rows[v]['first_loss']:.5f}" for v in astray)
+            f"variants whose first-step loss is off {loss_reference(rows)}'s by {LOSS_TOLERANCE:g} or more "
+            "(relative), left out of the judging (a wrong result?): "
+            + ", ".join(f"{v} {rows[v]['first_loss']:.5f}" for v in astray)
         )
         rows = {v: r for v, r in rows.items() if v not in astray}  # nor advised as a lever: the reference stays
         trainer = {v: r for v, r in rows.items() if v != "naive"}
@@ -114,7 +114,7 @@ def wrong_losses(rows: dict[str, dict]) -> list[str]:
     first losses differ by bf16 noise only (1.5e-3 between naive and the default on the H200); more means a variant
     computes something else. Variants that crop on the device (+devaug, +devjpeg) draw other crops, so other
     batches: they are not compared."""
-    name = next((v for v in (DEFAULT, "naive") if v in rows and _finite(rows[v].get("first_loss"))), None)
+    name = loss_reference(rows)
     if name is None:  # nothing to compare with (a NaN or zero default loss is judged by the numerics check)
         return []
     ref, cropped = rows[name]["first_loss"], {s for s in MODE_SOURCES.values() if s}
@@ -128,8 +128,13 @@ def wrong_losses(rows: dict[str, dict]) -> list[str]:
     ]
 
 
+def loss_reference(rows: dict[str, dict]) -> str | None:
+    """The variant whose first loss the others are compared with: the default step's, else the naive step's, if it
+    is a finite number other than 0."""
+    return next((v for v in (DEFAULT, "naive") if v in rows and _finite(rows[v].get("first_loss"))), None)
+
+
 def _finite(loss) -> bool:
-    """A loss to compare others with: a finite number other than 0."""
     return isinstance(loss, (int, float)) and math.isfinite(loss) and loss != 0
 
 

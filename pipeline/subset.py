@@ -125,7 +125,7 @@ def _copy(src: Path, dst: Path, shards: list[tuple[int, int]], chosen: list[int]
             ) from None
         if target is not None and seen != ok:
             raise SubsetError(
-                f"{src}/{shard_name(shard)}.tar has {seen} samples but its stats say {ok}; "
+                f"{path} has {seen} samples but its stats say {ok}; "
                 "re-shard it (delete its _stats.json and rerun pipeline.shard)"
             )
         offset += ok
