@@ -23,12 +23,13 @@ ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")  # the SDPA 
 # torch.compile modes the trainer allows. The CUDA-graph modes ("reduce-overhead", "max-autotune") are left out: a
 # graph replay overwrites the outputs of the step before, which the trainer keeps until its next log.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+DEVICES = ("auto", "cuda", "cpu")  # --device (train.model.device_problems, train.distributed.init_distributed)
 CHOICES = {  # the text flags that take one of a few values
     "precision": PRECISIONS,
     "wandb": WANDB_MODES,
     "schedule": SCHEDULES,
     "distillation": DISTILLATIONS,
-    "device": ("auto", "cuda", "cpu"),
+    "device": DEVICES,
     "augment_on": AUGMENT_ON,
     "attention_kernel": ATTENTION_KERNELS,
     "compile_mode": COMPILE_MODES,

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from train.config import DEVICES
+
 __all__ = [
     "DistInfo",
     "all_reduce_mean",
@@ -39,8 +41,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

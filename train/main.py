@@ -22,9 +22,9 @@ import fire
 from pipeline.cli import folder_problems, raised_problems, refuse
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
-from train.config import TrainConfig, resolve
+from train.config import DEVICES, TrainConfig, resolve
 from train.data import DataError, check_frames, list_shards
-from train.model import DEVICES, WeightsError, check_crop, check_weights, device_problems
+from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
 
 

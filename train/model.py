@@ -21,6 +21,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
+from train.config import DEVICES
+
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -217,9 +219,6 @@ def config_image_size(model: str) -> int | None:
 def _side(size: int | tuple[int, int] | list[int]) -> int:
     """open_clip states an image size as one side or as (height, width): the side of our square frames."""
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-DEVICES = ("auto", "cuda", "cpu")
 
 
 def device_problems(device) -> list[str]:
