@@ -68,6 +68,7 @@ MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
 TRAIN_S="${TRAIN_S:-40}"
 EPILOGUE_S="${EPILOGUE_S:-90}"
+TUNE_MIN_S=120  # the least BUDGET left that can compile the whole step with max-autotune (issue6_verdict reads it)
 TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
 TRAIN_DATA="${TRAIN_DATA:-demo_output/shards}"
 RUN_DIR="${RUN_DIR:-/tmp}"
@@ -233,7 +234,7 @@ wants epilogue && run_part epilogue "$EPILOGUE_S" \
 #     not timed again, but one with a candidate missing is timed afresh, all of them; so +autotune's candidates,
 #     a subset of +tma's, then come from the cache
 tune_s=$((BUDGET - SECONDS - 20))
-if wants tune && [ "$tune_s" -lt 120 ]; then  # less cannot compile the whole step with max-autotune
+if wants tune && [ "$tune_s" -lt "$TUNE_MIN_S" ]; then
     echo "gpu_step: no time left for the tune part ($tune_s s of BUDGET $BUDGET)" | tee -a "$LOG" >&2
 elif wants tune; then
     mkdir -p "$OUT/tune" && run_part tune "$tune_s" \

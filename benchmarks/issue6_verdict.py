@@ -416,7 +416,7 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
-TUNE_MIN_S, EPILOGUE_S = 120, 90  # gpu_step.sh's least BUDGET left for the tune part, and the epilogue part's limit
+TUNE_MIN_S, EPILOGUE_S = 120, 90  # gpu_step.sh's TUNE_MIN_S and EPILOGUE_S (tests/test_gpu_step.py checks they agree)
 FILL = "SECONDS_LEFT_LESS_40"  # the next call's BUDGET, for the session to fill in (gpu_step.sh refuses it as is)
 
 

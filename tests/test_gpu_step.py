@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,14 @@ def test_levers_leave_out_cls_and_patch_when_the_kernels_part_fails(tmp_path):
     log = (out / "gpu_step.log").read_text()
     assert f"gpu_step: LEVERS={DEFAULT}+qkv (trainer flags: --packed_qkv True)" in log, log
     assert "the kernels part wrote no kernels.json" in log
+
+
+def test_the_verdict_counts_the_next_call_with_the_scripts_own_limits():
+    """issue6_verdict says how many device-seconds a next call needs from two of gpu_step.sh's limits; a change to
+    either in the script must reach the verdict, or a lent session starts a call that cannot finish."""
+    from benchmarks import issue6_verdict
+
+    script = (REPO / "benchmarks" / "gpu_step.sh").read_text()
+    assert re.search(r'^EPILOGUE_S="\$\{EPILOGUE_S:-(\d+)\}"', script, re.M)[1] == str(issue6_verdict.EPILOGUE_S)
+    assert re.search(r"^TUNE_MIN_S=(\d+)\b", script, re.M)[1] == str(issue6_verdict.TUNE_MIN_S)
+    assert '[ "$tune_s" -lt "$TUNE_MIN_S" ]' in script
