@@ -233,20 +233,25 @@ class TarShardWriter:
             self.abort()
 
 
-def iter_tar_samples(path: str | Path):
+def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
+    """``(key, [(ext, member), ...])`` for each sample of an open shard tar, in file order, as its headers are read:
+    a sample's files are the consecutive files of one key (the part of the name before its first dot)."""
+    key, members = None, []
+    for info in tar:
+        if not info.isfile():
+            continue
+        k, _, ext = os.path.basename(info.name).partition(".")
+        if k != key and members:
+            yield key, members
+            members = []
+        key = k
+        members.append((ext, info))
+    if members:
+        yield key, members
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(ext, data), ...])`` from a shard tar, in file order."""
     with tarfile.open(path, mode="r:") as tar:
-        key, members = None, []
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = os.path.basename(info.name)
-            k, _, ext = name.partition(".")
-            data = tar.extractfile(info).read()
-            if k != key and members:
-                yield key, members
-                members = []
-            key = k
-            members.append((ext, data))
-        if members:
-            yield key, members
+        for key, members in tar_groups(tar):
+            yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]

@@ -41,6 +41,8 @@ import webdataset as wds
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from pipeline.writer import tar_groups
+
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
 _streak = 0  # per loader-worker process: broken samples and shard members since the last good sample
@@ -402,34 +404,39 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     this index, where one damaged tar used to stop the run with a traceback (at its first validation, with nothing
     saved). tarfile raises on a cut inside a member's data, but ends in silence on one at or inside a header; the
     end-of-archive block that every complete tar ends with tells the two apart."""
-    key, members, count, previous, whole = None, {}, 0, None, False
+    last, count, previous = None, 0, None
     try:
         with tarfile.open(url, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, _, ext = os.path.basename(info.name).partition(".")
-                if k != key and members:
-                    count, previous = count + 1, set(members)
-                    yield key, members
-                    members = {}
-                key = k
-                members[ext] = (info.offset_data, info.size)
+            for key, members in tar_groups(tar):  # a sample comes once the next one starts, or at the end
+                if last:
+                    count, previous = count + 1, set(last[1])
+                    yield last
+                last = key, {ext: (info.offset_data, info.size) for ext, info in members}
             end = tar.offset  # where tarfile stopped: the end-of-archive block, if the tar is whole
-        with open(url, "rb") as f:
-            f.seek(end)
-            whole = f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as e:  # cut inside a member's data: the sample being read is cut
+        if last:  # whole: the one after it had started
+            count += 1
+            yield last
         _warn_damaged(url, e, count)
         return
-    if not whole:  # cut at or inside a header: every member read is whole, but the sample may lack the next ones
-        if members and set(members) == previous:
+    if not _ends_whole(url, end):  # cut at or inside a header: each member read is whole, the last sample may not be
+        if last and set(last[1]) == previous:
             count += 1
-            yield key, members
+            yield last
         _warn_damaged(url, tarfile.ReadError("no end-of-archive block where its headers end"), count)
         return
-    if members:
-        yield key, members
+    if last:
+        yield last
+
+
+def _ends_whole(url: str, end: int) -> bool:
+    """Whether the end-of-archive block that every complete tar ends with is at ``end`` (False if unreadable)."""
+    try:
+        with open(url, "rb") as f:
+            f.seek(end)
+            return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+    except OSError:
+        return False
 
 
 _damaged: set[str] = set()  # tars warned of in this process (train.main's checks and the run index some twice)
