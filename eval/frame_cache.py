@@ -256,18 +256,18 @@ def decode_into_shards(
             writer, shard = None, shard + 1
 
     try:
-        if workers > 1 and len(items) > 1:
-            # fork where there is one: a spawned worker re-imports the __main__ module (eval.run: torch, open_clip,
-            # ~5 s each); forking before any model or tensor work exists is safe, and the workers only use PyAV and
-            # PIL. A worker that dies on a video (a decoder's segfault, the OOM killer) costs that video only
-            # (run_isolated); with multiprocessing.Pool the build waited for it for ever, holding the cache's lock
+        if items:
+            # Always in worker processes, even for one video or --workers 1: a worker that dies on a video (a
+            # decoder's segfault, the OOM killer) costs that video only (run_isolated). Decoded in this process, a
+            # video that crashed its worker once was retried here by the next build, which it then killed, and
+            # every build after it. With multiprocessing.Pool the build waited for a dead worker for ever, holding
+            # the cache's lock. Fork where there is one: a spawned worker re-imports the __main__ module (eval.run:
+            # torch, open_clip, ~5 s each); forking before any model or tensor work exists is safe, and the
+            # workers only use PyAV and PIL.
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            for item in run_isolated(items, settings, workers, keep, decode_item, context):
+            for item in run_isolated(items, settings, min(workers, len(items)), keep, decode_item, context):
                 keep((item.id, None, CRASHED))
-        else:
-            for item in items:
-                keep(decode_item(item, settings))
         if writer is not None:
             writer.commit()
             writer = None

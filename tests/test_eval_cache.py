@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from eval import frame_cache
@@ -28,18 +31,41 @@ def first_frame_index(cache: frame_cache.FrameCache, item_id: str) -> int:
         return synthetic.read_frame_index(Image.open(io.BytesIO(t.extractfile(f"{key}.0.jpg").read())))
 
 
+class Calls:
+    """The ids that decode_item was called for, in call order, in whichever process (a line each in a file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def add(self, item_id: str) -> None:
+        with open(self.path, "a") as f:  # one short append per call: whole lines, from every worker process
+            f.write(item_id + "\n")
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __iter__(self):
+        return iter(self.path.read_text().splitlines() if self.path.exists() else [])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == other
+
+
+_calls: Calls | None = None  # the running test's, inherited by the build's forked workers
+_real_decode_item = frame_cache.decode_item
+
+
+def _spy(item, settings):  # at module level: the worker pool pickles the function it runs by its name
+    _calls.add(item.id)
+    return _real_decode_item(item, settings)
+
+
 @pytest.fixture
-def decoded(monkeypatch) -> list[str]:
-    """The ids decode_item is called for (in-process: workers=1)."""
-    calls: list[str] = []
-    real = frame_cache.decode_item
-
-    def spy(item, settings):
-        calls.append(item.id)
-        return real(item, settings)
-
-    monkeypatch.setattr(frame_cache, "decode_item", spy)
-    return calls
+def decoded(monkeypatch, tmp_path) -> Calls:
+    """The ids decode_item is called for, in the build's worker processes."""
+    monkeypatch.setattr(sys.modules[__name__], "_calls", Calls(tmp_path / "decode_calls.txt"))
+    monkeypatch.setattr(frame_cache, "decode_item", _spy)
+    return _calls
 
 
 def build(ds: EvalDataset, root: Path) -> frame_cache.FrameCache:
@@ -249,3 +275,39 @@ def test_a_worker_that_dies_costs_its_video_only(tmp_path, monkeypatch):
     monkeypatch.setattr(frame_cache, "decode_frames", real)  # (the in-process build below would call it too)
     assert first_frame_index(cache, "e") == first_frame_index(build(ds, tmp_path / "again"), "e")
     assert set(build_cache(ds, tmp_path / "cache", CacheSettings(), workers=2, progress=False).found) == set(names)
+
+
+CRASH_TWICE = """
+import os, sys
+from pathlib import Path
+from eval import frame_cache
+from eval.datasets.base import RETRIEVAL, EvalDataset, Item
+videos, root, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+real = frame_cache.decode_frames
+def crashing(path, *args, **kwargs):
+    if Path(path).stem == "crash":
+        os._exit(9)  # a decoder's segfault
+    return real(path, *args, **kwargs)
+frame_cache.decode_frames = crashing
+items = [Item(id=p.stem, video=str(p), text=p.stem) for p in sorted(videos.glob("*.mp4"))]
+for build in range(2):  # the second retries the one video that crashed, alone
+    cache = frame_cache.build_cache(EvalDataset("toy", RETRIEVAL, items), root, workers=workers, progress=False)
+    print(build, sorted(cache.found), cache.missing, flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_video_that_crashed_its_worker_is_retried_in_a_worker_again(tmp_path, workers):
+    """The build after a crash decodes only that video; it decoded a lone video in its own process, so the crash
+    killed that build, and every later one (the video was never recorded), with --workers 1 from the start."""
+    videos = tmp_path / "videos"
+    for name in ("a", "crash"):
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    script = tmp_path / "crash_twice.py"
+    script.write_text(CRASH_TWICE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, str(script), str(videos), str(tmp_path / "cache"), str(workers)]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    missing = {"crash": frame_cache.CRASHED}
+    assert proc.stdout.splitlines() == [f"{n} ['a'] {missing}" for n in range(2)], proc.stdout
