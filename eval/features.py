@@ -115,7 +115,9 @@ def text_embeddings(
 def class_embeddings(
     clip, tokenizer, prompts: list[list[str]], batch_size: int, device: torch.device, autocast=None
 ) -> torch.Tensor:
-    """(C, D): per class, the mean of its prompts' normalised embeddings (not re-normalised, as CLIP's code)."""
+    """(C, D): per class, the mean of its prompts' normalised embeddings, not re-normalised, as the FitCLIP authors'
+    code does (CLIP's prompt-ensembling notebook re-normalises; for the arg-max over classes of one video's scores it
+    differs only through the classes' norms)."""
     flat = [p for class_prompts in prompts for p in class_prompts]
     emb = text_embeddings(clip, tokenizer, flat, batch_size, device, autocast)  # (C*K, D)
     counts = [len(p) for p in prompts]

@@ -94,7 +94,7 @@ def default_name(weights: str) -> str:
 
 def parse_alphas(alpha_sweep) -> list[float]:
     """--alpha_sweep as fire hands it over (a number, a tuple or a text) -> the alphas; a ValueError naming the flag
-    for an item that is not a number in [0, 1]."""
+    for an item that is not a number in [0, 1], or for one given twice."""
     alphas = []
     for item in comma_list(alpha_sweep):
         try:
@@ -104,6 +104,13 @@ def parse_alphas(alpha_sweep) -> list[float]:
         if not 0 <= alpha <= 1:
             raise ValueError(f"--alpha_sweep takes a comma list of numbers from 0 to 1 (e.g. 0,0.4,1), got {item!r}")
         alphas.append(alpha)
+    names = [f"{a:g}" for a in alphas]  # as the models are named (alpha=A) and their folders
+    twice = sorted({n for n in names if names.count(n) > 1}, key=float)
+    if twice:
+        raise ValueError(
+            f"--alpha_sweep names {', '.join(twice)} twice (each alpha is one model, named alpha=A as printed to 6 "
+            "digits): give each once"
+        )
     return alphas
 
 
@@ -294,6 +301,29 @@ def out_lock(out: Path):
         yield
 
 
+def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]], datasets: list[str]) -> list[str]:
+    """A line for each name of this run whose records in OUT, on datasets this run does not score again, come from
+    other weights or settings: summary.md's row for the name would mix two models' numbers (and its Models table
+    name one of them)."""
+    scored = {name: (weights, cfg.model, cfg.frames, cfg.renormalize_video) for name, weights in models}
+    others: dict[str, dict[str, str]] = {}  # name -> {dataset: the weights its record names}
+    for r in report.load_results(out):
+        name = r["model"]
+        if name not in scored or r.get("skipped") or r["dataset"] in datasets:
+            continue
+        settings = r.get("config", {})
+        then = (r["weights"], settings.get("model"), settings.get("frames"), settings.get("renormalize_video"))
+        if then != scored[name]:
+            others.setdefault(name, {})[r["dataset"]] = r["weights"]
+    return [
+        f"{Path(out) / name} holds {name}'s {', '.join(sorted(found))} results, scored with "
+        f"{' and '.join(sorted(set(found.values())))} or other settings; this run scores {name} with "
+        f"{scored[name][0]}, and summary.md would mix the two in one row: give another --names, score those "
+        "datasets again (--datasets), or delete their files there"
+        for name, found in others.items()
+    ]
+
+
 def summarise(out: str, names: list[str] = ()) -> Path | None:
     """OUT/summary.md from every record in OUT (None: there is none), at the end of a run, however it ends: it
     removed the old tables at its start. The models of ``names`` (this run's, in its --names order) come first, in
@@ -438,6 +468,7 @@ def main(
     if not loaded:
         sys.exit(f"error: no dataset found under {data_root}: {[s['path'] for s in skipped]}")
     with out_lock(Path(cfg.out)):
+        refuse(mixed_row_problems(cfg.out, cfg, models, chosen))  # read under the lock: no other run writes OUT now
         # the tables are rebuilt from every record at the end; until then an old summary.md would sit beside records
         # this run has replaced (and stay so if it is stopped): it goes now
         (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)

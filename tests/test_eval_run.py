@@ -8,7 +8,7 @@ import json
 import shutil
 import tarfile
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -152,6 +152,9 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
             "--alpha_sweep takes a comma list of numbers from 0 to 1 (e.g. 0,0.4,1), got '1.5'",
         ),
         ({"alpha_sweep": "abc", "student": str(w["student"])}, "--alpha_sweep takes a comma list of numbers"),
+        # scored twice into one folder, and plotted twice
+        ({"alpha_sweep": "0,0.4,0.40,1", "student": str(w["student"])}, "--alpha_sweep names 0.4 twice"),
+        ({"alpha_sweep": "0.1234567,0.1234568", "student": str(w["student"])}, "--alpha_sweep names 0.123457 twice"),
         ({"device": "gpu"}, "--device must be auto, cuda or cpu, got 'gpu'"),
         ({"cache": str(tmp_path / "notes.pt")}, f"--cache {tmp_path / 'notes.pt'} is a file; give a folder"),
         ({"suite": "nope"}, "--suite"),
@@ -245,6 +248,36 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
         run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
     assert str(e.value.code).startswith(f"interrupted: the records scored so far are in {out} (with their tables")
     assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
+
+
+def test_a_name_rescored_with_other_weights_on_fewer_datasets_is_refused(bench, tmp_path, monkeypatch):
+    """summary.md's row of a name is made of every record of that name in OUT: scoring the name again with other
+    weights on some datasets only made a row of two models' numbers, its Models table naming one of them."""
+    from eval import run
+
+    root, _, w = bench
+    out = tmp_path / "o"
+    cfg = run.EvalConfig(model=str(TINY_CLIP), data_root="", out=str(out))
+    for dataset in ("msrvtt", "didemo"):
+        record = {"dataset": dataset, "metrics": {"R@1": 1.0}, "num_expected": 1, "num_found": 1, "num_missing": 0}
+        record.update(model="T", missing=[], weights=str(w["teacher"]), config=asdict(cfg), code_version="abc1234")
+        report.write_result(out, "T", dataset, record)
+    scored = []
+    monkeypatch.setattr(run, "run", lambda cfg, models, datasets, *a: scored.append([d.name for d in datasets]) or [])
+    common = dict(model=str(TINY_CLIP), names="T", data_root=str(root / "data"), out=str(out))
+    with pytest.raises(SystemExit) as e:
+        run.main(weights=str(w["student"]), datasets="msrvtt", **common)
+    assert str(e.value.code) == (
+        f"error: {out / 'T'} holds T's didemo results, scored with {w['teacher']} or other settings; this run "
+        f"scores T with {w['student']}, and summary.md would mix the two in one row: give another --names, score "
+        "those datasets again (--datasets), or delete their files there"
+    )
+    with pytest.raises(SystemExit):  # other settings: --frames
+        run.main(weights=str(w["teacher"]), datasets="msrvtt", frames=2, **common)
+    assert scored == []
+    run.main(weights=str(w["teacher"]), datasets="msrvtt", **common)  # the same model and settings: its row is one
+    run.main(weights=str(w["student"]), datasets="msrvtt,didemo", **common)  # every record replaced
+    assert scored == [["msrvtt"], ["msrvtt", "didemo"]]
 
 
 def test_a_malformed_annotation_file_is_an_error_line(bench, tmp_path):
