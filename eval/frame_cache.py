@@ -69,11 +69,31 @@ class FrameCache:
 
 
 def cache_folder(root: Path, dataset: EvalDataset, settings: CacheSettings) -> Path:
-    """A folder per dataset, item list and settings: a changed annotation file gets a new cache."""
+    """A folder per annotation file, item list and settings: a changed annotation file gets a new cache. The
+    videos' paths are not part of it: a missing video's path is its loader's guess (``videos/<task>/<id>.mp4``), so
+    adding the video as .mkv, or in another folder, started a new cache and decoded every video again. The
+    manifest's file stamps, per item, find what changed on disk."""
+    sources = [str(Path(source).resolve()) for source in dataset.sources]
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(settings), sources]).encode())
+    for item in dataset.items:
+        h.update(json.dumps([item.id, item.window]).encode())
+    return Path(root) / f"{dataset.name}-{h.hexdigest()[:12]}"
+
+
+def _by_video_paths(root: Path, dataset: EvalDataset, settings: CacheSettings) -> Path:
+    """The folder that ``cache_folder`` named before 2026-11-27, from the videos' paths; a build adopts it."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(settings)]).encode())
     for item in dataset.items:
         h.update(json.dumps([item.id, item.video, item.window]).encode())
     return Path(root) / f"{dataset.name}-{h.hexdigest()[:12]}"
+
+
+def _adopt(folder: Path, old: Path) -> None:
+    """Rename the cache made under ``old``'s name to ``folder``, if there is one and ``folder`` is not there yet, so
+    that a cache built before the naming changed is used, not decoded again."""
+    if old != folder and not folder.exists() and (old / "manifest.json").is_file():
+        with contextlib.suppress(OSError):  # another run adopted it first: folder is there now
+            old.rename(folder)
 
 
 def video_folder_cache(root: Path, videos: Path, settings: CacheSettings) -> Path:
@@ -173,7 +193,10 @@ def build_cache(
 ) -> FrameCache:
     """Decode the dataset's videos into ``root/<dataset>-<hash>/`` (or ``folder``, e.g. a ``video_folder_cache``);
     of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build."""
-    folder = Path(folder) if folder is not None else cache_folder(root, dataset, settings)
+    if folder is None:
+        folder = cache_folder(root, dataset, settings)
+        _adopt(folder, _by_video_paths(root, dataset, settings))
+    folder = Path(folder)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
     fresh = record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder))

@@ -311,3 +311,31 @@ def test_a_video_that_crashed_its_worker_is_retried_in_a_worker_again(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     missing = {"crash": frame_cache.CRASHED}
     assert proc.stdout.splitlines() == [f"{n} ['a'] {missing}" for n in range(2)], proc.stdout
+
+
+def test_a_missing_video_added_as_another_file_type_decodes_only_it(tmp_path, decoded, capsys):
+    """A missing video's path is its loader's guess (YouCook2: videos/<task>/<id>.mp4). The cache folder was named
+    from the videos' paths, so adding the video as .mkv started a new cache, decoding every video again, and left
+    the old one behind. A cache named the old way is adopted, not decoded again."""
+    from eval.datasets import DATASETS
+    from eval.datasets.fixtures import MISSING, write_clip, write_youcook2
+
+    root, cache = tmp_path / "youcook2", tmp_path / "cache"
+    write_youcook2(root)
+    first = build(DATASETS["youcook2"](root), cache)
+    gone = MISSING["youcook2"]
+    assert first.missing == {gone: frame_cache.MISSING_FILE}
+    write_clip(root / "videos" / "113" / f"{gone.rsplit('_', 1)[0]}.mkv", ["cyan"] * 2)
+    decoded.clear()
+    ds = DATASETS["youcook2"](root)
+    second = build(ds, cache)
+    assert second.folder == first.folder and decoded == [gone] and second.missing == {}
+    assert "re-decoding 1 of 5 videos (1 file appeared)" in capsys.readouterr().err
+    assert [p.name for p in cache.iterdir()] == [first.folder.name]
+
+    old = frame_cache._by_video_paths(cache, ds, CacheSettings())  # as a build before the change named it
+    second.folder.rename(old)
+    decoded.clear()
+    adopted = build(ds, cache)
+    assert adopted.folder == first.folder and decoded == [] and adopted.found.keys() == second.found.keys()
+    assert [p.name for p in cache.iterdir()] == [first.folder.name]
