@@ -317,3 +317,43 @@ def test_malformed_files_fail_loudly(tmp_path):
         csv.writer(f).writerows(rows)
     with pytest.raises(ValueError, match="repeat"):
         msrvtt.load(tmp_path)
+
+
+YC_HEADER = "end,start,task,text,video_id\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        # a short row: a missing video named None_1, or a traceback after every video was decoded
+        ("validation_youcook.csv", YC_HEADER + "2,1,226\n", "validation_youcook.csv:2: a row with fewer fields"),
+        ("validation_youcook.csv", YC_HEADER + "2,one,226,x,abc\n", "start and end must be numbers"),
+        ("MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nret0,msr0,video0\n", "csv:2: a row with fewer"),
+        # tracebacks at load: a list where an object was expected, a null text, an entry without its caption
+        (youcook2.JSON_NAME, "[]", "not the layout expected (TypeError"),
+        (youcook2.JSON_NAME, '{"database": {"v": {"subset": "validation", "recipe_type": 1}}}', "KeyError"),
+        (
+            youcook2.JSON_NAME,
+            '{"database": {"v": {"subset": "validation", "recipe_type": 1, "annotations": '
+            '[{"segment": [0, 1], "sentence": null}]}}}',
+            "the sentence is not a text: None",
+        ),
+        ("test_data.json", '[{"video": "a.mp4", "description": null}]', "lacks a 'video' or 'description' text"),
+        ("annotation/MSR_VTT.json", '{"annotations": [{"image_id": "video0"}]}', "KeyError: 'caption'"),
+        ("annotation/MSR_VTT.json", '{"annotations": [{"image_id": "video0", "caption": 3}]}', "is not a text: 3"),
+    ],
+)
+def test_a_malformed_annotation_file_is_a_value_error_naming_it(tmp_path, name, content, expected):
+    """eval.run turns a ValueError into one error line naming the dataset and the file; these gave a traceback, or
+    loaded a broken row as a missing video."""
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    dataset = {"validation": "youcook2", "youcookii": "youcook2", "MSR": "msrvtt", "test_data": "didemo"}
+    load = DATASETS[next(v for k, v in dataset.items() if k in name)]
+    if name.startswith("annotation/"):  # the JSFusion list beside the json
+        (tmp_path / "structured-symlinks").mkdir()
+        (tmp_path / "structured-symlinks" / "val_list_jsfusion.txt").write_text("video0\n")
+    with pytest.raises(ValueError) as info:
+        load(tmp_path)
+    assert str(path) in str(info.value) and expected in str(info.value), info.value

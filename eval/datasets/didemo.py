@@ -71,8 +71,8 @@ def read_annotations(path: Path, split: str = "test") -> list[dict]:
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list of annotations, got {type(entries).__name__}")
     for number, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"video", "description"} <= entry.keys():
-            raise ValueError(f"{path}: annotation {number} lacks 'video' or 'description': {entry!r}"[:300])
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("video", "description")):
+            raise ValueError(f"{path}: annotation {number} lacks a 'video' or 'description' text: {entry!r}"[:300])
     return entries
 
 

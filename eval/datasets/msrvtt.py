@@ -13,11 +13,10 @@ Videos: ``ROOT/videos/<video_id>.<ext>`` (``ROOT/videos/all/`` if that folder ex
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-from eval.datasets.base import RETRIEVAL, AnnotationsMissing, EvalDataset, Item
+from eval.datasets.base import RETRIEVAL, AnnotationsMissing, EvalDataset, Item, csv_rows, json_layout
 
 NAME = "msrvtt"
 CSV_NAME = "MSRVTT_JSFUSION_test.csv"
@@ -66,11 +65,7 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
     """(video_id, sentence) pairs in file order from ``MSRVTT_JSFUSION_test.csv``."""
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"video_id", "sentence"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: expected columns video_id and sentence, got {reader.fieldnames}")
-        pairs = [(row["video_id"], row["sentence"]) for row in reader]
+    pairs = [(row["video_id"], row["sentence"]) for _, row in csv_rows(path, {"video_id", "sentence"})]
     _check_unique(path, [video_id for video_id, _ in pairs])
     return pairs
 
@@ -82,12 +77,14 @@ def read_list_and_json(test_list: Path, annotations: Path) -> list[tuple[str, st
             raise AnnotationsMissing(path, HINT)
     ids = [line.strip() for line in test_list.read_text(encoding="utf-8").splitlines() if line.strip()]
     _check_unique(test_list, ids)
-    data = json.loads(annotations.read_text(encoding="utf-8"))
-    entries = data.get("annotations") or data.get("sentences") or []
     first: dict[str, str] = {}
-    for entry in entries:
-        video_id = str(entry.get("image_id", entry.get("video_id")))
-        first.setdefault(video_id, entry["caption"])
+    with json_layout(annotations):
+        data = json.loads(annotations.read_text(encoding="utf-8"))
+        for entry in data.get("annotations") or data.get("sentences") or []:
+            video_id, caption = str(entry.get("image_id", entry.get("video_id"))), entry["caption"]
+            if not isinstance(caption, str):
+                raise TypeError(f"the caption of {video_id} is not a text: {caption!r}")
+            first.setdefault(video_id, caption)
     lacking = [video_id for video_id in ids if video_id not in first]
     if lacking:
         raise ValueError(f"{annotations}: no caption for {len(lacking)} ids of {test_list}, e.g. {lacking[:3]}")

@@ -13,11 +13,10 @@ Videos: ``ROOT/videos/<task>/<video_id>.<any extension>`` (the folder is listed 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-from eval.datasets.base import RETRIEVAL, AnnotationsMissing, EvalDataset, Item
+from eval.datasets.base import RETRIEVAL, AnnotationsMissing, EvalDataset, Item, csv_rows, json_layout
 
 NAME = "youcook2"
 CSV_NAME = "validation_youcook.csv"
@@ -64,34 +63,39 @@ def read_csv(path: Path) -> list[Clip]:
     """Clips in file order from MIL-NCE's ``validation_youcook.csv``."""
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        needed = {"end", "start", "task", "text", "video_id"}
-        if not needed <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: expected columns {sorted(needed)}, got {reader.fieldnames}")
-        return [
-            _clip(path, n, r["video_id"], r["task"], r["start"], r["end"], r["text"]) for n, r in enumerate(reader, 2)
-        ]
+    needed = {"end", "start", "task", "text", "video_id"}
+    return [
+        _clip(path, n, r["video_id"], r["task"], r["start"], r["end"], r["text"]) for n, r in csv_rows(path, needed)
+    ]
 
 
 def read_json(path: Path) -> list[Clip]:
     """Clips of the ``validation`` subset of the official json, videos and segments in file order."""
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
-    database = json.loads(path.read_text(encoding="utf-8"))["database"]
     clips = []
-    for video_id, video in database.items():
-        if video.get("subset") != "validation":
-            continue
-        for segment in video["annotations"]:
-            start, end = segment["segment"]
-            where = f"{video_id} segment {segment.get('id', '?')}"
-            clips.append(_clip(path, where, video_id, str(video["recipe_type"]), start, end, segment["sentence"]))
+    with json_layout(path):
+        database = json.loads(path.read_text(encoding="utf-8"))["database"]
+        for video_id, video in database.items():
+            if video.get("subset") != "validation":
+                continue
+            for segment in video["annotations"]:
+                if not isinstance(segment["segment"], list) or len(segment["segment"]) != 2:
+                    raise TypeError(f"segment {segment.get('id', '?')} of {video_id} is not [start, end]")
+                start, end = segment["segment"]
+                where = f"{video_id} segment {segment.get('id', '?')}"
+                text = segment["sentence"]
+                clips.append(_clip(path, where, video_id, str(video["recipe_type"]), start, end, text))
     return clips
 
 
 def _clip(path: Path, where: int | str, video_id: str, task: str, start, end, text: str) -> Clip:
-    start, end = float(start), float(end)
+    if not isinstance(text, str):
+        raise ValueError(f"{path}: {where}: the sentence is not a text: {text!r}")
+    try:
+        start, end = float(start), float(end)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {where}: start and end must be numbers of seconds, got {start!r}, {end!r}") from None
     if not 0 <= start < end:
         raise ValueError(f"{path}: {where}: clip window must satisfy 0 <= start < end, got [{start}, {end}]")
     return video_id, task, start, end, text
