@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+from eval.datasets.youcook2 import CSV_NAME as YOUCOOK2_CSV
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -406,6 +407,17 @@ def protocol_notes(results: list[dict]) -> list[str]:
     if any(c.get("didemo_split") == "test" for rec, c in zip(scored, configs, strict=True) if _is(rec, "didemo")):
         notes.append(
             "DiDeMo is scored on `test_data.json`; the authors' code used `val_data.json` (`--didemo_split val`)"
+        )
+    official = {
+        rec.get("num_expected")
+        for rec in scored
+        if _is(rec, "youcook2") and not any(Path(src).name == YOUCOOK2_CSV for src in rec.get("sources", ()))
+    }
+    if official:
+        notes.append(
+            f"YouCook2 is scored on the validation subset of the official json ({', '.join(map(str, official))} "
+            f"clips); the authors' code used MIL-NCE's `{YOUCOOK2_CSV}` (3,350 clips): put it in the YouCook2 "
+            "folder to score those"
         )
     if not notes:
         return []

@@ -193,6 +193,15 @@ def test_the_summary_says_where_the_protocol_differs_from_the_one_behind_the_pap
     summary(ours)
     assert "Protocol" not in report.summary_markdown(results, include_paper=False)  # no paper rows to compare with
 
+    # YouCook2 from the official json when MIL-NCE's csv is absent: another clip set than the paper's
+    youcook = [record("m", "youcook2", {"R@1": 1.0}), record("m", "youcook2", {"R@1": 1.0})]
+    youcook[0].update(config=theirs, sources=["/d/youcook2/validation_youcook.csv"], num_expected=3350)
+    assert "Protocol" not in report.summary_markdown(youcook[:1])
+    youcook[1].update(config=theirs, sources=["/d/youcook2/youcookii_annotations_trainval.json"], num_expected=3492)
+    assert "official json (3492 clips); the authors' code used MIL-NCE's `validation_youcook.csv`" in (
+        report.summary_markdown(youcook[1:])
+    )
+
 
 def test_model_order_follows_first_appearance():
     results = [record("zeta", "didemo", {"R@5": 40.0}), record("alpha", "ucf101", {"top1": 1.0})]
