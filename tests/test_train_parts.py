@@ -291,6 +291,21 @@ def test_a_loader_worker_counts_only_its_own_skipped_samples(train_shards, monke
     assert [b.dropped for b in batches] == [0, 0]
 
 
+def test_each_loader_worker_shuffles_the_unlabeled_samples_its_own_way(train_shards, tmp_path):
+    """The shuffle's random generator was made in the main process and copied into each forked worker: with a folder
+    of one shard, both workers read it and gave the same batches, so each came twice in a row."""
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("000000.tar", "000000_stats.json"):
+        shutil.copy(train_shards["unlabeled"] / name, one / name)
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.unlabeled_stream(one, 4, data.TrainTransform(32), tok, 2, seed=0)
+    keys = [b.keys for b in itertools.islice(iter(data.loader(stream, 2, False, 0)), 6)]  # workers take turns
+    assert keys[0::2] != keys[1::2], keys
+    again = data.unlabeled_stream(one, 4, data.TrainTransform(32), tok, 2, seed=0)
+    assert [b.keys for b in itertools.islice(iter(data.loader(again, 2, False, 0)), 6)] == keys  # still seeded
+
+
 def _labeled_keys(folder, monkeypatch, ranks: int, batch: int, workers: int, start: int, steps: int) -> list[str]:
     """The labeled samples ``steps`` steps of a run on ``ranks`` ranks take, rank after rank within a step."""
     tok = tokenizer_for(str(TINY_CLIP))

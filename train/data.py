@@ -498,9 +498,18 @@ def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_
     source = [
         wds.ResampledShards(list_shards(folder), seed=seed + 1000 * rank, deterministic=True),
         wds.tarfile_to_samples(handler=count_and_continue),
-        wds.shuffle(1000, initial=100, rng=random.Random(f"{seed}-{rank}")),
+        functools.partial(_shuffled, seed=f"{seed}-{rank}"),
     ]
     return wds.DataPipeline(*source, *_batches(None, frames, transform, tokenizer, batch, False, augment_on)[1:])
+
+
+def _shuffled(samples: Iterator[dict], seed: str, bufsize: int = 1000, initial: int = 100) -> Iterator[dict]:
+    """Samples shuffled in a buffer by a random generator of this loader worker's own (seeded by ``seed`` and the
+    worker's id). One made with the pipeline, in the main process, was copied into every forked worker: workers
+    reading the same shards (a folder of fewer shards than workers) gave the same samples in the same order, so
+    every unlabeled batch came --workers times."""
+    worker, _ = _worker()
+    yield from wds.shuffle(bufsize, initial, rng=random.Random(f"{seed}-{worker}"))(samples)
 
 
 def validation_stream(folder, frames, transform, tokenizer, batch, limit: int = 0) -> wds.DataPipeline:
