@@ -59,7 +59,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-import random
 import statistics
 import time
 import traceback
@@ -122,9 +121,7 @@ def loader_batch(n: int, frames: int, size: int, tokenizer, seed: int, jpeg: boo
     low = torch.rand(distinct, 3, 9, 16, generator=g) * 255
     pictures = F.interpolate(low, size=(height, width), mode="bicubic").clamp(0, 255).to(torch.uint8)  # (K, 3, H, W)
     pick = [i % distinct for i in range(n * frames)]
-    random.seed(seed)
-    torch.manual_seed(seed)
-    transform = TrainTransform(size)
+    transform = TrainTransform(size, seed=str(seed))
     crops = torch.stack([transform.params(height, width) for _ in range(n)])
     batch = dataclasses.replace(synthetic_batch(n, frames, 1, tokenizer, seed, False), crops=crops)
     if jpeg:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import math
 import random
 import shutil
 import tarfile
@@ -356,6 +357,38 @@ def test_train_transform_shares_one_crop_and_flip_across_frames():
     video = data.TrainTransform(24)(frames)
     assert video.shape == (4, 3, 24, 24)
     assert all(torch.equal(video[0], video[t]) for t in range(4))
+
+
+def test_crop_box_draws_torchvisions_random_resized_crop_from_its_own_generator():
+    """train.data.crop_box is RandomResizedCrop.get_params with a generator of its own: the same boxes in law (the
+    area share and aspect ratio), inside the image, and the same center crop when every try fails."""
+    from torchvision.transforms import RandomResizedCrop
+
+    rng, n = random.Random(0), 4000
+    ours = [data.crop_box(40, 60, (0.5, 1.0), rng) for _ in range(n)]
+    torch.manual_seed(0)
+    theirs = [RandomResizedCrop.get_params(torch.empty(0, 40, 60), [0.5, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    assert all(0 <= i and 0 <= j and 0 < h and 0 < w and i + h <= 40 and j + w <= 60 for i, j, h, w in ours)
+    for stat in (lambda b: b[2] * b[3] / 2400, lambda b: math.log(b[3] / b[2]), lambda b: b[0], lambda b: b[1]):
+        mean = [sum(map(stat, boxes)) / n for boxes in (ours, theirs)]
+        spread = (sum((stat(b) - mean[1]) ** 2 for b in theirs) / n) ** 0.5
+        assert abs(mean[0] - mean[1]) < 4 * spread / n**0.5, mean  # within 4 standard errors
+    for height, width in ((10, 1000), (1000, 10)):  # no try fits: the center crop, clamped to the ratios
+        expected = RandomResizedCrop.get_params(torch.empty(0, height, width), [0.5, 1.0], [3 / 4, 4 / 3])
+        assert data.crop_box(height, width, (0.5, 1.0), random.Random(0)) == expected
+
+
+def test_a_transforms_crops_do_not_depend_on_other_random_draws():
+    """Each stream's transform draws from a generator of its own: with --workers 0 on a GPU the two streams draw in
+    two prefetch threads, and from the process's global generators the crops depended on the threads' timing."""
+    alone = data.TrainTransform(24, seed="7")
+    alone = torch.stack([alone.params(40, 60) for _ in range(20)])
+    transform, other, disturbed = data.TrainTransform(24, seed="7"), data.TrainTransform(24, seed="8"), []
+    for _ in range(20):
+        random.random(), torch.rand(1), other.params(40, 60)  # global draws, and the other stream's
+        disturbed.append(transform.params(40, 60))
+    assert torch.equal(torch.stack(disturbed), alone)
+    assert not torch.equal(torch.stack([other.params(40, 60) for _ in range(20)]), alone)  # seeds differ
 
 
 # ---------------------------------------------------------------------------------------------------------- fusion

@@ -31,7 +31,7 @@ import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
@@ -39,7 +39,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import InterpolationMode
 
 from pipeline.writer import tar_groups
 
@@ -136,24 +136,61 @@ def _broken(message: str, *args) -> None:
 # Transforms: one crop and flip per video, applied to all its frames
 
 
-@dataclass(frozen=True)
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratios, as in the authors' code
+
+
+def crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop: torchvision's ``RandomResizedCrop.get_params`` (ten tries
+    of an area share in ``scale`` and an aspect ratio uniform in log space, else the center crop clamped to the
+    ratios), drawing from ``rng``: torchvision's draws from the process's global generators, which the two streams'
+    prefetch threads share with --workers 0 on a GPU, so the crops depended on the threads' timing."""
+    area = height * width
+    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(low, high))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif width / height > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
 class TrainTransform:
     """RandomResizedCrop (scale 0.5-1) + horizontal flip, the same for all frames of a video; stays uint8.
 
     ``params`` draws a crop (see ``train.augment``); calling the transform applies it
     here, in the loader worker. With ``augment_on="device"`` the workers only draw it and
     ``train.augment.resized_crop`` applies the crops of a whole batch on the device:
-    the same crops for the same seed, the same pixels up to rounding.
+    the same crops for the same seed, the same pixels up to rounding. Each transform draws from a generator of its
+    own, seeded by ``seed`` and the loader worker's id, in each process: the trainer gives each stream its own seed.
     """
 
     size: int
     scale: tuple[float, float] = (0.5, 1.0)
+    seed: str = "0"
+    _generator: tuple | None = field(default=None, init=False, repr=False, compare=False)  # ((pid, worker), Random)
+
+    def generator(self) -> random.Random:
+        """This transform's random generator in this process and loader worker (a forked worker makes its own)."""
+        worker, _ = _worker()
+        where = (os.getpid(), worker)
+        if self._generator is None or self._generator[0] != where:
+            self._generator = (where, random.Random(f"{self.seed}-{worker}"))
+        return self._generator[1]
 
     def params(self, height: int, width: int) -> torch.Tensor:
         """(6,) top, left, height, width, flip, bicubic for a video of height x width pixels."""
-        i, j, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), list(self.scale), [3 / 4, 4 / 3])
-        bicubic = random.choice([InterpolationMode.BILINEAR, InterpolationMode.BICUBIC]) == InterpolationMode.BICUBIC
-        flip = random.random() < 0.5
+        rng = self.generator()
+        i, j, h, w = crop_box(height, width, self.scale, rng)
+        bicubic = rng.random() < 0.5  # bilinear or bicubic, as the authors' code chooses
+        flip = rng.random() < 0.5
         return torch.tensor([i, j, h, w, flip, bicubic], dtype=torch.float32)
 
     def __call__(self, frames: list[torch.Tensor]) -> torch.Tensor:  # T x (3, H, W) uint8 -> (T, 3, S, S) uint8

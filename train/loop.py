@@ -559,12 +559,14 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
     tokenizer = text_tokenizer(models.student.clip, tokenizer_for(cfg.model), cfg.trim_text)
     size = cfg.crop or image_size(models.student.clip)
-    transform = data.TrainTransform(size, cfg.crop_scale)
-    where = augment_on(cfg, dist.device)
     # A resumed run goes on through the labeled passes where it stopped (the same permutations, past the samples
     # it trained on). Its unlabeled shards are drawn at random with replacement: there a new seed (a new draw,
     # not a replay of the first batches) is as good as the old position. So are new crops.
     seed = cfg.seed + progress.step
+    # each stream's crops from a generator of its own: with --workers 0 on a GPU both are drawn in the prefetchers'
+    # two threads, where one shared generator made the crops depend on the threads' timing
+    transform = [data.TrainTransform(size, cfg.crop_scale, seed=f"{seed}-{dist.rank}-{kind}") for kind in range(2)]
+    where = augment_on(cfg, dist.device)
     pin = dist.device.type == "cuda"
     val_loader = None
     if cfg.val:  # its workers forked first, before the training loaders' threads (validation_loader says why)
@@ -572,9 +574,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         iter(val_loader)
     streams = (
         data.labeled_stream(
-            cfg.labeled, cfg.frames, transform, tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
+            cfg.labeled, cfg.frames, transform[0], tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
         ),
-        data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform, tokenizer, cfg.batch_unlabeled, seed, where),
+        data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform[1], tokenizer, cfg.batch_unlabeled, seed, where),
     )
     # batches reach the step on the device: copied (and cropped, if `where` says so) one step ahead
     labeled, unlabeled = (
