@@ -180,6 +180,7 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
 
     (tmp_path / "notes.pt").write_text("not weights")
     (tmp_path / "broken.json").write_text('{"embed_dim": ')
+    (tmp_path / "empty.json").write_text("{}")  # open_clip skips it in silence: the run failed after its start
     for flags, message in (
         ({"model": "ViT-B-16-typo"}, "neither an open_clip model name nor a .json config"),
         ({"model": str(tmp_path / "broken.json")}, "not a valid model-config JSON"),
@@ -192,6 +193,8 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
         ({"crop": 24}, "--crop 24: " + str(TINY_CLIP) + " takes 32x32 frames"),  # used to fail at the first forward
         ({"val_max": -1}, "--val_max must be a whole number of at least 0"),
         ({"workers": -1}, "--workers must be a whole number of at least 0"),
+        ({"val_batch": 1}, "--val_batch must be a whole number of at least 2, got 1"),  # every validation scored 0
+        ({"model": str(tmp_path / "empty.json")}, "not an open_clip model config: it lacks embed_dim, vision_cfg"),
     ):
         out = tmp_path / "run"
         with pytest.raises(SystemExit) as e:

@@ -112,7 +112,9 @@ class TrainConfig:
 
     # --- validation, checkpoints, fusion
     val_every: int = 100  # steps between validations (and latest.pt saves)
-    val_batch: int = 64  # fixed batch size of the validation contrastive loss (the model-selection criterion)
+    val_batch: int = (
+        64  # fixed batch size (at least 2) of the validation contrastive loss (the model-selection criterion)
+    )
     val_max: int = 0  # at most this many validation videos; 0 = all
     # "" = fresh run (refuses an OUT with latest.pt); "auto" = continue from OUT/latest.pt if there is one, else start
     # fresh; or the path of a latest.pt to continue
@@ -149,8 +151,12 @@ class TrainConfig:
         problems += pair_problems({"betas": self.betas, "crop_scale": self.crop_scale})
         if not pair_problems({"betas": self.betas}) and not all(0 <= b < 1 for b in self.betas):
             problems.append(f"--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got {self.betas!r}")
-        problems += count_problems({"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0)})
-        positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "val_batch", "log_every")
+        # --val_batch at least 2: the contrastive loss of one pair is 0, so every validation scored 0 and best.pt
+        # stayed the first one
+        problems += count_problems(
+            {"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0), "val_batch": (self.val_batch, 2)}
+        )
+        positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "log_every")
         problems += count_problems({name: (getattr(self, name), 1) for name in positive})
         for name, allowed in CHOICES.items():  # any value, text or not: the line names the choices
             if getattr(self, name) not in allowed:

@@ -24,6 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from train.config import DEVICES
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip.add_model_config requires
 
 
 class WeightsError(ValueError):
@@ -37,9 +38,17 @@ def register_model(model: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"--model {model}: no such model-config JSON")
         try:
-            json.loads(path.read_text())  # a clear error for a broken file, before open_clip's
+            config = json.loads(path.read_text())  # a clear error for a broken file, before open_clip's
         except ValueError as e:
             raise ValueError(f"--model {model}: not a valid model-config JSON ({e})") from None
+        # open_clip registers a JSON only with these keys, and skips any other in silence: the run then failed
+        # after its start, saying "Model config ... not found" of its weights
+        lacking = [k for k in MODEL_CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+        if lacking:
+            raise ValueError(
+                f"--model {model}: not an open_clip model config: it lacks {', '.join(lacking)} (see "
+                "train/model_configs/demo-clip.json)"
+            )
         open_clip.add_model_config(str(path))
         return path.stem
     if model not in open_clip.list_models():
