@@ -475,6 +475,18 @@ def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_mode
     loop.run(tiny_config(train_shards, second, steps=2, resume="auto"))  # a checkpoint past --steps: say so
     assert "note: the checkpoint is at step 3, --steps is 2: nothing to train" in capsys.readouterr().out
 
+    # into a third folder with nothing left to train: no validation there, no best.pt to fuse (it failed at the end,
+    # "weights file not found"); refused before anything is built or written
+    from train.main import main
+
+    third = tmp_path / "c"
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, third), "steps": 2, "resume": str(first / checkpoint.LATEST)})
+    assert f"--resume {first / checkpoint.LATEST} is at step 2 and --steps is 2: nothing to train into {third}" in (
+        str(e.value.code)
+    )
+    assert f"fuse {first / checkpoint.BEST} with python -m train.fuse" in str(e.value.code) and not third.exists()
+
 
 def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):
     """No validation: the best loss stays infinite, which json.dumps wrote as the bare word Infinity."""

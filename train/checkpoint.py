@@ -101,6 +101,22 @@ def resume_path(out: str | Path, resume: str, model: str = "") -> Path | None:
     return None
 
 
+def unfusable_problem(path: Path | None, out: str | Path, steps, validates: bool) -> str:
+    """The refusal of a run resumed at or past its --steps, with validation, into an OUT without best.pt ("" if
+    none): it trains nothing, so nothing in OUT is validated and there is no best.pt to fuse (it failed at its end
+    saying best.pt was not found). Without validation the end keeps the resumed student as best.pt."""
+    if path is None or not validates or type(steps) is not int or (Path(out) / BEST).is_file():
+        return ""
+    step = load(path, mmap=True)["step"]
+    if step < steps:
+        return ""
+    return (
+        f"--resume {path} is at step {step} and --steps is {steps}: nothing to train into {out}, which holds no "
+        f"{BEST} to fuse; give more --steps to train on, or fuse {Path(path).parent / BEST} with python -m "
+        "train.fuse"
+    )
+
+
 def check_resumable(path: Path, model: str = "") -> Path:
     """``path`` if it holds everything a run resumes from, with a student that fits ``model`` ("": any); else a
     :class:`CheckpointError` that names the fix.
