@@ -59,7 +59,7 @@ class TrainConfig:
     lam: float = 1e-4  # lambda in Eq. 5: weight of the distillation loss
     distillation: str = "ce"  # "ce": cross-entropy to teacher soft labels (paper); "kl": KL * 1/sigma^2 (code)
     renormalize_video: bool = True  # L2-normalise the mean of the frame embeddings (the authors' code does not)
-    frames: int = 4  # frames per video used (the shards' first N)
+    frames: int = 4  # frames per video: as many as the shards hold (pipeline.shard --frames made them)
     # training crop size: 0 or the model's input size (its position embeddings fix it); 0 = that size (224 for ViT-B/16)
     crop: int = 0
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range
@@ -71,7 +71,7 @@ class TrainConfig:
     lr: float = 3e-5  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay (on all parameters, as the authors' code)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2)
-    schedule: str = "constant"  # "constant" or "cosine" (to 0 at the last step, after warmup)
+    schedule: str = "constant"  # "constant" or "cosine" (after warmup, down to 0 at the step after the last)
     warmup_steps: int = 0  # the learning rate rises linearly to --lr over this many steps
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
     steps: int = 1000  # optimizer steps
