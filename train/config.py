@@ -112,9 +112,7 @@ class TrainConfig:
 
     # --- validation, checkpoints, fusion
     val_every: int = 100  # steps between validations (and latest.pt saves)
-    val_batch: int = (
-        64  # fixed batch size (at least 2) of the validation contrastive loss (the model-selection criterion)
-    )
+    val_batch: int = 64  # fixed batch (at least 2) of the validation contrastive loss (the model-selection criterion)
     val_max: int = 0  # at most this many validation videos; 0 = all
     # "" = fresh run (refuses an OUT with latest.pt); "auto" = continue from OUT/latest.pt if there is one, else start
     # fresh; or the path of a latest.pt to continue
