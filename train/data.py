@@ -169,7 +169,7 @@ class TrainTransform:
     here, in the loader worker. With ``augment_on="device"`` the workers only draw it and
     ``train.augment.resized_crop`` applies the crops of a whole batch on the device:
     the same crops for the same seed, the same pixels up to rounding. Each transform draws from a generator of its
-    own, seeded by ``seed`` and the loader worker's id, in each process: the trainer gives each stream its own seed.
+    own, seeded by ``seed``, the rank and the loader worker's id: the trainer gives each stream its own seed.
     """
 
     size: int
@@ -178,11 +178,12 @@ class TrainTransform:
     _generator: tuple | None = field(default=None, init=False, repr=False, compare=False)  # ((pid, worker), Random)
 
     def generator(self) -> random.Random:
-        """This transform's random generator in this process and loader worker (a forked worker makes its own)."""
-        worker, _ = _worker()
+        """This transform's random generator in this process and loader worker (a forked worker makes its own),
+        seeded by ``seed``, the rank and the worker's id."""
+        (rank, _), (worker, _) = _rank(), _worker()
         where = (os.getpid(), worker)
         if self._generator is None or self._generator[0] != where:
-            self._generator = (where, random.Random(f"{self.seed}-{worker}"))
+            self._generator = (where, random.Random(f"{self.seed}-{rank}-{worker}"))
         return self._generator[1]
 
     def params(self, height: int, width: int) -> torch.Tensor:

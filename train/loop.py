@@ -565,7 +565,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     seed = cfg.seed + progress.step
     # each stream's crops from a generator of its own: with --workers 0 on a GPU both are drawn in the prefetchers'
     # two threads, where one shared generator made the crops depend on the threads' timing
-    transform = [data.TrainTransform(size, cfg.crop_scale, seed=f"{seed}-{dist.rank}-{kind}") for kind in range(2)]
+    transform = [data.TrainTransform(size, cfg.crop_scale, seed=f"{seed}-{kind}") for kind in range(2)]
     where = augment_on(cfg, dist.device)
     pin = dist.device.type == "cuda"
     val_loader = None
