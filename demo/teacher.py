@@ -35,7 +35,7 @@ def pretrain_teacher(
     clip.train()
     tokenizer = tokenizer_for(model)
     size = image_size(clip)
-    transform = TrainTransform(size, (0.6, 1.0))
+    transform = TrainTransform(size, (0.6, 1.0), seed=str(seed))
     data = stills(images, seed)
     pixels = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image, _ in data]  # (3, H, W) uint8
     tokens = tokenizer([caption for _, caption in data])  # (N, L)
