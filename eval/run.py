@@ -405,7 +405,7 @@ def main(
     except ValueError as e:
         alphas, problems = [], [*problems, str(e)]
     models = []
-    if alphas:
+    if comma_list(alpha_sweep):  # a sweep, even one refused above: --weights (its default too) plays no part
         if not student:
             problems.append("--alpha_sweep needs --student (and --teacher, default openai)")
         if not str(teacher).strip():

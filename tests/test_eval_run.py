@@ -182,6 +182,11 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
             run.main(**kwargs)
         assert message in str(e.value.code), (args, e.value.code)
         assert not (tmp_path / "o").exists(), args  # nothing decoded, nothing written
+    # a refused sweep is still a sweep: --weights (its default, openai, does not fit the tiny model) is not named
+    with pytest.raises(SystemExit) as e:
+        sweep = {"alpha_sweep": "0,2", "teacher": str(w["teacher"]), "student": str(w["student"])}
+        run.main(model=str(TINY_CLIP), data_root=str(root / "data"), out=str(tmp_path / "o"), **sweep)
+    assert str(e.value.code) == "error: --alpha_sweep takes a comma list of numbers from 0 to 1 (e.g. 0,0.4,1), got '2'"
 
 
 def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
