@@ -353,18 +353,16 @@ def validation_loader(student: VideoTextModel, cfg: TrainConfig, device: torch.d
 
 
 @torch.no_grad()
-def validate(
-    student: VideoTextModel, cfg: TrainConfig, device: torch.device, tokenizer, loader=None
-) -> dict[str, float]:
+def validate(student: VideoTextModel, cfg: TrainConfig, device: torch.device, loader) -> dict[str, float]:
     """The student's labeled contrastive loss on the validation set at a fixed batch size, and text->video R@k.
 
     Every rank embeds its share of the videos; the embeddings are gathered and put
     back in file order, so the numbers do not depend on the number of ranks or workers. ``loader``: the run's
-    ``validation_loader`` (None: one made for this call).
+    ``validation_loader``.
     """
     student.eval()
     indices, videos, texts = [], [], []
-    for batch in loader if loader is not None else validation_loader(student, cfg, device, tokenizer):
+    for batch in loader:
         with autocast(cfg, device):
             v, t = student(batch.video.to(device), batch.tokens.to(device))
         indices.append(batch.index)
@@ -616,7 +614,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                 for prefetcher in (labeled, unlabeled):
                     prefetcher.settle()  # its thread idle while validation runs
-                _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress, val_loader)
+                _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, val_loader)
                 timer.reset()  # validation and saving are not training throughput
     finally:
         profiler.close()
@@ -696,12 +694,12 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
     return f"the GPU waited for data {100 * data_wait:.0f}% of the time: {advice} (README: Training)"
 
 
-def _validate_and_save(models, optimizer, scheduler, cfg, dist, tokenizer, monitor, progress, loader=None) -> None:
+def _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, loader) -> None:
     sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
     settle_skips(progress, scheduler)  # and every skipped step, with the schedule where it belongs
     val = {}
     if cfg.val:
-        val = validate(models.student, cfg, dist.device, tokenizer, loader)
+        val = validate(models.student, cfg, dist.device, loader)
         monitor.log({f"val/{k}": v for k, v in val.items()}, step=progress.step)
         monitor.log_text(
             f"step {progress.step}: val loss {val['loss']:.4f}, text->video R@1 {val['R@1']:.1f} "
