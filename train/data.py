@@ -175,15 +175,14 @@ class TrainTransform:
     size: int
     scale: tuple[float, float] = (0.5, 1.0)
     seed: str = "0"
-    _generator: tuple | None = field(default=None, init=False, repr=False, compare=False)  # ((pid, worker), Random)
+    _generator: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (pid, Random)
 
     def generator(self) -> random.Random:
-        """This transform's random generator in this process and loader worker (a forked worker makes its own),
-        seeded by ``seed``, the rank and the worker's id."""
-        (rank, _), (worker, _) = _rank(), _worker()
-        where = (os.getpid(), worker)
-        if self._generator is None or self._generator[0] != where:
-            self._generator = (where, random.Random(f"{self.seed}-{rank}-{worker}"))
+        """This transform's random generator in this process (a forked loader worker makes its own: one process
+        per worker), seeded by ``seed``, the rank and the worker's id."""
+        if self._generator is None or self._generator[0] != os.getpid():
+            (rank, _), (worker, _) = _rank(), _worker()
+            self._generator = (os.getpid(), random.Random(f"{self.seed}-{rank}-{worker}"))
         return self._generator[1]
 
     def params(self, height: int, width: int) -> torch.Tensor:
