@@ -88,10 +88,13 @@ def _by_video_paths(root: Path, dataset: EvalDataset, settings: CacheSettings) -
     return Path(root) / f"{dataset.name}-{h.hexdigest()[:12]}"
 
 
-def _adopt(folder: Path, old: Path) -> None:
-    """Rename the cache made under ``old``'s name to ``folder``, if there is one and ``folder`` is not there yet, so
+def _adopt(folder: Path, root: Path, dataset: EvalDataset, settings: CacheSettings) -> None:
+    """If ``folder`` is not there yet, rename the cache made under its old name (``_by_video_paths``) to it, so
     that a cache built before the naming changed is used, not decoded again."""
-    if old != folder and not folder.exists() and (old / "manifest.json").is_file():
+    if folder.exists():  # the common case: no second hash of every item
+        return
+    old = _by_video_paths(root, dataset, settings)
+    if old != folder and (old / "manifest.json").is_file():
         with contextlib.suppress(OSError):  # another run adopted it first: folder is there now
             old.rename(folder)
 
@@ -195,12 +198,11 @@ def build_cache(
     of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build."""
     if folder is None:
         folder = cache_folder(root, dataset, settings)
-        _adopt(folder, _by_video_paths(root, dataset, settings))
+        _adopt(folder, root, dataset, settings)
     folder = Path(folder)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
-    fresh = record is not None and not plan_decode(dataset.items, record, stamps, existing_shards(folder))
-    if fresh and not _gone(dataset.items, record):
+    if _serves(dataset.items, record, plan_decode(dataset.items, record, stamps, existing_shards(folder))):
         return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder, dataset.name):
@@ -228,7 +230,7 @@ def _rebuild(
             file=sys.stderr,
         )
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
-    if record is not None and not plan and not _gone(dataset.items, record):
+    if _serves(dataset.items, record, plan):
         return _load(folder, record)
     if record is not None and plan:
         print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
@@ -299,6 +301,12 @@ def decode_into_shards(
         if writer is not None:  # interrupted: no half-written tar is left behind
             writer.abort()
     return found, missing
+
+
+def _serves(items: list[Item], record: dict | None, plan: dict[str, str]) -> bool:
+    """Whether the manifest ``record`` serves ``items`` as it is: there is one, nothing to decode (``plan``), and no
+    item it lists is gone."""
+    return record is not None and not plan and not _gone(items, record)
 
 
 def _gone(items: list[Item], record: dict) -> bool:
