@@ -192,7 +192,7 @@ class TrainConfig:
         problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type != "str" or isinstance(value, str) or f.name in CHOICES:
+            if f.name not in TEXT_FIELDS or isinstance(value, str) or f.name in CHOICES:
                 continue
             if isinstance(value, bool) or value is None:
                 problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
@@ -206,6 +206,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# the text flags (paths, names, choices), which fire may hand over as numbers or switches
+TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.type == "str")
 
 
 def paper(**overrides) -> TrainConfig:

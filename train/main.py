@@ -22,7 +22,7 @@ import fire
 from pipeline.cli import folder_problems, raised_problems, refuse
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path, unfusable_problem
-from train.config import DEVICES, TrainConfig, resolve
+from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
 from train.data import DataError, check_frames, list_shards
 from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
@@ -54,9 +54,8 @@ def typed_texts(flags: dict, argv: list[str]) -> dict:
     """``flags`` with each text flag that fire read as an int given back as the text, where the command line holds
     it as typed: ``--out 2024`` (fire's int 2024). fire also reads ``2024_06_01`` and ``0x1F`` as ints (20240601,
     31), which are not what was typed: those stay numbers, for the config to refuse with the fix."""
-    texts = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "str"}
     typed = set(argv) | {token.split("=", 1)[1] for token in argv if token.startswith("-") and "=" in token}
-    return {k: str(v) if k in texts and type(v) is int and str(v) in typed else v for k, v in flags.items()}
+    return {k: str(v) if k in TEXT_FIELDS and type(v) is int and str(v) in typed else v for k, v in flags.items()}
 
 
 REQUIRED_FOLDERS = {
