@@ -486,6 +486,10 @@ def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_mode
         str(e.value.code)
     )
     assert f"fuse {first / checkpoint.BEST} with python -m train.fuse" in str(e.value.code) and not third.exists()
+    # and so does train.loop.run called directly (as benchmarks and scripts call it)
+    with pytest.raises(checkpoint.CheckpointError, match="nothing to train into"):
+        loop.run(tiny_config(train_shards, third, steps=2, resume=str(first / checkpoint.LATEST)))
+    assert not third.exists()
 
 
 def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):

@@ -75,37 +75,45 @@ def load(path: str | Path, mmap: bool = False) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def resume_path(out: str | Path, resume: str, model: str = "") -> Path | None:
+def resume_path(out: str | Path, resume: str, model: str = "", steps=None, validates: bool = False) -> Path | None:
     """The checkpoint to resume from: ``auto`` -> OUT/latest.pt if it exists; a path; or None (fresh run).
 
     ``model``: this run's --model, to refuse another model's checkpoint here rather than after the models are
-    built; "" skips that check.
+    built; "" skips that check. ``steps`` and ``validates`` (the run's --steps, and whether it validates and
+    fuses): to refuse a checkpoint with nothing left to train into an OUT without best.pt (see
+    :func:`_unfusable_problem`); None skips that check.
 
     Raises:
         FileExistsError: a fresh run into a folder that already holds a run.
         FileNotFoundError: an explicit path that does not exist.
-        CheckpointError: a file that cannot continue a run (see :func:`check_resumable`).
+        CheckpointError: a file that cannot continue a run (see :func:`check_resumable`), or that leaves it
+            nothing to train and nothing to fuse.
     """
     out = Path(out)
     if resume == "auto":
         latest = out / LATEST
-        return check_resumable(latest, model) if latest.is_file() else None
-    if resume:
+        path = check_resumable(latest, model) if latest.is_file() else None
+    elif resume:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        return check_resumable(Path(resume), model)
-    if (out / LATEST).exists():
+        path = check_resumable(Path(resume), model)
+    elif (out / LATEST).exists():
         raise FileExistsError(
             f"{out} already holds a run ({LATEST}); pass --resume auto to continue it, or choose another --out"
         )
-    return None
+    else:
+        path = None
+    problem = _unfusable_problem(path, out, steps, validates)
+    if problem:
+        raise CheckpointError(problem)
+    return path
 
 
-def unfusable_problem(path: Path | None, out: str | Path, steps, validates: bool) -> str:
+def _unfusable_problem(path: Path | None, out: Path, steps, validates: bool) -> str:
     """The refusal of a run resumed at or past its --steps, with validation, into an OUT without best.pt ("" if
     none): it trains nothing, so nothing in OUT is validated and there is no best.pt to fuse (it failed at its end
     saying best.pt was not found). Without validation the end keeps the resumed student as best.pt."""
-    if path is None or not validates or type(steps) is not int or (Path(out) / BEST).is_file():
+    if path is None or not validates or type(steps) is not int or (out / BEST).is_file():
         return ""
     step = load(path, mmap=True)["step"]
     if step < steps:

@@ -510,8 +510,8 @@ def run(cfg: TrainConfig) -> dict:
     check_weights(cfg.model, cfg.teacher_weights)  # a missing file or unknown tag, before the download and OUT
     dist = distributed.init_distributed(cfg.device)
     out = Path(cfg.out)
-    # before anything is built or written into OUT: a weights-only file, another model's run
-    resume_from = checkpoint.resume_path(out, cfg.resume, cfg.model)
+    # before anything is built or written into OUT: a weights-only file, another model's run, nothing to train
+    resume_from = checkpoint.resume_path(out, cfg.resume, cfg.model, cfg.steps, bool(cfg.val) and cfg.fuse)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)

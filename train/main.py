@@ -21,7 +21,7 @@ import fire
 
 from pipeline.cli import folder_problems, raised_problems, refuse
 from train import config as config_module
-from train.checkpoint import LATEST, CheckpointError, resume_path, unfusable_problem
+from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
 from train.data import DataError, check_frames, list_shards
 from train.model import WeightsError, check_crop, check_weights, device_problems
@@ -97,19 +97,13 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     if {"model", "teacher_weights"} <= text:
         checks.append(functools.partial(check_weights, given["model"], given["teacher_weights"]))
     if {"model", "out", "resume"} <= text:
-        checks.append(functools.partial(_resume_problems, given))
+        validates = bool(given["val"]) and given["fuse"] is True
+        checks.append(
+            functools.partial(resume_path, given["out"], given["resume"], given["model"], given["steps"], validates)
+        )
     for check in checks:  # CheckpointError, DataError, WeightsError are ValueErrors; FileExistsError an OSError
         problems += raised_problems(check, errors=(ValueError, TypeError, OSError))
     return cfg, list(dict.fromkeys(problems))  # a broken --model fails the crop and the weights checks alike
-
-
-def _resume_problems(given: dict) -> None:
-    """--resume's checks (``checkpoint.resume_path``), and a checkpoint with nothing left to train into an OUT
-    without best.pt; a CheckpointError names the problem."""
-    path = resume_path(given["out"], given["resume"], given["model"])
-    problem = unfusable_problem(path, given["out"], given["steps"], bool(given["val"]) and given["fuse"] is True)
-    if problem:
-        raise CheckpointError(problem)
 
 
 def _field_docs() -> dict[str, str]:
