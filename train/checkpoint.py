@@ -86,37 +86,34 @@ def resume_path(out: str | Path, resume: str, model: str = "", steps=None, valid
     Raises:
         FileExistsError: a fresh run into a folder that already holds a run.
         FileNotFoundError: an explicit path that does not exist.
-        CheckpointError: a file that cannot continue a run (see :func:`check_resumable`), or that leaves it
+        CheckpointError: a file that cannot continue a run (see :func:`_resumable_state`), or that leaves it
             nothing to train and nothing to fuse.
     """
     out = Path(out)
+    path = None
     if resume == "auto":
-        latest = out / LATEST
-        path = check_resumable(latest, model) if latest.is_file() else None
+        path = out / LATEST if (out / LATEST).is_file() else None
     elif resume:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        path = check_resumable(Path(resume), model)
+        path = Path(resume)
     elif (out / LATEST).exists():
         raise FileExistsError(
             f"{out} already holds a run ({LATEST}); pass --resume auto to continue it, or choose another --out"
         )
-    else:
-        path = None
-    problem = _unfusable_problem(path, out, steps, validates)
+    if path is None:
+        return None
+    problem = _unfusable_problem(path, _resumable_state(path, model)["step"], out, steps, validates)
     if problem:
         raise CheckpointError(problem)
     return path
 
 
-def _unfusable_problem(path: Path | None, out: Path, steps, validates: bool) -> str:
+def _unfusable_problem(path: Path, step: int, out: Path, steps, validates: bool) -> str:
     """The refusal of a run resumed at or past its --steps, with validation, into an OUT without best.pt ("" if
     none): it trains nothing, so nothing in OUT is validated and there is no best.pt to fuse (it failed at its end
     saying best.pt was not found). Without validation the end keeps the resumed student as best.pt."""
-    if path is None or not validates or type(steps) is not int or (out / BEST).is_file():
-        return ""
-    step = load(path, mmap=True)["step"]
-    if step < steps:
+    if not validates or type(steps) is not int or (out / BEST).is_file() or step < steps:
         return ""
     return (
         f"--resume {path} is at step {step} and --steps is {steps}: nothing to train into {out}, which holds no "
@@ -125,9 +122,9 @@ def _unfusable_problem(path: Path | None, out: Path, steps, validates: bool) -> 
     )
 
 
-def check_resumable(path: Path, model: str = "") -> Path:
-    """``path`` if it holds everything a run resumes from, with a student that fits ``model`` ("": any); else a
-    :class:`CheckpointError` that names the fix.
+def _resumable_state(path: Path, model: str = "") -> dict:
+    """The checkpoint at ``path``, memory-mapped, if it holds everything a run resumes from, with a student that
+    fits ``model`` ("": any); else a :class:`CheckpointError` that names the fix.
 
     Checked before anything is built or written (memory-mapped: the tensors are not read), so a wrong file costs
     neither the minutes of building the models nor a half-made OUT folder.
@@ -148,7 +145,7 @@ def check_resumable(path: Path, model: str = "") -> Path:
     problem = fit_problem(state["student"], expected_shapes(register_model(model))) if model else ""
     if problem:
         raise another_model(path, state, problem)
-    return path
+    return state
 
 
 def another_model(path: Path, state: dict, problem: str) -> CheckpointError:
