@@ -65,13 +65,14 @@ class ClipFrames:
     height: int
 
 
-def sample_timestamps(duration: float, n: int, start: float = 0.0) -> list[float]:
-    """Midpoints of ``n`` equal segments of ``[start, start + duration)``: t_k = start + (k + 0.5) * D / n."""
+def sample_timestamps(duration: float, n: int, start: float = 0) -> list[float]:
+    """Midpoints of ``n`` equal segments of ``[start, start + duration)``: t_k = start + (k + 0.5) * D / n, exact
+    for a :class:`~fractions.Fraction` ``duration`` and ``start``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not duration > 0:
         raise ValueError(f"duration must be > 0, got {duration}")
-    return [start + (k + 0.5) * duration / n for k in range(n)]
+    return [start + (2 * k + 1) * duration / (2 * n) for k in range(n)]
 
 
 def select_frame_indices(frame_pts: list[float], targets: list[float]) -> list[int]:
@@ -283,17 +284,21 @@ def decode_frames(
         shown = _shown(packets)
         if len(shown) < n:
             raise FrameError("too_few_frames", f"{len(shown)} frames shown, need {n}")
-        tb = stream.time_base  # seconds per pts tick
+        # in exact fractions of a second: whenever the frame count is a multiple of 2n, every t_k falls on a
+        # frame's start, where floats can put it an ulp before (25 fps, 240 frames: 3.5999999999999996 < 3.6)
+        tb = Fraction(stream.time_base)  # seconds per pts tick
         first, end = _stream_duration(shown, stream)
-        duration = float((end - first) * tb)
+        span = (end - first) * tb
+        duration = float(span)
         if window is None:
-            targets = sample_timestamps(duration, n)
-        else:
-            start, stop = max(0.0, window[0]), min(duration, window[1])
+            targets = sample_timestamps(span, n)
+        else:  # a window's bounds as written (1.2 is 6/5, not the binary float just below it)
+            start, stop = (Fraction(repr(float(w))) for w in window)
+            start, stop = max(Fraction(0), start), min(span, stop)
             if not stop > start:
                 raise FrameError("too_few_frames", f"window {window} is outside the clip (0, {duration:.3f})")
             targets = sample_timestamps(stop - start, n, start=start)
-        rel_times = [float((p.pts - first) * tb) for p in shown]
+        rel_times = [(p.pts - first) * tb for p in shown]
         chosen = select_frame_indices(rel_times, targets)
         if len(set(chosen)) < n:
             raise FrameError("too_few_frames", f"only {len(set(chosen))} distinct frames in the sampled span")
@@ -312,8 +317,8 @@ def decode_frames(
     images, width, height = _upright_images([found[shown[i].pts] for i in chosen], size, pixel_aspect)
     return ClipFrames(
         images=images,
-        timestamps=targets,
-        frame_times=[rel_times[i] for i in chosen],
+        timestamps=[float(t) for t in targets],
+        frame_times=[float(rel_times[i]) for i in chosen],
         duration=duration,
         width=width,
         height=height,

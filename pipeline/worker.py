@@ -33,7 +33,9 @@ UNEXPECTED_ERROR = "unexpected_error"
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
 # frame is decoded from its start instead of failing
-FORMAT_VERSION = 3
+# 4: a sampling instant on a frame's start takes that frame (computed in exact fractions; floats could take the one
+# before, whenever the frame count is a multiple of 2 x --frames)
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -53,13 +54,15 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 
 def expected_indices(num_frames: int, fps: float, n: int = 4) -> list[int]:
-    """Brute-force reference: the frame shown at t_k = (k + 0.5) * D / n of a constant-rate clip starting at 0."""
+    """Brute-force reference: the frame shown at t_k = (k + 0.5) * D / n of a constant-rate clip starting at 0, in
+    exact arithmetic (a t_k on a frame's start takes that frame)."""
+    fps = Fraction(fps)
     duration = num_frames / fps
     result = []
     for k in range(n):
-        t = (k + 0.5) * duration / n
+        t = (2 * k + 1) * duration / (2 * n)
         # the last frame whose start time i / fps is <= t
-        result.append(max(i for i in range(num_frames) if i / fps <= t + 1e-9))
+        result.append(max(i for i in range(num_frames) if i / fps <= t))
     return result
 
 

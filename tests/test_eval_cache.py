@@ -100,7 +100,7 @@ def test_only_changed_videos_are_decoded_again(tmp_path, decoded, capsys):
     assert decoded == [] and third.found == second.found
     assert "re-decoding" not in capsys.readouterr().err
     manifest = json.loads((third.folder / "manifest.json").read_text())
-    assert manifest["version"] == frame_cache.CACHE_VERSION == 3
+    assert manifest["version"] == frame_cache.CACHE_VERSION == 4
     assert manifest["stamps"]["fixed"] == [os.stat(videos / "fixed.mp4").st_size, 1]
 
     (videos / "kept.mp4").unlink()  # a video removed since: missing now, not served from stale frames

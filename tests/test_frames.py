@@ -86,6 +86,16 @@ def test_decode_takes_the_frames_at_segment_midpoints(videos):
     assert all(im.size == (107, 64) for im in clip.images)
 
 
+@pytest.mark.parametrize("frames, fps", [(240, 25), (240, Fraction(30000, 1001)), (48, 24)])
+def test_a_sampling_instant_on_a_frames_start_takes_that_frame(tmp_path, frames, fps):
+    """Whenever the frame count is a multiple of 2n, every t_k falls on a frame's start: 4 frames of a 25 fps clip
+    of 240 frames are 30, 90, 150, 210. In floats, t_1 = 3.5999999999999996 s fell before frame 90's 3.6 s."""
+    path = synthetic.write_index_clip(tmp_path / "clip.mp4", frames, fps=fps)
+    clip = decode_frames(path, n=4, size=0)
+    assert [synthetic.read_frame_index(im) for im in clip.images] == expected_indices(frames, fps)
+    assert expected_indices(frames, fps) == [frames // 8 + frames // 4 * k for k in range(4)]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 16])
 def test_decode_any_number_of_frames(videos, n):
     clip = decode_frames(videos["idx100"], n=n, size=0)
@@ -206,7 +216,7 @@ def player_view(path, n: int) -> list[int]:
     midpoint (the frame rate is constant here, so the last frame lasts as long as the others)."""
     with av.open(str(path)) as container:
         frames = list(container.decode(video=0))
-    times = [float((f.pts - frames[0].pts) * f.time_base) for f in frames]  # exact, as the sampler computes
+    times = [(f.pts - frames[0].pts) * f.time_base for f in frames]  # exact fractions, as the sampler computes
     duration = times[-1] + (times[-1] - times[0]) / (len(times) - 1)
     chosen = select_frame_indices(times, sample_timestamps(duration, n))
     return [synthetic.read_frame_index(frames[i].to_image()) for i in chosen]
