@@ -10,6 +10,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -74,7 +75,7 @@ def _run_pool(
     """
     pending: dict[Future, object] = {}
     taken = None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_end_with_parent) as pool:
         try:
             for taken in itertools.islice(tasks, 2 * workers):
                 pending[pool.submit(job, taken, settings)] = taken
@@ -101,6 +102,15 @@ def _run_pool(
                 future.cancel()
             raise
     return [], []
+
+
+def _end_with_parent() -> None:
+    """(A pool worker's initializer) end this worker the moment the process that started it dies. Killed with
+    SIGKILL, a run's pool cannot stop its workers: they went on with the tasks queued to them, then waited for ever,
+    and a late one deleted or overwrote what the next run into the same folder had written (it holds no lock)."""
+    parent = multiprocessing.parent_process()  # its sentinel becomes ready when the parent exits, however it dies
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True, name="end-with-parent").start()
 
 
 def run_spark(

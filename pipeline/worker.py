@@ -143,9 +143,9 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
                 failures.append(_failure(row, UNEXPECTED_ERROR, detail))
                 continue
             writer.add_sample(row.key, members)
-        if previous is not None:
+        if previous is not None:  # a retry: its old tar is read, and its old stats no longer describe the new one
             previous.close()
-        stats_file.unlink(missing_ok=True)  # (a retry) the old stats no longer describe the tar about to replace it
+            stats_file.unlink(missing_ok=True)
         tar_file = writer.commit()
     stats = {
         "shard": shard_name(task.shard),

@@ -11,3 +11,13 @@ def crash_on_shard_3(task, settings):
     if task.shard == 3:
         os._exit(7)  # like a segfault in a decoder: the process vanishes
     return record_shard(task, settings)
+
+
+def note_pid_and_wait(task, settings):
+    """Write this worker's pid into OUT, then take a long time: a shard in flight when its run is killed."""
+    import time
+    from pathlib import Path
+
+    Path(settings.out_dir, f"worker-{task.shard}.pid").write_text(str(os.getpid()))
+    time.sleep(60)
+    return record_shard(task, settings)

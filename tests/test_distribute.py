@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from crash_jobs import crash_on_shard_3, record_shard
 
@@ -45,3 +52,42 @@ def test_tasks_are_pulled_lazily(tmp_path):
 
     run_local(source(), ShardSettings(out_dir=str(tmp_path)), 2, on_result, job=record_shard)
     assert len(results) == 10
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped by init) counts as gone
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_end_with_a_run_killed_by_sigkill(tmp_path):
+    """kill -9 of the run's own process (not its group): its workers used to finish their queued shards, then wait
+    for ever, and a late one deleted or overwrote what the next run into the folder had written."""
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from crash_jobs import note_pid_and_wait\n"
+        "from pipeline.distribute import run_local\n"
+        "from pipeline.worker import ShardSettings, ShardTask\n"
+        f"run_local([ShardTask(i, (), 'fp') for i in range(4)], ShardSettings(out_dir={str(tmp_path)!r}), 2, "
+        "print, job=note_pid_and_wait)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("worker-*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.glob("worker-*.pid")]
+        assert len(pids) == 2
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in pids if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their run"
