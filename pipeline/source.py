@@ -110,21 +110,57 @@ def read_header(path: str | Path, columns: Columns, video_root: str | Path | Non
 
 
 def _reader(path: Path) -> Iterator[list[str] | csv.Error]:
-    """Raw CSV records after the header; a record the csv module rejects is yielded as the error."""
+    """Raw CSV records after the header; a record the csv module rejects is yielded as the error.
+
+    A record over several lines with another number of fields than the header is yielded as an error too, and the
+    lines after its first are read again: a quote that never closes would otherwise run on into the rows after it
+    (to the end of the file, or to the next stray quote), and they would vanish into one malformed row. A caption
+    over two lines, quoted, is still one record."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # surrogateescape: a stray invalid byte fails that row (see _text), not the whole run.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f)
-        next(reader, None)
+        lines = _Lines(f)
+        reader = csv.reader(lines)
+        width = len(next(reader, None) or ())
         while True:
+            first = lines.taken = []
             try:
                 record = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield e
+                record = e
+            if len(first) > 1 and (isinstance(record, csv.Error) or len(record) != width):
+                what = record if isinstance(record, csv.Error) else f"{len(record)} fields, the header has {width}"
+                yield csv.Error(
+                    f"{what}, in a record over lines {first[0][0]}-{first[-1][0]} (an unclosed quote?); the lines "
+                    "after its first are read again as rows"
+                )
+                lines.read_again(first[1:])
                 continue
             yield record
+
+
+class _Lines:
+    """A file's lines, numbered from 1, for ``csv.reader``; the lines of the record being read are kept in
+    ``taken``, and :meth:`read_again` gives lines back (the reader asks for one line at a time, and nothing is
+    held between records)."""
+
+    def __init__(self, f):
+        self._numbered = enumerate(f, start=1)
+        self._again: list[tuple[int, str]] = []
+        self.taken: list[tuple[int, str]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self._again.pop() if self._again else next(self._numbered)
+        self.taken.append(line)
+        return line[1]
+
+    def read_again(self, lines: list[tuple[int, str]]) -> None:
+        self._again.extend(reversed(lines))
 
 
 def count_rows(path: str | Path) -> int:
@@ -133,12 +169,12 @@ def count_rows(path: str | Path) -> int:
 
 
 def parse_iso_duration(text: str) -> float | None:
-    """'PT00H00M17S' -> 17.0; None if it is not an ISO 8601 time duration."""
-    m = re.fullmatch(r"\s*P(?:\d+D)?T?(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?\s*", text or "")
+    """'PT00H00M17S' -> 17.0, 'P1DT1S' -> 86401.0; None if it is not an ISO 8601 duration of days and time."""
+    m = re.fullmatch(r"\s*P(?:(\d+)D)?T?(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?\s*", text or "")
     if not m or not any(m.groups()):
         return None
-    h, mnt, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mnt * 60 + s
+    d, h, mnt, s = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mnt * 60 + s
 
 
 def _text(value: str) -> str | None:

@@ -124,6 +124,28 @@ def test_bad_rows_are_classified_and_keep_their_slot(tmp_path):
     assert rows[12].location == "/data/10.mp4"
 
 
+def test_an_unclosed_quote_fails_its_own_row_only(tmp_path):
+    """A field whose quote never closes ran on into the rows after it, which vanished into one malformed row (on a
+    2.5M-row CSV, the rest of the file as one field). The record is failed with its lines named, and the lines
+    after its first are read again as rows of their own. A quoted caption over two lines is still one row."""
+    path = tmp_path / "w.csv"
+    path.write_bytes(
+        b"videoid,name,page_idx,page_dir,duration,contentUrl\n"
+        b"0,ok,0,d,PT1S,v/0.mp4\n"
+        b'1,"broken caption,0,d,PT1S,v/1.mp4\n'
+        + b"".join(b"%d,caption %d,0,d,PT1S,v/%d.mp4\n" % (i, i, i) for i in range(2, 6))
+        + b'6,"two\nlines",0,d,PT1S,v/6.mp4\n'
+        b"7,last,0,d,PT1S,v/7.mp4\n"
+    )
+    rows = list(iter_rows(path))
+    assert [r.index for r in rows] == list(range(8)) and count_rows(path) == 8
+    assert [r.videoid for r in rows if not r.error] == ["0", "2", "3", "4", "5", "6", "7"]
+    assert rows[6].caption == "two\nlines"
+    reason, detail = rows[1].error
+    assert reason == "malformed_row"
+    assert "lines 3-" in detail and "unclosed quote" in detail
+
+
 @pytest.mark.parametrize("page_dir", ["../escape", "/etc", "a/../../b", ".."])
 def test_video_root_cannot_be_escaped(tmp_path, page_dir):
     path = write_csv(tmp_path / "a.csv", [["5", "cap", 0, page_dir, "PT1S", ""]])
@@ -148,7 +170,18 @@ def test_crafted_ids_get_distinct_safe_keys(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("PT00H00M17S", 17), ("PT1H2M3S", 3723), ("PT5.5S", 5.5), ("PT00H01M00S", 60), ("17", None), ("", None)],
+    [
+        ("PT00H00M17S", 17),
+        ("PT1H2M3S", 3723),
+        ("PT5.5S", 5.5),
+        ("PT00H01M00S", 60),
+        ("P1DT00H00M17S", 86417),
+        ("P1D", 86400),
+        ("17", None),
+        ("", None),
+        ("P", None),
+        ("PT", None),
+    ],
 )
 def test_parse_iso_duration(text, seconds):
     assert parse_iso_duration(text) == seconds
