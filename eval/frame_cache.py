@@ -41,7 +41,8 @@ from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remo
 # lists, AV1), so version-1 caches hold frames the trainer would no longer produce and must be rebuilt.
 # 3: non-square pixels made square (pipeline.frames.displayed_size), so older caches hold such videos squeezed;
 # and an MP4 that cannot seek to its first frame decodes instead of failing.
-# 4: a sampling instant on a frame's start takes that frame (pipeline.frames computes in exact fractions).
+# 4: a sampling instant on a frame's start takes that frame (pipeline.frames computes in exact fractions); a
+# Matroska or WebM file cut short fails as truncated.
 CACHE_VERSION = 4
 MISSING_FILE = "missing_file"
 UNEXPECTED = "unexpected_error"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +31,9 @@ from PIL import Image
 SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
 MAX_PIXEL_ASPECT = 4  # a stored pixel's width over height, or its inverse, beyond which it is taken as square
 # PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
+# A stream with this much less of it present than its container declares is cut short: more than a frame's
+# rounding, and less than would take a real but shorter track for a cut one
+CUT_SECONDS, CUT_SHARE = 0.5, 0.1
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 __all__ = [
@@ -290,6 +294,9 @@ def decode_frames(
         first, end = _stream_duration(shown, stream)
         span = (end - first) * tb
         duration = float(span)
+        tagged = 0 if declared else _tagged_seconds(stream)
+        if tagged - duration > max(CUT_SECONDS, CUT_SHARE * tagged):
+            raise FrameError("truncated", f"{duration:.2f} s present of the {tagged:.2f} s its container declares")
         if window is None:
             targets = sample_timestamps(span, n)
         else:  # a window's bounds as written (1.2 is 6/5, not the binary float just below it)
@@ -323,6 +330,18 @@ def decode_frames(
         width=width,
         height=height,
     )
+
+
+def _tagged_seconds(stream: av.VideoStream) -> float:
+    """The stream's duration in seconds from its DURATION tag (0 if it has none). Matroska and WebM declare no frame
+    count to check a file against, but ffmpeg (and mkvmerge) write each track's duration there when they close the
+    file, so a file cut short afterwards keeps it. Not the container's duration, which may be an audio track's, nor
+    an MPEG-TS stream's, which is estimated from the bit rate."""
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", (stream.metadata.get("DURATION") or "").strip())
+    if not match:
+        return 0
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def _pixel_aspect(stream: av.VideoStream) -> Fraction:

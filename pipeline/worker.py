@@ -34,7 +34,7 @@ UNEXPECTED_ERROR = "unexpected_error"
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
 # frame is decoded from its start instead of failing
 # 4: a sampling instant on a frame's start takes that frame (computed in exact fractions; floats could take the one
-# before, whenever the frame count is a multiple of 2 x --frames)
+# before, whenever the frame count is a multiple of 2 x --frames); a Matroska or WebM file cut short is truncated
 FORMAT_VERSION = 4
 
 

@@ -186,6 +186,23 @@ def test_truncated_file_with_index_first(tmp_path):
     assert len(decode_frames(path).images) == 4  # the whole file is fine
 
 
+def test_a_cut_matroska_file_is_truncated(tmp_path):
+    """Matroska and WebM declare no frame count, so a cut file was sampled as if whole (the first 3.8 s of 8 s). ffmpeg
+    writes each track's DURATION tag when it closes the file, and a cut file keeps it. A file cut with ffmpeg itself
+    (-t 3 -c copy) declares its own duration, and is whole."""
+    path = synthetic.write_index_clip(tmp_path / "clip.mkv", 200, gop=25)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FrameError) as e:
+        decode_frames(cut)
+    assert e.value.reason == "truncated" and "of the 8.00 s" in e.value.detail
+    assert decode_frames(path).duration == pytest.approx(8.0)
+    shorter = tmp_path / "shorter.mkv"
+    ffmpeg("-i", path, "-t", 3, "-c", "copy", shorter)
+    assert decode_frames(shorter).duration == pytest.approx(3, abs=0.2)
+
+
 def test_jpeg_is_deterministic(videos):
     a = [encode_jpeg(im, 90) for im in decode_frames(videos["idx100"]).images]
     b = [
