@@ -14,6 +14,7 @@ specified in shards/README.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import itertools
 import os
@@ -242,7 +243,21 @@ def main(
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: complete shards are kept; rerun the same command to finish the rest")
+    except OSError as e:  # rows' own read errors are failures in their shard's stats: this is the output's
+        sys.exit(
+            f"error: writing {out_dir} failed: {e}. {_os_fix(e)}; complete shards are kept, and rerunning the "
+            "same command makes the rest"
+        )
     sys.exit(code)
+
+
+def _os_fix(error: OSError) -> str:
+    """What to do about a failed write into OUT."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free space on its disk (or raise the quota)"
+    if error.errno == errno.EFBIG:
+        return "A shard is larger than this filesystem or ulimit -f allows: lower --samples_per_shard"
+    return "Check that OUT can be written"
 
 
 def run(

@@ -173,9 +173,13 @@ def read_stats(out_dir: str | Path, shard: int) -> dict | None:
 
 
 def remove_temporaries(out_dir: str | Path) -> list[Path]:
-    """Delete temporary files left by an interrupted run (call only while holding the folder's lock)."""
+    """Delete temporary files left by an interrupted run (call only while holding the folder's lock). A temporary
+    folder is another tool's (``pipeline.subset --out OUT/labeled``, killed), which removes its own when it is done
+    with it (:func:`remove_abandoned`)."""
     removed = []
     for path in Path(out_dir).glob(f".*{TMP_MARK}*"):
+        if path.is_dir():
+            continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
@@ -219,10 +223,13 @@ class TarShardWriter:
         return self.final
 
     def abort(self) -> None:
+        """Drop the temporary, also after a write failed (a full disk, a file-size limit), when closing the tar or
+        the file would raise that error again while flushing."""
         try:
-            self._tar.close()
+            for close in (self._tar.close, self._file.close):
+                with contextlib.suppress(OSError, ValueError):
+                    close()
         finally:
-            self._file.close()
             self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TarShardWriter:

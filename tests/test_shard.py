@@ -393,6 +393,28 @@ def test_resume_after_kill_9_gives_identical_output(many, slow_server, tmp_path)
     assert not list(out.glob(".*tmp*"))
 
 
+def test_a_full_disk_is_one_error_line_and_leaves_no_temporary(many, tmp_path):
+    """A write that fails (here a file-size limit, as a full disk would) stops the run with one line that names
+    the cause and the fix: it was a traceback, and the temporaries of the shards in flight stayed."""
+    import resource
+
+    csv_path, _ = many
+    out = tmp_path / "out"
+    args = ["--src", csv_path, "--out", out, "--workers", 2, "--samples_per_shard", 6, "--size", 64]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.shard", *map(str, args), "--progress", "False"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000)),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    assert "File too large" in proc.stderr and "complete shards are kept" in proc.stderr
+    assert not list(out.glob(".*tmp*"))
+
+
 def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
     import importlib.util
 

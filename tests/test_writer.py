@@ -84,8 +84,30 @@ def test_atomic_write_and_cleanup(tmp_path):
     assert target.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     (tmp_path / ".000001.tar.tmp-abc").write_bytes(b"junk")
+    # a folder's temporary inside it (pipeline.subset --out OUT/labeled, killed) is its own tool's to remove: it
+    # crashed the next run here (IsADirectoryError)
+    (tmp_path / ".labeled.tmp-0123456789ab").mkdir()
     assert [p.name for p in remove_temporaries(tmp_path)] == [".000001.tar.tmp-abc"]
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".labeled.tmp-0123456789ab", "x.json"]
+
+
+def test_a_shard_that_fails_to_write_leaves_no_temporary(tmp_path):
+    """A full disk or a file-size limit: the error is raised, and the temporary goes (abort's close raised the
+    error again while flushing, and the unlink after it never ran)."""
+    script = (
+        "import resource, sys\n"
+        "from pipeline.writer import TarShardWriter\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+        "try:\n"
+        f"    with TarShardWriter({str(tmp_path)!r}, 0) as writer:\n"
+        "        for i in range(10):\n"
+        "            writer.add_sample(f'k{i}', [('bin', bytes(3000))])\n"
+        "        writer.commit()\n"
+        "except OSError as e:\n"
+        "    sys.exit(f'error {e.errno}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.stderr.strip() == "error 27" and list(tmp_path.iterdir()) == []
 
 
 def _age(path, seconds=60.0):
