@@ -188,7 +188,8 @@ def main(
         id_col: name of the video id column.
         caption_col: name of the caption column.
         url_col: name of the column with an http(s) URL or a file path (relative to the CSV's folder).
-        page_dir_col: name of the column with the sub-folder under --video_root.
+        page_dir_col: name of the column with the sub-folder under --video_root (a CSV without the default column:
+            the videos are --video_root's own files).
         duration_col: name of the ISO 8601 duration column (stored as csv_duration; part of each shard's fingerprint).
         timeout: seconds for one whole download attempt.
         retries: extra attempts after a transient download failure (with backoff).

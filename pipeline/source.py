@@ -93,8 +93,18 @@ def read_header(path: str | Path, columns: Columns, video_root: str | Path | Non
     missing = [c for c in (columns.videoid, columns.caption) if c not in header]
     if video_root is None and columns.url not in header:
         missing.append(columns.url)
+    # optional columns, but one named on the command line must be there: else every video would be a missing_file
+    # (a misspelt --page_dir_col) or every csv_duration null, in silence
+    optional = {"duration": columns.duration, **({"page_dir": columns.page_dir} if video_root is not None else {})}
+    missing += [c for f, c in optional.items() if c not in header and c != getattr(Columns, f) and c not in missing]
     if missing:
-        flags = {columns.videoid: "--id_col", columns.caption: "--caption_col", columns.url: "--url_col"}
+        flags = {
+            columns.videoid: "--id_col",
+            columns.caption: "--caption_col",
+            columns.url: "--url_col",
+            columns.page_dir: "--page_dir_col",
+            columns.duration: "--duration_col",
+        }
         hints = ", ".join(f"{flags[m]} NAME to rename '{m}'" for m in missing)
         where = (
             " (or pass --video_root DIR to find videos as DIR/{page_dir}/{videoid}.mp4)"

@@ -67,6 +67,26 @@ def test_video_root_needs_no_url_column(tmp_path):
     assert rows[0].location == str((tmp_path / "root" / "001_002" / "5.mp4").resolve())
 
 
+def test_a_column_named_on_the_command_line_must_be_there(tmp_path):
+    """--page_dir_col or --duration_col naming a column the CSV lacks was silent: every video a missing_file (under
+    --video_root), or every csv_duration null. The defaults may be absent: a flat --video_root, no durations."""
+    path = write_csv(
+        tmp_path / "a.csv", [["5", "cap", "d", "PT1S"]], header=["videoid", "name", "page_dir", "duration"]
+    )
+    for columns, flag in [
+        (Columns(page_dir="pagedir"), "--page_dir_col"),
+        (Columns(duration="length"), "--duration_col"),
+    ]:
+        with pytest.raises(CsvError, match=f"missing column.*{flag} NAME"):
+            read_header(path, columns, video_root=tmp_path)
+    with pytest.raises(CsvError, match="--duration_col NAME"):
+        read_header(path, Columns(url="path", duration="length"), video_root=tmp_path)
+    flat = write_csv(tmp_path / "flat.csv", [["5", "cap"]], header=["videoid", "name"])
+    assert read_header(flat, Columns(), video_root=tmp_path) == ["videoid", "name"]
+    urls = write_csv(tmp_path / "urls.csv", [["5", "cap", "v.mp4"]], header=["videoid", "name", "contentUrl"])
+    assert read_header(urls, Columns(page_dir="pagedir")) == ["videoid", "name", "contentUrl"]  # no --video_root
+
+
 def test_video_root_paths_use_the_stripped_videoid(tmp_path):
     path = write_csv(tmp_path / "a.csv", [[" 5 ", "cap", "001_002"]], header=["videoid", "name", "page_dir"])
     row = next(iter_rows(path, Columns(), video_root=tmp_path / "root"))
