@@ -17,6 +17,8 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -216,8 +218,11 @@ def resolve_location(
         return "", (MISSING_LOCATION, f"empty {columns.url}")
     if url.lower().startswith(URL_SCHEMES):
         return url, None
-    if url.lower().startswith("file://"):
-        return url[len("file://") :], None
+    if url.lower().startswith("file:"):  # file:///a%20b/c.mp4, file://localhost/..., file:relative/to/the/csv
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            return "", (UNSUPPORTED_URL, f"{url[:200]}: a file URL on another host (mount it and give its path)")
+        url = url2pathname(parts.path)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", url):
         return "", (UNSUPPORTED_URL, f"{url[:200]} (supported: http, https, file, local paths)")
     path = Path(url)

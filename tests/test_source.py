@@ -67,6 +67,25 @@ def test_video_root_needs_no_url_column(tmp_path):
     assert rows[0].location == str((tmp_path / "root" / "001_002" / "5.mp4").resolve())
 
 
+def test_file_urls_are_decoded_as_urls(tmp_path):
+    """file:// URLs were taken as text: %20 kept, localhost and a relative file: path made part of the path."""
+    rows = [
+        ["0", "cap", 0, "d", "PT1S", "file:///data/sp%20ace/0.mp4"],
+        ["1", "cap", 0, "d", "PT1S", "file://localhost/data/1.mp4"],
+        ["2", "cap", 0, "d", "PT1S", "file:v/2.mp4"],
+        ["3", "cap", 0, "d", "PT1S", "FILE:///data/3.mp4"],
+        ["4", "cap", 0, "d", "PT1S", "file://nas.example/data/4.mp4"],
+    ]
+    got = list(iter_rows(write_csv(tmp_path / "a.csv", rows)))
+    assert [r.location for r in got[:4]] == [
+        "/data/sp ace/0.mp4",
+        "/data/1.mp4",
+        str(tmp_path / "v/2.mp4"),
+        "/data/3.mp4",
+    ]
+    assert got[4].error[0] == "unsupported_url" and "nas.example" in got[4].error[1]
+
+
 def test_a_column_named_on_the_command_line_must_be_there(tmp_path):
     """--page_dir_col or --duration_col naming a column the CSV lacks was silent: every video a missing_file (under
     --video_root), or every csv_duration null. The defaults may be absent: a flat --video_root, no durations."""
