@@ -160,8 +160,8 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
             raise SubsetError(f"--out {out_path} is a file; give a new folder for the subset's shards")
         if out_path.exists() and any(out_path.iterdir()):
             previous = out_path / "subset.json"
-            if previous.is_file():
-                done = json.loads(previous.read_text())
+            done = _read_json(previous)
+            if isinstance(done, dict):
                 if (done.get("src"), done.get("n"), done.get("seed"), done.get("samples_per_shard")) == (
                     str(src_path),
                     n,
@@ -179,6 +179,14 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         f"pipeline.subset: {n} of {manifest['source_samples']} samples (seed {seed}) -> {out_path}/"
         f"{{{shard_name(0)}..{shard_name(shards - 1)}}}.tar; keys in {out_path}/subset.json"
     )
+
+
+def _read_json(path: Path):
+    """The JSON in ``path``, or None if there is none or it cannot be read (a damaged file is no subset's)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

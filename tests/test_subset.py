@@ -87,6 +87,10 @@ def test_rerun_is_a_no_op_and_other_outputs_are_refused(source, tmp_path):
     with pytest.raises(SystemExit) as e:
         subset.main(str(source), str(tmp_path / "a_file"), n=5)
     assert str(e.value) == f"error: --out {tmp_path / 'a_file'} is a file; give a new folder for the subset's shards"
+    for damaged in ('{"src": ', "[1, 2]"):  # a damaged or foreign subset.json: refused as any non-empty --out
+        (out / "subset.json").write_text(damaged)
+        with pytest.raises(SystemExit, match="exists and is not empty; remove it or choose another folder"):
+            subset.main(str(source), str(out), n=5)
 
 
 @pytest.mark.parametrize(
