@@ -199,6 +199,32 @@ def test_device_decode_falls_back_file_by_file_and_names_a_damaged_video(train_s
         to_device(damaged, torch.device("cpu"), 32)
 
 
+def test_the_gpu_decode_waits_for_the_side_streams_earlier_work(train_shards, monkeypatch):
+    """nvjpeg writes its outputs from a stream of its own that waits for nothing of ours (torchvision's
+    decode_jpegs_cuda), into memory the caching allocator hands out on the prefetcher's stream: maybe the previous
+    batch's, freed while kernels that read it were still queued there. So the decode waits for that stream first."""
+    from train import prefetch
+
+    batch = _batches(str(train_shards["unlabeled"]), "device_jpeg", count=1)[0]
+    calls, real = [], prefetch.decode_jpeg
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    def decode(data, mode, device):
+        calls.append(f"decode on {device}")
+        return [real(d, mode=mode) for d in data]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(prefetch, "decode_jpeg", decode)
+    prefetch._decode(batch, torch.device("cuda", 0))
+    assert calls == ["synchronize", "decode on cuda:0"]
+    calls.clear()
+    prefetch._decode(batch, torch.device("cpu"))
+    assert calls == ["decode on cpu"]
+
+
 @pytest.mark.parametrize("augment_on", ["loader", "device", "device_jpeg"])
 def test_a_video_whose_frames_differ_in_size_is_skipped(augment_on):
     from torchvision.io import encode_jpeg

@@ -48,6 +48,11 @@ def _decode(batch: Batch, device: torch.device) -> list[list[torch.Tensor]]:
     """
     t = batch.jpeg_sizes.shape[1]
     files = list(batch.jpegs.split(batch.jpeg_sizes.flatten().tolist()))  # B*T files, views of one buffer
+    if device.type == "cuda":
+        # nvjpeg writes its outputs from a stream of its own, which waits for nothing of ours (torchvision's
+        # decode_jpegs_cuda), into memory allocated on this one, the prefetcher's: maybe the previous batch's,
+        # freed while the kernels that read it (the stack, the crop) are still queued here
+        torch.cuda.current_stream(device).synchronize()
     try:
         decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
