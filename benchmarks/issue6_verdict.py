@@ -31,6 +31,7 @@ MAX_WORKERS = 6
 GAIN = 1.02  # a step lever becomes the trainer's GPU default if it beats timing noise by this much
 # the numerics target: the optimised step against the plain fp32 step on the same inputs (benchmarks.gpu_numerics)
 LOSS_TOLERANCE = 1e-2  # relative loss difference
+LOSSES = ("first_loss", "last_loss")  # a step_variants row's losses, compared between variants (wrong_losses)
 COSINE_MIN = 0.99  # cosine similarity of the student's gradients
 NORM_TOLERANCE = 0.05  # |gradient norm ratio - 1|
 LEVERS = {  # step_variants option: what it is, and the trainer flag that turns it on
@@ -75,10 +76,11 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool
         return ["step: no variant but naive ran"]
     lines, astray = [], wrong_losses(rows)
     if astray:  # e.g. a missing wait between CUDA streams: fast, and wrong
+        ref = loss_reference(rows)
         lines.append(
-            f"variants whose first-step loss is off {loss_reference(rows)}'s by {LOSS_TOLERANCE:g} or more "
-            "(relative), left out of the judging (a wrong result?): "
-            + ", ".join(f"{v} {rows[v]['first_loss']:.5f}" for v in astray)
+            f"variants whose loss (first/last step) is off {ref}'s ({_losses(rows[ref])}) by {LOSS_TOLERANCE:g} or "
+            "more (relative), left out of the judging (a wrong result?): "
+            + ", ".join(f"{v} {_losses(rows[v])}" for v in astray)
         )
         rows = {v: r for v, r in rows.items() if v not in astray}  # nor advised as a lever: the reference stays
         trainer = {v: r for v, r in rows.items() if v != "naive"}
@@ -109,23 +111,30 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool
 
 
 def wrong_losses(rows: dict[str, dict]) -> list[str]:
-    """The variants whose first step's loss is off the trainer's default step's (or the naive step's) by
+    """The variants whose first or last step's loss is off the trainer's default step's (or the naive step's) by
     ``LOSS_TOLERANCE`` or more, relative. Every variant starts from the same weights on the same batches, so their
-    first losses differ by bf16 noise only (1.5e-3 between naive and the default on the H200); more means a variant
-    computes something else. Variants that crop on the device (+devaug, +devjpeg) draw other crops, so other
-    batches: they are not compared."""
+    losses differ by bf16 noise only (first steps 1.5e-3 apart between naive and the default on the H200, last steps
+    1.5e-4); more means a variant computes something else. The last step's matters too: ``--teacher_stream ahead``
+    runs its first step's teacher beside the student, and ahead of the backward only from the second. Variants that
+    crop on the device (+devaug, +devjpeg) draw other crops, so other batches: they are not compared."""
     name = loss_reference(rows)
     if name is None:  # nothing to compare with (a NaN or zero default loss is judged by the numerics check)
         return []
-    ref, cropped = rows[name]["first_loss"], {s for s in MODE_SOURCES.values() if s}
+    cropped = {s for s in MODE_SOURCES.values() if s}
+    compared = [k for k in LOSSES if _finite(rows[name].get(k))]
     return [
         v
         for v, r in rows.items()
         if v != name
-        and "first_loss" in r
         and not cropped & set(v.split("+"))
-        and not abs(r["first_loss"] - ref) < LOSS_TOLERANCE * abs(ref)  # NaN is off too
+        # NaN is off too
+        and any(k in r and not abs(r[k] - rows[name][k]) < LOSS_TOLERANCE * abs(rows[name][k]) for k in compared)
     ]
+
+
+def _losses(row: dict) -> str:
+    """A row's first and last losses as the verdict prints them."""
+    return "/".join(f"{row[k]:.5f}" for k in LOSSES if k in row)
 
 
 def loss_reference(rows: dict[str, dict]) -> str | None:

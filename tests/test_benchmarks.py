@@ -751,19 +751,22 @@ def test_the_issue6_verdict_leaves_out_a_fast_variant_whose_loss_is_off():
     rows = _rows(naive=350, **{DEFAULT: 700, fed: 760, f"{fed}+tahead": 800, f"{fed}+tstream": 790})
     losses = (9.8539, 9.8691, 9.8650, 9.2000, float("nan"))  # the H200's naive and default; then off, and NaN
     for row, loss in zip(rows, losses, strict=True):
-        row.update(first_loss=loss, mfu_measured=row["videos_per_s"] / 1400)
+        row.update(first_loss=loss, last_loss=9.672, mfu_measured=row["videos_per_s"] / 1400)
     rows += [{**rows[1], "variant": f"{DEFAULT}+devjpeg", "first_loss": 3.9}]  # other crops: not compared
     step = {"device": "NVIDIA H200", "rows": rows}
     assert wrong_losses({r["variant"]: r for r in rows}) == [f"{fed}+tahead", f"{fed}+tstream"]
     lines = step_lines(step)
     assert lines[0] == (
-        f"variants whose first-step loss is off {DEFAULT}'s by 0.01 or more (relative), left out of the judging (a "
-        f"wrong result?): {fed}+tahead 9.20000, {fed}+tstream nan"
+        f"variants whose loss (first/last step) is off {DEFAULT}'s (9.86910/9.67200) by 0.01 or more (relative), "
+        f"left out of the judging (a wrong result?): {fed}+tahead 9.20000/9.67200, {fed}+tstream nan/9.67200"
     )
+    # right at the first step, off at the last (+tahead waits for the backward from the second step on)
+    later = [{**r, "first_loss": 9.8691, "last_loss": 9.9 if r["variant"] == f"{fed}+tahead" else 9.672} for r in rows]
+    assert wrong_losses({r["variant"]: r for r in later}) == [f"{fed}+tahead"]
     assert lines[1].startswith(f"MFU at 128x128: 54.3% of the measured peak with {fed} ")
     assert not any("teacher beside" in line for line in lines)  # nor judged as levers
     for row in rows:
-        del row["first_loss"]  # rows without it (older records): nothing to compare
+        del row["first_loss"], row["last_loss"]  # rows without them (older records): nothing to compare
     assert step_lines(step)[0].startswith(f"MFU at 128x128: 57.1% of the measured peak with {fed}+tahead ")
     # a NaN default loss (cuDNN's NaN risk): compared with naive's; every variant off: said, not a crash
     rows[0]["first_loss"], rows[1]["first_loss"], rows[2]["first_loss"] = 9.85, float("nan"), 9.0
