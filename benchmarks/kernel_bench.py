@@ -183,9 +183,9 @@ def best_kernel(totals: dict[str, float]) -> str:
 def step_levers(best_attention_kernel: str, patch: dict, last_block: dict) -> list[str]:
     """The ``benchmarks.step_variants`` options these figures favour: +patch where the matrix product beat the
     convolution by ``MARGIN``, +cls where the class token's row beat the whole last block by it, and the attention
-    kernel where one beat torch's own choice."""
-    levers = ["patch"] if patch["conv"] >= patch["linear"] * MARGIN else []
-    levers += ["cls"] if last_block["full"] >= last_block["cls"] * MARGIN else []
+    kernel where one beat torch's own choice. A section that failed (``{"error": ...}``) advises nothing."""
+    levers = ["patch"] if "error" not in patch and patch["conv"] >= patch["linear"] * MARGIN else []
+    levers += ["cls"] if "error" not in last_block and last_block["full"] >= last_block["cls"] * MARGIN else []
     return levers + ([best_attention_kernel] if best_attention_kernel != "auto" else [])
 
 
@@ -327,16 +327,30 @@ def main(
         "attention": rows,
         "step_attention_s": totals,
         "best_attention_kernel": best,
-        "patch_embed": patch_rows(clip, frames, n_lab, n_unl, dev, dtype),
     }
-    record["last_block"] = last_block_rows(clip, frames, n_lab, n_unl, dev, dtype)
-    record["text_tower"] = text_tower_rows(clip, captions, n_lab, dev, dtype)
+    sections = {
+        "patch_embed": lambda: patch_rows(clip, frames, n_lab, n_unl, dev, dtype),
+        "last_block": lambda: last_block_rows(clip, frames, n_lab, n_unl, dev, dtype),
+        "text_tower": lambda: text_tower_rows(clip, captions, n_lab, dev, dtype),
+    }
+    for key, measure in sections.items():  # written after each: a section that fails or is cut off keeps the rest
+        _write(record, out)
+        try:
+            record[key] = measure()
+        except Exception as e:  # e.g. a kernel this GPU refuses, or out of memory: its lever is not advised
+            record[key] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+            print(f"  {key}: failed, {record[key]['error'].splitlines()[0]}", flush=True)
     record["step_levers"] = step_levers(best, record["patch_embed"], record["last_block"])
     print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
+    _write(record, out)
+    return record
+
+
+def _write(record: dict, out: str) -> None:
+    """OUT/kernels.json holding ``record`` (nothing without --out)."""
     if out:
         Path(str(out)).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(str(out)) / "kernels.json", json_bytes(record))
-    return record
 
 
 if __name__ == "__main__":

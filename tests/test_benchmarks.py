@@ -136,6 +136,24 @@ def test_kernel_bench_falls_back_as_the_trainer_does_and_names_the_levers_worth_
     assert best_kernel({}) == "auto"
 
 
+def test_kernel_bench_keeps_what_it_measured_when_a_section_fails(tmp_path, monkeypatch):
+    """kernels.json chooses the GPU call's LEVERS: it was written only at the end, so a failing section (a kernel a
+    GPU refuses, out of memory) lost every timing, and the call went on without +cls and +patch. A failed section
+    advises no lever; the file is there after each section."""
+    from benchmarks import kernel_bench
+
+    def fails(*args):
+        assert json.loads((tmp_path / "kernels.json").read_text())["patch_embed"]["conv"] > 0  # written before it
+        raise RuntimeError("CUDA error: no kernel image is available\nmore")
+
+    monkeypatch.setattr(kernel_bench, "last_block_rows", fails)
+    kernel_bench.main(str(TINY_CLIP), "2x3", out=str(tmp_path))
+    record = json.loads((tmp_path / "kernels.json").read_text())
+    assert record["last_block"] == {"error": "RuntimeError: CUDA error: no kernel image is available\nmore"}
+    assert "cls" not in record["step_levers"] and record["text_tower"]["full"] > 0
+    assert kernel_bench.step_levers("auto", {"error": "x"}, {"full": 3.0, "cls": 1.0}) == ["cls"]
+
+
 def test_kernel_bench_gives_the_text_mask_in_the_dtype_the_step_gives_it_to_sdpa(monkeypatch):
     """The step's mask reaches SDPA in bf16 (CUDA autocast casts its inputs); a float32 one beside bf16 q, k, v is a
     call the memory-efficient kernel refuses, and torch's own choice with it failed unguarded."""
