@@ -31,6 +31,9 @@ MAX_WORKERS = 6
 GAIN = 1.02  # a step lever becomes the trainer's GPU default if it beats timing noise by this much
 # the numerics target: the optimised step against the plain fp32 step on the same inputs (benchmarks.gpu_numerics)
 LOSS_TOLERANCE = 1e-2  # relative loss difference
+# the kinds of kernels (train.profiling) that do a step's FLOPs; the patch embedding's convolution is one (a matrix
+# product with --linear_patch_embed)
+CORE_KINDS = ("matmul", "convolution", "attention")
 LOSSES = ("first_loss", "last_loss")  # a step_variants row's losses, compared between variants (wrong_losses)
 COSINE_MIN = 0.99  # cosine similarity of the student's gradients
 NORM_TOLERANCE = 0.05  # |gradient norm ratio - 1|
@@ -149,21 +152,23 @@ def _finite(loss) -> bool:
 
 def time_lines(name: str, row: dict) -> list[str]:
     """Where the GPU time of the fastest variant went (its profile, if it has one), and the MFU it would reach with
-    nothing but its matmul and attention kernels: how far the levers that trim the rest can take it."""
+    nothing but the kernels that do its FLOPs (matmul, convolution, attention): how far the levers that trim the rest
+    can take it."""
     kinds = row.get("profile", {}).get("by_kind_s_per_step")
     if not kinds or row.get("mfu_measured") is None:
         return []
-    core = kinds.get("matmul", 0.0) + kinds.get("attention", 0.0)
-    rest = {k: v for k, v in kinds.items() if k not in ("matmul", "attention")}
+    core = sum(kinds.get(k, 0.0) for k in CORE_KINDS)
+    rest = {k: v for k, v in kinds.items() if k not in CORE_KINDS}
     needed = row["mfu_measured"] * row["s_per_step"] / MFU_TARGET  # the step time that would reach the target
     split = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(rest.items(), key=lambda kv: -kv[1]))
     ceiling = row["mfu_measured"] * row["s_per_step"] / core if core else float("inf")
     return [
-        f"time of {name} per step: matmul {1e3 * kinds.get('matmul', 0.0):.1f} ms, attention "
-        f"{1e3 * kinds.get('attention', 0.0):.1f} ms, the rest {1e3 * sum(rest.values()):.1f} ms ({split}) of "
-        f"{1e3 * row['profile']['busy_s_per_step']:.1f} ms busy in a {1e3 * row['s_per_step']:.1f} ms step; with only "
-        f"its matmul and attention kernels it would reach {100 * ceiling:.1f}% MFU; {100 * MFU_TARGET:.0f}% needs a "
-        f"{1e3 * needed:.1f} ms step ({1e3 * (row['s_per_step'] - needed):.1f} ms less)"
+        f"time of {name} per step: "
+        + ", ".join(f"{k} {1e3 * kinds.get(k, 0.0):.1f} ms" for k in CORE_KINDS)
+        + f", the rest {1e3 * sum(rest.values()):.1f} ms ({split}), of {1e3 * row['profile']['busy_s_per_step']:.1f} "
+        f"ms busy in a {1e3 * row['s_per_step']:.1f} ms step; with only those three kinds of kernels it would reach "
+        f"{100 * ceiling:.1f}% MFU; {100 * MFU_TARGET:.0f}% needs a {1e3 * needed:.1f} ms step "
+        f"({1e3 * (row['s_per_step'] - needed):.1f} ms less)"
     ]
 
 

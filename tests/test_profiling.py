@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from test_train import tiny_config
 from train import loop
 from train.config import resolve
 from train.monitor import Monitor, Timer
-from train.profiling import StepProfiler, kernel_kind, profile_window, summarize
+from train.profiling import StepProfiler, kernel_kind, profile_window, summarize, union_s
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,48 @@ from train.profiling import StepProfiler, kernel_kind, profile_window, summarize
 )
 def test_kernels_are_sorted_into_kinds(name, kind):
     assert kernel_kind(name) == kind
+
+
+def test_union_s_matches_a_brute_force_count():
+    rng = random.Random(0)
+    for _ in range(200):
+        spans = [(a, a + rng.randint(0, 20)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 8)))]
+        covered = {t for start, end in spans for t in range(start, end)}  # unit cells [t, t + 1)
+        assert union_s(spans) == len(covered)
+
+
+def test_a_gpu_profile_counts_time_on_overlapping_streams_once():
+    """The teacher's and the prefetcher's streams run kernels beside the step's: busy time summed over kernels could
+    exceed the step (and said the GPU idled less than not at all); it is now their union. Each kind is still a sum.
+    max-autotune's template kernels (triton_tem_) are matrix products, not fused elementwise kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def kernel(name, start, end):
+        return SimpleNamespace(
+            key=name,
+            name=name,
+            device_type=DeviceType.CUDA,
+            self_device_time_total=end - start,
+            count=1,
+            time_range=SimpleNamespace(start=start, end=end),
+        )
+
+    events = [
+        kernel("sm90_xmma_gemm_bf16", 0, 100),  # the student, on the step's stream
+        kernel("triton_tem_fused_addmm_0", 60, 160),  # the teacher beside it, on its own stream
+        kernel("triton_per_fused_native_layer_norm_1", 170, 180),
+        kernel("Memcpy HtoD (Pinned -> Device)", 150, 175),  # the next batch's copy, on the prefetcher's stream
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events, events=lambda: events)
+    summary = summarize(prof, steps=2)
+    assert summary["busy_s_per_step"] == pytest.approx(180 / 1e6 / 2)  # 0-180 µs, once
+    assert summary["kernel_s_per_step"] == pytest.approx(235 / 1e6 / 2)
+    assert summary["by_kind_s_per_step"] == pytest.approx(
+        {"matmul": 200 / 2e6, "copy": 25 / 2e6, "fused (triton)": 10 / 2e6}
+    )
+    assert kernel_kind("triton_tem_fused_convolution_2") == "convolution"
 
 
 def test_the_profile_window_stops_at_the_runs_end_and_before_a_validation():

@@ -12,7 +12,9 @@ activations, residual adds, layout copies), copy, attention (SDPA's flash, memor
 cuDNN kernels), optimizer (fused AdamW), convolution (cuDNN's; the ViT's patch embedding unless
 ``--linear_patch_embed``), matmul (cuBLAS / CUTLASS GEMMs), other. The busy time against
 the steps' wall time says how long the device idled (launch gaps, host syncs, waiting
-for data); the kinds say which part of the work to speed up. On a CPU the summary counts
+for data): it counts the time in which any kernel ran, once, where kernels on several
+streams overlap (each kind's time is its kernels' sum). The kinds say which part of the
+work to speed up. On a CPU the summary counts
 the self time of PyTorch's operators instead of kernels.
 """
 
@@ -42,6 +44,8 @@ KERNEL_KINDS = {  # first match wins, on the lower-cased kernel (or CPU operator
 
 def kernel_kind(name: str) -> str:
     lower = name.lower()
+    if lower.startswith("triton_tem_"):  # max-autotune's templates: a matrix product (or convolution), epilogue fused
+        return "convolution" if "conv" in lower else "matmul"
     return next((kind for kind, pattern in KERNEL_KINDS.items() if re.search(pattern, lower)), "other")
 
 
@@ -71,13 +75,26 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     ranked = sorted(kernels, key=lambda k: -k[1])[:top]
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     return {
         "device": "cuda" if on_gpu else "cpu",
         "steps": steps,
-        "busy_s_per_step": sum(kinds.values()),
+        # kernels on several streams (the prefetcher's, the teacher's) overlap: their sum would count that time twice
+        "busy_s_per_step": union_s(spans) / 1e6 / steps if on_gpu and spans else sum(kinds.values()),
+        "kernel_s_per_step": sum(kinds.values()),
         "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in ranked],
     }
+
+
+def union_s(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the ``(start, end)`` intervals: the time in which at least one of them ran."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def describe(summary: dict, step_s: float | None = None) -> str:
