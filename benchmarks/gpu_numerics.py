@@ -17,6 +17,7 @@ also written to ``DIR/numerics.json``, which ``benchmarks.issue6_verdict`` judge
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -28,6 +29,18 @@ from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
 from train.config import ATTENTION_KERNELS, TEACHER_STREAMS
 from train.model import VideoTextModel, create_clip, freeze, image_size, text_tokenizer, tokenizer_for
+
+
+@contextlib.contextmanager
+def full_fp32(on: bool = True):
+    """cuDNN's convolutions (the patch embedding's) without TF32 inside, as the plain fp32 reference needs: torch
+    lets them use TF32 by default (torch.backends.cudnn.allow_tf32), its matrix products not."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = old and not on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 def flag_problems(
@@ -113,10 +126,11 @@ def main(
         lab, unl = (synthetic_batch(batch, frames, size, tokenizers[name], k, dev.type == "cuda") for k in (1, 2))
         widths[name] = max(lab.tokens.shape[1], unl.tokens.shape[1])
         m.student.zero_grad(set_to_none=True)
-        # --teacher_stream ahead: the teacher's embeddings queued on the side stream first, as the step before does
-        ready = loop.teacher_ahead(m, unl, cfg, dev) if cfg.teacher_stream == "ahead" else None
-        loss, _ = loop.compute_loss(m, lab, unl, cfg, dev, ready)
-        loss.backward()
+        with full_fp32(name == "plain fp32"):
+            # --teacher_stream ahead: the teacher's embeddings queued on the side stream first, as the step before does
+            ready = loop.teacher_ahead(m, unl, cfg, dev) if cfg.teacher_stream == "ahead" else None
+            loss, _ = loop.compute_loss(m, lab, unl, cfg, dev, ready)
+            loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in m.student.parameters() if p.grad is not None])
         results[name] = (float(loss.detach()), grads)
         print(f"{name}: loss {results[name][0]:.6f}, grad norm {float(grads.norm()):.6f}", flush=True)

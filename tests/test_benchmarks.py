@@ -625,6 +625,26 @@ def test_a_step_sweep_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_
     ]
 
 
+def test_gpu_numerics_runs_its_plain_reference_without_tf32_convolutions():
+    """torch lets cuDNN's convolutions (the patch embedding) use TF32 by default: the plain fp32 reference was not
+    all fp32 on a GPU. The flag is restored after, as it was."""
+    import torch
+
+    from benchmarks.gpu_numerics import full_fp32
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        for start in (True, False):
+            torch.backends.cudnn.allow_tf32 = start
+            with full_fp32():
+                assert torch.backends.cudnn.allow_tf32 is False
+            with full_fp32(False):
+                assert torch.backends.cudnn.allow_tf32 is start
+            assert torch.backends.cudnn.allow_tf32 is start
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.parametrize("context", [32, 77])
 def test_gpu_numerics_compares_the_levers_with_the_plain_step(tmp_path, context):
     """On the CPU both sides run in fp32, so the levers must leave the loss and the gradients as they were; at
