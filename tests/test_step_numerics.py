@@ -136,6 +136,8 @@ def test_persistent_tma_matmul_adds_the_templates_to_max_autotune_in_this_compil
     monkeypatch.undo()
     assert not inductor.triton.enable_persistent_tma_matmul  # nothing process-wide
     torch.compile(torch.nn.Linear(2, 2), **loop.compile_options("max-autotune-no-cudagraphs", True))  # known keys
+    # no mode is the default mode: list_mode_options(None) is the table of every mode, which torch.compile refuses
+    assert loop.compile_options(None, True) == {"options": {"triton.enable_persistent_tma_matmul": True}}
     with pytest.raises(ValueError, match="--persistent_tma_matmul True adds kernels that only max-autotune tunes"):
         resolve("paper", out=str(tmp_path), compile_mode="default", persistent_tma_matmul=True)
 

@@ -139,7 +139,7 @@ def compile_options(mode: str | None, persistent_tma_matmul: bool = False) -> di
         return {"mode": mode}
     from torch._inductor import list_mode_options  # inductor's import is heavy: only when asked for
 
-    return {"options": {**list_mode_options(mode), "triton.enable_persistent_tma_matmul": True}}
+    return {"options": {**list_mode_options(mode or "default"), "triton.enable_persistent_tma_matmul": True}}
 
 
 def _teacher_source(cfg: TrainConfig) -> str:
