@@ -29,7 +29,7 @@ from train.model import (
     register_model,
     tokenizer_for,
 )
-from train.monitor import step_flops, wandb_mode
+from train.monitor import datasheet_tflops, step_flops, wandb_mode
 from train.prefetch import to_device
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -591,3 +591,23 @@ def test_clip_normalisation_adds_no_tensor_inputs_to_a_compiled_graph():
     (graph,) = explained.graphs
     assert [n.op for n in graph.graph.nodes].count("placeholder") == 1  # the frames alone
     assert torch.equal(torch.compile(normalize_frames, fullgraph=True)(frames), normalize_frames(frames))
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H200", 989),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L40", 181),  # was L4's 121: the names were matched as substrings
+        ("NVIDIA L4", 121),
+        ("NVIDIA A10", 125),
+        ("NVIDIA GeForce RTX 4090", 0),
+    ],
+)
+def test_the_datasheet_peak_is_the_named_cards(name, tflops):
+    assert datasheet_tflops(name) == tflops

@@ -8,6 +8,7 @@ Only the run's config and metrics are logged: no environment, no code, no keys.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,8 +19,18 @@ from tqdm import tqdm
 from pipeline.writer import atomic_write_bytes
 from train.config import TrainConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by GPU model name, from the vendors' datasheets.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) by GPU model name (torch.cuda.get_device_name), from the vendors' datasheets;
+# the first pattern found in the name wins, so a card's PCIe and NVL forms come before its SXM one
+PEAK_BF16_TFLOPS = {
+    r"H100 PCIe": 756.0,
+    r"H[12]00 NVL": 835.0,
+    r"H200|H100": 989.0,
+    r"A100": 312.0,
+    r"L40S": 362.0,
+    r"L40\b": 181.0,
+    r"L4\b": 121.0,
+    r"A10\b": 125.0,
+}
 
 
 def peak_tflops(device: torch.device, override: float = 0.0) -> float:
@@ -28,8 +39,12 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float:
         return override
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    return datasheet_tflops(torch.cuda.get_device_name(device))
+
+
+def datasheet_tflops(name: str) -> float:
+    """The dense bf16 peak of the GPU called ``name`` (:data:`PEAK_BF16_TFLOPS`), 0 if it is not listed."""
+    return next((v for pattern, v in PEAK_BF16_TFLOPS.items() if re.search(pattern, name)), 0.0)
 
 
 def forward_flops(fn, *args) -> int:
