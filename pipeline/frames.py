@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,10 +31,10 @@ from PIL import Image
 # non-reference frame after it), so they decode everything.
 SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
 MAX_PIXEL_ASPECT = 4  # a stored pixel's width over height, or its inverse, beyond which it is taken as square
-# PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
 # A stream with this much less of it present than its container declares is cut short: more than a frame's
 # rounding, and less than would take a real but shorter track for a cut one
 CUT_SECONDS, CUT_SHARE = 0.5, 0.1
+# PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 __all__ = [
@@ -299,9 +300,8 @@ def decode_frames(
             raise FrameError("truncated", f"{duration:.2f} s present of the {tagged:.2f} s its container declares")
         if window is None:
             targets = sample_timestamps(span, n)
-        else:  # a window's bounds as written (1.2 is 6/5, not the binary float just below it)
-            start, stop = (Fraction(repr(float(w))) for w in window)
-            start, stop = max(Fraction(0), start), min(span, stop)
+        else:
+            start, stop = max(Fraction(0), _as_written(window[0])), min(span, _as_written(window[1]))
             if not stop > start:
                 raise FrameError("too_few_frames", f"window {window} is outside the clip (0, {duration:.3f})")
             targets = sample_timestamps(stop - start, n, start=start)
@@ -330,6 +330,13 @@ def decode_frames(
         width=width,
         height=height,
     )
+
+
+def _as_written(seconds: float) -> Fraction | float:
+    """A window's bound as written: 1.2 is 6/5, not the binary float just below it. An infinite one (no bound) stays
+    a float."""
+    seconds = float(seconds)
+    return Fraction(repr(seconds)) if math.isfinite(seconds) else seconds
 
 
 def _tagged_seconds(stream: av.VideoStream) -> float:

@@ -260,6 +260,10 @@ def test_an_edit_list_cut_samples_only_what_a_player_shows(tmp_path, n):
     assert clip.duration == pytest.approx(67 / 25)  # the 67 frames from 1.32 s on
     window = decode_frames(cut, n=4, size=0, window=(0.0, 0.5))
     assert [synthetic.read_frame_index(im) for im in window.images] == [33 + i for i in (1, 4, 7, 10)]
+    # a window open at its end, or from before the start, is cut to the clip
+    whole = [synthetic.read_frame_index(im) for im in decode_frames(cut, n=4, size=0).images]
+    for bounds in ((0.0, float("inf")), (-1, 99)):
+        assert [synthetic.read_frame_index(im) for im in decode_frames(cut, 4, 0, window=bounds).images] == whole
 
 
 def test_a_stream_cut_mid_gop_samples_from_its_first_keyframe(tmp_path):
