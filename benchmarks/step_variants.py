@@ -385,9 +385,12 @@ def main(
     cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
     student = models.student.clip.cpu()
     fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)
-    # a copy on the GPU for the naive step only, freed with it: kept there, its 0.6 GiB (ViT-B/16) was in every later
-    # variant's peak_gib
-    on_device = lambda: copy.deepcopy(fp32_teacher).to(dev)  # noqa: E731
+
+    def on_device() -> torch.nn.Module:
+        """A copy on the GPU for the naive step only, freed with it: kept there, its 0.6 GiB (ViT-B/16) was in every
+        later variant's peak_gib."""
+        return copy.deepcopy(fp32_teacher).to(dev)
+
     base = {"student": student, "teacher": models.teacher, "teacher_fp32": on_device}
     tokenizer = tokenizer_for(model)
     size = image_size(base["student"])
