@@ -70,7 +70,7 @@ class ClipFrames:
     height: int
 
 
-def sample_timestamps(duration: float, n: int, start: float = 0) -> list[float]:
+def sample_timestamps(duration: float | Fraction, n: int, start: float | Fraction = 0) -> list[float | Fraction]:
     """Midpoints of ``n`` equal segments of ``[start, start + duration)``: t_k = start + (k + 0.5) * D / n, exact
     for a :class:`~fractions.Fraction` ``duration`` and ``start``."""
     if n < 1:
@@ -80,7 +80,7 @@ def sample_timestamps(duration: float, n: int, start: float = 0) -> list[float]:
     return [start + (2 * k + 1) * duration / (2 * n) for k in range(n)]
 
 
-def select_frame_indices(frame_pts: list[float], targets: list[float]) -> list[int]:
+def select_frame_indices(frame_pts: list[float | Fraction], targets: list[float | Fraction]) -> list[int]:
     """For each target time, the index of the frame shown at that instant.
 
     ``frame_pts`` is sorted presentation times. The frame shown at time t is the
@@ -296,8 +296,11 @@ def decode_frames(
         span = (end - first) * tb
         duration = float(span)
         tagged = 0 if declared else _tagged_seconds(stream)
-        if tagged - duration > max(CUT_SECONDS, CUT_SHARE * tagged):
-            raise FrameError("truncated", f"{duration:.2f} s present of the {tagged:.2f} s its container declares")
+        reached = max(float(end * tb), duration)  # the tag is the track's end, counted from 0: a late start counts
+        if tagged - reached > max(CUT_SECONDS, CUT_SHARE * tagged):
+            raise FrameError(
+                "truncated", f"the video ends at {reached:.2f} s of the {tagged:.2f} s its container declares"
+            )
         if window is None:
             targets = sample_timestamps(span, n)
         else:

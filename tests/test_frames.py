@@ -196,11 +196,36 @@ def test_a_cut_matroska_file_is_truncated(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(FrameError) as e:
         decode_frames(cut)
-    assert e.value.reason == "truncated" and "of the 8.00 s" in e.value.detail
+    assert e.value.reason == "truncated" and "of the 8.00 s its container declares" in e.value.detail
     assert decode_frames(path).duration == pytest.approx(8.0)
     shorter = tmp_path / "shorter.mkv"
     ffmpeg("-i", path, "-t", 3, "-c", "copy", shorter)
     assert decode_frames(shorter).duration == pytest.approx(3, abs=0.2)
+    # a whole file whose video starts late (after its audio, or at a timestamp offset): the tag is the track's end,
+    # counted from 0, not its length
+    late = tmp_path / "late.mkv"
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "anullsrc=d=10",
+        "-itsoffset",
+        2,
+        "-i",
+        path,
+        "-map",
+        0,
+        "-map",
+        1,
+        "-c:v",
+        "copy",
+        "-shortest",
+        late,
+    )
+    offset = tmp_path / "offset.mkv"
+    ffmpeg("-i", path, "-c", "copy", "-copyts", "-output_ts_offset", 30, offset)
+    for whole in (late, offset):
+        assert decode_frames(whole).duration == pytest.approx(8.0, abs=0.1)
 
 
 def test_jpeg_is_deterministic(videos):
