@@ -121,13 +121,20 @@ def read_header(path: str | Path, columns: Columns, video_root: str | Path | Non
     return header
 
 
+# A record over more lines than this is a quote that never closes: a caption is a line or a few, and the reader
+# would otherwise hold the rest of the file in memory (twice: as the field, and as the lines to read again)
+MAX_RECORD_LINES = 1000
+
+
 def _reader(path: Path) -> Iterator[list[str] | csv.Error]:
     """Raw CSV records after the header; a record the csv module rejects is yielded as the error.
 
-    A record over several lines with another number of fields than the header is yielded as an error too, and the
-    lines after its first are read again: a quote that never closes would otherwise run on into the rows after it
-    (to the end of the file, or to the next stray quote), and they would vanish into one malformed row. A caption
-    over two lines, quoted, is still one record."""
+    A record over several lines is yielded as an error too, and the lines after its first are read again, where
+    its quotes do not pair as a CSV's must (a quote closed by a character other than a comma or the line's end, or
+    never closed), where it has another number of fields than the header, or where it runs past
+    ``MAX_RECORD_LINES``: a quote that never closes would otherwise run on into the rows after it, and they would
+    vanish into one row (taking the video of the row where it closed). A quoted caption over two lines is still one
+    record."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # surrogateescape: a stray invalid byte fails that row (see _text), not the whole run.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -140,17 +147,37 @@ def _reader(path: Path) -> Iterator[list[str] | csv.Error]:
                 record = next(reader)
             except StopIteration:
                 return
-            except csv.Error as e:
+            except (csv.Error, _TooLong) as e:
                 record = e
-            if len(first) > 1 and (isinstance(record, csv.Error) or len(record) != width):
-                what = record if isinstance(record, csv.Error) else f"{len(record)} fields, the header has {width}"
-                yield csv.Error(
-                    f"{what}, in a record over lines {first[0][0]}-{first[-1][0]} (an unclosed quote?); the lines "
-                    "after its first are read again as rows"
-                )
-                lines.read_again(first[1:])
-                continue
+            if len(first) > 1:
+                problem = _multi_line_problem(record, width, [line for _, line in first])
+                if problem:
+                    yield csv.Error(
+                        f"{problem}, in a record over lines {first[0][0]}-{first[-1][0]} (an unclosed quote?); the "
+                        "lines after its first are read again as rows"
+                    )
+                    lines.read_again(first[1:])
+                    continue
             yield record
+
+
+def _multi_line_problem(record: list[str] | Exception, width: int, text: list[str]) -> str:
+    """Why a record read over several lines (``text``) is not one ("" if it is)."""
+    if isinstance(record, _TooLong):
+        return f"still open after {MAX_RECORD_LINES} lines"
+    if isinstance(record, csv.Error):
+        return str(record)
+    if len(record) != width:
+        return f"{len(record)} fields, the header has {width}"
+    try:  # the lenient reader took a quote closed mid-field as text: a strict one refuses it
+        list(csv.reader(text, strict=True))
+    except csv.Error as e:
+        return str(e)
+    return ""
+
+
+class _TooLong(Exception):
+    """A record ran past ``MAX_RECORD_LINES``."""
 
 
 class _Lines:
@@ -167,6 +194,8 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
+        if len(self.taken) >= MAX_RECORD_LINES:
+            raise _TooLong
         line = self._again.pop() if self._again else next(self._numbered)
         self.taken.append(line)
         return line[1]

@@ -67,6 +67,39 @@ def test_video_root_needs_no_url_column(tmp_path):
     assert rows[0].location == str((tmp_path / "root" / "001_002" / "5.mp4").resolve())
 
 
+def test_an_unclosed_quote_that_pairs_with_a_later_one_fails_its_own_row_only(tmp_path):
+    """The quote left open in row 1 closed at row 4's quoted caption, and the record came out the header's width:
+    row 1 was taken as valid, with rows 1 to 4 as its caption and row 4's video, and rows 2 to 4 vanished."""
+    path = tmp_path / "w.csv"
+    path.write_bytes(
+        b"videoid,name,page_idx,page_dir,duration,contentUrl\n"
+        b'1,"Aerial view of a city,0,d,PT1S,v/1.mp4\n'
+        b"2,caption 2,0,d,PT1S,v/2.mp4\n"
+        b"3,caption 3,0,d,PT1S,v/3.mp4\n"
+        b'4,"Man says ""hello"" to camera",0,d,PT1S,v/4.mp4\n'
+        b"5,caption 5,0,d,PT1S,v/5.mp4\n"
+    )
+    rows = list(iter_rows(path))
+    assert rows[0].error[0] == "malformed_row" and "lines 2-5" in rows[0].error[1]
+    assert [(r.videoid, r.location.rsplit("/", 1)[-1]) for r in rows[1:]] == [(f"{i}", f"{i}.mp4") for i in range(2, 6)]
+    assert rows[3].caption == 'Man says "hello" to camera'
+
+
+def test_a_quote_open_for_more_than_max_record_lines_is_cut_there(tmp_path):
+    """A quote open to the end of a WebVid-size CSV held the rest of the file in memory (twice); a record stops at
+    MAX_RECORD_LINES, and the lines after its first are read again."""
+    from pipeline import source
+
+    good = b"".join(b"%d,caption %d,0,d,PT1S,v/%d.mp4\n" % (i, i, i) for i in range(2, 2 + 3 * source.MAX_RECORD_LINES))
+    path = tmp_path / "w.csv"
+    path.write_bytes(b"videoid,name,page_idx,page_dir,duration,contentUrl\n" + b'1,"open,0,d,PT1S,v/1.mp4\n' + good)
+    rows = list(iter_rows(path))
+    assert (
+        rows[0].error[0] == "malformed_row" and f"still open after {source.MAX_RECORD_LINES} lines" in rows[0].error[1]
+    )
+    assert len(rows) == 1 + 3 * source.MAX_RECORD_LINES and not any(r.error for r in rows[1:])
+
+
 def test_file_urls_are_decoded_as_urls(tmp_path):
     """file:// URLs were taken as text: %20 kept, localhost and a relative file: path made part of the path."""
     rows = [
