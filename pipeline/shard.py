@@ -244,21 +244,26 @@ def main(
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: complete shards are kept; rerun the same command to finish the rest")
-    except OSError as e:  # rows' own read errors are failures in their shard's stats: this is the output's
+    except OSError as e:  # a row's own read errors are failures in its shard's stats: this is OUT's, or the CSV's
         sys.exit(
-            f"error: writing {out_dir} failed: {e}. {_os_fix(e)}; complete shards are kept, and rerunning the "
-            "same command makes the rest"
+            f"error: {_os_problem(e, out_dir)}; complete shards are kept, and rerunning the same command makes the rest"
         )
     sys.exit(code)
 
 
-def _os_fix(error: OSError) -> str:
-    """What to do about a failed write into OUT."""
+def _os_problem(error: OSError, out_dir: Path) -> str:
+    """What failed, and what to do about it: a write into OUT (a full disk), or the reading of a file outside it
+    (the CSV)."""
+    name = Path(error.filename).resolve() if error.filename else None
+    if name is not None and out_dir.resolve() not in (name, *name.parents):
+        return f"reading {error.filename} failed: {error}. Check that it can be read"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "Free space on its disk (or raise the quota)"
-    if error.errno == errno.EFBIG:
-        return "A shard is larger than this filesystem or ulimit -f allows: lower --samples_per_shard"
-    return "Check that OUT can be written"
+        fix = "Free space on its disk (or raise the quota)"
+    elif error.errno == errno.EFBIG:
+        fix = "A shard is larger than this filesystem or ulimit -f allows: lower --samples_per_shard"
+    else:
+        fix = "Check that OUT can be written"
+    return f"writing {out_dir} failed: {error}. {fix}"
 
 
 def run(

@@ -415,6 +415,22 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temporary(many, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
+def test_a_csv_that_cannot_be_read_mid_run_is_named_as_the_problem(many, tmp_path, monkeypatch):
+    """An OSError reading the CSV after its checks (permissions changed, a network filesystem gone) is named as
+    such, not as a failed write into OUT."""
+    from pipeline import shard
+
+    csv_path, _ = many
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shard, "count_rows", unreadable)
+    with pytest.raises(SystemExit) as e:
+        shard.main(str(csv_path), str(tmp_path / "out"), progress=False)
+    assert str(e.value).startswith(f"error: reading {csv_path} failed: [Errno 13] Permission denied")
+
+
 def test_spark_without_pyspark_is_refused_up_front(monkeypatch, tmp_path):
     import importlib.util
 
