@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +22,7 @@ from pipeline.worker import ShardSettings, ShardTask, process_shard
 OnResult = Callable[[dict], None]
 Job = Callable[[ShardTask, ShardSettings], dict]  # a module-level function (pickled by name)
 DISTRIBUTORS = ("multiprocessing", "spark")
+PARENT_POLL_S = 1.0  # how often a pool worker checks that its run is alive, besides its parent's sentinel
 
 
 class ShardCrash(RuntimeError):
@@ -105,12 +107,25 @@ def _run_pool(
 
 
 def _end_with_parent() -> None:
-    """(A pool worker's initializer) end this worker the moment the process that started it dies. Killed with
-    SIGKILL, a run's pool cannot stop its workers: they went on with the tasks queued to them, then waited for ever,
-    and a late one deleted or overwrote what the next run into the same folder had written (it holds no lock)."""
-    parent = multiprocessing.parent_process()  # its sentinel becomes ready when the parent exits, however it dies
-    if parent is not None:
-        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True, name="end-with-parent").start()
+    """(A pool worker's initializer) end this worker when the process that started it dies. Killed with SIGKILL, a
+    run's pool cannot stop its workers: they went on with the tasks queued to them, then waited for ever, and a late
+    one deleted or overwrote what the next run into the same folder had written (it holds no lock)."""
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="end-with-parent").start()
+
+
+def _watch_parent(ppid: int) -> None:
+    """Wait until the parent ``ppid`` is gone, then end this process (``os._exit``). The parent's sentinel (a pipe
+    that closes with it) says so at once; with fork, a process the parent forks later holds that pipe open too, so
+    the parent id is also checked every ``PARENT_POLL_S`` (the orphan is handed to another process)."""
+    parent = multiprocessing.parent_process()
+    while os.getppid() == ppid:
+        if parent is not None:
+            parent.join(PARENT_POLL_S)
+            if not parent.is_alive():
+                break
+        else:
+            time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def run_spark(

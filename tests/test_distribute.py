@@ -63,6 +63,49 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def test_forked_workers_end_with_their_run_though_a_later_fork_holds_its_pipes(tmp_path):
+    """With fork, a process forked after the pool started inherits the write ends of the pipes whose closing tells
+    the workers that their parent died (eval's frame cache forks its pool): they waited for ever."""
+    script = (
+        "import sys, threading, time, multiprocessing\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from crash_jobs import note_pid_and_wait\n"
+        "from pipeline.distribute import run_isolated\n"
+        "from pipeline.worker import ShardSettings, ShardTask\n"
+        "fork = multiprocessing.get_context('fork')\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        "def later():\n"
+        "    while len(list(out.glob('worker-*.pid'))) < 2: time.sleep(0.05)\n"
+        "    other = fork.Process(target=time.sleep, args=(60,)); other.start()\n"
+        "    (out / 'other.pid').write_text(str(other.pid))\n"
+        "threading.Thread(target=later, daemon=True).start()\n"
+        "run_isolated([ShardTask(i, (), 'fp') for i in range(4)], ShardSettings(out_dir=str(out)), 2, print, "
+        "note_pid_and_wait, fork)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "other.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.glob("worker-*.pid")]
+        assert len(pids) == 2 and (tmp_path / "other.pid").read_text()
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [pid for pid in pids if _alive(pid)]
+        assert not alive, f"workers {alive} outlived their run"
+    finally:
+        for pid in [*pids, int((tmp_path / "other.pid").read_text())]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_workers_end_with_a_run_killed_by_sigkill(tmp_path):
     """kill -9 of the run's own process (not its group): its workers used to finish their queued shards, then wait
     for ever, and a late one deleted or overwrote what the next run into the folder had written."""
