@@ -70,7 +70,7 @@ def test_a_gpu_profile_counts_time_on_overlapping_streams_once():
 
     from torch.autograd import DeviceType
 
-    def kernel(name, start, end):
+    def kernel(name, start, end, annotation=False):
         return SimpleNamespace(
             key=name,
             name=name,
@@ -78,6 +78,7 @@ def test_a_gpu_profile_counts_time_on_overlapping_streams_once():
             self_device_time_total=end - start,
             count=1,
             time_range=SimpleNamespace(start=start, end=end),
+            is_user_annotation=annotation,
         )
 
     events = [
@@ -85,6 +86,9 @@ def test_a_gpu_profile_counts_time_on_overlapping_streams_once():
         kernel("triton_tem_fused_addmm_0", 60, 160),  # the teacher beside it, on its own stream
         kernel("triton_per_fused_native_layer_norm_1", 170, 180),
         kernel("Memcpy HtoD (Pinned -> Device)", 150, 175),  # the next batch's copy, on the prefetcher's stream
+        # a span kineto draws on the GPU's timeline for a record_function (AdamW.step): no kernel, and it covers
+        # the gaps between the kernels inside it, the idle time busy_s_per_step is there to show
+        kernel("Optimizer.step#AdamW.step", 0, 400, annotation=True),
     ]
     prof = SimpleNamespace(key_averages=lambda: events, events=lambda: events)
     summary = summarize(prof, steps=2)

@@ -62,7 +62,9 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
     kernels = []
     for event in events:
         if on_gpu:
-            if event.device_type != DeviceType.CUDA:
+            # kineto's spans of record_function ranges on the GPU's timeline (Optimizer.step#AdamW.step) are not
+            # kernels: they hold the kernels inside them, and the gaps between those
+            if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
                 continue
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         else:
@@ -75,7 +77,11 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     ranked = sorted(kernels, key=lambda k: -k[1])[:top]
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     return {
         "device": "cuda" if on_gpu else "cpu",
         "steps": steps,
