@@ -607,6 +607,8 @@ def test_clip_normalisation_adds_no_tensor_inputs_to_a_compiled_graph():
         ("NVIDIA L4", 121),
         ("NVIDIA A10", 125),
         ("NVIDIA GeForce RTX 4090", 0),
+        ("NVIDIA RTX A1000", 0),  # not an A100, nor an A10
+        ("NVIDIA A10G", 0),  # no datasheet figure: --peak_tflops gives it
     ],
 )
 def test_the_datasheet_peak_is_the_named_cards(name, tflops):
