@@ -202,7 +202,8 @@ def test_device_decode_falls_back_file_by_file_and_names_a_damaged_video(train_s
 def test_the_gpu_decode_waits_for_the_side_streams_earlier_work(train_shards, monkeypatch):
     """nvjpeg writes its outputs from a stream of its own that waits for nothing of ours (torchvision's
     decode_jpegs_cuda), into memory the caching allocator hands out on the prefetcher's stream: maybe the previous
-    batch's, freed while kernels that read it were still queued there. So the decode waits for that stream first."""
+    batch's, freed while kernels that read it were still queued there. So the decode waits for that stream first.
+    Without a GPU here, the order of the calls is what can be checked."""
     from train import prefetch
 
     batch = _batches(str(train_shards["unlabeled"]), "device_jpeg", count=1)[0]
