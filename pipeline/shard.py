@@ -254,7 +254,7 @@ def main(
 def _os_problem(error: OSError, out_dir: Path) -> str:
     """What failed, and what to do about it: a write into OUT (a full disk), or the reading of a file outside it
     (the CSV)."""
-    name = Path(error.filename).resolve() if error.filename else None
+    name = Path(error.filename).resolve() if isinstance(error.filename, str) and error.filename else None
     if name is not None and out_dir.resolve() not in (name, *name.parents):
         return f"reading {error.filename} failed: {error}. Check that it can be read"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
