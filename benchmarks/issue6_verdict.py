@@ -201,33 +201,46 @@ def _sets(flags: dict, flag: str) -> bool:
 
 def kernel_lines(kernels: dict) -> list[str]:
     """What ``benchmarks.kernel_bench`` measured: the step's attention time with each kernel first, the patch
-    embedding's two ways and the last block's (milliseconds per step, the kernels alone)."""
+    embedding's two ways, the last block's and the text tower's (milliseconds per step, the kernels alone). A
+    section that failed is said so; one not measured (the part cut off, or an older kernels.json) is left out."""
     times = kernels["step_attention_s"]
     attention = ", ".join(
         f"{k if k == 'auto' else k + ' first'} {1e3 * v:.1f} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1])
     )
-    patch = kernels["patch_embed"]
-    block = kernels.get("last_block")  # kernels.json written before it was measured has none
-    last = []
-    if block:
-        last = [
-            f"last block alone: every row {1e3 * block['full']:.2f} ms, class token's row {1e3 * block['cls']:.2f} ms "
-            f"per step ({block['full'] / block['cls']:.2f}x)"
-        ]
-    text = kernels.get("text_tower")  # nor the text tower
-    if text:
-        last.append(
-            f"text tower alone: {text['context']} tokens {1e3 * text['full']:.2f} ms, cut to {text['width']} "
-            f"(--trim_text, the default) {1e3 * text['trimmed']:.2f} ms per step "
-            f"({text['full'] / text['trimmed']:.2f}x)"
-        )
-    return [
+    lines = [
         f"attention kernels alone on {kernels['device']} at {kernels['batch']} (per step, fastest first): "
-        f"{attention}; tried in the step: --attention_kernel {kernels['best_attention_kernel']}",
-        f"patch embedding alone: convolution {1e3 * patch['conv']:.2f} ms, linear {1e3 * patch['linear']:.2f} ms "
-        f"per step ({patch['conv'] / patch['linear']:.2f}x)",
-        *last,
+        f"{attention}; tried in the step: --attention_kernel {kernels['best_attention_kernel']}"
     ]
+    sections = {
+        "patch_embed": (
+            "patch embedding alone",
+            lambda p: (
+                f"convolution {1e3 * p['conv']:.2f} ms, linear {1e3 * p['linear']:.2f} ms per step "
+                f"({p['conv'] / p['linear']:.2f}x)"
+            ),
+        ),
+        "last_block": (
+            "last block alone",
+            lambda b: (
+                f"every row {1e3 * b['full']:.2f} ms, class token's row {1e3 * b['cls']:.2f} ms per step "
+                f"({b['full'] / b['cls']:.2f}x)"
+            ),
+        ),
+        "text_tower": (
+            "text tower alone",
+            lambda t: (
+                f"{t['context']} tokens {1e3 * t['full']:.2f} ms, cut to {t['width']} (--trim_text, the "
+                f"default) {1e3 * t['trimmed']:.2f} ms per step ({t['full'] / t['trimmed']:.2f}x)"
+            ),
+        ),
+    }
+    for key, (what, describe) in sections.items():
+        row = kernels.get(key)
+        if row and "error" in row:
+            lines.append(f"{what}: failed ({row['error'].splitlines()[0]}); its lever is not tried")
+        elif row:
+            lines.append(f"{what}: {describe(row)}")
+    return lines
 
 
 def epilogue_lines(epilogue: dict) -> list[str]:

@@ -180,10 +180,12 @@ def best_kernel(totals: dict[str, float]) -> str:
     return "auto" if "auto" in totals and totals["auto"] <= totals[fastest] * MARGIN else fastest
 
 
-def step_levers(best_attention_kernel: str, patch: dict, last_block: dict) -> list[str]:
+def step_levers(best_attention_kernel: str, patch: dict | None, last_block: dict | None) -> list[str]:
     """The ``benchmarks.step_variants`` options these figures favour: +patch where the matrix product beat the
     convolution by ``MARGIN``, +cls where the class token's row beat the whole last block by it, and the attention
-    kernel where one beat torch's own choice. A section that failed (``{"error": ...}``) advises nothing."""
+    kernel where one beat torch's own choice. A section not measured (None) or that failed (``{"error": ...}``)
+    advises nothing."""
+    patch, last_block = patch or {"error": "not measured"}, last_block or {"error": "not measured"}
     levers = ["patch"] if "error" not in patch and patch["conv"] >= patch["linear"] * MARGIN else []
     levers += ["cls"] if "error" not in last_block and last_block["full"] >= last_block["cls"] * MARGIN else []
     return levers + ([best_attention_kernel] if best_attention_kernel != "auto" else [])
@@ -333,16 +335,21 @@ def main(
         "last_block": lambda: last_block_rows(clip, frames, n_lab, n_unl, dev, dtype),
         "text_tower": lambda: text_tower_rows(clip, captions, n_lab, dev, dtype),
     }
-    for key, measure in sections.items():  # written after each: a section that fails or is cut off keeps the rest
+
+    def save() -> None:  # with the levers of what is measured so far: a part cut off by its time limit leaves a
+        # kernels.json that gpu_step.sh chooses LEVERS from (without the levers not measured)
+        record["step_levers"] = step_levers(best, record.get("patch_embed"), record.get("last_block"))
         _write(record, out)
+
+    for key, measure in sections.items():  # saved before each section, and at the end
+        save()
         try:
             record[key] = measure()
         except Exception as e:  # e.g. a kernel this GPU refuses, or out of memory: its lever is not advised
             record[key] = {"error": f"{type(e).__name__}: {e}"[:1000]}
             print(f"  {key}: failed, {record[key]['error'].splitlines()[0]}", flush=True)
-    record["step_levers"] = step_levers(best, record["patch_embed"], record["last_block"])
+    save()
     print(f"  step_variants options to try: {', '.join('+' + o for o in record['step_levers']) or 'none'}")
-    _write(record, out)
     return record
 
 

@@ -143,8 +143,13 @@ def test_kernel_bench_keeps_what_it_measured_when_a_section_fails(tmp_path, monk
     from benchmarks import kernel_bench
 
     def fails(*args):
-        assert json.loads((tmp_path / "kernels.json").read_text())["patch_embed"]["conv"] > 0  # written before it
+        # written before it, with the levers measured so far: a part cut off here leaves LEVERS to choose from
+        written = json.loads((tmp_path / "kernels.json").read_text())
+        assert written["patch_embed"]["conv"] > 0 and "cls" not in written["step_levers"]
+        partial.append(written)
         raise RuntimeError("CUDA error: no kernel image is available\nmore")
+
+    partial = []
 
     monkeypatch.setattr(kernel_bench, "last_block_rows", fails)
     kernel_bench.main(str(TINY_CLIP), "2x3", out=str(tmp_path))
@@ -152,6 +157,16 @@ def test_kernel_bench_keeps_what_it_measured_when_a_section_fails(tmp_path, monk
     assert record["last_block"] == {"error": "RuntimeError: CUDA error: no kernel image is available\nmore"}
     assert "cls" not in record["step_levers"] and record["text_tower"]["full"] > 0
     assert kernel_bench.step_levers("auto", {"error": "x"}, {"full": 3.0, "cls": 1.0}) == ["cls"]
+    assert kernel_bench.step_levers("cudnn", None, None) == ["cudnn"]  # not measured yet
+    # the verdict reads a kernels.json cut off after the patch embedding, and one with a failed section (it raised
+    # KeyError on both, and lost the verdict and the next call's line)
+    from benchmarks.issue6_verdict import kernel_lines
+
+    lines = kernel_lines(partial[0])
+    assert len(lines) == 2 and lines[1].startswith("patch embedding alone: convolution ")
+    lines = kernel_lines(record)
+    assert "last block alone: failed (RuntimeError: CUDA error: no kernel image is available); its lever" in lines[2]
+    assert lines[3].startswith("text tower alone: ")
 
 
 def test_kernel_bench_gives_the_text_mask_in_the_dtype_the_step_gives_it_to_sdpa(monkeypatch):
