@@ -184,3 +184,15 @@ def test_every_cli_refuses_a_misspelt_flag_before_any_work(module):
     proc = run_cli(module, "--no_such_flag", "1", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: unknown flag(s) --no_such_flag;"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_short_flags_train_mains_help_shows_are_taken(tmp_path):
+    """--help shows -u, -o and -m (fire gives a parameter whose first letter is its own a short form), but fire hands
+    them to main's **flags as they are, which refused them as unknown flags."""
+    proc = run_cli("train.main", "--help")
+    assert "-o, --out=OUT" in proc.stderr and "-u, --unlabeled=UNLABELED" in proc.stderr  # fire helps on stderr
+    proc = run_cli("train.main", "-u", tmp_path / "none", "-o", tmp_path / "out", "-m", "nosuch", check=False)
+    assert proc.returncode != 0 and "unknown flag" not in proc.stderr
+    assert f"shard folder '{tmp_path / 'none'}' does not exist" in proc.stderr and "--model 'nosuch'" in proc.stderr
+    proc = run_cli("train.main", "-r", "demo", check=False)  # not in --help: resume, recipe, run_name, ...
+    assert "unknown flag(s) ['--r']" in proc.stderr

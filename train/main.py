@@ -29,7 +29,7 @@ from train.monitor import online_problems
 
 
 def main(recipe: str = "paper", **flags) -> None:
-    flags = {k: v for k, v in flags.items() if v is not None}  # None: not given on the command line
+    flags = {_long_name(k): v for k, v in flags.items() if v is not None}  # None: not given on the command line
     cfg, problems = checked(recipe, typed_texts(flags, sys.argv[1:]))
     refuse(problems)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
@@ -48,6 +48,14 @@ def main(recipe: str = "paper", **flags) -> None:
                 "command with --resume auto to go on from there"
             )
         sys.exit("interrupted before the run's first save: nothing to resume; rerun the command to start it again")
+
+
+def _long_name(flag: str) -> str:
+    """The flag a one-letter ``flag`` stands for, as fire's --help shows it (``-o, --out``): the one parameter whose
+    name starts with that letter. fire itself hands a one-letter flag to ``**flags`` as it is."""
+    names = {"recipe", *(f.name for f in dataclasses.fields(TrainConfig))}  # main's parameters in --help
+    starting = {name for name in names if name[0] == flag} if len(flag) == 1 else set()
+    return starting.pop() if len(starting) == 1 else flag
 
 
 def typed_texts(flags: dict, argv: list[str]) -> dict:
