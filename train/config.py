@@ -104,9 +104,9 @@ class TrainConfig:
     trim_text: bool = True
     # the teacher's forward on a second CUDA stream (train.streams), where the GPU may overlap its matrix products
     # with the student's memory-bound kernels: "beside" the student's forward of the same step; "ahead": the next
-    # step's unlabeled batch, taken one step early, beside this step's backward; "off": one stream. Ignored on the
-    # CPU. The second stream keeps its own cached memory: about the teacher's largest activations more (estimated
-    # 1-2 GiB for 128 unlabeled ViT-B/16 videos)
+    # step's unlabeled batch, taken one step early, beside this step's backward; "off": one stream. No second
+    # stream on the CPU ("ahead" still takes each batch a step early). The second stream keeps its own cached memory:
+    # about the teacher's largest activations more (estimated 1-2 GiB for 128 unlabeled ViT-B/16 videos)
     teacher_stream: str = "off"
     seed: int = 0  # seeds the random teacher of a run without weights, the data order and the crops
 
