@@ -11,8 +11,9 @@ Runs on generated UCF101-like clips (320x240, 25 fps, ``--seconds`` long, H.264 
 1. *frame-cache build*: ``eval.frame_cache.build_cache`` (4 frames per video at the segment midpoints, 224-pixel
    short side, JPEG q95, tar shards) into a fresh cache folder, for each ``--workers`` value; videos/s and the
    speedup against the smallest worker count, end to end and after the first result (the arrival time of every
-   decoded video is recorded, so the spawn pool's start-up is separated from the decoding rate). The start of a
-   spawn pool of that size, and the import of ``eval.run`` that each spawn worker repeats, are also timed alone.
+   decoded video is recorded, so the pool's start-up is separated from the decoding rate), and the CPU time of the
+   main process and of the decoding workers. The start of ``build_cache``'s worker pool (forked where the platform
+   can) is also timed alone, for each worker count.
 2. *encoding from the cache*: ``eval.features.video_embeddings`` of every video with the ``--model`` (random
    weights), videos/s, with its parts timed on their own (tar read + JPEG decode, eval transform, the rest = model);
    and ``eval.features.class_embeddings`` of 101 classes x the 48 ``eval.prompts.UCF101_TEMPLATES`` (4848 prompts),
@@ -29,12 +30,11 @@ writes ``--out/eval_bench_<device>.json`` and ``.md`` (``<device>`` is ``cpu`` o
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import re
+import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,13 +55,13 @@ from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.cli import count_problems, fire_main, folder_problems, refuse
+from pipeline.distribute import run_isolated
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform
 from train.model import create_clip, image_size, tokenizer_for
 from train.profiling import sync
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT, FPS = 320, 240, 25  # UCF101's frame size and rate
 BURST_S = 0.002  # results this close to the first one were decoded while the pool was starting
 UCF101_TEST_VIDEOS = 3783  # split-1 test list, for the projection to the real dataset
@@ -134,29 +134,31 @@ def make_dataset(clips: list[Path]) -> EvalDataset:
 # 1. Frame-cache build
 
 
-def _has_module(name: str) -> bool:
-    """Run in a pool worker: is ``name`` imported there?"""
-    return name in sys.modules
+def _has_module(name: str, _settings: object) -> tuple[int, bool]:
+    """Run in a pool worker: (its pid, whether ``name`` is imported there)."""
+    return os.getpid(), name in sys.modules
 
 
 def pool_start(workers: int) -> dict:
-    """Seconds to start a spawn pool of ``workers`` (as build_cache does) until every worker has answered once."""
+    """Seconds for ``build_cache``'s worker pool (``run_isolated`` on ``frame_cache.worker_context()``) of
+    ``workers`` processes to answer ``workers`` trivial tasks, and to end: the fixed cost a build pays besides the
+    decoding."""
+    answers: list[tuple[int, bool]] = []
     t0 = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        torch_in_workers = all(pool.map(_has_module, ["torch"] * workers, chunksize=1))
-        seconds = time.perf_counter() - t0
-        pool.terminate()
-    return {"workers": workers, "seconds": seconds, "torch_imported_in_workers": torch_in_workers}
+    run_isolated(["torch"] * workers, None, workers, answers.append, _has_module, frame_cache.worker_context())
+    return {
+        "workers": workers,
+        "seconds": time.perf_counter() - t0,
+        "start_method": frame_cache.worker_context().get_start_method(),
+        "processes_answering": len({pid for pid, _ in answers}),
+        "torch_imported_in_workers": all(imported for _, imported in answers),
+    }
 
 
-def import_seconds(module: str, repeats: int = 2) -> float:
-    """Fastest wall time of ``python -c "import MODULE"`` (a spawn worker imports the parent's main module)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, check=True)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's ended (and waited for) child processes, user + system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cache_bytes(cache: FrameCache) -> int:
@@ -196,9 +198,10 @@ def build_timed(dataset: EvalDataset, root: Path, workers: int) -> tuple[FrameCa
     original = frame_cache.tqdm
     frame_cache.tqdm = recorder
     try:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _children_cpu_s()
         cache = build_cache(dataset, root, CacheSettings(), workers, progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        workers_cpu = _children_cpu_s() - w0  # the pool's processes are joined when build_cache returns
     finally:
         frame_cache.tqdm = original
     n = len(recorder.times)
@@ -206,6 +209,7 @@ def build_timed(dataset: EvalDataset, root: Path, workers: int) -> tuple[FrameCa
     return cache, {
         "wall_s": wall,
         "main_cpu_s": cpu,
+        "workers_cpu_s": workers_cpu,
         "cache_mb": cache_bytes(cache) / 1e6,
         "first_result_s": recorder.times[0] - t0 if n else None,
         "steady_videos_per_s": rate,
@@ -245,13 +249,11 @@ def bench_cache(dataset: EvalDataset, scratch: Path, workers: list[int], repeats
                 "efficiency": speedup / (w / base),
                 "speedup_steady": speedup_steady,
                 "efficiency_steady": speedup_steady / (w / base) if speedup_steady else None,
-                "pool_start": pool_start(w) if w > 1 else None,
+                "pool_start": pool_start(w),
                 "all_runs": runs[w],
             }
         )
-    imports = {m: import_seconds(m) for m in ("eval.frame_cache", "eval.run")}
-    result = {"videos": n, "repeats": repeats, "settings": asdict(CacheSettings()), "rows": rows}
-    return {**result, "import_s": imports}, keep
+    return {"videos": n, "repeats": repeats, "settings": asdict(CacheSettings()), "rows": rows}, keep
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,15 +393,17 @@ def sweep_cost(decode_s: float, video_s: float, text_s: float, models: int) -> d
 
 
 def bench_sweep(cache: dict, enc: dict, models: int) -> list[dict]:
-    """For each worker count: the sweep over the benchmark's videos, and projected to UCF101's 3783 test videos."""
+    """For each worker count: the sweep over the benchmark's videos, and projected to UCF101's 3783 test videos and
+    101 classes (the text encoding scaled linearly from ``--classes``)."""
     n = cache["videos"]
     rows = []
     scale = UCF101_TEST_VIDEOS / n
+    text_s = enc["text_s"] * len(UCF101_FOLDERS) / enc["classes"]
     for row in cache["rows"]:
         here = sweep_cost(row["wall_s"], enc["video_s"], enc["text_s"], models)
         rate, fixed = row["steady_videos_per_s"], max(0.0, row["fixed_s"] or 0.0)  # fixed: does not grow with n
         full = (
-            sweep_cost(fixed + UCF101_TEST_VIDEOS / rate, enc["video_s"] * scale, enc["text_s"], models)
+            sweep_cost(fixed + UCF101_TEST_VIDEOS / rate, enc["video_s"] * scale, text_s, models)
             if rate
             else None  # every result came in the first burst: no rate to project with (too few videos)
         )
@@ -461,16 +465,16 @@ def tables(results: dict) -> str:
         "Frame-cache build (`build_cache`: 4 frames, 224 short side, JPEG q95, fresh folder each run):",
         "",
         "| workers | wall s | videos/s | speedup | efficiency | first result s | videos/s after the first result "
-        "| speedup (after the first) | fixed s (wall - n / that rate) | main-process CPU s | cache MB "
-        "| other load (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup (after the first) | fixed s (wall - n / that rate) | main-process CPU s | workers' CPU s "
+        "| cache MB | other load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in c["rows"]:
         lines.append(
             f"| {r['workers']} | {r['wall_s']:.2f} | {r['videos_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['efficiency']:.0%} | {_num(r['first_result_s'], 2)} | {_num(r['steady_videos_per_s'], 1)} | "
             f"{_num(r['speedup_steady'], 2, 'x')} | {_num(r['fixed_s'], 2)} | {r['main_cpu_s']:.2f} | "
-            f"{r['cache_mb']:.1f} | {_load(c['background_cores'])} |"
+            f"{r['workers_cpu_s']:.2f} | {r['cache_mb']:.1f} | {_load(c['background_cores'])} |"
         )
     lines += [
         "",
@@ -506,25 +510,20 @@ def tables(results: dict) -> str:
     notes = [
         "",
         f"Checks: {e['checks']}" + ("" if e["checks_ok"] else "  **FAILED**"),
-        "first result = time until the first decoded video reaches build_cache's writing loop (with workers > 1: "
-        "spawn pool start + one chunk of 4 videos); videos/s after the first result leaves out the results that "
-        "arrived with the first. Spawn pool start measured on its own (until every worker answered once): "
-        + (
-            ", ".join(
-                f"{r['workers']} workers {r['pool_start']['seconds']:.2f} s, torch imported in the workers: "
-                f"{r['pool_start']['torch_imported_in_workers']}"
-                for r in c["rows"]
-                if r["pool_start"]
-            )
-            or "not measured (no worker count above 1)"
+        "first result = time until the first decoded video reaches build_cache's writing loop (the worker pool's "
+        "start + one video); videos/s after the first result leaves out the results that arrived with the first. "
+        "The pool measured on its own (start, as many trivial tasks as workers, end): "
+        + ", ".join(
+            f"{r['workers']} worker(s) {r['pool_start']['seconds']:.2f} s ({r['pool_start']['start_method']}, "
+            f"torch imported in the workers: {r['pool_start']['torch_imported_in_workers']})"
+            for r in c["rows"]
         )
-        + "; `python -c 'import M'`: "
-        + ", ".join(f"{m} {t:.2f} s" for m, t in c["import_s"].items())
-        + " (under `python -m eval.run` each spawn worker imports eval.run again as its main module)",
+        + ".",
         "model = video_embeddings - (read + transform) and text model = class_embeddings - tokenize, each part timed "
         "on its own; the uncached sweep also pays the cache's JPEG encode (in decode) and JPEG decode (in read).",
         f"projection to UCF101 split 1: decode = fixed s + {UCF101_TEST_VIDEOS} / (videos/s after the first result); "
-        "video encoding scaled linearly; text encoding unchanged.",
+        "video encoding scaled linearly; text encoding scaled linearly to 101 classes"
+        + ("." if e["classes"] == len(UCF101_FOLDERS) else f" (measured on {e['classes']})."),
     ]
     return "\n".join(lines + notes)
 

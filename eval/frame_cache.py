@@ -288,12 +288,8 @@ def decode_into_shards(
             # decoder's segfault, the OOM killer) costs that video only (run_isolated). Decoded in this process, a
             # video that crashed its worker once was retried here by the next build, which it then killed, and
             # every build after it. With multiprocessing.Pool the build waited for a dead worker for ever, holding
-            # the cache's lock. Fork where there is one: a spawned worker re-imports the __main__ module (eval.run:
-            # torch, open_clip, ~5 s each); forking before any model or tensor work exists is safe, and the
-            # workers only use PyAV and PIL.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            for item in run_isolated(items, settings, min(workers, len(items)), keep, decode_item, context):
+            # the cache's lock.
+            for item in run_isolated(items, settings, min(workers, len(items)), keep, decode_item, worker_context()):
                 keep((item.id, None, CRASHED))
         if writer is not None:
             writer.commit()
@@ -303,6 +299,13 @@ def decode_into_shards(
         if writer is not None:  # interrupted: no half-written tar is left behind
             writer.abort()
     return found, missing
+
+
+def worker_context():
+    """The multiprocessing context of ``build_cache``'s decoding workers: fork where there is one. A spawned worker
+    re-imports the ``__main__`` module (eval.run: torch, open_clip, ~5 s each); forking before any model or tensor
+    work exists is safe, and the workers only use PyAV and PIL."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
 def _serves(items: list[Item], record: dict | None, plan: dict[str, str]) -> bool:

@@ -772,6 +772,24 @@ def test_eval_bench_runs_end_to_end_and_records_how_it_was_run(tmp_path):
     )
     assert record["encode"]["checks_ok"] and record["settings"]["videos"] == 2
     assert (tmp_path / "eval_bench_cpu.md").read_text().strip()
+    from eval import frame_cache
+
+    (row,) = record["cache"]["rows"]
+    # build_cache decodes in worker processes, even with one: their CPU is counted, and their pool is the one timed
+    assert row["workers_cpu_s"] > 0
+    assert row["pool_start"]["start_method"] == frame_cache.worker_context().get_start_method()
+    assert row["pool_start"]["processes_answering"] == 1
+
+
+def test_eval_bench_projects_the_text_encoding_to_ucf101s_101_classes():
+    from benchmarks.eval_bench import UCF101_TEST_VIDEOS, bench_sweep, sweep_cost
+
+    cache = {"videos": 10, "rows": [{"workers": 1, "wall_s": 2.0, "steady_videos_per_s": 5.0, "fixed_s": 0.5}]}
+    enc = {"video_s": 1.0, "text_s": 0.3, "classes": 3}
+    (row,) = bench_sweep(cache, enc, models=4)
+    assert row["ratio"] == sweep_cost(2.0, 1.0, 0.3, 4)["ratio"]  # the measured run: as measured
+    full = sweep_cost(0.5 + UCF101_TEST_VIDEOS / 5.0, UCF101_TEST_VIDEOS / 10, 0.3 * 101 / 3, 4)
+    assert row["ucf101_projected"] == full
 
 
 def test_the_step_benchmarks_cut_captions_only_where_the_trainer_would(tmp_path):
