@@ -19,15 +19,19 @@ this order:
 Each way: its first call (compile and tuning), its median time per call, that times the tower's layers (the
 student's image blocks per step; the teacher's forward is left out), its largest difference to the default
 way's output, and a profile of 2 calls (``train.profiling``: time by kernel kind and the top kernels; a product that
-took its epilogue runs as a Triton template, ``triton_tem_...``, which counts as "fused (triton)"). Prints each way;
-with ``--out DIR`` also writes ``DIR/epilogue.json`` after each way, so a time limit keeps what was measured (without
-it, nothing is written).
+took its epilogue runs as a Triton template, ``triton_tem_...``, which counts as "fused (triton)"). Each way is timed
+alone right after its compile (``s_alone``), so that a time limit keeps it; once every way is compiled, they are
+timed again side by side, in ``ROUNDS`` interleaved rounds, and that median is ``s`` (``"timing"`` says which ``s``
+is). Prints each way; with ``--out DIR`` also writes ``DIR/epilogue.json`` after each way and after the rounds
+(without it, nothing is written).
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,9 +66,14 @@ def mlp_half(block: torch.nn.Module):
     return forward
 
 
-def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, torch.Tensor]:
-    """One way: the first call's seconds, then the median seconds of a forward and backward; and its output."""
-    torch._dynamo.reset()  # a fresh compile for each way; inductor's caches on disk stay, as in a second run
+ROUNDS, CALLS = 5, 4  # the side-by-side timing: rounds, each timing every way's CALLS calls after one untimed call
+
+
+def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, torch.Tensor, Callable]:
+    """One way: the first call's seconds, then the median seconds of a forward and backward; its output, and its
+    call (for the side-by-side rounds)."""
+    # Each way has its own compiled function: dynamo keeps one entry per backend on the code object, so that they
+    # can run side by side (a torch._dynamo.reset() here would make the earlier ways compile again when called)
     compiled = torch.compile(mlp_half(block), **compile_options(mode, tma))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     call = training_call(compiled, (x,), grad, [x, *block.parameters()], autocast)
@@ -75,7 +84,23 @@ def way_row(block, x, grad, mode: str, tma: bool, device, dtype) -> tuple[dict, 
     row = {"first_s": round(time.perf_counter() - start, 2), "s": time_call(call, device)}
     # which kernels ran: a product that took its epilogue is a Triton template ("triton_tem_...") there
     row.update(profile_or_error(call, device, 2, row["s"]))
-    return row, out.detach().float()
+    return row, out.detach().float(), call
+
+
+def side_by_side(calls: dict[str, Callable], device, rounds: int = ROUNDS, per_round: int = CALLS) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in interleaved rounds: each round times every call
+    ``per_round`` times, after one untimed call, so that a slow moment of the machine hits every way alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            call()
+            for _ in range(per_round):
+                sync(device)
+                start = time.perf_counter()
+                call()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main(
@@ -117,26 +142,46 @@ def main(
     path = Path(str(out)) / "epilogue.json" if out else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-    reference = None
+    torch._dynamo.reset()  # fresh compiles; inductor's caches on disk stay, as in a second run
+    reference, calls = None, {}
     for way, mode, tma in WAYS:
         try:
-            row, output = way_row(block, x, grad, mode, tma, dev, dtype)
+            row, output, calls[way] = way_row(block, x, grad, mode, tma, dev, dtype)
         except Exception as e:  # a way that fails to compile or run is a result; the others still count
             row, output = {"error": failure(e)}, None
             print(f"  {way}: failed: {row['error']}", flush=True)
         if output is not None:
-            reference = output if reference is None else reference
+            if way == "default":
+                reference = output
+            row["s_alone"] = row["s"]
             row["step_s"] = row["s"] * layers
-            row["max_relative_difference"] = relative_difference(reference, output)
+            # against the default way's output; None where that failed
+            row["max_relative_difference"] = relative_difference(reference, output) if reference is not None else None
+            difference = row["max_relative_difference"]
             print(
-                f"  {way}: first call {row['first_s']} s, {1e3 * row['s']:.3f} ms per call, "
+                f"  {way}: first call {row['first_s']} s, {1e3 * row['s']:.3f} ms per call alone, "
                 f"{1e3 * row['step_s']:.1f} ms per step ({layers} layers); largest difference "
-                f"{row['max_relative_difference']:.1e} of the largest output",
+                + (f"{difference:.1e} of the largest output" if difference is not None else "n/a (no default way)"),
                 flush=True,
             )
         record["ways"].append({"way": way, **row})
+        record["timing"] = "alone, right after each compile"
         if path:
             atomic_write_bytes(path, json_bytes(record))
+    if calls:
+        seconds = side_by_side(calls, dev)
+        for row in record["ways"]:
+            if row["way"] in seconds:
+                row["s"] = seconds[row["way"]]
+                row["step_s"] = row["s"] * layers
+        record["timing"] = f"side by side: {ROUNDS} interleaved rounds of {CALLS} calls each, median"
+        print(
+            "  side by side: "
+            + ", ".join(
+                f"{way} {1e3 * s:.3f} ms per call, {1e3 * s * layers:.1f} ms per step" for way, s in seconds.items()
+            ),
+            flush=True,
+        )
     record["complete"] = True
     if path:
         atomic_write_bytes(path, json_bytes(record))

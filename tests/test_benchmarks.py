@@ -472,21 +472,52 @@ def test_epilogue_bench_times_the_mlp_half_each_way_and_keeps_going_past_a_faili
     ways = {row.pop("way"): row for row in record["ways"]}
     assert record["complete"] is True and list(ways) == ["default", "autotune+tma", "autotune"]  # the cache's order
     assert record["images"] == 8 and record["tokens"] == 17 and record["layers"] == 2  # (1+1) x 4 frames, 4x4+1
+    assert record["timing"].startswith("side by side")
     for row in ways.values():  # fp32 on the CPU: the same function each way
-        assert row["s"] > 0 and row["step_s"] == row["s"] * 2 and row["max_relative_difference"] < 1e-5
+        assert row["s"] > 0 and row["s_alone"] > 0 and row["step_s"] == row["s"] * 2
+        assert row["max_relative_difference"] < 1e-5
         assert row["profile"]["busy_s_per_step"] > 0 and "matmul" in row["profile"]["by_kind_s_per_step"]
 
-    real = epilogue_bench.way_row
+    import torch
+
+    real_way, real_rounds, compiled = epilogue_bench.way_row, epilogue_bench.side_by_side, {}
 
     def tma_fails(block, x, grad, mode, tma, device, dtype):
         if tma:
             raise RuntimeError("TMA descriptor creation failed")
-        return real(block, x, grad, mode, tma, device, dtype)
+        return real_way(block, x, grad, mode, tma, device, dtype)
+
+    def counted_rounds(calls, device):
+        compiled["before"] = torch._dynamo.utils.counters["frames"]["ok"]
+        seconds = real_rounds(calls, device)
+        compiled["after"] = torch._dynamo.utils.counters["frames"]["ok"]
+        return seconds
 
     monkeypatch.setattr(epilogue_bench, "way_row", tma_fails)
+    monkeypatch.setattr(epilogue_bench, "side_by_side", counted_rounds)
     record = epilogue_bench.main(model=str(TINY_CLIP), batches="1x1", device="cpu", out=str(tmp_path / "failed"))
     assert record["ways"][1] == {"way": "autotune+tma", "error": "RuntimeError: TMA descriptor creation failed"}
     assert record["ways"][2]["s"] > 0 and record["complete"] is True
+    assert compiled["after"] == compiled["before"]  # the rounds ran what was compiled, compiling nothing again
+
+    def default_fails(block, x, grad, mode, tma, device, dtype):
+        if mode == "default":
+            raise RuntimeError("the default way failed")
+        return real_way(block, x, grad, mode, tma, device, dtype)
+
+    monkeypatch.setattr(epilogue_bench, "way_row", default_fails)
+    record = epilogue_bench.main(model=str(TINY_CLIP), batches="1x1", device="cpu", out=str(tmp_path / "no_default"))
+    # nothing to compare with: not the first way that ran
+    assert [row.get("max_relative_difference", "failed") for row in record["ways"]] == ["failed", None, None]
+
+
+def test_the_epilogue_ways_are_timed_in_interleaved_rounds():
+    from benchmarks.epilogue_bench import side_by_side
+
+    order = []
+    calls = {way: (lambda way=way: order.append(way)) for way in ("a", "b")}
+    seconds = side_by_side(calls, __import__("torch").device("cpu"), rounds=2, per_round=3)
+    assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4 and set(seconds) == {"a", "b"}
 
 
 def test_the_issue6_verdict_reports_the_mlp_halves_each_way():
