@@ -3,12 +3,13 @@
     python -m benchmarks.loader_bench --shards DIR [--workers 1,2,4,6] [--batch 128] [--batches 20] [--size 224] \
         [--augment_on loader,device,device_jpeg] [--device auto] [--settle 1000]
 
-Reads the unlabeled stream exactly as ``train.main`` builds it (webdataset,
-resampled shards, shuffle buffer, ``train.data.decode_sample``), and reports
-videos/s and JPEG decodes/s for each worker count and each place the crop can
-run (``--augment_on``: in the workers, on the device after the workers decoded,
-or on the device including the JPEG decode), plus the single-core JPEG decode
-limit of the same frames measured in the same run. For the device modes it also
+Reads the unlabeled stream as ``train.main`` builds it (webdataset, resampled
+shards, shuffle buffer, ``train.data.decode_sample``, the trainer's tokenizer,
+pinned memory on a GPU), and reports videos/s and JPEG decodes/s per worker for
+each worker count and each place the crop can run (``--augment_on``: in the
+workers, on the device after the workers decoded, or on the device including the
+JPEG decode, where the workers decode none: their JPEG/s is n/a), plus the
+single-core JPEG decode limit of the same frames measured in the same run. For the device modes it also
 times the device's share, ``train.prefetch.to_device`` of one batch (copy,
 decode, crop), synchronised, at the largest worker count: the median over the
 first 10 of the ``--batches`` batches (all of them if fewer) with the first left
@@ -26,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -35,22 +37,33 @@ from pipeline.cli import comma_list, count_problems, fire_main, folder_problems,
 from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
-from train.model import tokenizer_for
+from train.model import register_model, text_tokenizer, tokenizer_for
 from train.prefetch import to_device
 from train.profiling import sync
 
 
 def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[int, int]]:
     """JPEG decodes per second on one core (torchvision), over the frames of the first shard."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    blobs = [d for _, members in iter_tar_samples(shards[0]) for ext, d in members if ext.endswith("jpg")][:400]
-    shape = tuple(decode_jpeg(torch.frombuffer(bytearray(blobs[0]), dtype=torch.uint8)).shape[1:])
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for blob in blobs:
-            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        count += len(blobs)
-    return count / (time.perf_counter() - start), shape
+    try:
+        blobs = [d for _, members in iter_tar_samples(shards[0]) for ext, d in members if ext.endswith("jpg")][:400]
+        shape = tuple(decode_jpeg(torch.frombuffer(bytearray(blobs[0]), dtype=torch.uint8)).shape[1:])
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for blob in blobs:
+                decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            count += len(blobs)
+        return count / (time.perf_counter() - start), shape
+    finally:
+        torch.set_num_threads(threads)
+
+
+def trainer_tokenizer(model: str):
+    """The tokenizer ``train.main``'s streams use for ``model``: cutting each batch's padding where its text tower
+    allows (``train.model.text_tokenizer``). The model is built on the meta device: no weights, no memory."""
+    clip = open_clip.create_model(register_model(model), device="meta")
+    return text_tokenizer(clip, tokenizer_for(model))
 
 
 def shard_problems(shards, frames) -> list[str]:
@@ -112,7 +125,7 @@ def main(
             median over the first 10 of them (the first left out) at the largest worker count.
         size: the crop's side in pixels, as the trainer's --crop (224 for ViT-B/16).
         frames: frames per video (the shards must hold that many).
-        model: open_clip model name or model-config JSON whose tokenizer the stream uses (nothing is built).
+        model: open_clip model name or model-config JSON whose tokenizer the stream uses (built without weights).
         augment_on: places the crop runs, comma separated, of loader, device and device_jpeg (the trainer's
             --augment_on values).
         device: auto, cuda or cpu; where the device modes' share is timed.
@@ -130,13 +143,12 @@ def main(
     modes = comma_list(augment_on)
     dev = resolve_device(device)
     limit, shape = jpeg_limit(urls)
-    torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"loader_bench: {len(urls)} shard(s), frames {shape[1]}x{shape[0]}, {os.cpu_count()} cores, device {dev}; "
         f"JPEG decode limit {limit:.0f}/s per core (torchvision)",
         flush=True,
     )
-    tokenizer = tokenizer_for(model)
+    tokenizer = trainer_tokenizer(model)
     transform = data.TrainTransform(size)
     rows = []
     record = {
@@ -156,19 +168,20 @@ def main(
     for mode in modes:
         for w in worker_list:
             stream = data.unlabeled_stream(shards, frames, transform, tokenizer, batch, seed=0, augment_on=mode)
-            loader = iter(data.loader(stream, w, False, 0))
+            loader = iter(data.loader(stream, w, dev.type == "cuda", 0))  # pinned on a GPU, as the trainer's
             # start-up excluded: until every worker's shuffle buffer is full, it reads two samples per sample out
             for _ in range(max(1, -(-settle * w // batch))):
                 next(loader)
             start = time.perf_counter()
             kept = [next(loader) for _ in range(batches)]
             rate = batch * batches / (time.perf_counter() - start)
+            decoded = mode != "device_jpeg"  # there the workers hand on the JPEG bytes: the device decodes them
             row = {
                 "augment_on": mode,
                 "workers": w,
                 "videos_per_s": rate,
                 "videos_per_s_per_worker": rate / w,
-                "jpeg_per_s_per_worker": rate * frames / w,
+                "jpeg_per_s_per_worker": rate * frames / w if decoded else None,
             }
             del loader
             if mode != "loader" and w == worker_list[-1]:
@@ -185,9 +198,13 @@ def main(
                 if "device_s_per_batch" in row
                 else ""
             )
-            print(
-                f"  augment_on {mode}, {w} worker(s): {rate:.0f} videos/s, {rate / w:.0f} per worker, "
+            jpeg = (
                 f"{rate * frames / w:.0f} JPEG/s per worker ({100 * rate * frames / w / limit:.0f}% of the limit)"
+                if decoded
+                else "JPEG/s per worker n/a (the device decodes)"
+            )
+            print(
+                f"  augment_on {mode}, {w} worker(s): {rate:.0f} videos/s, {rate / w:.0f} per worker, {jpeg}"
                 + device_note,
                 flush=True,
             )

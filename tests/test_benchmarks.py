@@ -196,6 +196,25 @@ def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
     assert record["complete"] is True
     assert all(r["videos_per_s"] > 0 for r in rows.values())
     assert rows["device"]["device_s_per_batch"] > 0 and rows["device_jpeg"]["device_s_per_batch"] > 0
+    # the workers of device_jpeg hand on JPEG bytes: they decode none, so they have no share of the decode limit
+    assert rows["loader"]["jpeg_per_s_per_worker"] > 0 and rows["device_jpeg"]["jpeg_per_s_per_worker"] is None
+
+
+def test_loader_bench_uses_the_trainers_tokenizer_and_leaves_torchs_threads_as_they_were(train_shards):
+    import torch
+
+    from benchmarks.loader_bench import jpeg_limit, trainer_tokenizer
+    from train.data import list_shards
+    from train.model import TrimmedTokenizer
+
+    assert isinstance(trainer_tokenizer(str(TINY_CLIP)), TrimmedTokenizer)  # as train.main's text_tokenizer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert jpeg_limit(list_shards(str(train_shards["unlabeled"])), seconds=0.05)[0] > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_sweep():
