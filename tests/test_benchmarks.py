@@ -729,14 +729,16 @@ def test_batch_bench_times_each_size_in_interleaved_rounds(tmp_path):
 
     proc = run_cli(
         "benchmarks.batch_bench",
-        *("--model", TINY_CLIP, "--sizes", "3,1", "--videos", 3, "--texts", 5, "--repeats", 2),
+        *("--model", TINY_CLIP, "--sizes", "6,1", "--videos", 3, "--texts", 5, "--repeats", 2),
         *("--seconds", 1, "--device", "cpu", "--out", tmp_path),
         timeout=300,
     )
     results = json.loads((tmp_path / "batch_bench_cpu.json").read_text())
     for rounds in (results["video_rounds_s"], results["text_rounds_s"]):
-        assert sorted(rounds) == ["1", "3"] and all(len(r) == 2 and min(r) > 0 for r in rounds.values())
+        assert sorted(rounds) == ["1", "6"] and all(len(r) == 2 and min(r) > 0 for r in rounds.values())
     assert "| videos per pass |" in proc.stdout and "| texts per pass |" in proc.stdout and "fastest: " in proc.stdout
+    # a size above the count ran the count's pass: the row says so
+    assert "| 6 (ran 3: all there are) |" in proc.stdout and "| 6 (ran 5: all there are) |" in proc.stdout
     assert best_size({1: [2.0, 1.0], 8: [1.5], 64: [1.0]}) == 1  # a tie goes to the smaller size
     bad = run_cli("benchmarks.batch_bench", "--model", TINY_CLIP, "--sizes", "0,x", "--out", tmp_path, check=False)
     assert bad.returncode == 1 and "error: --sizes must be a comma list" in bad.stderr
