@@ -68,7 +68,7 @@ def make_subset(src: Path, out: Path, n: int, seed: int, samples_per_shard: int)
         )
     chosen = choose(total, n, seed)
     params = {
-        "src": str(src),
+        "src": str(src.resolve()),  # absolute: a rerun finds it the same however --src is spelled (see main)
         "n": n,
         "seed": seed,
         "samples_per_shard": samples_per_shard,
@@ -159,17 +159,9 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         if out_path.exists() and not out_path.is_dir():
             raise SubsetError(f"--out {out_path} is a file; give a new folder for the subset's shards")
         if out_path.exists() and any(out_path.iterdir()):
-            previous = out_path / "subset.json"
-            done = _read_json(previous)
-            if isinstance(done, dict):
-                if (done.get("src"), done.get("n"), done.get("seed"), done.get("samples_per_shard")) == (
-                    str(src_path),
-                    n,
-                    seed,
-                    samples_per_shard,
-                ):
-                    print(f"pipeline.subset: {out_path} already holds this subset ({n}, seed {seed}); nothing to do")
-                    return
+            if _holds_subset(out_path, src_path, n, seed, samples_per_shard):
+                print(f"pipeline.subset: {out_path} already holds this subset ({n}, seed {seed}); nothing to do")
+                return
             raise SubsetError(f"--out {out_path} exists and is not empty; remove it or choose another folder")
         manifest = make_subset(src_path, out_path, n, seed, samples_per_shard)
     except SubsetError as e:
@@ -179,6 +171,31 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         f"pipeline.subset: {n} of {manifest['source_samples']} samples (seed {seed}) -> {out_path}/"
         f"{{{shard_name(0)}..{shard_name(shards - 1)}}}.tar; keys in {out_path}/subset.json"
     )
+
+
+def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: int) -> bool:
+    """Whether ``out`` holds the subset these arguments would draw (its subset.json says so): the same N, seed and
+    shard size, from the same folder (compared resolved: a relative and an absolute --src are the same folder;
+    a record of a relative --src, from before records were absolute, is taken from this working directory), which
+    still holds the complete shards and samples it held then. Raises if only the last differs: that folder now
+    gives another draw."""
+    done = _read_json(out / "subset.json")
+    if not isinstance(done, dict) or not isinstance(done.get("src"), str):
+        return False
+    if (done.get("n"), done.get("seed"), done.get("samples_per_shard")) != (n, seed, samples_per_shard):
+        return False
+    if Path(done["src"]).resolve() != src.resolve():
+        return False
+    shards = complete_shards(src)
+    now = (len(shards), sum(ok for _, ok in shards))
+    then = (done.get("source_shards"), done.get("source_samples"))
+    if now != then:
+        raise SubsetError(
+            f"--out {out} holds the subset of {n} drawn (seed {seed}) when {src} held {then[1]} samples in {then[0]} "
+            f"complete shard(s); it now holds {now[1]} in {now[0]}, and would give another draw. Use the subset as it "
+            "is (no need to rerun this), or remove --out to draw again from all of them"
+        )
+    return True
 
 
 def _read_json(path: Path):
