@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: demo test lint bench clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# a venv whose creation was cut short has a python but no pip: venv again over it (it keeps what is there)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'
 	touch $(STAMP)
 
