@@ -115,9 +115,14 @@ def parse_alphas(alpha_sweep) -> list[float]:
 
 
 def parse_fuse(weights: str) -> tuple[str, str, float]:
-    """``fuse:TEACHER:STUDENT:ALPHA`` -> (teacher, student, alpha); a ValueError that shows the form otherwise."""
+    """``fuse:TEACHER:STUDENT:ALPHA`` -> (teacher, student, alpha); a ValueError that shows the form otherwise.
+
+    A path may hold a colon (``runs/2026-11-27T10:00/best.pt``): TEACHER and STUDENT are split at the first colon
+    after which STUDENT is a file that exists (it must be a weights file), else at the first colon."""
     parts = weights[len("fuse:") :].rsplit(":", 1)
-    teacher, _, student = parts[0].partition(":")
+    pair = parts[0]
+    splits = [(pair[:i], pair[i + 1 :]) for i, c in enumerate(pair) if c == ":"]
+    teacher, student = next((s for s in splits if Path(s[1]).is_file()), splits[0] if splits else (pair, ""))
     try:
         alpha = float(parts[1]) if len(parts) == 2 else float("nan")
     except ValueError:

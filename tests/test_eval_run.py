@@ -648,3 +648,18 @@ def test_tag_batch_sizes_follow_the_device():
     assert tag.batch_sizes(0, torch.device("cpu")) == tag.CPU_BATCHES == (1, 64)
     assert tag.batch_sizes(0, torch.device("cuda")) == (64, 64)
     assert tag.batch_sizes(5, torch.device("cpu")) == (5, 5)
+
+
+def test_a_fused_entry_splits_teacher_and_student_whose_paths_hold_colons(tmp_path):
+    """An --alpha_sweep over a teacher file in a folder named with a colon (a timestamp, say) took the teacher to
+    end at that colon: 'weights file not found', after the other models were scored."""
+    from eval.run import parse_fuse
+
+    folder = tmp_path / "2026-11-27T10:00"
+    (folder / "run").mkdir(parents=True)
+    teacher, student = folder / "teacher.pt", folder / "run" / "best.pt"
+    teacher.write_bytes(b"")
+    student.write_bytes(b"")
+    assert parse_fuse(f"fuse:{teacher}:{student}:0.4") == (str(teacher), str(student), 0.4)
+    assert parse_fuse(f"fuse:openai:{student}:1") == ("openai", str(student), 1.0)
+    assert parse_fuse("fuse:openai:runs/x/best.pt:0.4") == ("openai", "runs/x/best.pt", 0.4)  # no file: first colon
