@@ -15,6 +15,7 @@ beat chance by a wide margin and says so loudly if they do not.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from pipeline.cli import fire_main, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 
 MODEL = str(Path(__file__).resolve().parents[1] / "train" / "model_configs" / "demo-clip.json")
+MODELS = ("CLIP (teacher)", "Student", "FitCLIP")  # eval.run's --names for the teacher, best.pt and fitclip.pt
+DATASETS = ("ucf101", "msrvtt")
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,22 @@ QUICK = Sizes(
 )
 
 
+class StageFailed(Exception):
+    """A command of the demo exited with an error (which it printed): ``command`` as echoed, and its exit code."""
+
+    def __init__(self, command: str, code: int) -> None:
+        super().__init__(command, code)
+        self.command, self.code = command, code
+
+
 def _run(args: list, module: bool = True) -> None:
     """Run a CLI of the project as a user would (``python -m ...``), echoing the command."""
     cmd = [str(c) for c in ([sys.executable, "-m", *args] if module else args)]
-    print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
-    subprocess.run(cmd, check=True)
+    shown = " ".join(["python", *cmd[1:]])
+    print("$ " + shown, flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise StageFailed(shown, code)
 
 
 def make_world(root: Path, sizes: Sizes) -> None:
@@ -70,6 +84,9 @@ def make_world(root: Path, sizes: Sizes) -> None:
     if done.exists():
         print(f"[1/5] synthetic world: reusing {done.parent}")
         return
+    # a world without done.json was cut short: made again from scratch (it is seeded), with the temporaries of its
+    # videos and any file a later version of the demo no longer writes
+    shutil.rmtree(root / "world", ignore_errors=True)
     start = time.perf_counter()
     print(
         f"[1/5] generating the synthetic world in {root / 'world'}: {sizes.train_videos} training and "
@@ -197,7 +214,7 @@ def evaluate(root: Path, teacher: Path, run: Path, sizes: Sizes) -> list[dict]:
         "--data_root",
         root / "world" / "bench",
         "--datasets",
-        "ucf101,msrvtt",
+        ",".join(DATASETS),
         "--cache",
         root / "eval_cache",
         "--workers",
@@ -212,7 +229,7 @@ def evaluate(root: Path, teacher: Path, run: Path, sizes: Sizes) -> list[dict]:
             "--weights",
             f"{teacher},{run / 'best.pt'},{run / 'fitclip.pt'}",
             "--names",
-            "CLIP (teacher),Student,FitCLIP",
+            ",".join(MODELS),
             "--out",
             root / "results",
         ]
@@ -232,6 +249,23 @@ def evaluate(root: Path, teacher: Path, run: Path, sizes: Sizes) -> list[dict]:
         ]
     )
     return [json.loads(p.read_text()) for p in sorted((root / "results").glob("*/*.json"))]
+
+
+def result_problems(records: list[dict]) -> list[str]:
+    """Problems: each of the demo's models must have been scored on every video of both benchmarks (a benchmark's
+    annotation file gone makes eval.run skip it, and the chance check would then check nothing)."""
+    found = {(r.get("model"), r.get("dataset")): r for r in records}
+    problems = []
+    for model in MODELS:
+        for dataset in DATASETS:
+            r = found.get((model, dataset))
+            if r is None:
+                problems.append(f"{model} on {dataset}: no result")
+            elif not r.get("metrics"):
+                problems.append(f"{model} on {dataset}: not scored ({r.get('reason', 'no metrics')})")
+            elif r.get("num_found") != r.get("num_expected"):
+                problems.append(f"{model} on {dataset}: {r.get('num_found')} of {r.get('num_expected')} videos scored")
+    return problems
 
 
 def chance_check(records: list[dict], factor: float = 2.0) -> list[str]:
@@ -279,25 +313,44 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
         out: folder for everything the demo makes (reused by the next run).
         quick: a reduced demo (fewer videos and steps) through the same code path; numbers are then not meaningful.
     """
-    root = Path(str(out))
+    # resolved: the same folder however it is spelled, and no relative path that reads as a URL scheme (c:1/...)
+    root = Path(str(out)).resolve()
     problems = switch_problems({"quick": quick}) + folder_problems({"out": root})
+    if "," in str(root):  # eval.run takes the models' weights files as one comma list
+        problems.append(f"--out {root}: the demo hands its files to eval.run in comma lists; use a path without commas")
     sizes = QUICK if quick is True else Sizes()
     if not problems:
         problems += size_problems(root, sizes)
     refuse(problems)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    make_world(root, sizes)
-    teacher = make_teacher(root, sizes)
-    make_shards(root, sizes)
-    run = train(root, teacher, sizes)
-    records = evaluate(root, teacher, run, sizes)
+    try:
+        make_world(root, sizes)
+        teacher = make_teacher(root, sizes)
+        make_shards(root, sizes)
+        run = train(root, teacher, sizes)
+        records = evaluate(root, teacher, run, sizes)
+    except StageFailed as e:  # its own error line is above: no traceback of ours after it
+        sys.exit(
+            f"error: the demo stopped: `{e.command}` exited with {e.code} (its message is above). Finished stages "
+            "are reused when you run the demo again."
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the demo again to go on; finished stages are reused", file=sys.stderr)
+        sys.exit(130)
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\nDemo finished in {minutes:.1f} min. Results: {root / 'results' / 'summary.md'}, "
         f"alpha sweep plot: {root / 'results_alpha_sweep' / 'alpha_sweep.png'}, "
         f"W&B offline run: {run / 'wandb'}, fused model: {run / 'fitclip.pt'}"
     )
+    incomplete = result_problems(records)
+    if incomplete:  # in the quick form too: a missing result is not a matter of too few steps
+        sys.exit(
+            "error: the evaluation is incomplete:\n  "
+            + "\n  ".join(incomplete)
+            + f"\nRemove {root / 'world'} to make the synthetic world again, and rerun the demo."
+        )
     problems = chance_check(records)
     if problems and not quick:
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,17 +25,35 @@ write_csv = synthetic.write_csv  # tests write their CSVs as the generators do
 def run_cli(module: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would; returns the completed process (text output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    # in a process group of its own: a time limit (ours or pytest-timeout's) ends it with its children, torchrun's
+    # agent included, which then stops its workers; else they ran on, on the cores the next tests need
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True
+    ) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except BaseException:
+            end_group(child)
+            raise
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def end_group(child: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to ``child``'s process group (torchrun's agent stops its workers on it), SIGKILL after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="session")
