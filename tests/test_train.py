@@ -492,6 +492,41 @@ def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_mode
     assert not third.exists()
 
 
+def test_a_resume_that_would_choose_its_best_by_another_measure_is_refused(train_shards, tmp_path):
+    """Resumed without --val, a run kept its last step as best.pt in place of the validated one (and fused that),
+    while summary.json still gave the old best loss; with another --val or --val_batch its losses were compared
+    with one they do not compare with."""
+    from train.main import main
+
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    best = checkpoint.load(out / checkpoint.BEST)
+    assert best["val"]  # chosen by validation
+    chosen = (
+        f"{out / checkpoint.BEST} was chosen by its validation loss on --val {train_shards['val']} with --val_batch 4"
+    )
+    for flags, now in (
+        ({"val": ""}, "no --val (the last step would be kept as best)"),
+        ({"val_batch": 3}, f"--val {train_shards['val']} --val_batch 3"),
+        ({"val": str(train_shards["labeled"])}, f"--val {train_shards['labeled']} --val_batch 4"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main("demo", **{**tiny_run(train_shards, out), "steps": 4, "resume": "auto", **flags})
+        assert f"{chosen}, and this run gives {now}" in str(e.value.code)
+        assert f"Resume with --val {train_shards['val']} --val_batch 4, or move best.pt out of {out}" in str(
+            e.value.code
+        )
+        with pytest.raises(checkpoint.CheckpointError, match="another measure"):  # loop.run, called directly
+            loop.run(tiny_config(train_shards, out, steps=4, resume="auto", fuse=False, **flags))
+    assert checkpoint.load(out / checkpoint.BEST)["step"] == best["step"]
+    # the same folder spelled otherwise is the same measure; and a best.pt moved away lets the run choose anew
+    same = f"{train_shards['val']}/./"
+    loop.run(tiny_config(train_shards, out, steps=3, resume="auto", fuse=False, val=same))
+    (out / checkpoint.BEST).rename(tmp_path / "kept.pt")
+    loop.run(tiny_config(train_shards, out, steps=4, resume="auto", fuse=False, val=""))
+    assert checkpoint.load(out / checkpoint.BEST)["step"] == 4
+
+
 def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):
     """No validation: the best loss stays infinite, which json.dumps wrote as the bare word Infinity."""
     out = tmp_path / "run"

@@ -75,13 +75,16 @@ def load(path: str | Path, mmap: bool = False) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def resume_path(out: str | Path, resume: str, model: str = "", steps=None, validates: bool = False) -> Path | None:
+def resume_path(
+    out: str | Path, resume: str, model: str = "", steps=None, validates: bool = False, selection: tuple | None = None
+) -> Path | None:
     """The checkpoint to resume from: ``auto`` -> OUT/latest.pt if it exists; a path; or None (fresh run).
 
     ``model``: this run's --model, to refuse another model's checkpoint here rather than after the models are
     built; "" skips that check. ``steps`` and ``validates`` (the run's --steps, and whether it validates and
     fuses): to refuse a checkpoint with nothing left to train into an OUT without best.pt (see
-    :func:`_unfusable_problem`); None skips that check.
+    :func:`_unfusable_problem`); None skips that check. ``selection``: the run's (--val, --val_batch), to refuse
+    choosing the best by another measure than OUT/best.pt was chosen by (:func:`selection_problem`); None skips it.
 
     Raises:
         FileExistsError: a fresh run into a folder that already holds a run.
@@ -104,9 +107,34 @@ def resume_path(out: str | Path, resume: str, model: str = "", steps=None, valid
     if path is None:
         return None
     problem = _unfusable_problem(path, _resumable_state(path, model)["step"], out, steps, validates)
+    if not problem and selection is not None:
+        problem = selection_problem(out, *selection)
     if problem:
         raise CheckpointError(problem)
     return path
+
+
+def selection_problem(out: Path, val: str, val_batch) -> str:
+    """The refusal of a resumed run whose best would be chosen by another measure than OUT/best.pt was ("" if
+    none). A best.pt chosen by its validation loss on one --val with one --val_batch only gives way to a lower loss
+    on the same: a run without --val keeps its last step as best.pt (the validated one was lost, and fused in its
+    place), and a loss on another set or batch is not comparable with the best one."""
+    try:
+        best = load(out / BEST, mmap=True)
+    except Exception:  # none, or one that cannot be read: nothing to keep (the run replaces a damaged one)
+        return ""
+    config = best.get("config") if isinstance(best, dict) and best.get("val") else None
+    then = (config.get("val"), config.get("val_batch")) if isinstance(config, dict) else (None, None)
+    if not then[0]:  # chosen without validation: the last step, which any run may replace
+        return ""
+    if val and Path(val).resolve() == Path(then[0]).resolve() and val_batch == then[1]:
+        return ""
+    now = f"--val {val} --val_batch {val_batch}" if val else "no --val (the last step would be kept as best)"
+    return (
+        f"{out / BEST} was chosen by its validation loss on --val {then[0]} with --val_batch {then[1]}, and this "
+        f"run gives {now}: it would replace that best.pt by another measure. Resume with --val {then[0]} "
+        f"--val_batch {then[1]}, or move {BEST} out of {out} to choose anew"
+    )
 
 
 def _unfusable_problem(path: Path, step: int, out: Path, steps, validates: bool) -> str:

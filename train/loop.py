@@ -511,7 +511,9 @@ def run(cfg: TrainConfig) -> dict:
     dist = distributed.init_distributed(cfg.device)
     out = Path(cfg.out)
     # before anything is built or written into OUT: a weights-only file, another model's run, nothing to train
-    resume_from = checkpoint.resume_path(out, cfg.resume, cfg.model, cfg.steps, bool(cfg.val) and cfg.fuse)
+    resume_from = checkpoint.resume_path(
+        out, cfg.resume, cfg.model, cfg.steps, bool(cfg.val) and cfg.fuse, (cfg.val, cfg.val_batch)
+    )
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)

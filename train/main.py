@@ -106,8 +106,11 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
         checks.append(functools.partial(check_weights, given["model"], given["teacher_weights"]))
     if {"model", "out", "resume"} <= text:
         validates = bool(given["val"]) and given["fuse"] is True
+        selection = (given["val"], given["val_batch"]) if "val" in text else None
         checks.append(
-            functools.partial(resume_path, given["out"], given["resume"], given["model"], given["steps"], validates)
+            functools.partial(
+                resume_path, given["out"], given["resume"], given["model"], given["steps"], validates, selection
+            )
         )
     for check in checks:  # CheckpointError, DataError, WeightsError are ValueErrors; FileExistsError an OSError
         problems += raised_problems(check, errors=(ValueError, TypeError, OSError))
