@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 import sys
 import time
@@ -137,6 +138,30 @@ def parse_fuse(weights: str) -> tuple[str, str, float]:
             "(e.g. fuse:openai:runs/fitclip/best.pt:0.4)"
         )
     return teacher, student, alpha
+
+
+def weights_id(weights: str) -> str:
+    """What a weights entry names, to tell two models apart across runs: a file's SHA-256 (the same file however
+    its path is spelled, and not the file a training run later wrote at the same path), a fused entry's parts and
+    alpha, or the tag as given."""
+    if weights.startswith("fuse:"):
+        teacher, student, alpha = parse_fuse(weights)
+        return f"fuse:{weights_id(teacher)}:{weights_id(student)}:{alpha:g}"
+    if is_weights_file(weights):
+        stat = Path(weights).resolve().stat()
+        return "sha256:" + _file_sha256(str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns)
+    return weights
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of the file at ``path``, once per run for each size and modification time it has (a ViT-B/16
+    checkpoint takes about a second)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_entry(model: str, weights: str) -> None:
@@ -273,6 +298,7 @@ def run(
             record.update(
                 model=name,
                 weights=weights,
+                weights_id=weights_id(weights),
                 config=asdict(cfg),
                 frame_cache=asdict(settings),
                 code_version=report.code_version(),
@@ -310,20 +336,22 @@ def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]],
     """A line for each name of this run whose records in OUT, on datasets this run does not score again, come from
     other weights or settings: summary.md's row for the name would mix two models' numbers (and its Models table
     name one of them)."""
-    scored = {name: (weights, cfg.model, cfg.frames, cfg.renormalize_video) for name, weights in models}
+    given = dict(models)
     others: dict[str, dict[str, str]] = {}  # name -> {dataset: the weights its record names}
     for r in report.load_results(out):
         name = r["model"]
-        if name not in scored or r.get("skipped") or r["dataset"] in datasets:
+        if name not in given or r.get("skipped") or r["dataset"] in datasets:
             continue
         settings = r.get("config", {})
-        then = (r["weights"], settings.get("model"), settings.get("frames"), settings.get("renormalize_video"))
-        if then != scored[name]:
+        # the weights by their content (records from before weights_id: by the entry as given)
+        now = (weights_id(given[name]) if "weights_id" in r else given[name], cfg.model, cfg.frames)
+        then = (r.get("weights_id", r["weights"]), settings.get("model"), settings.get("frames"))
+        if then != now or settings.get("renormalize_video") != cfg.renormalize_video:
             others.setdefault(name, {})[r["dataset"]] = r["weights"]
     return [
         f"{Path(out) / name} holds {name}'s {', '.join(sorted(found))} results, scored with "
-        f"{' and '.join(sorted(set(found.values())))} or other settings; this run scores {name} with "
-        f"{scored[name][0]}, and summary.md would mix the two in one row: give another --names, score those "
+        f"{' and '.join(sorted(set(found.values())))} (as it was then) or other settings; this run scores {name} "
+        f"with {given[name]}, and summary.md would mix the two in one row: give another --names, score those "
         "datasets again (--datasets), or delete their files there"
         for name, found in others.items()
     ]

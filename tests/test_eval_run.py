@@ -62,6 +62,7 @@ def test_zero_shot_suite_end_to_end(bench):
             missing = MISSING[dataset] if dataset != "ucf101" else ucf101_missing_id()
             assert record["num_missing"] == 1 and record["missing"] == [missing]
             assert record["config"]["model"] == str(TINY_CLIP) and record["code_version"]
+            assert record["weights_id"].startswith(("sha256:", "fuse:sha256:"))  # each model named by content
             assert record["frame_cache"]["size"] == 224  # the tiny model's 32 px input: never below 224
             metrics = record["metrics"]
             keys = ("top1", "top5", "mean_per_class") if dataset in ("ucf101", "moments") else ("R@1", "R@5", "MdR")
@@ -273,9 +274,9 @@ def test_a_name_rescored_with_other_weights_on_fewer_datasets_is_refused(bench, 
     with pytest.raises(SystemExit) as e:
         run.main(weights=str(w["student"]), datasets="msrvtt", **common)
     assert str(e.value.code) == (
-        f"error: {out / 'T'} holds T's didemo results, scored with {w['teacher']} or other settings; this run "
-        f"scores T with {w['student']}, and summary.md would mix the two in one row: give another --names, score "
-        "those datasets again (--datasets), or delete their files there"
+        f"error: {out / 'T'} holds T's didemo results, scored with {w['teacher']} (as it was then) or other "
+        f"settings; this run scores T with {w['student']}, and summary.md would mix the two in one row: give "
+        "another --names, score those datasets again (--datasets), or delete their files there"
     )
     with pytest.raises(SystemExit):  # other settings: --frames
         run.main(weights=str(w["teacher"]), datasets="msrvtt", frames=2, **common)
@@ -283,6 +284,28 @@ def test_a_name_rescored_with_other_weights_on_fewer_datasets_is_refused(bench, 
     run.main(weights=str(w["teacher"]), datasets="msrvtt", **common)  # the same model and settings: its row is one
     run.main(weights=str(w["student"]), datasets="msrvtt,didemo", **common)  # every record replaced
     assert scored == [["msrvtt"], ["msrvtt", "didemo"]]
+
+
+def test_a_name_rescored_from_the_same_path_after_the_file_changed_is_refused(bench, tmp_path, monkeypatch):
+    """Records name their weights by content: training that went on rewrote best.pt at the same path, and its row
+    mixed the old model's numbers with the new one's; the same file under another spelling is the same model."""
+    from eval import run
+
+    root, _, w = bench
+    out, best = tmp_path / "o", tmp_path / "best.pt"
+    shutil.copy(w["teacher"], best)
+    cfg = run.EvalConfig(model=str(TINY_CLIP), data_root="", out=str(out))
+    record = {"dataset": "didemo", "metrics": {"R@1": 1.0}, "num_expected": 1, "num_found": 1, "num_missing": 0}
+    record.update(model="T", missing=[], weights=str(best), weights_id=run.weights_id(str(best)), config=asdict(cfg))
+    report.write_result(out, "T", "didemo", {**record, "code_version": "abc1234"})
+    monkeypatch.setattr(run, "run", lambda *a: [])
+    common = dict(model=str(TINY_CLIP), names="T", data_root=str(root / "data"), out=str(out), datasets="msrvtt")
+    run.main(weights=f"{tmp_path}/./best.pt", **common)  # the same file
+    shutil.copy(w["student"], best)  # training went on
+    with pytest.raises(SystemExit) as e:
+        run.main(weights=str(best), **common)
+    assert f"holds T's didemo results, scored with {best} (as it was then)" in str(e.value.code)
+    assert run.weights_id(f"fuse:openai:{best}:0.4") == f"fuse:openai:{run.weights_id(str(best))}:0.4"
 
 
 def test_a_malformed_annotation_file_is_an_error_line(bench, tmp_path):
