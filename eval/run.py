@@ -532,7 +532,14 @@ def main(
             png = report.plot_alpha_sweep(points, Path(cfg.out) / "alpha_sweep.png")
             print(f"alpha sweep plot: {png}")
     if wandb != "off":
-        log_to_wandb(records, cfg, wandb, png)
+        try:
+            log_to_wandb(records, cfg, wandb, png)
+        except Exception as e:  # wandb's CommError after its init_timeout: no network on this machine, say
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise SystemExit(
+                f"error: --wandb {wandb}: logging to W&B failed ({type(e).__name__}: {first}); the results are in "
+                f"{cfg.out} (summary.md); rerun with --wandb offline to keep a W&B run to upload later"
+            ) from None
 
 
 def log_to_wandb(records: list[dict], cfg: EvalConfig, mode: str, png: Path | None) -> None:

@@ -686,3 +686,29 @@ def test_a_fused_entry_splits_teacher_and_student_whose_paths_hold_colons(tmp_pa
     assert parse_fuse(f"fuse:{teacher}:{student}:0.4") == (str(teacher), str(student), 0.4)
     assert parse_fuse(f"fuse:openai:{student}:1") == ("openai", str(student), 1.0)
     assert parse_fuse("fuse:openai:runs/x/best.pt:0.4") == ("openai", "runs/x/best.pt", 0.4)  # no file: first colon
+
+
+def test_wandb_that_cannot_reach_its_server_ends_in_one_line_after_the_results_are_written(
+    bench, tmp_path, monkeypatch
+):
+    from eval import run
+
+    root, _, w = bench
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    out = tmp_path / "o"
+    monkeypatch.setattr(run, "run", lambda *a: [])  # the scoring is tested elsewhere: only the logging here
+    with pytest.raises(SystemExit) as e:
+        run.main(
+            model=str(TINY_CLIP),
+            weights=str(w["teacher"]),
+            data_root=str(root / "data"),
+            out=str(out),
+            datasets="msrvtt",
+            wandb="online",
+        )
+    assert str(e.value.code).startswith("error: --wandb online: logging to W&B failed (CommError: ")
+    assert str(e.value.code).endswith(
+        f"the results are in {out} (summary.md); rerun with --wandb offline to keep a W&B run to upload later"
+    )

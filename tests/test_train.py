@@ -576,6 +576,26 @@ def test_wandb_online_without_credentials_is_refused_before_any_work(train_shard
     assert online_problems("online") == []
 
 
+def test_wandb_auto_with_credentials_but_no_server_logs_offline(train_shards, tmp_path, monkeypatch, capsys):
+    """A compute node with WANDB_API_KEY set and no network: wandb.init raised CommError after its timeout, and the
+    run ended in a traceback. --wandb auto now goes on offline; --wandb online, asked for by name, still fails."""
+    from train.monitor import Monitor
+
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    cfg = tiny_config(train_shards, tmp_path / "run", wandb="auto")
+    (tmp_path / "run").mkdir()
+    monitor = Monitor(cfg, is_main=True, total_steps=2, start_step=0)
+    try:
+        assert monitor.run.settings.mode == "offline" and list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+        assert "warning: --wandb auto: W&B online failed (CommError" in capsys.readouterr().err
+    finally:
+        monitor.run.finish()
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        Monitor(dataclasses.replace(cfg, wandb="online"), is_main=True, total_steps=2, start_step=0)
+
+
 def test_a_checkpoint_saved_with_another_adamw_kernel_resumes_with_this_runs():
     """A CPU run's checkpoint (unfused AdamW) resumed on a GPU (fused): the saved groups said fused=False, and the
     fused path's first step (found_inf) failed with "Expected grad_scale and found_inf to be None"."""

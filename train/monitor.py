@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -92,6 +93,22 @@ def online_problems(mode: str) -> list[str]:
     ]
 
 
+def _init_wandb(cfg: TrainConfig, mode: str):
+    """``wandb.init`` of the run in OUT/wandb, resumed by the run id kept in OUT (one W&B run per training run)."""
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.run_name or Path(cfg.out).name,
+        dir=cfg.out,
+        config=cfg.to_dict(),
+        mode=mode,
+        resume="allow",
+        id=_run_id(cfg.out),
+        settings=wandb.Settings(save_code=False, console="off"),
+    )
+
+
 def _wandb_host() -> str:
     return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
 
@@ -108,19 +125,26 @@ class Monitor:
             return
         mode = wandb_mode(cfg.wandb)
         if mode != "off":
-            import wandb
-
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                project=cfg.wandb_project,
-                name=cfg.run_name or Path(cfg.out).name,
-                dir=cfg.out,
-                config=cfg.to_dict(),
-                mode=mode,
-                resume="allow",
-                id=_run_id(cfg.out),
-                settings=wandb.Settings(save_code=False, console="off"),
-            )
+            try:
+                self.run = _init_wandb(cfg, mode)
+            except Exception as e:  # wandb's CommError after its init_timeout (90 s): no network, a proxy, a DNS
+                if cfg.wandb != "auto":  # online asked for by name: the user wants to know
+                    raise
+                # auto chose online for the credentials it found (a cluster's compute node without network is
+                # the usual case): the run goes on, logging as it would without them
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(
+                    f"warning: --wandb auto: W&B online failed ({type(e).__name__}: {first}); logging offline "
+                    "instead (upload later with `wandb sync`, or pass --wandb offline to skip the wait)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                import wandb
+
+                wandb.teardown()  # its service still holds the run id of the failed init ("run ID ... is in use")
+                mode = "offline"
+                self.run = _init_wandb(cfg, mode)
             # Every metric is plotted against the trainer's step, logged as a metric of its own rather than as W&B's
             # step: a resumed run logs again the steps since its checkpoint, which W&B drops ("steps must be
             # monotonically increasing") when they are its own step
