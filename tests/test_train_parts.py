@@ -467,6 +467,42 @@ def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
         assert str(e.value).startswith(says) and not (tmp_path / "y.pt").exists()
 
 
+def test_fuse_takes_the_model_and_teacher_a_checkpoint_was_trained_with(tmp_path, capsys):
+    """The README's `train.fuse --student runs/x/best.pt --alpha 0.4 --out fitclip.pt` on a run of another model
+    fetched ViT-B/16's openai weights (a minute of retries offline) before failing; and --out best.pt wrote over
+    the training checkpoint."""
+    from train import fuse
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(1)
+    teacher = create_clip(str(TINY_CLIP)).state_dict()
+    torch.manual_seed(2)
+    student = create_clip(str(TINY_CLIP)).state_dict()
+    torch.save(teacher, run / "teacher_init.pt")  # a run with --teacher_weights "" saves its random teacher here
+    config = {"model": str(TINY_CLIP), "teacher_weights": ""}
+    torch.save({"step": 9, "student": student, "config": config}, run / "best.pt")
+    fuse.main(student=str(run / "best.pt"), out=str(tmp_path / "fitclip.pt"), alpha=0.4)
+    assert f"was trained with --model {TINY_CLIP} and teacher {run / 'teacher_init.pt'}" in capsys.readouterr().out
+    fused = torch.load(tmp_path / "fitclip.pt", weights_only=True)
+    assert all(
+        torch.allclose(v, 0.6 * teacher[k] + 0.4 * student[k], atol=1e-6)
+        for k, v in fused.items()
+        if v.is_floating_point()
+    )
+    for flags, says in (
+        ({"out": str(run / "best.pt")}, f"error: --out {run / 'best.pt'} is the --student's file"),
+        ({"out": str(run / "teacher_init.pt")}, f"error: --out {run / 'teacher_init.pt'} is the --teacher's file"),
+        # another --model given: the student's misfit is named before any teacher loads (openai is not fetched)
+        ({"out": str(tmp_path / "z.pt"), "model": "ViT-B-16-quickgelu", "teacher": "openai"}, "error: "),
+    ):
+        with pytest.raises(SystemExit) as e:
+            fuse.main(student=str(run / "best.pt"), **flags)
+        assert str(e.value).startswith(says)
+    assert "does not fit ViT-B-16-quickgelu" in str(e.value) and not (tmp_path / "z.pt").exists()
+    assert torch.load(run / "best.pt", weights_only=True)["step"] == 9
+
+
 # ---------------------------------------------------------------------------------------------------------- metrics
 
 
