@@ -288,6 +288,17 @@ def run(
                 f"error: --strict and {len(caches[d.name].missing)} {d.name} video(s) are missing or "
                 f"undecodable, e.g. {some}"
             )
+    # a dataset of which no video was found is a wrong folder more often than a broken one: say where it looked
+    empty = [d for d in datasets if d.items and not caches[d.name].found]
+    for d in empty:
+        print(
+            f"warning: {d.name}: none of its {len(d.items)} videos was found or could be decoded (e.g. "
+            f"{d.items[0].video}: {caches[d.name].missing.get(d.items[0].id, '?')}); check --data_root or "
+            f"--{d.name}_root (README: Zero-shot evaluation, the layout under --data_root)",
+            file=sys.stderr,
+        )
+    if empty and len(empty) == len(datasets):
+        raise SystemExit(f"error: no video of {', '.join(d.name for d in empty)} was found or decoded (see above)")
     tokenizer = tokenizer_for(cfg.model)
     records = []
     for name, weights in models:

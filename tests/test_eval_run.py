@@ -712,3 +712,27 @@ def test_wandb_that_cannot_reach_its_server_ends_in_one_line_after_the_results_a
     assert str(e.value.code).endswith(
         f"the results are in {out} (summary.md); rerun with --wandb offline to keep a W&B run to upload later"
     )
+
+
+def test_a_dataset_with_no_video_found_is_named_and_with_none_found_the_run_fails(bench, tmp_path):
+    """Annotation files in place but the video folder elsewhere: every metric was empty, and the run exited 0."""
+    from eval import run
+
+    root, layouts, w = bench
+    data = tmp_path / "data"
+    for name in ("ucf101", "msrvtt"):
+        shutil.copytree(layouts[name], data / name)
+    shutil.rmtree(data / "ucf101" / "UCF-101")
+    common = dict(model=str(TINY_CLIP), weights=str(w["teacher"]), names="T", data_root=str(data), workers=1)
+    proc = run_cli(
+        "eval.run",
+        *[f"--{k}={v}" for k, v in common.items()],
+        "--datasets=ucf101,msrvtt",
+        f"--out={tmp_path / 'o'}",
+        timeout=300,
+    )
+    assert "warning: ucf101: none of its" in proc.stderr and "check --data_root or --ucf101_root" in proc.stderr
+    assert "warning: msrvtt" not in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        run.main(**common, datasets="ucf101", out=str(tmp_path / "p"))
+    assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
