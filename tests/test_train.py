@@ -527,6 +527,25 @@ def test_a_resume_that_would_choose_its_best_by_another_measure_is_refused(train
     assert checkpoint.load(out / checkpoint.BEST)["step"] == 4
 
 
+def test_a_validation_set_of_one_video_is_refused_and_one_smaller_than_its_batch_is_named(
+    train_shards, tmp_path, capsys
+):
+    """One validation video: its loss is 0 at every validation, and best.pt stayed at the first one (and was
+    fused); fewer videos than --val_batch: the criterion was silently a smaller batch's."""
+    from train.data import DataError, sample_count
+    from train.main import main
+
+    assert sample_count(train_shards["val"]) == 8
+    says = f"--val {train_shards['val']}: 1 validation video(s) with --val_max 1; the validation loss needs at least 2"
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, tmp_path / "a"), "val_max": 1})
+    assert says in str(e.value.code) and not (tmp_path / "a").exists()
+    with pytest.raises(DataError, match="needs at least 2"):  # train.loop.run, called directly
+        loop.run(tiny_config(train_shards, tmp_path / "a", val_max=1))
+    loop.run(tiny_config(train_shards, tmp_path / "b", steps=2, val_batch=16, fuse=False))
+    assert "note: 8 validation videos, fewer than --val_batch 16: the validation loss" in capsys.readouterr().out
+
+
 def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):
     """No validation: the best loss stays infinite, which json.dumps wrote as the bare word Infinity."""
     out = tmp_path / "run"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -73,6 +74,32 @@ def list_shards(folder: str | Path) -> list[str]:
             "run python -m pipeline.shard to make them, or let it finish"
         )
     return tars
+
+
+def sample_count(folder: str | Path) -> int:
+    """The samples of a folder's complete shards, from their stats (no tar is read; unreadable stats count 0)."""
+    count = 0
+    for url in list_shards(folder):
+        try:
+            count += int(json.loads(Path(url).with_name(f"{Path(url).stem}_stats.json").read_text())["ok"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return count
+
+
+def check_validation(folder: str | Path, limit: int = 0) -> int:
+    """The videos a validation on ``folder`` scores (at most ``limit``; 0 = all); refused below 2: the contrastive
+    loss of one pair is 0, so every validation scored 0 and best.pt stayed at the first one, which was fused."""
+    count = sample_count(folder)
+    count = min(count, limit) if limit else count
+    if count < 2:
+        raise DataError(
+            f"--val {folder}: {count} validation video(s)"
+            + (f" with --val_max {limit}" if limit else "")
+            + "; the validation loss needs at least 2 (the loss of one pair is 0, so best.pt would stay at the first "
+            'validation): give a bigger validation set, or --val "" to keep the last step as best.pt'
+        )
+    return count
 
 
 def check_frames(folder: str | Path, frames: int) -> None:

@@ -23,7 +23,7 @@ from pipeline.cli import folder_problems, raised_problems, refuse
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
-from train.data import DataError, check_frames, list_shards
+from train.data import DataError, check_frames, check_validation, list_shards
 from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
 
@@ -102,6 +102,9 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
         checks.append(
             functools.partial(check_frames, folder, frames) if frames else functools.partial(list_shards, folder)
         )
+    if "val" in text and given["val"]:
+        val_max = given["val_max"] if type(given["val_max"]) is int and given["val_max"] >= 0 else 0
+        checks.append(functools.partial(check_validation, given["val"], val_max))
     if {"model", "teacher_weights"} <= text:
         checks.append(functools.partial(check_weights, given["model"], given["teacher_weights"]))
     if {"model", "out", "resume"} <= text:
