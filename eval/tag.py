@@ -21,6 +21,7 @@ import io
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,10 @@ from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_ab
 from train.distributed import init_distributed
 from train.model import device_problems, image_size, tokenizer_for
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts"}
+VIDEO_SUFFIXES = {  # containers PyAV (FFmpeg) reads; other files of the folder are counted and named, not read
+    *(".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".asf", ".flv", ".f4v"),
+    *(".3gp", ".3g2", ".ts", ".mts", ".m2ts", ".ogv", ".vob"),
+}
 LABEL_TEMPLATES = ("a video of {}.", "a photo of {}.", "{}")
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature: turns cosine similarities into label probabilities
 
@@ -73,8 +77,30 @@ def number_labels(labels) -> list[str]:
     return [str(v) for v in items if isinstance(v, float)]
 
 
-def find_videos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+def find_videos(folder: Path) -> tuple[list[Path], Counter]:
+    """The video files under ``folder`` (by extension, in path order), and how many other files there are by
+    extension (hidden files, such as another run's temporaries, are neither)."""
+    videos, others = [], Counter()
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            videos.append(path)
+        else:
+            others[path.suffix.lower() or "no extension"] += 1
+    return sorted(videos), others
+
+
+def unique_labels(labels: list[str]) -> tuple[list[str], list[str]]:
+    """``labels`` with each kept once, in order, and the ones given more than once: a label twice split its
+    probability between its copies."""
+    kept, twice = [], set()
+    for label in labels:
+        if label in kept:
+            twice.add(label)
+        else:
+            kept.append(label)
+    return kept, sorted(twice)
 
 
 TEMPORARY_CACHE = "fitclip-tag-cache"  # without --cache: .fitclip-tag-cache.tmp-<hex> in the system's temp folder
@@ -215,7 +241,18 @@ def main(
                 f"typed (1.10 arrives as 1.1); to keep it exactly, {fix}",
                 file=sys.stderr,
             )
-    paths = find_videos(folder)
+    if label_list:
+        label_list, twice = unique_labels(label_list)
+        if twice:
+            print(f"warning: label(s) {', '.join(twice)} given more than once: each is kept once", file=sys.stderr)
+    paths, others = find_videos(folder)
+    if others:
+        print(
+            f"note: left out {sum(others.values())} file(s) under {folder} that are not videos by their extension "
+            f"({', '.join(f'{ext} {n}' for ext, n in sorted(others.items()))}); videos end in "
+            f"{', '.join(sorted(VIDEO_SUFFIXES))}",
+            file=sys.stderr,
+        )
     if not paths:
         sys.exit(f"error: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {folder}")
     try:  # everything else that can fail fast does, before any video is decoded

@@ -9,6 +9,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -736,3 +737,29 @@ def test_a_dataset_with_no_video_found_is_named_and_with_none_found_the_run_fail
     with pytest.raises(SystemExit) as e:
         run.main(**common, datasets="ucf101", out=str(tmp_path / "p"))
     assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
+
+
+def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(bench, tmp_path, capsys):
+    """Files of other extensions were left out without a word (.flv and .ogv among them), and a label given twice
+    split its probability between its copies."""
+    from eval import tag
+
+    _, layouts, w = bench
+    folder = tmp_path / "videos"
+    shutil.copytree(layouts["msrvtt"] / "videos", folder)
+    first = sorted(folder.glob("*.mp4"))[0]
+    shutil.copy(first, folder / "flash.flv")  # the container is read by its content: an .flv extension is a video
+    (folder / "notes.txt").write_text("x")
+    (folder / "README").write_text("x")
+    (folder / ".clip.mp4.tmp-0123").write_bytes(b"")  # hidden: another run's, neither taken nor counted
+    out = tmp_path / "tags.csv"
+    tag.main(str(folder), labels="red,blue,red", top=3, out=str(out), model=str(TINY_CLIP), weights=str(w["teacher"]))
+    err = capsys.readouterr().err
+    assert "warning: label(s) red given more than once: each is kept once" in err
+    assert (
+        f"note: left out 2 file(s) under {folder} that are not videos by their extension (.txt 1, no extension 1)"
+        in err
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert "flash.flv" in {Path(r["video"]).name for r in rows}
+    assert sorted(r["label"] for r in rows if Path(r["video"]).name == "flash.flv") == ["blue", "red"]
