@@ -177,8 +177,8 @@ def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: in
     """Whether ``out`` holds the subset these arguments would draw (its subset.json says so): the same N, seed and
     shard size, from the same folder (compared resolved: a relative and an absolute --src are the same folder;
     a record of a relative --src, from before records were absolute, is taken from this working directory), which
-    still holds the complete shards and samples it held then. Raises if only the last differs: that folder now
-    gives another draw."""
+    (if it no longer holds the complete shards and samples it held then, the subset is kept, with a warning: that
+    folder now gives another draw)."""
     done = _read_json(out / "subset.json")
     if not isinstance(done, dict) or not isinstance(done.get("src"), str):
         return False
@@ -189,11 +189,12 @@ def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: in
     shards = complete_shards(src)
     now = (len(shards), sum(ok for _, ok in shards))
     then = (done.get("source_shards"), done.get("source_samples"))
-    if now != then:
-        raise SubsetError(
-            f"--out {out} holds the subset of {n} drawn (seed {seed}) when {src} held {then[1]} samples in {then[0]} "
-            f"complete shard(s); it now holds {now[1]} in {now[0]}, and would give another draw. Use the subset as it "
-            "is (no need to rerun this), or remove --out to draw again from all of them"
+    if now != then:  # kept: the labeled set a run trains on should not change under it (a script reruns this)
+        print(
+            f"warning: {out} holds the subset of {n} drawn (seed {seed}) when {src} held {then[1]} samples in "
+            f"{then[0]} complete shard(s); it now holds {now[1]} in {now[0]}, and would give another draw. The "
+            "subset is kept as it is; remove --out to draw again from all of them",
+            file=sys.stderr,
         )
     return True
 
