@@ -176,9 +176,9 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
 def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: int) -> bool:
     """Whether ``out`` holds the subset these arguments would draw (its subset.json says so): the same N, seed and
     shard size, from the same folder (compared resolved: a relative and an absolute --src are the same folder;
-    a record of a relative --src, from before records were absolute, is taken from this working directory), which
-    (if it no longer holds the complete shards and samples it held then, the subset is kept, with a warning: that
-    folder now gives another draw)."""
+    a record of a relative --src, from before records were absolute, is taken from this working directory). If that
+    folder no longer holds the complete shards and samples it held then, the subset is kept, with a warning: the
+    folder now gives another draw."""
     done = _read_json(out / "subset.json")
     if not isinstance(done, dict) or not isinstance(done.get("src"), str):
         return False
