@@ -357,3 +357,13 @@ def test_a_malformed_annotation_file_is_a_value_error_naming_it(tmp_path, name, 
     with pytest.raises(ValueError) as info:
         load(tmp_path)
     assert str(path) in str(info.value) and expected in str(info.value), info.value
+
+
+def test_msrvtt_missing_annotations_name_the_files_and_folders_that_are_read(tmp_path):
+    """The hint named test_list= and annotations=, which no CLI takes."""
+    from eval.datasets import msrvtt
+
+    with pytest.raises(AnnotationsMissing) as e:
+        msrvtt.load(tmp_path)
+    assert "val_list_jsfusion.txt in ROOT (or ROOT/structured-symlinks/) and MSR_VTT.json in ROOT" in str(e.value)
+    assert "test_list=" not in str(e.value)

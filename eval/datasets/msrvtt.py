@@ -23,7 +23,8 @@ CSV_NAME = "MSRVTT_JSFUSION_test.csv"
 HINT = (
     "MSRVTT_JSFUSION_test.csv is in the CLIP4Clip / Frozen-in-Time MSR-VTT data "
     "(https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip); "
-    "or give test_list= (JSFusion ids) and annotations= (MSR_VTT.json)"
+    "or put the JSFusion id list val_list_jsfusion.txt in ROOT (or ROOT/structured-symlinks/) and MSR_VTT.json "
+    "in ROOT (or ROOT/annotation/)"
 )
 _LIST_CANDIDATES = ("val_list_jsfusion.txt", "structured-symlinks/val_list_jsfusion.txt")
 _JSON_CANDIDATES = ("MSR_VTT.json", "annotation/MSR_VTT.json")
