@@ -391,6 +391,7 @@ def test_resume_auto_continues_from_latest(train_shards, tmp_path, capsys):
     # --progress False: the last step's metrics (a log window ends there) as a console line instead of the bar's
     logged = [line for line in printed if line.startswith("step 4: train loss ")]
     assert len(logged) == 1 and "contrastive " in logged[0] and "videos_per_s " in logged[0], printed
+    assert "distillation " in logged[0]  # the README's sign of a healthy run, shown with --wandb off too
     assert summary["steps"] == 4
     resumed = torch.load(out / checkpoint.LATEST, weights_only=True)
     assert resumed["step"] == 4

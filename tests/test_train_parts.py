@@ -7,6 +7,7 @@ import io
 import itertools
 import math
 import random
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -649,3 +650,15 @@ def test_clip_normalisation_adds_no_tensor_inputs_to_a_compiled_graph():
 )
 def test_the_datasheet_peak_is_the_named_cards(name, tflops):
     assert datasheet_tflops(name) == tflops
+
+
+def test_a_sample_without_a_member_is_skipped_with_the_member_named(caplog, monkeypatch):
+    """A sample with no caption was logged as "skipping sample v0010: 'txt'"."""
+    monkeypatch.setattr(data, "_dropped", 0)  # the first few are logged: not after other tests' skipped samples
+    monkeypatch.setattr(data, "_streak", 0)
+    sample = {"__key__": "v0010", **{f"{k}.jpg": b"not a jpeg" for k in range(4)}}
+    with caplog.at_level("WARNING"):
+        assert data.decode_sample(sample, 4, data.TrainTransform(32)) is None
+        assert data.decode_sample({**sample, "txt": b"a caption"}, 4, data.TrainTransform(32)) is None
+    assert "skipping sample v0010: it has no 'txt' member" in caplog.text
+    assert re.search(r"skipping sample v0010: \w+Error: ", caplog.text)  # a bad JPEG: what failed, and how

@@ -268,8 +268,11 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
         else:
             out["video"] = transform(images)
         return out
-    except Exception as e:  # missing member, corrupt JPEG, bad UTF-8: skip and count
-        _broken("skipping sample %s: %s", sample.get("__key__"), e)
+    except KeyError as e:  # a missing member: name it as such (the bare KeyError read "'txt'")
+        _broken("skipping sample %s: it has no %s member", sample.get("__key__"), e)
+        return None
+    except Exception as e:  # corrupt JPEG, bad UTF-8: skip and count
+        _broken("skipping sample %s: %s: %s", sample.get("__key__"), type(e).__name__, e)
         return None
 
 

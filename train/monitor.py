@@ -200,7 +200,17 @@ class Monitor:
 
 
 STEP_METRIC = "trainer/step"  # W&B's x-axis for every metric (see Monitor.__init__)
-_HEADLINE = ("train/loss", "train/contrastive", "train/videos_per_s", "train/mfu", "val/loss", "val/R@1")
+# what the console shows (the progress bar, or a line per log window): the distillation loss too, whose staying near
+# its start is the README's sign of a healthy run, also with --wandb off
+_HEADLINE = (
+    "train/loss",
+    "train/contrastive",
+    "train/distillation",
+    "train/videos_per_s",
+    "train/mfu",
+    "val/loss",
+    "val/R@1",
+)
 
 
 def _run_id(out: str) -> str:
