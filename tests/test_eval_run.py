@@ -420,7 +420,8 @@ def test_alpha_sweep_plots_metrics_against_alpha(bench, tmp_path):
 
 def test_tag_and_search_own_videos(bench, tmp_path):
     root, layouts, w = bench
-    folder = layouts["msrvtt"] / "videos"
+    folder = tmp_path / "videos"  # a copy: the bench's folder is the other tests' too
+    shutil.copytree(layouts["msrvtt"] / "videos", folder)
     (folder / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "tags.csv"
     proc = run_cli(
@@ -747,7 +748,7 @@ def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(be
     _, layouts, w = bench
     folder = tmp_path / "videos"
     shutil.copytree(layouts["msrvtt"] / "videos", folder)
-    first = sorted(folder.glob("*.mp4"))[0]
+    first = sorted(folder.glob("video*.mp4"))[0]
     shutil.copy(first, folder / "flash.flv")  # the container is read by its content: an .flv extension is a video
     (folder / "notes.txt").write_text("x")
     (folder / "README").write_text("x")

@@ -222,3 +222,27 @@ def test_the_teacher_on_its_own_stream_trains_as_the_teacher_in_its_step(tmp_pat
     assert moved > 1e-3  # the steps trained: the weights below compare something
     for name, weight in plain["trained"].items():
         assert torch.equal(other["trained"][name], weight), name
+
+
+def test_the_step_loss_is_eq5_of_the_labeled_contrastive_and_the_unlabeled_distillation(tmp_path):
+    """Against the losses computed directly from each model's embeddings of its own batch: the contrastive loss on
+    the labeled rows only, the distillation on the unlabeled rows against the teacher's, weighted by lam = 0.2 (at
+    the demo's 0.5, swapping the two terms changed nothing)."""
+    from train.loss import DISTILLATION, contrastive_loss
+
+    cfg, models = tiny_fp32(tmp_path, lam=0.2)
+    with torch.no_grad():  # a student apart from its teacher, so that the distillation is not at its floor
+        for p in models.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lab, unl = batches()
+    loss, parts = loop.compute_loss(models, lab, unl, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        lab_video, lab_text = models.student(lab.video, lab.tokens)
+        unl_video, unl_text = models.student(unl.video, unl.tokens)
+        teacher_video, teacher_text = models.teacher(unl.video, unl.tokens)
+        contrastive = contrastive_loss(lab_video, lab_text, cfg.sigma)
+        distill = DISTILLATION[cfg.distillation](unl_video, unl_text, teacher_video, teacher_text, cfg.sigma)
+    assert abs(float(contrastive) - float(distill)) > 1e-3  # the terms differ: their weights are seen
+    assert torch.allclose(parts["contrastive"], contrastive, rtol=1e-5)
+    assert torch.allclose(parts["distillation"], distill, rtol=1e-5)
+    assert torch.allclose(loss.detach(), 0.2 * distill + 0.8 * contrastive, rtol=1e-5)

@@ -547,6 +547,19 @@ def test_a_validation_set_of_one_video_is_refused_and_one_smaller_than_its_batch
     assert "note: 8 validation videos, fewer than --val_batch 16: the validation loss" in capsys.readouterr().out
 
 
+def test_a_resumed_run_goes_on_from_the_checkpoints_student(train_shards, tmp_path):
+    """Every resume test checked steps, the optimizer and the batches, none the weights: a resume that left the
+    student as built (the teacher's initial weights) passed them all."""
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, val="", fuse=False))
+    saved = checkpoint.load(out / checkpoint.LATEST)["student"]
+    initial = torch.load(out / "teacher_init.pt", weights_only=True)  # where the student started
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # two steps moved it
+    loop.run(tiny_config(train_shards, out, steps=2, val="", fuse=False, resume="auto"))  # nothing left to train
+    kept = checkpoint.load(out / checkpoint.BEST)["student"]  # without --val: the student as the run ends
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in saved)
+
+
 def test_a_run_without_validation_writes_strict_json(train_shards, tmp_path):
     """No validation: the best loss stays infinite, which json.dumps wrote as the bare word Infinity."""
     out = tmp_path / "run"
