@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -424,6 +425,39 @@ def test_each_rank_draws_its_own_crops(train_shards, monkeypatch):
 
     assert torch.equal(crops(0), crops(0))
     assert not torch.equal(crops(0), crops(1))
+
+
+def test_each_rank_draws_its_own_unlabeled_samples(train_shards, monkeypatch):
+    """The unlabeled stream's shards and shuffle are seeded by rank: with one seed, every rank trained on the same
+    unlabeled batches. The same rank draws the same ones again."""
+    from train import data
+    from train.model import tokenizer_for
+
+    def keys(rank: int) -> list[list[str]]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = data.unlabeled_stream(
+            train_shards["unlabeled"], 4, data.TrainTransform(32), tokenizer_for(str(TINY_CLIP)), 4, 0
+        )
+        return [b.keys for b in itertools.islice(iter(data.loader(stream, 0, False, 0)), 4)]
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_learning_rate_warms_up_linearly_then_holds_or_follows_a_cosine(schedule):
+    """Against the closed form (the test compared the schedule with itself): --warmup_steps 2, --steps 6; the
+    cosine reaches 0 at the step after the last."""
+    cfg = resolve("demo", labeled="l", unlabeled="u", out="o", lr=1e-3, warmup_steps=2, steps=6, schedule=schedule)
+    optimizer, scheduler = loop.build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
+    seen = []
+    for _ in range(6):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    after = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)] if schedule == "cosine" else [1.0] * 4
+    assert seen == pytest.approx([1e-3 * f for f in (0.5, 1.0, *after)], rel=1e-9)
 
 
 @pytest.mark.parametrize("workers, resumed_workers", [(0, 2), (2, 0)])
