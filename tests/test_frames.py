@@ -143,6 +143,19 @@ def test_decode_window(videos):
     assert [synthetic.read_frame_index(im) for im in clip.images] == [37, 62]
 
 
+def test_a_window_too_short_for_distinct_frames_is_too_few_frames(videos):
+    """4 instants in 50 ms of a 25 fps clip fall in 1 or 2 frames: a frame taken twice is refused, not stored."""
+    with pytest.raises(FrameError) as e:
+        decode_frames(videos["idx100"], n=4, size=0, window=(1.0, 1.05))
+    assert e.value.reason == "too_few_frames" and "distinct frames in the sampled span" in str(e.value)
+
+
+def test_a_windows_bounds_are_taken_as_written(videos):
+    """(0.1, 0.3)'s midpoint is 0.2, where frame 5 starts (25 fps); in binary floats it is 0.19999..., in frame 4."""
+    clip = decode_frames(videos["idx100"], n=1, size=0, window=(0.1, 0.3))
+    assert [synthetic.read_frame_index(im) for im in clip.images] == [5]
+
+
 def test_too_few_frames(videos):
     with pytest.raises(FrameError) as e:
         decode_frames(videos["idx3"], n=4)
