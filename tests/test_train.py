@@ -936,7 +936,17 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_how_to_go_on(train_shards, tm
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "train.main", *cli_args(train_shards, out, steps=400, val_every=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    # with Ctrl-C's default action in the trainer, even where pytest was started with SIGINT ignored (`pytest &`
+    # from a script): Python then leaves it ignored, and the run went on
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not (out / checkpoint.LATEST).exists():
         time.sleep(0.2)

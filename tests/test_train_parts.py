@@ -216,10 +216,15 @@ def test_a_ctrl_c_during_a_checkpoint_save_takes_effect_once_the_file_is_in_plac
         save(obj, f)
 
     monkeypatch.setattr(torch, "save", interrupted)
+    # Python's handler, as an interactive run has it, even where pytest was started with SIGINT ignored (`pytest &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.atomic_save({"step": 3, "w": torch.ones(4)}, tmp_path / "latest.pt")
     assert checkpoint.load(tmp_path / "latest.pt")["step"] == 3  # whole, under its name
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_labeled_passes_cover_every_sample_once_across_readers(train_shards, monkeypatch):
