@@ -16,7 +16,6 @@ import pytest
 from pipeline import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 write_csv = synthetic.write_csv  # tests write their CSVs as the generators do

@@ -7,15 +7,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, write_csv
+from conftest import REPO, write_csv
 
 from pipeline.source import Columns, CsvError, SeenKeys, count_rows, iter_rows, parse_iso_duration, read_header
 
 
 def test_real_webvid_csv_parses():
-    path = SHARED / "annotations" / "webvid" / "test_webvid.csv"
-    if not path.exists():
-        pytest.skip("shared annotations not present")
+    path = REPO / "tests" / "data" / "annotations" / "webvid" / "test_webvid.csv"
     rows = list(iter_rows(path))
     assert len(rows) == count_rows(path) == 20
     assert all(r.error is None for r in rows)
