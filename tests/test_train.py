@@ -284,6 +284,37 @@ def test_the_validation_loader_forks_its_workers_once_per_run(train_shards, tmp_
     assert not [w for w in recwarn if "requires_grad" in str(w.message)]  # validation records no graph
 
 
+def test_validation_scores_the_videos_in_file_order_whatever_the_workers(train_shards, tmp_path):
+    """Against the loss and R@k of embeddings computed one video at a time, in the order of the validation shards:
+    with 0 loader workers and with 2 (whose batches arrive interleaved, and are put back in order)."""
+    from eval.metrics import retrieval_metrics
+    from pipeline.writer import iter_tar_samples
+    from train import data, distributed
+    from train.model import image_size, tokenizer_for
+
+    cfg = tiny_config(train_shards, tmp_path / "run", val_batch=3)
+    models = loop.build_models(cfg, distributed.init_distributed("cpu"))
+    tokenizer = tokenizer_for(cfg.model)
+    transform = data.EvalTransform(image_size(models.student.clip))
+    videos, texts = [], []
+    with torch.no_grad():
+        for key, members in (s for url in data.list_shards(cfg.val) for s in iter_tar_samples(url)):  # file order
+            decoded = data.decode_sample({"__key__": key, **dict(members)}, cfg.frames, transform)
+            v, t = models.student(decoded["video"][None], tokenizer([decoded["text"]]))
+            videos.append(v)
+            texts.append(t)
+    video, text = torch.cat(videos), torch.cat(texts)
+    expected = {"loss": loop.validation_loss(video, text, 3, cfg.sigma), "videos": 8}
+    expected.update(retrieval_metrics(text @ video.T))
+    for workers in (0, 2):
+        loader = data.loader(
+            data.validation_stream(cfg.val, cfg.frames, transform, tokenizer, cfg.val_batch), workers, False, 0
+        )
+        got = loop.validate(models.student, dataclasses.replace(cfg, workers=workers), torch.device("cpu"), loader)
+        assert got.keys() == expected.keys() and got["videos"] == 8
+        assert all(got[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-4) for k in expected), (workers, got)
+
+
 def test_a_run_writes_checkpoints_and_a_fused_open_clip_model(train_shards, tmp_path):
     out = tmp_path / "run"
     summary = loop.run(tiny_config(train_shards, out))
