@@ -339,3 +339,22 @@ def test_a_missing_video_added_as_another_file_type_decodes_only_it(tmp_path, de
     adopted = build(ds, cache)
     assert adopted.folder == first.folder and decoded == [] and adopted.found.keys() == second.found.keys()
     assert [p.name for p in cache.iterdir()] == [first.folder.name]
+
+
+def test_a_windowed_item_caches_the_frames_of_its_window(videos, tmp_path):
+    """YouCook2's clips are windows of their videos: an item's window must reach the decoder (frames 37 and 62 of
+    the 1-3 s window of a 25 fps clip, not the whole clip's 25 and 75)."""
+    items = [
+        Item(id="clip", video=str(videos["idx100"]), text="a clip", window=(1.0, 3.0)),
+        Item(id="whole", video=str(videos["idx100"]), text="the video"),
+    ]
+    cache = build_cache(EvalDataset("toy", RETRIEVAL, items), tmp_path, CacheSettings(frames=2), 1, progress=False)
+    indices = {}
+    for item_id in ("clip", "whole"):
+        tar, key = cache.found[item_id]
+        with tarfile.open(tar) as t:
+            indices[item_id] = [
+                synthetic.read_frame_index(Image.open(io.BytesIO(t.extractfile(f"{key}.{k}.jpg").read())))
+                for k in range(2)
+            ]
+    assert indices == {"clip": [37, 62], "whole": [25, 75]}
