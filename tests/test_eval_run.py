@@ -764,3 +764,59 @@ def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(be
     rows = list(csv.DictReader(out.open()))
     assert "flash.flv" in {Path(r["video"]).name for r in rows}
     assert sorted(r["label"] for r in rows if Path(r["video"]).name == "flash.flv") == ["blue", "red"]
+
+
+@pytest.mark.parametrize("name", ["ucf101", "msrvtt", "youcook2"])
+def test_scores_match_a_reference_built_one_video_and_one_text_at_a_time(bench, tmp_path, monkeypatch, name):
+    """The scores the metrics are computed from (and the labels), against scores built here from the cached
+    frames, one item at a time: each video's frames through the image tower, each class's templates averaged, each
+    query's own text. Texts matched to the wrong videos, class labels off by one, or one template in place of
+    their mean all left the 0-100 range checks alone (the metrics are tested against brute force elsewhere)."""
+    import torch.nn.functional as F
+
+    from eval import run
+    from eval.datasets import DATASETS
+    from eval.features import iter_frames
+    from train.data import EvalTransform
+    from train.model import image_size, normalize_frames, tokenizer_for
+
+    root, layouts, w = bench
+    cfg = run.EvalConfig(model=str(TINY_CLIP), data_root=str(root / "data"), out=str(tmp_path), batch_size=3, workers=1)
+    dataset = DATASETS[name](layouts[name])
+    cache = run.build_cache(dataset, tmp_path / "cache", run.cache_settings(cfg.model, cfg.frames), 1)
+    clip = run.load_model(cfg.model, str(w["student"]), torch.device("cpu"))
+    tokenizer = tokenizer_for(cfg.model)
+    scored = {}
+    for metrics in ("classification_metrics", "retrieval_metrics"):
+        real = getattr(run, metrics)
+        monkeypatch.setattr(run, metrics, lambda *args, real=real: scored.setdefault("args", args) and real(*args))
+    record = run.evaluate(clip, tokenizer, dataset, cache, cfg, torch.device("cpu"))
+
+    found = [item for item in dataset.items if item.id in cache.found]
+    transform = EvalTransform(image_size(clip))
+    with torch.no_grad():
+
+        def text(s: str) -> torch.Tensor:
+            return F.normalize(clip.encode_text(tokenizer([s])), dim=-1)[0]
+
+        videos = []
+        for item in found:
+            ((_, images),) = iter_frames(cache, [item.id], cfg.frames)
+            per_frame = F.normalize(clip.encode_image(normalize_frames(transform(images))), dim=-1)  # (T, D)
+            videos.append(F.normalize(per_frame.mean(dim=0), dim=-1))
+        video = torch.stack(videos)
+        if dataset.task == run.CLASSIFICATION:
+            assert len(dataset.templates) > 1  # so that their mean is seen
+            classes = torch.stack(
+                [
+                    torch.stack([text(t.replace("{}", c)) for t in dataset.templates]).mean(dim=0)
+                    for c in dataset.classes
+                ]
+            )
+            expected = (video @ classes.T, torch.tensor([i.label for i in found]))
+        else:
+            expected = (torch.stack([text(i.text) for i in found]) @ video.T,)
+    assert record["num_found"] == len(found) > 2 and record["metrics"]
+    got = scored["args"]
+    assert len(got) == len(expected) and torch.allclose(got[0], expected[0], atol=1e-5)
+    assert len(expected) == 1 or torch.equal(got[1], expected[1])
