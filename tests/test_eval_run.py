@@ -698,7 +698,7 @@ def test_wandb_that_cannot_reach_its_server_ends_in_one_line_after_the_results_a
     root, _, w = bench
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
     out = tmp_path / "o"
     monkeypatch.setattr(run, "run", lambda *a: [])  # the scoring is tested elsewhere: only the logging here
     with pytest.raises(SystemExit) as e:

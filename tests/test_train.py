@@ -681,7 +681,7 @@ def test_wandb_auto_with_credentials_but_no_server_logs_offline(train_shards, tm
 
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: refused at once
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
     cfg = tiny_config(train_shards, tmp_path / "run", wandb="auto")
     (tmp_path / "run").mkdir()
     monitor = Monitor(cfg, is_main=True, total_steps=2, start_step=0)
