@@ -531,11 +531,13 @@ def test_epilogue_bench_times_the_mlp_half_each_way_and_keeps_going_past_a_faili
 
 
 def test_the_epilogue_ways_are_timed_in_interleaved_rounds():
+    import torch
+
     from benchmarks.epilogue_bench import side_by_side
 
     order = []
     calls = {way: (lambda way=way: order.append(way)) for way in ("a", "b")}
-    seconds = side_by_side(calls, __import__("torch").device("cpu"), rounds=2, per_round=3)
+    seconds = side_by_side(calls, torch.device("cpu"), rounds=2, per_round=3)
     assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4 and set(seconds) == {"a", "b"}
 
 
