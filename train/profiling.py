@@ -62,9 +62,7 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
     kernels = []
     for event in events:
         if on_gpu:
-            # kineto's spans of record_function ranges on the GPU's timeline (Optimizer.step#AdamW.step) are not
-            # kernels: they hold the kernels inside them, and the gaps between those
-            if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            if not _is_kernel(event):
                 continue
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         else:
@@ -77,20 +75,24 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     ranked = sorted(kernels, key=lambda k: -k[1])[:top]
-    spans = [
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    ]
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if _is_kernel(e)] if on_gpu else []
     return {
         "device": "cuda" if on_gpu else "cpu",
         "steps": steps,
         # kernels on several streams (the prefetcher's, the teacher's) overlap: their sum would count that time twice
-        "busy_s_per_step": union_s(spans) / 1e6 / steps if on_gpu and spans else sum(kinds.values()),
+        "busy_s_per_step": union_s(spans) / 1e6 / steps if spans else sum(kinds.values()),
         "kernel_s_per_step": sum(kinds.values()),
         "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in ranked],
     }
+
+
+def _is_kernel(event) -> bool:
+    """Whether a profiler event is work on the GPU: kineto's spans of record_function ranges on its timeline
+    (Optimizer.step#AdamW.step) are not; they hold the kernels inside them, and the gaps between those."""
+    from torch.autograd import DeviceType
+
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
 def union_s(spans: list[tuple[float, float]]) -> float:
