@@ -506,8 +506,8 @@ def run(cfg: TrainConfig) -> dict:
     """Train, validate, checkpoint and fuse as ``cfg`` says. Returns the final summary (also OUT/summary.json)."""
     for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
         data.check_frames(folder, cfg.frames)  # a missing or empty folder, or too few frames, before any model
-    if cfg.val:
-        data.check_validation(cfg.val, cfg.val_max)  # at least 2 videos: one pair's loss is 0
+    # at least 2 videos: one pair's loss is 0
+    val_videos = data.check_validation(cfg.val, cfg.val_max) if cfg.val else cfg.val_batch
     check_crop(cfg.model, cfg.crop)
     check_weights(cfg.model, cfg.teacher_weights)  # a missing file or unknown tag, before the download and OUT
     dist = distributed.init_distributed(cfg.device)
@@ -520,6 +520,11 @@ def run(cfg: TrainConfig) -> dict:
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
         remove_temporaries(out)
+    if distributed.is_main() and val_videos < cfg.val_batch:  # validation_loss takes min(batch, videos)
+        print(
+            f"note: {val_videos} validation videos, fewer than --val_batch {cfg.val_batch}: the validation loss (the "
+            f"model-selection criterion) is over batches of {val_videos}"
+        )
     try:
         summary = _train(cfg, dist, resume_from)
     finally:
@@ -536,12 +541,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     torch.manual_seed(cfg.seed)
     if distributed.is_main():
         print("train.main config:\n" + json.dumps(cfg.to_dict(), indent=1))
-        videos = data.check_validation(cfg.val, cfg.val_max) if cfg.val else cfg.val_batch
-        if videos < cfg.val_batch:  # validation_loss takes min(batch, videos): the criterion is another one
-            print(
-                f"note: {videos} validation videos, fewer than --val_batch {cfg.val_batch}: the validation loss (the "
-                f"model-selection criterion) is over batches of {videos}"
-            )
     models = build_models(cfg, dist)
     optimizer, scheduler = build_optimizer(models.student, cfg, dist.device)
     progress = Progress()
