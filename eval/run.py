@@ -148,8 +148,9 @@ def weights_id(weights: str) -> str:
         teacher, student, alpha = parse_fuse(weights)
         return f"fuse:{weights_id(teacher)}:{weights_id(student)}:{alpha:g}"
     if is_weights_file(weights):
-        stat = Path(weights).resolve().stat()
-        return "sha256:" + _file_sha256(str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns)
+        path = Path(weights).resolve()
+        stat = path.stat()
+        return "sha256:" + _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
     return weights
 
 

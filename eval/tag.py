@@ -94,13 +94,7 @@ def find_videos(folder: Path) -> tuple[list[Path], Counter]:
 def unique_labels(labels: list[str]) -> tuple[list[str], list[str]]:
     """``labels`` with each kept once, in order, and the ones given more than once: a label twice split its
     probability between its copies."""
-    kept, twice = [], set()
-    for label in labels:
-        if label in kept:
-            twice.add(label)
-        else:
-            kept.append(label)
-    return kept, sorted(twice)
+    return list(dict.fromkeys(labels)), sorted(label for label, n in Counter(labels).items() if n > 1)
 
 
 TEMPORARY_CACHE = "fitclip-tag-cache"  # without --cache: .fitclip-tag-cache.tmp-<hex> in the system's temp folder
