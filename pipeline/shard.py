@@ -34,7 +34,7 @@ from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
 from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
 from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
-from pipeline.writer import read_stats, remove_temporaries, shard_name
+from pipeline.writer import INDEX_NAME, read_stats, remove_temporaries, shard_name, write_index
 
 
 class UsageError(ValueError):
@@ -282,6 +282,8 @@ def run(
     out_dir = Path(settings.out_dir)
     remove_temporaries(out_dir)
     total_rows = count_rows(src)
+    shards = -(-total_rows // samples_per_shard)
+    write_index(out_dir, shards, src)  # first: a run cut short leaves its own count, not an earlier run's
     print(
         f"pipeline.shard: {total_rows} rows in {src} -> {out_dir}/ ({samples_per_shard} per shard, "
         f"{settings.sample.frames} frames, size {settings.sample.size}, {workers} {distributor} worker(s))",
@@ -296,12 +298,15 @@ def run(
         bar.update(stats["count"])
         bar.set_postfix(ok=totals.ok, failed=sum(totals.failed.values()), refresh=False)
 
+    planned = []
+
     def to_run() -> Iterator[ShardTask]:
         for task, stats in plan_tasks(src, columns, video_root, samples_per_shard, settings, totals, retry_failed):
             if task is None:
                 on_result(stats, skipped=True)
             else:
                 yield task
+        planned.append(totals.last_shard + 1)
 
     crashed: list[int] = []
     try:
@@ -311,8 +316,11 @@ def run(
     finally:
         bar.close()
     elapsed = time.monotonic() - start
+    if planned and planned[0] != shards:  # the CSV's rows, read, make another count than they did counted
+        shards = planned[0]
+        write_index(out_dir, shards, src)
     print_summary(totals, elapsed, out_dir, crashed)
-    warn_stale(out_dir, totals.last_shard)
+    warn_stale(out_dir, shards - 1)
     return 1 if crashed else 0
 
 
@@ -339,7 +347,8 @@ def print_summary(totals: Totals, elapsed: float, out_dir: Path, crashed: list[i
 
 
 def warn_stale(out_dir: Path, last_shard: int) -> None:
-    """Say so if the folder holds shards past the last one this CSV makes (from another run)."""
+    """Say so if the folder holds shards past the last one this CSV makes (from another run): readers skip them, as
+    the folder's index says, but they take space."""
     stale = sorted(
         p.name
         for p in itertools.chain(out_dir.glob("*.tar"), out_dir.glob("*_stats.json"))
@@ -348,7 +357,8 @@ def warn_stale(out_dir: Path, last_shard: int) -> None:
     if stale:
         print(
             f"warning: {out_dir} holds {len(stale)} file(s) past the last shard of this CSV "
-            f"(e.g. {stale[0]}), from an earlier run with other input; remove them before training.",
+            f"(e.g. {stale[0]}), from an earlier run with other input. Training and pipeline.subset skip them "
+            f"(they read the shards {out_dir / INDEX_NAME} lists); remove them to free their space.",
             file=sys.stderr,
         )
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import sys
 import tarfile
 from pathlib import Path
 
+from pipeline import writer
 from pipeline.cli import count_problems, fire_main
 from pipeline.writer import (
     TarShardWriter,
@@ -31,25 +31,28 @@ from pipeline.writer import (
     stats_path,
 )
 
-_STATS = re.compile(r"^(\d{6})_stats\.json$")
-
 
 class SubsetError(ValueError):
     """The subset cannot be made; the message says why and what to do."""
 
 
 def complete_shards(src: Path) -> list[tuple[int, int]]:
-    """``(shard, ok)`` for every complete shard of ``src``, in shard order."""
+    """``(shard, ok)`` for every complete shard of ``src`` that its index lists, in shard order (a shard whose stats
+    cannot be read gives none of its samples)."""
     if not src.is_dir():
         raise SubsetError(f"--src {src} is not a directory of shards (make one with python -m pipeline.shard)")
-    found = []
-    for path in sorted(src.iterdir()):
-        m = _STATS.match(path.name)
-        if m:
-            stats = read_stats(src, int(m.group(1)))
-            if stats is not None:
-                found.append((int(m.group(1)), int(stats["ok"])))
-    return found
+    try:
+        numbers, past = writer.complete_shards(src)
+    except ValueError as e:  # a damaged shards.json
+        raise SubsetError(str(e)) from None
+    if past:
+        print(
+            f"warning: {src} holds {len(past)} shard(s) past the {writer.read_index(src)} its {writer.INDEX_NAME} "
+            f"lists (e.g. {writer.tar_path(src, past[0]).name}), left by an earlier pipeline.shard of another CSV; "
+            "they are not drawn from",
+            file=sys.stderr,
+        )
+    return [(n, int((read_stats(src, n) or {"ok": 0})["ok"])) for n in numbers]
 
 
 def choose(total: int, n: int, seed: int) -> list[int]:

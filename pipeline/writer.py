@@ -172,6 +172,49 @@ def read_stats(out_dir: str | Path, shard: int) -> dict | None:
         return None
 
 
+INDEX_NAME = "shards.json"
+_COMPLETE_TAR = re.compile(r"^(\d{6})\.tar$")
+
+
+def write_index(out_dir: str | Path, shards: int, src: str | Path) -> None:
+    """Record that ``out_dir``'s shards are 0..shards-1, made from ``src``: readers take no shard past them. A folder
+    sharded again from a shorter CSV keeps the earlier run's shards past the new last one (deleting a user's files
+    is not the pipeline's to do); without the index, training would read them as this CSV's."""
+    atomic_write_bytes(Path(out_dir) / INDEX_NAME, json_bytes({"shards": shards, "src": str(Path(src).resolve())}))
+
+
+def read_index(folder: str | Path) -> int | None:
+    """How many shards ``folder``'s index says it has, or None if it has no index (a folder of pipeline.subset, or
+    of a pipeline.shard from before the index). Raises ValueError, naming the fix, if the index cannot be read."""
+    path = Path(folder) / INDEX_NAME
+    if not path.exists():
+        return None
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))["shards"]
+        if type(shards) is not int or shards < 0:
+            raise ValueError(f"shards is {shards!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} cannot be read ({e}); rerun the pipeline.shard command that made {folder} to write it again"
+        ) from None
+    return shards
+
+
+def complete_shards(folder: str | Path) -> tuple[list[int], list[int]]:
+    """The numbers of ``folder``'s complete shards (``NNNNNN.tar`` with its ``_stats.json``) in order, and those of
+    the complete shards past its index (left by an earlier run; readers skip them). Raises ValueError as
+    :func:`read_index` does."""
+    limit = read_index(folder)
+    numbers = sorted(
+        int(m.group(1))
+        for m in map(_COMPLETE_TAR.match, os.listdir(folder))
+        if m and stats_path(folder, int(m.group(1))).is_file()
+    )
+    if limit is None:
+        return numbers, []
+    return [n for n in numbers if n < limit], [n for n in numbers if n >= limit]
+
+
 def remove_temporaries(out_dir: str | Path) -> list[Path]:
     """Delete temporary files left by an interrupted run (call only while holding the folder's lock). A temporary
     folder is another tool's (``pipeline.subset --out OUT/labeled``, killed), which removes its own when it is done

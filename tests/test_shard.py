@@ -116,7 +116,9 @@ def test_output_format_and_failure_reasons(mixed, tmp_path):
         "000001_stats.json",
         "000002.tar",
         "000002_stats.json",
+        "shards.json",
     ]
+    assert json.loads((out / "shards.json").read_text())["shards"] == 3
     # nothing written outside OUT, whatever the ids say
     assert {p for p in set(tmp_path.parent.rglob("*")) - before if out not in p.parents and p != out} == set()
 
@@ -308,6 +310,40 @@ def test_changed_settings_redo_the_shards(many, tmp_path):
     assert stats(out)["settings"]["size"] == 32
 
 
+def test_shards_left_past_a_shorter_csvs_last_are_not_read(many, tmp_path, capsys):
+    """A folder sharded again from a shorter CSV keeps the first run's shards past the new last one; neither the
+    trainer nor pipeline.subset reads them as the new CSV's, and each says so."""
+    from pipeline import subset
+    from train import data
+
+    csv_path, ref = many
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    assert json.loads((out / "shards.json").read_text()) == {"shards": 4, "src": str(csv_path.resolve())}
+    lines = csv_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    short = tmp_path / "short.csv"
+    short.write_text("".join(lines[:6]), encoding="utf-8")  # the header and 5 rows: 2 shards of 3
+    (tmp_path / "v").symlink_to(csv_path.parent / "v")  # the rows' videos, relative to the CSV
+    args = ["--src", short, "--out", out, "--workers", 1, "--samples_per_shard", 3, "--size", 64]
+    proc = run_cli("pipeline.shard", *args, "--progress", "False")
+    assert "4 file(s) past the last shard" in proc.stderr and "shards.json" in proc.stderr, proc.stderr
+    assert json.loads((out / "shards.json").read_text())["shards"] == 2
+    assert len(tars(out)) == 4  # nothing deleted
+
+    assert [Path(t).name for t in data.list_shards(out)] == ["000000.tar", "000001.tar"]
+    assert data.sample_count(out) == 5
+    assert "2 shard(s) past the 2" in data.shards_left_out(out) and "000002.tar" in data.shards_left_out(out)
+    assert data.shards_left_out(ref) == ""
+    assert subset.complete_shards(out) == [(0, 3), (1, 2)]
+    assert "not drawn from" in capsys.readouterr().err
+
+    (out / "shards.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="rerun the pipeline.shard command"):
+        data.list_shards(out)
+    with pytest.raises(subset.SubsetError, match="rerun the pipeline.shard command"):
+        subset.complete_shards(out)
+
+
 def test_a_second_run_on_the_same_output_is_refused(many, tmp_path):
     csv_path, _ = many
     out = tmp_path / "out"
@@ -385,6 +421,7 @@ def test_resume_after_kill_9_gives_identical_output(many, slow_server, tmp_path)
     proc.wait()
     done_before = sorted(p.name for p in out.glob("*_stats.json"))
     assert "000000_stats.json" in done_before and len(done_before) < 4, done_before
+    assert json.loads((out / "shards.json").read_text())["shards"] == 4  # written first: a run cut short has it
     kept = {n: os.stat(out / n.replace("_stats.json", ".tar")).st_mtime_ns for n in done_before}
     rerun = run_cli("pipeline.shard", *common, "--out", out)
     assert f"{4 - len(done_before)} shard(s) written, {len(done_before)} already complete" in rerun.stdout

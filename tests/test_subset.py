@@ -115,6 +115,8 @@ def test_a_rerun_finds_its_subset_however_the_source_is_spelled_and_keeps_it_fro
     # the source gained a shard: the same arguments now draw another subset; the one there is kept, and named
     shutil.copy(src / "000000.tar", src / "000009.tar")
     shutil.copy(src / "000000_stats.json", src / "000009_stats.json")
+    index = json.loads((src / "shards.json").read_text())
+    (src / "shards.json").write_text(json.dumps({**index, "shards": 10}))  # as pipeline.shard of a longer CSV
     subset.main(str(src), str(out), n=5)
     assert (
         f"warning: {out} holds the subset of 5 drawn (seed 0) when {src} held 19 samples in 4 complete shard(s); it "

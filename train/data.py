@@ -42,6 +42,7 @@ import webdataset as wds
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
+from pipeline import writer
 from pipeline.writer import tar_groups
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class DataError(ValueError):
 
 
 def list_shards(folder: str | Path) -> list[str]:
-    """The complete shards (tar with its ``_stats.json``) of a folder, in order."""
+    """The complete shards (tar with its ``_stats.json``) of a folder, in order; not those past the folder's index
+    (``shards.json``), which an earlier pipeline.shard of a longer CSV left (:func:`shards_left_out`)."""
     path = Path(folder)
     if str(folder) and path.is_file():
         raise DataError(
@@ -67,13 +69,32 @@ def list_shards(folder: str | Path) -> list[str]:
             f"shard folder {str(folder)!r} does not exist; make it with python -m pipeline.shard "
             "(or pipeline.subset for the labeled set)"
         )
-    tars = sorted(str(t) for t in path.glob("[0-9]*.tar") if t.with_name(f"{t.stem}_stats.json").is_file())
+    tars = [str(writer.tar_path(path, n)) for n in _complete_shards(path)[0]]
     if not tars:
         raise DataError(
             f"{folder} holds no complete shard ({{NNNNNN}}.tar with its _stats.json); "
             "run python -m pipeline.shard to make them, or let it finish"
         )
     return tars
+
+
+def _complete_shards(folder: Path) -> tuple[list[int], list[int]]:
+    try:
+        return writer.complete_shards(folder)
+    except ValueError as e:  # a damaged shards.json
+        raise DataError(str(e)) from None
+
+
+def shards_left_out(folder: str | Path) -> str:
+    """A warning naming the complete shards of ``folder`` that :func:`list_shards` skips, or "" if there are none."""
+    past = _complete_shards(Path(folder))[1]
+    if not past:
+        return ""
+    return (
+        f"warning: {folder} holds {len(past)} shard(s) past the {writer.read_index(folder)} its "
+        f"{writer.INDEX_NAME} lists (e.g. {writer.tar_path(folder, past[0]).name}), left by an earlier pipeline.shard "
+        "of another CSV; they are not read. Remove them to free their space"
+    )
 
 
 def sample_count(folder: str | Path) -> int:

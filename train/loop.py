@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -520,6 +521,9 @@ def run(cfg: TrainConfig) -> dict:
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
         remove_temporaries(out)
+    for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
+        if distributed.is_main() and (warning := data.shards_left_out(folder)):
+            print(warning, file=sys.stderr)
     if distributed.is_main() and val_videos < cfg.val_batch:  # validation_loss takes min(batch, videos)
         print(
             f"note: {val_videos} validation videos, fewer than --val_batch {cfg.val_batch}: the validation loss (the "
