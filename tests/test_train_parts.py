@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import http.server
 import io
 import itertools
 import math
 import random
 import re
 import shutil
+import socket
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,75 @@ def test_weights_are_checked_without_reading_or_fetching_them(tmp_path):
     demo = str(REPO / "train" / "model_configs" / "demo-clip.json")  # another architecture, checked on meta
     with pytest.raises(WeightsError, match=r"does not fit demo-clip \(.* and \d+ more\): pass the --model"):
         check_weights(demo, str(path))
+
+
+def test_an_unreachable_hf_hub_fails_at_once_naming_the_cache(tmp_path, monkeypatch):
+    """No answer from the Hub: huggingface_hub retried each of open_clip's two files 5 times (23 s of back-off each);
+    now the Hub is asked once, and with nothing cached the error names the cache it looked in."""
+    import huggingface_hub.utils._http as hf_http
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: refused at once, as a machine without network
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    backoff = []
+    monkeypatch.setattr(hf_http.time, "sleep", backoff.append)  # its retries' waits, counted and not waited
+    with pytest.raises(WeightsError, match=rf"HF Hub cannot be reached \(http://127.0.0.1:{port}: .*\)") as e:
+        create_clip("ViT-B-16-quickgelu", "openai")
+    assert str(tmp_path / "hub") in str(e.value) and "--teacher_weights" in str(e.value)
+    assert backoff == [] and constants.HF_HUB_OFFLINE is False
+
+
+def test_an_unreachable_hf_hub_loads_cached_weights_in_offline_mode(monkeypatch, capsys):
+    import open_clip
+    from huggingface_hub import constants
+
+    from train import model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        model, "hub_unreachable", lambda: "https://huggingface.co: [Errno -2] Name or service not known"
+    )
+    build = open_clip.create_model
+    offline = []
+
+    def create_model(name, pretrained=None, **kwargs):
+        offline.append(constants.HF_HUB_OFFLINE)  # huggingface_hub then takes files from its cache at once
+        return build(name, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    create_clip(str(TINY_CLIP), "openai")
+    assert offline == [True] and constants.HF_HUB_OFFLINE is False
+    assert "cannot be reached (https://huggingface.co: [Errno -2]" in capsys.readouterr().out
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # set by the user: the Hub is not asked
+    monkeypatch.setattr(model, "hub_unreachable", lambda: pytest.fail("asked the Hub in offline mode"))
+    create_clip(str(TINY_CLIP), "openai")
+
+
+def test_the_hub_probe_takes_any_http_answer_as_reachable(monkeypatch):
+    from huggingface_hub import constants
+
+    from train.model import hub_unreachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_unreachable() == ""
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert hub_unreachable().startswith(f"http://127.0.0.1:{server.server_port}: ")  # closed now
 
 
 def test_video_embedding_is_the_mean_of_normalised_frame_embeddings():

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     CheckpointWrapper,
@@ -176,20 +179,23 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
     name = register_model(model)
     is_file = bool(weights) and is_weights_file(weights)
     tag = None if is_file or not weights else weights
+    unreachable = tag is not None and not hf_constants.HF_HUB_OFFLINE and hub_unreachable()
     try:
-        with _quiet_open_clip():  # it warns "no pretrained weights loaded" when we load them ourselves
+        # _quiet_open_clip: it warns "no pretrained weights loaded" when we load them ourselves
+        with _quiet_open_clip(), _hub_offline(bool(unreachable)):
             clip = open_clip.create_model(name, pretrained=tag, device="cpu")
-    except RuntimeError as e:  # open_clip's message for unknown tags and failed downloads
+    except (RuntimeError, OSError) as e:  # open_clip's for unknown tags; huggingface_hub's for no connection
+        fix = "pass a local weights file (--teacher_weights, or eval.run's model path), or fill the HF cache"
+        cache = hf_constants.HF_HUB_CACHE
         raise WeightsError(
-            f"cannot load weights {weights!r} for {name}: {e}. Offline? Pass a local state dict "
-            "file, or fill the HF cache on a connected machine and set HF_HUB_OFFLINE=1"
+            f"cannot load weights {weights!r} for {name}: the HF Hub cannot be reached ({unreachable}) and the HF "
+            f"cache ({cache}) does not hold them ({type(e).__name__}: {e}). Either {fix} on a connected machine"
+            if unreachable
+            else f"cannot load weights {weights!r} for {name} ({type(e).__name__}: {e}). Offline? Either {fix} "
+            f"({cache}) on a connected machine"
         ) from e
-    except OSError as e:  # huggingface_hub: no connection and nothing cached
-        raise WeightsError(
-            f"cannot fetch weights {weights!r} for {name} from the HF Hub ({type(e).__name__}). "
-            "Offline? Pass a local state dict file with --teacher_weights, or fill the HF cache "
-            "on a connected machine and set HF_HUB_OFFLINE=1"
-        ) from e
+    if unreachable:
+        print(f"note: the HF Hub cannot be reached ({unreachable}): {weights!r} was loaded from the HF cache")
     if is_file:
         state = load_state_dict(weights)
         problem = fit_problem(state, state_shapes(clip))
@@ -197,6 +203,33 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
             raise WeightsError(f"{weights} does not fit {name} ({problem}): pass the --model they were trained with")
         clip.load_state_dict(state)
     return clip.to(device)
+
+
+def hub_unreachable(timeout_s: float = 5.0) -> str:
+    """Why the HF Hub (``HF_ENDPOINT``) cannot be reached, asked once; "" if it answers (any HTTP status). Asked
+    before open_clip fetches a tag's weights: huggingface_hub retries a request that gets no answer 5 times, 23 s
+    of back-off, and open_clip asks for two files in turn, so an offline machine waited about a minute for an
+    error (or for the cached file). urllib, as huggingface_hub, goes through the HTTPS_PROXY of the environment."""
+    request = urllib.request.Request(hf_constants.ENDPOINT, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return ""
+    except (OSError, ValueError) as e:  # URLError, a timeout, a malformed HF_ENDPOINT
+        return f"{hf_constants.ENDPOINT}: {getattr(e, 'reason', e)}"
+    return ""
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub in offline mode (``HF_HUB_OFFLINE=1``, which it reads once, at import) while ``offline``:
+    files come from its cache, at once."""
+    before = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = before
 
 
 @contextlib.contextmanager
