@@ -27,7 +27,6 @@ import statistics
 import time
 from pathlib import Path
 
-import open_clip
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -37,7 +36,7 @@ from pipeline.cli import comma_list, count_problems, fire_main, folder_problems,
 from pipeline.writer import atomic_write_bytes, iter_tar_samples, json_bytes
 from train import data
 from train.config import AUGMENT_ON
-from train.model import register_model, text_tokenizer, tokenizer_for
+from train.model import meta_clip, text_tokenizer, tokenizer_for
 from train.prefetch import to_device
 from train.profiling import sync
 
@@ -62,8 +61,7 @@ def jpeg_limit(shards: list[str], seconds: float = 3.0) -> tuple[float, tuple[in
 def trainer_tokenizer(model: str):
     """The tokenizer ``train.main``'s streams use for ``model``: cutting each batch's padding where its text tower
     allows (``train.model.text_tokenizer``). The model is built on the meta device: no weights, no memory."""
-    clip = open_clip.create_model(register_model(model), device="meta")
-    return text_tokenizer(clip, tokenizer_for(model))
+    return text_tokenizer(meta_clip(model), tokenizer_for(model))
 
 
 def shard_problems(shards, frames) -> list[str]:

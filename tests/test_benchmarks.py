@@ -200,7 +200,7 @@ def test_loader_bench_measures_each_place_the_crop_runs(train_shards, tmp_path):
     assert rows["loader"]["jpeg_per_s_per_worker"] > 0 and rows["device_jpeg"]["jpeg_per_s_per_worker"] is None
 
 
-def test_loader_bench_uses_the_trainers_tokenizer_and_leaves_torchs_threads_as_they_were(train_shards):
+def test_loader_bench_uses_the_trainers_tokenizer_and_leaves_torchs_threads_as_they_were(train_shards, caplog):
     import torch
 
     from benchmarks.loader_bench import jpeg_limit, trainer_tokenizer
@@ -208,6 +208,7 @@ def test_loader_bench_uses_the_trainers_tokenizer_and_leaves_torchs_threads_as_t
     from train.model import TrimmedTokenizer
 
     assert isinstance(trainer_tokenizer(str(TINY_CLIP)), TrimmedTokenizer)  # as train.main's text_tokenizer
+    assert "No pretrained weights" not in caplog.text  # open_clip's warning: the model is built only for its shape
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -98,12 +98,18 @@ def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def meta_clip(model: str) -> torch.nn.Module:
+    """``model`` (name or config JSON) built on the meta device: its structure without weights or memory (~50 ms for
+    ViT-B/16), and without open_clip's warning that no pretrained weights were loaded."""
+    with torch.device("meta"), _quiet_open_clip():
+        return open_clip.create_model(register_model(model), device="meta")
+
+
 def expected_shapes(name: str) -> dict[str, tuple[int, ...]] | None:
-    """The shapes of a registered model's state dict, from a build on the meta device (no memory, ~50 ms for
-    ViT-B/16); None if this model cannot be built there (the check is then left to loading)."""
+    """The shapes of a registered model's state dict, from a build on the meta device; None if this model cannot be
+    built there (the check is then left to loading)."""
     try:
-        with torch.device("meta"), _quiet_open_clip():
-            clip = open_clip.create_model(name, device="meta")
+        clip = meta_clip(name)
     except Exception:
         return None
     return state_shapes(clip)
