@@ -283,7 +283,7 @@ def run(
     remove_temporaries(out_dir)
     total_rows = count_rows(src)
     shards = -(-total_rows // samples_per_shard)
-    write_index(out_dir, shards, src)  # first: a run cut short leaves its own count, not an earlier run's
+    write_index(out_dir, shards, src, finished=False)  # first: until it ends, readers refuse the folder
     print(
         f"pipeline.shard: {total_rows} rows in {src} -> {out_dir}/ ({samples_per_shard} per shard, "
         f"{settings.sample.frames} frames, size {settings.sample.size}, {workers} {distributor} worker(s))",
@@ -316,9 +316,9 @@ def run(
     finally:
         bar.close()
     elapsed = time.monotonic() - start
-    if planned and planned[0] != shards:  # the CSV's rows, read, make another count than they did counted
-        shards = planned[0]
-        write_index(out_dir, shards, src)
+    if planned:  # every shard was made or tried (a crashed one stays missing: the readers say so)
+        shards = planned[0]  # the CSV's rows as read, which the quick count may miscount
+        write_index(out_dir, shards, src, finished=True)
     print_summary(totals, elapsed, out_dir, crashed)
     warn_stale(out_dir, shards - 1)
     return 1 if crashed else 0

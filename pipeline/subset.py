@@ -25,7 +25,6 @@ from pipeline.writer import (
     held_temporary_folder,
     iter_tar_samples,
     json_bytes,
-    read_stats,
     remove_abandoned,
     shard_name,
     stats_path,
@@ -37,22 +36,19 @@ class SubsetError(ValueError):
 
 
 def complete_shards(src: Path) -> list[tuple[int, int]]:
-    """``(shard, ok)`` for every complete shard of ``src`` that its index lists, in shard order (a shard whose stats
-    cannot be read gives none of its samples)."""
+    """``(shard, ok)`` for every complete shard of ``src`` that its index lists, in shard order; refused if the
+    pipeline.shard making it has not finished (a draw from part of it would be kept once it has)."""
     if not src.is_dir():
         raise SubsetError(f"--src {src} is not a directory of shards (make one with python -m pipeline.shard)")
     try:
-        numbers, past = writer.complete_shards(src)
+        listing = writer.list_folder(src)
     except ValueError as e:  # a damaged shards.json
         raise SubsetError(str(e)) from None
-    if past:
-        print(
-            f"warning: {src} holds {len(past)} shard(s) past the {writer.read_index(src)} its {writer.INDEX_NAME} "
-            f"lists (e.g. {writer.tar_path(src, past[0]).name}), left by an earlier pipeline.shard of another CSV; "
-            "they are not drawn from",
-            file=sys.stderr,
-        )
-    return [(n, int((read_stats(src, n) or {"ok": 0})["ok"])) for n in numbers]
+    if listing.problem:
+        raise SubsetError(listing.problem)
+    for line in listing.warnings():
+        print(line, file=sys.stderr)
+    return list(listing.ok.items())
 
 
 def choose(total: int, n: int, seed: int) -> list[int]:

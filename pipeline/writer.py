@@ -21,6 +21,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -173,46 +174,95 @@ def read_stats(out_dir: str | Path, shard: int) -> dict | None:
 
 
 INDEX_NAME = "shards.json"
-_COMPLETE_TAR = re.compile(r"^(\d{6})\.tar$")
+_TAR = re.compile(r"^(\d{6})\.tar$")
 
 
-def write_index(out_dir: str | Path, shards: int, src: str | Path) -> None:
-    """Record that ``out_dir``'s shards are 0..shards-1, made from ``src``: readers take no shard past them. A folder
-    sharded again from a shorter CSV keeps the earlier run's shards past the new last one (deleting a user's files
-    is not the pipeline's to do); without the index, training would read them as this CSV's."""
-    atomic_write_bytes(Path(out_dir) / INDEX_NAME, json_bytes({"shards": shards, "src": str(Path(src).resolve())}))
+def write_index(out_dir: str | Path, shards: int, src: str | Path, finished: bool) -> None:
+    """Record that ``out_dir``'s shards are 0..shards-1, made from ``src``, and whether the run making them has
+    ended. Readers take no shard past them: a folder sharded again from a shorter CSV keeps the earlier run's shards
+    past the new last one (deleting a user's files is not the pipeline's to do). Until the run ends, its shards may
+    be missing or still an earlier CSV's, so readers refuse the folder (:class:`ShardListing`)."""
+    record = {"shards": shards, "src": str(Path(src).resolve()), "finished": finished}
+    atomic_write_bytes(Path(out_dir) / INDEX_NAME, json_bytes(record))
 
 
-def read_index(folder: str | Path) -> int | None:
-    """How many shards ``folder``'s index says it has, or None if it has no index (a folder of pipeline.subset, or
-    of a pipeline.shard from before the index). Raises ValueError, naming the fix, if the index cannot be read."""
+def read_index(folder: str | Path) -> dict | None:
+    """``folder``'s index (``shards``, ``src``, ``finished``), or None if it has none (a folder of pipeline.subset,
+    or of a pipeline.shard from before the index). Raises ValueError, naming the fix, if it cannot be read."""
     path = Path(folder) / INDEX_NAME
     if not path.exists():
         return None
     try:
-        shards = json.loads(path.read_text(encoding="utf-8"))["shards"]
-        if type(shards) is not int or shards < 0:
-            raise ValueError(f"shards is {shards!r}")
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if type(record["shards"]) is not int or record["shards"] < 0 or not isinstance(record["src"], str):
+            raise ValueError(f"shards {record['shards']!r}, src {record['src']!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"{path} cannot be read ({e}); rerun the pipeline.shard command that made {folder} to write it again"
         ) from None
-    return shards
+    return {**record, "finished": record.get("finished") is not False}
 
 
-def complete_shards(folder: str | Path) -> tuple[list[int], list[int]]:
-    """The numbers of ``folder``'s complete shards (``NNNNNN.tar`` with its ``_stats.json``) in order, and those of
-    the complete shards past its index (left by an earlier run; readers skip them). Raises ValueError as
-    :func:`read_index` does."""
-    limit = read_index(folder)
-    numbers = sorted(
-        int(m.group(1))
-        for m in map(_COMPLETE_TAR.match, os.listdir(folder))
-        if m and stats_path(folder, int(m.group(1))).is_file()
-    )
-    if limit is None:
-        return numbers, []
-    return [n for n in numbers if n < limit], [n for n in numbers if n >= limit]
+@dataclass(frozen=True)
+class ShardListing:
+    """A shard folder as its readers (training, pipeline.subset) take it. A shard is complete when its tar and its
+    stats are there and the stats can be read, as ``pipeline.shard`` decides what to remake."""
+
+    folder: Path
+    ok: dict[int, int]  # the complete shards the index lists (all, without an index), in order: their samples
+    past: list[int]  # complete shards past the index, an earlier run's of a longer CSV: not read
+    missing: list[int]  # shards the index lists that are not complete; or a tar with unreadable stats
+    index: dict | None
+
+    @property
+    def problem(self) -> str:
+        """Why the folder must not be read ("" if it may): the pipeline.shard making it has not ended."""
+        if self.index is None or self.index["finished"]:
+            return ""
+        return (
+            f"the pipeline.shard run making {self.folder} has not finished (it was stopped, or is still running): "
+            f"its shards may be missing, or an earlier CSV's. Finish it by running it again: python -m "
+            f"pipeline.shard --src {self.index['src']} --out {self.folder} (with the same flags)"
+        )
+
+    def warnings(self) -> list[str]:
+        """A line for each kind of shard the readers leave out."""
+        lines = []
+        if self.past:
+            lines.append(
+                f"warning: {self.folder} holds {len(self.past)} shard(s) past the {self.index['shards']} its "
+                f"{INDEX_NAME} lists (e.g. {tar_path(self.folder, self.past[0]).name}), left by an earlier "
+                "pipeline.shard of another CSV; they are not read. Remove them to free their space"
+            )
+        if self.missing:
+            lines.append(
+                f"warning: {len(self.missing)} shard(s) of {self.folder} are missing or have unreadable stats (e.g. "
+                f"{tar_path(self.folder, self.missing[0]).name}); they are not read. Rerunning the pipeline.shard "
+                "command that made the folder makes them"
+            )
+        return lines
+
+
+def list_folder(folder: str | Path) -> ShardListing:
+    """What ``folder`` holds for its readers. Raises ValueError as :func:`read_index` does."""
+    folder = Path(folder)
+    index = read_index(folder)
+    tars = sorted(int(m.group(1)) for m in map(_TAR.match, os.listdir(folder)) if m)
+    ok, damaged = {}, []
+    for n in tars:
+        if not stats_path(folder, n).is_file():
+            continue  # being made, or its worker died: the next run makes it
+        stats = read_stats(folder, n)
+        if isinstance(stats, dict) and type(stats.get("ok")) is int:
+            ok[n] = stats["ok"]
+        else:
+            damaged.append(n)
+    if index is None:
+        return ShardListing(folder, ok, [], damaged, None)
+    limit = index["shards"]
+    missing = sorted({n for n in range(limit) if n not in ok} | {n for n in damaged if n < limit})
+    past = [n for n in ok if n >= limit]
+    return ShardListing(folder, {n: c for n, c in ok.items() if n < limit}, past, missing, index)
 
 
 def remove_temporaries(out_dir: str | Path) -> list[Path]:

@@ -319,7 +319,11 @@ def test_shards_left_past_a_shorter_csvs_last_are_not_read(many, tmp_path, capsy
     csv_path, ref = many
     out = tmp_path / "out"
     shutil.copytree(ref, out)
-    assert json.loads((out / "shards.json").read_text()) == {"shards": 4, "src": str(csv_path.resolve())}
+    assert json.loads((out / "shards.json").read_text()) == {
+        "finished": True,
+        "shards": 4,
+        "src": str(csv_path.resolve()),
+    }
     lines = csv_path.read_text(encoding="utf-8").splitlines(keepends=True)
     short = tmp_path / "short.csv"
     short.write_text("".join(lines[:6]), encoding="utf-8")  # the header and 5 rows: 2 shards of 3
@@ -332,16 +336,58 @@ def test_shards_left_past_a_shorter_csvs_last_are_not_read(many, tmp_path, capsy
 
     assert [Path(t).name for t in data.list_shards(out)] == ["000000.tar", "000001.tar"]
     assert data.sample_count(out) == 5
-    assert "2 shard(s) past the 2" in data.shards_left_out(out) and "000002.tar" in data.shards_left_out(out)
-    assert data.shards_left_out(ref) == ""
+    (warning,) = data.shard_warnings(out)
+    assert "2 shard(s) past the 2" in warning and "000002.tar" in warning
+    assert data.shard_warnings(ref) == []
     assert subset.complete_shards(out) == [(0, 3), (1, 2)]
-    assert "not drawn from" in capsys.readouterr().err
+    assert "000002.tar" in capsys.readouterr().err
 
     (out / "shards.json").write_text("{not json")
     with pytest.raises(data.DataError, match="rerun the pipeline.shard command"):
         data.list_shards(out)
     with pytest.raises(subset.SubsetError, match="rerun the pipeline.shard command"):
         subset.complete_shards(out)
+
+
+def test_a_folder_whose_sharding_has_not_finished_is_refused_and_one_that_lost_a_shard_is_named(many, tmp_path):
+    """A pipeline.shard stopped before its end leaves shards of the new CSV beside an earlier CSV's, under one index;
+    training and pipeline.subset refuse the folder until a rerun finishes it. A finished run whose shard could not be
+    made (its worker crashed), or whose stats are damaged, is read without it, and the readers name it."""
+    from pipeline import subset, writer
+    from train import data
+
+    csv_path, ref = many
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    writer.write_index(out, 4, csv_path, finished=False)  # as pipeline.shard leaves it when stopped
+    for read, error in ((data.list_shards, data.DataError), (subset.complete_shards, subset.SubsetError)):
+        with pytest.raises(error, match="has not finished") as e:
+            read(out)
+        assert f"python -m pipeline.shard --src {csv_path.resolve()} --out {out}" in str(e.value)
+    writer.write_index(out, 4, csv_path, finished=True)
+    (out / "000001_stats.json").unlink()  # never made
+    (out / "000002_stats.json").write_text("{")  # damaged
+    assert [Path(t).name for t in data.list_shards(out)] == ["000000.tar", "000003.tar"]
+    (warning,) = data.shard_warnings(out)
+    assert "2 shard(s) of" in warning and "000001.tar" in warning
+    assert data.sample_count(out) == 6 and subset.complete_shards(out) == [(0, 3), (3, 3)]
+    proc = run_cli(
+        "pipeline.shard",
+        "--src",
+        csv_path,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--samples_per_shard",
+        3,
+        "--size",
+        64,
+        "--progress",
+        "False",
+    )
+    assert "2 shard(s) written, 2 already complete" in proc.stdout
+    assert data.shard_warnings(out) == [] and tars(out) == tars(ref)
 
 
 def test_a_second_run_on_the_same_output_is_refused(many, tmp_path):
@@ -421,7 +467,8 @@ def test_resume_after_kill_9_gives_identical_output(many, slow_server, tmp_path)
     proc.wait()
     done_before = sorted(p.name for p in out.glob("*_stats.json"))
     assert "000000_stats.json" in done_before and len(done_before) < 4, done_before
-    assert json.loads((out / "shards.json").read_text())["shards"] == 4  # written first: a run cut short has it
+    index = json.loads((out / "shards.json").read_text())  # written first: a run cut short has it, unfinished
+    assert (index["shards"], index["finished"]) == (4, False)
     kept = {n: os.stat(out / n.replace("_stats.json", ".tar")).st_mtime_ns for n in done_before}
     rerun = run_cli("pipeline.shard", *common, "--out", out)
     assert f"{4 - len(done_before)} shard(s) written, {len(done_before)} already complete" in rerun.stdout

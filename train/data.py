@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import logging
 import math
 import os
@@ -56,8 +55,14 @@ class DataError(ValueError):
 
 
 def list_shards(folder: str | Path) -> list[str]:
-    """The complete shards (tar with its ``_stats.json``) of a folder, in order; not those past the folder's index
-    (``shards.json``), which an earlier pipeline.shard of a longer CSV left (:func:`shards_left_out`)."""
+    """The complete shards of a folder, in order: those its index (``shards.json``) lists (:class:`ShardListing`;
+    :func:`shard_warnings` names those left out). A folder whose pipeline.shard has not finished is refused."""
+    return [str(writer.tar_path(folder, n)) for n in shard_listing(folder).ok]
+
+
+def shard_listing(folder: str | Path) -> writer.ShardListing:
+    """``pipeline.writer.list_folder`` of a shard folder given as ``folder``, refused (:class:`DataError`) if it
+    is not one, holds no complete shard, or is being made."""
     path = Path(folder)
     if str(folder) and path.is_file():
         raise DataError(
@@ -69,43 +74,28 @@ def list_shards(folder: str | Path) -> list[str]:
             f"shard folder {str(folder)!r} does not exist; make it with python -m pipeline.shard "
             "(or pipeline.subset for the labeled set)"
         )
-    tars = [str(writer.tar_path(path, n)) for n in _complete_shards(path)[0]]
-    if not tars:
+    try:
+        listing = writer.list_folder(path)
+    except ValueError as e:  # a damaged shards.json
+        raise DataError(str(e)) from None
+    if listing.problem:
+        raise DataError(listing.problem)
+    if not listing.ok:
         raise DataError(
             f"{folder} holds no complete shard ({{NNNNNN}}.tar with its _stats.json); "
             "run python -m pipeline.shard to make them, or let it finish"
         )
-    return tars
+    return listing
 
 
-def _complete_shards(folder: Path) -> tuple[list[int], list[int]]:
-    try:
-        return writer.complete_shards(folder)
-    except ValueError as e:  # a damaged shards.json
-        raise DataError(str(e)) from None
-
-
-def shards_left_out(folder: str | Path) -> str:
-    """A warning naming the complete shards of ``folder`` that :func:`list_shards` skips, or "" if there are none."""
-    past = _complete_shards(Path(folder))[1]
-    if not past:
-        return ""
-    return (
-        f"warning: {folder} holds {len(past)} shard(s) past the {writer.read_index(folder)} its "
-        f"{writer.INDEX_NAME} lists (e.g. {writer.tar_path(folder, past[0]).name}), left by an earlier pipeline.shard "
-        "of another CSV; they are not read. Remove them to free their space"
-    )
+def shard_warnings(folder: str | Path) -> list[str]:
+    """A line for each kind of shard of ``folder`` that :func:`list_shards` leaves out."""
+    return shard_listing(folder).warnings()
 
 
 def sample_count(folder: str | Path) -> int:
-    """The samples of a folder's complete shards, from their stats (no tar is read; unreadable stats count 0)."""
-    count = 0
-    for url in list_shards(folder):
-        try:
-            count += int(json.loads(Path(url).with_name(f"{Path(url).stem}_stats.json").read_text())["ok"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return count
+    """The samples of a folder's complete shards, from their stats (no tar is read)."""
+    return sum(shard_listing(folder).ok.values())
 
 
 def check_validation(folder: str | Path, limit: int = 0) -> int:

@@ -522,7 +522,7 @@ def run(cfg: TrainConfig) -> dict:
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
         remove_temporaries(out)
     for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
-        if distributed.is_main() and (warning := data.shards_left_out(folder)):
+        for warning in data.shard_warnings(folder) if distributed.is_main() else ():
             print(warning, file=sys.stderr)
     if distributed.is_main() and val_videos < cfg.val_batch:  # validation_loss takes min(batch, videos)
         print(
