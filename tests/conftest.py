@@ -27,6 +27,12 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: pytest-xdist hands tests out in this order, and the demo's (over a minute) started last
+    kept one worker busy while the others had finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 write_csv = synthetic.write_csv  # tests write their CSVs as the generators do
 
 

@@ -1019,6 +1019,7 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levers", [{}, {"packed_qkv": True, "linear_patch_embed": True, "cls_last_block": True}])
 def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path, levers):
     """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1, also
