@@ -761,6 +761,11 @@ def test_resume_keeps_the_best_that_best_pt_holds(train_shards, tmp_path):
     summary = loop.run(tiny_config(train_shards, out, steps=4, resume="auto", fuse=False))
     assert summary["best_val_loss"] == -1.0
     assert torch.load(out / checkpoint.BEST, weights_only=True)["step"] == 2
+    # a damaged best.pt (a disk error; a save is atomic) was a traceback on resuming: the next validation replaces it
+    (out / checkpoint.BEST).write_bytes((out / checkpoint.BEST).read_bytes()[:1000])
+    assert checkpoint.best_val_loss(out) is None
+    summary = loop.run(tiny_config(train_shards, out, steps=6, resume="auto", fuse=False))
+    assert torch.load(out / checkpoint.BEST, weights_only=True)["step"] == 6 and summary["best_val_loss"] < math.inf
 
 
 def test_resume_from_a_named_checkpoint_and_refusals_of_files_that_cannot_resume(train_shards, tmp_path, monkeypatch):

@@ -59,14 +59,17 @@ def interrupt_after():
         raise KeyboardInterrupt
 
 
-def best_val_loss(out: str | Path) -> float:
+def best_val_loss(out: str | Path) -> float | None:
     """The validation loss that OUT/best.pt was saved with (inf if none): a crash between saving best.pt and
-    latest.pt leaves latest.pt with an older, higher best; the resumed run must not replace best.pt with worse."""
+    latest.pt leaves latest.pt with an older, higher best; the resumed run must not replace best.pt with worse.
+    None if best.pt cannot be read (damaged: the run replaces it)."""
     path = Path(out) / BEST
     try:
         return float(load(path, mmap=True)["val"]["loss"])
     except (FileNotFoundError, KeyError, TypeError):  # no best.pt, or one saved without validation
         return float("inf")
+    except Exception:  # torch.load's errors for a damaged file: RuntimeError, UnpicklingError, EOFError, ...
+        return None
 
 
 def load(path: str | Path, mmap: bool = False) -> dict:
