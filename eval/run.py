@@ -40,6 +40,7 @@ from pipeline.cli import (
     raised_problems,
     refuse,
     switch_problems,
+    write_failed,
 )
 from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
@@ -521,6 +522,12 @@ def main(
             records = run(cfg, models, loaded, skipped, bool(strict))
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
             sys.exit(f"error: {e}")
+        except OSError as e:  # a full disk, a file-size limit (a video that cannot be read is a per-video failure)
+            where = e.filename or f"{cfg.out} (or the frame cache, {cfg.cache or Path(cfg.out) / 'cache'})"
+            sys.exit(
+                f"error: {write_failed(e, where)}; the records scored so far are kept, and the frame cache keeps the "
+                "datasets it had finished decoding"
+            )
         except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
             sys.exit(
                 f"interrupted: the records scored so far are in {cfg.out} (with their tables in {report.SUMMARY_NAME}, "

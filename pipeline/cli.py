@@ -4,6 +4,7 @@ readings of fire's forms of an argument (torch-free)."""
 from __future__ import annotations
 
 import difflib
+import errno
 import inspect
 import math
 import sys
@@ -147,3 +148,15 @@ def folder_problems(folders: dict[str, object]) -> list[str]:
         where = "" if existing == path else f": {existing}"
         problems.append(f"--{name} {value}{where} is a file; give a folder (made if missing)")
     return problems
+
+
+def write_failed(error: OSError, what: str | Path, too_big: str = "") -> str:
+    """One line for a failed write into ``what`` (a full disk, a file-size limit, a read-only folder), with what to
+    do about it; ``too_big`` is the fix for a file larger than the filesystem or ``ulimit -f`` allows."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free space on its disk (or raise the quota)"
+    elif error.errno == errno.EFBIG:
+        fix = too_big or "A file is larger than this filesystem or ulimit -f allows: raise the limit"
+    else:
+        fix = f"Check that {what} can be written"
+    return f"writing {what} failed: {error}. {fix}"

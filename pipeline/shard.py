@@ -14,7 +14,6 @@ specified in shards/README.md.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.util
 import itertools
 import os
@@ -28,7 +27,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.cli import count_problems, fire_main, folder_problems, positive_problems, switch_problems
+from pipeline.cli import (
+    count_problems,
+    fire_main,
+    folder_problems,
+    positive_problems,
+    switch_problems,
+    write_failed,
+)
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
@@ -257,13 +263,9 @@ def _os_problem(error: OSError, out_dir: Path) -> str:
     name = Path(error.filename).resolve() if isinstance(error.filename, str) and error.filename else None
     if name is not None and out_dir.resolve() not in (name, *name.parents):
         return f"reading {error.filename} failed: {error}. Check that it can be read"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "Free space on its disk (or raise the quota)"
-    elif error.errno == errno.EFBIG:
-        fix = "A shard is larger than this filesystem or ulimit -f allows: lower --samples_per_shard"
-    else:
-        fix = "Check that OUT can be written"
-    return f"writing {out_dir} failed: {error}. {fix}"
+    return write_failed(
+        error, out_dir, "A shard is larger than this filesystem or ulimit -f allows: lower --samples_per_shard"
+    )
 
 
 def run(

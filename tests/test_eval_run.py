@@ -716,6 +716,28 @@ def test_wandb_that_cannot_reach_its_server_ends_in_one_line_after_the_results_a
     )
 
 
+def test_a_full_disk_ends_the_run_in_one_line(bench, tmp_path, monkeypatch):
+    """A write that fails (the frame cache, a record) on a full disk was a traceback."""
+    import errno
+
+    from eval import run
+
+    root, _, w = bench
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "run", full)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
+    assert str(e.value.code) == (
+        f"error: writing {out} (or the frame cache, {out / 'cache'}) failed: [Errno 28] No space left on device. "
+        "Free space on its disk (or raise the quota); the records scored so far are kept, and the frame cache keeps "
+        "the datasets it had finished decoding"
+    )
+
+
 def test_a_dataset_with_no_video_found_is_named_and_with_none_found_the_run_fails(bench, tmp_path):
     """Annotation files in place but the video folder elsewhere: every metric was empty, and the run exited 0."""
     from eval import run

@@ -965,6 +965,28 @@ def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_full_disk_ends_a_run_with_one_line_and_keeps_the_last_save(train_shards, tmp_path):
+    """A write that fails (a file-size limit here, as a full disk would) ended in two tracebacks (the OSError, then
+    torch's "unexpected pos"); it is one line that names the cause and how to go on, and no temporary stays."""
+    import resource
+
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    limit = (out / checkpoint.LATEST).stat().st_size // 2  # the next save fails part-way
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.main", *cli_args(train_shards, out, resume="auto", wandb="off")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "File too large" in line and "ulimit -f" in line and "--resume auto" in line
+    assert torch.load(out / checkpoint.LATEST, weights_only=True)["step"] == 2 and not list(out.glob(".*tmp*"))
+
+
 def test_ctrl_c_ends_a_run_with_one_line_that_says_how_to_go_on(train_shards, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group: the trainer and its loader workers) printed a traceback."""
     import signal

@@ -36,7 +36,12 @@ def atomic_save(obj, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with interrupt_after(), atomic_file(path) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write ("unexpected pos"); the OSError says why
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     return path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import fire
 
-from pipeline.cli import folder_problems, raised_problems, refuse
+from pipeline.cli import folder_problems, raised_problems, refuse, write_failed
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
@@ -38,6 +38,12 @@ def main(recipe: str = "paper", **flags) -> None:
         run(cfg)
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a file-size limit: the saves are atomic, so the last complete one stands
+        where = Path(e.filename).parent if isinstance(e.filename, str) and e.filename else cfg.out
+        sys.exit(
+            f"error: {write_failed(e, where)}; then rerun the same command with --resume auto "
+            f"({Path(cfg.out) / LATEST} holds the run as of its last complete save, if any)"
+        )
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept (from rank 0 only), not a traceback
         latest = Path(cfg.out) / LATEST
         if os.environ.get("RANK", "0") != "0":
