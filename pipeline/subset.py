@@ -159,6 +159,7 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
             raise SubsetError(f"--out {out_path} is a file; give a new folder for the subset's shards")
         if out_path.exists() and any(out_path.iterdir()):
             if _holds_subset(out_path, src_path, n, seed, samples_per_shard):
+                remove_abandoned(out_path)  # a killed rerun's temporary folder (a copy of the subset: large)
                 print(f"pipeline.subset: {out_path} already holds this subset ({n}, seed {seed}); nothing to do")
                 return
             raise SubsetError(f"--out {out_path} exists and is not empty; remove it or choose another folder")

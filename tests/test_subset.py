@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -106,9 +107,12 @@ def test_a_rerun_finds_its_subset_however_the_source_is_spelled_and_keeps_it_fro
     manifest = json.loads((out / "subset.json").read_text())
     assert manifest["src"] == str(src.resolve())
     before = (out / "000000.tar").stat().st_mtime_ns
+    killed = tmp_path / ".s.tmp-0123456789ab"  # the temporary folder of a rerun that was killed part-way
+    shutil.copytree(out, killed)
+    os.utime(killed, (0, 0))  # long abandoned: its writer is gone and it is old
     for spelled in (str(src), f"{tmp_path}/./src/", "src"):
         subset.main(spelled, str(out), n=5)  # nothing to do: no error, nothing rewritten
-    assert (out / "000000.tar").stat().st_mtime_ns == before
+    assert (out / "000000.tar").stat().st_mtime_ns == before and not killed.exists()
     manifest["src"] = "src"  # a record from before records were absolute: taken from this working directory
     (out / "subset.json").write_text(json.dumps(manifest))
     subset.main(str(src), str(out), n=5)

@@ -545,7 +545,7 @@ def test_fuse_cli_writes_an_open_clip_state_dict(tmp_path):
         assert str(e.value).startswith(says) and not (tmp_path / "y.pt").exists()
 
 
-def test_fuse_takes_the_model_and_teacher_a_checkpoint_was_trained_with(tmp_path, capsys):
+def test_fuse_takes_the_model_and_teacher_a_checkpoint_was_trained_with(tmp_path, capsys, monkeypatch):
     """The README's `train.fuse --student runs/x/best.pt --alpha 0.4 --out fitclip.pt` on a run of another model
     fetched ViT-B/16's openai weights (a minute of retries offline) before failing; and --out best.pt wrote over
     the training checkpoint."""
@@ -579,6 +579,14 @@ def test_fuse_takes_the_model_and_teacher_a_checkpoint_was_trained_with(tmp_path
         assert str(e.value).startswith(says)
     assert "does not fit ViT-B-16-quickgelu" in str(e.value) and not (tmp_path / "z.pt").exists()
     assert torch.load(run / "best.pt", weights_only=True)["step"] == 9
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fuse, "fuse", interrupted)  # Ctrl-C: one line, not a traceback
+    with pytest.raises(SystemExit) as e:
+        fuse.main(student=str(run / "best.pt"), out=str(tmp_path / "fitclip.pt"))
+    assert str(e.value).startswith(f"interrupted: {tmp_path / 'fitclip.pt'} is as it was before")
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics

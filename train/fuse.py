@@ -112,6 +112,8 @@ def main(student: str, out: str, model: str | None = None, teacher: str | None =
         path = fuse(model, teacher, str(student), float(alpha), str(out))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the write is atomic: OUT is the whole fused model, or as it was
+        sys.exit(f"interrupted: {out} is as it was before, or holds the whole fused model if it was written just then")
     print(f"train.fuse: (1 - {alpha}) * {teacher} + {alpha} * {student} -> {path}")
 
 
