@@ -33,6 +33,7 @@ from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
 from eval.suites import SUITES
 from pipeline.cli import (
+    DISK_ERRNOS,
     comma_list,
     count_problems,
     fire_main,
@@ -523,6 +524,8 @@ def main(
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
             sys.exit(f"error: {e}")
         except OSError as e:  # a full disk, a file-size limit (a video that cannot be read is a per-video failure)
+            if e.errno not in DISK_ERRNOS:
+                raise
             where = e.filename or f"{cfg.out} (or the frame cache, {cfg.cache or Path(cfg.out) / 'cache'})"
             sys.exit(
                 f"error: {write_failed(e, where)}; the records scored so far are kept, and the frame cache keeps the "

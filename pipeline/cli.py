@@ -150,6 +150,11 @@ def folder_problems(folders: dict[str, object]) -> list[str]:
     return problems
 
 
+# what a write fails with for want of room or of a writable disk, not for the path given (a full disk, a quota, a
+# file-size limit, a filesystem mounted read-only)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def write_failed(error: OSError, what: str | Path, too_big: str = "") -> str:
     """One line for a failed write into ``what`` (a full disk, a file-size limit, a read-only folder), with what to
     do about it; ``too_big`` is the fix for a file larger than the filesystem or ``ulimit -f`` allows."""

@@ -737,6 +737,13 @@ def test_a_full_disk_ends_the_run_in_one_line(bench, tmp_path, monkeypatch):
         "the datasets it had finished decoding"
     )
 
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(run, "run", broken)  # not a want of room: the error as it is, not a fix that does not apply
+    with pytest.raises(OSError, match="Input/output error"):
+        run.main(model=str(TINY_CLIP), weights=str(w["teacher"]), data_root=str(root / "data"), out=str(out))
+
 
 def test_a_dataset_with_no_video_found_is_named_and_with_none_found_the_run_fails(bench, tmp_path):
     """Annotation files in place but the video folder elsewhere: every metric was empty, and the run exited 0."""

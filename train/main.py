@@ -19,7 +19,7 @@ from pathlib import Path
 
 import fire
 
-from pipeline.cli import folder_problems, raised_problems, refuse, write_failed
+from pipeline.cli import DISK_ERRNOS, folder_problems, raised_problems, refuse, write_failed
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
@@ -39,6 +39,8 @@ def main(recipe: str = "paper", **flags) -> None:
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a file-size limit: the saves are atomic, so the last complete one stands
+        if e.errno not in DISK_ERRNOS:
+            raise
         where = Path(e.filename).parent if isinstance(e.filename, str) and e.filename else cfg.out
         sys.exit(
             f"error: {write_failed(e, where)}; then rerun the same command with --resume auto "
