@@ -42,10 +42,8 @@ def complete_shards(src: Path) -> list[tuple[int, int]]:
         raise SubsetError(f"--src {src} is not a directory of shards (make one with python -m pipeline.shard)")
     try:
         listing = writer.list_folder(src)
-    except ValueError as e:  # a damaged shards.json
+    except ValueError as e:  # a damaged shards.json, or a pipeline.shard that has not finished
         raise SubsetError(str(e)) from None
-    if listing.problem:
-        raise SubsetError(listing.problem)
     for line in listing.warnings():
         print(line, file=sys.stderr)
     return list(listing.ok.items())

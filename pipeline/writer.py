@@ -181,7 +181,7 @@ def write_index(out_dir: str | Path, shards: int, src: str | Path, finished: boo
     """Record that ``out_dir``'s shards are 0..shards-1, made from ``src``, and whether the run making them has
     ended. Readers take no shard past them: a folder sharded again from a shorter CSV keeps the earlier run's shards
     past the new last one (deleting a user's files is not the pipeline's to do). Until the run ends, its shards may
-    be missing or still an earlier CSV's, so readers refuse the folder (:class:`ShardListing`)."""
+    be missing or still an earlier CSV's, so readers refuse the folder (:func:`list_folder`)."""
     record = {"shards": shards, "src": str(Path(src).resolve()), "finished": finished}
     atomic_write_bytes(Path(out_dir) / INDEX_NAME, json_bytes(record))
 
@@ -205,25 +205,14 @@ def read_index(folder: str | Path) -> dict | None:
 
 @dataclass(frozen=True)
 class ShardListing:
-    """A shard folder as its readers (training, pipeline.subset) take it. A shard is complete when its tar and its
-    stats are there and the stats can be read, as ``pipeline.shard`` decides what to remake."""
+    """A shard folder as its readers (training, pipeline.subset) take it (:func:`list_folder`). A shard is complete
+    when its tar and its stats are there and the stats can be read, as ``pipeline.shard`` decides what to remake."""
 
     folder: Path
     ok: dict[int, int]  # the complete shards the index lists (all, without an index), in order: their samples
     past: list[int]  # complete shards past the index, an earlier run's of a longer CSV: not read
     missing: list[int]  # shards the index lists that are not complete; or a tar with unreadable stats
     index: dict | None
-
-    @property
-    def problem(self) -> str:
-        """Why the folder must not be read ("" if it may): the pipeline.shard making it has not ended."""
-        if self.index is None or self.index["finished"]:
-            return ""
-        return (
-            f"the pipeline.shard run making {self.folder} has not finished (it was stopped, or is still running): "
-            f"its shards may be missing, or an earlier CSV's. Finish it by running it again: python -m "
-            f"pipeline.shard --src {self.index['src']} --out {self.folder} (with the same flags)"
-        )
 
     def warnings(self) -> list[str]:
         """A line for each kind of shard the readers leave out."""
@@ -244,9 +233,16 @@ class ShardListing:
 
 
 def list_folder(folder: str | Path) -> ShardListing:
-    """What ``folder`` holds for its readers. Raises ValueError as :func:`read_index` does."""
+    """What ``folder`` holds for its readers. Raises ValueError, naming the fix, if its index cannot be read or
+    says that the pipeline.shard making the folder has not ended: its shards may be missing, or an earlier CSV's."""
     folder = Path(folder)
     index = read_index(folder)
+    if index is not None and not index["finished"]:
+        raise ValueError(
+            f"the pipeline.shard run making {folder} has not finished (it was stopped, or is still running): its "
+            f"shards may be missing, or an earlier CSV's. Finish it by running it again: python -m pipeline.shard "
+            f"--src {index['src']} --out {folder} (with the same flags)"
+        )
     tars = sorted(int(m.group(1)) for m in map(_TAR.match, os.listdir(folder)) if m)
     ok, damaged = {}, []
     for n in tars:

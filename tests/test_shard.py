@@ -371,22 +371,8 @@ def test_a_folder_whose_sharding_has_not_finished_is_refused_and_one_that_lost_a
     (warning,) = data.shard_warnings(out)
     assert "2 shard(s) of" in warning and "000001.tar" in warning
     assert data.sample_count(out) == 6 and subset.complete_shards(out) == [(0, 3), (3, 3)]
-    proc = run_cli(
-        "pipeline.shard",
-        "--src",
-        csv_path,
-        "--out",
-        out,
-        "--workers",
-        1,
-        "--samples_per_shard",
-        3,
-        "--size",
-        64,
-        "--progress",
-        "False",
-    )
-    assert "2 shard(s) written, 2 already complete" in proc.stdout
+    args = ["--src", csv_path, "--out", out, "--workers", 1, "--samples_per_shard", 3, "--size", 64]
+    assert "2 shard(s) written, 2 already complete" in run_cli("pipeline.shard", *args, "--progress", "False").stdout
     assert data.shard_warnings(out) == [] and tars(out) == tars(ref)
 
 

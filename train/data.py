@@ -76,10 +76,8 @@ def shard_listing(folder: str | Path) -> writer.ShardListing:
         )
     try:
         listing = writer.list_folder(path)
-    except ValueError as e:  # a damaged shards.json
+    except ValueError as e:  # a damaged shards.json, or a pipeline.shard that has not finished
         raise DataError(str(e)) from None
-    if listing.problem:
-        raise DataError(listing.problem)
     if not listing.ok:
         raise DataError(
             f"{folder} holds no complete shard ({{NNNNNN}}.tar with its _stats.json); "
