@@ -174,7 +174,7 @@ def test_augment_on_is_checked():
         resolve("demo", augment_on="gpu")
 
 
-def test_device_decode_falls_back_file_by_file_and_names_a_damaged_video(train_shards, monkeypatch):
+def test_device_decode_falls_back_file_by_file_and_replaces_a_damaged_video(train_shards, monkeypatch, caplog):
     from train import prefetch
 
     batch = _batches(str(train_shards["unlabeled"]), "device_jpeg", count=1)[0]
@@ -195,8 +195,18 @@ def test_device_decode_falls_back_file_by_file_and_names_a_damaged_video(train_s
     jpegs = batch.jpegs.clone()
     jpegs[start + sizes[9] // 3 : start + sizes[9] // 2] ^= 0x55
     damaged = type(batch)(**{**batch.__dict__, "jpegs": jpegs})
-    with pytest.raises(RuntimeError, match=rf"frame 1 of video '{batch.keys[2]}'.*--augment_on device"):
-        to_device(damaged, torch.device("cpu"), 32)
+    # it ended the run (the README says broken samples are skipped): it is replaced by the batch's first video, with
+    # its caption and crop, and counted, as the loader workers count what they skip; the batch keeps its size, as
+    # the contrastive loss's gather across ranks needs
+    got = to_device(damaged, torch.device("cpu"), 32)
+    assert got.video.shape == expected.shape and got.dropped == batch.dropped + 1
+    assert torch.equal(got.video[2], expected[0]) and torch.equal(got.video[[0, 1, 3]], expected[[0, 1, 3]])
+    assert torch.equal(got.tokens[2], batch.tokens[0]) and got.texts[2] == batch.texts[0]
+    assert got.keys == [batch.keys[0], batch.keys[1], batch.keys[0], *batch.keys[3:]]
+    assert f"video '{batch.keys[2]}': frame 1 is a damaged JPEG" in caplog.text
+    every = type(batch)(**{**batch.__dict__, "jpegs": torch.zeros_like(batch.jpegs)})
+    with pytest.raises(RuntimeError, match=r"every video of a batch has a damaged JPEG.*--augment_on device"):
+        to_device(every, torch.device("cpu"), 32)
 
 
 def test_the_gpu_decode_waits_for_the_side_streams_earlier_work(train_shards, monkeypatch):

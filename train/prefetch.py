@@ -15,6 +15,7 @@ asked for.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -24,27 +25,30 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from train import augment
 from train.data import Batch, stack_videos
 
+log = logging.getLogger(__name__)
+
 
 def to_device(batch: Batch, device: torch.device, size: int) -> Batch:
     """The batch with its frames and tokens on ``device``, crops applied: video (B, T, 3, size, size) uint8."""
-    tokens = batch.tokens.to(device, non_blocking=True)
     if batch.jpegs is not None:
-        frames = stack_videos(_decode(batch, device))  # (B, T, 3, H, W), padded to the largest
+        batch, videos = _replace_damaged(batch, _decode(batch, device))
+        frames = stack_videos(videos)  # (B, T, 3, H, W), padded to the largest
     elif batch.crops is not None:
         frames = batch.video.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B, T, H, W, 3) -> (B, T, 3, H, W)
     else:
         frames = batch.video.to(device, non_blocking=True)
+    tokens = batch.tokens.to(device, non_blocking=True)
     if batch.crops is not None:
         frames = augment.resized_crop(frames, batch.crops.to(device, non_blocking=True), size)
     return dataclasses.replace(batch, video=frames, tokens=tokens, crops=None, jpegs=None, jpeg_sizes=None)
 
 
-def _decode(batch: Batch, device: torch.device) -> list[list[torch.Tensor]]:
-    """The batch's JPEG files decoded on ``device``: B lists of T (3, H, W) uint8.
+def _decode(batch: Batch, device: torch.device) -> list[list[torch.Tensor | None]]:
+    """The batch's JPEG files decoded on ``device``: B lists of T (3, H, W) uint8, None for a damaged file.
 
     All at once (nvjpeg's batched decode on a GPU). If that fails, file by file, and
     on the CPU (libjpeg) for any the device cannot decode; a file neither can decode
-    is an error that names its video (the workers already refused truncated files).
+    is damaged inside its data (the workers refused truncated files and broken markers).
     """
     t = batch.jpeg_sizes.shape[1]
     files = list(batch.jpegs.split(batch.jpeg_sizes.flatten().tolist()))  # B*T files, views of one buffer
@@ -56,20 +60,53 @@ def _decode(batch: Batch, device: torch.device) -> list[list[torch.Tensor]]:
     try:
         decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        decoded = [_decode_one(f, device, batch.keys[i // t], i % t) for i, f in enumerate(files)]
+        decoded = [_decode_one(f, device) for f in files]
     return [decoded[i : i + t] for i in range(0, len(files), t)]
 
 
-def _decode_one(data: torch.Tensor, device: torch.device, key: str, frame: int) -> torch.Tensor:
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     for where in dict.fromkeys((device, torch.device("cpu"))):
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
-        except RuntimeError as e:
-            error = e
-    raise RuntimeError(
-        f"frame {frame} of video {key!r} is a damaged JPEG ({str(error).strip().splitlines()[-1]}); "
-        "re-shard that video, or train with --augment_on device, whose loader workers skip such samples"
-    ) from error
+        except RuntimeError:
+            pass
+    return None
+
+
+def _replace_damaged(batch: Batch, videos: list[list[torch.Tensor | None]]) -> tuple[Batch, list]:
+    """The batch with each video that has a damaged frame replaced by another video of the batch (with its caption
+    and crop), counted in ``dropped``, as the loader workers skip what they find broken. Skipping would shrink this
+    rank's batch alone, and the contrastive loss gathers equal batches from every rank; a video repeated once in a
+    batch is one pair that is its own negative. An error if every video of the batch is damaged."""
+    damaged = [b for b, video in enumerate(videos) if any(f is None for f in video)]
+    if not damaged:
+        return batch, videos
+    good = [b for b in range(len(videos)) if b not in damaged]
+    for b in damaged:
+        frame = next(t for t, f in enumerate(videos[b]) if f is None)
+        log.warning(
+            "video %r: frame %d is a damaged JPEG; replaced in its batch (re-shard that video)", batch.keys[b], frame
+        )
+    if not good:
+        raise RuntimeError(
+            f"every video of a batch has a damaged JPEG (e.g. {batch.keys[damaged[0]]!r}): re-shard them, or train "
+            "with --augment_on device, whose loader workers skip such samples"
+        )
+    donors = [good[i % len(good)] for i in range(len(damaged))]
+    take = list(range(len(videos)))
+    for b, donor in zip(damaged, donors, strict=True):
+        take[b] = donor
+    rows = torch.tensor(take)
+    replaced = dataclasses.replace(
+        batch,
+        tokens=batch.tokens[rows],
+        texts=[batch.texts[i] for i in take],
+        keys=[batch.keys[i] for i in take],
+        index=batch.index[rows],
+        crops=None if batch.crops is None else batch.crops[rows],
+        dropped=batch.dropped + len(damaged),
+    )
+    return replaced, [videos[i] for i in take]
 
 
 class Prefetcher:
