@@ -768,6 +768,40 @@ def test_resume_keeps_the_best_that_best_pt_holds(train_shards, tmp_path):
     assert torch.load(out / checkpoint.BEST, weights_only=True)["step"] == 6 and summary["best_val_loss"] < math.inf
 
 
+def test_processes_that_would_resume_from_different_checkpoints_are_refused(tmp_path, monkeypatch):
+    """An OUT on each node's own disk: rank 0's node resumed at step 40, another node's ranks started at 0, DDP
+    averaged the gradients of the two, and the job hung at the end (the ranks at different steps)."""
+    latest = tmp_path / checkpoint.LATEST
+    latest.write_bytes(b"x" * 10)
+    found = [(str(latest), 10), None]  # what rank 0 and rank 1 found
+    monkeypatch.setattr(loop.distributed, "all_gather_object", lambda mine: found)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        loop._check_ranks_agree(latest)
+    assert str(e.value) == (
+        f"the processes would not resume from the same checkpoint (rank 0: {latest} (10 bytes); rank 1: nothing): "
+        "give --out a folder every node sees (a shared filesystem), and --resume a file every node can read"
+    )
+    found[1] = found[0]
+    loop._check_ranks_agree(latest)
+    monkeypatch.setattr(loop.distributed, "all_gather_object", lambda mine: [mine, mine])
+    loop._check_ranks_agree(None)
+
+
+def test_a_run_resumed_on_another_number_of_processes_says_its_batch_changed(train_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, fuse=False))
+    state = torch.load(out / checkpoint.LATEST, weights_only=True)
+    assert state["world_size"] == 1
+    checkpoint.atomic_save({**state, "world_size": 4}, out / checkpoint.LATEST)  # as if saved by 4 ranks
+    capsys.readouterr()
+    loop.run(tiny_config(train_shards, out, steps=3, resume="auto", fuse=False))
+    batch = tiny_config(train_shards, out).batch_labeled
+    assert (
+        f"note: the checkpoint was saved by a run of 4 process(es), this one has 1: the batches are per process, so "
+        f"the contrastive loss's labeled batch goes from {4 * batch} to {batch} videos"
+    ) in capsys.readouterr().out
+
+
 def test_resume_from_a_named_checkpoint_and_refusals_of_files_that_cannot_resume(train_shards, tmp_path, monkeypatch):
     """--resume PATH continues another folder's run; weights-only files and another model's run are refused
     with the fix, before anything is written into the new OUT."""

@@ -68,6 +68,7 @@ class Progress:
     # labeled samples taken over all ranks (ranks x --batch_labeled a step): where a resumed run's labeled stream
     # goes on, whatever its number of ranks, workers or batch (train.data.IndexedShards); None: not yet known
     labeled_seen: int | None = 0
+    world_size: int | None = None  # the processes of the run that saved the checkpoint (None: not saved then)
 
 
 @dataclass
@@ -411,6 +412,7 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
                 "dropped_samples": progress.dropped_samples,
                 "last_val": progress.last_val,
                 "labeled_seen": progress.labeled_seen,
+                "world_size": distributed.get_world_size(),
             },
             Path(cfg.out) / checkpoint.LATEST,
         )
@@ -500,6 +502,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.dropped_samples = state.get("dropped_samples", 0)
     progress.last_val = state.get("last_val", {})  # not in checkpoints from before it was saved
     progress.labeled_seen = state.get("labeled_seen")  # nor this: _train counts it from the step
+    progress.world_size = state.get("world_size")
     return state.get("config", {})
 
 
@@ -517,6 +520,7 @@ def run(cfg: TrainConfig) -> dict:
     resume_from = checkpoint.resume_path(
         out, cfg.resume, cfg.model, cfg.steps, bool(cfg.val) and cfg.fuse, (cfg.val, cfg.val_batch)
     )
+    _check_ranks_agree(resume_from)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
@@ -536,6 +540,24 @@ def run(cfg: TrainConfig) -> dict:
         if lock is not None:
             lock.close()
     return summary
+
+
+def _check_ranks_agree(resume_from: Path | None) -> None:
+    """Refuse a run whose processes would resume from different checkpoints, or some from none: each finds its own
+    (``--resume auto`` looks in OUT), and an OUT on each node's own disk gives rank 0's node the checkpoint and
+    another node none. DDP would then average the gradients of models at different steps and weights, and the
+    ranks would end at different steps, one waiting for the others for good."""
+    found = distributed.all_gather_object(
+        None if resume_from is None else (str(resume_from.resolve()), resume_from.stat().st_size)
+    )
+    if len(set(found)) > 1:
+        said = "; ".join(
+            f"rank {rank}: " + ("nothing" if f is None else f"{f[0]} ({f[1]} bytes)") for rank, f in enumerate(found)
+        )
+        raise checkpoint.CheckpointError(
+            f"the processes would not resume from the same checkpoint ({said}): give --out a folder every node "
+            "sees (a shared filesystem), and --resume a file every node can read"
+        )
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | None) -> dict:
@@ -572,6 +594,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
             changes = config_changes(saved, cfg.to_dict())
             if changes:  # often meant (more --steps), sometimes a typo in a relaunch: say so once
                 print(f"note: this run's flags differ from the checkpoint's: {', '.join(changes)}")
+            if progress.world_size not in (None, dist.world_size):  # the batches are per process
+                then = progress.world_size * saved.get("batch_labeled", cfg.batch_labeled)
+                print(
+                    f"note: the checkpoint was saved by a run of {progress.world_size} process(es), this one has "
+                    f"{dist.world_size}: the batches are per process, so the contrastive loss's labeled batch goes "
+                    f"from {then} to {dist.world_size * cfg.batch_labeled} videos"
+                )
     seed_process(cfg.seed, dist.rank, progress.step)
     if distributed.is_main():  # after the restore: a checkpoint of another model leaves no config behind
         atomic_write_bytes(Path(cfg.out) / "config.json", json_bytes(cfg.to_dict()))
