@@ -63,7 +63,7 @@ def fake_shards(folder, frames: int = 4):
             info = tarfile.TarInfo(f"000000000.{name}")
             info.size = 1
             tar.addfile(info, io.BytesIO(b"x"))
-    (folder / "000000_stats.json").write_text(json.dumps({"successes": 1}))
+    (folder / "000000_stats.json").write_text(json.dumps({"ok": 1, "count": 1}))
     return str(folder)
 
 

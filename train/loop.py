@@ -579,11 +579,11 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         # the best loss is that of a best.pt in OUT: a run resumed from another folder's latest.pt has none yet,
         # and keeping that folder's best would leave it without one (nothing better to save) and without fitclip.pt
         here = (Path(cfg.out) / checkpoint.BEST).is_file()
-        best = checkpoint.best_val_loss(cfg.out) if here else math.inf
+        best = checkpoint.best_val_loss(cfg.out) if here else None  # None also for a damaged one: replaced
         progress.best_val_loss = math.inf if best is None else min(progress.best_val_loss, best)
         if distributed.is_main():
             print(f"resumed from {resume_from} at step {progress.step}")
-            if best is None:
+            if here and best is None:
                 print(
                     f"warning: {Path(cfg.out) / checkpoint.BEST} cannot be read (damaged); the run's next "
                     "validation replaces it",
