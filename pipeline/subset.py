@@ -184,7 +184,11 @@ def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: in
         return False
     if Path(done["src"]).resolve() != src.resolve():
         return False
-    shards = complete_shards(src)
+    try:
+        shards = complete_shards(src)
+    except SubsetError as e:  # being sharded again (--retry_failed): kept, as a grown source keeps it below
+        print(f"warning: {out} holds this subset, kept as it is; its source cannot be read now: {e}", file=sys.stderr)
+        return True
     now = (len(shards), sum(ok for _, ok in shards))
     then = (done.get("source_shards"), done.get("source_samples"))
     if now != then:  # kept: the labeled set a run trains on should not change under it (a script reruns this)

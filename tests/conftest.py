@@ -28,9 +28,11 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first: pytest-xdist hands tests out in this order, and the demo's (over a minute) started last
-    kept one worker busy while the others had finished."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The modules with slow tests first, whole (their module fixtures are made once), test_demo's first of them:
+    pytest-xdist hands tests out in this order, and the demo's (over a minute), started last, kept one worker busy
+    while the others had finished."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
 
 
 write_csv = synthetic.write_csv  # tests write their CSVs as the generators do

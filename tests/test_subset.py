@@ -113,6 +113,11 @@ def test_a_rerun_finds_its_subset_however_the_source_is_spelled_and_keeps_it_fro
     for spelled in (str(src), f"{tmp_path}/./src/", "src"):
         subset.main(spelled, str(out), n=5)  # nothing to do: no error, nothing rewritten
     assert (out / "000000.tar").stat().st_mtime_ns == before and not killed.exists()
+    index = json.loads((src / "shards.json").read_text())
+    (src / "shards.json").write_text(json.dumps({**index, "finished": False}))  # pipeline.shard at work on it again
+    subset.main(str(src), str(out), n=5)  # a launch script's rerun: kept, with a warning, no error
+    assert "kept as it is; its source cannot be read now: the pipeline.shard run making" in capsys.readouterr().err
+    (src / "shards.json").write_text(json.dumps(index))
     manifest["src"] = "src"  # a record from before records were absolute: taken from this working directory
     (out / "subset.json").write_text(json.dumps(manifest))
     subset.main(str(src), str(out), n=5)

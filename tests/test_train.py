@@ -764,25 +764,39 @@ def test_resume_keeps_the_best_that_best_pt_holds(train_shards, tmp_path):
     # a damaged best.pt (a disk error; a save is atomic) was a traceback on resuming: the next validation replaces it
     (out / checkpoint.BEST).write_bytes((out / checkpoint.BEST).read_bytes()[:1000])
     assert checkpoint.best_val_loss(out) is None
+    with pytest.raises(checkpoint.CheckpointError, match="holds no readable best.pt to fuse; give more --steps"):
+        loop.run(tiny_config(train_shards, out, steps=4, resume="auto"))  # nothing to train: nothing replaces it
     summary = loop.run(tiny_config(train_shards, out, steps=6, resume="auto", fuse=False))
     assert torch.load(out / checkpoint.BEST, weights_only=True)["step"] == 6 and summary["best_val_loss"] < math.inf
 
 
-def test_processes_that_would_resume_from_different_checkpoints_are_refused(tmp_path, monkeypatch):
+def test_processes_that_would_resume_from_different_checkpoints_are_refused(train_shards, tmp_path, monkeypatch):
     """An OUT on each node's own disk: rank 0's node resumed at step 40, another node's ranks started at 0, DDP
-    averaged the gradients of the two, and the job hung at the end (the ranks at different steps)."""
-    latest = tmp_path / checkpoint.LATEST
-    latest.write_bytes(b"x" * 10)
-    found = [(str(latest), 10), None]  # what rank 0 and rank 1 found
-    monkeypatch.setattr(loop.distributed, "all_gather_object", lambda mine: found)
-    with pytest.raises(checkpoint.CheckpointError) as e:
-        loop._check_ranks_agree(latest)
-    assert str(e.value) == (
-        f"the processes would not resume from the same checkpoint (rank 0: {latest} (10 bytes); rank 1: nothing): "
-        "give --out a folder every node sees (a shared filesystem), and --resume a file every node can read"
-    )
-    found[1] = found[0]
-    loop._check_ranks_agree(latest)
+    averaged the gradients of the two, and the job hung at the end (the ranks at different steps). Checkpoints are
+    told apart by content: two of one model at other steps are the same size, and one folder may be mounted at
+    another path on each node."""
+    loop.run(tiny_config(train_shards, tmp_path / "a", steps=2, val="", fuse=False))
+    loop.run(tiny_config(train_shards, tmp_path / "b", steps=4, val="", fuse=False))
+    a, b = (tmp_path / run / checkpoint.LATEST for run in "ab")
+    assert a.stat().st_size == b.stat().st_size and loop.checkpoint_digest(a) != loop.checkpoint_digest(b)
+    elsewhere = tmp_path / "mounted_elsewhere"
+    elsewhere.symlink_to(tmp_path / "a")
+    gathered = {}  # what each rank found, as all_gather_object gives it
+    monkeypatch.setattr(loop.distributed, "all_gather_object", lambda mine: [mine, gathered["other"]])
+    for other, agree in ((elsewhere / checkpoint.LATEST, True), (b, False), (None, False)):
+        gathered["other"] = None if other is None else loop.checkpoint_digest(other)
+        if agree:
+            loop._check_ranks_agree(a)
+            continue
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            loop._check_ranks_agree(a)
+        assert str(e.value).startswith(
+            f"the processes would not resume from the same checkpoint (this is rank 0, "
+            f"resuming from {a}; rank 0: a checkpoint of {a.stat().st_size} bytes"
+        )
+        assert str(e.value).endswith(
+            "give --out a folder every node sees (a shared filesystem), and --resume a file every node can read"
+        )
     monkeypatch.setattr(loop.distributed, "all_gather_object", lambda mine: [mine, mine])
     loop._check_ranks_agree(None)
 

@@ -149,11 +149,13 @@ def _unfusable_problem(path: Path, step: int, out: Path, steps, validates: bool)
     """The refusal of a run resumed at or past its --steps, with validation, into an OUT without best.pt ("" if
     none): it trains nothing, so nothing in OUT is validated and there is no best.pt to fuse (it failed at its end
     saying best.pt was not found). Without validation the end keeps the resumed student as best.pt."""
-    if not validates or type(steps) is not int or (out / BEST).is_file() or step < steps:
+    if not validates or type(steps) is not int or step < steps:
+        return ""
+    if (out / BEST).is_file() and best_val_loss(out) is not None:  # None: damaged, as good as none
         return ""
     return (
         f"--resume {path} is at step {step} and --steps is {steps}: nothing to train into {out}, which holds no "
-        f"{BEST} to fuse; give more --steps to train on, or fuse {Path(path).parent / BEST} with python -m "
+        f"readable {BEST} to fuse; give more --steps to train on, or fuse {Path(path).parent / BEST} with python -m "
         "train.fuse"
     )
 

@@ -42,7 +42,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from pipeline import writer
-from pipeline.writer import tar_groups
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
@@ -79,9 +78,11 @@ def shard_listing(folder: str | Path) -> writer.ShardListing:
     except ValueError as e:  # a damaged shards.json, or a pipeline.shard that has not finished
         raise DataError(str(e)) from None
     if not listing.ok:
+        past = f" (its {writer.INDEX_NAME} lists none; {len(listing.past)} past that are an earlier CSV's)"
         raise DataError(
-            f"{folder} holds no complete shard ({{NNNNNN}}.tar with its _stats.json); "
-            "run python -m pipeline.shard to make them, or let it finish"
+            f"{folder} holds no complete shard ({{NNNNNN}}.tar with its _stats.json)"
+            + (past if listing.past else "")
+            + "; run python -m pipeline.shard to make them, or let it finish"
         )
     return listing
 
@@ -483,7 +484,7 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     last, count, previous = None, 0, None
     try:
         with tarfile.open(url, mode="r:") as tar:
-            for key, members in tar_groups(tar):  # a sample comes once the next one starts, or at the end
+            for key, members in writer.tar_groups(tar):  # a sample comes once the next one starts, or at the end
                 if last:
                     count, previous = count + 1, set(last[1])
                     yield last

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import math
 import random
@@ -544,20 +545,34 @@ def run(cfg: TrainConfig) -> dict:
 
 def _check_ranks_agree(resume_from: Path | None) -> None:
     """Refuse a run whose processes would resume from different checkpoints, or some from none: each finds its own
-    (``--resume auto`` looks in OUT), and an OUT on each node's own disk gives rank 0's node the checkpoint and
-    another node none. DDP would then average the gradients of models at different steps and weights, and the
-    ranks would end at different steps, one waiting for the others for good."""
-    found = distributed.all_gather_object(
-        None if resume_from is None else (str(resume_from.resolve()), resume_from.stat().st_size)
-    )
+    (``--resume auto`` looks in OUT), and an OUT on each node's own disk gives each node its own, or none. DDP would
+    then average the gradients of models at different steps and weights, and the ranks would end at different
+    steps, one waiting for the others for good. Told apart by content, not path: a shared folder may be mounted at
+    another path on each node."""
+    found = distributed.all_gather_object(None if resume_from is None else checkpoint_digest(resume_from))
     if len(set(found)) > 1:
+        mine = distributed.get_rank()
         said = "; ".join(
-            f"rank {rank}: " + ("nothing" if f is None else f"{f[0]} ({f[1]} bytes)") for rank, f in enumerate(found)
+            f"rank {rank}: " + ("nothing" if f is None else f"a checkpoint of {f[0]} bytes, digest {f[1][:12]}")
+            for rank, f in enumerate(found)
         )
         raise checkpoint.CheckpointError(
-            f"the processes would not resume from the same checkpoint ({said}): give --out a folder every node "
-            "sees (a shared filesystem), and --resume a file every node can read"
+            f"the processes would not resume from the same checkpoint (this is rank {mine}, resuming from "
+            f"{resume_from or 'nothing'}; {said}): give --out a folder every node sees (a shared filesystem), and "
+            "--resume a file every node can read"
         )
+
+
+def checkpoint_digest(path: Path, edge: int = 1 << 20) -> tuple[int, str]:
+    """``path``'s size and a hash of its first and last MiB: two checkpoints of one model are the same size, and
+    differ at the start (the pickled step, optimizer state) and in the weights' bytes."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        f.seek(max(size - edge, 0))
+        digest.update(f.read(edge))
+    return size, digest.hexdigest()
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | None) -> dict:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import get_session as hf_session
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     CheckpointWrapper,
@@ -215,14 +214,12 @@ def hub_unreachable(timeout_s: float = 5.0) -> str:
     """Why the HF Hub (``HF_ENDPOINT``) cannot be reached, asked once; "" if it answers (any HTTP status). Asked
     before open_clip fetches a tag's weights: huggingface_hub retries a request that gets no answer 5 times, 23 s
     of back-off, and open_clip asks for two files in turn, so an offline machine waited about a minute for an
-    error (or for the cached file). urllib, as huggingface_hub, goes through the HTTPS_PROXY of the environment."""
-    request = urllib.request.Request(hf_constants.ENDPOINT, method="HEAD")
+    error (or for the cached file). Asked through huggingface_hub's own HTTP session, so with the proxies and
+    certificates its download would use."""
     try:
-        urllib.request.urlopen(request, timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return ""
-    except (OSError, ValueError) as e:  # URLError, a timeout, a malformed HF_ENDPOINT
-        return f"{hf_constants.ENDPOINT}: {getattr(e, 'reason', e)}"
+        hf_session().head(hf_constants.ENDPOINT, timeout=timeout_s)
+    except Exception as e:  # httpx's or requests' errors (by huggingface_hub's version): no answer at all
+        return f"{hf_constants.ENDPOINT}: {e}"
     return ""
 
 
