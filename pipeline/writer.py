@@ -224,10 +224,14 @@ class ShardListing:
                 "pipeline.shard of another CSV; they are not read. Remove them to free their space"
             )
         if self.missing:
+            fix = (
+                "Rerunning the pipeline.shard command that made the folder makes them"
+                if self.index
+                else "Make the folder again (pipeline.subset: into a new --out)"
+            )
             lines.append(
                 f"warning: {len(self.missing)} shard(s) of {self.folder} are missing or have unreadable stats (e.g. "
-                f"{tar_path(self.folder, self.missing[0]).name}); they are not read. Rerunning the pipeline.shard "
-                "command that made the folder makes them"
+                f"{tar_path(self.folder, self.missing[0]).name}); they are not read. {fix}"
             )
         return lines
 
