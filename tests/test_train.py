@@ -937,7 +937,8 @@ def test_a_log_windows_means_leave_out_its_skipped_steps(train_shards, tmp_path)
 
     def result(loss, finite):
         parts = {"contrastive": torch.tensor(loss / 2), "distillation": torch.tensor(loss / 4)}
-        return {"loss": torch.tensor(loss), **parts, "grad_norm": torch.tensor(1.0), "finite": torch.tensor(finite)}
+        parts |= {"grad_norm": torch.tensor(1.0), "finite": torch.tensor(finite), "lr": cfg.lr * (1 + finite) / 4}
+        return {"loss": torch.tensor(loss), **parts}
 
     window = [result(2.0, 1.0), result(float("nan"), 0.0), result(4.0, 1.0)]
     progress = loop.Progress(step=3, unsettled_skips=torch.tensor(1.0))
@@ -947,7 +948,8 @@ def test_a_log_windows_means_leave_out_its_skipped_steps(train_shards, tmp_path)
     loop._log(monitor, window, Timer(), cfg, dist, None, scheduler, progress)
     assert logged["train/loss"] == 3.0 and logged["train/contrastive"] == 1.5 and logged["train/distillation"] == 0.75
     assert logged["train/skipped_steps"] == 1 and scheduler.last_epoch == 1  # one step taken
-    assert logged["train/lr"] == pytest.approx(cfg.lr * 2 / 4)  # warmup: (1 + 1) / 4 of it
+    assert scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * 2 / 4)  # warmup: (1 + 1) / 4 of it, the next step's
+    assert logged["train/lr"] == window[-1]["lr"]  # the rate the window's last step trained at
     logged.clear()
     loop._log(monitor, [result(float("nan"), 0.0)], Timer(), cfg, dist, None, scheduler, progress)
     assert "train/loss" not in logged and logged["train/skipped_steps"] == 1  # a window of skipped steps: no mean
@@ -984,6 +986,51 @@ def test_a_skipped_step_then_a_good_one_move_the_weights_as_on_the_host(train_sh
 
 
 @pytest.mark.slow
+class _RecordedRun:
+    """What the trainer asks of a W&B run, recorded (wandb.init replaced)."""
+
+    def __init__(self):
+        self.logged, self.summary, self.finished = [], {}, []
+
+    def define_metric(self, name, **options):
+        pass
+
+    def log(self, data, **options):
+        self.logged.append(data)
+
+    def finish(self, exit_code=0, **options):
+        self.finished.append(exit_code)
+
+
+def test_the_wandb_run_ends_with_the_best_loss_and_its_exit_code_and_logs_each_steps_learning_rate(
+    train_shards, tmp_path, monkeypatch
+):
+    """The runs table showed the last val/loss, not the model-selection figure; a failed or stopped run was marked
+    a success (exit code 0); train/lr was the next step's rate (read after the scheduler's step)."""
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(_RecordedRun()) or runs[-1])
+    cfg = tiny_config(train_shards, tmp_path / "a", wandb="offline", log_every=1, warmup_steps=4, lr=1e-3)
+    summary = loop.run(cfg)
+    run = runs[-1]
+    assert run.finished == [0] and run.summary == {"val/best_loss": summary["best_val_loss"], "fused": summary["fused"]}
+    rates = {row["trainer/step"]: row["train/lr"] for row in run.logged if "train/lr" in row}
+    assert rates == {1: pytest.approx(2.5e-4), 2: pytest.approx(5e-4), 3: pytest.approx(7.5e-4), 4: pytest.approx(1e-3)}
+
+    real = loop.train_step
+
+    def fails_at_step_3(*args, **kwargs):
+        if args[7].step == 2:
+            raise RuntimeError("a step that fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", fails_at_step_3)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        loop.run(tiny_config(train_shards, tmp_path / "b", wandb="offline"))
+    assert runs[-1].finished == [1]
+
+
 def test_torchrun_two_ranks_with_wandb_offline(train_shards, tmp_path):
     out = tmp_path / "run"
     cmd = [

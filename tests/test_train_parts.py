@@ -658,6 +658,42 @@ def test_wandb_plots_against_the_trainers_step_so_a_resumed_run_keeps_its_steps(
     assert run.calls[2:] == [("log", {"train/loss": 1.0, STEP_METRIC: s}, {}) for s in (4, 5, 4)]
 
 
+def test_a_failing_wandb_call_is_a_warning_and_the_run_goes_on_without_it(monkeypatch, tmp_path, capsys):
+    """W&B's service gone mid-run (killed, out of memory): run.log raised ConnectionResetError, which ended the
+    training without its checkpoint, summary.json and fused model; and run.finish in the trainer's finally raised
+    it again."""
+    import wandb
+
+    from train.config import resolve
+    from train.monitor import Monitor
+
+    class Run:
+        def __init__(self):
+            self.logged = 0
+
+        def define_metric(self, name, **options):
+            pass
+
+        def log(self, data, **options):
+            self.logged += 1
+            if self.logged == 2:
+                raise ConnectionResetError("Connection lost")
+
+        def finish(self, **options):
+            raise AssertionError("finish called on a failed run")
+
+    run = Run()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    cfg = resolve("demo", labeled="l", unlabeled="u", out=str(tmp_path), wandb="offline", progress=False)
+    monitor = Monitor(cfg, True, 10, 0)
+    for step in (1, 2, 3):
+        monitor.log({"train/loss": 1.0}, step=step)  # the console line goes on
+    monitor.finish({"val/best_loss": 1.0}, exit_code=0)
+    out = capsys.readouterr().out
+    assert run.logged == 2 and "step 3: train loss 1" in out
+    assert "warning: W&B failed (ConnectionResetError: Connection lost); the run goes on without it" in out
+
+
 def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
 

@@ -308,7 +308,9 @@ def train_step(
     finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    result = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "finite": finite}
+    # the learning rate this step trains at (the scheduler's step below sets the next step's)
+    lr = optimizer.param_groups[0]["lr"]
+    result = {"loss": loss.detach(), **parts, "grad_norm": grad_norm.detach(), "finite": finite, "lr": lr}
     if optimizer.defaults.get("fused"):
         # Skipped on the device, with no wait for the GPU, so the host queues the next step meanwhile: where
         # found_inf is 1, the fused AdamW kernel leaves weights, moments and step count as they were (GradScaler's
@@ -652,40 +654,46 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     ahead = Ahead() if cfg.teacher_stream == "ahead" else None
     profiler = _profiler(cfg, dist, progress.step, monitor)
     try:
-        while progress.step < cfg.steps:
-            profiler.begin(progress.step)
-            t0 = time.perf_counter()
-            lab, unl = next(labeled), take_unlabeled(unlabeled, ahead, last=progress.step + 1 >= cfg.steps)
-            timer.data += time.perf_counter() - t0
-            if progress.step == 0 and distributed.is_main():
-                monitor.log_samples(*data.sample_grid(lab), step=0)
-            progress.unsynced_dropped += lab.dropped + unl.dropped
-            result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress, ahead)
-            progress.step += 1
-            progress.labeled_seen += dist.world_size * cfg.batch_labeled
-            timer.steps += 1
-            if peak:  # counted once per captions' width (a forward of one video): only where an MFU is logged
-                timer.flops += flops(max(lab.tokens.shape[1], unl.tokens.shape[1]))
-            monitor.advance()
-            window.append(result)
-            profiled = profiler.end(progress.step)
-            if profiled is not None:
-                _log_profile(monitor, profiled, progress.step)
-                timer.reset()  # the profiler slows the host: its steps are not training throughput
-            if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
-                _log(monitor, window, timer, cfg, dist, peak, scheduler, progress)
-                window = []
-            if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
-                for prefetcher in (labeled, unlabeled):
-                    prefetcher.settle()  # its thread idle while validation runs
-                _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, val_loader)
-                timer.reset()  # validation and saving are not training throughput
-    finally:
-        profiler.close()
-        monitor.finish()
-        for prefetcher in (labeled, unlabeled):
-            prefetcher.close()
-    return _finish(models, cfg, progress)
+        try:
+            while progress.step < cfg.steps:
+                profiler.begin(progress.step)
+                t0 = time.perf_counter()
+                lab, unl = next(labeled), take_unlabeled(unlabeled, ahead, last=progress.step + 1 >= cfg.steps)
+                timer.data += time.perf_counter() - t0
+                if progress.step == 0 and distributed.is_main():
+                    monitor.log_samples(*data.sample_grid(lab), step=0)
+                progress.unsynced_dropped += lab.dropped + unl.dropped
+                result = train_step(models, optimizer, scheduler, lab, unl, cfg, dist.device, progress, ahead)
+                progress.step += 1
+                progress.labeled_seen += dist.world_size * cfg.batch_labeled
+                timer.steps += 1
+                if peak:  # counted once per captions' width (a forward of one video): only where an MFU is logged
+                    timer.flops += flops(max(lab.tokens.shape[1], unl.tokens.shape[1]))
+                monitor.advance()
+                window.append(result)
+                profiled = profiler.end(progress.step)
+                if profiled is not None:
+                    _log_profile(monitor, profiled, progress.step)
+                    timer.reset()  # the profiler slows the host: its steps are not training throughput
+                if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
+                    _log(monitor, window, timer, cfg, dist, peak, scheduler, progress)
+                    window = []
+                if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
+                    for prefetcher in (labeled, unlabeled):
+                        prefetcher.settle()  # its thread idle while validation runs
+                    _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, val_loader)
+                    timer.reset()  # validation and saving are not training throughput
+        finally:
+            profiler.close()
+            for prefetcher in (labeled, unlabeled):
+                prefetcher.close()
+        summary = _finish(models, cfg, progress)
+    except BaseException:  # an error, Ctrl-C: the W&B run is marked failed (it showed as a success)
+        monitor.finish(exit_code=1)
+        raise
+    ends = {"val/best_loss": summary["best_val_loss"], "fused": summary.get("fused")}  # the runs table's columns
+    monitor.finish({k: v for k, v in ends.items() if v is not None})
+    return summary
 
 
 def _profiler(cfg: TrainConfig, dist, step: int, monitor: Monitor) -> StepProfiler:
@@ -719,7 +727,7 @@ def _log(monitor, window, timer, cfg, dist, peak, scheduler, progress) -> None:
     sync_dropped(progress, dist.device)
     settle_skips(progress, scheduler)
     metrics = {
-        "train/lr": scheduler.get_last_lr()[0],
+        "train/lr": window[-1]["lr"] if window else scheduler.get_last_lr()[0],  # that of the window's last step
         "train/skipped_steps": progress.skipped_steps,
         "train/dropped_samples": progress.dropped_samples,
     }

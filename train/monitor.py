@@ -2,7 +2,10 @@
 
 W&B runs online when credentials exist (``WANDB_API_KEY`` or ``wandb login``)
 and offline otherwise (``wandb sync RUN/wandb/offline-run-*`` uploads later).
-Only the run's config and metrics are logged: no environment, no code, no keys.
+The run's config and metrics are logged, besides what W&B records of every run
+(host, command line, git commit, installed packages, system metrics). A W&B call
+that fails is a warning, and the run goes on without W&B: monitoring never stops
+training.
 """
 
 from __future__ import annotations
@@ -157,11 +160,23 @@ class Monitor:
         if cfg.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    def _wandb(self, call: str, *args, **kwargs) -> None:
+        """``self.run.<call>(...)``; on a failure (its service gone, a full disk), a warning and no W&B from then on."""
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, call)(*args, **kwargs)
+        except Exception as e:
+            self.run = None
+            self.log_text(
+                f"warning: W&B failed ({type(e).__name__}: {e}); the run goes on without it (the console and "
+                "OUT/summary.json keep its figures)"
+            )
+
     def log(self, metrics: dict, step: int) -> None:
         if not self.is_main:
             return
-        if self.run is not None:
-            self.run.log({**metrics, STEP_METRIC: step})
+        self._wandb("log", {**metrics, STEP_METRIC: step})
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1]: v for k, v in shown.items()}, refresh=False)
@@ -186,17 +201,25 @@ class Monitor:
             import wandb
 
             image = (grid.permute(1, 2, 0).numpy() * 255).astype("uint8")
-            self.run.log({"samples": wandb.Image(image, caption=" | ".join(captions)), STEP_METRIC: step})
+            self._wandb("log", {"samples": wandb.Image(image, caption=" | ".join(captions)), STEP_METRIC: step})
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def finish(self) -> None:
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        """Close the bar and the W&B run: ``summary`` (the run's end figures) into its summary, and ``exit_code``
+        (1: the run failed or was stopped) for the dashboard, which shows a run finished with 0 as a success."""
         if self.bar is not None:
             self.bar.close()
-        if self.run is not None:
-            self.run.finish()
+            self.bar = None
+        if self.run is not None and summary:
+            try:
+                self.run.summary.update(summary)
+            except Exception as e:
+                self.log_text(f"warning: W&B failed ({type(e).__name__}: {e}) to take the run's summary")
+        self._wandb("finish", exit_code=exit_code)
+        self.run = None
 
 
 STEP_METRIC = "trainer/step"  # W&B's x-axis for every metric (see Monitor.__init__)
