@@ -237,9 +237,12 @@ def _hub_offline(offline: bool):
 
 @contextlib.contextmanager
 def _quiet_open_clip():
+    """open_clip's log lines (on the root logger) held back: its warning that no pretrained weights were loaded (we
+    load them ourselves), and its error for a failed download, which it also raises, and which we say in our own
+    words (create_clip)."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
