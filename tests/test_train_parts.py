@@ -698,6 +698,24 @@ def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
 
 
+class _Hangs(torch.utils.data.IterableDataset):
+    """A stream whose read never returns, as a shard on a stale network mount."""
+
+    def __iter__(self):
+        import time
+
+        time.sleep(4)  # longer than the timeout below; not much, as the loader's shutdown waits for its worker
+        yield None
+
+
+def test_a_loader_whose_workers_hang_ends_the_run_instead_of_stalling_every_rank(monkeypatch):
+    monkeypatch.setattr(data, "LOADER_TIMEOUT_S", 1)
+    batches = iter(data.loader(_Hangs(), 1, False, 0))
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 1 seconds"):
+        next(batches)
+    assert data.loader(_Hangs(), 0, False, 0).timeout == 0  # no worker: nothing to time
+
+
 @pytest.mark.parametrize("kind", ["labeled", "unlabeled", "tars"])
 def test_a_stream_of_broken_samples_fails_instead_of_spinning(train_shards, tmp_path, monkeypatch, kind):
     """Every sample broken (or every tar): the endless streams used to spin forever. webdataset's map drops a

@@ -597,6 +597,12 @@ def validation_stream(folder, frames, transform, tokenizer, batch, limit: int = 
     return wds.DataPipeline(*_batches(shards, frames, transform, tokenizer, batch, True))
 
 
+# A batch its workers have not handed over after this long ends the run ("DataLoader timed out"): a shard read that
+# hangs (a stale network mount) stalled its rank, and every other rank waited in the next collective with no word,
+# for the process group's timeout (10 min with NCCL, 30 with gloo), or for good
+LOADER_TIMEOUT_S = 600
+
+
 def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a pipeline that batches by itself (batch_size=None)."""
     generator = torch.Generator().manual_seed(seed)
@@ -609,6 +615,7 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
         prefetch_factor=2 if workers > 0 else None,  # batches in flight per worker (shared memory: see README)
         generator=generator,
         worker_init_fn=_new_worker,
+        timeout=LOADER_TIMEOUT_S if workers > 0 else 0,  # with no worker, a hang is in this process: no timer
     )
 
 
