@@ -19,7 +19,7 @@ import torch
 
 from pipeline.cli import fire_main, number_problems, refuse
 from pipeline.writer import remove_abandoned
-from train.checkpoint import atomic_save
+from train.checkpoint import atomic_save, load
 from train.model import EMPTY_STUDENT, EMPTY_WEIGHTS, check_weights, create_clip, load_state_dict
 
 DEFAULT_MODEL, DEFAULT_TEACHER = "ViT-B-16-quickgelu", "openai"  # for a student file that names neither
@@ -66,7 +66,7 @@ def trained_with(student: str) -> dict[str, str]:
     random teacher, ``--teacher_weights ""``: the ``teacher_init.pt`` the run saved beside it); {} for a file that
     names neither (a plain state dict) or cannot be read (loading it says why)."""
     try:
-        state = torch.load(student, map_location="cpu", weights_only=True, mmap=True)
+        state = load(student, mmap=True)
     except Exception:
         return {}
     config = state.get("config") if isinstance(state, dict) else None

@@ -511,7 +511,8 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
 
 def run(cfg: TrainConfig) -> dict:
     """Train, validate, checkpoint and fuse as ``cfg`` says. Returns the final summary (also OUT/summary.json)."""
-    for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
+    folders = (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ())
+    for folder in folders:
         data.check_frames(folder, cfg.frames)  # a missing or empty folder, or too few frames, before any model
     # at least 2 videos: one pair's loss is 0
     val_videos = data.check_validation(cfg.val, cfg.val_max) if cfg.val else cfg.val_batch
@@ -528,8 +529,8 @@ def run(cfg: TrainConfig) -> dict:
     lock = checkpoint.lock_run(out) if distributed.is_main() else None
     if lock is not None:  # a save killed mid-way left its temporary file (a ViT-B/16 latest.pt is ~1.8 GB)
         remove_temporaries(out)
-    for folder in (cfg.labeled, cfg.unlabeled) + ((cfg.val,) if cfg.val else ()):
-        for warning in data.shard_warnings(folder) if distributed.is_main() else ():
+    if distributed.is_main():
+        for warning in (line for folder in folders for line in data.shard_warnings(folder)):
             print(warning, file=sys.stderr)
     if distributed.is_main() and val_videos < cfg.val_batch:  # validation_loss takes min(batch, videos)
         print(

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 from pipeline.writer import atomic_write_bytes, json_bytes
 
@@ -55,8 +56,6 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
     With CUDA activity, the device's kernels and copies; without (a CPU run), the self time of
     ``aten::`` operators (Python overhead and the profiler's own events are left out).
     """
-    from torch.autograd import DeviceType
-
     events = prof.key_averages()
     on_gpu = any(event.device_type == DeviceType.CUDA for event in events)
     kernels = []
@@ -90,8 +89,6 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
 def _is_kernel(event) -> bool:
     """Whether a profiler event is work on the GPU: kineto's spans of record_function ranges on its timeline
     (Optimizer.step#AdamW.step) are not; they hold the kernels inside them, and the gaps between those."""
-    from torch.autograd import DeviceType
-
     return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
