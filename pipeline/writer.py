@@ -239,17 +239,14 @@ class ShardListing:
 _OK_CACHE: dict[tuple[str, int, int], int | None] = {}
 
 
-def _stats_ok(entry: os.DirEntry) -> int | None:
-    """The ``ok`` count of a shard's stats file, None if it cannot be read. Parsed once per file state (path,
-    mtime, size): a training run lists each folder four times or so, and parsing the stats of 10,000 shards takes
-    most of a second each time."""
+def _stats_ok(folder: Path, shard: int, entry: os.DirEntry) -> int | None:
+    """The ``ok`` count of a shard's stats file (``entry``), None if it cannot be read. Parsed once per file state
+    (path, mtime, size): a training run lists each folder four times or so, and parsing the stats of 10,000 shards
+    takes most of a second each time."""
     st = entry.stat()
     key = (entry.path, st.st_mtime_ns, st.st_size)
     if key not in _OK_CACHE:
-        try:
-            stats = json.loads(Path(entry.path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            stats = None
+        stats = read_stats(folder, shard)
         _OK_CACHE[key] = stats["ok"] if isinstance(stats, dict) and type(stats.get("ok")) is int else None
     return _OK_CACHE[key]
 
@@ -271,7 +268,7 @@ def list_folder(folder: str | Path) -> ShardListing:
         stats = names.get(stats_path(folder, n).name)
         if stats is None:
             continue  # being made, or its worker died: the next run makes it
-        count = _stats_ok(stats)
+        count = _stats_ok(folder, n, stats)
         if count is None:
             damaged.append(n)
         else:
