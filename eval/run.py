@@ -36,6 +36,7 @@ from pipeline.cli import (
     DISK_ERRNOS,
     comma_list,
     count_problems,
+    error_line,
     fire_main,
     folder_problems,
     raised_problems,
@@ -557,9 +558,8 @@ def main(
         try:
             log_to_wandb(records, cfg, wandb, png)
         except Exception as e:  # wandb's CommError after its init_timeout: no network on this machine, say
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise SystemExit(
-                f"error: --wandb {wandb}: logging to W&B failed ({type(e).__name__}: {first}); the results are in "
+                f"error: --wandb {wandb}: logging to W&B failed ({error_line(e)}); the results are in "
                 f"{cfg.out} (summary.md); rerun with --wandb offline to keep a W&B run to upload later"
             ) from None
 

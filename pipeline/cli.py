@@ -165,3 +165,9 @@ def write_failed(error: OSError, what: str | Path, too_big: str = "") -> str:
     else:
         fix = f"Check that {what} can be written"
     return f"writing {what} failed: {error}. {fix}"
+
+
+def error_line(error: BaseException) -> str:
+    """``Type: first line of its message``: an error said within one line of ours (W&B's run to pages)."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
+from pipeline.cli import error_line
 from pipeline.writer import atomic_write_bytes
 from train.config import TrainConfig
 
@@ -136,9 +137,8 @@ class Monitor:
                     raise
                 # auto chose online for the credentials it found (a cluster's compute node without network is
                 # the usual case): the run goes on, logging as it would without them
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 print(
-                    f"warning: --wandb auto: W&B online failed ({type(e).__name__}: {first}); logging offline "
+                    f"warning: --wandb auto: W&B online failed ({error_line(e)}); logging offline "
                     "instead (upload later with `wandb sync`, or pass --wandb offline to skip the wait)",
                     file=sys.stderr,
                     flush=True,
