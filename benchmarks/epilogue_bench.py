@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import (
+    call_times,
     failure,
     image_tokens,
     kernel_setup,
@@ -93,13 +94,7 @@ def side_by_side(calls: dict[str, Callable], device, rounds: int = ROUNDS, per_r
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            call()
-            for _ in range(per_round):
-                sync(device)
-                start = time.perf_counter()
-                call()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
+            times[name] += call_times(call, device, warmup=1, iters=per_round)
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 

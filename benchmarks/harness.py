@@ -87,6 +87,12 @@ def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Median seconds of ``fn()``, waiting for the device around each call."""
+    return statistics.median(call_times(fn, device, warmup, iters))
+
+
+def call_times(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn()`` after ``warmup`` untimed ones, waiting for the device around
+    each call."""
     for _ in range(warmup):
         fn()
     times = []
@@ -96,7 +102,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def image_tokens(clip: torch.nn.Module) -> int:
