@@ -13,7 +13,9 @@ a reader holding the old manifest still finds what it references. A build delete
 the shards that neither the manifest it replaces nor its own references: left by
 a build that was killed, or unreferenced since the build before. Builds of one
 cache folder take turns (a lock file): the second waits, then decodes only what
-the first left to do.
+the first left to do. Shards left less than half full of referenced videos are
+copied together into new shards (``compact``), so such a cache stays at most about
+twice its videos' frames.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 import stat
 import sys
+import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +38,14 @@ from eval.datasets.base import EvalDataset, Item
 from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
-from pipeline.writer import TarShardWriter, atomic_write_bytes, json_bytes, remove_temporaries, sample_key
+from pipeline.writer import (
+    TarShardWriter,
+    atomic_write_bytes,
+    json_bytes,
+    remove_temporaries,
+    sample_key,
+    tar_groups,
+)
 
 # 2: per-item file stamps in the manifest; and pipeline.frames samples differently since (rotated videos, MP4 edit
 # lists, AV1), so version-1 caches hold frames the trainer would no longer produce and must be rebuilt.
@@ -242,11 +252,15 @@ def _rebuild(
     kept = {item.id for item in dataset.items} - set(plan)  # a video removed from eval.tag's folder is dropped
     old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k in kept}
     old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k in kept}
+    found = {**old_found, **found}
+    # after what was just decoded, and after every shard the replaced manifest references (its readers keep them)
+    first = max(next_shard(record), next_shard({"found": found}))
+    found.update(compact(folder, found, settings.per_shard, first, dataset.name))
     new = {
         "version": CACHE_VERSION,
         "dataset": dataset.name,
         "settings": asdict(settings),
-        "found": {**old_found, **found},
+        "found": found,
         "missing": {**old_missing, **missing},
         "stamps": stamps,
     }
@@ -255,6 +269,71 @@ def _rebuild(
     for name in existing_shards(folder) - referenced:
         (folder / name).unlink(missing_ok=True)
     return _load(folder, new)
+
+
+def sparse_shards(found: dict[str, list[str]], per_shard: int) -> dict[str, set[str]]:
+    """{tar name: the keys in it that ``found`` references} of the shards less than half full of referenced videos."""
+    live: dict[str, set[str]] = {}
+    for tar, key in found.values():
+        live.setdefault(tar, set()).add(key)
+    return {tar: keys for tar, keys in live.items() if 2 * len(keys) < per_shard}
+
+
+def compact(folder: Path, found: dict[str, list[str]], per_shard: int, first_shard: int, name: str) -> dict:
+    """Copy the videos of the cache's shards that are less than half full of referenced videos into new shards
+    ``first_shard``, ...: ``{item id: [tar name, key]}`` of those moved. Shards are never modified, so each build
+    that re-decodes some videos adds a shard, and the old copies stay in theirs until no video there is referenced:
+    a cache whose videos changed a few at a time grew without bound (to 2.3x its size, in 41 small shards, after
+    40 builds of a 40-video set). After this, at most one shard is less than half full: the cache holds at most
+    about twice its videos' frames. Copied, not decoded: the frames are the same bytes. A shard that cannot be
+    read is left as it is, and a write that fails keeps only the shards already written."""
+    sparse = sparse_shards(found, per_shard)
+    if len(sparse) < 2:
+        return {}
+    item_of = {(tar, key): item_id for item_id, (tar, key) in found.items()}
+    print(
+        f"frame cache {name}: copying the {sum(map(len, sparse.values()))} videos of {len(sparse)} shards less than "
+        "half full into new shards",
+        file=sys.stderr,
+    )
+    moved: dict[str, list[str]] = {}
+    pending: dict[str, list[str]] = {}
+    writer, shard = None, first_shard
+    try:
+        for tar, keys in sorted(sparse.items()):
+            if not (folder / tar).is_file():
+                continue  # its videos stay where they are: the next build decodes them again ("cache shard gone")
+            try:
+                for key, members in samples_of(folder / tar, keys):
+                    if writer is None:
+                        writer = TarShardWriter(folder, shard)
+                    writer.add_sample(key, members)
+                    pending[item_of[(tar, key)]] = [writer.final.name, key]
+                    if writer.samples == per_shard:
+                        writer.commit()
+                        moved.update(pending)
+                        writer, shard, pending = None, shard + 1, {}
+            except tarfile.TarError:
+                continue  # a damaged shard: what was copied of it stands, the rest stays where it is
+        if writer is not None:
+            writer.commit()
+            moved.update(pending)
+            writer = None
+    except OSError as e:  # e.g. a full disk: the cache stays as it was decoded, a little larger
+        print(f"frame cache {name}: could not copy into a new shard ({e}); left as it is", file=sys.stderr)
+    finally:
+        if writer is not None:
+            writer.abort()
+    return moved
+
+
+def samples_of(path: Path, keys: set[str]):
+    """``(key, [(ext, data), ...])`` of the samples of a shard tar whose key is in ``keys``, in file order; only
+    theirs are read."""
+    with tarfile.open(path, mode="r:") as tar:
+        for key, members in tar_groups(tar):
+            if key in keys:
+                yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]
 
 
 def decode_into_shards(

@@ -18,6 +18,7 @@ from eval import frame_cache
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.frame_cache import CacheSettings, build_cache
 from pipeline import synthetic
+from pipeline.writer import TarShardWriter, iter_tar_samples
 
 
 def dataset(folder: Path) -> EvalDataset:
@@ -29,6 +30,12 @@ def first_frame_index(cache: frame_cache.FrameCache, item_id: str) -> int:
     tar, key = cache.found[item_id]
     with tarfile.open(tar) as t:
         return synthetic.read_frame_index(Image.open(io.BytesIO(t.extractfile(f"{key}.0.jpg").read())))
+
+
+def frames_of(cache: frame_cache.FrameCache, item_id: str) -> list[bytes]:
+    """The bytes of an item's files in the cache (its JPEGs and its json), in file order."""
+    tar, key = cache.found[item_id]
+    return [data for _, data in dict(iter_tar_samples(tar))[key]]
 
 
 class Calls:
@@ -90,10 +97,13 @@ def test_only_changed_videos_are_decoded_again(tmp_path, decoded, capsys):
     assert sorted(decoded) == ["fixed", "late"]  # "kept" is reused without decoding
     assert second.missing == {} and set(second.found) == {"kept", "late", "fixed"}
     assert first_frame_index(second, "fixed") == 7  # the new file's frames (60 frames: midpoint 7), not the old
-    assert second.found["kept"] == first.found["kept"] and Path(first.found["kept"][0]).read_bytes() == old_shard
-    assert Path(second.found["late"][0]).name == "000001.tar"  # appended after the existing shard
+    assert frames_of(second, "kept") == frames_of(first, "kept")  # copied, not decoded: the same bytes
+    assert Path(first.found["kept"][0]).read_bytes() == old_shard  # a reader of the old manifest still finds it
+    # the two shards, each less than half full, are copied into one after the decoded one
+    assert {Path(tar).name for tar, _ in second.found.values()} == {"000002.tar"}
     err = capsys.readouterr().err
     assert "re-decoding 2 of 3 videos" in err and "1 file appeared" in err and "1 file changed" in err
+    assert "copying the 3 videos of 2 shards less than half full" in err
 
     decoded.clear()
     third = build(ds, root)
@@ -126,7 +136,7 @@ def test_a_folder_cache_decodes_added_videos_and_drops_removed_ones(tmp_path, de
     second = folder_build()
     assert decoded == ["c.mp4"] and second.folder == first.folder  # a grown folder keeps its cache
     assert "re-decoding 1 of 3 videos (1 new)" in capsys.readouterr().err
-    assert first_frame_index(second, "c.mp4") == 11 and second.found["a.mp4"] == first.found["a.mp4"]
+    assert first_frame_index(second, "c.mp4") == 11 and frames_of(second, "a.mp4") == frames_of(first, "a.mp4")
 
     (videos / "a.mp4").unlink()
     synthetic.write_index_clip(videos / "d.mp4", 30)
@@ -225,6 +235,60 @@ def test_shards_no_manifest_of_the_last_two_builds_references_are_deleted(tmp_pa
             assert present == ["000000.tar", "000001.tar", "000003.tar", "000004.tar", "manifest.json"]
         assert first_frame_index(cache, "fixed") == frames // 8
     assert os.stat(first.folder / shards["kept"]).st_mtime_ns == untouched
+
+
+def test_a_cache_whose_videos_change_a_few_at_a_time_stays_compact(tmp_path, decoded, capsys):
+    """Each build that re-decodes a video writes a shard; the old copy stayed in its shard until no video there was
+    referenced: 40 builds of a 40-video set made the cache 2.3x its size, in 41 shards. Shards less than half full
+    are now copied together: at most one is left after a build, and the frames are the same bytes."""
+    videos, root, settings = tmp_path / "videos", tmp_path / "cache", CacheSettings(per_shard=4)
+    names = [f"v{i}" for i in range(6)]
+    for name in names:
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = EvalDataset("toy", RETRIEVAL, [Item(id=n, video=str(videos / f"{n}.mp4"), text=n) for n in names])
+    first = build_cache(ds, root, settings, workers=1, progress=False)
+    reference = {name: frames_of(first, name) for name in names}
+    for generation in range(1, 13):  # one video changes before each build, round the set twice
+        changed = names[generation % len(names)]
+        os.utime(videos / f"{changed}.mp4", ns=(generation, generation))
+        decoded.clear()
+        cache = build_cache(ds, root, settings, workers=1, progress=False)
+        assert decoded == [changed]
+        live: dict[str, int] = {}
+        for tar, _ in cache.found.values():
+            live[tar] = live.get(tar, 0) + 1
+        assert sum(2 * n < settings.per_shard for n in live.values()) <= 1, live  # at most one shard less than half
+        assert {name: frames_of(cache, name) for name in names} == reference  # same clip, same frames
+        # the shards of this manifest and of the one it replaced: a bounded number, not one more per build
+        assert len(frame_cache.existing_shards(cache.folder)) <= 2 * len(live), generation
+    assert "copying the" in capsys.readouterr().err
+
+
+def test_compaction_leaves_an_unreadable_shard_and_a_failed_write_as_they_are(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for shard, keys in ((0, ["a"]), (1, ["b"]), (2, ["c"])):
+        with TarShardWriter(folder, shard) as writer:
+            for key in keys:
+                writer.add_sample(key, [("0.jpg", key.encode() * 3), ("json", b"{}")])
+            writer.commit()
+    (folder / "000001.tar").write_bytes(b"not a tar" * 200)  # damaged since
+    found = {"a": ["000000.tar", "a"], "b": ["000001.tar", "b"], "c": ["000002.tar", "c"], "d": ["000009.tar", "d"]}
+    moved = frame_cache.compact(folder, found, 4, 10, "toy")
+    assert moved == {"a": ["000010.tar", "a"], "c": ["000010.tar", "c"]}  # b (damaged) and d (gone) stay
+    assert dict(iter_tar_samples(folder / "000010.tar")) == {
+        "a": [("0.jpg", b"aaa"), ("json", b"{}")],
+        "c": [("0.jpg", b"ccc"), ("json", b"{}")],
+    }
+    assert frame_cache.compact(folder, {"a": ["000000.tar", "a"]}, 4, 11, "toy") == {}  # one sparse shard: as is
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TarShardWriter, "add_sample", full)
+    assert frame_cache.compact(folder, found, 4, 11, "toy") == {}
+    assert "could not copy into a new shard" in capsys.readouterr().err
+    assert not list(folder.glob(".*tmp*")) and not (folder / "000011.tar").exists()
 
 
 def test_a_second_build_of_the_same_cache_waits_and_decodes_nothing_twice(tmp_path, decoded, capsys):
