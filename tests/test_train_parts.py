@@ -793,7 +793,7 @@ def test_the_datasheet_peak_is_the_named_cards(name, tflops):
 
 def test_a_sample_without_a_member_is_skipped_with_the_member_named(caplog, monkeypatch):
     """A sample with no caption was logged as "skipping sample v0010: 'txt'"."""
-    monkeypatch.setattr(data, "_dropped", 0)  # the first few are logged: not after other tests' skipped samples
+    monkeypatch.setattr(data, "_logged", 0)  # the first few are logged: not after other tests' skipped samples
     monkeypatch.setattr(data, "_streak", 0)
     sample = {"__key__": "v0010", **{f"{k}.jpg": b"not a jpeg" for k in range(4)}}
     with caplog.at_level("WARNING"):
@@ -801,3 +801,19 @@ def test_a_sample_without_a_member_is_skipped_with_the_member_named(caplog, monk
         assert data.decode_sample({**sample, "txt": b"a caption"}, 4, data.TrainTransform(32)) is None
     assert "skipping sample v0010: it has no 'txt' member" in caplog.text
     assert re.search(r"skipping sample v0010: \w+Error: ", caplog.text)  # a bad JPEG: what failed, and how
+
+
+def test_a_broken_sample_is_logged_the_first_few_times_in_a_worker_not_on_every_pass(caplog, monkeypatch):
+    """collate resets the count of skipped samples at each batch; the log's limit counted from there, so a broken
+    sample was logged again on every pass over the labeled set (40 times in 1,000 steps)."""
+    for counter in ("_logged", "_streak", "_dropped"):
+        monkeypatch.setattr(data, counter, 0)
+    collate = data.make_collate(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
+    good = {"video": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "text": "a caption", "key": "g", "index": 0}
+    broken = {"__key__": "v0010", **{f"{k}.jpg": b"not a jpeg" for k in range(4)}, "txt": b"a caption"}
+    with caplog.at_level("WARNING"):
+        for _ in range(10):  # ten passes, a batch each
+            assert data.decode_sample(broken, 4, data.TrainTransform(32)) is None
+            assert collate([good]).dropped == 1
+    assert caplog.text.count("skipping sample v0010") == data.LOG_LIMIT == 3
+    assert "further ones are counted, not logged" in caplog.text

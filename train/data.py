@@ -46,6 +46,8 @@ from pipeline import writer
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
 _streak = 0  # per loader-worker process: broken samples and shard members since the last good sample
+_logged = 0  # per loader-worker process: broken samples and shard members logged, over its whole life
+LOG_LIMIT = 3  # logged per loader-worker process; the rest are counted (train/dropped_samples) only
 DRY_LIMIT = 1000  # broken in a row after which a stream gives up
 
 
@@ -156,11 +158,12 @@ def _broken(message: str, *args) -> None:
     """Count a broken sample or shard member (logging the first few); a DataError after DRY_LIMIT in a row. The
     training streams are endless: one whose every shard or sample is broken would otherwise spin forever, and
     webdataset drops a stage's None results before a later stage could count them."""
-    global _dropped, _streak
+    global _dropped, _streak, _logged
     _dropped += 1
     _streak += 1
-    if _dropped <= 3:
-        log.warning(message, *args)
+    if _logged < LOG_LIMIT:  # not _dropped, which each batch resets: a broken sample was logged on every pass
+        _logged += 1
+        log.warning(message + ("" if _logged < LOG_LIMIT else " (further ones are counted, not logged)"), *args)
     if _streak >= DRY_LIMIT:
         _streak = 0
         raise DataError(
@@ -621,8 +624,8 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
 
 def _new_worker(worker_id: int) -> None:
     """A forked worker counts its own skipped samples, not those its parent had not yet handed out."""
-    global _dropped, _streak
-    _dropped = _streak = 0
+    global _dropped, _streak, _logged
+    _dropped = _streak = _logged = 0
 
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:
