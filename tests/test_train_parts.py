@@ -6,7 +6,9 @@ import copy
 import http.server
 import io
 import itertools
+import json
 import math
+import os
 import random
 import re
 import shutil
@@ -46,6 +48,31 @@ def test_model_names_and_configs():
         register_model("ViT-B-16-typo")
     with pytest.raises(FileNotFoundError):
         register_model("missing.json")
+
+
+def test_a_config_file_is_registered_again_only_when_it_changed(tmp_path, monkeypatch):
+    """open_clip appends a config's path to its list and reads every listed file again on each registration: a
+    process that loaded models many times (a sweep, a notebook) grew the list and the cost of each load."""
+    import open_clip
+
+    calls = []
+    real = open_clip.add_model_config
+    monkeypatch.setattr(open_clip, "add_model_config", lambda path: (calls.append(Path(path).parent), real(path)))
+    config = json.loads(TINY_CLIP.read_text())
+    one, two = tmp_path / "one" / "toy-clip.json", tmp_path / "two" / "toy-clip.json"
+    for path, dim in ((one, 16), (two, 24)):
+        path.parent.mkdir()
+        path.write_text(json.dumps({**config, "embed_dim": dim}))
+    for _ in range(5):
+        assert register_model(str(one)) == "toy-clip"
+    assert calls == [one.parent] and open_clip.get_model_config("toy-clip")["embed_dim"] == 16
+    register_model(str(two))  # the same name from another file: that file's config now
+    register_model(str(one))  # and back
+    assert calls == [one.parent, two.parent, one.parent] and open_clip.get_model_config("toy-clip")["embed_dim"] == 16
+    one.write_text(json.dumps({**config, "embed_dim": 32}))  # edited: read again
+    os.utime(one, ns=(1, 1))
+    register_model(str(one))
+    assert len(calls) == 4 and open_clip.get_model_config("toy-clip")["embed_dim"] == 32
 
 
 @pytest.mark.parametrize("form", ["pt", "safetensors", "checkpoint", "ddp"])

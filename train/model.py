@@ -33,6 +33,9 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded; the message says what to do."""
 
 
+_REGISTERED: dict[str, tuple[str, int, int]] = {}  # config name -> (its file, mtime_ns, size) as last registered
+
+
 def register_model(model: str) -> str:
     """The open_clip model name for ``model``: a name, or a model-config JSON file (registered under its stem)."""
     path = Path(model)
@@ -51,7 +54,14 @@ def register_model(model: str) -> str:
                 f"--model {model}: not an open_clip model config: it lacks {', '.join(lacking)} (see "
                 "train/model_configs/demo-clip.json)"
             )
-        open_clip.add_model_config(str(path))
+        # open_clip appends the path to its list and reads every listed config again, on each call: skipped when
+        # this file, as it is, is already what the name stands for (a process loading models many times, e.g. a
+        # sweep or a notebook, grew the list and the time of each load)
+        stat = path.stat()
+        registered = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if _REGISTERED.get(path.stem) != registered:
+            open_clip.add_model_config(str(path))
+            _REGISTERED[path.stem] = registered
         return path.stem
     if model not in open_clip.list_models():
         raise ValueError(
