@@ -721,6 +721,21 @@ def test_a_failing_wandb_call_is_a_warning_and_the_run_goes_on_without_it(monkey
     assert "warning: W&B failed (ConnectionResetError: Connection lost); the run goes on without it" in out
 
 
+def test_the_progress_bar_shows_the_last_training_and_validation_figures_under_their_own_names(tmp_path):
+    """A validation's figures replaced the bar's, its loss under the training loss's name ("loss=4.485")."""
+    from train.config import resolve
+    from train.monitor import Monitor
+
+    cfg = resolve("demo", labeled="l", unlabeled="u", out=str(tmp_path), wandb="off", progress=True)
+    monitor = Monitor(cfg, True, 10, 0)
+    monitor.log({"train/loss": 1.5, "train/lr": 0.1}, step=1)
+    monitor.log({"val/loss": 4.485, "val/R@1": 25.0}, step=2)
+    assert monitor.bar.postfix == "loss=1.5, val_loss=4.485, val_R@1=25"
+    monitor.log({"train/loss": 1.25}, step=3)
+    assert monitor.bar.postfix == "loss=1.25, val_loss=4.485, val_R@1=25"
+    monitor.finish()
+
+
 def test_step_flops_counts_student_backward_and_teacher_forward():
     assert step_flops(10, 10, 2, 3) == 3 * 10 * 5 + 10 * 3
 

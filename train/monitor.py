@@ -125,6 +125,7 @@ class Monitor:
         self.run = None
         self.bar = None
         self.warned: set[str] = set()
+        self.postfix: dict[str, str] = {}  # what the progress bar shows after it
         if not is_main:
             return
         mode = wandb_mode(cfg.wandb)
@@ -179,7 +180,9 @@ class Monitor:
         self._wandb("log", {**metrics, STEP_METRIC: step})
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in _HEADLINE}
         if self.bar is not None:
-            self.bar.set_postfix({k.split("/")[-1]: v for k, v in shown.items()}, refresh=False)
+            # the last figures of both kinds side by side: a validation's replaced the bar's, its loss as "loss"
+            self.postfix.update({_bar_label(k): v for k, v in shown.items()})
+            self.bar.set_postfix(self.postfix, refresh=False)
         elif any(k.startswith("train/") for k in metrics):
             # --progress False (e.g. a batch job's log file): a line per log window instead (validation prints its own)
             trained = [f"{k.split('/')[-1]} {v}" for k, v in shown.items() if k.startswith("train/")]
@@ -234,6 +237,12 @@ _HEADLINE = (
     "val/loss",
     "val/R@1",
 )
+
+
+def _bar_label(key: str) -> str:
+    """A metric's name on the progress bar: "loss" for train/loss, "val_loss" for val/loss."""
+    kind, _, name = key.rpartition("/")
+    return name if kind == "train" else f"{kind}_{name}"
 
 
 def _run_id(out: str) -> str:
