@@ -123,6 +123,9 @@ class TrainConfig:
     # --- runtime and monitoring
     device: str = "auto"  # "auto", "cuda" or "cpu"
     workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank; validation uses at most 2
+    # unlabeled samples each of its loader workers shuffles among, still encoded (about 0.23 MB each at the shards'
+    # default 256 px): host memory of about workers x this x 0.23 MB per rank, once the buffers have filled
+    shuffle_buffer: int = 1000
     # steps between logs of the training metrics: to W&B, and to the progress bar or (--progress False) a console line
     log_every: int = 10
     wandb: str = "auto"  # "auto": online with credentials, else offline; "online", "offline", "off"
@@ -154,7 +157,7 @@ class TrainConfig:
         problems += count_problems(
             {"warmup_steps": (self.warmup_steps, 0), "seed": (self.seed, 0), "val_batch": (self.val_batch, 2)}
         )
-        positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "log_every")
+        positive = ("steps", "batch_labeled", "batch_unlabeled", "frames", "val_every", "log_every", "shuffle_buffer")
         problems += count_problems({name: (getattr(self, name), 1) for name in positive})
         for name, allowed in CHOICES.items():  # any value, text or not: the line names the choices
             if getattr(self, name) not in allowed:

@@ -572,24 +572,27 @@ def labeled_stream(
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
 
-def unlabeled_stream(folder, frames, transform, tokenizer, batch, seed, augment_on="loader") -> wds.DataPipeline:
-    """Forever: shards drawn at random per reader (seeded by rank), samples shuffled in a buffer."""
+def unlabeled_stream(
+    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", shuffle_buffer: int = 1000
+) -> wds.DataPipeline:
+    """Forever: shards drawn at random per reader (seeded by rank), samples shuffled in a buffer of
+    ``shuffle_buffer`` samples per reader."""
     rank, _ = _rank()
     source = [
         wds.ResampledShards(list_shards(folder), seed=seed + 1000 * rank, deterministic=True),
         wds.tarfile_to_samples(handler=count_and_continue),
-        functools.partial(_shuffled, seed=f"{seed}-{rank}"),
+        functools.partial(_shuffled, seed=f"{seed}-{rank}", bufsize=shuffle_buffer),
     ]
     return wds.DataPipeline(*source, *_batches(None, frames, transform, tokenizer, batch, False, augment_on)[1:])
 
 
-def _shuffled(samples: Iterator[dict], seed: str, bufsize: int = 1000, initial: int = 100) -> Iterator[dict]:
+def _shuffled(samples: Iterator[dict], seed: str, bufsize: int = 1000) -> Iterator[dict]:
     """Samples shuffled in a buffer by a random generator of this loader worker's own (seeded by ``seed`` and the
     worker's id). One made with the pipeline, in the main process, was copied into every forked worker: workers
     reading the same shards (a folder of fewer shards than workers) gave the same samples in the same order, so
-    every unlabeled batch came --workers times."""
+    every unlabeled batch came --workers times. The first sample leaves once a tenth of the buffer has filled."""
     worker, _ = _worker()
-    yield from wds.shuffle(bufsize, initial, rng=random.Random(f"{seed}-{worker}"))(samples)
+    yield from wds.shuffle(bufsize, max(1, bufsize // 10), rng=random.Random(f"{seed}-{worker}"))(samples)
 
 
 def validation_stream(folder, frames, transform, tokenizer, batch, limit: int = 0) -> wds.DataPipeline:

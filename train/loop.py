@@ -641,7 +641,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         data.labeled_stream(
             cfg.labeled, cfg.frames, transform[0], tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
         ),
-        data.unlabeled_stream(cfg.unlabeled, cfg.frames, transform[1], tokenizer, cfg.batch_unlabeled, seed, where),
+        data.unlabeled_stream(
+            cfg.unlabeled, cfg.frames, transform[1], tokenizer, cfg.batch_unlabeled, seed, where, cfg.shuffle_buffer
+        ),
     )
     # batches reach the step on the device: copied (and cropped, if `where` says so) one step ahead
     labeled, unlabeled = (
