@@ -415,6 +415,8 @@ class IndexedShards:
     ``start`` (a resumed run's ``labeled_seen``): the samples of the sequence the run took before. A resumed run
     goes on through the same passes in the same order with any number of ranks, loader workers or batch (to
     within the broken samples skipped before, each of which moved its reader on by one).
+
+    ``limit``: only the first ``limit`` samples in shard order (0: all); the shards after them are not read.
     """
 
     def __init__(
@@ -425,8 +427,9 @@ class IndexedShards:
         passes: int | None = None,
         start: int = 0,
         batch: int = 1,
+        limit: int = 0,
     ):
-        self.samples = _index_tars(urls)
+        self.samples = _index_tars(urls, limit)
         if not self.samples:
             raise DataError(f"the shards {urls[0]}... hold no samples")
         self.seed, self.shuffle, self.passes = seed, shuffle, passes
@@ -472,9 +475,11 @@ class IndexedShards:
         return sample
 
 
-def _index_tars(urls: list[str]) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
-    """(tar, key, {ext: (data offset, size)}) for every sample, in shard order (reads headers only)."""
-    return [(url, key, members) for url in urls for key, members in _tar_samples(url)]
+def _index_tars(urls: list[str], limit: int = 0) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
+    """(tar, key, {ext: (data offset, size)}) for every sample, in shard order, or for the first ``limit`` (0: all):
+    the shards after those are not read. Reads headers only."""
+    samples = ((url, key, members) for url in urls for key, members in _tar_samples(url))
+    return list(itertools.islice(samples, limit or None))
 
 
 def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
@@ -597,9 +602,9 @@ def _shuffled(samples: Iterator[dict], seed: str, bufsize: int = 1000) -> Iterat
 
 def validation_stream(folder, frames, transform, tokenizer, batch, limit: int = 0) -> wds.DataPipeline:
     """One pass in shard order, split across readers; each sample keeps its global index."""
-    shards = IndexedShards(list_shards(folder), shuffle=False, passes=1)
-    if limit:
-        shards.samples = shards.samples[:limit]
+    # --val_max: only the shards that hold them are indexed (every shard was, before the cut: 2,500 shards took
+    # 341 s and 4.3 GB on each rank)
+    shards = IndexedShards(list_shards(folder), shuffle=False, passes=1, limit=limit)
     return wds.DataPipeline(*_batches(shards, frames, transform, tokenizer, batch, True))
 
 
