@@ -260,10 +260,14 @@ def test_parse_iso_duration(text, seconds):
 def test_seen_keys_matches_a_set():
     rng = random.Random(1)
     seen, reference = SeenKeys(), set()
-    for _ in range(200_000):
-        key = str(rng.randrange(150_000))
-        assert seen.add(key) == (key not in reference)
-        reference.add(key)
+    for _ in range(300):
+        batch = [str(rng.randrange(150_000)) for _ in range(rng.choice([1, 7, 1000, 4096]))]
+        expected = []
+        for key in batch:  # one at a time, in order: a key repeated within the batch is new once
+            expected.append(key not in reference)
+            reference.add(key)
+        assert seen.add_many(batch) == expected
+    assert seen.add_many([]) == []
 
 
 def test_memory_stays_flat_as_the_csv_grows(tmp_path):
