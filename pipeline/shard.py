@@ -285,7 +285,6 @@ def run(
     remove_temporaries(out_dir)
     total_rows = count_rows(src)
     shards = -(-total_rows // samples_per_shard)
-    write_index(out_dir, shards, src, finished=False)  # first: until it ends, readers refuse the folder
     print(
         f"pipeline.shard: {total_rows} rows in {src} -> {out_dir}/ ({samples_per_shard} per shard, "
         f"{settings.sample.frames} frames, size {settings.sample.size}, {workers} {distributor} worker(s))",
@@ -303,11 +302,15 @@ def run(
     planned = []
 
     def to_run() -> Iterator[ShardTask]:
+        unfinished = False
         for task, stats in plan_tasks(src, columns, video_root, samples_per_shard, settings, totals, retry_failed):
             if task is None:
                 on_result(stats, skipped=True)
-            else:
-                yield task
+                continue
+            if not unfinished:  # before the folder changes: until this run ends, readers refuse it
+                write_index(out_dir, shards, src, finished=False)
+                unfinished = True
+            yield task
         planned.append(totals.last_shard + 1)
 
     crashed: list[int] = []

@@ -485,6 +485,45 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temporary(many, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
+def test_a_rerun_marks_the_folder_unfinished_only_once_it_has_a_shard_to_make(many, tmp_path, monkeypatch):
+    """The index said "unfinished" from a rerun's first act: over WebVid's 2,500 complete shards, the trainer and
+    pipeline.subset refused the folder for the two minutes a rerun with nothing to do takes, and for good if it was
+    killed then. It now says so only before the first shard the run makes or redoes."""
+    from pipeline import shard
+
+    csv_path, ref = many
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    written = []
+    real = shard.write_index
+    monkeypatch.setattr(
+        shard, "write_index", lambda *a, finished: (written.append(finished), real(*a, finished=finished))
+    )
+    args = {"samples_per_shard": 3, "size": 64, "workers": 1, "progress": False}
+    with pytest.raises(SystemExit) as e:
+        shard.main(str(csv_path), str(out), **args)
+    assert e.value.code == 0 and written == [True]  # nothing to make: never unfinished
+
+    (out / "000002_stats.json").unlink()
+    made = []
+    real_runner = shard.RUNNERS["multiprocessing"]
+
+    def runner(tasks, *rest):  # what the index says as each shard is handed to a worker
+        def watched():
+            for task in tasks:
+                made.append((task.shard, json.loads((out / "shards.json").read_text())["finished"]))
+                yield task
+
+        return real_runner(watched(), *rest)
+
+    monkeypatch.setitem(shard.RUNNERS, "multiprocessing", runner)
+    written.clear()
+    with pytest.raises(SystemExit) as e:
+        shard.main(str(csv_path), str(out), **args)
+    assert e.value.code == 0 and made == [(2, False)] and written == [False, True]
+    assert json.loads((out / "shards.json").read_text())["finished"] is True and tars(out) == tars(ref)
+
+
 def test_a_csv_that_cannot_be_read_mid_run_is_named_as_the_problem(many, tmp_path, monkeypatch):
     """An OSError reading the CSV after its checks (permissions changed, a network filesystem gone) is named as
     such, not as a failed write into OUT."""
