@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
@@ -129,9 +129,17 @@ def _watch_parent(ppid: int) -> None:
 
 
 def run_spark(
-    tasks: Iterable[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, batch: int | None = None
+    tasks: Iterable[ShardTask],
+    settings: ShardSettings,
+    workers: int,
+    on_result: OnResult,
+    batch: int | None = None,
+    window: int = 3,
 ) -> None:
-    """Run tasks as Spark jobs of ``batch`` shards each (default: 2x the cluster's parallelism).
+    """Run tasks as Spark jobs of ``batch`` shards each (default: the cluster's parallelism), ``window`` jobs at a
+    time: a job is submitted as soon as one ends, so the cores a job's last shards leave free take the next job's
+    shards. Jobs run one after another, each waiting for its slowest shard (one with many download time-outs), left
+    the cluster's other cores idle meanwhile.
 
     Uses the active Spark session, or creates one: with ``spark-submit`` the
     master comes from its configuration; otherwise local mode with ``workers``
@@ -140,12 +148,51 @@ def run_spark(
     """
     spark = _spark_session(workers)
     context = spark.sparkContext
-    batch = batch or max(1, 2 * context.defaultParallelism)
+    batch = batch or max(1, context.defaultParallelism)
     job = partial(process_shard, settings=settings)
-    tasks = iter(tasks)
-    while chunk := list(itertools.islice(tasks, batch)):
-        for stats in context.parallelize(chunk, len(chunk)).map(job).collect():
-            on_result(stats)
+
+    def run_job(chunk: list[ShardTask]) -> list[dict]:  # in a thread of its own: Spark runs such jobs side by side
+        return context.parallelize(chunk, len(chunk)).map(job).collect()
+
+    # on a failure or Ctrl-C, the jobs still in flight are cancelled: a run stops, not just its driver
+    run_windowed(chunks(tasks, batch), run_job, window, on_result, cancel=context.cancelAllJobs)
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items (the last may be shorter), taken as they are asked for."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def run_windowed(
+    jobs: Iterator[list],
+    run_job: Callable[[list], list[dict]],
+    window: int,
+    on_result: OnResult,
+    cancel: Callable[[], None] = lambda: None,
+) -> None:
+    """``run_job(chunk)`` for each chunk of ``jobs``, ``window`` at a time in threads, a new one as soon as one
+    ends; ``on_result`` of each of its results, in this thread. Chunks are taken from ``jobs`` only as they are
+    submitted (the CSV is streamed). If a job fails (or Ctrl-C), ``cancel()`` stops those running, before this
+    waits for their threads."""
+    with ThreadPoolExecutor(window, thread_name_prefix="spark-job") as pool:
+        pending: set[Future] = set()
+        try:
+            while True:
+                while len(pending) < window and (chunk := next(jobs, None)) is not None:
+                    pending.add(pool.submit(run_job, chunk))
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    for stats in future.result():
+                        on_result(stats)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            cancel()
+            raise
 
 
 def _spark_session(workers: int):

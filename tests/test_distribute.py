@@ -134,3 +134,45 @@ def test_workers_end_with_a_run_killed_by_sigkill(tmp_path):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their run"
+
+
+def test_spark_jobs_run_in_a_window_so_a_slow_one_does_not_hold_back_the_next():
+    """Spark ran its batches one after another: each waited for its slowest shard (one with many download
+    time-outs) while the cluster's other cores stood idle. Now the next job starts as soon as one ends."""
+    import threading
+
+    from pipeline.distribute import chunks, run_windowed
+
+    third_done = threading.Event()
+    started, results = [], []
+
+    def run_job(chunk):
+        started.append(chunk[0])
+        if chunk[0] == 0:  # the slow job: it ends only once the third one has
+            assert third_done.wait(10), "the jobs after the slow one never ran"
+        if chunk[0] == 4:
+            third_done.set()
+        return [{"shard": n} for n in chunk]
+
+    run_windowed(chunks(range(9), 2), run_job, 2, results.append)
+    assert sorted(r["shard"] for r in results) == list(range(9))
+    assert started[:3] == [0, 2, 4] and sorted(started) == [0, 2, 4, 6, 8]
+    assert [list(c) for c in chunks(range(5), 2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_a_failed_spark_job_cancels_the_others_and_is_raised():
+    import threading
+
+    from pipeline.distribute import chunks, run_windowed
+
+    cancelled = threading.Event()
+
+    def run_job(chunk):
+        if chunk[0] == 0:
+            raise RuntimeError("executor lost")
+        assert cancelled.wait(10)  # a running job ends when Spark cancels it
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="executor lost"):
+        run_windowed(chunks(range(6), 1), run_job, 3, lambda stats: None, cancel=cancelled.set)
+    assert cancelled.is_set()
