@@ -125,13 +125,24 @@ class _Packet:
     discard: bool = False  # decoded as a reference but never shown: an MP4 edit list's pre-roll (a -c copy cut)
 
 
+def open_options(av_version: str) -> dict[str, str]:
+    """``av.open``'s options for PyAV ``av_version``. Before 19 a file's metadata that is not UTF-8 (a camera's
+    title) raised UnicodeDecodeError unless ``metadata_errors="ignore"``; PyAV 19 (the only one on Python 3.12+)
+    keeps such text itself and has no such argument: passing it failed every video with a TypeError."""
+    major = int(av_version.split(".")[0])
+    return {"metadata_errors": "ignore"} if major < 19 else {}
+
+
+_OPEN_OPTIONS = open_options(av.__version__)
+
+
 def _open(source: str | Path | bytes) -> av.container.InputContainer:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     elif isinstance(source, Path):
         source = str(source)
     try:
-        return av.open(source, mode="r", metadata_errors="ignore")
+        return av.open(source, mode="r", **_OPEN_OPTIONS)
     except av.FFmpegError as e:  # not a media file, truncated header, unknown format
         raise FrameError("undecodable", f"cannot open as video: {e}") from e
 

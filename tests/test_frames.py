@@ -399,3 +399,22 @@ def test_an_mp4_without_its_first_sync_sample_is_decoded_from_the_start(tmp_path
         clip = decode_frames(unflagged, n=n, size=0)
         assert [synthetic.read_frame_index(im) for im in clip.images] == player_view(unflagged, n)
         assert clip.duration == pytest.approx(60 / 25)
+
+
+def test_a_file_whose_metadata_is_not_utf8_decodes(tmp_path):
+    """A camera's title that is not UTF-8: PyAV before 19 raised UnicodeDecodeError on it unless told to ignore it,
+    and PyAV 19 (the only one on Python 3.12+) has no such option: passing it failed every video with a TypeError."""
+    import subprocess
+
+    from pipeline.frames import decode_frames, open_options
+
+    clip = synthetic.write_index_clip(tmp_path / "clip.mp4", 30)
+    tagged = tmp_path / "tagged.mkv"
+    subprocess.run(
+        [synthetic.ffmpeg_exe(), "-v", "error", "-i", str(clip), "-c", "copy"]
+        + ["-metadata", b"title=bad\xff\xfetitle", str(tagged)],
+        check=True,
+    )
+    assert synthetic.read_frame_index(decode_frames(tagged, 4, 64).images[0]) == 3
+    assert open_options("18.1.0") == {"metadata_errors": "ignore"} and open_options("14.1.0") == open_options("18.1.0")
+    assert open_options("19.0.2") == {} == open_options("20.0")
