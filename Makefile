@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: demo test lint bench clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 10) else f"error: $(PYTHON) is Python {v[0]}.{v[1]}; FitCLIP needs 3.10 or newer: make PYTHON=python3.11 (or another) $(MAKECMDGOALS)")'
+	# a venv of a Python older than 3.10 (an earlier make with another PYTHON) cannot install FitCLIP: made afresh
+	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || ! [ -e $(PY) ] || $(PYTHON) -m venv --clear $(VENV)
 	# a venv whose creation was cut short has a python but no pip: venv again over it (it keeps what is there)
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'
