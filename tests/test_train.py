@@ -1216,3 +1216,41 @@ def test_activation_checkpointing_gives_the_same_first_step(train_shards, tmp_pa
     for loss, weights in results[1:]:
         assert results[0][0] == pytest.approx(loss, rel=1e-5)
         assert torch.allclose(results[0][1], weights, atol=1e-6)
+
+
+def test_the_config_records_the_model_json_and_teacher_file_as_absolute_paths(train_shards, tmp_path, monkeypatch):
+    """config.json recorded --model tiny-clip.json as typed: train.fuse, which takes it from the checkpoint, found no
+    such file when run from another folder."""
+    from train import fuse
+    from train import main as train_main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(TINY_CLIP, here / "tiny-clip.json")
+    from train.model import create_clip
+
+    torch.save(create_clip(str(TINY_CLIP)).state_dict(), here / "w.pt")
+    monkeypatch.chdir(here)
+    ran = []
+    monkeypatch.setattr(loop, "run", ran.append)
+    train_main.main(
+        "demo", **{**tiny_run(train_shards, tmp_path / "out"), "model": "tiny-clip.json", "teacher_weights": "w.pt"}
+    )
+    assert (ran[0].model, ran[0].teacher_weights) == (str(here / "tiny-clip.json"), str(here / "w.pt"))
+    tags = train_main.with_absolute_files(dataclasses.replace(ran[0], teacher_weights="openai"))
+    assert tags.teacher_weights == "openai" and train_main.with_absolute_files(tags) == tags
+
+    # a checkpoint of an earlier run, with the paths as typed, fused from another folder: the error says why
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"model": "tiny-clip.json", "teacher_weights": "w.pt"}
+    torch.save({"step": 1, "student": torch.load(here / "w.pt", weights_only=True), "config": config}, run / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        fuse.main(student=str(run / "best.pt"), out=str(tmp_path / "f.pt"))
+    assert "--model tiny-clip.json and --teacher w.pt: as the checkpoint records it, relative to the folder" in str(
+        e.value
+    )
+    monkeypatch.chdir(here)
+    fuse.main(student=str(run / "best.pt"), out=str(tmp_path / "f.pt"))  # from there: found
+    assert (tmp_path / "f.pt").is_file()

@@ -20,7 +20,14 @@ import torch
 from pipeline.cli import fire_main, number_problems, refuse
 from pipeline.writer import remove_abandoned
 from train.checkpoint import atomic_save, load
-from train.model import EMPTY_STUDENT, EMPTY_WEIGHTS, check_weights, create_clip, load_state_dict
+from train.model import (
+    EMPTY_STUDENT,
+    EMPTY_WEIGHTS,
+    WEIGHT_SUFFIXES,
+    check_weights,
+    create_clip,
+    load_state_dict,
+)
 
 DEFAULT_MODEL, DEFAULT_TEACHER = "ViT-B-16-quickgelu", "openai"  # for a student file that names neither
 
@@ -78,6 +85,25 @@ def trained_with(student: str) -> dict[str, str]:
     return {"model": config["model"], "teacher": teacher or str(Path(student).parent / "teacher_init.pt")}
 
 
+def _relative_hint(recorded: dict[str, str], model: str, teacher: str) -> str:
+    """For a path taken from the checkpoint's config that is relative and not found from here: where it came from.
+    (Runs since 2026-11-28 record absolute paths.)"""
+    lost = [
+        f"--{flag} {recorded[key]}"
+        for flag, key, used in (("model", "model", model), ("teacher", "teacher", teacher))
+        if recorded.get(key) == used
+        and not Path(used).is_absolute()
+        and not Path(used).exists()
+        and (used.endswith(".json") or Path(used).suffix in WEIGHT_SUFFIXES)
+    ]
+    if not lost:
+        return ""
+    return (
+        f" ({' and '.join(lost)}: as the checkpoint records it, relative to the folder train.main ran in; run "
+        "train.fuse from there, or give the flag)"
+    )
+
+
 def main(student: str, out: str, model: str | None = None, teacher: str | None = None, alpha: float = 0.4) -> None:
     """Fuse teacher and student weights: (1 - alpha) * teacher + alpha * student.
 
@@ -111,7 +137,7 @@ def main(student: str, out: str, model: str | None = None, teacher: str | None =
             check_weights(model, weights)
         path = fuse(model, teacher, str(student), float(alpha), str(out))
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}{_relative_hint(recorded, model, teacher)}")
     except KeyboardInterrupt:  # the write is atomic: OUT is the whole fused model, or as it was
         sys.exit(f"interrupted: {out} is as it was before, or holds the whole fused model if it was written just then")
     print(f"train.fuse: (1 - {alpha}) * {teacher} + {alpha} * {student} -> {path}")

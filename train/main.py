@@ -32,6 +32,7 @@ def main(recipe: str = "paper", **flags) -> None:
     flags = {_long_name(k): v for k, v in flags.items() if v is not None}  # None: not given on the command line
     cfg, problems = checked(recipe, typed_texts(flags, sys.argv[1:]))
     refuse(problems)
+    cfg = with_absolute_files(cfg)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
     try:
@@ -56,6 +57,18 @@ def main(recipe: str = "paper", **flags) -> None:
                 "command with --resume auto to go on from there"
             )
         sys.exit("interrupted before the run's first save: nothing to resume; rerun the command to start it again")
+
+
+def with_absolute_files(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with --model's JSON file and --teacher_weights' file (not a tag) as absolute paths. The checkpoints
+    record the config, and train.fuse takes both from there: as typed (``tiny-clip.json``), run from another folder
+    it found neither."""
+    files = {
+        name: str(Path(value).resolve())
+        for name, value in (("model", cfg.model), ("teacher_weights", cfg.teacher_weights))
+        if value and Path(value).is_file()
+    }
+    return dataclasses.replace(cfg, **files)
 
 
 def _long_name(flag: str) -> str:
