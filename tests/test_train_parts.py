@@ -140,7 +140,9 @@ def test_an_unreachable_hf_hub_fails_at_once_naming_the_cache(tmp_path, monkeypa
     monkeypatch.setattr(hf_http.time, "sleep", backoff.append)  # its retries' waits, counted and not waited
     with pytest.raises(WeightsError, match=rf"HF Hub cannot be reached \(http://127.0.0.1:{port}: .*\)") as e:
         create_clip("ViT-B-16-quickgelu", "openai")
-    assert str(tmp_path / "hub") in str(e.value) and "--teacher_weights" in str(e.value)
+    assert str(tmp_path / "hub") in str(e.value) and "--teacher_weights, eval.run's and eval.tag's --weights" in str(
+        e.value
+    )
     assert backoff == [] and constants.HF_HUB_OFFLINE is False
 
 

@@ -200,7 +200,10 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
         with _quiet_open_clip(), _hub_offline(bool(unreachable)):
             clip = open_clip.create_model(name, pretrained=tag, device="cpu")
     except (RuntimeError, OSError) as e:  # open_clip's for unknown tags; huggingface_hub's for no connection
-        fix = "pass a local weights file (--teacher_weights, or eval.run's model path), or fill the HF cache"
+        fix = (
+            "pass a local weights file (train.main's --teacher_weights, eval.run's and eval.tag's --weights), or fill "
+            "the HF cache"
+        )
         cache = hf_constants.HF_HUB_CACHE
         raise WeightsError(
             f"cannot load weights {weights!r} for {name}: the HF Hub cannot be reached ({unreachable}) and the HF "
