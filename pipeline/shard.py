@@ -326,6 +326,13 @@ def run(
         write_index(out_dir, shards, src, finished=True)
     print_summary(totals, elapsed, out_dir, crashed)
     warn_stale(out_dir, shards - 1)
+    if totals.videos and not totals.ok:  # every row failed (a decoder that cannot open any file, or no video at all)
+        print(
+            f"error: none of the {totals.videos} videos made a sample; see the reasons above and the failures in "
+            f"{out_dir}/*_stats.json",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if crashed else 0
 
 

@@ -675,3 +675,15 @@ def test_a_retry_whose_shard_tar_is_gone_makes_the_whole_shard_again(many, tmp_p
     again = process_shard(ShardTask(0, rows, task.fingerprint, previous=previous), settings)
     assert again["ok"] == 2 and again["retry"] == {"copied": 0, "retried": 2, "recovered": 2}
     assert (tmp_path / "000000.tar").read_bytes() == reference
+
+
+def test_a_run_in_which_no_video_made_a_sample_exits_1(tmp_path):
+    """Under PyAV 19 every video failed (a TypeError, counted as unexpected_error) and pipeline.shard exited 0."""
+    csv_path = write_csv(tmp_path / "w.csv", [[str(i), f"caption {i}", 0, "d", "PT1S", f"v/{i}.mp4"] for i in range(3)])
+    proc = run_cli("pipeline.shard", "--src", csv_path, "--out", tmp_path / "out", "--progress", "False", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "3 videos: 0 ok, 3 failed" in proc.stdout
+    assert (
+        f"error: none of the 3 videos made a sample; see the reasons above and the failures in {tmp_path / 'out'}"
+        in proc.stderr
+    )
