@@ -183,7 +183,7 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
     (tmp_path / "broken.json").write_text('{"embed_dim": ')
     (tmp_path / "empty.json").write_text("{}")  # open_clip skips it in silence: the run failed after its start
     for flags, message in (
-        ({"model": "ViT-B-16-typo"}, "neither an open_clip model name nor a .json config"),
+        ({"model": "ViT-B-16-typo"}, "neither an open_clip model name, a .json config nor one of ours"),
         ({"model": str(tmp_path / "broken.json")}, "not a valid model-config JSON"),
         ({"teacher_weights": str(tmp_path / "runs" / "best.pt")}, "weights file not found"),
         ({"teacher_weights": "openai_typo"}, "neither a weights file nor a pretrained tag of tiny-clip"),

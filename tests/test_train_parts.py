@@ -42,12 +42,20 @@ from train.prefetch import to_device
 
 
 def test_model_names_and_configs():
+    import open_clip
+
     assert register_model(str(TINY_CLIP)) == "tiny-clip"
     assert register_model("ViT-B-16-quickgelu") == "ViT-B-16-quickgelu"
     with pytest.raises(ValueError, match="quickgelu"):
         register_model("ViT-B-16-typo")
     with pytest.raises(FileNotFoundError):
         register_model("missing.json")
+    assert register_model("demo-clip") == "demo-clip"  # a config the package ships, by name, from any folder
+    assert open_clip.get_model_config("demo-clip") == json.loads(
+        (REPO / "train/model_configs/demo-clip.json").read_text()
+    )
+    with pytest.raises(ValueError, match="nor one of ours \\(demo-clip\\)"):
+        register_model("demo-clip-typo")
 
 
 def test_a_config_file_is_registered_again_only_when_it_changed(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded; the message says what to do."""
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"  # installed with the package (setup.cfg's package_data)
 _REGISTERED: dict[str, tuple[str, int, int]] = {}  # config name -> (its file, mtime_ns, size) as last registered
 
 
@@ -64,9 +65,13 @@ def register_model(model: str) -> str:
             _REGISTERED[path.stem] = registered
         return path.stem
     if model not in open_clip.list_models():
+        bundled = BUNDLED_CONFIGS / f"{model}.json"
+        if path.name == model and bundled.is_file():  # a config this package ships, by name, from any folder
+            return register_model(str(bundled))
         raise ValueError(
-            f"--model {model!r} is neither an open_clip model name nor a .json config; "
-            "see open_clip.list_models() (OpenAI ViT-B/16 is 'ViT-B-16-quickgelu')"
+            f"--model {model!r} is neither an open_clip model name, a .json config nor one of ours "
+            f"({', '.join(sorted(p.stem for p in BUNDLED_CONFIGS.glob('*.json')))}); see open_clip.list_models() "
+            "(OpenAI ViT-B/16 is 'ViT-B-16-quickgelu')"
         )
     return model
 
