@@ -51,6 +51,7 @@ from train.fuse import fuse_state_dicts
 from train.model import (
     EMPTY_STUDENT,
     EMPTY_WEIGHTS,
+    WeightsError,
     check_weights,
     config_image_size,
     create_clip,
@@ -59,6 +60,7 @@ from train.model import (
     is_weights_file,
     load_state_dict,
     register_model,
+    tag_unavailable,
     tokenizer_for,
 )
 from train.monitor import online_problems
@@ -180,7 +182,12 @@ def check_entry(model: str, weights: str) -> None:
             raise ValueError(f"--weights {weights}: the student ({student}) must be a weights file")
         check_weights(model, student)
     else:
+        teacher = weights
         check_weights(model, weights)
+    if teacher and not is_weights_file(teacher):  # a tag: its weights fetched or cached, before the decoding
+        problem = tag_unavailable(model, teacher)
+        if problem:
+            raise WeightsError(problem)
 
 
 def weights_problems(model: str, entries: list[str]) -> list[str]:

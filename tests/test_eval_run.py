@@ -257,6 +257,40 @@ def test_a_run_stopped_mid_way_leaves_no_old_summary_beside_its_new_records(benc
     assert "| earlier |" in (out / report.SUMMARY_NAME).read_text()
 
 
+def test_a_tag_whose_weights_cannot_be_had_fails_before_the_decoding(bench, tmp_path, monkeypatch):
+    """--weights openai offline with an empty HF cache: every video was decoded, then the weights failed to load."""
+    from huggingface_hub import constants
+
+    from eval import run
+    from train import model
+
+    root, _, _ = bench
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model.tag_unavailable.cache_clear()
+    kwargs = {"model": "ViT-B-16-quickgelu", "data_root": str(root / "data"), "out": str(tmp_path / "o")}
+    with pytest.raises(SystemExit) as e:
+        run.main(weights="openai", **kwargs)
+    says = f"cannot load weights 'openai' for ViT-B-16-quickgelu: the HF cache ({tmp_path / 'hub'}) does not hold"
+    assert says in str(e.value.code) and "HF_HUB_OFFLINE is set" in str(e.value.code)
+    assert not (tmp_path / "o").exists()  # nothing decoded, nothing written
+
+    # cached (as huggingface_hub lays a file out), the check passes offline; not cached, it asks the Hub
+    snapshot = tmp_path / "hub" / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    model.tag_unavailable.cache_clear()
+    assert model.tag_unavailable("ViT-B-16-quickgelu", "openai") == ""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model, "hub_unreachable", lambda: "")  # the Hub answers: fetched when loaded
+    model.tag_unavailable.cache_clear()
+    assert model.tag_unavailable("ViT-B-16-quickgelu", "openai") == ""
+    model.tag_unavailable.cache_clear()
+
+
 def test_a_name_rescored_with_other_weights_on_fewer_datasets_is_refused(bench, tmp_path, monkeypatch):
     """summary.md's row of a name is made of every record of that name in OUT: scoring the name again with other
     weights on some datasets only made a row of two models' numbers, its Models table naming one of them."""

@@ -8,14 +8,17 @@ different activation than the one the weights were trained with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import get_session as hf_session
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -226,6 +229,30 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
             raise WeightsError(f"{weights} does not fit {name} ({problem}): pass the --model they were trained with")
         clip.load_state_dict(state)
     return clip.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def tag_unavailable(model: str, tag: str) -> str:
+    """Why a pretrained tag's weights cannot be had now; "" if they can (in the HF cache, or the Hub answers), or if
+    open_clip fetches them from a URL into a cache of its own (not checked). For a check before hours of work that
+    ends by loading them (eval's decoding): offline, that work ran first and then failed. Asked once per process."""
+    name = register_model(model)
+    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
+    if not hub:
+        return ""
+    repo, filename = os.path.split(hub)  # open_clip's own reading: "org/model/" is the repository's default file
+    filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+    safe = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda f: [])(filename)  # preferred, if there
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in (*safe, filename)):
+        return ""
+    why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else hub_unreachable()
+    if not why:
+        return ""
+    return (
+        f"cannot load weights {tag!r} for {name}: the HF cache ({hf_constants.HF_HUB_CACHE}) does not hold them "
+        f"and the Hub cannot be asked ({why}). Either pass a local weights file (eval.run's and eval.tag's "
+        "--weights), or fill the HF cache on a connected machine"
+    )
 
 
 def hub_unreachable(timeout_s: float = 5.0) -> str:
