@@ -138,8 +138,8 @@ def run_spark(
 ) -> None:
     """Run tasks as Spark jobs of ``batch`` shards each (default: the cluster's parallelism), ``window`` jobs at a
     time: a job is submitted as soon as one ends, so the cores a job's last shards leave free take the next job's
-    shards. Jobs run one after another, each waiting for its slowest shard (one with many download time-outs), left
-    the cluster's other cores idle meanwhile.
+    shards. (Jobs that ran one after another each waited for their slowest shard, one with many download time-outs,
+    with the cluster's other cores idle meanwhile.)
 
     Uses the active Spark session, or creates one: with ``spark-submit`` the
     master comes from its configuration; otherwise local mode with ``workers``
