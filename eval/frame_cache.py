@@ -29,22 +29,24 @@ import re
 import stat
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from eval.datasets.base import EvalDataset, Item
+from pipeline.cli import error_line
 from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
+    iter_tar_samples,
     json_bytes,
     remove_temporaries,
     sample_key,
-    tar_groups,
 )
 
 # 2: per-item file stamps in the manifest; and pipeline.frames samples differently since (rotated videos, MP4 edit
@@ -301,20 +303,15 @@ def compact(folder: Path, found: dict[str, list[str]], per_shard: int, first_sha
     writer, shard = None, first_shard
     try:
         for tar, keys in sorted(sparse.items()):
-            if not (folder / tar).is_file():
-                continue  # its videos stay where they are: the next build decodes them again ("cache shard gone")
-            try:
-                for key, members in samples_of(folder / tar, keys):
-                    if writer is None:
-                        writer = TarShardWriter(folder, shard)
-                    writer.add_sample(key, members)
-                    pending[item_of[(tar, key)]] = [writer.final.name, key]
-                    if writer.samples == per_shard:
-                        writer.commit()
-                        moved.update(pending)
-                        writer, shard, pending = None, shard + 1, {}
-            except tarfile.TarError:
-                continue  # a damaged shard: what was copied of it stands, the rest stays where it is
+            for key, members in _readable_samples(folder / tar, keys, name):
+                if writer is None:
+                    writer = TarShardWriter(folder, shard)
+                writer.add_sample(key, members)
+                pending[item_of[(tar, key)]] = [writer.final.name, key]
+                if writer.samples == per_shard:
+                    writer.commit()
+                    moved.update(pending)
+                    writer, shard, pending = None, shard + 1, {}
         if writer is not None:
             writer.commit()
             moved.update(pending)
@@ -327,13 +324,13 @@ def compact(folder: Path, found: dict[str, list[str]], per_shard: int, first_sha
     return moved
 
 
-def samples_of(path: Path, keys: set[str]):
-    """``(key, [(ext, data), ...])`` of the samples of a shard tar whose key is in ``keys``, in file order; only
-    theirs are read."""
-    with tarfile.open(path, mode="r:") as tar:
-        for key, members in tar_groups(tar):
-            if key in keys:
-                yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]
+def _readable_samples(path: Path, keys: set[str], name: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """``iter_tar_samples(path, keys)``, ending at a read error (a damaged or vanished shard) with a line that says
+    so: what was copied of it stands, the rest stays where it is. Errors of the caller's writes are its own."""
+    try:
+        yield from iter_tar_samples(path, keys)
+    except (tarfile.TarError, OSError) as e:
+        print(f"frame cache {name}: left {path.name} as it is ({error_line(e)})", file=sys.stderr)
 
 
 def decode_into_shards(

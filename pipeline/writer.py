@@ -366,8 +366,10 @@ def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarf
         yield key, members
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """Yield ``(key, [(ext, data), ...])`` from a shard tar, in file order."""
+def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """Yield ``(key, [(ext, data), ...])`` from a shard tar, in file order; with ``keys``, of those samples only (the
+    others' data is not read)."""
     with tarfile.open(path, mode="r:") as tar:
         for key, members in tar_groups(tar):
-            yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]
+            if keys is None or key in keys:
+                yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]

@@ -156,7 +156,7 @@ def test_spark_jobs_run_in_a_window_so_a_slow_one_does_not_hold_back_the_next():
 
     run_windowed(chunks(range(9), 2), run_job, 2, results.append)
     assert sorted(r["shard"] for r in results) == list(range(9))
-    assert started[:3] == [0, 2, 4] and sorted(started) == [0, 2, 4, 6, 8]
+    assert sorted(started[:2]) == [0, 2] and started[2] == 4 and sorted(started) == [0, 2, 4, 6, 8]
     assert [list(c) for c in chunks(range(5), 2)] == [[0, 1], [2, 3], [4]]
 
 

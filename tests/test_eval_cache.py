@@ -273,9 +273,14 @@ def test_compaction_leaves_an_unreadable_shard_and_a_failed_write_as_they_are(tm
                 writer.add_sample(key, [("0.jpg", key.encode() * 3), ("json", b"{}")])
             writer.commit()
     (folder / "000001.tar").write_bytes(b"not a tar" * 200)  # damaged since
+    (folder / "000003.tar").mkdir()  # a read that fails with an OSError (it stopped every copy)
     found = {"a": ["000000.tar", "a"], "b": ["000001.tar", "b"], "c": ["000002.tar", "c"], "d": ["000009.tar", "d"]}
+    found["e"] = ["000003.tar", "e"]
     moved = frame_cache.compact(folder, found, 4, 10, "toy")
-    assert moved == {"a": ["000010.tar", "a"], "c": ["000010.tar", "c"]}  # b (damaged) and d (gone) stay
+    assert moved == {"a": ["000010.tar", "a"], "c": ["000010.tar", "c"]}  # b (damaged), e and d (gone) stay
+    said = capsys.readouterr().err
+    assert "left 000001.tar as it is (ReadError" in said and "left 000003.tar as it is (IsADirectoryError" in said
+    assert "left 000009.tar as it is (FileNotFoundError" in said
     assert dict(iter_tar_samples(folder / "000010.tar")) == {
         "a": [("0.jpg", b"aaa"), ("json", b"{}")],
         "c": [("0.jpg", b"ccc"), ("json", b"{}")],

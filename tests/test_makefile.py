@@ -47,6 +47,18 @@ def test_a_python_older_than_3_10_is_refused_in_one_line(tmp_path):
     )
 
 
+def test_a_good_venv_is_kept_whatever_python3_is(tmp_path):
+    """The version check refused a working venv of 3.11 once setup.cfg changed, where python3 is a 3.9."""
+    fake = tmp_path / "python3.9"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.version_info = (3, 9, 18)\nexec(sys.argv[2])\n")
+    fake.chmod(0o755)
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    (venv / "kept").write_text("x")
+    subprocess.run(venv_steps(venv, str(fake)), shell=True, check=True, cwd=ROOT)
+    assert (venv / "kept").exists()
+
+
 def test_a_venv_of_an_older_python_is_made_again(tmp_path):
     """A .venv left by a make with PYTHON=python3.9 kept its pip, so every make after it reused it and failed."""
     venv = tmp_path / "v"

@@ -1254,3 +1254,17 @@ def test_the_config_records_the_model_json_and_teacher_file_as_absolute_paths(tr
     monkeypatch.chdir(here)
     fuse.main(student=str(run / "best.pt"), out=str(tmp_path / "f.pt"))  # from there: found
     assert (tmp_path / "f.pt").is_file()
+
+
+def test_a_resume_names_changed_flags_but_not_a_file_now_written_absolute(tmp_path, monkeypatch):
+    """Checkpoints from before recorded --model tiny-clip.json as typed; a resume, which records it absolute, printed
+    it as a changed flag."""
+    (tmp_path / "tiny-clip.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": "tiny-clip.json", "teacher_weights": "", "lr": 1e-5, "resume": "", "out": "o"}
+    current = {**saved, "model": str(tmp_path / "tiny-clip.json"), "lr": 2e-5, "resume": "auto"}
+    assert loop.config_changes(saved, current) == ["--lr 1e-05 -> 2e-05"]
+    assert loop.config_changes(saved, {**current, "model": "ViT-B-16-quickgelu"})[0].startswith("--model ")
+    assert (
+        loop.config_changes({**saved, "out": ""}, {**current, "out": str(tmp_path)})[-1] == f"--out '' -> '{tmp_path}'"
+    )

@@ -431,12 +431,18 @@ def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """The flags whose values differ between a checkpoint's config and this run's (``--resume`` always does)."""
+    """The flags whose values differ between a checkpoint's config and this run's (``--resume`` always does). A
+    file named relative to the folder then and absolute now (train.main records --model's and --teacher_weights'
+    files absolute since 2026-11-28) is the same flag."""
     return [
         f"--{k} {saved[k]!r} -> {current[k]!r}"
         for k in current
-        if k != "resume" and k in saved and saved[k] != current[k]
+        if k != "resume" and k in saved and saved[k] != current[k] and not _same_file(saved[k], current[k])
     ]
+
+
+def _same_file(a: object, b: object) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
 
 def seed_process(seed: int, rank: int, step: int) -> None:
