@@ -123,8 +123,8 @@ class TrainConfig:
     # --- runtime and monitoring
     device: str = "auto"  # "auto", "cuda" or "cpu"
     workers: int = 4  # data-loading processes per stream (labeled, unlabeled) and rank; validation uses at most 2
-    # unlabeled samples each of its loader workers shuffles among, still encoded (about 0.23 MB each at the shards'
-    # default 256 px): host memory of about workers x this x 0.23 MB per rank, once the buffers have filled
+    # samples each loader worker of the unlabeled stream shuffles among, still encoded (about 0.23 MB each at the
+    # shards' default 256 px): host memory of about workers x this x 0.23 MB per rank, once the buffers have filled
     shuffle_buffer: int = 1000
     # steps between logs of the training metrics: to W&B, and to the progress bar or (--progress False) a console line
     log_every: int = 10
