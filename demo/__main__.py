@@ -363,5 +363,10 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
         print("Check: every model beats chance by at least 2x on both synthetic benchmarks.")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (setup.cfg's console_scripts)."""
     fire_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -593,5 +593,10 @@ def log_to_wandb(records: list[dict], cfg: EvalConfig, mode: str, png: Path | No
     run.finish()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (setup.cfg's console_scripts)."""
     fire_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -314,5 +314,10 @@ def _search(clip, tokenizer, paths, video, query, top, device) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (setup.cfg's console_scripts)."""
     fire_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -375,5 +375,10 @@ def warn_stale(out_dir: Path, last_shard: int) -> None:
         )
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (setup.cfg's console_scripts)."""
     fire_main(main)
+
+
+if __name__ == "__main__":
+    cli()

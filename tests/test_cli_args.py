@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import fire
 import pytest
@@ -232,3 +233,27 @@ def test_the_short_flags_train_mains_help_shows_are_taken(tmp_path):
     assert f"shard folder '{tmp_path / 'none'}' does not exist" in proc.stderr and "--model 'nosuch'" in proc.stderr
     proc = run_cli("train.main", "-r", "demo", check=False)  # not in --help: resume, recipe, run_name, ...
     assert "unknown flag(s) ['--r']" in proc.stderr
+
+
+def test_the_installed_commands_run_from_a_folder_whose_own_scripts_would_hide_the_packages(tmp_path):
+    """`python -m train.main` in a folder holding a train.py runs that file: Python puts the current folder first on
+    its path. The installed commands (setup.cfg's console_scripts) do not."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert set(scripts) == {f"fitclip-{n}" for n in ("shard", "subset", "train", "fuse", "eval", "tag", "demo")}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert function == "cli" and callable(importlib.import_module(module).cli), target
+    for name in ("train", "eval", "pipeline", "demo"):
+        (tmp_path / f"{name}.py").write_text("raise SystemExit('the folder own script ran')\n")
+    bin_dir = Path(sys.executable).parent
+    for command, says in (("fitclip-train", "--batch_labeled"), ("fitclip-shard", "--samples_per_shard")):
+        proc = subprocess.run([bin_dir / command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and says in proc.stdout + proc.stderr, (command, proc.stderr)
+    hidden = subprocess.run(
+        [sys.executable, "-m", "train.main", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert hidden.returncode != 0 and "the folder own script ran" in hidden.stderr  # what the commands avoid

@@ -143,5 +143,10 @@ def main(student: str, out: str, model: str | None = None, teacher: str | None =
     print(f"train.fuse: (1 - {alpha}) * {teacher} + {alpha} * {student} -> {path}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (setup.cfg's console_scripts)."""
     fire_main(main)
+
+
+if __name__ == "__main__":
+    cli()

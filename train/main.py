@@ -199,7 +199,12 @@ def _command(argv: list[str]) -> list[str]:
     return ["--", "--help"] if {"--help", "-h"} & set(argv) else argv
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command: ``python -m train.main``, or the installed ``fitclip-train`` (setup.cfg's console_scripts)."""
     command = _command(sys.argv[1:])
     _signature_for_help(helping=command == ["--", "--help"])
     fire.Fire(main, command=command)
+
+
+if __name__ == "__main__":
+    cli()
