@@ -25,7 +25,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import stat
 import sys
 import tarfile
@@ -41,6 +40,7 @@ from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.writer import (
+    SHARD_TAR,
     TarShardWriter,
     atomic_write_bytes,
     iter_tar_samples,
@@ -60,7 +60,6 @@ MISSING_FILE = "missing_file"
 UNEXPECTED = "unexpected_error"
 # retried by the next build, as every unexpected error is: an out-of-memory kill may not happen again
 CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
-_SHARD_NAME = re.compile(r"^(\d{6})\.tar$")
 
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
 
@@ -191,12 +190,12 @@ def describe_plan(name: str, plan: dict[str, str], total: int) -> str:
 
 
 def existing_shards(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("*.tar") if _SHARD_NAME.match(p.name)} if folder.is_dir() else set()
+    return {p.name for p in folder.glob("*.tar") if SHARD_TAR.match(p.name)} if folder.is_dir() else set()
 
 
 def next_shard(record: dict | None) -> int:
     """The first shard number after every shard the manifest references (unreferenced leftovers may be reused)."""
-    numbers = [int(_SHARD_NAME.match(tar).group(1)) for tar, _ in (record or {}).get("found", {}).values()]
+    numbers = [int(SHARD_TAR.match(tar).group(1)) for tar, _ in (record or {}).get("found", {}).values()]
     return max(numbers, default=-1) + 1
 
 

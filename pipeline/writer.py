@@ -174,7 +174,7 @@ def read_stats(out_dir: str | Path, shard: int) -> dict | None:
 
 
 INDEX_NAME = "shards.json"
-_TAR = re.compile(r"^(\d{6})\.tar$")
+SHARD_TAR = re.compile(r"^(\d{6})\.tar$")  # a shard's tar, by name: its number in group 1
 
 
 def write_index(out_dir: str | Path, shards: int, src: str | Path, finished: bool) -> None:
@@ -264,7 +264,7 @@ def list_folder(folder: str | Path) -> ShardListing:
         )
     names = {entry.name: entry for entry in os.scandir(folder)}
     ok, damaged = {}, []
-    for n in sorted(int(m.group(1)) for m in map(_TAR.match, names) if m):
+    for n in sorted(int(m.group(1)) for m in map(SHARD_TAR.match, names) if m):
         stats = names.get(stats_path(folder, n).name)
         if stats is None:
             continue  # being made, or its worker died: the next run makes it
