@@ -3,14 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 10))
 
 .PHONY: demo test lint bench clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	# PYTHON makes the venv only when there is none of 3.10 or newer: then it must be one
-	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 10) else f"error: $(PYTHON) is Python {v[0]}.{v[1]}; FitCLIP needs 3.10 or newer: make PYTHON=python3.11 (or another) $(MAKECMDGOALS)")'
+	@$(PY) -c '$(NEW_ENOUGH)' 2>/dev/null || $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 10) else f"error: $(PYTHON) is Python {v[0]}.{v[1]}; FitCLIP needs 3.10 or newer: make PYTHON=python3.11 (or another) $(MAKECMDGOALS)")'
 	# a venv of a Python older than 3.10 (an earlier make with another PYTHON) cannot install FitCLIP: made afresh
-	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || ! [ -e $(PY) ] || $(PYTHON) -m venv --clear $(VENV)
+	$(PY) -c '$(NEW_ENOUGH)' 2>/dev/null || ! [ -e $(PY) ] || $(PYTHON) -m venv --clear $(VENV)
 	# a venv whose creation was cut short has a python but no pip: venv again over it (it keeps what is there)
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'

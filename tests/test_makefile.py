@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def venv_steps(venv: Path, python: str = sys.executable) -> str:
     """The Makefile's recipe lines that check the Python and make the venv, for ``venv``, as one shell command."""
-    recipe = (ROOT / "Makefile").read_text().split("$(STAMP): setup.cfg pyproject.toml\n")[1].split("\n\n")[0]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("$(STAMP): setup.cfg pyproject.toml\n")[1].split("\n\n")[0]
     lines = [x.strip().lstrip("@") for x in recipe.splitlines() if "pip install" not in x and "touch" not in x]
     command = " && ".join(f"( {x} )" for x in lines if not x.startswith("#"))  # each line a shell of its own, as make
     return (
@@ -19,6 +20,7 @@ def venv_steps(venv: Path, python: str = sys.executable) -> str:
         .replace("$(PYTHON)", python)
         .replace("$(VENV)", str(venv))
         .replace("$(MAKECMDGOALS)", "test")
+        .replace("$(NEW_ENOUGH)", makefile.split("NEW_ENOUGH := ")[1].splitlines()[0])
     )
 
 
