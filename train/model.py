@@ -36,6 +36,11 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded; the message says what to do."""
 
 
+# what to do about weights neither in the HF cache nor reachable (said by create_clip and tag_unavailable)
+OFFLINE_FIX = (
+    "pass a local weights file (train.main's --teacher_weights, eval.run's and eval.tag's --weights), or fill the HF "
+    "cache"
+)
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"  # installed with the package (setup.cfg's package_data)
 _REGISTERED: dict[str, tuple[str, int, int]] = {}  # config name -> (its file, mtime_ns, size) as last registered
 
@@ -208,16 +213,13 @@ def create_clip(model: str, weights: str = "", device: str | torch.device = "cpu
         with _quiet_open_clip(), _hub_offline(bool(unreachable)):
             clip = open_clip.create_model(name, pretrained=tag, device="cpu")
     except (RuntimeError, OSError) as e:  # open_clip's for unknown tags; huggingface_hub's for no connection
-        fix = (
-            "pass a local weights file (train.main's --teacher_weights, eval.run's and eval.tag's --weights), or fill "
-            "the HF cache"
-        )
         cache = hf_constants.HF_HUB_CACHE
         raise WeightsError(
             f"cannot load weights {weights!r} for {name}: the HF Hub cannot be reached ({unreachable}) and the HF "
-            f"cache ({cache}) does not hold them ({type(e).__name__}: {e}). Either {fix} on a connected machine"
+            f"cache ({cache}) does not hold them ({type(e).__name__}: {e}). Either {OFFLINE_FIX} on a connected "
+            "machine"
             if unreachable
-            else f"cannot load weights {weights!r} for {name} ({type(e).__name__}: {e}). Offline? Either {fix} "
+            else f"cannot load weights {weights!r} for {name} ({type(e).__name__}: {e}). Offline? Either {OFFLINE_FIX} "
             f"({cache}) on a connected machine"
         ) from e
     if unreachable:
@@ -250,8 +252,7 @@ def tag_unavailable(model: str, tag: str) -> str:
         return ""
     return (
         f"cannot load weights {tag!r} for {name}: the HF cache ({hf_constants.HF_HUB_CACHE}) does not hold them "
-        f"and the Hub cannot be asked ({why}). Either pass a local weights file (eval.run's and eval.tag's "
-        "--weights), or fill the HF cache on a connected machine"
+        f"and the Hub cannot be asked ({why}). Either {OFFLINE_FIX} on a connected machine"
     )
 
 
