@@ -96,7 +96,7 @@ def make_bench_shards(dest: Path, clips_folder: Path, clips: int, videos: int, s
     print(f"bench shards: {videos} videos ({clips} clips, {made} generated in {spent:.0f} s) into {dest}/", flush=True)
     per_shard = max(1, videos // 4)
     cmd = [sys.executable, "-m", "pipeline.shard", "--src", csv_path, "--out", partial / "shards"]
-    cmd += ["--size", size, "--samples_per_shard", per_shard, "--workers", os.cpu_count() or 1, "--progress", "False"]
+    cmd += ["--size", size, "--samples_per_shard", per_shard, "--progress", "False"]  # workers: usable_cpus
     subprocess.run([str(c) for c in cmd], check=True)
     shards = partial / "shards"
     (partial / "webvid.csv").unlink()

@@ -35,6 +35,7 @@ from pipeline.cli import (
     switch_problems,
     write_failed,
 )
+from pipeline.cpus import usable_cpus
 from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
@@ -184,7 +185,8 @@ def main(
     Args:
         src: the CSV (WebVid columns videoid,name,page_idx,page_dir,duration,contentUrl; any order).
         out: output folder for {shard:06d}.tar and {shard:06d}_stats.json.
-        workers: worker processes (default: all cores); Spark: cores in local mode.
+        workers: worker processes (default: the cores this process may use, as its CPU affinity and a container's
+            CPU quota allow: a Slurm job's, not the whole node's); Spark: cores in local mode.
         samples_per_shard: CSV rows per shard (failed videos leave a shard smaller).
         frames: N frames per video, at the midpoints of N equal segments of the clip.
         size: shorter side of the stored frames in pixels, never upscaled (0 keeps the original).
@@ -204,7 +206,7 @@ def main(
             an unreachable host, HTTP 429 or 5xx); those videos are fetched again, the shard's samples copied.
         progress: show a progress bar.
     """
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     src, out = str(src), str(out)  # fire turns "2024" into an int
     video_root = None if video_root is None else str(video_root)
     try:
