@@ -186,7 +186,7 @@ def main(
         src: the CSV (WebVid columns videoid,name,page_idx,page_dir,duration,contentUrl; any order).
         out: output folder for {shard:06d}.tar and {shard:06d}_stats.json.
         workers: worker processes (default: the cores this process may use, as its CPU affinity and a container's
-            CPU quota allow: a Slurm job's, not the whole node's); Spark: cores in local mode.
+            CPU quota allow, so a Slurm job's and not the whole node's); with Spark, the cores in local mode.
         samples_per_shard: CSV rows per shard (failed videos leave a shard smaller).
         frames: N frames per video, at the midpoints of N equal segments of the clip.
         size: shorter side of the stored frames in pixels, never upscaled (0 keeps the original).
