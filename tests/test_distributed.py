@@ -238,3 +238,46 @@ def test_init_rejects_bad_arguments(no_torchrun_env, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         distributed.init_distributed("cpu")
+
+
+# ----- launched by srun or mpirun without torchrun
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [
+        ({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, "srun"),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, "mpirun (Open MPI)"),
+        ({"PMI_SIZE": "2"}, "mpirun/mpiexec (MPICH, Intel MPI)"),
+    ],
+)
+def test_a_task_of_several_started_without_torchrun_is_refused(env, launcher):
+    """Each such task saw no RANK or WORLD_SIZE and trained alone; all but one were refused --out as locked."""
+    (line,) = distributed.launch_problems(env)
+    size = next(v for k, v in env.items() if k in distributed.LAUNCHERS)
+    assert line.startswith(f"started as one of {size} tasks by {launcher}")
+    assert "srun --ntasks-per-node 1 torchrun" in line
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # srun's one task (or salloc's interactive step)
+        {"SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"},  # the batch script of an 8-task job: one process, no step
+        {"SLURM_STEP_NUM_TASKS": "2", "RANK": "1", "WORLD_SIZE": "16"},  # torchrun under srun, one per node
+        {"OMPI_COMM_WORLD_SIZE": "many"},
+    ],
+)
+def test_torchrun_alone_or_one_task_is_not_refused(env):
+    assert distributed.launch_problems(env) == []
+
+
+def test_train_main_refuses_srun_tasks_before_any_work(monkeypatch, tmp_path, no_torchrun_env):
+    from train.main import main
+
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    with pytest.raises(SystemExit) as e:
+        main("demo", labeled=str(tmp_path), unlabeled=str(tmp_path), out=str(tmp_path / "run"), device="cpu")
+    assert "started as one of 8 tasks by srun" in str(e.value.code)
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main",
+    "launch_problems",
 ]
 
 T = TypeVar("T")
@@ -96,6 +97,35 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+# Launchers that start every process of a job themselves, and the variable that gives the job's size. Started by one
+# of them without torchrun, a process sees no RANK or WORLD_SIZE: each would train alone on the whole data, and all
+# but the first be refused --out as another run's (its lock), a failure that names neither the launcher nor the fix
+LAUNCHERS = {
+    "SLURM_STEP_NUM_TASKS": "srun",  # set by srun for its step only: not the batch script's SLURM_NTASKS
+    "OMPI_COMM_WORLD_SIZE": "mpirun (Open MPI)",
+    "PMI_SIZE": "mpirun/mpiexec (MPICH, Intel MPI)",
+}
+
+
+def launch_problems(env: dict[str, str] | None = None) -> list[str]:
+    """A line if this process is one of several that srun or mpirun started without torchrun (see :data:`LAUNCHERS`);
+    none under torchrun (RANK and WORLD_SIZE set), alone, or as the one task of a step."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return []
+    for name, launcher in LAUNCHERS.items():
+        size = env.get(name, "")
+        if size.isdigit() and int(size) > 1:
+            return [
+                f"started as one of {size} tasks by {launcher} ({name}={size}) without torchrun: each task would "
+                "train alone. Start one torchrun per node instead, e.g. srun --ntasks-per-node 1 torchrun --nnodes "
+                '"$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint "$(scontrol show hostnames '
+                '| head -n 1)":29500 --rdzv_id "$SLURM_JOB_ID" -m train.main ... (the README\'s Training section has '
+                "a batch script)"
+            ]
+    return []
 
 
 def is_distributed() -> bool:

@@ -24,6 +24,7 @@ from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
 from train.data import DataError, check_frames, check_validation, list_shards
+from train.distributed import launch_problems
 from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
 
@@ -95,10 +96,11 @@ REQUIRED_FOLDERS = {
 
 def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     """The config of ``recipe`` with ``flags`` (None if it is refused), and every problem of the command: the
-    config's checks, then those of --model, --device, --out, --wandb, the shard folders, the teacher's weights and
-    --resume, each with the flag as given or its recipe's default. So a command with several wrong flags is
-    refused once, naming them all (refused in turn, each relaunch would fail again on the next one). The inputs
-    are checked as ``train.loop.run`` checks them first: cheaply (tar headers, mapped files)."""
+    config's checks, then those of --model, --device, --out, --wandb, the launcher (srun without torchrun), the
+    shard folders, the teacher's weights and --resume, each with the flag as given or its recipe's default. So a
+    command with several wrong flags is refused once, naming them all (refused in turn, each relaunch would fail
+    again on the next one). The inputs are checked as ``train.loop.run`` checks them first: cheaply (tar headers,
+    mapped files)."""
     problems = []
     try:
         cfg = resolve(recipe, **flags)
@@ -112,7 +114,7 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     crop = given["crop"] if type(given["crop"]) is int and given["crop"] >= 0 else 0
     frames = given["frames"] if type(given["frames"]) is int and given["frames"] >= 1 else 0
     problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
-    problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
+    problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"]) + launch_problems()
     checks = []
     if "model" in text:
         checks.append(functools.partial(check_crop, given["model"], crop))  # also an unknown --model, a broken JSON
