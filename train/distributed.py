@@ -122,8 +122,8 @@ def launch_problems(env: dict[str, str] | None = None) -> list[str]:
                 f"started as one of {size} tasks by {launcher} ({name}={size}) without torchrun: each task would "
                 "train alone. Start one torchrun per node instead, e.g. srun --ntasks-per-node 1 torchrun --nnodes "
                 '"$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint "$(scontrol show hostnames '
-                '| head -n 1)":29500 --rdzv_id "$SLURM_JOB_ID" -m train.main ... (the README\'s Training section has '
-                "a batch script)"
+                '| head -n 1)":$((20000 + SLURM_JOB_ID % 20000)) --rdzv_id "$SLURM_JOB_ID" -m train.main ... (the '
+                "README's Training section has a batch script)"
             ]
     return []
 
