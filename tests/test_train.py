@@ -593,6 +593,37 @@ def test_a_resume_that_would_choose_its_best_by_another_measure_is_refused(train
     assert checkpoint.load(out / checkpoint.BEST)["step"] == 4
 
 
+def test_a_run_started_with_relative_folders_resumes_from_another_folder(train_shards, tmp_path, monkeypatch):
+    """The shard folders were recorded as typed: a job resumed from another working directory (a requeued Slurm
+    job) was refused as validating on another --val, and told to pass the relative path, which did not exist there.
+    An older checkpoint's relative --val is said to be relative to the folder its run started in."""
+    from train.main import main
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "shards").symlink_to(train_shards["val"].parent)
+    monkeypatch.chdir(first)
+    typed = {name: f"shards/{Path(train_shards[name]).name}" for name in ("labeled", "unlabeled", "val")}
+    main("demo", **{**tiny_run(train_shards, Path("runs/x")), **typed, "steps": 2, "fuse": False, "workers": 0})
+    out = first / "runs" / "x"
+    config = checkpoint.load(out / checkpoint.BEST)["config"]
+    assert config["val"] == str(first / typed["val"]) and config["out"] == str(out)  # the symlink's name kept
+
+    monkeypatch.chdir(tmp_path)
+    absolute = {name: str(first / typed[name]) for name in typed}
+    main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 3, "fuse": False, "resume": "auto"})
+    assert checkpoint.load(out / checkpoint.LATEST)["step"] == 3
+
+    best = checkpoint.load(out / checkpoint.BEST)  # as an older run recorded it
+    best["config"]["val"] = typed["val"]
+    torch.save(best, out / checkpoint.BEST)
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 4, "resume": "auto"})
+    assert f"Resume with --val {typed['val']} --val_batch 4 (as typed then: relative to the folder that run was" in (
+        str(e.value.code)
+    )
+
+
 def test_a_validation_set_of_one_video_is_refused_and_one_smaller_than_its_batch_is_named(
     train_shards, tmp_path, capsys
 ):

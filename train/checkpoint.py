@@ -138,10 +138,12 @@ def selection_problem(out: Path, val: str, val_batch) -> str:
     if val and Path(val).resolve() == Path(then[0]).resolve() and val_batch == then[1]:
         return ""
     now = f"--val {val} --val_batch {val_batch}" if val else "no --val (the last step would be kept as best)"
+    # train.main records --val absolute since 2026-11-28; an older run's is as typed, in the folder it started in
+    typed = "" if Path(then[0]).is_absolute() else " (as typed then: relative to the folder that run was started in)"
     return (
         f"{out / BEST} was chosen by its validation loss on --val {then[0]} with --val_batch {then[1]}, and this "
         f"run gives {now}: it would replace that best.pt by another measure. Resume with --val {then[0]} "
-        f"--val_batch {then[1]}, or move {BEST} out of {out} to choose anew"
+        f"--val_batch {then[1]}{typed}, or move {BEST} out of {out} to choose anew"
     )
 
 
