@@ -496,7 +496,8 @@ def main(
     problems += switch_problems(switches | {"renormalize_video": renormalize_video})
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
     problems += device_problems(device)
-    problems += folder_problems({"out": out, "cache": cache})  # cache "" (OUT/cache) is the folder "." here: no line
+    # cache "" (OUT/cache) is the folder "." here: no line; a read-only cache serves the frames it holds up to date
+    problems += folder_problems({"out": out}) + folder_problems({"cache": cache}, writable=False)
     problems += weights_problems(str(model), [entry for _, entry in models])
     refuse(problems)
     cfg = EvalConfig(

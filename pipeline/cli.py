@@ -7,6 +7,7 @@ import difflib
 import errno
 import inspect
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -136,18 +137,29 @@ def refuse(problems: list[str]) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def folder_problems(folders: dict[str, object]) -> list[str]:
-    """A line for each output-folder flag (name without dashes -> value) whose path, or a folder above it, is a file:
-    the folder is made only when something is written, often after the work, and would fail there."""
+def folder_problems(folders: dict[str, object], writable: bool = True) -> list[str]:
+    """A line for each output-folder flag (name without dashes -> value) whose path, or a folder above it, is a file,
+    or (``writable``) that this user may not write in or make: the folder is made and written only when something
+    is written, often after the work, and failed there with a traceback."""
     problems = []
     for name, value in folders.items():
         path = Path(str(value))
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is None or existing.is_dir():
+        if existing is None:
             continue
-        where = "" if existing == path else f": {existing}"
-        problems.append(f"--{name} {value}{where} is a file; give a folder (made if missing)")
+        if not existing.is_dir():
+            where = "" if existing == path else f": {existing}"
+            problems.append(f"--{name} {value}{where} is a file; give a folder (made if missing)")
+        elif writable and not may_write(existing):
+            where = "" if existing == path else f" (it would be made in {existing})"
+            problems.append(f"--{name} {value}{where}: no permission to write there; give a folder you can write")
     return problems
+
+
+def may_write(folder: str | Path) -> bool:
+    """Whether this process may make and write files in the existing ``folder`` (its permissions, a read-only
+    mount). Not a promise (a full disk, an ACL), but the usual cause of a write that fails, asked before the work."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 # what a write fails with for want of room or of a writable disk, not for the path given (a full disk, a quota, a

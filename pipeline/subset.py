@@ -11,6 +11,7 @@ same subset and byte-identical shards. ``OUT/subset.json`` records the keys.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -18,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline import writer
-from pipeline.cli import count_problems, fire_main
+from pipeline.cli import count_problems, fire_main, may_write
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -165,7 +166,21 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
                 print(f"pipeline.subset: {out_path} already holds this subset ({n}, seed {seed}); nothing to do")
                 return
             raise SubsetError(f"--out {out_path} exists and is not empty; remove it or choose another folder")
-        manifest = make_subset(src_path, out_path, n, seed, samples_per_shard)
+        # built in a temporary folder beside --out, then renamed to it: beside the folder a symlink names (a rename
+        # replaces no link to a folder); and never onto a mount point (an empty volume), which cannot be replaced
+        target = out_path.resolve() if out_path.is_symlink() else out_path
+        if os.path.ismount(target):
+            raise SubsetError(
+                f"--out {out_path} is a mount point, which the subset cannot replace (it is made beside --out, then "
+                f"renamed to it); give a new folder inside it, e.g. {out_path / 'labeled'}"
+            )
+        beside = next(p for p in target.absolute().parents if p.exists())
+        if not may_write(beside):
+            raise SubsetError(
+                f"--out {out_path}: the subset is made in {beside} first, then renamed to --out, and this user "
+                f"may not write in {beside}; give an --out in a folder you can write"
+            )
+        manifest = make_subset(src_path, target, n, seed, samples_per_shard)
     except SubsetError as e:
         sys.exit(f"error: {e}")
     shards = (n + samples_per_shard - 1) // samples_per_shard
