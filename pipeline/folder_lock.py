@@ -46,7 +46,7 @@ def lock_folder(folder: str | Path, on_wait: Callable[[], None] | None = None, g
     and wait for the lock. Filesystems without ``flock`` (some network mounts) give the file unlocked: a lock there
     would refuse every run.
     """
-    handle = open(Path(folder) / LOCK_NAME, "w")
+    handle = _open_lock_file(Path(folder) / LOCK_NAME)
     deadline = time.monotonic() + grace
     while not _try_lock(handle):
         if time.monotonic() < deadline:
@@ -60,6 +60,17 @@ def lock_folder(folder: str | Path, on_wait: Callable[[], None] | None = None, g
             break
     _held.add(handle)
     return handle
+
+
+def _open_lock_file(path: Path) -> IO:
+    """The lock file, made if missing (writable by whoever the umask lets write the folder's other files), and
+    opened to read where this user may not write it: another member of a group that shares the folder made it, 0644
+    under the usual umask, and ``open(path, "w")`` failed with a PermissionError traceback. ``flock`` takes a file
+    opened either way."""
+    try:
+        return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+    except PermissionError:
+        return open(path)
 
 
 def _try_lock(handle: IO) -> bool:

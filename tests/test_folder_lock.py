@@ -4,8 +4,10 @@ short wait for a holder that is going away."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
+from pathlib import Path
 
 from pipeline.folder_lock import lock_folder
 
@@ -69,3 +71,35 @@ def test_a_waiting_holder_is_told_once(tmp_path):
     waiter.join(60)
     assert not waiter.is_alive() and got[0] is not None
     got[0].close()
+
+
+def test_a_lock_file_this_user_may_not_write_still_locks(tmp_path, monkeypatch):
+    """In a folder a group shares, the lock file another member made is 0644 under the usual umask: opening it to
+    write failed with a PermissionError traceback. It is opened to read then, and flock locks it all the same."""
+    import builtins
+
+    from pipeline import folder_lock
+
+    lock = tmp_path / folder_lock.LOCK_NAME
+    lock.write_text("")
+    real_open = os.open
+
+    def os_open(path, flags, *args):
+        if Path(path) == lock and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    def builtin_open(path, mode="r", *args, **kwargs):
+        if Path(path) == lock and set(mode) & set("wa+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(folder_lock, "open", builtin_open, raising=False)
+    held = lock_folder(tmp_path)
+    assert held is not None
+    assert lock_folder(tmp_path, grace=0) is None  # another run is refused: the lock is held
+    held.close()
+    again = lock_folder(tmp_path, grace=0)
+    assert again is not None
+    again.close()
