@@ -31,7 +31,7 @@ from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, load_model, weights_problems
-from pipeline.cli import comma_list, count_problems, fire_main, refuse
+from pipeline.cli import DISK_ERRNOS, comma_list, count_problems, fire_main, refuse, write_failed
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
 from train.model import device_problems, image_size, tokenizer_for
@@ -112,6 +112,7 @@ def cache_root(cache: Path | None) -> Iterator[Path]:
     remove_abandoned(target)
     with held_temporary_folder(target) as tmp:
         try:
+            tmp.chmod(0o700)  # the frames of this user's videos, in a folder every user of the machine may list
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,10 +262,16 @@ def main(
     except OSError as e:
         sys.exit(f"error: --cache {cache_dir}: cannot make that folder ({e.strerror}); give a folder you can write to")
     videos_per_pass, texts_per_pass = batch_sizes(batch_size, dev)
-    with cache_root(cache_dir) as root:
-        clip, shown, video = embed_folder(
-            folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass
-        )
+    try:
+        with cache_root(cache_dir) as root:
+            clip, shown, video = embed_folder(
+                folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass
+            )
+    except OSError as e:  # a full disk or quota where the frames go (the temporary cache: often a small /tmp)
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = cache_dir if cache_dir is not None else f"the temporary frame cache in {tempfile.gettempdir()}"
+        sys.exit(f"error: {write_failed(e, where)}, or pass --cache DIR on a disk with room (or set TMPDIR)")
     tokenizer = tokenizer_for(str(model))
     rows = (
         _tag(clip, tokenizer, shown, video, label_list, top, texts_per_pass, dev)

@@ -595,6 +595,7 @@ def test_tag_without_cache_removes_its_frames_and_those_a_killed_run_left(tmp_pa
         running = Path(live.stdout.readline().strip())
         with tag.cache_root(None) as root:
             assert root.is_dir() and root.parent == tmp_path and root.name.startswith(f".{tag.TEMPORARY_CACHE}.tmp-")
+            assert root.stat().st_mode & 0o777 == 0o700  # other users of the machine may not read the frames
             (root / "frames").write_bytes(b"decoded")
             assert not left.exists() and running.is_dir()
         assert sorted(p.name for p in tmp_path.iterdir()) == [running.name]
@@ -602,6 +603,30 @@ def test_tag_without_cache_removes_its_frames_and_those_a_killed_run_left(tmp_pa
         live.kill()
     with tag.cache_root(tmp_path / "kept") as root:
         assert root == tmp_path / "kept"
+
+
+def test_tag_with_a_full_disk_under_its_frames_says_so_in_one_line(bench, tmp_path, monkeypatch):
+    """A full temporary folder (often a small /tmp) ended in a raw OSError traceback; eval.run said it in a line."""
+    import errno
+    import tempfile
+
+    from eval import tag
+
+    root, layouts, w = bench
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tag, "embed_folder", full)
+    common = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "device": "cpu", "labels": "a,b"}
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), **common)
+    assert str(e.value.code) == (
+        f"error: writing the temporary frame cache in {tmp_path} failed: [Errno 28] No space left on device. Free "
+        "space on its disk (or raise the quota), or pass --cache DIR on a disk with room (or set TMPDIR)"
+    )
+    assert list(tmp_path.iterdir()) == []  # the temporary cache is gone
 
 
 def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkeypatch):
