@@ -703,6 +703,16 @@ def test_wandb_online_without_credentials_is_refused_before_any_work(train_shard
     from train.monitor import online_problems
 
     assert online_problems("online") == []
+    # no home folder (HOME unset, a user the machine does not know): wandb.init raised "Could not determine home
+    # directory" after the models were built, and --wandb auto's credentials check before it
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    for mode in ("auto", "offline"):
+        assert online_problems(mode)[0].startswith(f"--wandb {mode}: W&B keeps its settings and cache in the home")
+    assert online_problems("off") == []
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, out), "wandb": "auto"})
+    assert "set HOME to a folder you can write, or pass --wandb off" in str(e.value.code) and not out.exists()
 
 
 def test_wandb_auto_with_credentials_but_no_server_logs_offline(train_shards, tmp_path, monkeypatch, capsys):

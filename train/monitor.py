@@ -79,16 +79,33 @@ def has_credentials() -> bool:
     (``WANDB_BASE_URL``'s, api.wandb.ai by default)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    home = _home()
+    netrc = os.environ.get("NETRC") or (home / ".netrc" if home is not None else None)
     try:
-        return _wandb_host() in netrc.read_text()
+        return netrc is not None and _wandb_host() in Path(netrc).read_text()
     except OSError:
         return False
 
 
+def _home() -> Path | None:
+    """The user's home folder; None where there is none to find (HOME unset, and a user this machine's password
+    database does not know: a container run under an arbitrary id)."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        return None
+
+
 def online_problems(mode: str) -> list[str]:
-    """A line if ``--wandb online`` is asked for without credentials: wandb.init would refuse it only once the run
-    has built its models (the trainer) or scored every model (eval.run)."""
+    """A line if ``--wandb online`` is asked for without credentials, or W&B at all where this process has no home
+    folder (W&B keeps its settings and cache there): wandb.init would refuse either only once the run has built its
+    models (the trainer) or scored every model (eval.run)."""
+    if mode in ("auto", "online", "offline") and _home() is None:
+        return [
+            f"--wandb {mode}: W&B keeps its settings and cache in the home folder, and this process has none (HOME "
+            "is unset, and this machine does not know the user); set HOME to a folder you can write, or pass "
+            "--wandb off"
+        ]
     if mode != "online" or has_credentials():
         return []
     return [
