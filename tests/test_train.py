@@ -593,34 +593,53 @@ def test_a_resume_that_would_choose_its_best_by_another_measure_is_refused(train
     assert checkpoint.load(out / checkpoint.BEST)["step"] == 4
 
 
-def test_a_run_started_with_relative_folders_resumes_from_another_folder(train_shards, tmp_path, monkeypatch):
-    """The shard folders were recorded as typed: a job resumed from another working directory (a requeued Slurm
-    job) was refused as validating on another --val, and told to pass the relative path, which did not exist there.
-    An older checkpoint's relative --val is said to be relative to the folder its run started in."""
+def test_a_resume_tells_its_validation_set_by_content_not_by_path(train_shards, tmp_path, monkeypatch):
+    """best.pt's --val was compared by path, as typed: a job resumed from another working directory was refused as
+    validating elsewhere (and told to pass the relative path, which did not exist there), and so would a tree moved,
+    or a shared folder mounted at another path on another node. best.pt records the set's identity now. An older
+    best.pt's relative --val is said to be relative to the folder its run started in."""
     from train.main import main
 
-    first = tmp_path / "first"
-    first.mkdir()
-    (first / "shards").symlink_to(train_shards["val"].parent)
+    shards = tmp_path / "data"
+    shutil.copytree(train_shards["val"].parent, shards)
+    first = tmp_path / "a" / "proj"
+    first.mkdir(parents=True)
+    (first / "shards").symlink_to(shards)
     monkeypatch.chdir(first)
     typed = {name: f"shards/{Path(train_shards[name]).name}" for name in ("labeled", "unlabeled", "val")}
     main("demo", **{**tiny_run(train_shards, Path("runs/x")), **typed, "steps": 2, "fuse": False, "workers": 0})
     out = first / "runs" / "x"
-    config = checkpoint.load(out / checkpoint.BEST)["config"]
-    assert config["val"] == str(first / typed["val"]) and config["out"] == str(out)  # the symlink's name kept
+    best = checkpoint.load(out / checkpoint.BEST)
+    assert best["config"]["val"] == typed["val"] and best["val_identity"]
 
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # another folder, the absolute paths
     absolute = {name: str(first / typed[name]) for name in typed}
     main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 3, "fuse": False, "resume": "auto"})
     assert checkpoint.load(out / checkpoint.LATEST)["step"] == 3
+    (tmp_path / "a").rename(tmp_path / "b")  # the tree moved: reached by another path
+    moved = tmp_path / "b" / "proj"
+    monkeypatch.chdir(moved)
+    main("demo", **{**tiny_run(train_shards, Path("runs/x")), **typed, "steps": 4, "fuse": False, "resume": "auto"})
+    assert checkpoint.load(moved / "runs" / "x" / checkpoint.LATEST)["step"] == 4
 
-    best = checkpoint.load(out / checkpoint.BEST)  # as an older run recorded it
-    best["config"]["val"] = typed["val"]
+    out = moved / "runs" / "x"
+    monkeypatch.chdir(tmp_path)
+    absolute = {name: str(moved / typed[name]) for name in typed}
+    best = checkpoint.load(out / checkpoint.BEST)
+    del best["val_identity"]  # as an older run recorded it: the path as typed only
     torch.save(best, out / checkpoint.BEST)
     with pytest.raises(SystemExit) as e:
-        main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 4, "resume": "auto"})
+        main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 5, "resume": "auto"})
     assert f"Resume with --val {typed['val']} --val_batch 4 (as typed then: relative to the folder that run was" in (
         str(e.value.code)
+    )
+    best["val_identity"] = "0" * 32  # the same folder, whose shards changed
+    torch.save(best, out / checkpoint.BEST)
+    monkeypatch.chdir(moved)
+    with pytest.raises(SystemExit) as e:
+        main("demo", **{**tiny_run(train_shards, Path("runs/x")), **typed, "steps": 5, "resume": "auto"})
+    assert f"--val {typed['val']} --val_batch 4 (the same folder, but its shards have changed since)" in str(
+        e.value.code
     )
 
 

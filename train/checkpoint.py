@@ -19,6 +19,7 @@ import torch
 
 from pipeline.folder_lock import GRACE_S, lock_folder
 from pipeline.writer import atomic_file
+from train.data import validation_identity
 from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
@@ -135,16 +136,29 @@ def selection_problem(out: Path, val: str, val_batch) -> str:
     then = (config.get("val"), config.get("val_batch")) if isinstance(config, dict) else (None, None)
     if not then[0]:  # chosen without validation: the last step, which any run may replace
         return ""
-    if val and Path(val).resolve() == Path(then[0]).resolve() and val_batch == then[1]:
+    if val and val_batch == then[1] and _same_validation(val, then[0], best.get("val_identity")):
         return ""
     now = f"--val {val} --val_batch {val_batch}" if val else "no --val (the last step would be kept as best)"
-    # train.main records --val absolute since 2026-11-28; an older run's is as typed, in the folder it started in
+    if val and Path(val).resolve() == Path(then[0]).resolve() and val_batch == then[1]:
+        now += " (the same folder, but its shards have changed since)"
     typed = "" if Path(then[0]).is_absolute() else " (as typed then: relative to the folder that run was started in)"
     return (
         f"{out / BEST} was chosen by its validation loss on --val {then[0]} with --val_batch {then[1]}, and this "
         f"run gives {now}: it would replace that best.pt by another measure. Resume with --val {then[0]} "
         f"--val_batch {then[1]}{typed}, or move {BEST} out of {out} to choose anew"
     )
+
+
+def _same_validation(val: str, then: str, identity: str | None) -> bool:
+    """Whether --val ``val`` is the set best.pt was chosen on: ``then``, its --val as typed in the folder that run
+    started in, and ``identity``, its content's digest (recorded since 2026-11-28; None before). By content first:
+    a path typed relative to another folder, a tree moved, a shared folder mounted elsewhere on another node."""
+    if identity is not None:
+        try:
+            return validation_identity(val) == identity
+        except (ValueError, OSError):  # a folder that cannot be listed: refused by the checks of --val, named there
+            return False
+    return Path(val).resolve() == Path(then).resolve()
 
 
 def _unfusable_problem(path: Path, step: int, out: Path, steps, validates: bool) -> str:

@@ -23,6 +23,7 @@ reports how many its worker dropped since the previous batch), never slept on;
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import logging
@@ -97,6 +98,14 @@ def shard_warnings(folder: str | Path) -> list[str]:
 def sample_count(folder: str | Path) -> int:
     """The samples of a folder's complete shards, from their stats (no tar is read)."""
     return sum(shard_listing(folder).ok.values())
+
+
+def validation_identity(folder: str | Path) -> str:
+    """What tells a validation set apart, whatever path names it: a digest of its complete shards' names and sizes.
+    best.pt records it, and a resume compares it (train.checkpoint.selection_problem): the same folder reached by
+    another path (from another working directory, moved, mounted elsewhere on another node) is the same set."""
+    shards = [(Path(tar).name, os.path.getsize(tar)) for tar in list_shards(folder)]
+    return hashlib.blake2b(repr(shards).encode(), digest_size=16).hexdigest()
 
 
 def check_validation(folder: str | Path, limit: int = 0) -> int:

@@ -425,7 +425,13 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
 def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -> None:
     if distributed.is_main():
         checkpoint.atomic_save(
-            {"step": progress.step, "student": models.student.clip.state_dict(), "config": cfg.to_dict(), "val": val},
+            {
+                "step": progress.step,
+                "student": models.student.clip.state_dict(),
+                "config": cfg.to_dict(),
+                "val": val,
+                "val_identity": data.validation_identity(cfg.val) if cfg.val else None,  # a resume's --val is this set
+            },
             Path(cfg.out) / checkpoint.BEST,
         )
 

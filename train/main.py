@@ -61,22 +61,16 @@ def main(recipe: str = "paper", **flags) -> None:
 
 
 def with_absolute_files(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with --model's JSON file, --teacher_weights' file (not a tag), the shard folders and --out as absolute
-    paths. The checkpoints record the config, and train.fuse takes the two files from there: as typed
-    (``tiny-clip.json``), run from another folder it found neither. A resume compares the --val that chose best.pt
-    with its own: as typed (``shards/val``), a job resumed from another folder (a requeued Slurm job) was refused,
-    and told to pass the relative path that did not exist there. The folders keep the names given (symlinks
-    unresolved)."""
+    """``cfg`` with --model's JSON file and --teacher_weights' file (not a tag) as absolute paths. The checkpoints
+    record the config, and train.fuse takes both from there: as typed (``tiny-clip.json``), run from another folder
+    it found neither. The shard folders stay as typed: a resume tells its --val by content (``best.pt`` records the
+    validation set's identity), so a run moved, or mounted at another path on each node, resumes."""
     files = {
         name: str(Path(value).resolve())
         for name, value in (("model", cfg.model), ("teacher_weights", cfg.teacher_weights))
         if value and Path(value).is_file()
     }
-    folders = {name: os.path.abspath(getattr(cfg, name)) for name in FOLDER_FLAGS if getattr(cfg, name)}
-    return dataclasses.replace(cfg, **files, **folders)
-
-
-FOLDER_FLAGS = ("labeled", "unlabeled", "val", "out")
+    return dataclasses.replace(cfg, **files)
 
 
 def _long_name(flag: str) -> str:
