@@ -14,6 +14,8 @@ from pathlib import Path
 
 import fire
 
+from pipeline.folder_lock import FolderLockError
+
 
 def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> None:
     """``fire.Fire(fn, **fire_options)``, after refusing the --flags ``fn`` does not take. fire reports a flag it
@@ -26,7 +28,10 @@ def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> No
         guesses = [difflib.get_close_matches(u[2:], names, n=1) for u in unknown]
         said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
         raise SystemExit(f"error: unknown flag(s) {said}; valid flags: " + " ".join("--" + n for n in names))
-    fire.Fire(fn, command=argv, **fire_options)
+    try:
+        fire.Fire(fn, command=argv, **fire_options)
+    except FolderLockError as e:  # an output folder's lock this user can neither make nor take: said, not traced
+        raise SystemExit(f"error: {e}") from None
 
 
 def unknown_flags(argv: list[str], fn: Callable) -> list[str]:

@@ -16,8 +16,10 @@ refused as "another run" (the rare failure of the kill-and-resume test in tests/
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import time
 import weakref
 from collections.abc import Callable
@@ -62,23 +64,46 @@ def lock_folder(folder: str | Path, on_wait: Callable[[], None] | None = None, g
     return handle
 
 
+class FolderLockError(PermissionError):
+    """The folder's lock file can be neither made nor locked by this user; the CLIs say it in one line
+    (``pipeline.cli.fire_main``)."""
+
+
 def _open_lock_file(path: Path) -> IO:
-    """The lock file, made if missing (writable by whoever the umask lets write the folder's other files), and
-    opened to read where this user may not write it: another member of a group that shares the folder made it, 0644
-    under the usual umask, and ``open(path, "w")`` failed with a PermissionError traceback. ``flock`` takes a file
-    opened either way."""
+    """The lock file, made if missing (group-writable in a folder its group may write: it is shared), else opened to
+    write, else to read: another member of a group that shares the folder made it, 0644 under the usual umask, and
+    ``open(path, "w")`` failed with a PermissionError traceback. A local ``flock`` takes a file opened either way."""
     try:
-        return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        try:
+            return os.fdopen(os.open(path, os.O_RDWR), "r+")
+        except PermissionError:
+            return open(path)
     except PermissionError:
-        return open(path)
+        raise FolderLockError(
+            f"cannot make the lock file {path}: no permission to write in {path.parent}; give a folder you can write"
+        ) from None
+    with contextlib.suppress(OSError):  # a filesystem that keeps no group bits: as the umask made it
+        if os.stat(path.parent).st_mode & stat.S_IWGRP:
+            os.fchmod(fd, os.fstat(fd).st_mode | stat.S_IRGRP | stat.S_IWGRP)
+    return os.fdopen(fd, "r+")
 
 
 def _try_lock(handle: IO) -> bool:
-    """False if another open file holds the lock; True if this one now does, or if the filesystem has no flock."""
+    """False if another open file holds the lock; True if this one now does, or if the filesystem has no flock.
+    Raises FolderLockError for a lock file opened to read where the filesystem locks only files opened to write
+    (NFS, where flock is a whole-file fcntl lock: EBADF): unlocked, two runs could write the folder at once."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno == errno.EBADF and not handle.writable():
+            handle.close()
+            raise FolderLockError(
+                f"cannot lock {handle.name}: another user made it and this user may not write it, and this "
+                f"filesystem locks only files open to write; ask its owner to run chmod g+w {handle.name}, or "
+                "remove it while no run uses the folder"
+            ) from None
     return True

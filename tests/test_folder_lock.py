@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from pipeline import cli
 from pipeline.folder_lock import lock_folder
 
 
@@ -86,6 +89,8 @@ def test_a_lock_file_this_user_may_not_write_still_locks(tmp_path, monkeypatch):
 
     def os_open(path, flags, *args):
         if Path(path) == lock and flags & (os.O_WRONLY | os.O_RDWR):
+            if flags & os.O_EXCL and lock.exists():
+                raise FileExistsError(17, "File exists", str(path))
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
@@ -103,3 +108,54 @@ def test_a_lock_file_this_user_may_not_write_still_locks(tmp_path, monkeypatch):
     again = lock_folder(tmp_path, grace=0)
     assert again is not None
     again.close()
+
+    # on NFS, flock is a whole-file fcntl lock, which a file opened to read cannot take (EBADF): that was taken for
+    # a filesystem without flock, and the folder was left unlocked, open to two runs at once
+    import errno
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def nfs_flock(handle, operation):
+        if not handle.writable():
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    with pytest.raises(folder_lock.FolderLockError, match=f"cannot lock {lock}: another user made it .* chmod g\\+w"):
+        lock_folder(tmp_path)
+    with pytest.raises(SystemExit) as e:  # the CLIs say it in one line
+        cli.fire_main(lambda: lock_folder(tmp_path), argv=[])
+    assert str(e.value.code).startswith(f"error: cannot lock {lock}: another user made it")
+
+
+def test_a_lock_file_is_made_group_writable_in_a_folder_its_group_may_write(tmp_path, monkeypatch):
+    """Else, under the usual umask, the next member of the group could open it to read only."""
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir()
+    own.mkdir()
+    shared.chmod(0o775)
+    own.chmod(0o755)
+    before = os.umask(0o022)
+    try:
+        for folder in (shared, own):
+            lock_folder(folder).close()
+    finally:
+        os.umask(before)
+    assert (shared / ".lock").stat().st_mode & 0o777 == 0o664
+    assert (own / ".lock").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lock_file_that_cannot_be_made_is_said_so(tmp_path, monkeypatch):
+    from pipeline import folder_lock
+
+    real_open = os.open
+
+    def os_open(path, flags, *args):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", os_open)
+    with pytest.raises(folder_lock.FolderLockError, match=f"cannot make the lock file {tmp_path / '.lock'}: no perm"):
+        lock_folder(tmp_path)
