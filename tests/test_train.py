@@ -726,12 +726,18 @@ def test_wandb_online_without_credentials_is_refused_before_any_work(train_shard
     # directory" after the models were built, and --wandb auto's credentials check before it
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
-    for mode in ("auto", "offline"):
-        assert online_problems(mode)[0].startswith(f"--wandb {mode}: W&B keeps its settings and cache in the home")
-    assert online_problems("off") == []
+    for mode in ("online", "offline"):
+        assert online_problems(mode)[0].startswith(f"--wandb {mode}: W&B keeps its settings in the home folder")
+    assert online_problems("off") == online_problems("auto") == []
     with pytest.raises(SystemExit) as e:
-        main("demo", **{**tiny_run(train_shards, out), "wandb": "auto"})
-    assert "set HOME to a folder you can write, or pass --wandb off" in str(e.value.code) and not out.exists()
+        main("demo", **{**tiny_run(train_shards, out), "wandb": "offline"})
+    assert "set HOME or WANDB_CONFIG_DIR to a folder you can write, or pass --wandb off" in str(e.value.code)
+    assert not out.exists()
+    from train.monitor import wandb_mode
+
+    assert wandb_mode("auto") == "off"  # the default logs nothing then (the trainer warns), rather than failing
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # where wandb.init then keeps them
+    assert online_problems("offline") == [] and wandb_mode("auto") == "online"  # the netrc above
 
 
 def test_wandb_auto_with_credentials_but_no_server_logs_offline(train_shards, tmp_path, monkeypatch, capsys):

@@ -71,6 +71,8 @@ def wandb_mode(requested: str) -> str:
     """ "auto" -> "online" with credentials, else "offline"."""
     if requested != "auto":
         return requested
+    if no_home():  # W&B could not start (online_problems); a named --wandb offline/online is refused instead
+        return "off"
     return "online" if has_credentials() else "offline"
 
 
@@ -96,15 +98,21 @@ def _home() -> Path | None:
         return None
 
 
+def no_home() -> bool:
+    """Whether W&B would find no folder for its settings: no home folder, and no ``WANDB_CONFIG_DIR`` (wandb.init
+    then fails with "Could not determine home directory")."""
+    return _home() is None and not os.environ.get("WANDB_CONFIG_DIR")
+
+
 def online_problems(mode: str) -> list[str]:
-    """A line if ``--wandb online`` is asked for without credentials, or W&B at all where this process has no home
-    folder (W&B keeps its settings and cache there): wandb.init would refuse either only once the run has built its
-    models (the trainer) or scored every model (eval.run)."""
-    if mode in ("auto", "online", "offline") and _home() is None:
+    """A line if ``--wandb online`` is asked for without credentials, or W&B by name where it would find no folder
+    for its settings (:func:`no_home`; ``--wandb auto`` then logs nothing, with a warning): wandb.init would refuse
+    either only once the run has built its models (the trainer) or scored every model (eval.run)."""
+    if mode in ("online", "offline") and no_home():
         return [
-            f"--wandb {mode}: W&B keeps its settings and cache in the home folder, and this process has none (HOME "
-            "is unset, and this machine does not know the user); set HOME to a folder you can write, or pass "
-            "--wandb off"
+            f"--wandb {mode}: W&B keeps its settings in the home folder, and this process has none (HOME is unset, "
+            "and this machine does not know the user); set HOME or WANDB_CONFIG_DIR to a folder you can write, or "
+            "pass --wandb off"
         ]
     if mode != "online" or has_credentials():
         return []
@@ -146,6 +154,12 @@ class Monitor:
         if not is_main:
             return
         mode = wandb_mode(cfg.wandb)
+        if cfg.wandb == "auto" and mode == "off":
+            print(
+                "warning: --wandb auto: no home folder for W&B's settings (HOME unset, a user this machine does not "
+                "know): logging to W&B off; set HOME or WANDB_CONFIG_DIR to a folder you can write to log",
+                file=sys.stderr,
+            )
         if mode != "off":
             os.environ.setdefault("WANDB_SILENT", "true")
             try:
