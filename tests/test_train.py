@@ -1334,3 +1334,16 @@ def test_a_resume_names_changed_flags_but_not_a_file_now_written_absolute(tmp_pa
     assert (
         loop.config_changes({**saved, "out": ""}, {**current, "out": str(tmp_path)})[-1] == f"--out '' -> '{tmp_path}'"
     )
+
+
+def test_a_task_srun_started_without_torchrun_is_warned_that_it_trains_alone(
+    train_shards, tmp_path, monkeypatch, capsys
+):
+    from train import main as train_main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setattr(loop, "run", lambda cfg: None)
+    train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
+    assert "warning: this process is one of 4 tasks that srun started without torchrun" in capsys.readouterr().err

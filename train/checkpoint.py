@@ -20,6 +20,7 @@ import torch
 from pipeline.folder_lock import GRACE_S, lock_folder
 from pipeline.writer import atomic_file
 from train.data import validation_identity
+from train.distributed import launch_note
 from train.model import expected_shapes, fit_problem, register_model
 
 LATEST, BEST, FUSED = "latest.pt", "best.pt", "fitclip.pt"
@@ -220,5 +221,6 @@ def lock_run(out: Path, grace: float = GRACE_S):
     handle = lock_folder(out, grace=grace)
     if handle is None:
         message = f"another train.main run is writing {out}; wait for it to end or use another --out"
-        raise FileExistsError(message)
+        note = launch_note()  # the other run may be this one's sibling task, meant as one run with it
+        raise FileExistsError(message + (f". Note: {note}" if note else ""))
     return handle

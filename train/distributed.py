@@ -38,7 +38,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main",
-    "launch_problems",
+    "launch_note",
 ]
 
 T = TypeVar("T")
@@ -100,8 +100,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 # Launchers that start every process of a job themselves, and the variable that gives the job's size. Started by one
-# of them without torchrun, a process sees no RANK or WORLD_SIZE: each would train alone on the whole data, and all
-# but the first be refused --out as another run's (its lock), a failure that names neither the launcher nor the fix
+# of them without torchrun, a process sees no RANK or WORLD_SIZE and trains alone, on the whole data: meant, for a
+# sweep (srun -n 4 ... --out runs/$SLURM_PROCID), and a mistake where they were meant as one run, which the lock of
+# their shared --out then refused for all but one, in words that named neither the launcher nor the fix
 LAUNCHERS = {
     "SLURM_STEP_NUM_TASKS": "srun",  # set by srun for its step only: not the batch script's SLURM_NTASKS
     "OMPI_COMM_WORLD_SIZE": "mpirun (Open MPI)",
@@ -109,23 +110,25 @@ LAUNCHERS = {
 }
 
 
-def launch_problems(env: dict[str, str] | None = None) -> list[str]:
-    """A line if this process is one of several that srun or mpirun started without torchrun (see :data:`LAUNCHERS`);
-    none under torchrun (RANK and WORLD_SIZE set), alone, or as the one task of a step."""
+def launch_note(env: dict[str, str] | None = None) -> str:
+    """A line if this process is one of several that srun or mpirun started without torchrun (see :data:`LAUNCHERS`),
+    "" under torchrun (RANK or WORLD_SIZE set), alone, or as the one task of a step. train.main prints it as a
+    warning, and adds it to the refusal of an --out another task holds."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
-        return []
+        return ""
     for name, launcher in LAUNCHERS.items():
         size = env.get(name, "")
         if size.isdigit() and int(size) > 1:
-            return [
-                f"started as one of {size} tasks by {launcher} ({name}={size}) without torchrun: each task would "
-                "train alone. Start one torchrun per node instead, e.g. srun --ntasks-per-node 1 torchrun --nnodes "
-                '"$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint "$(scontrol show hostnames '
-                '| head -n 1)":$((20000 + SLURM_JOB_ID % 20000)) --rdzv_id "$SLURM_JOB_ID" -m train.main ... (the '
-                "README's Training section has a batch script)"
-            ]
-    return []
+            return (
+                f"this process is one of {size} tasks that {launcher} started without torchrun ({name}={size}), so "
+                "it trains alone, as a run of its own. If they were meant as one run, start one torchrun per node "
+                'instead, e.g. srun --ntasks-per-node 1 torchrun --nnodes "$SLURM_NNODES" --nproc_per_node 8 '
+                '--rdzv_backend c10d --rdzv_endpoint "$(scontrol show hostnames | head -n 1)":$((20000 + '
+                'SLURM_JOB_ID % 12000)) --rdzv_id "$SLURM_JOB_ID" -m train.main ... (the README\'s Training section '
+                "has a batch script)"
+            )
+    return ""
 
 
 def is_distributed() -> bool:

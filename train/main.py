@@ -24,7 +24,7 @@ from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
 from train.data import DataError, check_frames, check_validation, list_shards
-from train.distributed import launch_problems
+from train.distributed import launch_note
 from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
 
@@ -33,6 +33,8 @@ def main(recipe: str = "paper", **flags) -> None:
     flags = {_long_name(k): v for k, v in flags.items() if v is not None}  # None: not given on the command line
     cfg, problems = checked(recipe, typed_texts(flags, sys.argv[1:]))
     refuse(problems)
+    if launch_note():
+        print(f"warning: {launch_note()}", file=sys.stderr)
     cfg = with_absolute_files(cfg)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
@@ -97,11 +99,10 @@ REQUIRED_FOLDERS = {
 
 def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     """The config of ``recipe`` with ``flags`` (None if it is refused), and every problem of the command: the
-    config's checks, then those of --model, --device, --out, --wandb, the launcher (srun without torchrun), the
-    shard folders, the teacher's weights and --resume, each with the flag as given or its recipe's default. So a
-    command with several wrong flags is refused once, naming them all (refused in turn, each relaunch would fail
-    again on the next one). The inputs are checked as ``train.loop.run`` checks them first: cheaply (tar headers,
-    mapped files)."""
+    config's checks, then those of --model, --device, --out, --wandb, the shard folders, the teacher's weights and
+    --resume, each with the flag as given or its recipe's default. So a command with several wrong flags is
+    refused once, naming them all (refused in turn, each relaunch would fail again on the next one). The inputs
+    are checked as ``train.loop.run`` checks them first: cheaply (tar headers, mapped files)."""
     problems = []
     try:
         cfg = resolve(recipe, **flags)
@@ -115,7 +116,7 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     crop = given["crop"] if type(given["crop"]) is int and given["crop"] >= 0 else 0
     frames = given["frames"] if type(given["frames"]) is int and given["frames"] >= 1 else 0
     problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
-    problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"]) + launch_problems()
+    problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
     checks = []
     if "model" in text:
         checks.append(functools.partial(check_crop, given["model"], crop))  # also an unknown --model, a broken JSON
