@@ -31,7 +31,15 @@ from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
 from eval.frame_cache import CacheSettings, build_cache, video_folder_cache
 from eval.run import cache_settings, load_model, weights_problems
-from pipeline.cli import DISK_ERRNOS, comma_list, count_problems, fire_main, refuse, write_failed
+from pipeline.cli import (
+    DISK_ERRNOS,
+    comma_list,
+    count_problems,
+    file_problems,
+    fire_main,
+    refuse,
+    write_failed,
+)
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
 from train.model import device_problems, image_size, tokenizer_for
@@ -112,7 +120,8 @@ def cache_root(cache: Path | None) -> Iterator[Path]:
     remove_abandoned(target)
     with held_temporary_folder(target) as tmp:
         try:
-            tmp.chmod(0o700)  # the frames of this user's videos, in a folder every user of the machine may list
+            with contextlib.suppress(OSError):  # a filesystem that keeps no modes: as it is
+                tmp.chmod(0o700)  # the frames of this user's videos, in a folder every user of the machine may list
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +232,8 @@ def main(
     )
     if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
+    elif out:
+        problems += file_problems({"out": out})
     problems += device_problems(device) + weights_problems(str(model), [str(weights)])
     refuse(problems)
     for flag, given, fix in (
@@ -270,8 +281,13 @@ def main(
     except OSError as e:  # a full disk or quota where the frames go (the temporary cache: often a small /tmp)
         if e.errno not in DISK_ERRNOS:
             raise
-        where = cache_dir if cache_dir is not None else f"the temporary frame cache in {tempfile.gettempdir()}"
-        sys.exit(f"error: {write_failed(e, where)}, or pass --cache DIR on a disk with room (or set TMPDIR)")
+        frames = cache_dir if cache_dir is not None else Path(tempfile.gettempdir())
+        if e.filename and not Path(e.filename).absolute().is_relative_to(frames.absolute()):
+            sys.exit(f"error: {write_failed(e, e.filename)}")  # elsewhere: the weights' download into the HF cache
+        if cache_dir is not None:
+            sys.exit(f"error: {write_failed(e, cache_dir)}, or pass --cache a folder on a disk with room")
+        where = f"the temporary frame cache in {frames}"
+        sys.exit(f"error: {write_failed(e, where)}, or set TMPDIR to (or pass --cache) a folder on a disk with room")
     tokenizer = tokenizer_for(str(model))
     rows = (
         _tag(clip, tokenizer, shown, video, label_list, top, texts_per_pass, dev)

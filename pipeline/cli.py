@@ -149,7 +149,7 @@ def folder_problems(folders: dict[str, object], writable: bool = True) -> list[s
     problems = []
     for name, value in folders.items():
         path = Path(str(value))
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        existing = nearest_existing(path)
         if existing is None:
             continue
         if not existing.is_dir():
@@ -159,6 +159,27 @@ def folder_problems(folders: dict[str, object], writable: bool = True) -> list[s
             where = "" if existing == path else f" (it would be made in {existing})"
             problems.append(f"--{name} {value}{where}: no permission to write there; give a folder you can write")
     return problems
+
+
+def file_problems(files: dict[str, object]) -> list[str]:
+    """A line for each output-file flag (name without dashes -> value) whose folder, or one above it, is a file, or
+    is a folder this user may not write in: the file is written at the end of the work (beside itself first, then
+    renamed), and failed there with a traceback."""
+    problems = []
+    for name, value in files.items():
+        existing = nearest_existing(Path(str(value)).absolute().parent)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"--{name} {value}: {existing} is a file, not a folder")
+        elif existing is not None and not may_write(existing):
+            problems.append(
+                f"--{name} {value}: no permission to write in {existing}; give a file in a folder you can write"
+            )
+    return problems
+
+
+def nearest_existing(path: Path) -> Path | None:
+    """``path`` if it exists, else the nearest folder above it that does (where it would be made)."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
 def may_write(folder: str | Path) -> bool:

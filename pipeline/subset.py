@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tarfile
 from pathlib import Path
 
 from pipeline import writer
-from pipeline.cli import count_problems, fire_main, may_write
+from pipeline.cli import count_problems, fire_main, may_write, nearest_existing
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -169,12 +170,12 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         # built in a temporary folder beside --out, then renamed to it: beside the folder a symlink names (a rename
         # replaces no link to a folder); and never onto a mount point (an empty volume), which cannot be replaced
         target = out_path.resolve() if out_path.is_symlink() else out_path
-        if os.path.ismount(target):
+        if is_mount_point(target):
             raise SubsetError(
                 f"--out {out_path} is a mount point, which the subset cannot replace (it is made beside --out, then "
                 f"renamed to it); give a new folder inside it, e.g. {out_path / 'labeled'}"
             )
-        beside = next(p for p in target.absolute().parents if p.exists())
+        beside = nearest_existing(target.absolute().parent)
         if not may_write(beside):
             raise SubsetError(
                 f"--out {out_path}: the subset is made in {beside} first, then renamed to --out, and this user "
@@ -188,6 +189,20 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         f"pipeline.subset: {n} of {manifest['source_samples']} samples (seed {seed}) -> {out_path}/"
         f"{{{shard_name(0)}..{shard_name(shards - 1)}}}.tar; keys in {out_path}/subset.json"
     )
+
+
+def is_mount_point(path: Path, mountinfo: str | Path = "/proc/self/mountinfo") -> bool:
+    """Whether ``path`` is a mount point: ``os.path.ismount``, which compares devices and so misses a bind mount of
+    a folder of the same filesystem (a container's volume), or a mount point that ``mountinfo`` lists (Linux)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:  # not Linux
+        return False
+    # the 5th field, its spaces, tabs, newlines and backslashes written as octal escapes (\040)
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in lines if line.strip()}
+    return str(path.resolve()) in points
 
 
 def _holds_subset(out: Path, src: Path, n: int, seed: int, samples_per_shard: int) -> bool:

@@ -30,12 +30,16 @@ def v1_tree(root: Path, mount: str, path: str, quota: int, period: int = 100_000
     return proc
 
 
-@pytest.fixture
-def affinity(monkeypatch):
-    """usable_cpus' affinity set to ``n`` CPUs, on any Python."""
+@pytest.fixture(params=["process_cpu_count", "sched_getaffinity"])
+def affinity(monkeypatch, request):
+    """usable_cpus' affinity set to ``n`` CPUs, read as Python 3.13+ reads it (os.process_cpu_count), and as the
+    Pythons before (os.sched_getaffinity)."""
 
     def set_to(n: int) -> None:
-        monkeypatch.setattr(os, "process_cpu_count", lambda: n, raising=False)
+        if request.param == "process_cpu_count":
+            monkeypatch.setattr(os, "process_cpu_count", lambda: n, raising=False)
+        else:
+            monkeypatch.delattr(os, "process_cpu_count", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
         monkeypatch.setattr(os, "cpu_count", lambda: 128)
 

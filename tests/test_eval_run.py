@@ -624,9 +624,20 @@ def test_tag_with_a_full_disk_under_its_frames_says_so_in_one_line(bench, tmp_pa
         tag.main(str(layouts["msrvtt"] / "videos"), **common)
     assert str(e.value.code) == (
         f"error: writing the temporary frame cache in {tmp_path} failed: [Errno 28] No space left on device. Free "
-        "space on its disk (or raise the quota), or pass --cache DIR on a disk with room (or set TMPDIR)"
+        "space on its disk (or raise the quota), or set TMPDIR to (or pass --cache) a folder on a disk with room"
     )
     assert list(tmp_path.iterdir()) == []  # the temporary cache is gone
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), cache=str(tmp_path / "kept"), **common)
+    assert str(e.value.code).endswith("or pass --cache a folder on a disk with room")
+
+    def quota(*args):  # not the frames: a download of the weights into the HF cache
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", "/home/u/.cache/huggingface/blobs/x")
+
+    monkeypatch.setattr(tag, "embed_folder", quota)
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), **common)
+    assert str(e.value.code).startswith("error: writing /home/u/.cache/huggingface/blobs/x failed: [Errno 122]")
 
 
 def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkeypatch):

@@ -82,6 +82,17 @@ def test_pipeline_shard_and_eval_run_refuse_an_out_they_may_not_write(locked, tm
     assert f"--out {tmp_path / 'results'} (it would be made in {tmp_path}): no permission" in str(e.value.code)
 
 
+def test_eval_tag_refuses_an_out_in_a_folder_it_may_not_write(locked, tmp_path):
+    """The CSV is written after every video is decoded and embedded: it failed then, with a traceback."""
+    from eval import tag
+
+    (tmp_path / "videos").mkdir()
+    locked(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(tmp_path / "videos"), labels="a,b", model=str(TINY_CLIP), weights="", out=str(tmp_path / "t.csv"))
+    assert f"--out {tmp_path / 't.csv'}: no permission to write in {tmp_path}" in str(e.value.code)
+
+
 def test_train_fuse_refuses_an_out_in_a_folder_it_may_not_write(locked, tmp_path):
     """Its temporary beside --out failed with a PermissionError traceback, after loading both models."""
     from train import fuse
@@ -127,3 +138,20 @@ def test_pipeline_subset_builds_beside_a_symlinked_out_and_refuses_a_mount_point
         subset.main(src, str(tmp_path / "ro" / "labeled"), n=5)
     assert f"the subset is made in {tmp_path / 'ro'} first" in str(e.value.code)
     assert not (tmp_path / "ro" / "labeled").exists()
+
+
+def test_a_bind_mount_is_a_mount_point(tmp_path):
+    """os.path.ismount compares devices, and misses a folder bind-mounted from the same filesystem (a container's
+    volume): the subset was copied whole before its rename failed with EBUSY."""
+    from pipeline.subset import is_mount_point
+
+    volume = tmp_path / "my vol"
+    volume.mkdir()
+    mountinfo = tmp_path / "mountinfo"
+    escaped = str(volume).replace(" ", "\\040")
+    mountinfo.write_text(
+        "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+        f"97 22 259:2 /data/labeled {escaped} rw,relatime shared:1 - ext4 /dev/root rw\n"
+    )
+    assert is_mount_point(volume, mountinfo)
+    assert not is_mount_point(tmp_path, mountinfo) and not is_mount_point(volume, tmp_path / "none")

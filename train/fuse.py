@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import fire_main, may_write, number_problems, refuse
+from pipeline.cli import file_problems, fire_main, number_problems, refuse
 from pipeline.writer import remove_abandoned
 from train.checkpoint import atomic_save, load
 from train.model import (
@@ -125,13 +125,8 @@ def main(student: str, out: str, model: str | None = None, teacher: str | None =
     teacher = str(teacher) if teacher is not None else recorded.get("teacher", DEFAULT_TEACHER)
     if Path(str(out)).is_dir():
         problems.append(f"--out {out} is a folder; give the file to write (e.g. {Path(str(out)) / 'fitclip.pt'})")
-    else:  # written beside itself first (a temporary, then renamed), in a folder made if missing
-        parent = Path(str(out)).absolute().parent
-        existing = next(p for p in (parent, *parent.parents) if p.exists())
-        if not existing.is_dir():
-            problems.append(f"--out {out}: {existing} is a file, not a folder")
-        elif not may_write(existing):
-            problems.append(f"--out {out}: no permission to write in {existing}; give a file in a folder you can write")
+    else:
+        problems += file_problems({"out": out})
     for flag, given in (("student", str(student)), ("teacher", teacher)):
         if given.strip() and Path(given).resolve() == Path(str(out)).resolve():
             problems.append(f"--out {out} is the --{flag}'s file: give another file to write the fused model to")
