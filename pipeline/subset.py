@@ -20,7 +20,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline import writer
-from pipeline.cli import count_problems, fire_main, may_write, nearest_existing
+from pipeline.cli import count_problems, fire_main, may_write, nearest_existing, write_failed
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -181,7 +181,13 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
                 f"--out {out_path}: the subset is made in {beside} first, then renamed to --out, and this user "
                 f"may not write in {beside}; give an --out in a folder you can write"
             )
-        manifest = make_subset(src_path, target, n, seed, samples_per_shard)
+        try:
+            manifest = make_subset(src_path, target, n, seed, samples_per_shard)
+        except OSError as e:  # writing beside --out (a full disk, a filesystem that takes no folder): said in a line
+            written = Path(str(e.filename or "")).absolute()
+            if not e.filename or not written.is_relative_to(target.absolute().parent):
+                raise
+            sys.exit(f"error: {write_failed(e, written)}")
     except SubsetError as e:
         sys.exit(f"error: {e}")
     shards = (n + samples_per_shard - 1) // samples_per_shard

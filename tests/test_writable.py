@@ -155,3 +155,28 @@ def test_a_bind_mount_is_a_mount_point(tmp_path):
     )
     assert is_mount_point(volume, mountinfo)
     assert not is_mount_point(tmp_path, mountinfo) and not is_mount_point(volume, tmp_path / "none")
+
+
+def test_pipeline_subset_says_a_failed_write_beside_out_in_one_line(train_shards, tmp_path, monkeypatch):
+    """A full disk, or a folder that takes no new folder (/proc), where the subset is made: a traceback before."""
+    import errno
+
+    from pipeline import subset
+
+    out = tmp_path / "labeled"
+    made = tmp_path / ".labeled.tmp-0123456789ab"
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(made))
+
+    monkeypatch.setattr(subset, "make_subset", full)
+    with pytest.raises(SystemExit) as e:
+        subset.main(str(train_shards["unlabeled"]), str(out), n=5)
+    assert str(e.value.code).startswith(f"error: writing {made} failed: [Errno 28] No space left on device")
+
+    def unreadable(*args):  # reading the source is not this line's to say
+        raise PermissionError(errno.EACCES, "Permission denied", str(train_shards["unlabeled"] / "000000.tar"))
+
+    monkeypatch.setattr(subset, "make_subset", unreadable)
+    with pytest.raises(PermissionError):
+        subset.main(str(train_shards["unlabeled"]), str(out), n=5)
