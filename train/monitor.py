@@ -68,7 +68,7 @@ def step_flops(student_fwd_per_video: int, teacher_fwd_per_video: int, labeled: 
 
 
 def wandb_mode(requested: str) -> str:
-    """ "auto" -> "online" with credentials, else "offline"."""
+    """ "auto" -> "online" with credentials, else "offline"; "off" where W&B has no folder for its settings."""
     if requested != "auto":
         return requested
     if no_home():  # W&B could not start (online_problems); a named --wandb offline/online is refused instead
