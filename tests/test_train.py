@@ -1347,3 +1347,28 @@ def test_a_task_srun_started_without_torchrun_is_warned_that_it_trains_alone(
     monkeypatch.setattr(loop, "run", lambda cfg: None)
     train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
     assert "warning: this process is one of 4 tasks that srun started without torchrun" in capsys.readouterr().err
+
+
+def test_loader_workers_out_of_shared_memory_is_one_line(train_shards, tmp_path, monkeypatch):
+    """Docker's 64 MB /dev/shm: torch's traceback, whose last line named neither --shm-size nor --workers."""
+    from train import main as train_main
+
+    for said in (
+        "unable to allocate shared memory(shm) for file </torch_123_456_0>: Success (0)",
+        "DataLoader worker (pid 123) is killed by signal: Bus error. It is possible that dataloader's workers are out "
+        "of shared memory. Please try to raise your shared memory limit.",
+    ):
+
+        def out_of_shm(cfg, said=said):
+            raise RuntimeError(said)
+
+        monkeypatch.setattr(loop, "run", out_of_shm)
+        with pytest.raises(SystemExit) as e:
+            train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
+        assert str(e.value.code).startswith("error: the loader workers ran out of shared memory (/dev/shm holds ")
+        assert "--shm-size 8g" in str(e.value.code) and "--resume auto" in str(e.value.code)
+
+    for other in ("CUDA error: an illegal access", "out of resource: shared memory, Required: 233472"):  # (Triton's)
+        monkeypatch.setattr(loop, "run", lambda cfg, other=other: (_ for _ in ()).throw(RuntimeError(other)))
+        with pytest.raises(RuntimeError, match=other):  # any other RuntimeError keeps its traceback
+            train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))

@@ -14,6 +14,7 @@ import functools
 import inspect
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def main(recipe: str = "paper", **flags) -> None:
             f"error: {write_failed(e, where)}; then rerun the same command with --resume auto "
             f"({Path(cfg.out) / LATEST} holds the run as of its last complete save, if any)"
         )
+    except RuntimeError as e:  # loader workers out of /dev/shm, in either of torch's two messages (and not a GPU
+        # kernel's "out of resource: shared memory", Triton's, which a compiled step may raise)
+        if not any(words in str(e) for words in SHM_ERRORS):
+            raise
+        sys.exit(
+            f"error: the loader workers ran out of shared memory ({shared_memory()}), through which they hand over "
+            "their batches: in Docker, run the container with --shm-size 8g (or --ipc host); else lower --workers "
+            f"(--workers 0: none), then rerun with --resume auto ({Path(cfg.out) / LATEST} holds the last save)"
+        )
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept (from rank 0 only), not a traceback
         latest = Path(cfg.out) / LATEST
         if os.environ.get("RANK", "0") != "0":
@@ -60,6 +70,17 @@ def main(recipe: str = "paper", **flags) -> None:
                 "command with --resume auto to go on from there"
             )
         sys.exit("interrupted before the run's first save: nothing to resume; rerun the command to start it again")
+
+
+SHM_ERRORS = ("unable to allocate shared memory(shm)", "workers are out of shared memory")
+
+
+def shared_memory(folder: str = "/dev/shm") -> str:
+    """The size of ``folder``, the shared memory the loader workers' batches pass through, as a phrase."""
+    try:
+        return f"{folder} holds {shutil.disk_usage(folder).total / 2**20:.0f} MiB"
+    except OSError:
+        return f"{folder} cannot be read"
 
 
 def with_absolute_files(cfg: TrainConfig) -> TrainConfig:
