@@ -58,7 +58,7 @@ def main(recipe: str = "paper", **flags) -> None:
         sys.exit(
             f"error: the loader workers ran out of shared memory ({shared_memory()}), through which they hand over "
             "their batches: in Docker, run the container with --shm-size 8g (or --ipc host); else lower --workers "
-            f"(--workers 0: none), then rerun with --resume auto ({Path(cfg.out) / LATEST} holds the last save)"
+            f"(--workers 0: none), then rerun with --resume auto ({Path(cfg.out) / LATEST} holds the last save, if any)"
         )
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept (from rank 0 only), not a traceback
         latest = Path(cfg.out) / LATEST
