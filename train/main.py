@@ -34,8 +34,9 @@ def main(recipe: str = "paper", **flags) -> None:
     flags = {_long_name(k): v for k, v in flags.items() if v is not None}  # None: not given on the command line
     cfg, problems = checked(recipe, typed_texts(flags, sys.argv[1:]))
     refuse(problems)
-    if launch_note():
-        print(f"warning: {launch_note()}", file=sys.stderr)
+    note = launch_note()
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     cfg = with_absolute_files(cfg)
     from train.loop import run  # the training loop (wandb, the profiler) loads only once the flags are valid
 
