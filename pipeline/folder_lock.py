@@ -66,7 +66,7 @@ def lock_folder(folder: str | Path, on_wait: Callable[[], None] | None = None, g
 
 class FolderLockError(PermissionError):
     """The folder's lock file can be neither made nor locked by this user; the CLIs say it in one line
-    (``pipeline.cli.fire_main``)."""
+    (``pipeline.cli.fire_main``, and train.main, which runs fire itself)."""
 
 
 def _open_lock_file(path: Path) -> IO:

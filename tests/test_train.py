@@ -1372,3 +1372,18 @@ def test_loader_workers_out_of_shared_memory_is_one_line(train_shards, tmp_path,
         monkeypatch.setattr(loop, "run", lambda cfg, other=other: (_ for _ in ()).throw(RuntimeError(other)))
         with pytest.raises(RuntimeError, match=other):  # any other RuntimeError keeps its traceback
             train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
+
+
+def test_a_lock_file_train_main_can_neither_make_nor_take_is_one_line(train_shards, tmp_path, monkeypatch):
+    """The other CLIs say FolderLockError in one line through pipeline.cli.fire_main; train.main runs fire itself,
+    and it ended in a PermissionError traceback."""
+    from pipeline.folder_lock import FolderLockError
+    from train import main as train_main
+
+    def locked_out(cfg):
+        raise FolderLockError(f"cannot make the lock file {tmp_path / 'out' / '.lock'}: no permission to write")
+
+    monkeypatch.setattr(loop, "run", locked_out)
+    with pytest.raises(SystemExit) as e:
+        train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
+    assert str(e.value.code) == f"error: cannot make the lock file {tmp_path / 'out' / '.lock'}: no permission to write"

@@ -21,6 +21,7 @@ from pathlib import Path
 import fire
 
 from pipeline.cli import DISK_ERRNOS, folder_problems, raised_problems, refuse, write_failed
+from pipeline.folder_lock import FolderLockError
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
 from train.config import DEVICES, TEXT_FIELDS, TrainConfig, resolve
@@ -42,7 +43,8 @@ def main(recipe: str = "paper", **flags) -> None:
 
     try:
         run(cfg)
-    except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError) as e:
+    # FolderLockError: said here, as pipeline.cli.fire_main says it for the other CLIs (this one runs fire itself)
+    except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError, FolderLockError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a file-size limit: the saves are atomic, so the last complete one stands
         if e.errno not in DISK_ERRNOS:
