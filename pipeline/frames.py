@@ -16,6 +16,7 @@ frame in it.
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import math
 import re
@@ -36,6 +37,12 @@ MAX_PIXEL_ASPECT = 4  # a stored pixel's width over height, or its inverse, beyo
 CUT_SECONDS, CUT_SHARE = 0.5, 0.1
 # PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+# The demuxers a video may be opened with: video containers and raw video streams. FFmpeg otherwise probes the
+# bytes for any of its ~400 formats, and some of them read other files or the network: a downloaded "video" that
+# is an ffconcat list decodes the local files it names (relative to the working folder), an SDP text opens UDP
+# sockets and waits for whatever streams to them, an HLS playlist fetches its segments. A name matches any of a
+# demuxer's comma-separated names ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm").
+VIDEO_DEMUXERS = "mov,mp4,matroska,webm,avi,flv,asf,mpeg,mpegts,ogg,nut,mxf,dv,rm,m4v,h264,hevc,mpegvideo,ivf,obu,gif"
 
 __all__ = [
     "ClipFrames",
@@ -142,9 +149,10 @@ def _open(source: str | Path | bytes) -> av.container.InputContainer:
     elif isinstance(source, Path):
         source = str(source)
     try:
-        return av.open(source, mode="r", **_OPEN_OPTIONS)
-    except av.FFmpegError as e:  # not a media file, truncated header, unknown format
-        raise FrameError("undecodable", f"cannot open as video: {e}") from e
+        return av.open(source, mode="r", container_options={"format_whitelist": VIDEO_DEMUXERS}, **_OPEN_OPTIONS)
+    except av.FFmpegError as e:  # not a media file, truncated header, unknown format, a format not in the list
+        hint = " (not one of the video formats read here?)" if e.errno == errno.EINVAL else ""
+        raise FrameError("undecodable", f"cannot open as video: {e}{hint}") from e
 
 
 def _video_stream(container: av.container.InputContainer) -> av.VideoStream:

@@ -114,6 +114,11 @@ def test_decode_any_number_of_frames(videos, n):
         ("mkv", "libx264", 20),
         ("ts", "libx264", 20),  # MPEG-TS: inexact seeking, exercised fallback
         ("mpg", "mpeg2video", 15),
+        ("mov", "libx264", 20),
+        ("flv", "flv", 12),
+        ("wmv", "wmv2", 12),  # ASF: DiDeMo's Flickr videos come in many containers
+        ("ogv", "libvpx", 12),  # Ogg (VP8 rather than Theora, which this ffmpeg build may lack)
+        ("nut", "mpeg4", 12),
     ],
 )
 def test_decode_exact_frames_across_containers(tmp_path, ext, codec, gop):
@@ -176,6 +181,24 @@ def test_not_a_video(tmp_path, content):
     with pytest.raises(FrameError) as e:
         decode_frames(path)
     assert e.value.reason == "undecodable"
+
+
+@pytest.mark.parametrize("payload", ["ffconcat", "sdp"])
+def test_a_download_that_names_other_files_or_sockets_is_refused(tmp_path, monkeypatch, videos, payload):
+    """A "video" a server sends (bytes) is opened with video demuxers only. FFmpeg's probe took an ffconcat list
+    and decoded the local files it names, relative to the working folder, into the shards; an SDP text made it
+    listen on UDP for as long as something streamed to it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "private.mp4").write_bytes(videos["idx100"].read_bytes())
+    data = {
+        "ffconcat": b"ffconcat version 1.0\nfile private.mp4\n",
+        "sdp": b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 45006 RTP/AVP 96\n"
+        b"a=rtpmap:96 H264/90000\n",
+    }[payload]
+    with pytest.raises(FrameError) as e:
+        decode_frames(data, 4, 64)
+    assert e.value.reason == "undecodable" and "not one of the video formats" in str(e.value)
+    assert len(decode_frames(tmp_path / "private.mp4", 4, 64).images) == 4  # a real file still decodes
 
 
 def test_truncated_file_without_index(tmp_path, videos):
