@@ -8,7 +8,6 @@ size, bicubic, center crop, CLIP mean/std).
 from __future__ import annotations
 
 import contextlib
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -16,13 +15,25 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from eval.frame_cache import FrameCache
+from pipeline.frames import jpeg_size
+from pipeline.writer import iter_tar_samples
 from train.data import EvalTransform
 from train.model import encode_text, encode_video, trim_padding, trims_text
 
+PRECISIONS = ("auto", "bf16", "fp32")
 
-def eval_autocast(device: torch.device):
-    """bf16 autocast on CUDA (as in training), none elsewhere: the context every embedding call here takes."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+def eval_precision(device: torch.device, precision: str = "auto") -> str:
+    """What ``precision`` means on ``device``: auto is bf16 on CUDA (as training runs there) and fp32 elsewhere.
+    The authors' evaluation ran fp32."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def eval_autocast(device: torch.device, precision: str = "auto"):
+    """The context every embedding call here takes: bf16 autocast, or none (fp32), as ``eval_precision`` says."""
+    if eval_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def iter_frames(cache: FrameCache, ids: list[str], frames: int) -> Iterator[tuple[str, list[torch.Tensor]]]:
@@ -32,14 +43,12 @@ def iter_frames(cache: FrameCache, ids: list[str], frames: int) -> Iterator[tupl
         tar, key = cache.found[item_id]
         wanted[tar][key] = item_id
     for tar_path, keys in wanted.items():
-        members: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(tar_path) as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                if key in keys and ext.endswith("jpg"):
-                    members[key][ext] = tar.extractfile(info).read()
+        # pipeline.writer's reader (sparse and oversized members refused), the wanted samples' data only
+        members = {key: dict(files) for key, files in iter_tar_samples(tar_path, set(keys))}
         for key, item_id in keys.items():
             images = [members[key][f"{k}.jpg"] for k in range(frames)]
+            for data in images:  # the header's size, before libjpeg allocates it
+                jpeg_size(data, whole=False)
             yield (
                 item_id,
                 [

@@ -32,10 +32,14 @@ EMPTY_ROW = "empty_row"
 MALFORMED_ROW = "malformed_row"
 MISSING_VIDEOID = "missing_videoid"
 EMPTY_CAPTION = "empty_caption"
+LONG_CAPTION = "long_caption"
 DUPLICATE_VIDEOID = "duplicate_videoid"
 MISSING_LOCATION = "missing_location"
 UNSAFE_PATH = "unsafe_path"
 UNSUPPORTED_URL = "unsupported_url"
+# A WebVid caption is a line; CLIP reads 77 tokens of it (a few hundred characters). Longer is a scraped page or a
+# broken field, and costs the tokenizer about 4 s per MB each time the sample is drawn.
+MAX_CAPTION_CHARS = 10_000
 
 
 class CsvError(ValueError):
@@ -350,6 +354,12 @@ def _validate(
         return Row(index, videoid, error=(MALFORMED_ROW, "caption is not valid UTF-8"))
     if not caption.strip():
         return Row(index, videoid, error=(EMPTY_CAPTION, f"empty {columns.caption}"))
+    if len(caption) > MAX_CAPTION_CHARS:
+        return Row(
+            index,
+            videoid,
+            error=(LONG_CAPTION, f"{columns.caption} of {len(caption):,} characters (at most {MAX_CAPTION_CHARS:,})"),
+        )
     location, error = resolve_location(fields, columns, csv_dir, video_root, videoid)
     if error:  # before the key is claimed: a later good row of this video must not be refused as a duplicate
         return Row(index, videoid, error=error)

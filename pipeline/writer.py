@@ -29,6 +29,10 @@ TAR_MTIME = 0  # fixed tar metadata: the same samples give byte-identical tars
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_KEY = 80
 TMP_MARK = ".tmp-"
+# A shard member is a frame (tens of KB at the default --size 256, a few MB at full 4K) or a caption. Bigger ones,
+# and sparse ones (a header can declare terabytes that tarfile fills with zeros in memory), are not read: a tar
+# that holds them is not one pipeline.shard wrote.
+MAX_MEMBER_BYTES = 64 << 20
 ABANDONED_AFTER_S = 10.0  # a temporary this young may be one whose writer has not yet locked it
 
 
@@ -349,14 +353,28 @@ class TarShardWriter:
             self.abort()
 
 
+class NotAShardError(tarfile.ReadError):
+    """A tar member that pipeline.shard never writes; readers take it as damage to the tar (``tarfile.TarError``)."""
+
+
 def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
     """``(key, [(ext, member), ...])`` for each sample of an open shard tar, in file order, as its headers are read:
-    a sample's files are the consecutive files of one key (the part of the name before its first dot)."""
+    a sample's files are the consecutive files of one key (the part of the name before its first dot).
+
+    A sparse member, one over ``MAX_MEMBER_BYTES``, or a file without a key (``.0.jpg``) raises
+    :class:`NotAShardError`, before any of its data is read, once the samples before its own are given."""
     key, members = None, []
     for info in tar:
         if not info.isfile():
             continue
         k, _, ext = os.path.basename(info.name).partition(".")
+        if info.issparse() or info.size > MAX_MEMBER_BYTES or not k:
+            what = "a sparse file" if info.issparse() else "a file without a sample key" if not k else "too big"
+            if members and k != key:  # the samples before it are whole
+                yield key, members
+            raise NotAShardError(
+                f"member {info.name!r} is {what} ({info.size:,} bytes): not a tar pipeline.shard wrote"
+            )
         if k != key and members:
             yield key, members
             members = []

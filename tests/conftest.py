@@ -207,3 +207,30 @@ def kill_tree(pid: int, timeout: float = 60) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.05)
+
+
+def with_a_sparse_member(folder: Path, dst: Path, declared: int) -> Path:
+    """A copy of shard folder ``folder`` at ``dst`` whose 000001.tar has its second sample's first frame stored as a
+    sparse member: 10 bytes in the file, ``declared`` bytes when read (what a shared tar could hold)."""
+    import io
+    import shutil
+    import tarfile
+
+    shutil.copytree(folder, dst)
+    tar_path = dst / "000001.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar]
+    second = list(dict.fromkeys(info.name.split(".")[0] for info, _ in members))[1]  # in file order
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if info.name == f"{second}.0.jpg":
+                data = data[:10]
+                info.size = len(data)
+                info.pax_headers = {
+                    "GNU.sparse.size": str(declared),
+                    "GNU.sparse.numblocks": "1",
+                    "GNU.sparse.offset": "0",
+                    "GNU.sparse.numbytes": str(len(data)),
+                }
+            tar.addfile(info, io.BytesIO(data))
+    return tar_path

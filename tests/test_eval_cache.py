@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 
@@ -427,3 +429,23 @@ def test_a_windowed_item_caches_the_frames_of_its_window(videos, tmp_path):
                 for k in range(2)
             ]
     assert indices == {"clip": [37, 62], "whole": [25, 75]}
+
+
+def test_the_frames_read_back_refuse_a_header_that_declares_a_gigapixel(tmp_path):
+    """Frames of a cache someone shared: each JPEG header is read before libjpeg allocates what it declares."""
+    from torchvision.io import encode_jpeg
+
+    from eval.features import iter_frames
+    from eval.frame_cache import FrameCache
+
+    jpeg = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes()
+    sof = jpeg.index(b"\xff\xc0")
+    bomb = jpeg[: sof + 5] + (30000).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
+    writer = TarShardWriter(tmp_path, 0)
+    writer.add_sample("good", [(f"{k}.jpg", jpeg) for k in range(4)])
+    writer.add_sample("bomb", [(f"{k}.jpg", bomb if k == 3 else jpeg) for k in range(4)])
+    tar = str(writer.commit())
+    cache = FrameCache(tmp_path, {"a": (tar, "good"), "b": (tar, "bomb")}, {})
+    assert [item for item, _ in itertools.islice(iter_frames(cache, ["a", "b"], 4), 1)] == ["a"]
+    with pytest.raises(ValueError, match="a frame over the 16,777,216 pixels .*900000000 pixels"):
+        list(iter_frames(cache, ["a", "b"], 4))

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_csv
 
-from pipeline.source import Columns, CsvError, SeenKeys, count_rows, iter_rows, parse_iso_duration, read_header
+from pipeline.source import (
+    MAX_CAPTION_CHARS,
+    Columns,
+    CsvError,
+    SeenKeys,
+    count_rows,
+    iter_rows,
+    parse_iso_duration,
+    read_header,
+)
 
 
 def test_real_webvid_csv_parses():
@@ -293,3 +302,17 @@ def test_memory_stays_flat_as_the_csv_grows(tmp_path):
     file_size = Path(tmp_path / "big120000.csv").stat().st_size
     assert big < file_size / 8, (big, file_size)
     assert big - small < 3 * 8 * 90_000 + 500_000, (small, big)  # ~8 bytes per extra row, not ~130
+
+
+def test_a_caption_longer_than_any_caption_is_a_failed_row(tmp_path):
+    """A megabyte "caption" (a scraped page, a broken field) was stored and tokenized at every draw, 4 s per MB."""
+    path = tmp_path / "webvid.csv"
+    longest = "a" * MAX_CAPTION_CHARS
+    path.write_text(
+        "videoid,name,page_idx,page_dir,duration,contentUrl\n"
+        f"1,{longest},0,d,PT1S,/v/1.mp4\n"
+        f"2,{longest}b,0,d,PT1S,/v/2.mp4\n"
+    )
+    rows = list(iter_rows(path))
+    assert rows[0].error is None and rows[0].caption == longest
+    assert rows[1].error == ("long_caption", "name of 10,001 characters (at most 10,000)")

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import run_cli, write_csv
+from conftest import run_cli, with_a_sparse_member, write_csv
 
 from pipeline import synthetic
 from pipeline.subset import choose
@@ -204,6 +204,16 @@ def test_a_damaged_source_shard_is_named_in_one_line(source, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith(f"error: {tar} is damaged (") and "re-shard it" in proc.stderr
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_a_sparse_member_in_a_source_shard_is_refused_in_one_line_without_reading_it(source, tmp_path):
+    """A 10 KB member that declares a terabyte: subset read it into memory (a MemoryError traceback; at a few GB,
+    a tar that size written to --out)."""
+    tar = with_a_sparse_member(source, tmp_path / "sparse", declared=1 << 40)
+    proc = run_cli("pipeline.subset", "--src", tmp_path / "sparse", "--out", tmp_path / "s", "--n", 19, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {tar} is damaged (member ") and "is a sparse file" in proc.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_only_the_chosen_samples_are_read_and_each_shard_up_to_its_last_chosen_one(source, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY_CLIP, run_cli
+from conftest import REPO, TINY_CLIP, run_cli, with_a_sparse_member
 
 from train import data
 from train.fuse import fuse_state_dicts
@@ -396,6 +396,32 @@ def test_broken_samples_are_skipped_and_counted(train_shards, tmp_path, augment_
     damaged_keys = {name.split(".")[0] for name in damage}
     assert not damaged_keys & {k for b in batches for k in b.keys}
     assert sum(b.dropped for b in batches) > 0
+
+
+def test_the_unlabeled_stream_skips_a_shard_with_a_sparse_member_without_reading_it(
+    train_shards, tmp_path, caplog, monkeypatch
+):
+    """webdataset's tar reader read whatever size a member's header declared: a 10 KB sparse member became 300 MB
+    of zeros in a loader worker (a terabyte, a MemoryError). The stream reads shards with pipeline.writer's reader,
+    which refuses such a member; the samples before it are kept."""
+    import tracemalloc
+
+    monkeypatch.setattr(data, "_logged", 0)  # the first few are logged, per process
+
+    tar = with_a_sparse_member(train_shards["unlabeled"], tmp_path / "sparse", declared=300 << 20)
+    tok = tokenizer_for(str(TINY_CLIP))
+    stream = data.unlabeled_stream(tmp_path / "sparse", 4, data.TrainTransform(32), tok, 4, seed=0)
+    tracemalloc.start()
+    try:
+        batches = list(itertools.islice(iter(data.loader(stream, 0, False, 0)), 12))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"skipping the rest of {tar}: member " in caplog.text and "is a sparse file" in caplog.text
+    assert peak < 100 << 20, f"{peak / 2**20:.0f} MiB"
+    with tarfile.open(tar) as t:
+        first = t.getnames()[0].split(".")[0]
+    assert first in {k for b in batches for k in b.keys}  # the sample before it
 
 
 def test_a_loader_worker_counts_only_its_own_skipped_samples(train_shards, monkeypatch):
@@ -808,6 +834,27 @@ def test_a_stream_of_broken_samples_fails_instead_of_spinning(train_shards, tmp_
     stream = make(folder, 4, data.TrainTransform(32), tokenizer_for(str(TINY_CLIP)), 4, 0)
     with pytest.raises(data.DataError, match="50 samples or shard members in a row could not be read"):
         next(iter(data.loader(stream, 0, False, 0)))
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device", "device_jpeg"])
+def test_a_frame_whose_header_declares_more_pixels_than_a_frame_may_have_is_skipped_undecoded(
+    monkeypatch, caplog, augment_on
+):
+    """A JPEG header can declare 65,500 x 65,500 in a few hundred bytes; libjpeg allocated it and filled it with
+    gray (12,000 x 12,000: 7 s and 4.5 GB in a loader worker), and the sample was trained on."""
+    from torchvision.io import encode_jpeg
+
+    monkeypatch.setattr(data, "_logged", 0)  # the first few are logged, per process
+    jpeg = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes()
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
+    bomb = jpeg[: sof + 5] + (4097).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
+    samples = [
+        {"__key__": key, "txt": b"a caption", **{f"{k}.jpg": frame if k == 2 else jpeg for k in range(4)}}
+        for key, frame in (("good", jpeg), ("bomb", bomb))
+    ]
+    kept = list(data.decoded(iter(samples), 4, data.TrainTransform(8), augment_on))
+    assert [s["key"] for s in kept] == ["good"]
+    assert "skipping sample bomb: ValueError: a 4097x4097 frame, over the 16,777,216 pixels" in caplog.text
 
 
 def test_the_count_of_broken_samples_in_a_row_restarts_at_a_good_one(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -203,3 +204,34 @@ def test_a_held_folder_is_let_go_when_its_process_dies_though_a_forked_child_liv
         run.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(child), 9)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "too big", "no key"])
+def test_a_member_pipeline_shard_never_writes_is_refused_before_its_data_is_read(tmp_path, monkeypatch, kind):
+    """A sparse member's header declares a size that tarfile fills with zeros in memory: a 10 KB tar read as
+    terabytes. An oversized one is read whole; one named ``.0.jpg`` has no sample key (pipeline.subset's writer
+    raised a ValueError traceback on it)."""
+    from pipeline import writer
+
+    monkeypatch.setattr(writer, "MAX_MEMBER_BYTES", 1000)
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("a.txt", b"good"), (".0.jpg" if kind == "no key" else "b.0.jpg", b"x" * 10)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data) if kind != "too big" or name == "a.txt" else 1001
+            if kind == "sparse" and name != "a.txt":  # PAX 0.0 sparse headers: 10 bytes stored, 1 TB declared
+                info.pax_headers = {
+                    "GNU.sparse.size": str(1 << 40),
+                    "GNU.sparse.numblocks": "1",
+                    "GNU.sparse.offset": "0",
+                    "GNU.sparse.numbytes": "10",
+                }
+            tar.addfile(info, io.BytesIO(data + b"x" * (info.size - len(data))))
+    samples = iter_tar_samples(path)
+    assert next(samples) == ("a", [("txt", b"good")])  # the samples before it are given
+    with pytest.raises(writer.NotAShardError, match="not a tar pipeline.shard wrote") as e:
+        next(samples)
+    assert isinstance(e.value, tarfile.TarError)  # readers take it as a damaged tar
+    assert {"sparse": "is a sparse file", "too big": "is too big", "no key": "without a sample key"}[kind] in str(
+        e.value
+    )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import logging
 import math
@@ -35,7 +34,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
 import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
@@ -43,6 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from pipeline import writer
+from pipeline.frames import jpeg_size
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
@@ -278,10 +277,14 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
         out = {"text": sample["txt"].decode("utf-8"), "key": sample["__key__"], "index": sample.get("__index__", -1)}
         if augment_on == "device_jpeg":
             out["jpegs"] = [sample[f"{k}.jpg"] for k in range(frames)]
-            out["crop"] = transform.params(*_same_size([_jpeg_size(f) for f in out["jpegs"]]))
+            out["crop"] = transform.params(*_same_size([jpeg_size(f) for f in out["jpegs"]]))
             return out
-        blobs = [torch.frombuffer(bytearray(sample[f"{k}.jpg"]), dtype=torch.uint8) for k in range(frames)]
-        images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in blobs]
+        files = [sample[f"{k}.jpg"] for k in range(frames)]
+        for data in files:  # the header's size, before libjpeg allocates it (a header can declare gigapixels)
+            jpeg_size(data, whole=False)
+        images = [
+            decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB) for data in files
+        ]
         _same_size([tuple(image.shape[-2:]) for image in images])
         if augment_on == "device":
             # (H, W, 3): decode_jpeg's own layout behind its (3, H, W) view, so collate's one copy is a memcpy
@@ -296,20 +299,6 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
     except Exception as e:  # corrupt JPEG, bad UTF-8: skip and count
         _broken("skipping sample %s: %s: %s", sample.get("__key__"), type(e).__name__, e)
         return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from a JPEG's header, without decoding it; a file cut short (no end marker) is refused.
-
-    The check a worker can afford when the device decodes: it catches truncation, the
-    usual damage, while damage inside the compressed data shows only when decoding.
-    """
-    if not (data.startswith(b"\xff\xd8") and data.rstrip(b"\x00").endswith(b"\xff\xd9")):
-        raise ValueError("not a complete JPEG file (start or end marker missing)")
-    with PIL.Image.open(io.BytesIO(data)) as image:
-        if image.format != "JPEG":
-            raise ValueError(f"not a JPEG but {image.format}")
-        return image.height, image.width
 
 
 def _same_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -594,10 +583,28 @@ def unlabeled_stream(
     rank, _ = _rank()
     source = [
         wds.ResampledShards(list_shards(folder), seed=seed + 1000 * rank, deterministic=True),
-        wds.tarfile_to_samples(handler=count_and_continue),
+        _shard_samples,
         functools.partial(_shuffled, seed=f"{seed}-{rank}", bufsize=shuffle_buffer),
     ]
     return wds.DataPipeline(*source, *_batches(None, frames, transform, tokenizer, batch, False, augment_on)[1:])
+
+
+def _shard_samples(shards: Iterator[dict]) -> Iterator[dict]:
+    """The samples of each shard ``{"url": path}``, as webdataset's ``tarfile_to_samples`` gives them, read with
+    pipeline.writer's reader as the other streams are: it refuses sparse and oversized members before reading them,
+    where webdataset reads whatever size a header declares into memory (a 10 KB tar can declare terabytes). A
+    damaged shard gives the samples before the damage, and is counted."""
+    for shard in shards:
+        url, count = shard["url"], 0
+        try:
+            for key, members in writer.iter_tar_samples(url):
+                count += 1
+                yield {"__key__": key, "__url__": url, **dict(members)}
+        except (tarfile.TarError, EOFError, OSError) as e:
+            _broken("skipping the rest of %s: %s", url, e)
+        else:
+            if not count:  # counted, or a folder of such tars would be drawn from forever
+                _broken("skipping %s: it holds no sample", url)
 
 
 def _shuffled(samples: Iterator[dict], seed: str, bufsize: int = 1000) -> Iterator[dict]:
