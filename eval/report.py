@@ -408,6 +408,11 @@ def protocol_notes(results: list[dict]) -> list[str]:
         notes.append(
             "DiDeMo is scored on `test_data.json`; the authors' code used `val_data.json` (`--didemo_split val`)"
         )
+    if any(rec.get("precision") == "bf16" for rec in scored):
+        notes.append(
+            "embeddings are computed under bf16 autocast (`--precision auto` on a GPU); the authors' code ran fp32 "
+            "(`--precision fp32`), which can move near-ties in the rankings"
+        )
     official = {
         rec.get("num_expected")
         for rec in scored

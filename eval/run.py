@@ -27,7 +27,14 @@ import torch
 from eval import report
 from eval.datasets import DATASETS, AnnotationsMissing
 from eval.datasets.base import CLASSIFICATION, EvalDataset
-from eval.features import class_embeddings, eval_autocast, text_embeddings, video_embeddings
+from eval.features import (
+    PRECISIONS,
+    class_embeddings,
+    eval_autocast,
+    eval_precision,
+    text_embeddings,
+    video_embeddings,
+)
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.metrics import classification_metrics, retrieval_metrics
 from eval.prompts import class_prompts
@@ -81,6 +88,7 @@ class EvalConfig:
     didemo_split: str = "test"
     didemo_merge_same_video: bool = True  # one candidate per video file (see eval.datasets.didemo)
     cache: str = ""
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32 (see eval.features.eval_precision)
 
 
 # what OUT holds besides the models' folders (OUT/<name>/): a model of one of these names would collide with it
@@ -246,7 +254,7 @@ def load_datasets(names: list[str], cfg: EvalConfig, roots: dict[str, str]) -> t
 
 def evaluate(clip, tokenizer, dataset: EvalDataset, cache: FrameCache, cfg: EvalConfig, device: torch.device) -> dict:
     """Metrics of one model on one dataset; missing videos are listed and left out, never zero-filled."""
-    autocast = eval_autocast(device)
+    autocast = eval_autocast(device, cfg.precision)
     found = [item for item in dataset.items if item.id in cache.found]
     videos = video_embeddings(
         clip,
@@ -281,6 +289,7 @@ def evaluate(clip, tokenizer, dataset: EvalDataset, cache: FrameCache, cfg: Eval
         "missing": missing,
         "missing_reasons": {k: cache.missing.get(k, "") for k in missing},
         "sources": list(dataset.sources),
+        "precision": eval_precision(device, cfg.precision),  # as run: auto's choice on this device
     }
 
 
@@ -368,7 +377,11 @@ def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]],
         # the weights by their content (records from before weights_id: by the entry as given)
         now = (weights_id(given[name]) if "weights_id" in r else given[name], cfg.model, cfg.frames)
         then = (r.get("weights_id", r["weights"]), settings.get("model"), settings.get("frames"))
-        if then != now or settings.get("renormalize_video") != cfg.renormalize_video:
+        if (
+            then != now
+            or settings.get("renormalize_video") != cfg.renormalize_video
+            or settings.get("precision", "auto") != cfg.precision
+        ):
             others.setdefault(name, {})[r["dataset"]] = r["weights"]
     return [
         f"{Path(out) / name} holds {name}'s {', '.join(sorted(found))} results, scored with "
@@ -408,6 +421,7 @@ def main(
     didemo_split: str = "test",
     didemo_merge_same_video: bool = True,
     renormalize_video: bool = True,
+    precision: str = "auto",
     wandb: str = "off",
     ucf101_root: str = "",
     moments_root: str = "",
@@ -442,6 +456,7 @@ def main(
         didemo_merge_same_video: one item per video file (1,004 test videos, as the authors' code keys items by
             file); False keeps the 33 files named twice in test_data.json as two candidates each (1,037).
         renormalize_video: L2-normalise the mean of the frame embeddings.
+        precision: auto (bf16 autocast on a GPU, fp32 on the CPU), bf16 or fp32 (as the authors evaluated).
         wandb: off, offline or online: log the results table (and the alpha-sweep plot) to W&B, run in OUT/wandb.
         ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
         moments_root: Moments in Time folder.
@@ -492,6 +507,8 @@ def main(
     problems += online_problems(wandb)  # wandb.init would refuse it after every model was scored
     if didemo_split not in ("test", "val"):
         problems.append(f"--didemo_split must be test or val, got {didemo_split!r}")
+    if precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
     problems += switch_problems(switches | {"renormalize_video": renormalize_video})
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
@@ -512,6 +529,7 @@ def main(
         didemo_split=didemo_split,
         didemo_merge_same_video=bool(didemo_merge_same_video),
         cache=str(cache),
+        precision=str(precision),
     )
     roots = {
         "ucf101": ucf101_root,

@@ -193,6 +193,15 @@ def test_the_summary_says_where_the_protocol_differs_from_the_one_behind_the_pap
     summary(ours)
     assert "Protocol" not in report.summary_markdown(results, include_paper=False)  # no paper rows to compare with
 
+    # bf16 autocast, what --precision auto chose on a GPU (a record says what ran); the authors ran fp32
+    summary(theirs)
+    results[0]["precision"] = "bf16"
+    assert "bf16 autocast" in report.summary_markdown(results) and "`--precision fp32`" in report.summary_markdown(
+        results
+    )
+    results[0]["precision"] = "fp32"
+    assert "Protocol" not in report.summary_markdown(results)
+
     # YouCook2 from the official json when MIL-NCE's csv is absent: another clip set than the paper's
     youcook = [record("m", "youcook2", {"R@1": 1.0}), record("m", "youcook2", {"R@1": 1.0})]
     youcook[0].update(config=theirs, sources=["/d/youcook2/validation_youcook.csv"], num_expected=3350)

@@ -177,6 +177,7 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"strict": "yes"}, "--strict must be True or False"),
         ({"batch_size": 0}, "--batch_size must be a whole number of at least 1, got 0"),
         ({"frames": "four"}, "--frames must be a whole number of at least 1"),
+        ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32, got 'fp16'"),
     ):
         kwargs = {"model": str(TINY_CLIP), "weights": str(w["teacher"]), "data_root": str(root / "data"), **args}
         kwargs["out"] = str(tmp_path / "o")
@@ -919,3 +920,33 @@ def test_scores_match_a_reference_built_one_video_and_one_text_at_a_time(bench, 
     got = scored["args"]
     assert len(got) == len(expected) and torch.allclose(got[0], expected[0], atol=1e-5)
     assert len(expected) == 1 or torch.equal(got[1], expected[1])
+
+
+def test_precision_chooses_bf16_autocast_or_fp32_and_the_record_says_which_ran(bench, tmp_path, monkeypatch):
+    """Evaluation ran under bf16 autocast on every GPU, while the authors' evaluation, which the README said its
+    flags reproduce, ran fp32. auto keeps bf16 on CUDA and fp32 elsewhere; the record names what ran."""
+    from eval import run
+    from eval.datasets import DATASETS
+
+    root, layouts, w = bench
+    cfg = run.EvalConfig(model=str(TINY_CLIP), data_root=str(root / "data"), out=str(tmp_path), batch_size=3, workers=1)
+    dataset = DATASETS["msrvtt"](layouts["msrvtt"])
+    cache = run.build_cache(dataset, tmp_path / "cache", run.cache_settings(cfg.model, cfg.frames), 1)
+    clip = run.load_model(cfg.model, str(w["student"]), torch.device("cpu"))
+    scores = {}
+    real = run.retrieval_metrics
+    for precision in ("auto", "fp32", "bf16"):
+        monkeypatch.setattr(run, "retrieval_metrics", lambda s, p=precision: scores.setdefault(p, s) is s and real(s))
+        record = run.evaluate(
+            clip, run.tokenizer_for(cfg.model), dataset, cache, replace(cfg, precision=precision), torch.device("cpu")
+        )
+        assert record["precision"] == ("fp32" if precision == "auto" else precision)  # auto on the CPU: fp32
+    assert torch.equal(scores["auto"], scores["fp32"])
+    assert not torch.equal(scores["bf16"], scores["fp32"])
+    assert torch.allclose(scores["bf16"], scores["fp32"], atol=0.05)
+    from eval.features import eval_precision
+
+    assert (
+        eval_precision(torch.device("cuda"), "auto") == "bf16"
+        and eval_precision(torch.device("cuda"), "fp32") == "fp32"
+    )

@@ -226,6 +226,10 @@ def reference(**overrides) -> TrainConfig:
     sigma 0.015 for student and teacher; distillation as KL(teacher || student) times 1/sigma^2 with a 0.9999 /
     0.0001 labeled/unlabeled split (effective distillation weight ~0.44); AdamW lr 3e-6 constant, weight decay
     0.01; 8 + 8 videos per GPU; fp32; frame embeddings averaged without re-normalising; validation every 30 steps.
+
+    Not as that code, as the shard format fixes it (README, Training): each video's frames are the 4 stored segment
+    midpoints, where it drew one random frame per segment, and the teacher sees the student's frames and crop, where
+    each drew its own.
     """
     values = dict(
         recipe="reference",
