@@ -3,8 +3,8 @@
     python -m benchmarks.loader_bench --shards DIR [--workers 1,2,4,6] [--batch 128] [--batches 20] [--size 224] \
         [--augment_on loader,device,device_jpeg] [--device auto] [--settle 1000]
 
-Reads the unlabeled stream as ``train.main`` builds it (webdataset, resampled
-shards, shuffle buffer, ``train.data.decode_sample``, the trainer's tokenizer,
+Reads the unlabeled stream as ``train.main`` builds it (resampled shards read
+with pipeline.writer's tar reader, shuffle buffer, ``train.data.decode_sample``, the trainer's tokenizer,
 pinned memory on a GPU), and reports videos/s and JPEG decodes/s per worker for
 each worker count and each place the crop can run (``--augment_on``: in the
 workers, on the device after the workers decoded, or on the device including the

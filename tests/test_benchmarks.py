@@ -901,3 +901,12 @@ def test_the_issue6_verdict_leaves_out_a_fast_variant_whose_loss_is_off():
     assert wrong_losses({r["variant"]: r for r in nan["rows"]}) == []  # no finite reference: nothing compared
     off = {"device": "NVIDIA H200", "rows": rows[:3]}
     assert step_lines(off)[-1] == "step: no variant but naive left to judge"
+
+
+def test_the_tar_read_bench_reads_every_sample_with_both_readers(capsys):
+    from benchmarks import tar_read_bench
+
+    tar_read_bench.main(samples=10, repeats=1)
+    out = capsys.readouterr().out
+    assert "| ours (train.data._shard_samples) |" in out and "| webdataset tarfile_to_samples |" in out
+    assert "ours / webdataset: " in out

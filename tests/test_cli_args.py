@@ -126,6 +126,7 @@ CLIS = (
     "benchmarks.loader_bench",
     "benchmarks.shard_bench",
     "benchmarks.step_variants",
+    "benchmarks.tar_read_bench",
     "benchmarks.text_bench",
     "benchmarks.train_step",
 )
