@@ -17,7 +17,10 @@ Three streams, all over the shard format of ``shards/README.md``:
 
 Corrupt tar members and undecodable JPEGs are skipped and counted (each batch
 reports how many its worker dropped since the previous batch), never slept on;
-``DRY_LIMIT`` of them in a row stop the stream with a DataError.
+``DRY_LIMIT`` of them in a row stop the stream with a DataError. Every stream
+reads tars with ``pipeline.writer``'s reader, which refuses sparse and oversized
+members before reading them, and every JPEG's header is read before it is
+decoded (a shard from elsewhere can declare gigabytes in a few bytes).
 """
 
 from __future__ import annotations
