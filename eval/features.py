@@ -15,7 +15,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from eval.frame_cache import FrameCache
-from pipeline.frames import jpeg_size
+from pipeline.jpeg import jpeg_size
 from pipeline.writer import iter_tar_samples
 from train.data import EvalTransform
 from train.model import encode_text, encode_video, trim_padding, trims_text

@@ -37,9 +37,6 @@ MAX_PIXEL_ASPECT = 4  # a stored pixel's width over height, or its inverse, beyo
 CUT_SECONDS, CUT_SHARE = 0.5, 0.1
 # PIL transposes that undo a display rotation, by the rotation's degrees counter-clockwise (PyAV's frame.rotation)
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
-# The most pixels a stored frame may have (a 4K frame has 8.3 M). A JPEG's header can declare 65,500 x 65,500 in a
-# few hundred bytes, which libjpeg then fills with gray: 12,000 x 12,000 took a loader worker 7 s and 4.5 GB.
-MAX_FRAME_PIXELS = 4096 * 4096
 # The demuxers a video may be opened with: video containers and raw video streams. FFmpeg otherwise probes the
 # bytes for any of its ~400 formats, and some of them read other files or the network: a downloaded "video" that
 # is an ffconcat list decodes the local files it names (relative to the working folder), an SDP text opens UDP
@@ -56,7 +53,6 @@ __all__ = [
     "displayed_size",
     "decode_frames",
     "encode_jpeg",
-    "jpeg_size",
 ]
 
 
@@ -134,25 +130,6 @@ class _Packet:
     end: int  # pts + duration
     keyframe: bool
     discard: bool = False  # decoded as a reference but never shown: an MP4 edit list's pre-roll (a -c copy cut)
-
-
-def jpeg_size(data: bytes, whole: bool = True) -> tuple[int, int]:
-    """(height, width) of a stored frame from its JPEG header, without decoding it (Pillow reads the header only).
-    Refused (ValueError): not a JPEG, over ``MAX_FRAME_PIXELS``, and with ``whole`` a file cut short (no end
-    marker), the usual damage, which the caller cannot otherwise see before it decodes."""
-    if whole and not (data.startswith(b"\xff\xd8") and data.rstrip(b"\x00").endswith(b"\xff\xd9")):
-        raise ValueError("not a complete JPEG file (start or end marker missing)")
-    too_many = f"over the {MAX_FRAME_PIXELS:,} pixels a stored frame may have"
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours: the size is in its message
-        raise ValueError(f"a frame {too_many} ({e})") from None
-    with image:
-        if image.format != "JPEG":
-            raise ValueError(f"not a JPEG but {image.format}")
-        if image.width * image.height > MAX_FRAME_PIXELS:
-            raise ValueError(f"a {image.width}x{image.height} frame, {too_many}")
-        return image.height, image.width
 
 
 def open_options(av_version: str) -> dict[str, str]:

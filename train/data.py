@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from pipeline import writer
-from pipeline.frames import jpeg_size
+from pipeline.jpeg import jpeg_size
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
