@@ -9,9 +9,10 @@ import io
 
 from PIL import Image
 
-# The most pixels a stored frame may have (a 4K frame has 8.3 M). A JPEG's header can declare 65,500 x 65,500 in a
-# few hundred bytes, which libjpeg then fills with gray: 12,000 x 12,000 took a loader worker 7 s and 4.5 GB.
-MAX_FRAME_PIXELS = 4096 * 4096
+# The most pixels a stored frame may have: an 8K frame (pipeline.shard --size 0 keeps a video's own) has 33 M. A
+# JPEG's header can declare 65,500 x 65,500 in a few hundred bytes, which libjpeg then fills with gray: 12,000 x
+# 12,000 took a loader worker 7 s and 4.5 GB.
+MAX_FRAME_PIXELS = 8192 * 8192
 
 
 def jpeg_size(data: bytes, whole: bool = True) -> tuple[int, int]:

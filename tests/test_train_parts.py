@@ -847,14 +847,14 @@ def test_a_frame_whose_header_declares_more_pixels_than_a_frame_may_have_is_skip
     monkeypatch.setattr(data, "_logged", 0)  # the first few are logged, per process
     jpeg = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes()
     sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
-    bomb = jpeg[: sof + 5] + (4097).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
+    bomb = jpeg[: sof + 5] + (8193).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
     samples = [
         {"__key__": key, "txt": b"a caption", **{f"{k}.jpg": frame if k == 2 else jpeg for k in range(4)}}
         for key, frame in (("good", jpeg), ("bomb", bomb))
     ]
     kept = list(data.decoded(iter(samples), 4, data.TrainTransform(8), augment_on))
     assert [s["key"] for s in kept] == ["good"]
-    assert "skipping sample bomb: ValueError: a 4097x4097 frame, over the 16,777,216 pixels" in caplog.text
+    assert "skipping sample bomb: ValueError: a 8193x8193 frame, over the 67,108,864 pixels" in caplog.text
 
 
 def test_the_count_of_broken_samples_in_a_row_restarts_at_a_good_one(monkeypatch):
