@@ -365,7 +365,7 @@ def main(out: str = "demo_output", quick: bool = False) -> None:
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True)
 
 
 if __name__ == "__main__":

@@ -614,7 +614,7 @@ def log_to_wandb(records: list[dict], cfg: EvalConfig, mode: str, png: Path | No
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True, lists=("weights", "names", "datasets", "alpha_sweep"))
 
 
 if __name__ == "__main__":

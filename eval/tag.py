@@ -339,7 +339,7 @@ def _search(clip, tokenizer, paths, video, query, top, device) -> list[dict]:
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True, lists=("labels", "query"))  # read with as_text, numbers warned of
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import functools
 import inspect
 import math
 import os
@@ -17,10 +18,17 @@ import fire
 from pipeline.folder_lock import FolderLockError
 
 
-def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> None:
+def fire_main(
+    fn: Callable, argv: list[str] | None = None, texts: bool = False, lists: tuple[str, ...] = (), **fire_options
+) -> None:
     """``fire.Fire(fn, **fire_options)``, after refusing the --flags ``fn`` does not take. fire reports a flag it
     could not consume only once ``fn`` has returned: after the whole job, run with the misspelt flag's default
-    (``eval.run --dataset ucf101`` scored every dataset), or never, where ``fn`` exits itself (``pipeline.shard``)."""
+    (``eval.run --dataset ucf101`` scored every dataset), or never, where ``fn`` exits itself (``pipeline.shard``).
+
+    With ``texts``, ``fn``'s text parameters (annotated ``str``: paths, names), but for the comma ``lists``, are
+    checked as fire hands them over, before ``fn`` runs (:func:`text_problem`): ``--out sh,v1`` wrote into a folder
+    named ``('sh', 'v1')``, ``--out 2024_06_01`` into ``20240601``, and a bare ``--out`` into ``True``. (The
+    benchmarks, whose text flags are mostly comma lists, go without.)"""
     argv = sys.argv[1:] if argv is None else argv
     unknown = unknown_flags(argv, fn)
     if unknown:
@@ -29,9 +37,53 @@ def fire_main(fn: Callable, argv: list[str] | None = None, **fire_options) -> No
         said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
         raise SystemExit(f"error: unknown flag(s) {said}; valid flags: " + " ".join("--" + n for n in names))
     try:
-        fire.Fire(fn, command=argv, **fire_options)
+        fire.Fire(_texts_checked(fn, argv, lists) if texts else fn, command=argv, **fire_options)
     except FolderLockError as e:  # an output folder's lock this user can neither make nor take: said, not traced
         raise SystemExit(f"error: {e}") from None
+
+
+def text_problem(flag: str, value, none_ok: bool = False) -> str | None:
+    """The line for a text flag (a path, a name) that fire did not hand over as text, or None: a bare ``--out``
+    comes as True; ``--out 2024_06_01`` as the int 20240601 and ``--out 1e3`` as the float 1000.0, not the text
+    typed; ``--out a,b`` as a tuple. ``none_ok``: None is the flag's default."""
+    if isinstance(value, str) or (value is None and none_ok):
+        return None
+    if isinstance(value, bool) or value is None:
+        return f"--{flag} needs a value (fire reads a bare --{flag} as True)"
+    kind = "number" if isinstance(value, (int, float)) else type(value).__name__
+    return f"--{flag} {value!r} reached us as a {kind}, not as the text typed; quote it twice (--{flag} \"'...'\")"
+
+
+def as_typed(value, argv: list[str]):
+    """``value`` as typed where fire read a text as an int that the command line holds as it is (``--out 2024``):
+    the text; else ``value``. fire also reads ``2024_06_01`` and ``0x1F`` as ints (20240601, 31), which are not
+    what was typed: those stay numbers, for :func:`text_problem` to refuse with the fix."""
+    typed = set(argv) | {token.split("=", 1)[1] for token in argv if token.startswith("-") and "=" in token}
+    return str(value) if type(value) is int and str(value) in typed else value
+
+
+def _texts_checked(fn: Callable, argv: list[str], lists: tuple[str, ...]) -> Callable:
+    """``fn`` with its text parameters (annotated ``str`` or ``str | None``, but ``lists``) refused in one line
+    unless text, before it runs; fire sees ``fn``'s own signature and help (``functools.wraps``)."""
+    signature = inspect.signature(fn)
+    texts = {
+        name: param.default is None
+        for name, param in signature.parameters.items()
+        if name not in lists and param.annotation in ("str", "str | None", str)
+    }
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        problems = []
+        for name, none_ok in texts.items():
+            if name in bound.arguments:  # given: a default is what it is
+                bound.arguments[name] = as_typed(bound.arguments[name], argv)
+                problems.append(text_problem(name, bound.arguments[name], none_ok))
+        refuse([problem for problem in problems if problem])
+        return fn(*bound.args, **bound.kwargs)
+
+    return checked
 
 
 def unknown_flags(argv: list[str], fn: Callable) -> list[str]:

@@ -379,7 +379,7 @@ def warn_stale(out_dir: Path, last_shard: int) -> None:
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True)
 
 
 if __name__ == "__main__":

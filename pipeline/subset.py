@@ -251,7 +251,7 @@ def _read_json(path: Path):
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True)
 
 
 if __name__ == "__main__":

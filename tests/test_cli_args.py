@@ -258,3 +258,38 @@ def test_the_installed_commands_run_from_a_folder_whose_own_scripts_would_hide_t
         [sys.executable, "-m", "train.main", "--help"], cwd=tmp_path, capture_output=True, text=True
     )
     assert hidden.returncode != 0 and "the folder own script ran" in hidden.stderr  # what the commands avoid
+
+
+@pytest.mark.parametrize(
+    "module, argv, says",
+    [
+        ("pipeline.subset", ["--src", "s", "--out", "sh,v1"], "--out ('sh', 'v1') reached us as a tuple"),
+        ("pipeline.shard", ["--src", "w.csv", "--out", "2024_06_01"], "--out 20240601 reached us as a number"),
+        ("train.fuse", ["--student", "s.pt", "--out"], "--out needs a value (fire reads a bare --out as True)"),
+        ("eval.run", ["--out", "1e3"], "--out 1000.0 reached us as a number"),
+        ("eval.tag", ["--videos", "v", "--labels", "a,b", "--cache"], "--cache needs a value"),
+        ("demo.__main__", ["--out", "a,b"], "--out ('a', 'b') reached us as a tuple"),
+    ],
+)
+def test_a_path_fire_did_not_hand_over_as_text_is_refused_before_any_work(module, argv, says, monkeypatch):
+    """fire reads ``--out sh,v1`` as a tuple, ``--out 2024_06_01`` as the int 20240601 and a bare ``--out`` as True:
+    each CLI but train.main (which had its own check) wrote into a folder of that name, ``('sh', 'v1')``,
+    ``20240601`` or ``True``, after the work."""
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).cli()
+    assert str(e.value.code).startswith("error: ") and says in str(e.value.code), e.value.code
+
+
+def test_a_number_typed_as_it_is_reaches_a_text_flag_as_the_text(monkeypatch):
+    """``--out 2024`` is the int 2024 to fire: it is given back as the text typed, and names the folder 2024."""
+    from pipeline.cli import fire_main
+
+    seen = {}
+
+    def main(src: str, out: str, n: int = 1, root: str | None = None) -> None:
+        seen.update(src=src, out=out, n=n, root=root)
+
+    monkeypatch.setattr(sys, "argv", ["x", "--src", "s", "--out", "2024", "--n", "7"])
+    fire_main(main, texts=True)
+    assert seen == {"src": "s", "out": "2024", "n": 7, "root": None}  # a None default is no text to check

@@ -11,7 +11,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.cli import count_problems, number_problems, pair_problems, positive_problems, switch_problems
+from pipeline.cli import (
+    count_problems,
+    number_problems,
+    pair_problems,
+    positive_problems,
+    switch_problems,
+    text_problem,
+)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 AUGMENT_ON = ("auto", "loader", "device", "device_jpeg")
@@ -188,24 +195,14 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
     def _text_problems(self) -> list[str]:
-        """A line for each text field (paths, names) that is not text, as fire hands it over: a bare ``--val`` (no
-        value) as True; ``--run_name 1.50`` as the float 1.5 and ``--out 2024_06_01`` as the int 20240601, not the
-        text typed (``train.main.typed_texts`` gives back the numbers typed as they are, as ``--out 2024``). The
-        choices (``CHOICES``) are checked against their values, whatever the value."""
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name not in TEXT_FIELDS or isinstance(value, str) or f.name in CHOICES:
-                continue
-            if isinstance(value, bool) or value is None:
-                problems.append(f"--{f.name} needs a value (fire reads a bare --{f.name} as True)")
-            else:
-                kind = "number" if isinstance(value, (int, float)) else type(value).__name__
-                problems.append(
-                    f"--{f.name} {value!r} reached us as a {kind}, not as the text typed; quote it twice "
-                    f"(--{f.name} \"'...'\")"
-                )
-        return problems
+        """A line for each text field (paths, names) that is not text, as fire hands it over
+        (``pipeline.cli.text_problem``; ``train.main.typed_texts`` gives back the numbers typed as they are, as
+        ``--out 2024``). The choices (``CHOICES``) are checked against their values, whatever the value."""
+        return [
+            line
+            for f in dataclasses.fields(self)
+            if f.name in TEXT_FIELDS and f.name not in CHOICES and (line := text_problem(f.name, getattr(self, f.name)))
+        ]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

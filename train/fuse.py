@@ -147,7 +147,7 @@ def main(student: str, out: str, model: str | None = None, teacher: str | None =
 
 def cli() -> None:
     """The installed command (setup.cfg's console_scripts)."""
-    fire_main(main)
+    fire_main(main, texts=True)
 
 
 if __name__ == "__main__":

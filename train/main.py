@@ -20,7 +20,7 @@ from pathlib import Path
 
 import fire
 
-from pipeline.cli import DISK_ERRNOS, folder_problems, raised_problems, refuse, write_failed
+from pipeline.cli import DISK_ERRNOS, as_typed, folder_problems, raised_problems, refuse, write_failed
 from pipeline.folder_lock import FolderLockError
 from train import config as config_module
 from train.checkpoint import LATEST, CheckpointError, resume_path
@@ -109,10 +109,8 @@ def _long_name(flag: str) -> str:
 
 def typed_texts(flags: dict, argv: list[str]) -> dict:
     """``flags`` with each text flag that fire read as an int given back as the text, where the command line holds
-    it as typed: ``--out 2024`` (fire's int 2024). fire also reads ``2024_06_01`` and ``0x1F`` as ints (20240601,
-    31), which are not what was typed: those stay numbers, for the config to refuse with the fix."""
-    typed = set(argv) | {token.split("=", 1)[1] for token in argv if token.startswith("-") and "=" in token}
-    return {k: str(v) if k in TEXT_FIELDS and type(v) is int and str(v) in typed else v for k, v in flags.items()}
+    it as typed (``pipeline.cli.as_typed``)."""
+    return {k: as_typed(v, argv) if k in TEXT_FIELDS else v for k, v in flags.items()}
 
 
 REQUIRED_FOLDERS = {
