@@ -460,7 +460,7 @@ def write_summary(out_dir: str | Path, results: list[dict]) -> Path:
     """Write :func:`summary_markdown` of ``results`` to ``OUT/summary.md`` atomically; returns the path."""
     path = Path(out_dir) / SUMMARY_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, summary_markdown(results).encode("utf-8"))
+    atomic_write_bytes(path, summary_markdown(results).encode("utf-8", "backslashreplace"))  # see json_bytes
     return path
 
 

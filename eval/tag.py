@@ -300,7 +300,8 @@ def main(
         writer.writeheader()
         writer.writerows(rows)
         remove_abandoned(out)  # a killed run's temporary
-        atomic_write_bytes(out, buffer.getvalue().encode("utf-8"))  # a crash never leaves half a CSV
+        # a crash never leaves half a CSV; a file name that is not UTF-8 as in json_bytes
+        atomic_write_bytes(out, buffer.getvalue().encode("utf-8", "backslashreplace"))
         print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -162,8 +162,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def json_bytes(obj) -> bytes:
-    """Deterministic, readable JSON (sorted keys, UTF-8)."""
-    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    """Deterministic, readable JSON (sorted keys, UTF-8). A path of bytes that are not UTF-8 (os.fsdecode's
+    surrogates, as in ``caf\\udce9.mp4``) is written as its JSON escape, which reads back as the same path."""
+    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8", "backslashreplace")
 
 
 def read_stats(out_dir: str | Path, shard: int) -> dict | None:

@@ -44,8 +44,16 @@ def run_cli(module: str, *args: str, check: bool = True, timeout: float = 120) -
     cmd = [sys.executable, "-m", module, *map(str, args)]
     # in a process group of its own: a time limit (ours or pytest-timeout's) ends it with its children, torchrun's
     # agent included, which then stops its workers; else they ran on, on the cores the next tests need
+    # errors: output that names a file whose name is not UTF-8 holds its bytes, read as Python reads such names
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="surrogateescape",
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
     ) as child:
         try:
             out, err = child.communicate(timeout=timeout)

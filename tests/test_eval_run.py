@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -950,3 +951,30 @@ def test_precision_chooses_bf16_autocast_or_fp32_and_the_record_says_which_ran(b
         eval_precision(torch.device("cuda"), "auto") == "bf16"
         and eval_precision(torch.device("cuda"), "fp32") == "fp32"
     )
+
+
+def test_tag_a_video_whose_file_name_is_not_utf8(bench, tmp_path):
+    """``caf\\xe9.mp4`` (a Latin-1 name) stopped eval.tag with a UnicodeEncodeError where the frame cache's record
+    was written, after the decoding; the CSV names it as JSON does, escaped."""
+    root, layouts, w = bench
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    source = next((layouts["msrvtt"] / "videos").iterdir())
+    os.link(source, os.fsencode(folder) + b"/caf\xe9.mp4")
+    out = tmp_path / "tags.csv"
+    proc = run_cli(
+        "eval.tag",
+        "--videos",
+        folder,
+        "--labels",
+        "red,green",
+        "--model",
+        TINY_CLIP,
+        "--weights",
+        w["teacher"],
+        "--out",
+        out,
+        check=False,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert {r["video"] for r in csv.DictReader(out.open(encoding="utf-8"))} == {str(folder / "caf\\udce9.mp4")}

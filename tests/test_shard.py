@@ -687,3 +687,17 @@ def test_a_run_in_which_no_video_made_a_sample_exits_1(tmp_path):
         f"error: none of the 3 videos made a sample; see the reasons above and the failures in {tmp_path / 'out'}"
         in proc.stderr
     )
+
+
+def test_a_video_path_whose_bytes_are_not_utf8_is_sharded_or_failed_as_any_other(tmp_path, videos):
+    """A Latin-1 file name in the CSV (``caf\\xe9.mp4``) stopped the whole run with a UnicodeEncodeError traceback
+    where its row's record was written (an existing file: the row failed as unexpected_error)."""
+    os.makedirs(os.fsencode(tmp_path / "v"))
+    os.link(videos["idx100"], os.fsencode(tmp_path / "v") + b"/caf\xe9.mp4")
+    header = b"videoid,name,page_idx,page_dir,duration,contentUrl\n"
+    (tmp_path / "w.csv").write_bytes(header + b"1,found,0,d,PT1S,v/caf\xe9.mp4\n2,missing,0,d,PT1S,v/gon\xe9.mp4\n")
+    proc = run_cli("pipeline.shard", "--src", tmp_path / "w.csv", "--out", tmp_path / "o", "--progress", "False")
+    assert "Traceback" not in proc.stderr and "1 ok, 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    stats = json.loads((tmp_path / "o" / "000000_stats.json").read_text(encoding="utf-8"))
+    (failure,) = stats["failures"]
+    assert failure["reason"] == "missing_file" and os.fsencode(failure["detail"]).count(b"gon\xe9.mp4") == 1

@@ -235,3 +235,16 @@ def test_a_member_pipeline_shard_never_writes_is_refused_before_its_data_is_read
     assert {"sparse": "is a sparse file", "too big": "is too big", "no key": "without a sample key"}[kind] in str(
         e.value
     )
+
+
+def test_a_path_whose_bytes_are_not_utf8_is_written_as_json_that_reads_back_as_it(tmp_path):
+    """``caf\\xe9.mp4`` (Latin-1 on disk) is ``caf\\udce9.mp4`` to Python: json_bytes failed on it with a
+    UnicodeEncodeError that stopped pipeline.shard, eval.tag and train.main."""
+    import json
+
+    from pipeline.writer import json_bytes
+
+    name = os.fsdecode(b"caf\xe9.mp4")
+    data = json_bytes({"video": name})
+    assert data.decode("utf-8") == '{\n "video": "caf\\udce9.mp4"\n}\n'  # valid UTF-8, the surrogate escaped
+    assert os.fsencode(json.loads(data)["video"]) == b"caf\xe9.mp4"
