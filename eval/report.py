@@ -242,7 +242,7 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
     """A markdown table; the first ``text_columns`` columns left-aligned, the numbers right-aligned."""
     align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]  # a | in a name
     return lines
 
 
@@ -280,7 +280,9 @@ class _Footnotes:
 
 
 def _used_numbers(rows: list[list[str]]) -> list[int]:
-    return [int(m) for row in rows for cell in row for m in re.findall(r" \[(\d+)\]$", cell)]
+    """The footnote numbers the rows' cells end with; not the model's name (its first cell), which may end so too
+    (``--names "baseline [7]"``)."""
+    return [int(m) for row in rows for cell in row[1:] for m in re.findall(r" \[(\d+)\]$", cell)]
 
 
 def _organise(results: list[dict]) -> tuple[list[str], dict[str, dict[str, dict]], list[dict], list[dict]]:

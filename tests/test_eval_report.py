@@ -280,3 +280,13 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, eval.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=report.REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_a_model_name_that_ends_like_a_footnote_or_holds_a_bar_keeps_the_tables_whole():
+    """``--names "baseline [7]"`` ended the summary in KeyError: 7 (the name's cell was read as a footnote mark), and
+    every later run into that OUT with it; ``--names "A|B"`` split its row into one more column."""
+    results = [record("baseline [7]", "msrvtt", {"R@1": 1.0}), record("A|B", "ucf101", {"top1": 2.0}, found=9)]
+    md = report.summary_markdown(results, include_paper=False)
+    overview = section(md, "Table 3")
+    assert "| baseline [7] |" in overview and "| A\\|B |" in overview
+    assert "[1] A|B, UCF101: 9 of 10 videos found (1 missing)." in overview  # its own footnote, numbered 1
