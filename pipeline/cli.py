@@ -201,6 +201,10 @@ def folder_problems(folders: dict[str, object], writable: bool = True) -> list[s
     problems = []
     for name, value in folders.items():
         path = Path(str(value))
+        long = long_name_problems(name, value)
+        if long:  # no more to ask: the path cannot even be looked up
+            problems += long
+            continue
         existing = nearest_existing(path)
         if existing is None:
             continue
@@ -219,6 +223,13 @@ def file_problems(files: dict[str, object]) -> list[str]:
     renamed), and failed there with a traceback."""
     problems = []
     for name, value in files.items():
+        long = long_name_problems(name, value)
+        if long:
+            problems += long
+            continue
+        if str(value).endswith(os.sep):  # Path() drops the slash: the file took the folder's name
+            problems.append(f"--{name} {value} ends in {os.sep}: give a file's name, not a folder's")
+            continue
         existing = nearest_existing(Path(str(value)).absolute().parent)
         if existing is not None and not existing.is_dir():
             problems.append(f"--{name} {value}: {existing} is a file, not a folder")
@@ -227,6 +238,23 @@ def file_problems(files: dict[str, object]) -> list[str]:
                 f"--{name} {value}: no permission to write in {existing}; give a file in a folder you can write"
             )
     return problems
+
+
+NAME_MAX = 255  # bytes in one file name, on Linux's filesystems
+
+
+def long_name_problems(flag: str, value: object) -> list[str]:
+    """A line if a name in the path ``value`` is longer than a file name may be: made at the end of the work, it
+    failed there ("File name too long")."""
+    long = [part for part in Path(str(value)).parts if len(os.fsencode(part)) > NAME_MAX]
+    return (
+        [
+            f"--{flag}: the name {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes, over the {NAME_MAX} a file "
+            "name may have"
+        ]
+        if long
+        else []
+    )
 
 
 def nearest_existing(path: Path) -> Path | None:

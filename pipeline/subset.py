@@ -20,7 +20,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline import writer
-from pipeline.cli import count_problems, fire_main, may_write, nearest_existing, write_failed
+from pipeline.cli import count_problems, fire_main, long_name_problems, may_write, nearest_existing, write_failed
 from pipeline.writer import (
     TarShardWriter,
     atomic_write_bytes,
@@ -157,6 +157,7 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
     src_path, out_path = Path(str(src)), Path(str(out))
     try:
         bad = count_problems({"n": (n, 1), "samples_per_shard": (samples_per_shard, 1), "seed": (seed, 0)})
+        bad += long_name_problems("out", out)
         if bad:
             raise SubsetError("; ".join(bad))
         if out_path.exists() and not out_path.is_dir():
@@ -170,6 +171,11 @@ def main(src: str, out: str, n: int = 4500, seed: int = 0, samples_per_shard: in
         # built in a temporary folder beside --out, then renamed to it: beside the folder a symlink names (a rename
         # replaces no link to a folder); and never onto a mount point (an empty volume), which cannot be replaced
         target = out_path.resolve() if out_path.is_symlink() else out_path
+        if Path.cwd().is_relative_to(target.resolve()):  # --out ., .., or a folder above this one
+            raise SubsetError(
+                f"--out {out_path} holds the folder this command runs in, which the subset cannot replace (it is made "
+                f"beside --out, then renamed to it); give a new folder, e.g. {out_path / 'labeled'}"
+            )
         if is_mount_point(target):
             raise SubsetError(
                 f"--out {out_path} is a mount point, which the subset cannot replace (it is made beside --out, then "

@@ -65,7 +65,17 @@ def stats_path(out_dir: str | Path, shard: int) -> Path:
 def temporary_name(path: str | Path) -> Path:
     """The name a new temporary of ``path`` gets: hidden, beside it, unique (``.NAME.tmp-<12 hex>``)."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    return path.with_name(f".{_temporary_stem(path.name)}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def _temporary_stem(name: str) -> str:
+    """``name``, or where ``.NAME.tmp-<12 hex>`` would be longer than a file name may be (255 bytes; the name itself
+    may be up to that), its start and a hash of it: a 247-character --out failed at its temporary, after the work."""
+    room = 255 - len(f".{TMP_MARK}") - 12
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    return f"{os.fsdecode(raw[: room - 9])}~{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
 def hold_temporary(fd: int) -> None:
@@ -116,7 +126,7 @@ def remove_abandoned(path: str | Path) -> list[Path]:
     Needs no lock of the folder: for the outputs of one file or folder that two runs may write at once."""
     path = Path(path)
     removed = []
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
+    for tmp in path.parent.glob(f".{glob.escape(_temporary_stem(path.name))}{TMP_MARK}*"):
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:  # renamed into place meanwhile

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli, with_a_sparse_member, write_csv
+from conftest import REPO, run_cli, with_a_sparse_member, write_csv
 
 from pipeline import synthetic
 from pipeline.subset import choose
@@ -252,3 +254,23 @@ def test_a_shard_with_fewer_samples_than_its_stats_say_is_refused(source, tmp_pa
     proc = run_cli("pipeline.subset", "--src", short, "--out", tmp_path / "s", "--n", 22, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"{short / '000001.tar'} has 5 samples but its stats say 9" in proc.stderr
+
+
+def test_an_out_that_holds_the_current_folder_or_a_name_too_long_is_refused_in_one_line(source, tmp_path, monkeypatch):
+    """``--out .`` in an empty folder ended in ValueError: PosixPath('.') has an empty name (the subset is built
+    beside --out, then renamed to it); a 256-byte name in OSError: File name too long."""
+    here = tmp_path / "here"
+    here.mkdir()
+    for out, says in (
+        (".", "--out . holds the folder this command runs in"),
+        ("x" * 256, "is 256 bytes, over the 255"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.subset", "--src", str(source), "--out", out, "--n", "2"],
+            capture_output=True,
+            text=True,
+            cwd=here,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
+        assert list(here.iterdir()) == []

@@ -180,3 +180,17 @@ def test_pipeline_subset_says_a_failed_write_beside_out_in_one_line(train_shards
     monkeypatch.setattr(subset, "make_subset", unreadable)
     with pytest.raises(PermissionError):
         subset.main(str(train_shards["unlabeled"]), str(out), n=5)
+
+
+def test_an_output_name_too_long_or_a_file_named_like_a_folder_is_refused_before_the_work(tmp_path):
+    """A name over 255 bytes failed where it was made, after the work ("File name too long"); ``train.fuse --out
+    newdir/`` and ``eval.tag --out results/`` wrote a file named ``newdir`` and ``results``."""
+    long = str(tmp_path / ("é" * 128 + "x"))  # 257 bytes
+    assert cli.folder_problems({"out": long}) == [
+        f"--out: the name {'é' * 40}... is 257 bytes, over the 255 a file name may have"
+    ]
+    assert cli.file_problems({"out": long + ".pt"})[0].startswith("--out: the name ")
+    assert cli.file_problems({"out": f"{tmp_path}/newdir/"}) == [
+        f"--out {tmp_path}/newdir/ ends in /: give a file's name, not a folder's"
+    ]
+    assert cli.file_problems({"out": f"{tmp_path}/newdir/f.pt"}) == cli.folder_problems({"out": tmp_path}) == []

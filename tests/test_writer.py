@@ -248,3 +248,17 @@ def test_a_path_whose_bytes_are_not_utf8_is_written_as_json_that_reads_back_as_i
     data = json_bytes({"video": name})
     assert data.decode("utf-8") == '{\n "video": "caf\\udce9.mp4"\n}\n'  # valid UTF-8, the surrogate escaped
     assert os.fsencode(json.loads(data)["video"]) == b"caf\xe9.mp4"
+
+
+def test_a_temporary_of_a_name_near_the_longest_a_name_may_be_fits_and_is_found_again(tmp_path):
+    """``.NAME.tmp-<12 hex>`` of a 247-character name is 265 bytes, over NAME_MAX: train.fuse and eval.tag failed
+    at their temporary after the work ("File name too long"). Its start and a hash of it stand in for the name."""
+    final = tmp_path / ("é" * 120 + "x.pt")  # 245 bytes in UTF-8
+    atomic_write_bytes(final, b"weights")
+    assert final.read_bytes() == b"weights"
+    tmp = temporary_name(final)
+    assert len(os.fsencode(tmp.name)) <= 255 and tmp.parent == tmp_path
+    tmp.write_bytes(b"left by a killed writer")
+    os.utime(tmp, (time.time() - 60, time.time() - 60))
+    assert remove_abandoned(final) == [tmp] and not tmp.exists()
+    assert temporary_name(tmp_path / "short.pt").name.startswith(".short.pt.tmp-")  # short names as they were
