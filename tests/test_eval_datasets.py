@@ -366,3 +366,21 @@ def test_msrvtt_missing_annotations_name_the_files_and_folders_that_are_read(tmp
         msrvtt.load(tmp_path)
     assert "val_list_jsfusion.txt in ROOT (or ROOT/structured-symlinks/) and MSR_VTT.json in ROOT" in str(e.value)
     assert "test_list=" not in str(e.value)
+
+
+def test_annotation_files_saved_with_a_byte_order_mark_parse_as_without(tmp_path, layouts):
+    """An editor or Excel on Windows saves UTF-8 with a BOM: UCF101's class list was refused ("expected 'ID
+    ClassName', got '\\ufeff1 ApplyEyeMakeup'"), DiDeMo's json ("Unexpected UTF-8 BOM"), and likewise the others."""
+    for name, root in layouts.items():
+        marked = tmp_path / name
+        shutil.copytree(root, marked, ignore=shutil.ignore_patterns("videos"))
+        shutil.copytree(root / "videos", marked / "videos") if (root / "videos").is_dir() else None
+        files = [p for p in marked.rglob("*") if p.is_file() and p.suffix in (".txt", ".csv", ".json")]
+        assert files, name
+        for path in files:
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        plain, bom = DATASETS[name](root), DATASETS[name](marked)
+        assert [(i.id, i.label, i.text, i.window) for i in bom.items] == [
+            (i.id, i.label, i.text, i.window) for i in plain.items
+        ], name
+        assert bom.classes == plain.classes, name

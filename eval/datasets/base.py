@@ -47,7 +47,7 @@ def csv_rows(path: Path, needed: set[str]) -> Iterator[tuple[int, dict[str, str]
     """(line number, row) of each row of a CSV file with a header, checked: the header names each column of
     ``needed`` and each row has a value in each (a short row had None there, which became a missing video's id
     or a traceback after every video was decoded); a ValueError naming the file and line otherwise."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not needed <= set(reader.fieldnames or ()):
             raise ValueError(f"{path}: expected columns {sorted(needed)}, got {reader.fieldnames}")

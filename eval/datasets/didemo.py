@@ -67,7 +67,7 @@ def read_annotations(path: Path, split: str = "test") -> list[dict]:
     """The annotation list, checked for the two fields used (``video``, ``description``)."""
     if not path.is_file():
         raise AnnotationsMissing(path, HINT.format(split=split))
-    entries = json.loads(path.read_text(encoding="utf-8"))
+    entries = json.loads(path.read_text(encoding="utf-8-sig"))
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list of annotations, got {type(entries).__name__}")
     for number, entry in enumerate(entries):

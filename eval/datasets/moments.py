@@ -38,7 +38,7 @@ def load(
     if not annotations.is_file():
         raise AnnotationsMissing(annotations, HINT)
     items = []
-    with open(annotations, newline="", encoding="utf-8") as f:
+    with open(annotations, newline="", encoding="utf-8-sig") as f:
         for number, row in enumerate(csv.reader(f), 1):
             if not row:
                 continue
@@ -59,7 +59,7 @@ def read_categories(path: Path) -> list[str]:
     """Class names in label order: from "name,index" lines, or, if the file has no indices, by line order."""
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     matches = [_INDEXED.match(line) for line in lines]
     if not all(matches):
         return lines

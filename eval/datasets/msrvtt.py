@@ -76,11 +76,11 @@ def read_list_and_json(test_list: Path, annotations: Path) -> list[tuple[str, st
     for path in (test_list, annotations):
         if not path.is_file():
             raise AnnotationsMissing(path, HINT)
-    ids = [line.strip() for line in test_list.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [line.strip() for line in test_list.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     _check_unique(test_list, ids)
     first: dict[str, str] = {}
     with json_layout(annotations):
-        data = json.loads(annotations.read_text(encoding="utf-8"))
+        data = json.loads(annotations.read_text(encoding="utf-8-sig"))
         for entry in data.get("annotations") or data.get("sentences") or []:
             video_id, caption = str(entry.get("image_id", entry.get("video_id"))), entry["caption"]
             if not isinstance(caption, str):

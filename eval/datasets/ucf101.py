@@ -58,7 +58,7 @@ def read_class_index(path: Path) -> list[str]:
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
     by_id = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split()
@@ -75,7 +75,7 @@ def read_test_list(path: Path) -> list[str]:
     if not path.is_file():
         raise AnnotationsMissing(path, HINT)
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         rel = line.split()[0]

@@ -75,7 +75,7 @@ def read_json(path: Path) -> list[Clip]:
         raise AnnotationsMissing(path, HINT)
     clips = []
     with json_layout(path):
-        database = json.loads(path.read_text(encoding="utf-8"))["database"]
+        database = json.loads(path.read_text(encoding="utf-8-sig"))["database"]
         for video_id, video in database.items():
             if video.get("subset") != "validation":
                 continue
