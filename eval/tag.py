@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -87,15 +88,22 @@ def number_labels(labels) -> list[str]:
 
 def find_videos(folder: Path) -> tuple[list[Path], Counter]:
     """The video files under ``folder`` (by extension, in path order), and how many other files there are by
-    extension (hidden files, such as another run's temporaries, are neither)."""
-    videos, others = [], Counter()
-    for path in folder.rglob("*"):
-        if not path.is_file() or path.name.startswith("."):
+    extension (hidden files, such as another run's temporaries, are neither). Links to folders are followed, each
+    folder walked once (a link back up ends there): ``Path.rglob`` left a linked folder's videos out, unsaid."""
+    videos, others, walked = [], Counter(), set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in walked:
+            folders.clear()
             continue
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            videos.append(path)
-        else:
-            others[path.suffix.lower() or "no extension"] += 1
+        walked.add(os.path.realpath(root))
+        for name in files:
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                videos.append(path)
+            else:
+                others[path.suffix.lower() or "no extension"] += 1
     return sorted(videos), others
 
 

@@ -978,3 +978,20 @@ def test_tag_a_video_whose_file_name_is_not_utf8(bench, tmp_path):
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert {r["video"] for r in csv.DictReader(out.open(encoding="utf-8"))} == {str(folder / "caf\\udce9.mp4")}
+
+
+def test_tag_finds_the_videos_of_a_linked_folder_once(tmp_path):
+    """``Path.rglob`` (Python 3.11) does not follow links to folders: a folder of links to others was tagged without
+    their videos, and nothing said so. A link back up is walked once."""
+    from eval.tag import find_videos
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "a.mp4").write_bytes(b"")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.MP4").write_bytes(b"")
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    (tmp_path / "own" / "more").symlink_to(tmp_path / "other")
+    (tmp_path / "own" / "again").symlink_to(tmp_path / "other")
+    (tmp_path / "own" / "loop").symlink_to(tmp_path / "own")
+    videos, others = find_videos(tmp_path / "own")
+    assert [p.name for p in videos] == ["a.mp4", "b.MP4"] and others == {".txt": 1}
