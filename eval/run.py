@@ -198,6 +198,18 @@ def check_entry(model: str, weights: str) -> None:
             raise WeightsError(problem)
 
 
+def split_file_problems(entries: list[str]) -> list[str]:
+    """A line for each file whose name holds a comma that --weights split into entries (``runs/a,b.pt`` gave
+    ``runs/a`` and ``b.pt``, each "not found"): how to pass it."""
+    return [
+        f"--weights is split at commas, and {joined} is a file whose name holds one: link it under a name without "
+        f"(ln -s '{joined}' weights.pt) and give that"
+        for i in range(len(entries))
+        for j in range(i + 2, len(entries) + 1)
+        if Path(joined := ",".join(entries[i:j])).is_file()
+    ]
+
+
 def weights_problems(model: str, entries: list[str]) -> list[str]:
     """A line for ``--model`` if it cannot be registered, else one for each weights entry that cannot load
     (:func:`check_entry`): before the frame cache is built."""
@@ -484,6 +496,7 @@ def main(
             models = [(f"alpha={a:g}", f"fuse:{teacher}:{student}:{a}") for a in alphas]
     else:
         entries = comma_list(weights)
+        problems += split_file_problems(entries)
         labels = comma_list(names) or [default_name(e) for e in entries]
         if len(labels) != len(entries):
             problems.append(f"--names has {len(labels)} entries but --weights has {len(entries)}")

@@ -35,11 +35,29 @@ def fire_main(
         names = sorted(inspect.signature(fn).parameters)
         guesses = [difflib.get_close_matches(u[2:], names, n=1) for u in unknown]
         said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
-        raise SystemExit(f"error: unknown flag(s) {said}; valid flags: " + " ".join("--" + n for n in names))
+        raise SystemExit(
+            f"error: unknown flag(s) {said}; valid flags: "
+            + " ".join("--" + n for n in names)
+            + "".join(f"; {hint}" for hint in _dash_value_hints(argv, names))
+        )
     try:
         fire.Fire(_texts_checked(fn, argv, lists) if texts else fn, command=argv, **fire_options)
     except FolderLockError as e:  # an output folder's lock this user can neither make nor take: said, not traced
         raise SystemExit(f"error: {e}") from None
+
+
+def _dash_value_hints(argv: list[str], names: list[str]) -> list[str]:
+    """How to give a value that starts with a dash, for each that follows a flag of ``names`` and was read as a
+    flag (``--query "-sliding shapes"``, ``--src -data.csv``)."""
+    return [
+        f"a value that starts with a dash goes after an = ({flag}={value!r}; a file: ./{value})"
+        for flag, value in zip(argv, argv[1:], strict=False)
+        if flag.startswith("--")
+        and "=" not in flag
+        and flag[2:].replace("-", "_") in names
+        and value[:1] == "-"
+        and value[1:2] not in "0123456789."
+    ]
 
 
 def text_problem(flag: str, value, none_ok: bool = False) -> str | None:
@@ -78,8 +96,14 @@ def _texts_checked(fn: Callable, argv: list[str], lists: tuple[str, ...]) -> Cal
         problems = []
         for name, none_ok in texts.items():
             if name in bound.arguments:  # given: a default is what it is
-                bound.arguments[name] = as_typed(bound.arguments[name], argv)
-                problems.append(text_problem(name, bound.arguments[name], none_ok))
+                bound.arguments[name] = value = as_typed(bound.arguments[name], argv)
+                problems.append(text_problem(name, value, none_ok))
+                if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+                    print(
+                        f"note: --{name} {value} names a folder called ~ in this one: the shell expands ~ only "
+                        f"unquoted (write $HOME{value[1:]} for your home folder)",
+                        file=sys.stderr,
+                    )
         refuse([problem for problem in problems if problem])
         return fn(*bound.args, **bound.kwargs)
 

@@ -293,3 +293,24 @@ def test_a_number_typed_as_it_is_reaches_a_text_flag_as_the_text(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--src", "s", "--out", "2024", "--n", "7"])
     fire_main(main, texts=True)
     assert seen == {"src": "s", "out": "2024", "n": 7, "root": None}  # a None default is no text to check
+
+
+def test_a_value_that_starts_with_a_dash_or_a_quoted_tilde_is_explained(monkeypatch, capsys):
+    """``--src -data.csv`` was an unknown flag --data.csv and no more; ``--out "~/shards"`` made a folder ``~`` here
+    and printed ``~/shards/...``, which reads as the home folder."""
+    from pipeline.cli import fire_main
+
+    def main(src: str = "", out: str = "", top: int = 3) -> None:
+        print(f"ran with {src!r}")
+
+    monkeypatch.setattr(sys, "argv", ["x", "--src", "-data.csv", "--top", "-1"])
+    with pytest.raises(SystemExit) as e:
+        fire_main(main, texts=True)
+    assert str(e.value.code).endswith(
+        "; a value that starts with a dash goes after an = (--src='-data.csv'; a file: ./-data.csv)"
+    )  # and not for --top -1, a number
+    monkeypatch.setattr(sys, "argv", ["x", "--src", "~/data.csv"])
+    fire_main(main, texts=True)
+    out, err = capsys.readouterr()
+    assert "ran with '~/data.csv'" in out  # taken as written
+    assert "note: --src ~/data.csv names a folder called ~ in this one" in err and "$HOME/data.csv" in err
