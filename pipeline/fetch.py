@@ -81,7 +81,9 @@ def check_local(path: str) -> str:
     p = Path(path)
     try:
         if not p.is_file():
-            raise FetchError(MISSING_FILE, f"{path} does not exist or is not a file")
+            # a CSV made on Windows: a backslash is a character of a name here, not a folder separator
+            slashes = " (\\ separates no folders here: write /)" if "\\" in path else ""
+            raise FetchError(MISSING_FILE, f"{path} does not exist or is not a file{slashes}")
         if p.stat().st_size == 0:
             raise FetchError(EMPTY_FILE, f"{path} is 0 bytes")
     except OSError as e:

@@ -245,7 +245,8 @@ def resolve_location(
         page_dir = (fields.get(columns.page_dir) or "").strip()
         parts = [*PurePosixPath(page_dir).parts, f"{videoid}.mp4"] if page_dir else [f"{videoid}.mp4"]
         if any(p in ("..", "/", "") or "/" in p or "\\" in p for p in parts) or PurePosixPath(page_dir).is_absolute():
-            return "", (UNSAFE_PATH, f"page_dir={page_dir!r} videoid={videoid!r} would leave --video_root")
+            slashes = " (\\ separates no folders here: write /)" if "\\" in page_dir + videoid else ""
+            return "", (UNSAFE_PATH, f"page_dir={page_dir!r} videoid={videoid!r} would leave --video_root{slashes}")
         return str(video_root.joinpath(*parts)), None
     url = (fields.get(columns.url) or "").strip()
     if not url:

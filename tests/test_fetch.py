@@ -745,3 +745,16 @@ def test_cli_end_to_end_counts_failures_by_reason(server, video, tmp_path):
     assert all(5 * k <= i < 5 * (k + 1) for k, i in enumerate(indices)), indices
     # ... and the same frames as decoding the local file directly.
     assert indices == [read_frame_index(im) for im in decode_frames(str(video), 4, 256).images]
+
+
+def test_a_missing_file_whose_path_has_backslashes_says_they_separate_no_folders(tmp_path):
+    """A CSV written on Windows (``vids\\a.mp4``): the file is there as ``vids/a.mp4``, and the row failed as a plain
+    missing_file."""
+    from pipeline.fetch import FetchError, check_local
+
+    with pytest.raises(FetchError) as e:
+        check_local(str(tmp_path) + "/vids\\a.mp4")
+    assert str(e.value).endswith("does not exist or is not a file (\\ separates no folders here: write /)")
+    with pytest.raises(FetchError) as e:
+        check_local(str(tmp_path / "b.mp4"))
+    assert str(e.value).endswith("does not exist or is not a file")
