@@ -380,6 +380,8 @@ def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]],
     other weights or settings: summary.md's row for the name would mix two models' numbers (and its Models table
     name one of them)."""
     given = dict(models)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    precision = eval_precision(torch.device("cuda" if cuda else "cpu"), cfg.precision)  # what this run will run
     others: dict[str, dict[str, str]] = {}  # name -> {dataset: the weights its record names}
     for r in report.load_results(out):
         name = r["model"]
@@ -392,7 +394,7 @@ def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]],
         if (
             then != now
             or settings.get("renormalize_video") != cfg.renormalize_video
-            or settings.get("precision", "auto") != cfg.precision
+            or r.get("precision", precision) != precision  # what ran (a record from before it: not known)
         ):
             others.setdefault(name, {})[r["dataset"]] = r["weights"]
     return [

@@ -16,6 +16,7 @@ from pathlib import Path
 import fire
 
 from pipeline.folder_lock import FolderLockError
+from pipeline.writer import NAME_MAX
 
 
 def fire_main(
@@ -262,9 +263,6 @@ def file_problems(files: dict[str, object]) -> list[str]:
                 f"--{name} {value}: no permission to write in {existing}; give a file in a folder you can write"
             )
     return problems
-
-
-NAME_MAX = 255  # bytes in one file name, on Linux's filesystems
 
 
 def long_name_problems(flag: str, value: object) -> list[str]:

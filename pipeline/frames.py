@@ -42,7 +42,10 @@ _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270:
 # is an ffconcat list decodes the local files it names (relative to the working folder), an SDP text opens UDP
 # sockets and waits for whatever streams to them, an HLS playlist fetches its segments. A name matches any of a
 # demuxer's comma-separated names ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm").
-VIDEO_DEMUXERS = "mov,mp4,matroska,webm,avi,flv,asf,mpeg,mpegts,ogg,nut,mxf,dv,rm,m4v,h264,hevc,mpegvideo,ivf,obu,gif"
+VIDEO_DEMUXERS = (
+    "mov,mp4,matroska,webm,avi,flv,asf,mpeg,mpegts,ogg,nut,mxf,dv,rm,wtv,m4v,h264,hevc,mpegvideo,ivf,obu,"
+    "yuv4mpegpipe,mjpeg,gif"
+)
 
 __all__ = [
     "ClipFrames",

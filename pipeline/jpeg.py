@@ -27,7 +27,7 @@ def jpeg_size(data: bytes, whole: bool = True) -> tuple[int, int]:
     except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours: the size is in its message
         raise ValueError(f"a frame {too_many} ({e})") from None
     with image:
-        if image.format != "JPEG":
+        if image.format not in ("JPEG", "MPO"):  # MPO: a camera's JPEG with more pictures after it, as libjpeg reads
             raise ValueError(f"not a JPEG but {image.format}")
         if image.width * image.height > MAX_FRAME_PIXELS:
             raise ValueError(f"a {image.width}x{image.height} frame, {too_many}")

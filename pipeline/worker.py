@@ -18,8 +18,10 @@ from pathlib import Path
 
 from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
+from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.source import Row
 from pipeline.writer import (
+    MAX_MEMBER_BYTES,
     TarShardWriter,
     atomic_write_bytes,
     iter_tar_samples,
@@ -30,6 +32,7 @@ from pipeline.writer import (
 )
 
 UNEXPECTED_ERROR = "unexpected_error"
+FRAME_TOO_LARGE = "frame_too_large"  # stored frames the shard readers would refuse
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
 # frame is decoded from its start instead of failing
@@ -96,7 +99,20 @@ def make_sample(row: Row, sample: SampleSettings, fetch_config: FetchConfig) -> 
         "width": clip.width,
         "height": clip.height,
     }
+    width, height = clip.images[0].size  # as stored: --size 0 keeps a video's own
+    if width * height > MAX_FRAME_PIXELS:  # frames the trainer and the evaluation would refuse to decode
+        raise FrameError(
+            FRAME_TOO_LARGE,
+            f"{width}x{height} frames, over the {MAX_FRAME_PIXELS:,} pixels a stored frame may have: "
+            "give --size (e.g. 256)",
+        )
     members = [(f"{k}.jpg", encode_jpeg(im, sample.quality)) for k, im in enumerate(clip.images)]
+    if max(len(data) for _, data in members) > MAX_MEMBER_BYTES:  # one the shard readers refuse
+        raise FrameError(
+            FRAME_TOO_LARGE,
+            f"a {max(len(data) for _, data in members):,}-byte JPEG frame, over the "
+            f"{MAX_MEMBER_BYTES:,} bytes a shard member may have: give a lower --quality or --size",
+        )
     members.append(("json", json_bytes(meta)))
     members.append(("txt", row.caption.encode("utf-8")))
     return members

@@ -33,6 +33,7 @@ TMP_MARK = ".tmp-"
 # and sparse ones (a header can declare terabytes that tarfile fills with zeros in memory), are not read: a tar
 # that holds them is not one pipeline.shard wrote.
 MAX_MEMBER_BYTES = 64 << 20
+NAME_MAX = 255  # bytes in one file name, on Linux's filesystems
 ABANDONED_AFTER_S = 10.0  # a temporary this young may be one whose writer has not yet locked it
 
 
@@ -71,7 +72,7 @@ def temporary_name(path: str | Path) -> Path:
 def _temporary_stem(name: str) -> str:
     """``name``, or where ``.NAME.tmp-<12 hex>`` would be longer than a file name may be (255 bytes; the name itself
     may be up to that), its start and a hash of it: a 247-character --out failed at its temporary, after the work."""
-    room = 255 - len(f".{TMP_MARK}") - 12
+    room = NAME_MAX - len(f".{TMP_MARK}") - 12
     raw = os.fsencode(name)
     if len(raw) <= room:
         return name
@@ -372,15 +373,27 @@ def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarf
     """``(key, [(ext, member), ...])`` for each sample of an open shard tar, in file order, as its headers are read:
     a sample's files are the consecutive files of one key (the part of the name before its first dot).
 
-    A sparse member, one over ``MAX_MEMBER_BYTES``, or a file without a key (``.0.jpg``) raises
-    :class:`NotAShardError`, before any of its data is read, once the samples before its own are given."""
+    A sparse member, one over ``MAX_MEMBER_BYTES``, a file without a key (``.0.jpg``), in a folder, or a second
+    of its sample's extension raises :class:`NotAShardError`, before any of its data is read, once the samples before
+    its own are given. Open the tar with :func:`open_tar`, which refuses oversized headers as well."""
     key, members = None, []
     for info in tar:
         if not info.isfile():
             continue
         k, _, ext = os.path.basename(info.name).partition(".")
-        if info.issparse() or info.size > MAX_MEMBER_BYTES or not k:
-            what = "a sparse file" if info.issparse() else "a file without a sample key" if not k else "too big"
+        twice = k == key and any(ext == e for e, _ in members)
+        if info.issparse() or info.size > MAX_MEMBER_BYTES or not k or "/" in info.name or twice:
+            what = (
+                "a sparse file"
+                if info.issparse()
+                else "a file without a sample key"
+                if not k
+                else "in a folder"
+                if "/" in info.name  # samples of two folders would be read as one
+                else f"a second .{ext} of its sample"
+                if twice
+                else "too big"
+            )
             if members and k != key:  # the samples before it are whole
                 yield key, members
             raise NotAShardError(
@@ -395,10 +408,34 @@ def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarf
         yield key, members
 
 
+class _CappedReads:
+    """A file whose reads ask for at most a member's largest size and a block: tarfile reads a long name's or a PAX
+    header's payload in one read of the size its header declares (a 2 KB tar can declare a terabyte), before
+    :func:`tar_groups` sees a member."""
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_MEMBER_BYTES + tarfile.BLOCKSIZE:
+            raise NotAShardError(f"a header or member of {size:,} bytes: not a tar pipeline.shard wrote")
+        return self._file.read(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+@contextlib.contextmanager
+def open_tar(path: str | Path) -> Iterator[tarfile.TarFile]:
+    """A shard tar opened to read, no read of it larger than a member may be (:class:`_CappedReads`)."""
+    with open(path, "rb") as file, tarfile.open(fileobj=_CappedReads(file), mode="r:") as tar:
+        yield tar
+
+
 def iter_tar_samples(path: str | Path, keys: set[str] | None = None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(ext, data), ...])`` from a shard tar, in file order; with ``keys``, of those samples only (the
     others' data is not read)."""
-    with tarfile.open(path, mode="r:") as tar:
+    with open_tar(path) as tar:
         for key, members in tar_groups(tar):
             if keys is None or key in keys:
                 yield key, [(ext, tar.extractfile(info).read()) for ext, info in members]

@@ -324,6 +324,14 @@ def test_a_name_rescored_with_other_weights_on_fewer_datasets_is_refused(bench, 
     run.main(weights=str(w["teacher"]), datasets="msrvtt", **common)  # the same model and settings: its row is one
     run.main(weights=str(w["student"]), datasets="msrvtt,didemo", **common)  # every record replaced
     assert scored == [["msrvtt"], ["msrvtt", "didemo"]]
+    # what ran, not what was asked: a GPU's bf16 (auto) beside this CPU's fp32 (auto again) would mix in one row
+    record.update(dataset="didemo", weights=str(w["teacher"]), precision="bf16")
+    report.write_result(tmp_path / "gpu", "T", "didemo", record)
+    on_cpu = {**common, "out": str(tmp_path / "gpu"), "device": "cpu", "weights": str(w["teacher"])}
+    with pytest.raises(SystemExit, match="holds T's didemo results"):
+        run.main(datasets="msrvtt", **on_cpu)
+    run.main(datasets="msrvtt", precision="bf16", **on_cpu)
+    assert scored[-1] == ["msrvtt"]
 
 
 def test_a_name_rescored_from_the_same_path_after_the_file_changed_is_refused(bench, tmp_path, monkeypatch):

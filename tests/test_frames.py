@@ -119,6 +119,8 @@ def test_decode_any_number_of_frames(videos, n):
         ("wmv", "wmv2", 12),  # ASF: DiDeMo's Flickr videos come in many containers
         ("ogv", "libvpx", 12),  # Ogg (VP8 rather than Theora, which this ffmpeg build may lack)
         ("nut", "mpeg4", 12),
+        ("y4m", "rawvideo", 1),  # a raw YUV stream (yuv4mpegpipe)
+        ("mjpeg", "mjpeg", 1),  # bare JPEG frames one after another
     ],
 )
 def test_decode_exact_frames_across_containers(tmp_path, ext, codec, gop):

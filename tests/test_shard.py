@@ -701,3 +701,23 @@ def test_a_video_path_whose_bytes_are_not_utf8_is_sharded_or_failed_as_any_other
     stats = json.loads((tmp_path / "o" / "000000_stats.json").read_text(encoding="utf-8"))
     (failure,) = stats["failures"]
     assert failure["reason"] == "missing_file" and os.fsencode(failure["detail"]).count(b"gon\xe9.mp4") == 1
+
+
+@pytest.mark.parametrize("limit", ["pixels", "bytes"])
+def test_frames_the_shard_readers_would_refuse_fail_their_row(videos, monkeypatch, limit):
+    """--size 0 keeps a video's own size: a 12K video's frames, or a JPEG over a member's most, were written, and the
+    trainer and the evaluation then refused every one of them. The row fails as frame_too_large, saying what to
+    give."""
+    from pipeline import worker
+    from pipeline.fetch import FetchConfig
+    from pipeline.frames import FrameError
+    from pipeline.source import Row
+
+    monkeypatch.setattr(worker, "MAX_FRAME_PIXELS" if limit == "pixels" else "MAX_MEMBER_BYTES", 1000)
+    row = Row(0, "v", key="v", caption="c", location=str(videos["idx100"]))
+    with pytest.raises(FrameError) as e:
+        worker.make_sample(row, worker.SampleSettings(frames=4, size=0), FetchConfig())
+    assert e.value.reason == "frame_too_large"
+    assert ("give --size" if limit == "pixels" else "give a lower --quality or --size") in str(e.value)
+    monkeypatch.undo()
+    assert len(worker.make_sample(row, worker.SampleSettings(frames=4, size=0), FetchConfig())) == 6

@@ -857,6 +857,35 @@ def test_a_frame_whose_header_declares_more_pixels_than_a_frame_may_have_is_skip
     assert "skipping sample bomb: ValueError: a 8193x8193 frame, over the 67,108,864 pixels" in caplog.text
 
 
+@pytest.mark.parametrize("augment_on", ["loader", "device_jpeg"])
+def test_a_cameras_multi_picture_jpeg_is_a_frame(augment_on):
+    """An MPO (a JPEG with more pictures after it, as cameras write) decodes as its first picture; the header check
+    refused it as "not a JPEG but MPO"."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 16))])
+    sample = {"__key__": "mpo", "txt": b"a caption", **{f"{k}.jpg": buffer.getvalue() for k in range(4)}}
+    assert [s["key"] for s in data.decoded(iter([sample]), 4, data.TrainTransform(8), augment_on)] == ["mpo"]
+
+
+def test_a_caption_longer_than_pipeline_shard_writes_is_skipped_not_tokenized(monkeypatch, caplog):
+    """A shard from elsewhere can hold a 64 MB caption (a member's most): tokenized at every draw, 4 s per MB."""
+    from torchvision.io import encode_jpeg
+
+    from pipeline.source import MAX_CAPTION_CHARS
+
+    monkeypatch.setattr(data, "_logged", 0)
+    jpeg = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes()
+    samples = [
+        {"__key__": key, "txt": ("a" * length).encode(), **{f"{k}.jpg": jpeg for k in range(4)}}
+        for key, length in (("longest", MAX_CAPTION_CHARS), ("longer", MAX_CAPTION_CHARS + 1))
+    ]
+    kept = list(data.decoded(iter(samples), 4, data.TrainTransform(8)))
+    assert [s["key"] for s in kept] == ["longest"]
+    assert "skipping sample longer: ValueError: a caption of 10,001 characters, over the 10,000" in caplog.text
+
+
 def test_the_count_of_broken_samples_in_a_row_restarts_at_a_good_one(monkeypatch):
     from torchvision.io import encode_jpeg
 

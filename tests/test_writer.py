@@ -206,20 +206,23 @@ def test_a_held_folder_is_let_go_when_its_process_dies_though_a_forked_child_liv
             os.kill(int(child), 9)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "too big", "no key"])
+@pytest.mark.parametrize("kind", ["sparse", "too big", "no key", "in a folder", "twice"])
 def test_a_member_pipeline_shard_never_writes_is_refused_before_its_data_is_read(tmp_path, monkeypatch, kind):
     """A sparse member's header declares a size that tarfile fills with zeros in memory: a 10 KB tar read as
     terabytes. An oversized one is read whole; one named ``.0.jpg`` has no sample key (pipeline.subset's writer
-    raised a ValueError traceback on it)."""
+    raised a ValueError traceback on it). ``x/b.txt`` then ``y/b.0.jpg`` were one sample, by their file names (a
+    caption paired with another folder's frames), and a second ``b.txt`` replaced the first."""
     from pipeline import writer
 
     monkeypatch.setattr(writer, "MAX_MEMBER_BYTES", 1000)
     path = tmp_path / "000000.tar"
+    second = {"no key": ".0.jpg", "in a folder": "y/b.0.jpg", "twice": "b.txt"}.get(kind, "b.0.jpg")
+    first = {"in a folder": "x/b.txt", "twice": "b.txt"}.get(kind, "b.txt")
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in [("a.txt", b"good"), (".0.jpg" if kind == "no key" else "b.0.jpg", b"x" * 10)]:
+        for name, data in [("a.txt", b"good"), (first, b"b"), (second, b"x" * 10)]:
             info = tarfile.TarInfo(name)
-            info.size = len(data) if kind != "too big" or name == "a.txt" else 1001
-            if kind == "sparse" and name != "a.txt":  # PAX 0.0 sparse headers: 10 bytes stored, 1 TB declared
+            info.size = len(data) if kind != "too big" or name != second else 1001
+            if kind == "sparse" and name == second:  # PAX 0.0 sparse headers: 10 bytes stored, 1 TB declared
                 info.pax_headers = {
                     "GNU.sparse.size": str(1 << 40),
                     "GNU.sparse.numblocks": "1",
@@ -227,14 +230,58 @@ def test_a_member_pipeline_shard_never_writes_is_refused_before_its_data_is_read
                     "GNU.sparse.numbytes": "10",
                 }
             tar.addfile(info, io.BytesIO(data + b"x" * (info.size - len(data))))
-    samples = iter_tar_samples(path)
-    assert next(samples) == ("a", [("txt", b"good")])  # the samples before it are given
+    given = []
     with pytest.raises(writer.NotAShardError, match="not a tar pipeline.shard wrote") as e:
-        next(samples)
+        for key, _ in iter_tar_samples(path):
+            given.append(key)
     assert isinstance(e.value, tarfile.TarError)  # readers take it as a damaged tar
-    assert {"sparse": "is a sparse file", "too big": "is too big", "no key": "without a sample key"}[kind] in str(
-        e.value
+    assert given == (["a", "b"] if kind == "no key" else ["a"])  # the whole samples before it, not its own
+    says = {
+        "sparse": "is a sparse file",
+        "too big": "is too big",
+        "no key": "without a sample key",
+        "in a folder": "'x/b.txt' is in a folder",
+        "twice": "'b.txt' is a second .txt of its sample",
+    }
+    assert says[kind] in str(e.value)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_a_2_kb_tar_whose_header_declares_a_terabyte_is_refused_by_every_reader(tmp_path, kind, caplog):
+    """tarfile reads a long name's (GNU) or an extended header's (PAX) payload in one read of its declared size, before
+    any member is seen: a MemoryError ended the trainer's stream (webdataset's reader had counted it and gone on),
+    pipeline.subset and the eval frame cache."""
+    from pipeline import writer
+    from train import data
+
+    header = tarfile.TarInfo._create_header(
+        {
+            "name": "././@LongLink",
+            "mode": 0,
+            "uid": 0,
+            "gid": 0,
+            "size": 1 << 40,
+            "mtime": 0,
+            "chksum": 0,
+            "type": kind,
+            "linkname": "",
+            "uname": "",
+            "gname": "",
+            "devmajor": 0,
+            "devminor": 0,
+            "prefix": "",
+        },
+        tarfile.GNU_FORMAT,
+        "utf-8",
+        "surrogateescape",
     )
+    path = tmp_path / "000000.tar"
+    path.write_bytes(header + b"a.txt\0".ljust(512, b"\0") + bytes(1024))
+    with pytest.raises(writer.NotAShardError, match="a header or member of 1,099,511,627,776 bytes"):
+        list(iter_tar_samples(path))
+    assert list(data._shard_samples(iter([{"url": str(path)}]))) == []  # counted as broken, the stream goes on
+    assert list(data._tar_samples(str(path))) == []  # the labeled and validation index: a damaged tar, warned of
+    assert "a header or member of 1,099,511,627,776 bytes" in caplog.text
 
 
 def test_a_path_whose_bytes_are_not_utf8_is_written_as_json_that_reads_back_as_it(tmp_path):

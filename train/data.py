@@ -45,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline import writer
 from pipeline.jpeg import jpeg_size
+from pipeline.source import MAX_CAPTION_CHARS
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
@@ -157,12 +158,6 @@ def _worker() -> tuple[int, int]:
     """(this loader worker's id, number of workers) of this rank's loader; (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
-
-
-def count_and_continue(exn: Exception) -> bool:
-    """webdataset handler: log, count, go on (webdataset's warn_and_continue sleeps 0.5 s per error)."""
-    _broken("skipping a broken shard member: %s", exn)
-    return True
 
 
 def _broken(message: str, *args) -> None:
@@ -278,6 +273,10 @@ def decode_sample(sample: dict, frames: int, transform: Callable, augment_on: st
     """
     try:
         out = {"text": sample["txt"].decode("utf-8"), "key": sample["__key__"], "index": sample.get("__index__", -1)}
+        if len(out["text"]) > MAX_CAPTION_CHARS:  # pipeline.shard fails such rows; a shard from elsewhere may not
+            raise ValueError(
+                f"a caption of {len(out['text']):,} characters, over the {MAX_CAPTION_CHARS:,} a caption may have"
+            )
         if augment_on == "device_jpeg":
             out["jpegs"] = [sample[f"{k}.jpg"] for k in range(frames)]
             out["crop"] = transform.params(*_same_size([jpeg_size(f) for f in out["jpegs"]]))
@@ -492,7 +491,7 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     end-of-archive block that every complete tar ends with tells the two apart."""
     last, count, previous = None, 0, None
     try:
-        with tarfile.open(url, mode="r:") as tar:
+        with writer.open_tar(url) as tar:
             for key, members in writer.tar_groups(tar):  # a sample comes once the next one starts, or at the end
                 if last:
                     count, previous = count + 1, set(last[1])
