@@ -268,15 +268,10 @@ def file_problems(files: dict[str, object]) -> list[str]:
 def long_name_problems(flag: str, value: object) -> list[str]:
     """A line if a name in the path ``value`` is longer than a file name may be: made at the end of the work, it
     failed there ("File name too long")."""
-    long = [part for part in Path(str(value)).parts if len(os.fsencode(part)) > NAME_MAX]
-    return (
-        [
-            f"--{flag}: the name {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes, over the {NAME_MAX} a file "
-            "name may have"
-        ]
-        if long
-        else []
-    )
+    long = next((part for part in Path(str(value)).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is None:
+        return []
+    return [f"--{flag}: the name {long[:40]}... is {len(os.fsencode(long))} bytes, over the {NAME_MAX} a name may have"]
 
 
 def nearest_existing(path: Path) -> Path | None:

@@ -369,6 +369,19 @@ class NotAShardError(tarfile.ReadError):
     """A tar member that pipeline.shard never writes; readers take it as damage to the tar (``tarfile.TarError``)."""
 
 
+def _not_a_shard_member(info: tarfile.TarInfo, key: str, ext: str, twice: bool) -> str | None:
+    """What makes ``info`` a member pipeline.shard never writes, or None."""
+    if info.issparse():
+        return "a sparse file"
+    if not key:
+        return "a file without a sample key"
+    if "/" in info.name:  # samples of two folders would be read as one, by their file names
+        return "in a folder"
+    if twice:
+        return f"a second .{ext} of its sample"
+    return "too big" if info.size > MAX_MEMBER_BYTES else None
+
+
 def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
     """``(key, [(ext, member), ...])`` for each sample of an open shard tar, in file order, as its headers are read:
     a sample's files are the consecutive files of one key (the part of the name before its first dot).
@@ -381,19 +394,8 @@ def tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarf
         if not info.isfile():
             continue
         k, _, ext = os.path.basename(info.name).partition(".")
-        twice = k == key and any(ext == e for e, _ in members)
-        if info.issparse() or info.size > MAX_MEMBER_BYTES or not k or "/" in info.name or twice:
-            what = (
-                "a sparse file"
-                if info.issparse()
-                else "a file without a sample key"
-                if not k
-                else "in a folder"
-                if "/" in info.name  # samples of two folders would be read as one
-                else f"a second .{ext} of its sample"
-                if twice
-                else "too big"
-            )
+        what = _not_a_shard_member(info, k, ext, twice=k == key and any(ext == e for e, _ in members))
+        if what:
             if members and k != key:  # the samples before it are whole
                 yield key, members
             raise NotAShardError(

@@ -187,7 +187,7 @@ def test_an_output_name_too_long_or_a_file_named_like_a_folder_is_refused_before
     newdir/`` and ``eval.tag --out results/`` wrote a file named ``newdir`` and ``results``."""
     long = str(tmp_path / ("é" * 128 + "x"))  # 257 bytes
     assert cli.folder_problems({"out": long}) == [
-        f"--out: the name {'é' * 40}... is 257 bytes, over the 255 a file name may have"
+        f"--out: the name {'é' * 40}... is 257 bytes, over the 255 a name may have"
     ]
     assert cli.file_problems({"out": long + ".pt"})[0].startswith("--out: the name ")
     assert cli.file_problems({"out": f"{tmp_path}/newdir/"}) == [
