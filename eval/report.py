@@ -394,6 +394,9 @@ def _models_section(results: list[dict], models: list[str]) -> list[str]:
     return ["## Models", "", *_table(["Model", "Weights", "Code version"], rows, text_columns=3), ""] if rows else []
 
 
+PAPER_MODEL, PAPER_FRAMES = "ViT-B-16-quickgelu", 4  # what the paper's rows ran (OpenAI's ViT-B/16)
+
+
 def protocol_notes(results: list[dict]) -> list[str]:
     """Where the runs behind ``results`` evaluated otherwise than the authors' code, whose numbers the paper's rows
     are (REFERENCE.md), each with the flag that matches it; no lines if nowhere. A reader comparing rows must know."""
@@ -410,6 +413,15 @@ def protocol_notes(results: list[dict]) -> list[str]:
         notes.append(
             "DiDeMo is scored on `test_data.json`; the authors' code used `val_data.json` (`--didemo_split val`)"
         )
+    frames = sorted({c["frames"] for c in configs if c.get("frames") not in (None, PAPER_FRAMES)})
+    if frames:
+        notes.append(
+            f"{', '.join(map(str, frames))} frame(s) per video; the paper's rows use {PAPER_FRAMES} (`--frames "
+            f"{PAPER_FRAMES}`)"
+        )
+    models = sorted({str(c["model"]) for c in configs if c.get("model") and c["model"] != PAPER_MODEL})
+    if models:
+        notes.append(f"model {', '.join(models)}; the paper's rows are ViT-B/16 (`--model {PAPER_MODEL}`)")
     if any(rec.get("precision") == "bf16" for rec in scored):
         notes.append(
             "embeddings are computed under bf16 autocast (`--precision auto` on a GPU); the authors' code ran fp32 "

@@ -202,6 +202,16 @@ def test_the_summary_says_where_the_protocol_differs_from_the_one_behind_the_pap
     results[0]["precision"] = "fp32"
     assert "Protocol" not in report.summary_markdown(results)
 
+    # another frame count or model than the paper's rows (a record's config says which)
+    summary(theirs)
+    for rec in results:
+        rec["config"].update(frames=1, model="tiny-clip.json")
+    md = report.summary_markdown(results)
+    assert "1 frame(s) per video; the paper's rows use 4 (`--frames 4`)" in md
+    assert "model tiny-clip.json; the paper's rows are ViT-B/16 (`--model ViT-B-16-quickgelu`)" in md
+    summary({**theirs, "model": "ViT-B-16-quickgelu"})
+    assert "Protocol" not in report.summary_markdown(results)
+
     # YouCook2 from the official json when MIL-NCE's csv is absent: another clip set than the paper's
     youcook = [record("m", "youcook2", {"R@1": 1.0}), record("m", "youcook2", {"R@1": 1.0})]
     youcook[0].update(config=theirs, sources=["/d/youcook2/validation_youcook.csv"], num_expected=3350)

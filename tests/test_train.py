@@ -103,7 +103,8 @@ def test_help_lists_every_flag_with_what_it_does():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"lr": "abc"}, "--lr must be a number greater than 0, got 'abc'"),  # fire hands a word over as a str
+        ({"lr": "abc"}, "--lr must be a number of at least 0, got 'abc'"),  # fire hands a word over as a str
+        ({"lr": -1e-5}, "--lr must be a number of at least 0, got -1e-05"),
         ({"sigma": 0}, "--sigma must be a number greater than 0, got 0"),
         ({"weight_decay": -1}, "--weight_decay must be a number of at least 0, got -1"),
         ({"grad_clip": "abc"}, "--grad_clip must be a number of at least 0, got 'abc'"),
@@ -1387,3 +1388,53 @@ def test_a_lock_file_train_main_can_neither_make_nor_take_is_one_line(train_shar
     with pytest.raises(SystemExit) as e:
         train_main.main("demo", **tiny_run(train_shards, tmp_path / "out"))
     assert str(e.value.code) == f"error: cannot make the lock file {tmp_path / 'out' / '.lock'}: no permission to write"
+
+
+def test_a_batch_of_one_video_over_every_process_is_refused_where_its_loss_has_weight(
+    train_shards, tmp_path, monkeypatch
+):
+    """A contrastive loss over one pair is 0, and so is the distillation over one video: --batch_labeled 1 on one
+    process trained nothing of the labeled set, silently (as --val_batch 1 scored 0). Two processes of one video
+    each are a batch of two; a loss --lam gives no weight may have a batch of one."""
+    from train.main import batch_of_one_problems
+
+    cfg = tiny_config(train_shards, tmp_path / "run", batch_labeled=1, batch_unlabeled=1)
+    assert batch_of_one_problems(cfg, 1) == [
+        "--batch_labeled 1 on 1 process(es): the contrastive loss over a batch of one video is 0, so it would train "
+        "nothing; give 2 or more (the batch is per process)",
+        "--batch_unlabeled 1 on 1 process(es): the distillation loss over a batch of one video is 0, so it would "
+        "train nothing; give 2 or more (the batch is per process)",
+    ]
+    assert batch_of_one_problems(cfg, 2) == []
+    assert [line.split()[0] for line in batch_of_one_problems(dataclasses.replace(cfg, lam=0.0), 1)] == [
+        "--batch_labeled"
+    ]
+    assert batch_of_one_problems(dataclasses.replace(cfg, lam=1.0, batch_unlabeled=4), 1) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    proc = run_cli(
+        "train.main",
+        "--labeled",
+        train_shards["labeled"],
+        "--unlabeled",
+        train_shards["unlabeled"],
+        "--out",
+        tmp_path / "cli",
+        "--batch_labeled",
+        1,
+        "--model",
+        TINY_CLIP,
+        "--teacher_weights",
+        "",
+        check=False,
+    )
+    assert proc.returncode != 0 and "--batch_labeled 1 on 1 process(es)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_a_learning_rate_of_zero_keeps_the_student_as_it_starts(train_shards, tmp_path):
+    """--lr 0 was refused; it runs the whole pipeline with the student left at the teacher's weights (a baseline)."""
+    out = tmp_path / "run"
+    loop.run(tiny_config(train_shards, out, steps=2, lr=0.0, fuse=False))
+    student = torch.load(out / checkpoint.LATEST, weights_only=True)["student"]
+    teacher = torch.load(out / "teacher_init.pt", weights_only=True)  # the student starts as the teacher
+    assert student.keys() == teacher.keys() and all(torch.equal(student[k], v) for k, v in teacher.items())

@@ -153,9 +153,10 @@ class TrainConfig:
                 "weight_decay": (self.weight_decay, 0, None),
                 "grad_clip": (self.grad_clip, 0, None),
                 "peak_tflops": (self.peak_tflops, 0, None),
+                "lr": (self.lr, 0, None),  # 0: the whole pipeline with the student kept as it starts (a baseline)
             }
         )
-        problems += positive_problems({"sigma": self.sigma, "lr": self.lr})
+        problems += positive_problems({"sigma": self.sigma})
         problems += pair_problems({"betas": self.betas, "crop_scale": self.crop_scale})
         if not pair_problems({"betas": self.betas}) and not all(0 <= b < 1 for b in self.betas):
             problems.append(f"--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got {self.betas!r}")

@@ -139,6 +139,8 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     frames = given["frames"] if type(given["frames"]) is int and given["frames"] >= 1 else 0
     problems += device_problems(given["device"]) if given["device"] in DEVICES else []  # else named above
     problems += folder_problems({"out": given["out"]}) + online_problems(given["wandb"])
+    if cfg:
+        problems += batch_of_one_problems(cfg, int(os.environ.get("WORLD_SIZE") or 1))
     checks = []
     if "model" in text:
         checks.append(functools.partial(check_crop, given["model"], crop))  # also an unknown --model, a broken JSON
@@ -165,6 +167,19 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     for check in checks:  # CheckpointError, DataError, WeightsError are ValueErrors; FileExistsError an OSError
         problems += raised_problems(check, errors=(ValueError, TypeError, OSError))
     return cfg, list(dict.fromkeys(problems))  # a broken --model fails the crop and the weights checks alike
+
+
+def batch_of_one_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    """A line for each loss whose batch, over every process, would be one video: the loss over one pair, or one
+    video's soft labels, is 0, so it trains nothing (as ``--val_batch 1`` scored 0). Not for a loss that ``--lam``
+    gives no weight."""
+    losses = (("batch_labeled", "contrastive", cfg.lam < 1), ("batch_unlabeled", "distillation", cfg.lam > 0))
+    return [
+        f"--{flag} {getattr(cfg, flag)} on {world_size} process(es): the {loss} loss over a batch of one video is 0, "
+        "so it would train nothing; give 2 or more (the batch is per process)"
+        for flag, loss, weighted in losses
+        if weighted and getattr(cfg, flag) * world_size < 2
+    ]
 
 
 def _field_docs() -> dict[str, str]:
