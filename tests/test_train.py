@@ -207,18 +207,18 @@ def test_a_bad_model_or_teacher_is_refused_before_any_model_is_built(train_shard
 
 def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkeypatch):
     """The checks of the model, device, --out, --wandb, the shard folders, the weights and --resume waited for the
-    config's to pass: --lr 0 --wandb online named --lr only, and each relaunch failed on the next problem."""
+    config's to pass: --lr -1 --wandb online named --lr only, and each relaunch failed on the next problem."""
     from train.main import checked, main
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    flags = {**tiny_run(train_shards, tmp_path / "run"), "lr": 0, "wandb": "online", "crop": 24}
+    flags = {**tiny_run(train_shards, tmp_path / "run"), "lr": -1, "wandb": "online", "crop": 24}
     flags.update(unlabeled=str(tmp_path / "nope"), out=str(REPO / "README.md"), labeled="")
     with pytest.raises(SystemExit) as e:
         main("demo", **flags)
     message = str(e.value.code)
-    assert message.startswith("error: --lr must be a number greater than 0") and message.count("\n") == 0
+    assert message.startswith("error: --lr must be a number of at least 0") and message.count("\n") == 0
     for part in ("--crop 24: ", "README.md is a file", "--wandb online: no W&B", "--labeled is missing", "nope"):
         assert part in message, part
     flags = {**tiny_run(train_shards, tmp_path / "run"), "teacher_weights": str(tmp_path / "x.pt"), "frames": 2}
@@ -227,7 +227,7 @@ def test_every_wrong_flag_is_named_in_one_refusal(train_shards, tmp_path, monkey
         main("demo", **{**flags, "resume": str(tmp_path / "y.pt")})
     assert all(p in str(e.value.code) for p in inputs)
     with pytest.raises(SystemExit) as e:  # and with a refused one: the weights and --resume did wait for it
-        main("demo", **{**flags, "resume": str(tmp_path / "y.pt"), "lr": 0})
+        main("demo", **{**flags, "resume": str(tmp_path / "y.pt"), "lr": -1})
     assert all(p in str(e.value.code) for p in ("--lr must be", *inputs)), e.value.code
     assert not (tmp_path / "run").exists()
     # each wrong flag once: a bare choice flag, a crop or frame count out of range, an unhashable --recipe
