@@ -18,6 +18,8 @@ def note_pid_and_wait(task, settings):
     import time
     from pathlib import Path
 
-    Path(settings.out_dir, f"worker-{task.shard}.pid").write_text(str(os.getpid()))
+    # whole or not there: a test that saw the file before its pid was written read "" (a rename is atomic)
+    Path(settings.out_dir, f".worker-{task.shard}.pid").write_text(str(os.getpid()))
+    Path(settings.out_dir, f".worker-{task.shard}.pid").rename(Path(settings.out_dir, f"worker-{task.shard}.pid"))
     time.sleep(60)
     return record_shard(task, settings)

@@ -78,7 +78,7 @@ def test_forked_workers_end_with_their_run_though_a_later_fork_holds_its_pipes(t
         "def later():\n"
         "    while len(list(out.glob('worker-*.pid'))) < 2: time.sleep(0.05)\n"
         "    other = fork.Process(target=time.sleep, args=(60,)); other.start()\n"
-        "    (out / 'other.pid').write_text(str(other.pid))\n"
+        "    (out / '.other.pid').write_text(str(other.pid)); (out / '.other.pid').rename(out / 'other.pid')\n"
         "threading.Thread(target=later, daemon=True).start()\n"
         "run_isolated([ShardTask(i, (), 'fp') for i in range(4)], ShardSettings(out_dir=str(out)), 2, print, "
         "note_pid_and_wait, fork)\n"
