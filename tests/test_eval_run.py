@@ -465,45 +465,27 @@ def test_alpha_sweep_plots_metrics_against_alpha(bench, tmp_path):
     assert a0 == teacher  # alpha 0 is the teacher exactly
 
 
+def run_tag(folder, weights, out, *flags, check: bool = True):
+    """``eval.tag`` on ``folder`` with the tiny model and ``weights``, writing ``out``, with ``flags`` (its labels or
+    query)."""
+    return run_cli(
+        "eval.tag", "--videos", folder, *flags, "--model", TINY_CLIP, "--weights", weights, "--out", out, check=check
+    )
+
+
 def test_tag_and_search_own_videos(bench, tmp_path):
     root, layouts, w = bench
     folder = tmp_path / "videos"  # a copy: the bench's folder is the other tests' too
     shutil.copytree(layouts["msrvtt"] / "videos", folder)
     (folder / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "tags.csv"
-    proc = run_cli(
-        "eval.tag",
-        "--videos",
-        folder,
-        "--labels",
-        "a red screen,a green screen,a blue screen",
-        "--top",
-        2,
-        "--model",
-        TINY_CLIP,
-        "--weights",
-        w["teacher"],
-        "--out",
-        out,
-    )
+    proc = run_tag(folder, w["teacher"], out, "--labels", "a red screen,a green screen,a blue screen", "--top", 2)
     assert "skipped unreadable" in proc.stderr and "broken.mp4" in proc.stderr
     rows = list(csv.DictReader(out.open()))
     videos = {r["video"] for r in rows}
     assert len(videos) == 4 and all(r["rank"] in ("1", "2") for r in rows)
     assert all(0 <= float(r["probability"]) <= 1 for r in rows)
-    search = run_cli(
-        "eval.tag",
-        "--videos",
-        folder,
-        "--query",
-        "a red screen",
-        "--model",
-        TINY_CLIP,
-        "--weights",
-        w["teacher"],
-        "--out",
-        tmp_path / "search.csv",
-    )
+    search = run_tag(folder, w["teacher"], tmp_path / "search.csv", "--query", "a red screen")
     ranked = list(csv.DictReader((tmp_path / "search.csv").open()))
     assert [r["rank"] for r in ranked] == ["1", "2", "3", "4"] and "  1. " in search.stdout
     bad = run_cli("eval.tag", "--videos", folder, "--model", TINY_CLIP, check=False)
@@ -973,20 +955,7 @@ def test_tag_a_video_whose_file_name_is_not_utf8(bench, tmp_path):
     source = next((layouts["msrvtt"] / "videos").iterdir())
     os.link(source, os.fsencode(folder) + b"/caf\xe9.mp4")
     out = tmp_path / "tags.csv"
-    proc = run_cli(
-        "eval.tag",
-        "--videos",
-        folder,
-        "--labels",
-        "red,green",
-        "--model",
-        TINY_CLIP,
-        "--weights",
-        w["teacher"],
-        "--out",
-        out,
-        check=False,
-    )
+    proc = run_tag(folder, w["teacher"], out, "--labels", "red,green", check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert {r["video"] for r in csv.DictReader(out.open(encoding="utf-8"))} == {str(folder / "caf\\udce9.mp4")}
 
