@@ -38,9 +38,7 @@ def resolve_device(device) -> torch.device:
     """The device ``--device`` names (auto: CUDA where torch sees a GPU, else the CPU); one ``error:`` line for a
     value ``device_problems`` refuses."""
     refuse(device_problems(device))
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(distributed.device_choice(device))
 
 
 def model_problems(model) -> list[str]:

@@ -53,7 +53,7 @@ from pipeline.cli import (
 )
 from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.writer import remove_temporaries
-from train.distributed import init_distributed
+from train.distributed import device_choice, init_distributed
 from train.fuse import fuse_state_dicts
 from train.model import (
     EMPTY_STUDENT,
@@ -380,8 +380,7 @@ def mixed_row_problems(out: str, cfg: EvalConfig, models: list[tuple[str, str]],
     other weights or settings: summary.md's row for the name would mix two models' numbers (and its Models table
     name one of them)."""
     given = dict(models)
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    precision = eval_precision(torch.device("cuda" if cuda else "cpu"), cfg.precision)  # what this run will run
+    precision = eval_precision(torch.device(device_choice(cfg.device)), cfg.precision)  # what this run will run
     others: dict[str, dict[str, str]] = {}  # name -> {dataset: the weights its record names}
     for r in report.load_results(out):
         name = r["model"]

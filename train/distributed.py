@@ -31,6 +31,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "device_choice",
     "gather_no_grad",
     "gather_with_grad",
     "get_rank",
@@ -54,6 +55,11 @@ class DistInfo:
     device: torch.device  # the device this process computes on
 
 
+def device_choice(device: str) -> str:
+    """What ``--device`` picks: ``"auto"`` is CUDA when torch sees a GPU, else the CPU; the others as they are."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment, pick the device, and start the process group when there is more than one rank.
 
@@ -69,8 +75,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_choice(device)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
