@@ -272,18 +272,26 @@ def test_missing_or_empty_shard_folders_fail_clearly(tmp_path):
         data.list_shards(tmp_path)
 
 
-def test_a_step_larger_than_the_labeled_set_is_warned_of(train_shards, monkeypatch, caplog):
-    """Its videos come twice in one step, and the contrastive loss takes each copy for another video."""
+def test_a_step_that_can_hold_a_labeled_video_twice_is_warned_of(train_shards, monkeypatch, caplog):
+    """A step larger than the set holds videos twice every step; one larger than train.passes keeps clean holds
+    them twice where it spans two passes. The contrastive loss takes each copy for another video."""
     tok = tokenizer_for(str(TINY_CLIP))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    data.labeled_stream(train_shards["labeled"], 4, data.TrainTransform(32), tok, 4, 0)
-    assert not [r for r in caplog.records if "come twice" in r.getMessage()]  # 2 x 4 of 8
-    data.labeled_stream(train_shards["labeled"], 4, data.TrainTransform(32), tok, 5, 0)
-    warned = [r.getMessage() for r in caplog.records if "come twice" in r.getMessage()]
-    assert warned == [
-        "a step takes 10 labeled videos (2 ranks x --batch_labeled 5) from a set of 8: some come twice in one step, "
-        "where the contrastive loss takes each copy for another video; lower --batch_labeled"
+
+    def warned(batch: int, start: int = 0) -> list[str]:
+        caplog.clear()
+        data.labeled_stream(train_shards["labeled"], 4, data.TrainTransform(32), tok, batch, 0, start=start)
+        return [r.getMessage() for r in caplog.records if "come twice" in r.getMessage()]
+
+    assert warned(4) == []  # 2 x 4 of 8: the steps split each pass
+    assert warned(1) == []  # 2 x 1: within the guard of 8 // 3, + 1
+    assert warned(5) == [
+        "a step takes 10 labeled videos (2 ranks x --batch_labeled 5) from a set of 8: some come twice in every "
+        "step, where the contrastive loss takes each copy for another video; lower --batch_labeled (a step of at "
+        "most 3 never holds one twice)"
     ]
+    assert "in the steps that span two passes over the set" in warned(4, start=2)[0]  # a resume off the passes
+    assert "in the steps that span two passes" in warned(3)[0]  # 6 of 8
 
 
 def test_a_tar_cut_anywhere_gives_only_its_whole_samples_and_one_warning(train_shards, tmp_path, caplog):

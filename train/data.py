@@ -46,6 +46,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline import writer
 from pipeline.jpeg import jpeg_size
 from pipeline.source import MAX_CAPTION_CHARS
+from train.passes import longest_clean_run, pass_order
 
 log = logging.getLogger(__name__)
 _dropped = 0  # per loader-worker process: samples skipped since the last batch
@@ -406,11 +407,12 @@ class IndexedShards:
 
     Called with no argument, it yields raw samples (``{"__key__", "__index__", ext: bytes}``) of this reader's
     share of a sequence of ``passes`` passes (``None`` = forever), each pass a new permutation of all samples when
-    ``shuffle`` (seeded by seed and pass), laid end to end. The sequence is cut into slices of ``batch`` samples,
-    dealt as a run's steps take them: loader batch t of every rank's loader (made by its worker t % workers, the
-    DataLoader's round-robin) holds, on rank k of K, the slice at ``start + t*K*batch + k*batch``. So a step
-    takes the next K*batch samples of the sequence whatever the number of ranks and workers; every reader yields,
-    even with fewer samples than readers; and each sample comes once per pass over all readers.
+    ``shuffle`` (seeded by seed and pass; ``train.passes``: a pass's head keeps clear of the last one's tail, so a
+    step that spans two passes holds no video twice), laid end to end. The sequence is cut into slices of
+    ``batch`` samples, dealt as a run's steps take them: loader batch t of every rank's loader (made by its worker
+    t % workers, the DataLoader's round-robin) holds, on rank k of K, the slice at ``start + t*K*batch + k*batch``.
+    So a step takes the next K*batch samples of the sequence whatever the number of ranks and workers; every reader
+    yields, even with fewer samples than readers; and each sample comes once per pass over all readers.
 
     ``start`` (a resumed run's ``labeled_seen``): the samples of the sequence the run took before. A resumed run
     goes on through the same passes in the same order with any number of ranks, loader workers or batch (to
@@ -457,9 +459,7 @@ class IndexedShards:
                     return
                 if position // n != epoch:
                     epoch = position // n
-                    order = list(range(n))
-                    if self.shuffle:
-                        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                    order = pass_order(n, self.seed, epoch) if self.shuffle else list(range(n))
                 yield self._read(order[position % n], files)
         finally:
             for f in files.values():
@@ -565,14 +565,21 @@ def labeled_stream(
     took before, to go on where it stopped (``IndexedShards``)."""
     source = IndexedShards(list_shards(folder), seed, start=start, batch=batch)
     rank, ranks = _rank()
-    if rank == 0 and ranks * batch > len(source):  # the same video twice in a step: a false negative for the loss
+    step, n = ranks * batch, len(source)
+    spans = n % step or start % step  # some step spans two passes (else the steps split each pass)
+    # the same video twice in a step: a false negative for the contrastive loss
+    if rank == 0 and (step > n or (spans and step > longest_clean_run(n))):
+        when = "every step" if step > n else "the steps that span two passes over the set"
         log.warning(
-            "a step takes %d labeled videos (%d ranks x --batch_labeled %d) from a set of %d: some come twice in one "
-            "step, where the contrastive loss takes each copy for another video; lower --batch_labeled",
-            ranks * batch,
+            "a step takes %d labeled videos (%d ranks x --batch_labeled %d) from a set of %d: some come twice in %s, "
+            "where the contrastive loss takes each copy for another video; lower --batch_labeled (a step of at most "
+            "%d never holds one twice)",
+            step,
             ranks,
             batch,
-            len(source),
+            n,
+            when,
+            longest_clean_run(n),
         )
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 
