@@ -181,6 +181,34 @@ def _processes() -> dict[int, tuple[str, int, int]]:
     return table
 
 
+def _job(pid: int, sessions: set[int]) -> list[int]:
+    """The running processes of the job ``pid`` started: it, its descendants and everyone in the sessions they lead
+    (``sessions`` gathers those, across calls)."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for child, (_, parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(children.get(p, []))
+    sessions |= {table[p][2] for p in tree if p in table and table[p][2] in tree}  # sessions the tree leads
+    return [p for p, (state, _, sid) in table.items() if (p in tree or sid in sessions) and state != "Z"]
+
+
+def signal_job(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to every running process of the job ``pid`` started, as Slurm signals every process of a job
+    step (its cgroup): torchrun's agent, the ranks, their loader workers. Returns their pids."""
+    running = _job(pid, set())
+    for p in running:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return running
+
+
 def kill_tree(pid: int, timeout: float = 60) -> None:
     """SIGKILL a process, its descendants and everyone in the sessions they lead (torchrun starts its workers in
     their own sessions), round after round until none is left running; then every file they held is closed.
@@ -194,17 +222,7 @@ def kill_tree(pid: int, timeout: float = 60) -> None:
     sessions: set[int] = set()
     deadline = time.monotonic() + timeout
     while True:
-        table = _processes()
-        children: dict[int, list[int]] = {}
-        for child, (_, parent, _) in table.items():
-            children.setdefault(parent, []).append(child)
-        tree, todo = set(), [pid]
-        while todo:
-            p = todo.pop()
-            tree.add(p)
-            todo.extend(children.get(p, []))
-        sessions |= {table[p][2] for p in tree if p in table and table[p][2] in tree}  # sessions the tree leads
-        running = [p for p, (state, _, sid) in table.items() if (p in tree or sid in sessions) and state != "Z"]
+        running = _job(pid, sessions)
         if not running:
             return
         if time.monotonic() > deadline:

@@ -17,7 +17,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import REPO, TINY_CLIP, kill_tree, run_cli
+from conftest import REPO, TINY_CLIP, kill_tree, run_cli, signal_job
 
 from train import checkpoint, loop
 from train.config import TrainConfig, paper, reference, resolve
@@ -1176,6 +1176,77 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_how_to_go_on(train_shards, tm
     assert proc.returncode == 1, stderr[-3000:]
     assert f"interrupted: {out}/latest.pt holds the run as of its last save" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def _signal_mid_run(cmd: list[str], out: Path, log: Path, at_step: int) -> tuple[subprocess.Popen, int]:
+    """Start ``cmd`` (output to ``log``) and, once OUT/latest.pt is at ``at_step`` or later, SIGTERM each of its
+    processes, as Slurm signals every process of a job: torchrun's agent, the trainers, the loader workers (and
+    torchrun's agent signals each trainer's process group again). Returns the process, ended, and how many
+    processes were signalled."""
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = out / checkpoint.LATEST
+        if latest.exists() and torch.load(latest, weights_only=True)["step"] >= at_step:
+            break
+        time.sleep(0.2)
+    signalled = signal_job(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    return proc, len(signalled)
+
+
+def _stopped_at(text: str, out: Path) -> int:
+    (line,) = [x for x in text.splitlines() if x.startswith("stopped at step")]  # from rank 0 only
+    step = int(line.split()[3])
+    assert line == (
+        f"stopped at step {step} on SIGTERM: {out / checkpoint.LATEST} holds the run there; rerun the same command "
+        "with --resume auto to go on from there"
+    )
+    return step
+
+
+def test_sigterm_saves_the_run_at_the_next_log_step_and_a_resume_goes_on_from_there(train_shards, tmp_path):
+    """A scheduler's time limit or preemption (SIGTERM to the trainer and its loader workers) ended the run at once,
+    losing the steps since the last save (up to --val_every). It now saves latest.pt at the next log step and exits
+    143, with a line that says how to go on."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = cli_args(train_shards, out, steps=400, val_every=50, log_every=3, workers=2)
+    proc, signalled = _signal_mid_run([sys.executable, "-m", "train.main", *args], out, log, at_step=50)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
+    assert signalled >= 1 + 2 * 2, signalled  # the trainer and its two streams' workers (and validation's)
+    stopped_at = _stopped_at(text, out)
+    saved = torch.load(out / checkpoint.LATEST, weights_only=True)
+    assert saved["step"] == stopped_at and stopped_at % 3 == 0 and 50 < stopped_at < 400, text[-3000:]
+    assert saved["labeled_seen"] == stopped_at * 4
+    rerun = run_cli("train.main", *cli_args(train_shards, out, steps=stopped_at + 2, resume="auto"))
+    assert f"resumed from {out / checkpoint.LATEST} at step {stopped_at}" in rerun.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == stopped_at + 2
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_at_the_same_log_step_on_sigterm(train_shards, tmp_path):
+    """Under torchrun every rank stops at the same log step, where rank 0 saves: a rank that stopped alone would
+    leave the others waiting. Each rank gets SIGTERM twice (Slurm's and the agent's), its workers too."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = cli_args(train_shards, out, steps=400, val_every=20, log_every=3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.main", *args]
+    proc, signalled = _signal_mid_run(cmd, out, log, at_step=20)
+    text = log.read_text(errors="replace")
+    assert signalled >= 1 + 2 * 3, signalled  # the agent, and each rank with its two streams' workers
+    stopped_at = _stopped_at(text, out)
+    saved = torch.load(out / checkpoint.LATEST, weights_only=True)
+    assert saved["step"] == stopped_at and stopped_at % 3 == 0 and 20 < stopped_at < 400, text[-3000:]
+    assert saved["labeled_seen"] == stopped_at * 2 * 4 and saved["world_size"] == 2
+    assert "Traceback" not in text.split("stopped at step")[0], text[-3000:]  # the agent's own report comes after
+    assert proc.returncode != 0  # torchrun's agent, itself signalled, reports the stop
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ decoded (a shard from elsewhere can declare gigabytes in a few bytes).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import itertools
@@ -46,6 +47,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline import writer
 from pipeline.jpeg import jpeg_size
 from pipeline.source import MAX_CAPTION_CHARS
+from train import preempt
 from train.passes import longest_clean_run, pass_order
 
 log = logging.getLogger(__name__)
@@ -641,6 +643,8 @@ LOADER_TIMEOUT_S = 600
 
 def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a pipeline that batches by itself (batch_size=None)."""
+    if workers:
+        _kill_stuck_workers_at_exit()
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         pipeline,
@@ -655,10 +659,17 @@ def loader(pipeline: wds.DataPipeline, workers: int, pin: bool, seed: int) -> to
     )
 
 
+@functools.cache
+def _kill_stuck_workers_at_exit() -> None:
+    atexit.register(preempt.kill_stuck_workers)  # after multiprocessing's exit handler, so it runs before it
+
+
 def _new_worker(worker_id: int) -> None:
-    """A forked worker counts its own skipped samples, not those its parent had not yet handed out."""
+    """A forked worker counts its own skipped samples, not those its parent had not yet handed out. It lives through
+    a SIGTERM while its trainer lives: the trainer saves the run first (train.preempt)."""
     global _dropped, _streak, _logged
     _dropped = _streak = _logged = 0
+    preempt.keep_worker_through_sigterm()
 
 
 def sample_grid(batch: Batch, count: int = 4) -> tuple[torch.Tensor, list[str]]:

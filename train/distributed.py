@@ -212,6 +212,15 @@ def all_reduce_sum(n: int, device: torch.device) -> int:
     return int(total.item())
 
 
+def all_reduce_max(n: int, device: torch.device) -> int:
+    """The largest of an integer over ranks; ``n`` without a process group."""
+    if not is_distributed():
+        return n
+    highest = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    return int(highest.item())
+
+
 def barrier() -> None:
     """Wait for all ranks; no-op without a process group."""
     if is_distributed():

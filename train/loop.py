@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.writer import atomic_write_bytes, json_bytes, remove_temporaries
-from train import checkpoint, data, distributed, streams
+from train import checkpoint, data, distributed, preempt, streams
 from train.attention import attention_kernel, use_packed_attention
 from train.cls_last_block import use_cls_last_block
 from train.config import TrainConfig
@@ -668,8 +668,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     timer, window = Timer(), []
     ahead = Ahead() if cfg.teacher_stream == "ahead" else None
     profiler = _profiler(cfg, dist, progress.step, monitor)
+    stop = preempt.StopOnSignal()  # SIGTERM: save and stop at the next log step
     try:
         try:
+            stop.start()
             while progress.step < cfg.steps:
                 profiler.begin(progress.step)
                 t0 = time.perf_counter()
@@ -693,22 +695,38 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                     _log(monitor, window, timer, cfg, dist, peak, scheduler, progress)
                     window = []
+                if progress.step % cfg.log_every == 0 and progress.step < cfg.steps:
+                    _stop_if_asked(stop, models, optimizer, scheduler, cfg, dist, progress)
                 if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                     for prefetcher in (labeled, unlabeled):
                         prefetcher.settle()  # its thread idle while validation runs
                     _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, val_loader)
                     timer.reset()  # validation and saving are not training throughput
         finally:
+            stop.close()
             profiler.close()
             for prefetcher in (labeled, unlabeled):
                 prefetcher.close()
         summary = _finish(models, cfg, progress)
+    except preempt.Stopped as stopped:  # saved, to be resumed: W&B shows the run preempted, not failed
+        monitor.finish(exit_code=stopped.exit_code, preempting=True)
+        raise
     except BaseException:  # an error, Ctrl-C: the W&B run is marked failed (it showed as a success)
         monitor.finish(exit_code=1)
         raise
     ends = {"val/best_loss": summary["best_val_loss"], "fused": summary.get("fused")}  # the runs table's columns
     monitor.finish({k: v for k, v in ends.items() if v is not None})
     return summary
+
+
+def _stop_if_asked(stop: preempt.StopOnSignal, models, optimizer, scheduler, cfg, dist, progress) -> None:
+    """At a log step (every rank's; `_log` has just counted the dropped samples and skipped steps): if any rank
+    received SIGTERM, save latest.pt here on every rank's word and raise ``Stopped`` (train.preempt). A validation
+    due at this step is left to the resumed run's next one."""
+    signum = preempt.agreed(stop.received, dist.device)
+    if signum is not None:
+        save_latest(models, optimizer, scheduler, cfg, progress)
+        raise preempt.Stopped(progress.step, signum)
 
 
 def _profiler(cfg: TrainConfig, dist, step: int, monitor: Monitor) -> StepProfiler:

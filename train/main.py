@@ -29,6 +29,7 @@ from train.data import DataError, check_frames, check_validation, list_shards
 from train.distributed import launch_note
 from train.model import WeightsError, check_crop, check_weights, device_problems
 from train.monitor import online_problems
+from train.preempt import Stopped
 
 
 def main(recipe: str = "paper", **flags) -> None:
@@ -43,6 +44,14 @@ def main(recipe: str = "paper", **flags) -> None:
 
     try:
         run(cfg)
+    except Stopped as e:  # SIGTERM (train.preempt): saved; a scheduler's requeue or a rerun goes on from there
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"{e}: {Path(cfg.out) / LATEST} holds the run there; rerun the same command with --resume auto to go "
+                "on from there",
+                file=sys.stderr,
+            )
+        sys.exit(e.exit_code)
     # FolderLockError: said here, as pipeline.cli.fire_main says it for the other CLIs (this one runs fire itself)
     except (CheckpointError, DataError, WeightsError, FileExistsError, FileNotFoundError, FolderLockError) as e:
         sys.exit(f"error: {e}")

@@ -241,9 +241,12 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+    def finish(self, summary: dict | None = None, exit_code: int = 0, preempting: bool = False) -> None:
         """Close the bar and the W&B run: ``summary`` (the run's end figures) into its summary, and ``exit_code``
-        (1: the run failed or was stopped) for the dashboard, which shows a run finished with 0 as a success."""
+        (1: the run failed or was stopped) for the dashboard, which shows a run finished with 0 as a success.
+        ``preempting``: saved to go on later (train.preempt), which W&B shows as preempted, not failed."""
+        if preempting:
+            self._wandb("mark_preempting")
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -1,0 +1,152 @@
+"""train.preempt: a SIGTERM is noted, not obeyed at once; the ranks agree to stop; the loader workers live on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+from conftest import REPO
+
+from train import preempt
+
+# a loader worker's start, in a process of its own: it says "ready", then waits
+WORKER = "from train.preempt import keep_worker_through_sigterm as k; k(); print('ready', flush=True); input()"
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sigterm_is_noted_once_and_the_process_goes_on():
+    """Under Slurm and torchrun a rank gets SIGTERM twice (from each): the second is the same stop."""
+    proc = _run(
+        """
+        import os, signal
+        from train.preempt import StopOnSignal
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("alive, noted", stop.received, flush=True)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "SIGTERM received: saving the run at the next log step, then stopping",
+        f"alive, noted {int(signal.SIGTERM)}",
+    ]
+
+
+def test_the_handlers_from_before_are_back_after_the_block():
+    before = signal.getsignal(signal.SIGTERM)
+    with preempt.StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._note
+    assert signal.getsignal(signal.SIGTERM) == before and stop.received is None
+    proc = _run(
+        """
+        import os, signal
+        from train.preempt import StopOnSignal
+        with StopOnSignal():
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action again
+        print("still alive")
+        """
+    )
+    assert proc.returncode == -signal.SIGTERM and "still alive" not in proc.stdout
+
+
+def test_a_loader_worker_lives_through_sigterm_while_its_trainer_lives():
+    """Slurm signals every process of a job. A worker that died of it ended the run before the save (torch raises
+    when a worker dies), and the batches it had made could no longer be read."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout.readline() == "ready\n"
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_worker_whose_trainer_is_gone_ends_on_sigterm():
+    proc = _run(
+        f"""
+        import subprocess, sys
+        worker = subprocess.Popen([sys.executable, "-c", {WORKER!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert worker.stdout.readline() == b"ready\\n"
+        print(worker.pid, flush=True)  # and this process ends, leaving it
+        """
+    )
+    orphan = int(proc.stdout.split()[-1])
+    os.kill(orphan, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(orphan):
+        time.sleep(0.1)
+    assert not _running(orphan)
+
+
+def test_a_stuck_worker_does_not_hold_the_trainers_exit():
+    """A worker that lets SIGTERM pass and never ends: Python's multiprocessing SIGTERMs its daemon processes at exit
+    and waits for them, for good; kill_stuck_workers ends them first."""
+    proc = _run(
+        """
+        import atexit, multiprocessing, time
+        from train.preempt import keep_worker_through_sigterm, kill_stuck_workers
+
+        def stuck():
+            keep_worker_through_sigterm()
+            time.sleep(600)
+
+        atexit.register(kill_stuck_workers)
+        worker = multiprocessing.get_context("fork").Process(target=stuck, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        print("exiting", flush=True)
+        """
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["exiting"], proc.stderr
+
+
+def test_without_a_process_group_the_rank_agrees_with_itself():
+    cpu = torch.device("cpu")
+    assert preempt.agreed(None, cpu) is None
+    assert preempt.agreed(int(signal.SIGTERM), cpu) == signal.SIGTERM
+    stopped = preempt.Stopped(12, signal.SIGTERM)
+    assert stopped.exit_code == 143 and str(stopped) == "stopped at step 12 on SIGTERM"
+
+
+def _agree(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        noted = int(signal.SIGTERM) if rank == 1 else None  # only rank 1 was signalled
+        torch.save(preempt.agreed(noted, torch.device("cpu")), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_one_received_the_signal(tmp_path):
+    """A rank cannot stop alone (the others would wait for it in the step's collectives): the ranks agree."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_agree, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [signal.SIGTERM, signal.SIGTERM]
