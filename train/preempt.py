@@ -101,8 +101,11 @@ def keep_worker_through_sigterm() -> None:
 
 
 def kill_stuck_workers() -> None:
-    """At exit: SIGKILL the daemon processes still running (loader workers that did not end when asked), before
+    """At exit: SIGKILL the daemon processes still running (loader workers not yet ended, or stuck), before
     multiprocessing's own exit handler SIGTERMs them, which they let pass, and waits for them."""
-    for process in multiprocessing.active_children():
-        if process.daemon:
+    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    if workers:
+        # torch's SIGCHLD handler would report these ends as a loader failure, a traceback on the way out
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for process in workers:
             process.kill()
