@@ -60,12 +60,14 @@ __all__ = [
 
 
 class FrameError(Exception):
-    """A video that cannot give N frames. ``reason`` is a short stable code for stats."""
+    """A video that cannot give N frames. ``reason`` is a short stable code for stats; ``transient``: a later try
+    may succeed (``pipeline.shard --retry_failed``)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, transient: bool = False):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.transient = transient
 
 
 @dataclass(frozen=True)

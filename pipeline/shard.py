@@ -31,6 +31,7 @@ from pipeline.cli import (
     count_problems,
     fire_main,
     folder_problems,
+    number_problems,
     positive_problems,
     switch_problems,
     write_failed,
@@ -126,6 +127,7 @@ def validate(
     max_mb,
     retry_failed=False,
     progress=True,
+    decode_timeout=0,
 ) -> None:
     """Check the arguments before any work; raise :class:`UsageError` saying what to change."""
     counts = {"workers": (workers, 1), "samples_per_shard": (samples_per_shard, 1), "frames": (frames, 1)}
@@ -142,6 +144,7 @@ def validate(
     if video_root is not None and not Path(video_root).is_dir():
         problems.append(f"--video_root {video_root} is not a directory")
     problems += positive_problems({"timeout": timeout, "max_mb": max_mb})
+    problems += number_problems({"decode_timeout": (decode_timeout, 0, None)})
     problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
     problems += folder_problems({"out": out})
     if problems:
@@ -179,6 +182,7 @@ def main(
     max_mb: float = 200.0,
     retry_failed: bool = False,
     progress: bool = True,
+    decode_timeout: float = 120.0,
 ) -> None:
     """Shard a WebVid-style CSV into webdataset tars of N frames + caption per video.
 
@@ -205,6 +209,8 @@ def main(
         retry_failed: also remake complete shards whose videos failed for a reason that may pass (a timeout,
             an unreachable host, HTTP 429 or 5xx); those videos are fetched again, the shard's samples copied.
         progress: show a progress bar.
+        decode_timeout: seconds one video's decoding may take (0 for no limit); past it the video fails as
+            decode_timeout, which --retry_failed tries again.
     """
     workers = usable_cpus() if workers is None else workers
     src, out = str(src), str(out)  # fire turns "2024" into an int
@@ -224,6 +230,7 @@ def main(
             max_mb,
             retry_failed,
             progress,
+            decode_timeout,
         )
         columns = Columns(str(id_col), str(caption_col), str(url_col), str(page_dir_col), str(duration_col))
         read_header(src, columns, video_root)
@@ -234,6 +241,7 @@ def main(
         out_dir=str(out_dir),
         sample=SampleSettings(frames=frames, size=size, quality=quality),
         fetch=FetchConfig(timeout=float(timeout), retries=retries, max_bytes=int(max_mb * 2**20)),
+        decode_timeout=float(decode_timeout),
     )
     try:
         with locked(out_dir):

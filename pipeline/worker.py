@@ -20,6 +20,7 @@ from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.source import Row
+from pipeline.time_limit import TimeLimit, time_limit
 from pipeline.writer import (
     MAX_MEMBER_BYTES,
     TarShardWriter,
@@ -33,6 +34,7 @@ from pipeline.writer import (
 
 UNEXPECTED_ERROR = "unexpected_error"
 FRAME_TOO_LARGE = "frame_too_large"  # stored frames the shard readers would refuse
+DECODE_TIMEOUT = "decode_timeout"  # past ShardSettings.decode_timeout
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
 # frame is decoded from its start instead of failing
@@ -57,6 +59,9 @@ class ShardSettings:
     out_dir: str
     sample: SampleSettings = field(default_factory=SampleSettings)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    # seconds one video's decoding may take (0: no limit); past it the row fails as decode_timeout, a failure that
+    # may pass (--retry_failed). Not part of the fingerprint: it changes no sample, only which rows are given up
+    decode_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,25 @@ def fingerprint(rows: tuple[Row, ...], sample: SampleSettings) -> str:
     return h.hexdigest()
 
 
-def make_sample(row: Row, sample: SampleSettings, fetch_config: FetchConfig) -> list[tuple[str, bytes]]:
+def make_sample(
+    row: Row, sample: SampleSettings, fetch_config: FetchConfig, decode_timeout: float = 0
+) -> list[tuple[str, bytes]]:
     """The tar members of one video: N JPEG frames, the caption, the metadata.
 
     Raises:
         FetchError, FrameError: the video cannot become a sample.
     """
     source = fetch(row.location, fetch_config)
-    clip = decode_frames(source, sample.frames, sample.size)
+    try:
+        with time_limit(decode_timeout):
+            clip = decode_frames(source, sample.frames, sample.size)
+    except TimeLimit:
+        raise FrameError(
+            DECODE_TIMEOUT,
+            f"decoding its {sample.frames} frames took more than {decode_timeout:g} s (a long video with few "
+            "keyframes, or a huge frame size): give --decode_timeout more seconds and rerun with --retry_failed",
+            transient=True,
+        ) from None
     meta = {
         "videoid": row.videoid,
         "source": row.location,
@@ -150,7 +166,7 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
                 continue
             retried += previous is not None
             try:
-                members = make_sample(row, settings.sample, settings.fetch)
+                members = make_sample(row, settings.sample, settings.fetch, settings.decode_timeout)
             except (FetchError, FrameError) as e:
                 failures.append(_failure(row, e.reason, e.detail, getattr(e, "transient", False)))
                 continue

@@ -656,6 +656,28 @@ def test_retry_failed_fetches_only_the_transient_failures_again_and_copies_the_r
     assert "0 shard(s) written, 2 already complete" in done.stdout and flaky_server.asked == []
 
 
+def test_a_video_past_decode_timeout_fails_for_now_and_a_retry_with_more_time_makes_it(many, tmp_path):
+    """No video can hold a worker for good: one whose decoding runs past --decode_timeout fails as decode_timeout,
+    a failure that may pass, and --retry_failed with more time makes the same shards as a run that never failed."""
+    csv_path, ref = many
+    common = ["--src", csv_path, "--workers", 1, "--samples_per_shard", 3, "--size", 64, "--progress", "False"]
+    out = tmp_path / "out"
+    first = run_cli("pipeline.shard", *common, "--out", out, "--decode_timeout", 0.000001, check=False)
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+    (failure, *_) = stats(out, 0)["failures"]
+    assert failure["reason"] == "decode_timeout" and failure["transient"] is True
+    assert "give --decode_timeout more seconds and rerun with --retry_failed" in failure["detail"]
+    retry = run_cli("pipeline.shard", *common, "--out", out, "--retry_failed", "True")
+    assert "retried 12 video(s) that had failed transiently: 12 made it this time" in retry.stdout
+    assert tars(out) == tars(ref)
+
+
+def test_decode_timeout_must_be_a_number_of_at_least_0(many, tmp_path):
+    proc = run_cli("pipeline.shard", "--src", many[0], "--out", tmp_path / "o", "--decode_timeout", -1, check=False)
+    assert proc.returncode != 0 and "--decode_timeout must be a number of at least 0, got -1" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_retry_whose_shard_tar_is_gone_makes_the_whole_shard_again(many, tmp_path):
     """The stats say complete, but the tar was deleted: every row is made again rather than lost."""
     from pipeline.source import Row
