@@ -529,6 +529,37 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
     assert resumed == [straight[3][:2]]
 
 
+def test_a_run_saved_before_the_passes_guard_goes_on_in_its_own_order(train_shards, tmp_path, monkeypatch):
+    """A checkpoint without ``passes_guarded`` took its passes in plain permutations (train.passes): resumed inside
+    a pass, it takes the rest of that pass as it began it, not the guarded order (which would take some samples of
+    the pass twice and others not at all). A new run saves that it is guarded."""
+    from train import data
+
+    seen = []
+    step = loop.train_step
+    monkeypatch.setattr(
+        loop,
+        "train_step",
+        lambda models, opt, sched, lab, *a: seen.append(lab.keys) or step(models, opt, sched, lab, *a),
+    )
+    loop.run(tiny_config(train_shards, tmp_path / "a", steps=3, val_every=3, fuse=False, batch_labeled=3))
+    state = checkpoint.load(tmp_path / "a" / "latest.pt")
+    assert state.pop("passes_guarded") is True and state["labeled_seen"] == 9
+    (tmp_path / "b").mkdir()
+    torch.save(state, tmp_path / "b" / "old.pt")
+    seen.clear()
+    cfg = tiny_config(train_shards, tmp_path / "b", steps=6, val_every=3, fuse=False, batch_labeled=3)
+    loop.run(dataclasses.replace(cfg, resume=str(tmp_path / "b" / "old.pt")))
+
+    def keys(guarded: bool) -> list[list[str]]:
+        source = data.IndexedShards(data.list_shards(train_shards["labeled"]), seed=cfg.seed, guarded=guarded)
+        taken = [s["__key__"] for s in itertools.islice(source(), 18)]  # one reader: the sequence itself
+        return [taken[i : i + 3] for i in range(9, 18, 3)]
+
+    assert seen == keys(guarded=False) != keys(guarded=True)  # pass 1 differs at places 9 and 11
+    assert checkpoint.load(tmp_path / "b" / "latest.pt")["passes_guarded"] is False  # and goes on so
+
+
 def test_a_run_resumed_into_another_folder_ends_with_its_own_best_and_fused_model(train_shards, tmp_path, capsys):
     """--resume A/latest.pt --out B: B has no best.pt, so A's best loss must not stand. With it (and a learning rate
     too small to improve on A), B never saved a best.pt and the run failed at the end: weights file not found."""

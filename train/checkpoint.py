@@ -4,8 +4,9 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)`` (no code runs on load):
 ``step``, ``student`` (state dict), ``optimizer``, ``scheduler``, ``config``,
 ``best_val_loss``, ``skipped_steps``, ``labeled_seen`` (where the labeled stream
-goes on). No random state: a resumed run seeds each rank from ``--seed``, its
-rank and the step (``train.loop.seed_process``).
+goes on), ``passes_guarded`` (the order of its passes: train.passes). No random
+state: a resumed run seeds each rank from ``--seed``, its rank and the step
+(``train.loop.seed_process``).
 """
 
 from __future__ import annotations

@@ -432,8 +432,10 @@ class IndexedShards:
         start: int = 0,
         batch: int = 1,
         limit: int = 0,
+        guarded: bool = True,
     ):
         self.samples = _index_tars(urls, limit)
+        self.guarded = guarded  # train.passes.pass_order's: False for a run saved before the guard
         if not self.samples:
             raise DataError(f"the shards {urls[0]}... hold no samples")
         self.seed, self.shuffle, self.passes = seed, shuffle, passes
@@ -461,7 +463,7 @@ class IndexedShards:
                     return
                 if position // n != epoch:
                     epoch = position // n
-                    order = pass_order(n, self.seed, epoch) if self.shuffle else list(range(n))
+                    order = pass_order(n, self.seed, epoch, self.guarded) if self.shuffle else list(range(n))
                 yield self._read(order[position % n], files)
         finally:
             for f in files.values():
@@ -561,16 +563,18 @@ def _batches(source, frames, transform, tokenizer, batch: int, partial: bool, au
 
 
 def labeled_stream(
-    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", start: int = 0
+    folder, frames, transform, tokenizer, batch, seed, augment_on="loader", start: int = 0, guarded: bool = True
 ) -> wds.DataPipeline:
     """Forever, in passes over all labeled samples, reshuffled each pass; ``start``: the samples a resumed run
-    took before, to go on where it stopped (``IndexedShards``)."""
-    source = IndexedShards(list_shards(folder), seed, start=start, batch=batch)
+    took before, to go on where it stopped (``IndexedShards``); ``guarded``: train.passes's guard between passes
+    (False: a run saved before it, which goes on in the order it began)."""
+    source = IndexedShards(list_shards(folder), seed, start=start, batch=batch, guarded=guarded)
     rank, ranks = _rank()
     step, n = ranks * batch, len(source)
     spans = n % step or start % step  # some step spans two passes (else the steps split each pass)
+    clean = longest_clean_run(n) if guarded else 1
     # the same video twice in a step: a false negative for the contrastive loss
-    if rank == 0 and (step > n or (spans and step > longest_clean_run(n))):
+    if rank == 0 and (step > n or (spans and step > clean)):
         when = "every step" if step > n else "the steps that span two passes over the set"
         log.warning(
             "a step takes %d labeled videos (%d ranks x --batch_labeled %d) from a set of %d: some come twice in %s, "
@@ -581,7 +585,7 @@ def labeled_stream(
             batch,
             n,
             when,
-            longest_clean_run(n),
+            clean,
         )
     return wds.DataPipeline(*_batches(source, frames, transform, tokenizer, batch, False, augment_on))
 

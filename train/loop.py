@@ -70,6 +70,9 @@ class Progress:
     # goes on, whatever its number of ranks, workers or batch (train.data.IndexedShards); None: not yet known
     labeled_seen: int | None = 0
     world_size: int | None = None  # the processes of the run that saved the checkpoint (None: not saved then)
+    # the labeled passes' order keeps a step from holding a video twice (train.passes); False: a run saved before
+    # that, which goes on in its own order (else a resume inside a pass would take some of its samples twice)
+    passes_guarded: bool = True
 
 
 @dataclass
@@ -415,6 +418,7 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
                 "dropped_samples": progress.dropped_samples,
                 "last_val": progress.last_val,
                 "labeled_seen": progress.labeled_seen,
+                "passes_guarded": progress.passes_guarded,
                 "world_size": distributed.get_world_size(),
             },
             Path(cfg.out) / checkpoint.LATEST,
@@ -518,6 +522,7 @@ def restore(path: Path, models: Models, optimizer, scheduler, progress: Progress
     progress.last_val = state.get("last_val", {})  # not in checkpoints from before it was saved
     progress.labeled_seen = state.get("labeled_seen")  # nor this: _train counts it from the step
     progress.world_size = state.get("world_size")
+    progress.passes_guarded = state.get("passes_guarded", False)
     return state.get("config", {})
 
 
@@ -651,7 +656,15 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
         iter(val_loader)
     streams = (
         data.labeled_stream(
-            cfg.labeled, cfg.frames, transform[0], tokenizer, cfg.batch_labeled, cfg.seed, where, progress.labeled_seen
+            cfg.labeled,
+            cfg.frames,
+            transform[0],
+            tokenizer,
+            cfg.batch_labeled,
+            cfg.seed,
+            where,
+            progress.labeled_seen,
+            progress.passes_guarded,
         ),
         data.unlabeled_stream(
             cfg.unlabeled, cfg.frames, transform[1], tokenizer, cfg.batch_unlabeled, seed, where, cfg.shuffle_buffer

@@ -37,16 +37,19 @@ def _shuffled(n: int, seed: int, epoch: int) -> tuple[list[int], random.Random]:
     return order, rng
 
 
-def pass_order(n: int, seed: int, epoch: int) -> list[int]:
+def pass_order(n: int, seed: int, epoch: int, guarded: bool = True) -> list[int]:
     """Pass ``epoch``'s order of the samples ``0..n-1``: a random permutation (seeded by seed and epoch) whose first
-    ``guard(n)`` places hold none of the previous pass's last ``guard(n)`` samples.
+    ``guard(n)`` places hold none of the previous pass's last ``guard(n)`` samples (``guarded`` False: the plain
+    permutation, as runs saved before the guard took them).
 
     Each such sample in the head is swapped with one, drawn at random, from the middle places (neither head nor
     tail) that holds none of them either. The tail is never touched, so the previous pass's tail is that of its
-    plain permutation: each pass costs two shuffles, not a replay of every pass before it."""
+    plain permutation: each pass costs two shuffles, not a replay of every pass before it. (So a pass is uniform
+    but for the constraint, and for one thing: the last pass's tail samples end in this pass's tail as often as in
+    a plain shuffle, where a permutation uniform under the constraint would put them there more often.)"""
     order, rng = _shuffled(n, seed, epoch)
     g = guard(n)
-    if epoch == 0 or g == 0:
+    if epoch == 0 or g == 0 or not guarded:
         return order
     before = set(_shuffled(n, seed, epoch - 1)[0][n - g :])
     clashes = [i for i in range(g) if order[i] in before]

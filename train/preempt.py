@@ -2,8 +2,8 @@
 
 Slurm sends SIGTERM to every process of a job at its time limit or preemption and SIGKILL ``KillWait`` later (30 s
 by default; ``#SBATCH --signal=TERM@120`` sends it two minutes early); torchrun's agent, on its own SIGTERM, passes
-one to each rank's process group and kills them 30 s later; Kubernetes waits 30 s too. Without a handler, Python
-ends at once and the run loses every step since its last save (up to ``--val_every``).
+one to each rank's process group and kills them ``--shutdown_timeout`` (30) s later; Kubernetes waits 30 s too.
+Without a handler, Python ends at once and the run loses every step since its last save (up to ``--val_every``).
 
 So the trainer only notes the signal (``StopOnSignal``; under Slurm and torchrun a rank gets it twice, from each)
 and goes on to its next log step (every ``--log_every``), where the ranks agree (``agreed``: one all-reduce, at a
@@ -13,9 +13,10 @@ the step's collectives.
 The loader workers get the signal too, and they must live until then: the trainer raised as soon as one of them
 died (torch's SIGCHLD handler), and the batches they had made could no longer be read (each hands its tensors over
 by a file descriptor that it serves itself). So a worker lets SIGTERM pass while its trainer lives
-(``keep_worker_through_sigterm``). torch then cannot end a worker that is stuck by SIGTERM, nor can Python's
-multiprocessing at exit, which would then wait for it for good: ``kill_stuck_workers``, at the trainer's exit, ends
-any left with SIGKILL first.
+(``keep_worker_through_sigterm``). Neither torch, which SIGTERMs a worker that has not ended 5 s after it was asked
+to, nor Python's multiprocessing at exit, which SIGTERMs its daemon processes and then waits for them, can then end
+one: the first leaves it to end by itself once its batch is made, and the second would wait for good, so
+``kill_stuck_workers``, at the trainer's exit, ends any left with SIGKILL first.
 """
 
 from __future__ import annotations
