@@ -81,9 +81,27 @@ def as_typed(value, argv: list[str]):
     return str(value) if type(value) is int and str(value) in typed else value
 
 
+def typed_list(argv: list[str], name: str) -> str | None:
+    """The comma list flag ``--name`` (or ``--name-with-dashes``) as typed on the command line, the last one given,
+    or None: fire reads each item as Python would, so ``--names 2024_06_01,b`` reached a CLI as (20240601, "b")
+    and ``--names 1e3,b`` as (1000.0, "b"). None too for fire's own list syntax (``--x "[a, b]"``, quotes), which
+    :func:`comma_list` reads as fire gave it."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    typed = None
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag in flags and value is not None and not value.startswith("--"):
+            typed = value
+        elif "=" in flag and flag.split("=", 1)[0] in flags:
+            typed = flag.split("=", 1)[1]
+    if typed is None or any(c in typed for c in "[](){}'\""):
+        return None
+    return typed
+
+
 def _texts_checked(fn: Callable, argv: list[str], lists: tuple[str, ...]) -> Callable:
     """``fn`` with its text parameters (annotated ``str`` or ``str | None``, but ``lists``) refused in one line
-    unless text, before it runs; fire sees ``fn``'s own signature and help (``functools.wraps``)."""
+    unless text, before it runs, and its comma ``lists`` handed over as typed (:func:`typed_list`); fire sees
+    ``fn``'s own signature and help (``functools.wraps``)."""
     signature = inspect.signature(fn)
     texts = {
         name: param.default is None
@@ -106,6 +124,10 @@ def _texts_checked(fn: Callable, argv: list[str], lists: tuple[str, ...]) -> Cal
                         file=sys.stderr,
                     )
         refuse([problem for problem in problems if problem])
+        for name in lists:
+            if name in bound.arguments and not isinstance(bound.arguments[name], str):
+                typed = typed_list(argv, name)
+                bound.arguments[name] = bound.arguments[name] if typed is None else typed
         return fn(*bound.args, **bound.kwargs)
 
     return checked

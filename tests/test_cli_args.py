@@ -295,6 +295,27 @@ def test_a_number_typed_as_it_is_reaches_a_text_flag_as_the_text(monkeypatch):
     assert seen == {"src": "s", "out": "2024", "n": 7, "root": None}  # a None default is no text to check
 
 
+def test_a_comma_list_reaches_the_cli_as_typed(monkeypatch):
+    """fire reads each item of ``--names 2024_06_01,b`` as Python would: the model was named 20240601; ``1e3`` became
+    1000.0 and ``0x1F`` 31. The list is handed over as typed; fire's own list syntax is left to fire."""
+    from pipeline.cli import comma_list, fire_main
+
+    seen = {}
+
+    def main(names: str = "", alpha_sweep: str = "", out: str = "o") -> None:
+        seen.update(names=comma_list(names), alpha_sweep=comma_list(alpha_sweep))
+
+    for argv, names, alphas in (
+        (["--names", "2024_06_01,b"], ["2024_06_01", "b"], []),
+        (["--names=1e3,0x1F", "--alpha-sweep", "0,0.50,1"], ["1e3", "0x1F"], ["0", "0.50", "1"]),
+        (["--names", "[2024_06_01, b]"], ["20240601", "b"], []),  # fire's list: as fire read it
+        (["--names", "a,b"], ["a", "b"], []),
+    ):
+        monkeypatch.setattr(sys, "argv", ["x", *argv])
+        fire_main(main, texts=True, lists=("names", "alpha_sweep"))
+        assert (seen["names"], seen["alpha_sweep"]) == (names, alphas), argv
+
+
 def test_a_value_that_starts_with_a_dash_or_a_quoted_tilde_is_explained(monkeypatch, capsys):
     """``--src -data.csv`` was an unknown flag --data.csv and no more; ``--out "~/shards"`` made a folder ``~`` here
     and printed ``~/shards/...``, which reads as the home folder."""
