@@ -112,6 +112,20 @@ def _adopt(folder: Path, root: Path, dataset: EvalDataset, settings: CacheSettin
             old.rename(folder)
 
 
+def _older_versions(folder: Path, name: str) -> list[tuple[Path, object]]:
+    """The caches of dataset ``name`` beside ``folder`` made by an older cache version, with their version: a new
+    version names a new folder (``cache_folder`` hashes it), so the old one is neither read nor removed."""
+    older = []
+    for manifest in sorted(folder.parent.glob(f"{name}-*/manifest.json")):
+        try:
+            version = json.loads(manifest.read_text()).get("version", 1)  # version 1 wrote none
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(version, int) and version < CACHE_VERSION:
+            older.append((manifest.parent, version))
+    return older
+
+
 def video_folder_cache(root: Path, videos: Path, settings: CacheSettings) -> Path:
     """A cache folder per folder of videos (``eval.tag``) and settings, not per item list: when videos are added,
     changed or removed, a build decodes only those, instead of starting a new cache for the new list."""
@@ -242,6 +256,14 @@ def _rebuild(
             f"(no file stamps): decoding all {len(dataset.items)} videos again",
             file=sys.stderr,
         )
+    elif record is None:
+        for old, version in _older_versions(folder, dataset.name):
+            print(
+                f"frame cache {dataset.name}: {old} is a cache made by an older version (cache version {version}, "
+                f"now {CACHE_VERSION}), whose frames are not read: decoding all {len(dataset.items)} videos again "
+                f"into {folder}; remove {old} to free its space",
+                file=sys.stderr,
+            )
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
     if _serves(dataset.items, record, plan):
         return _load(folder, record)

@@ -194,6 +194,29 @@ def test_manifest_without_stamps_is_not_trusted(tmp_path, decoded, capsys):
     assert "stamps" in json.loads(manifest.read_text())
 
 
+def test_a_cache_of_an_older_version_is_named_where_the_new_one_is_built(tmp_path, decoded, capsys):
+    """A new cache version names a new folder: the old cache was decoded again without a word, and stayed on disk
+    (for Moments in Time, gigabytes), where it is now named, with how to free its space."""
+    videos = tmp_path / "videos"
+    synthetic.write_index_clip(videos / "kept.mp4", 30)
+    ds = dataset(videos)
+    first = build(ds, tmp_path / "cache")
+    old = first.folder.with_name(f"{ds.name}-0123456789ab")  # as an older version named it
+    first.folder.rename(old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": frame_cache.CACHE_VERSION - 1}))
+    capsys.readouterr()
+    decoded.clear()
+    build(ds, tmp_path / "cache")
+    assert sorted(decoded) == ["fixed", "kept", "late"]
+    err = capsys.readouterr().err
+    version = frame_cache.CACHE_VERSION
+    assert f"frame cache {ds.name}: {old} is a cache made by an older version (cache version {version - 1}, now " in err
+    assert f"remove {old} to free its space" in err
+    build(ds, tmp_path / "cache")  # once: the new cache serves it
+    assert "older version" not in capsys.readouterr().err
+
+
 def test_plan_decode_reasons():
     items = [Item(id=i, video=f"{i}.mp4") for i in "abcdef"]
     record = {

@@ -71,7 +71,9 @@ class Progress:
     labeled_seen: int | None = 0
     world_size: int | None = None  # the processes of the run that saved the checkpoint (None: not saved then)
     # the labeled passes' order keeps a step from holding a video twice (train.passes); False: a run saved before
-    # that, which goes on in its own order (else a resume inside a pass would take some of its samples twice)
+    # that, which goes on in its own order (else a resume inside a pass would take some of its samples twice). The
+    # key came four commits after the guard (e7a2bd6..78f0ccd, never released): a run saved by those is taken as
+    # unguarded, which only a resume inside its second or a later pass would tell
     passes_guarded: bool = True
 
 
