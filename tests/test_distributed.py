@@ -202,7 +202,7 @@ def test_helpers_are_identities_without_a_process_group(no_torchrun_env):
     mean = distributed.all_reduce_mean(x)
     assert torch.equal(mean, x) and not mean.requires_grad
     assert distributed.all_reduce_mean(torch.tensor(3)).item() == 3.0
-    assert distributed.all_reduce_sum(7, torch.device("cpu")) == 7
+    assert distributed.all_reduce_int(7, torch.device("cpu")) == 7
     obj = {"a": [1]}
     assert distributed.broadcast_object(obj) is obj
     assert distributed.is_main() and distributed.get_rank() == 0 and distributed.get_world_size() == 1

@@ -492,13 +492,9 @@ def test_the_learning_rate_warms_up_linearly_then_holds_or_follows_a_cosine(sche
     assert seen == pytest.approx([1e-3 * f for f in (0.5, 1.0, *after)], rel=1e-9)
 
 
-@pytest.mark.parametrize("workers, resumed_workers", [(0, 2), (2, 0)])
-def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
-    train_shards, tmp_path, monkeypatch, workers, resumed_workers
-):
-    """8 labeled samples in batches of 3: a run stopped after step 3 and resumed to step 6, with another number of
-    loader workers, trains on the labeled batches a straight run has at steps 4-6 (it used to start a new pass with
-    a new permutation, and then to go on exactly only with the same workers)."""
+@pytest.fixture
+def labeled_keys(monkeypatch) -> list[list[str]]:
+    """The keys of the labeled batch of each step that loop.train_step runs from now on, in order."""
     seen = []
     step = loop.train_step
     monkeypatch.setattr(
@@ -506,6 +502,17 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
         "train_step",
         lambda models, opt, sched, lab, *a: seen.append(lab.keys) or step(models, opt, sched, lab, *a),
     )
+    return seen
+
+
+@pytest.mark.parametrize("workers, resumed_workers", [(0, 2), (2, 0)])
+def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
+    train_shards, tmp_path, labeled_keys, workers, resumed_workers
+):
+    """8 labeled samples in batches of 3: a run stopped after step 3 and resumed to step 6, with another number of
+    loader workers, trains on the labeled batches a straight run has at steps 4-6 (it used to start a new pass with
+    a new permutation, and then to go on exactly only with the same workers)."""
+    seen = labeled_keys
 
     def run(out, steps, workers, **flags):
         seen.clear()
@@ -529,19 +536,13 @@ def test_a_resumed_run_trains_on_the_labeled_batches_it_would_have_had(
     assert resumed == [straight[3][:2]]
 
 
-def test_a_run_saved_before_the_passes_guard_goes_on_in_its_own_order(train_shards, tmp_path, monkeypatch):
+def test_a_run_saved_before_the_passes_guard_goes_on_in_its_own_order(train_shards, tmp_path, labeled_keys):
     """A checkpoint without ``passes_guarded`` took its passes in plain permutations (train.passes): resumed inside
     a pass, it takes the rest of that pass as it began it, not the guarded order (which would take some samples of
     the pass twice and others not at all). A new run saves that it is guarded."""
     from train import data
 
-    seen = []
-    step = loop.train_step
-    monkeypatch.setattr(
-        loop,
-        "train_step",
-        lambda models, opt, sched, lab, *a: seen.append(lab.keys) or step(models, opt, sched, lab, *a),
-    )
+    seen = labeled_keys
     loop.run(tiny_config(train_shards, tmp_path / "a", steps=3, val_every=3, fuse=False, batch_labeled=3))
     state = checkpoint.load(tmp_path / "a" / "latest.pt")
     assert state.pop("passes_guarded") is True and state["labeled_seen"] == 9

@@ -203,22 +203,14 @@ def all_reduce_mean(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def all_reduce_sum(n: int, device: torch.device) -> int:
-    """The sum of an integer over ranks (e.g. each rank's dropped samples); ``n`` without a process group."""
+def all_reduce_int(n: int, device: torch.device, op: str = "sum") -> int:
+    """The sum (``op`` "sum": e.g. each rank's dropped samples) or the largest ("max": e.g. a signal one rank
+    received) of an integer over ranks; ``n`` without a process group."""
     if not is_distributed():
         return n
     total = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    dist.all_reduce(total, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return int(total.item())
-
-
-def all_reduce_max(n: int, device: torch.device) -> int:
-    """The largest of an integer over ranks; ``n`` without a process group."""
-    if not is_distributed():
-        return n
-    highest = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
-    return int(highest.item())
 
 
 def barrier() -> None:

@@ -475,7 +475,7 @@ def loader_seed(seed: int, stream: int, rank: int) -> int:
 def sync_dropped(progress: Progress, device: torch.device) -> None:
     """Add every rank's dropped samples since the last sync to the run's count. Each rank reads its own shards, so
     rank 0's count alone is not the run's. Every rank calls this at the same steps (log, validation)."""
-    progress.dropped_samples += distributed.all_reduce_sum(progress.unsynced_dropped, device)
+    progress.dropped_samples += distributed.all_reduce_int(progress.unsynced_dropped, device)
     progress.unsynced_dropped = 0
 
 

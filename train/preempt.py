@@ -85,7 +85,7 @@ class StopOnSignal:
 def agreed(received: int | None, device: torch.device) -> int | None:
     """The signal to stop on if any rank received one (the highest number), else None. Every rank calls this at the
     same steps."""
-    return distributed.all_reduce_max(received or 0, device) or None
+    return distributed.all_reduce_int(received or 0, device, "max") or None
 
 
 def keep_worker_through_sigterm() -> None:
