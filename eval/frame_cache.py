@@ -112,11 +112,12 @@ def _adopt(folder: Path, root: Path, dataset: EvalDataset, settings: CacheSettin
             old.rename(folder)
 
 
-def _older_versions(folder: Path, name: str) -> list[tuple[Path, object]]:
-    """The caches of dataset ``name`` beside ``folder`` made by an older cache version, with their version: a new
-    version names a new folder (``cache_folder`` hashes it), so the old one is neither read nor removed."""
+def _older_versions(folder: Path) -> list[tuple[Path, object]]:
+    """The caches beside ``folder`` of its kind (``ucf101-*``, eval.tag's ``folder-*``) made by an older cache
+    version, with their version: a new version names a new folder (``cache_folder`` hashes it), so the old one is
+    neither read nor removed."""
     older = []
-    for manifest in sorted(folder.parent.glob(f"{name}-*/manifest.json")):
+    for manifest in sorted(folder.parent.glob(f"{folder.name.rsplit('-', 1)[0]}-*/manifest.json")):
         try:
             version = json.loads(manifest.read_text()).get("version", 1)  # version 1 wrote none
         except (OSError, ValueError, AttributeError):
@@ -257,7 +258,7 @@ def _rebuild(
             file=sys.stderr,
         )
     elif record is None:
-        for old, version in _older_versions(folder, dataset.name):
+        for old, version in _older_versions(folder):
             print(
                 f"frame cache {dataset.name}: {old} is a cache made by an older version (cache version {version}, "
                 f"now {CACHE_VERSION}), whose frames are not read: decoding all {len(dataset.items)} videos again "

@@ -89,11 +89,11 @@ def typed_list(argv: list[str], name: str) -> str | None:
     flags = {f"--{name}", f"--{name.replace('_', '-')}"}
     typed = None
     for flag, value in zip(argv, [*argv[1:], None], strict=True):
-        if flag in flags and value is not None and not value.startswith("--"):
-            typed = value
+        if flag in flags:  # a bare flag (fire's True) too: the last one given is what fire handed over
+            typed = value if value is not None and not value.startswith("--") else None
         elif "=" in flag and flag.split("=", 1)[0] in flags:
             typed = flag.split("=", 1)[1]
-    if typed is None or any(c in typed for c in "[](){}'\""):
+    if typed is None or typed == "None" or any(c in typed for c in "[](){}'\""):  # "None": fire's None, a default
         return None
     return typed
 

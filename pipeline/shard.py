@@ -44,6 +44,8 @@ from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_heade
 from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
 from pipeline.writer import INDEX_NAME, read_stats, remove_temporaries, shard_name, write_index
 
+MAX_DECODE_S = 86_400  # --decode_timeout's largest (0: no limit)
+
 
 class UsageError(ValueError):
     """Bad arguments; the message says what to change."""
@@ -144,7 +146,10 @@ def validate(
     if video_root is not None and not Path(video_root).is_dir():
         problems.append(f"--video_root {video_root} is not a directory")
     problems += positive_problems({"timeout": timeout, "max_mb": max_mb})
-    problems += number_problems({"decode_timeout": (decode_timeout, 0, None)})
+    # a day at most: the timer refuses (OverflowError) from about 1e10 s, which failed every row as unexpected_error
+    problems += [
+        f"{line} (0 for no limit)" for line in number_problems({"decode_timeout": (decode_timeout, 0, MAX_DECODE_S)})
+    ]
     problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
     problems += folder_problems({"out": out})
     if problems:
@@ -209,8 +214,8 @@ def main(
         retry_failed: also remake complete shards whose videos failed for a reason that may pass (a timeout,
             an unreachable host, HTTP 429 or 5xx); those videos are fetched again, the shard's samples copied.
         progress: show a progress bar.
-        decode_timeout: seconds one video's decoding may take (0 for no limit); past it the video fails as
-            decode_timeout, which --retry_failed tries again.
+        decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
+            video fails as decode_timeout, which --retry_failed tries again.
     """
     workers = usable_cpus() if workers is None else workers
     src, out = str(src), str(out)  # fire turns "2024" into an int

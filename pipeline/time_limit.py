@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 
 class TimeLimit(Exception):
@@ -25,19 +26,27 @@ class TimeLimit(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise ``TimeLimit`` inside the block once it has run ``seconds`` (0: no limit). In the main thread only,
-    where Python runs signal handlers (a pool or Spark worker runs its task there); elsewhere, no limit. After the
-    block the timer is off and the SIGALRM handler from before is back."""
+    where Python runs signal handlers (a pool or Spark worker runs its task there); elsewhere, no limit.
+
+    After the block the SIGALRM handler from before is back, and so is a timer that ran before it (pytest-timeout's,
+    say), with what it had left less the block's time: an outer timer due during the block fires right after it."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
+    armed = True
 
     def expired(signum, frame):
-        raise TimeLimit(seconds)
+        if armed:  # not once the block is over: a signal still pending then is this timer's, and spent
+            raise TimeLimit(seconds)
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start, outer = time.monotonic(), (0.0, 0.0)
     try:
+        outer = signal.setitimer(signal.ITIMER_REAL, seconds)  # armed inside the try: its finally always runs
         yield
     finally:
+        armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - start), 1e-6), outer[1])

@@ -14,8 +14,11 @@ from conftest import REPO
 
 from train import preempt
 
-# a loader worker's start, in a process of its own: it says "ready", then waits
-WORKER = "from train.preempt import keep_worker_through_sigterm as k; k(); print('ready', flush=True); input()"
+# a loader worker's start, in a process of its own: it says "ready", then waits (for nothing it can run out of)
+WORKER = (
+    "import time; from train.preempt import keep_worker_through_sigterm as k; k(); print('ready', flush=True); "
+    "time.sleep(600)"
+)
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
@@ -73,7 +76,7 @@ def test_a_loader_worker_lives_through_sigterm_while_its_trainer_lives():
     """Slurm signals every process of a job. A worker that died of it ended the run before the save (torch raises
     when a worker dies), and the batches it had made could no longer be read."""
     worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WORKER], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
     )
     try:
         assert worker.stdout.readline() == "ready\n"
@@ -85,16 +88,53 @@ def test_a_loader_worker_lives_through_sigterm_while_its_trainer_lives():
         worker.wait()
 
 
-def test_a_worker_whose_trainer_is_gone_ends_on_sigterm():
+def test_a_worker_whose_trainer_is_gone_ends_on_sigterm(tmp_path):
+    said = tmp_path / "said"  # the worker's output: none of its parent's pipes, which would stay open with it
     proc = _run(
         f"""
-        import subprocess, sys
-        worker = subprocess.Popen([sys.executable, "-c", {WORKER!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert worker.stdout.readline() == b"ready\\n"
+        import pathlib, subprocess, sys, time
+        worker = subprocess.Popen(
+            [sys.executable, "-c", {WORKER!r}],
+            stdin=subprocess.DEVNULL, stdout=open({str(said)!r}, "w"), stderr=subprocess.DEVNULL,
+        )
+        while "ready" not in pathlib.Path({str(said)!r}).read_text():  # its handler in place while this lives
+            time.sleep(0.05)
         print(worker.pid, flush=True)  # and this process ends, leaving it
         """
     )
     orphan = int(proc.stdout.split()[-1])
+    assert _running(orphan)  # it ends of the SIGTERM below, not of anything else
+    os.kill(orphan, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(orphan):
+        time.sleep(0.1)
+    assert not _running(orphan)
+
+
+def test_a_worker_started_by_multiprocessing_knows_its_trainer_even_after_it_is_gone():
+    """A DataLoader worker whose trainer died before it set its handler: os.getppid() is already init's then, and
+    the worker would have let SIGTERM pass for good."""
+    proc = _run(
+        """
+        import multiprocessing, os, signal, time
+
+        def worker():
+            null = os.open(os.devnull, os.O_WRONLY)  # not its parent's pipes, which would stay open with it
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            time.sleep(1)  # its parent ends meanwhile
+            from train.preempt import keep_worker_through_sigterm
+            keep_worker_through_sigterm()
+            time.sleep(600)
+
+        child = multiprocessing.get_context("fork").Process(target=worker)
+        child.start()
+        print(child.pid, flush=True)
+        os._exit(0)  # gone at once, without waiting for the child
+        """
+    )
+    orphan = int(proc.stdout.split()[-1])
+    time.sleep(3)  # its handler in place by now (the import is warm in the forked child)
     os.kill(orphan, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _running(orphan):

@@ -91,7 +91,10 @@ def agreed(received: int | None, device: torch.device) -> int | None:
 def keep_worker_through_sigterm() -> None:
     """In a loader worker: a SIGTERM does nothing while the process that started it lives (it saves the run, then
     ends its workers); after, the default action (see the module)."""
-    parent = os.getppid()
+    # the process that started it, by the pid multiprocessing knows (a worker whose parent died before this runs
+    # would find itself a child of init already); a process not started by multiprocessing: its parent now
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None else os.getppid()
 
     def note(signum: int, frame) -> None:
         if os.getppid() != parent:
