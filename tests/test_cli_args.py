@@ -310,6 +310,8 @@ def test_a_comma_list_reaches_the_cli_as_typed(monkeypatch):
         (["--names=1e3,0x1F", "--alpha-sweep", "0,0.50,1"], ["1e3", "0x1F"], ["0", "0.50", "1"]),
         (["--names", "[2024_06_01, b]"], ["20240601", "b"], []),  # fire's list: as fire read it
         (["--names", "a,b"], ["a", "b"], []),
+        (["--names", "None"], [], []),  # fire's None: the default names, as before
+        (["--names=1,2", "--names"], ["True"], []),  # the last one given, bare: fire's True, as before
     ):
         monkeypatch.setattr(sys, "argv", ["x", *argv])
         fire_main(main, texts=True, lists=("names", "alpha_sweep"))
