@@ -212,7 +212,8 @@ def main(
         retries: extra attempts after a transient download failure (with backoff).
         max_mb: downloads larger than this many MiB fail as too_large.
         retry_failed: also remake complete shards whose videos failed for a reason that may pass (a timeout,
-            an unreachable host, HTTP 429 or 5xx); those videos are fetched again, the shard's samples copied.
+            an unreachable host, HTTP 429 or 5xx, a decode past --decode_timeout); those videos are fetched
+            again, the shard's samples copied.
         progress: show a progress bar.
         decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
             video fails as decode_timeout, which --retry_failed tries again.
