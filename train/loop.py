@@ -737,7 +737,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
 def _stop_if_asked(stop: preempt.StopOnSignal, models, optimizer, scheduler, cfg, dist, progress) -> None:
     """At a log step (every rank's; `_log` has just counted the dropped samples and skipped steps): if any rank
     received SIGTERM, save latest.pt here on every rank's word and raise ``Stopped`` (train.preempt). A validation
-    due at this step is left to the resumed run's next one."""
+    due at this step is skipped: the resumed run's next one is --val_every steps on."""
     signum = preempt.agreed(stop.received, dist.device)
     if signum is not None:
         save_latest(models, optimizer, scheduler, cfg, progress)
