@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 from conftest import REPO
@@ -88,6 +89,20 @@ def test_a_loader_worker_lives_through_sigterm_while_its_trainer_lives():
         worker.wait()
 
 
+def _ends_on_sigterm(orphan: int, ready: Path) -> bool:
+    """Once ``ready`` says its handler is in place, SIGTERM the worker ``orphan``, whose parent is gone: whether it
+    ends."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "ready" not in ready.read_text():
+        time.sleep(0.05)
+    assert _running(orphan)  # it ends of the SIGTERM below, not of anything else
+    os.kill(orphan, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(orphan):
+        time.sleep(0.1)
+    return not _running(orphan)
+
+
 def test_a_worker_whose_trainer_is_gone_ends_on_sigterm(tmp_path):
     said = tmp_path / "said"  # the worker's output: none of its parent's pipes, which would stay open with it
     proc = _run(
@@ -102,44 +117,37 @@ def test_a_worker_whose_trainer_is_gone_ends_on_sigterm(tmp_path):
         print(worker.pid, flush=True)  # and this process ends, leaving it
         """
     )
-    orphan = int(proc.stdout.split()[-1])
-    assert _running(orphan)  # it ends of the SIGTERM below, not of anything else
-    os.kill(orphan, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _running(orphan):
-        time.sleep(0.1)
-    assert not _running(orphan)
+    assert _ends_on_sigterm(int(proc.stdout.split()[-1]), said)
 
 
-def test_a_worker_started_by_multiprocessing_knows_its_trainer_even_after_it_is_gone():
+def test_a_worker_started_by_multiprocessing_knows_its_trainer_even_after_it_is_gone(tmp_path):
     """A DataLoader worker whose trainer died before it set its handler: os.getppid() is already init's then, and
     the worker would have let SIGTERM pass for good."""
+    said = tmp_path / "said"
+    said.write_text("")
     proc = _run(
-        """
-        import multiprocessing, os, signal, time
+        f"""
+        import multiprocessing, os, pathlib, time
+        from train.preempt import keep_worker_through_sigterm
 
         def worker():
             null = os.open(os.devnull, os.O_WRONLY)  # not its parent's pipes, which would stay open with it
             os.dup2(null, 1)
             os.dup2(null, 2)
-            time.sleep(1)  # its parent ends meanwhile
-            from train.preempt import keep_worker_through_sigterm
+            while os.getppid() == parent:  # its parent ends first
+                time.sleep(0.01)
             keep_worker_through_sigterm()
+            pathlib.Path({str(said)!r}).write_text("ready")
             time.sleep(600)
 
+        parent = os.getpid()
         child = multiprocessing.get_context("fork").Process(target=worker)
         child.start()
         print(child.pid, flush=True)
         os._exit(0)  # gone at once, without waiting for the child
         """
     )
-    orphan = int(proc.stdout.split()[-1])
-    time.sleep(3)  # its handler in place by now (the import is warm in the forked child)
-    os.kill(orphan, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _running(orphan):
-        time.sleep(0.1)
-    assert not _running(orphan)
+    assert _ends_on_sigterm(int(proc.stdout.split()[-1]), said)
 
 
 def test_a_stuck_worker_does_not_hold_the_trainers_exit():
