@@ -273,8 +273,8 @@ def test_missing_or_empty_shard_folders_fail_clearly(tmp_path):
 
 
 def test_a_step_that_can_hold_a_labeled_video_twice_is_warned_of(train_shards, monkeypatch, caplog):
-    """A step larger than the set holds videos twice every step; one larger than train.passes keeps clean holds
-    them twice where it spans two passes. The contrastive loss takes each copy for another video."""
+    """A step larger than the set holds videos twice every step; one longer than the runs that train.passes keeps
+    clean (a third of the set, plus one) may where it spans two passes. The loss takes each copy for another video."""
     tok = tokenizer_for(str(TINY_CLIP))
     monkeypatch.setenv("WORLD_SIZE", "2")
 
