@@ -50,7 +50,7 @@ def test_a_sigterm_is_noted_once_and_the_process_goes_on():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "SIGTERM received: saving the run at the next log step, then stopping",
+        "SIGTERM received: saving the run within 10 steps, then stopping",
         f"alive, noted {int(signal.SIGTERM)}",
     ]
 

@@ -683,7 +683,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     timer, window = Timer(), []
     ahead = Ahead() if cfg.teacher_stream == "ahead" else None
     profiler = _profiler(cfg, dist, progress.step, monitor)
-    stop = preempt.StopOnSignal()  # SIGTERM: save and stop at the next log step
+    stop = preempt.StopOnSignal()  # SIGTERM: save and stop at the next check (a log step, or every 10 steps)
     try:
         try:
             stop.start()
@@ -710,7 +710,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
                 if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
                     _log(monitor, window, timer, cfg, dist, peak, scheduler, progress)
                     window = []
-                if progress.step % cfg.log_every == 0 and progress.step < cfg.steps:
+                if progress.step % min(cfg.log_every, preempt.CHECK_EVERY) == 0 and progress.step < cfg.steps:
                     _stop_if_asked(stop, models, optimizer, scheduler, cfg, dist, progress)
                 if progress.step % cfg.val_every == 0 or progress.step == cfg.steps:
                     for prefetcher in (labeled, unlabeled):
@@ -735,11 +735,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
 
 
 def _stop_if_asked(stop: preempt.StopOnSignal, models, optimizer, scheduler, cfg, dist, progress) -> None:
-    """At a log step (every rank's; `_log` has just counted the dropped samples and skipped steps): if any rank
-    received SIGTERM, save latest.pt here on every rank's word and raise ``Stopped`` (train.preempt). A validation
-    due at this step is skipped: the resumed run's next one is --val_every steps on."""
+    """At a check step (every rank's: a log step, or every preempt.CHECK_EVERY steps where --log_every is more): if
+    any rank received SIGTERM, save latest.pt here on every rank's word and raise ``Stopped`` (train.preempt). A
+    validation due at this step is skipped: the resumed run's next one is --val_every steps on."""
     signum = preempt.agreed(stop.received, dist.device)
     if signum is not None:
+        sync_dropped(progress, dist.device)  # latest.pt counts every rank's dropped samples and skipped steps
+        settle_skips(progress, scheduler)  # (a log step has just counted them: nothing more to add then)
         save_latest(models, optimizer, scheduler, cfg, progress)
         raise preempt.Stopped(progress.step, signum)
 
