@@ -123,11 +123,12 @@ def make_sample(
             "give --size (e.g. 256)",
         )
     members = [(f"{k}.jpg", encode_jpeg(im, sample.quality)) for k, im in enumerate(clip.images)]
-    if max(len(data) for _, data in members) > MAX_MEMBER_BYTES:  # one the shard readers refuse
+    largest = max(len(data) for _, data in members)
+    if largest > MAX_MEMBER_BYTES:  # one the shard readers refuse
         raise FrameError(
             FRAME_TOO_LARGE,
-            f"a {max(len(data) for _, data in members):,}-byte JPEG frame, over the "
-            f"{MAX_MEMBER_BYTES:,} bytes a shard member may have: give a lower --quality or --size",
+            f"a {largest:,}-byte JPEG frame, over the {MAX_MEMBER_BYTES:,} bytes a shard member may have: give a "
+            "lower --quality or --size",
         )
     members.append(("json", json_bytes(meta)))
     members.append(("txt", row.caption.encode("utf-8")))

@@ -1210,13 +1210,9 @@ def test_ctrl_c_ends_a_run_with_one_line_that_says_how_to_go_on(train_shards, tm
     assert "Traceback" not in stderr, stderr[-3000:]
 
 
-def _signal_mid_run(cmd: list[str], out: Path, log: Path, at_step: int) -> tuple[subprocess.Popen, int]:
-    """Start ``cmd`` (output to ``log``) and, once OUT/latest.pt is at ``at_step`` or later, SIGTERM each of its
-    processes, as Slurm signals every process of a job: torchrun's agent, the trainers, the loader workers (and
-    torchrun's agent signals each trainer's process group again). Returns the process, ended, and how many
-    processes were signalled."""
-    import signal
-
+def _run_until_saved(cmd: list[str], out: Path, log: Path, at_step: int) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (output to ``log``, shown when a run does not get far enough) and
+    return once OUT/latest.pt is at ``at_step`` or later, or the run has ended, or 240 s have passed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
@@ -1226,6 +1222,17 @@ def _signal_mid_run(cmd: list[str], out: Path, log: Path, at_step: int) -> tuple
         if latest.exists() and torch.load(latest, weights_only=True)["step"] >= at_step:
             break
         time.sleep(0.2)
+    return proc
+
+
+def _signal_mid_run(cmd: list[str], out: Path, log: Path, at_step: int) -> tuple[subprocess.Popen, int]:
+    """Run ``cmd`` until OUT/latest.pt is at ``at_step`` (``_run_until_saved``), then SIGTERM each of its processes,
+    as Slurm signals every process of a job: torchrun's agent, the trainers, the loader workers (and torchrun's
+    agent signals each trainer's process group again). Returns the process, ended, and how many processes were
+    signalled."""
+    import signal
+
+    proc = _run_until_saved(cmd, out, log, at_step)
     signalled = signal_job(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=120)
@@ -1288,16 +1295,11 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
     args = cli_args(train_shards, out, steps=40, val_every=2, resume="auto")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.main", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # shown if the first run does not get far enough (this failed once, its output lost). Not a busy port 29500: for
-    # one node without --master_port torchrun takes a free port (c10d on localhost:0); it passed with 29500 held
+    # the log is shown if the first run does not get far enough (this failed once, its output lost). Not a busy port
+    # 29500: for one node without --master_port torchrun takes a free port (c10d on localhost:0); it passed with
+    # 29500 held
     log = tmp_path / "first_run.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / checkpoint.LATEST).exists() and torch.load(out / checkpoint.LATEST, weights_only=True)["step"] >= 4:
-            break
-        time.sleep(0.2)
+    proc = _run_until_saved(cmd, out, log, at_step=4)
     kill_tree(proc.pid)  # returns once no process of the job is left; the rerun's lock waits out the kernel's release
     proc.wait()
     assert (out / checkpoint.LATEST).exists(), log.read_text(errors="replace")[-3000:]
