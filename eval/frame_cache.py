@@ -21,6 +21,7 @@ twice its videos' frames.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -39,6 +40,7 @@ from pipeline.cli import error_line
 from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
+from pipeline.time_limit import DECODE_TIMEOUT, TimeLimit, limit_of, time_limit, took_too_long
 from pipeline.writer import (
     SHARD_TAR,
     TarShardWriter,
@@ -60,6 +62,8 @@ MISSING_FILE = "missing_file"
 UNEXPECTED = "unexpected_error"
 # retried by the next build, as every unexpected error is: an out-of-memory kill may not happen again
 CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
+# how a video past --decode_timeout is decoded after all (plan_decode tries it again under a longer limit only)
+MORE_TIME = "give --decode_timeout more seconds (0: no limit), and the next run decodes it again"
 
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
 
@@ -143,12 +147,18 @@ def file_stamp(path: str | Path) -> Stamp:
     return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
 
 
-def decode_item(item: Item, settings: CacheSettings) -> tuple[str, list[tuple[str, bytes]] | None, str]:
-    """(item id, tar members or None, failure reason) for one item; never raises for a bad video."""
+def decode_item(
+    item: Item, settings: CacheSettings, decode_timeout: float = 0
+) -> tuple[str, list[tuple[str, bytes]] | None, str]:
+    """(item id, tar members or None, failure reason) for one item; never raises for a bad video. Decoding that
+    runs past ``decode_timeout`` seconds (0: no limit) stops there, and the item fails as ``DECODE_TIMEOUT``."""
     if not Path(item.video).is_file():
         return item.id, None, MISSING_FILE
     try:
-        clip = decode_frames(item.video, settings.frames, settings.size, window=item.window)
+        with time_limit(decode_timeout):
+            clip = decode_frames(item.video, settings.frames, settings.size, window=item.window)
+    except TimeLimit:
+        return item.id, None, f"{DECODE_TIMEOUT}: {took_too_long(settings.frames, decode_timeout)}; {MORE_TIME}"
     except FrameError as e:
         return item.id, None, f"{e.reason}: {e.detail}"
     except Exception as e:  # a library surprise on one file must not stop the evaluation
@@ -172,11 +182,17 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def plan_decode(
-    items: list[Item], record: dict | None, stamps: dict[str, Stamp], shards_present: set[str]
+    items: list[Item],
+    record: dict | None,
+    stamps: dict[str, Stamp],
+    shards_present: set[str],
+    decode_timeout: float = 0,
 ) -> dict[str, str]:
     """{item id: why it must be decoded} for the items the manifest ``record`` cannot serve as they are now.
 
-    ``stamps`` are the items' file stamps now; ``shards_present`` the tar names in the cache folder.
+    ``stamps`` are the items' file stamps now; ``shards_present`` the tar names in the cache folder. An item whose
+    decoding ran past its limit before is decoded again when this build's ``decode_timeout`` is longer (or 0, no
+    limit): under the same limit it would only spend that long again.
     """
     if record is None:
         return {item.id: "new" for item in items}
@@ -190,9 +206,16 @@ def plan_decode(
             plan[item.id] = "file appeared" if before is None else "file gone" if now is None else "file changed"
         elif reason is not None and reason.startswith(UNEXPECTED):
             plan[item.id] = "unexpected error before"
+        elif reason is not None and _more_time(limit_of(reason), decode_timeout):
+            plan[item.id] = "more time to decode"
         elif found is not None and Path(found[0]).name not in shards_present:
             plan[item.id] = "cache shard gone"
     return plan
+
+
+def _more_time(limit_before: float | None, limit_now: float) -> bool:
+    """Whether an item that ran past ``limit_before`` seconds (None: it did not) gets longer now."""
+    return limit_before is not None and (not limit_now or limit_now > limit_before)
 
 
 def describe_plan(name: str, plan: dict[str, str], total: int) -> str:
@@ -221,20 +244,24 @@ def build_cache(
     workers: int = 4,
     progress: bool = True,
     folder: Path | None = None,
+    decode_timeout: float = 0,
 ) -> FrameCache:
     """Decode the dataset's videos into ``root/<dataset>-<hash>/`` (or ``folder``, e.g. a ``video_folder_cache``);
-    of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build."""
+    of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build.
+    A video whose decoding runs past ``decode_timeout`` seconds (0: no limit) is stopped and counted missing (it
+    holds a worker no longer); a later build with a longer limit decodes it again."""
     if folder is None:
         folder = cache_folder(root, dataset, settings)
         _adopt(folder, root, dataset, settings)
     folder = Path(folder)
     record = read_manifest(folder)
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
-    if _serves(dataset.items, record, plan_decode(dataset.items, record, stamps, existing_shards(folder))):
+    plan = plan_decode(dataset.items, record, stamps, existing_shards(folder), decode_timeout)
+    if _serves(dataset.items, record, plan):
         return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
     folder.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder, dataset.name):
-        return _rebuild(dataset, folder, settings, stamps, workers, progress)
+        return _rebuild(dataset, folder, settings, stamps, workers, progress, decode_timeout)
 
 
 @contextlib.contextmanager
@@ -246,7 +273,13 @@ def _build_lock(folder: Path, name: str):
 
 
 def _rebuild(
-    dataset: EvalDataset, folder: Path, settings: CacheSettings, stamps: dict[str, Stamp], workers: int, progress: bool
+    dataset: EvalDataset,
+    folder: Path,
+    settings: CacheSettings,
+    stamps: dict[str, Stamp],
+    workers: int,
+    progress: bool,
+    decode_timeout: float,
 ) -> FrameCache:
     """The locked part of ``build_cache``: decode what the manifest (read again: a build we waited for may have
     made it) cannot serve, write the new manifest, delete what no manifest of the last two references."""
@@ -265,14 +298,23 @@ def _rebuild(
                 f"into {folder}; remove {old} to free its space",
                 file=sys.stderr,
             )
-    plan = plan_decode(dataset.items, record, stamps, existing_shards(folder))
+    plan = plan_decode(dataset.items, record, stamps, existing_shards(folder), decode_timeout)
     if _serves(dataset.items, record, plan):
         return _load(folder, record)
     if record is not None and plan:
         print(describe_plan(dataset.name, plan, len(dataset.items)), file=sys.stderr)
     remove_temporaries(folder)  # of a build that was killed (no other build runs: the lock)
     todo = [item for item in dataset.items if item.id in plan]
-    found, missing = decode_into_shards(todo, folder, next_shard(record), settings, workers, progress, dataset.name)
+    found, missing = decode_into_shards(
+        todo, folder, next_shard(record), settings, workers, progress, dataset.name, decode_timeout
+    )
+    timed_out = [item_id for item_id, reason in missing.items() if reason.startswith(DECODE_TIMEOUT)]
+    if timed_out:
+        print(
+            f"frame cache {dataset.name}: {len(timed_out)} video(s) took more than {decode_timeout:g} s to decode and "
+            f"are left out as missing (e.g. {timed_out[0]}); {MORE_TIME}",
+            file=sys.stderr,
+        )
     kept = {item.id for item in dataset.items} - set(plan)  # a video removed from eval.tag's folder is dropped
     old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k in kept}
     old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k in kept}
@@ -356,9 +398,17 @@ def _readable_samples(path: Path, keys: set[str], name: str) -> Iterator[tuple[s
 
 
 def decode_into_shards(
-    items: list[Item], folder: Path, first_shard: int, settings: CacheSettings, workers: int, progress: bool, name: str
+    items: list[Item],
+    folder: Path,
+    first_shard: int,
+    settings: CacheSettings,
+    workers: int,
+    progress: bool,
+    name: str,
+    decode_timeout: float = 0,
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Decode ``items`` into new shards ``first_shard``, ... of ``folder``: ({id: [tar name, key]}, {id: reason})."""
+    """Decode ``items`` into new shards ``first_shard``, ... of ``folder``: ({id: [tar name, key]}, {id: reason});
+    each video's decoding stops at ``decode_timeout`` seconds (0: no limit)."""
     found: dict[str, list[str]] = {}
     missing: dict[str, str] = {}
     writer, shard = None, first_shard
@@ -387,7 +437,8 @@ def decode_into_shards(
             # video that crashed its worker once was retried here by the next build, which it then killed, and
             # every build after it. With multiprocessing.Pool the build waited for a dead worker for ever, holding
             # the cache's lock.
-            for item in run_isolated(items, settings, min(workers, len(items)), keep, decode_item, worker_context()):
+            job = functools.partial(decode_item, decode_timeout=decode_timeout)  # looked up now: tests swap it
+            for item in run_isolated(items, settings, min(workers, len(items)), keep, job, worker_context()):
                 keep((item.id, None, CRASHED))
         if writer is not None:
             writer.commit()

@@ -52,6 +52,7 @@ from pipeline.cli import (
     write_failed,
 )
 from pipeline.folder_lock import LOCK_NAME, lock_folder
+from pipeline.time_limit import decode_timeout_problems
 from pipeline.writer import remove_temporaries
 from train.distributed import device_choice, init_distributed
 from train.fuse import fuse_state_dicts
@@ -89,6 +90,7 @@ class EvalConfig:
     didemo_merge_same_video: bool = True  # one candidate per video file (see eval.datasets.didemo)
     cache: str = ""
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32 (see eval.features.eval_precision)
+    decode_timeout: float = 120.0  # seconds one video's decoding may take (0: no limit); past it, counted missing
 
 
 # what OUT holds besides the models' folders (OUT/<name>/): a model of one of these names would collide with it
@@ -312,7 +314,9 @@ def run(
     device = init_distributed(cfg.device).device  # the trainer's device choice, with its clear CUDA errors
     cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
     settings = cache_settings(cfg.model, cfg.frames)
-    caches = {d.name: build_cache(d, cache_root, settings, cfg.workers) for d in datasets}
+    caches = {
+        d.name: build_cache(d, cache_root, settings, cfg.workers, decode_timeout=cfg.decode_timeout) for d in datasets
+    }
     for d in datasets:
         if strict and caches[d.name].missing:
             some = list(caches[d.name].missing.items())[:3]
@@ -435,6 +439,7 @@ def main(
     didemo_merge_same_video: bool = True,
     renormalize_video: bool = True,
     precision: str = "auto",
+    decode_timeout: float = 120.0,
     wandb: str = "off",
     ucf101_root: str = "",
     moments_root: str = "",
@@ -470,6 +475,8 @@ def main(
             file); False keeps the 33 files named twice in test_data.json as two candidates each (1,037).
         renormalize_video: L2-normalise the mean of the frame embeddings.
         precision: auto (bf16 autocast on a GPU, fp32 on the CPU), bf16 or fp32 (as the authors evaluated).
+        decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
+            video is counted missing, and a later run with a longer limit decodes it again.
         wandb: off, offline or online: log the results table (and the alpha-sweep plot) to W&B, run in OUT/wandb.
         ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
         moments_root: Moments in Time folder.
@@ -526,7 +533,7 @@ def main(
     switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
     problems += switch_problems(switches | {"renormalize_video": renormalize_video})
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
-    problems += device_problems(device)
+    problems += decode_timeout_problems(decode_timeout) + device_problems(device)
     # cache "" (OUT/cache) is the folder "." here: no line; a read-only cache serves the frames it holds up to date
     problems += folder_problems({"out": out}) + folder_problems({"cache": cache}, writable=False)
     problems += weights_problems(str(model), [entry for _, entry in models])
@@ -544,6 +551,7 @@ def main(
         didemo_merge_same_video=bool(didemo_merge_same_video),
         cache=str(cache),
         precision=str(precision),
+        decode_timeout=float(decode_timeout),
     )
     roots = {
         "ucf101": ucf101_root,

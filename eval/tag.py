@@ -41,6 +41,7 @@ from pipeline.cli import (
     refuse,
     write_failed,
 )
+from pipeline.time_limit import decode_timeout_problems
 from pipeline.writer import atomic_write_bytes, held_temporary_folder, remove_abandoned
 from train.distributed import init_distributed
 from train.model import device_problems, image_size, tokenizer_for
@@ -167,12 +168,14 @@ def embed_folder(
     workers: int,
     device: torch.device,
     videos_per_pass: int,
+    decode_timeout: float = 0,
 ) -> tuple[torch.nn.Module, list[Path], torch.Tensor]:
     """(model, the readable paths, their (N, D) embeddings): decoded into the cache under ``root`` (only what it
     lacks), then embedded. Unreadable files are reported; a folder of none readable ends the run with an error."""
     ids = {str(p.relative_to(folder)): p for p in paths}
     dataset = EvalDataset("tag", RETRIEVAL, [Item(id=i, video=str(p)) for i, p in ids.items()])
-    frames = build_cache(dataset, root, settings, workers, folder=video_folder_cache(root, folder, settings))
+    cache = video_folder_cache(root, folder, settings)
+    frames = build_cache(dataset, root, settings, workers, folder=cache, decode_timeout=decode_timeout)
     for item_id in ids:
         if item_id in frames.missing:
             print(f"warning: skipped unreadable {ids[item_id]}: {frames.missing[item_id]}", file=sys.stderr)
@@ -202,6 +205,7 @@ def main(
     workers: int = 4,
     batch_size: int = 0,
     cache: str = "",
+    decode_timeout: float = 120.0,
 ) -> None:
     """Tag the videos of a folder with free-text labels, or rank them by a text query.
 
@@ -223,6 +227,8 @@ def main(
             64 texts, faster there).
         cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
             changed videos; by default a temporary folder, removed at the end.
+        decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
+            video is skipped as unreadable.
     """
     # every problem in one line, as the other CLIs give them: the flags', then the model config's and the weights'
     raw_query = query
@@ -242,7 +248,8 @@ def main(
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
     elif out:
         problems += file_problems({"out": out})
-    problems += device_problems(device) + weights_problems(str(model), [str(weights)])
+    problems += decode_timeout_problems(decode_timeout) + device_problems(device)
+    problems += weights_problems(str(model), [str(weights)])
     refuse(problems)
     for flag, given, fix in (
         ("labels", labels, "quote each label (--labels '\"1.10\"') or use --labels_file"),
@@ -284,7 +291,7 @@ def main(
     try:
         with cache_root(cache_dir) as root:
             clip, shown, video = embed_folder(
-                folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass
+                folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass, decode_timeout
             )
     except OSError as e:  # a full disk or quota where the frames go (the temporary cache: often a small /tmp)
         if e.errno not in DISK_ERRNOS:

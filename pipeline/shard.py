@@ -31,7 +31,6 @@ from pipeline.cli import (
     count_problems,
     fire_main,
     folder_problems,
-    number_problems,
     positive_problems,
     switch_problems,
     write_failed,
@@ -41,10 +40,9 @@ from pipeline.distribute import DISTRIBUTORS, RUNNERS, ShardCrash
 from pipeline.fetch import FetchConfig, is_transient
 from pipeline.folder_lock import lock_folder
 from pipeline.source import Columns, CsvError, count_rows, iter_rows, read_header
+from pipeline.time_limit import decode_timeout_problems
 from pipeline.worker import SampleSettings, ShardSettings, ShardTask, fingerprint
 from pipeline.writer import INDEX_NAME, read_stats, remove_temporaries, shard_name, write_index
-
-MAX_DECODE_S = 86_400  # --decode_timeout's largest (0: no limit)
 
 
 class UsageError(ValueError):
@@ -146,10 +144,7 @@ def validate(
     if video_root is not None and not Path(video_root).is_dir():
         problems.append(f"--video_root {video_root} is not a directory")
     problems += positive_problems({"timeout": timeout, "max_mb": max_mb})
-    # a day at most: the timer refuses (OverflowError) from about 1e10 s, which failed every row as unexpected_error
-    problems += [
-        f"{line} (0 for no limit)" for line in number_problems({"decode_timeout": (decode_timeout, 0, MAX_DECODE_S)})
-    ]
+    problems += decode_timeout_problems(decode_timeout)
     problems += switch_problems({"retry_failed": retry_failed, "progress": progress})
     problems += folder_problems({"out": out})
     if problems:

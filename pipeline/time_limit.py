@@ -10,9 +10,16 @@ call into FFmpeg that never returns is not stopped: the pool then sees its worke
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
+
+from pipeline.cli import number_problems
+
+DECODE_TIMEOUT = "decode_timeout"  # the failure reason of a video whose decoding ran past --decode_timeout
+MAX_DECODE_S = 86_400  # --decode_timeout's largest (0: no limit)
+_TOOK = re.compile(r"took more than (\S+) s\b")
 
 
 class TimeLimit(Exception):
@@ -50,3 +57,27 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
         if outer[0] > 0:
             signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - start), 1e-6), outer[1])
+
+
+def decode_timeout_problems(seconds: object) -> list[str]:
+    """A line if ``--decode_timeout`` is not a number of seconds from 0 (no limit) to a day. A day at most: the timer
+    refuses (OverflowError) from about 1e10 s, which failed every video as an unexpected error."""
+    return [f"{line} (0 for no limit)" for line in number_problems({"decode_timeout": (seconds, 0, MAX_DECODE_S)})]
+
+
+def took_too_long(frames: int, seconds: float) -> str:
+    """What a video past its decode limit gets told (``limit_of`` reads the limit back)."""
+    return (
+        f"decoding its {frames} frames took more than {seconds:g} s (a long video with few keyframes, or a huge "
+        "frame size)"
+    )
+
+
+def limit_of(reason: str) -> float | None:
+    """The limit a ``DECODE_TIMEOUT`` failure ran past, from its reason (``took_too_long``'s words); None for any
+    other reason."""
+    match = _TOOK.search(reason) if reason.startswith(DECODE_TIMEOUT) else None
+    try:
+        return float(match.group(1)) if match else None
+    except ValueError:
+        return None

@@ -20,7 +20,7 @@ from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.source import Row
-from pipeline.time_limit import TimeLimit, time_limit
+from pipeline.time_limit import DECODE_TIMEOUT, TimeLimit, time_limit, took_too_long
 from pipeline.writer import (
     MAX_MEMBER_BYTES,
     TarShardWriter,
@@ -34,7 +34,6 @@ from pipeline.writer import (
 
 UNEXPECTED_ERROR = "unexpected_error"
 FRAME_TOO_LARGE = "frame_too_large"  # stored frames the shard readers would refuse
-DECODE_TIMEOUT = "decode_timeout"  # past ShardSettings.decode_timeout
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
 # frame is decoded from its start instead of failing
@@ -100,8 +99,8 @@ def make_sample(
     except TimeLimit:
         raise FrameError(
             DECODE_TIMEOUT,
-            f"decoding its {sample.frames} frames took more than {decode_timeout:g} s (a long video with few "
-            "keyframes, or a huge frame size): give --decode_timeout more seconds and rerun with --retry_failed",
+            f"{took_too_long(sample.frames, decode_timeout)}: give --decode_timeout more seconds and rerun with "
+            "--retry_failed",
             transient=True,
         ) from None
     meta = {

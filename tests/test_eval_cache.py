@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from eval import frame_cache
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.frame_cache import CacheSettings, build_cache
 from pipeline import synthetic
+from pipeline.time_limit import limit_of, took_too_long
 from pipeline.writer import TarShardWriter, iter_tar_samples
 
 
@@ -64,9 +66,9 @@ _calls: Calls | None = None  # the running test's, inherited by the build's fork
 _real_decode_item = frame_cache.decode_item
 
 
-def _spy(item, settings):  # at module level: the worker pool pickles the function it runs by its name
+def _spy(item, settings, decode_timeout=0):  # at module level: the worker pool pickles the function it runs by its name
     _calls.add(item.id)
-    return _real_decode_item(item, settings)
+    return _real_decode_item(item, settings, decode_timeout)
 
 
 @pytest.fixture
@@ -177,6 +179,54 @@ def test_unexpected_errors_are_retried(tmp_path, decoded, monkeypatch, capsys):
     second = build(ds, tmp_path / "cache")
     assert decoded == ["late"] and second.missing == {} and "late" in second.found
     assert "1 unexpected error before" in capsys.readouterr().err
+
+
+def test_a_video_past_decode_timeout_is_stopped_and_decoded_again_only_with_more_time(
+    tmp_path, decoded, monkeypatch, capsys
+):
+    """No benchmark video can hold a decoding worker for good: one past --decode_timeout is stopped in its worker (the
+    real SIGALRM timer) and counted missing, with how to get it. A later build tries it again only under a longer
+    limit (or none): under the same one it would spend that long again for nothing."""
+    videos = tmp_path / "videos"
+    for name in ("kept", "late", "fixed"):
+        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
+    ds = dataset(videos)
+    real = frame_cache.decode_frames
+
+    def stuck(path, *args, **kwargs):
+        give_up = time.monotonic() + 20  # a demuxer going round in circles; for 20 s, so a broken limit fails
+        while Path(path).stem == "late" and time.monotonic() < give_up:
+            pass
+        return real(path, *args, **kwargs)
+
+    def build_within(seconds: float) -> frame_cache.FrameCache:
+        decoded.clear()
+        return build_cache(ds, tmp_path / "cache", CacheSettings(), 2, False, decode_timeout=seconds)
+
+    monkeypatch.setattr(frame_cache, "decode_frames", stuck)
+    first = build_within(0.5)
+    assert set(first.found) == {"kept", "fixed"} and list(first.missing) == ["late"]
+    assert first.missing["late"].startswith("decode_timeout: decoding its 4 frames took more than 0.5 s")
+    assert frame_cache.MORE_TIME in first.missing["late"]
+    err = capsys.readouterr().err
+    assert "frame cache toy: 1 video(s) took more than 0.5 s to decode and are left out as missing (e.g. late)" in err
+    for same_or_less in (0.5, 0.25):
+        assert build_within(same_or_less).missing == first.missing and decoded == []
+    monkeypatch.setattr(frame_cache, "decode_frames", real)
+    assert build_within(60).missing == {} and decoded == ["late"]
+    assert "1 more time to decode" in capsys.readouterr().err
+
+
+def test_a_decode_timeout_is_planned_again_under_a_longer_limit_or_none():
+    timed_out = f"decode_timeout: {took_too_long(4, 1e-06)}; {frame_cache.MORE_TIME}"
+    other = "undecodable: the demuxer took more than 5 s"  # the words, but not a decode_timeout
+    assert limit_of(timed_out) == 1e-06 and limit_of(other) is None
+    items = [Item(id=i, video=f"{i}.mp4") for i in "ab"]
+    record = {"found": {}, "missing": {"a": timed_out, "b": other}, "stamps": {"a": [1, 1], "b": [1, 1]}}
+    now = {"a": [1, 1], "b": [1, 1]}
+    for limit, planned in ((1e-06, False), (1e-07, False), (2e-06, True), (0, True)):
+        plan = frame_cache.plan_decode(items, record, now, set(), limit)
+        assert plan == ({"a": "more time to decode"} if planned else {}), limit
 
 
 def test_manifest_without_stamps_is_not_trusted(tmp_path, decoded, capsys):
@@ -339,7 +389,7 @@ def test_a_second_build_of_the_same_cache_waits_and_decodes_nothing_twice(tmp_pa
         waiting.join(timeout=1.0)
         assert waiting.is_alive() and decoded == []  # it waits for the lock before deciding what to decode
         stamps = {item.id: frame_cache.file_stamp(item.video) for item in ds.items}
-        record = frame_cache._rebuild(ds, folder, CacheSettings(), stamps, 1, False)  # "the other build" finishes
+        record = frame_cache._rebuild(ds, folder, CacheSettings(), stamps, 1, False, 0)  # "the other build" finishes
     waiting.join(timeout=60)
     assert not waiting.is_alive() and results[0].found == record.found
     assert sorted(decoded) == ["fixed", "kept", "late"]  # each once: the waiting build found them made

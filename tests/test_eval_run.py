@@ -180,6 +180,7 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"batch_size": 0}, "--batch_size must be a whole number of at least 1, got 0"),
         ({"frames": "four"}, "--frames must be a whole number of at least 1"),
         ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32, got 'fp16'"),
+        ({"decode_timeout": -5}, "--decode_timeout must be a number from 0 to 86400, got -5 (0 for no limit)"),
         # fire gives ['x/a,b.pt'] as a list, and comma_list splits its items too: "not found" twice, and no why
         ({"weights": [str(tmp_path / "a,b.pt")]}, "--weights is split at commas, and "),
     ):
@@ -676,6 +677,7 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkey
         ({"labels_file": "NOFILE"}, "cannot read it as UTF-8 text"),
         ({"labels": "a,b", "top": 0}, "--top must be a whole number of at least 1, got 0"),
         ({"query": "a dog", "workers": 1.5}, "--workers must be a whole number"),
+        ({"query": "a dog", "decode_timeout": "abc"}, "--decode_timeout must be a number from 0 to 86400, got 'abc'"),
         ({"labels": "a", "weights": "nope.pt"}, "nope.pt"),
         ({"labels": "a", "cache": "LABELS/cache"}, "cannot make that folder"),
         ({"labels": "a", "out": "NOFILE/tags.csv"}, "give a file name in an existing folder"),
@@ -832,6 +834,26 @@ def test_a_dataset_with_no_video_found_is_named_and_with_none_found_the_run_fail
     with pytest.raises(SystemExit) as e:
         run.main(**common, datasets="ucf101", out=str(tmp_path / "p"))
     assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
+
+
+def test_decode_timeout_reaches_the_frame_cache_of_eval_run_and_eval_tag(bench, tmp_path, capsys):
+    """--decode_timeout is the limit each video's decoding gets (1 microsecond here: no video makes it)."""
+    from eval import run, tag
+
+    root, layouts, w = bench
+    common = dict(model=str(TINY_CLIP), weights=str(w["teacher"]), workers=1, decode_timeout=1e-06)
+    with pytest.raises(SystemExit) as e:
+        run.main(**common, data_root=str(root / "data"), datasets="ucf101", out=str(tmp_path / "o"))
+    assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
+    err = capsys.readouterr().err
+    assert "frame cache ucf101: " in err and " video(s) took more than 1e-06 s to decode" in err
+    manifest = json.loads(next((tmp_path / "o" / "cache").glob("ucf101-*/manifest.json")).read_text())
+    reasons = {r.split(":")[0] for r in manifest["missing"].values()}
+    assert reasons == {"decode_timeout", "missing_file"}  # the fixture's one absent video is still just absent
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), query="a dog", device="cpu", **common)
+    assert "could be read" in str(e.value.code)
+    assert "warning: skipped unreadable " in capsys.readouterr().err
 
 
 def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(bench, tmp_path, capsys):
