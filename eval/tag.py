@@ -244,7 +244,9 @@ def main(
     problems += count_problems(
         {"top": (top, 1), "workers": (workers, 1), "batch_size": (batch_size, 0), "frames": (frames, 1)}
     )
-    if out and (Path(str(out)).is_dir() or not Path(str(out)).parent.is_dir()):
+    if out and Path(str(out)).is_dir():  # the wording of train.fuse's --out
+        problems.append(f"--out {out} is a folder; give the CSV file to write (e.g. {Path(str(out)) / 'tags.csv'})")
+    elif out and not Path(str(out)).parent.is_dir():
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
     elif out:
         problems += file_problems({"out": out})

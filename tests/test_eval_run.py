@@ -681,6 +681,7 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkey
         ({"labels": "a", "weights": "nope.pt"}, "nope.pt"),
         ({"labels": "a", "cache": "LABELS/cache"}, "cannot make that folder"),
         ({"labels": "a", "out": "NOFILE/tags.csv"}, "give a file name in an existing folder"),
+        ({"labels": "a", "out": "FOLDER"}, "is a folder; give the CSV file to write (e.g. "),
         ({"labels": "a", "weights": ""}, "--weights is empty; give an open_clip pretrained tag"),  # random weights
     ],
 )
@@ -691,6 +692,7 @@ def test_tag_bad_input_fails_before_decoding(bench, tmp_path, kwargs, message):
     files = {"LABELS": tmp_path / "labels.txt", "EMPTY": tmp_path / "empty.txt", "NOFILE": tmp_path / "none.txt"}
     files["LABELS"].write_text("a\n")
     files["EMPTY"].write_text("\n \n")
+    files["FOLDER"] = tmp_path
     for name, path in files.items():  # a path inside another, e.g. a folder under a file
         kwargs = {k: v.replace(f"{name}/", f"{path}/") if isinstance(v, str) else v for k, v in kwargs.items()}
     kwargs = {k: str(files[v]) if v in files else v for k, v in kwargs.items()}
