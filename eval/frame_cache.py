@@ -7,8 +7,9 @@ fused models decodes every video once. No torch here.
 
 The manifest records each item's file stamp (size, mtime) as it was when the item
 was decoded. A later build re-decodes only the items whose file changed, appeared
-or disappeared since, and those that failed with an unexpected error (often
-transient), and appends them as new shards: written shards are never modified, so
+or disappeared since, those that failed with an unexpected error (often
+transient), and those stopped by a decode time limit shorter than its own (or
+when it has none), and appends them as new shards: written shards are never modified, so
 a reader holding the old manifest still finds what it references. A build deletes
 the shards that neither the manifest it replaces nor its own references: left by
 a build that was killed, or unreferenced since the build before. Builds of one
@@ -214,8 +215,10 @@ def plan_decode(
 
 
 def _more_time(limit_before: float | None, limit_now: float) -> bool:
-    """Whether an item that ran past ``limit_before`` seconds (None: it did not) gets longer now."""
-    return limit_before is not None and (not limit_now or limit_now > limit_before)
+    """Whether an item that ran past ``limit_before`` seconds (None: it did not) gets longer now. ``limit_before``
+    was read back from its reason, where it is written to 6 digits: so is ``limit_now`` here, or the same limit
+    (12345.64, read back as 12345.6) would count as longer on every build."""
+    return limit_before is not None and (not limit_now or float(f"{limit_now:g}") > limit_before)
 
 
 def describe_plan(name: str, plan: dict[str, str], total: int) -> str:
@@ -258,10 +261,26 @@ def build_cache(
     stamps = {item.id: file_stamp(item.video) for item in dataset.items}  # taken before decoding: never too new
     plan = plan_decode(dataset.items, record, stamps, existing_shards(folder), decode_timeout)
     if _serves(dataset.items, record, plan):
-        return _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _build_lock(folder, dataset.name):
-        return _rebuild(dataset, folder, settings, stamps, workers, progress, decode_timeout)
+        cache = _load(folder, record)  # up to date: no lock, no write (the cache may be on a read-only mount)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _build_lock(folder, dataset.name):
+            cache = _rebuild(dataset, folder, settings, stamps, workers, progress, decode_timeout)
+    _say_timed_out(dataset.name, cache.missing)
+    return cache
+
+
+def _say_timed_out(name: str, missing: dict[str, str]) -> None:
+    """One line on the videos left out because their decoding ran past its limit, by this build or an earlier one
+    (which a rerun under the same limit keeps): a limit is wall time, so a busy machine can cause it."""
+    timed_out = {item_id: seconds for item_id, reason in missing.items() if (seconds := limit_of(reason)) is not None}
+    if timed_out:
+        item_id, seconds = next(iter(timed_out.items()))
+        print(
+            f"frame cache {name}: {len(timed_out)} video(s) ran past their decode time limit and are left out as "
+            f"missing (e.g. {item_id}: more than {seconds:g} s); {MORE_TIME}",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
@@ -308,13 +327,6 @@ def _rebuild(
     found, missing = decode_into_shards(
         todo, folder, next_shard(record), settings, workers, progress, dataset.name, decode_timeout
     )
-    timed_out = [item_id for item_id, reason in missing.items() if reason.startswith(DECODE_TIMEOUT)]
-    if timed_out:
-        print(
-            f"frame cache {dataset.name}: {len(timed_out)} video(s) took more than {decode_timeout:g} s to decode and "
-            f"are left out as missing (e.g. {timed_out[0]}); {MORE_TIME}",
-            file=sys.stderr,
-        )
     kept = {item.id for item in dataset.items} - set(plan)  # a video removed from eval.tag's folder is dropped
     old_found = {k: v for k, v in (record or {}).get("found", {}).items() if k in kept}
     old_missing = {k: v for k, v in (record or {}).get("missing", {}).items() if k in kept}

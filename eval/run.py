@@ -52,7 +52,7 @@ from pipeline.cli import (
     write_failed,
 )
 from pipeline.folder_lock import LOCK_NAME, lock_folder
-from pipeline.time_limit import decode_timeout_problems
+from pipeline.time_limit import DECODE_TIMEOUT, decode_timeout_problems
 from pipeline.writer import remove_temporaries
 from train.distributed import device_choice, init_distributed
 from train.fuse import fuse_state_dicts
@@ -327,10 +327,22 @@ def run(
     # a dataset of which no video was found is a wrong folder more often than a broken one: say where it looked
     empty = [d for d in datasets if d.items and not caches[d.name].found]
     for d in empty:
+        reasons = caches[d.name].missing
+        timed_out = [item for item in d.items if reasons.get(item.id, "").startswith(DECODE_TIMEOUT)]
+        hints = []
+        if len(timed_out) < len(d.items):  # some not found (or not decodable): a wrong folder, most often
+            hints.append(
+                f"check --data_root or --{d.name}_root (README: Zero-shot evaluation, the layout under --data_root)"
+            )
+        if timed_out:  # found, and stopped: the folder may well be right
+            hints.append(
+                f"{len(timed_out)} ran past --decode_timeout: give it more seconds (0 for no limit), or fewer "
+                "--workers on a busy machine"
+            )
+        example = timed_out[0] if timed_out else d.items[0]
         print(
             f"warning: {d.name}: none of its {len(d.items)} videos was found or could be decoded (e.g. "
-            f"{d.items[0].video}: {caches[d.name].missing.get(d.items[0].id, '?')}); check --data_root or "
-            f"--{d.name}_root (README: Zero-shot evaluation, the layout under --data_root)",
+            f"{example.video}: {reasons.get(example.id, '?')}); {'; '.join(hints)}",
             file=sys.stderr,
         )
     if empty and len(empty) == len(datasets):

@@ -228,7 +228,7 @@ def main(
         cache: keep the decoded frames in this folder, so a later run on the same folder decodes only new or
             changed videos; by default a temporary folder, removed at the end.
         decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
-            video is skipped as unreadable.
+            video is skipped as unreadable, and with a kept --cache also by later runs under a limit no longer.
     """
     # every problem in one line, as the other CLIs give them: the flags', then the model config's and the weights'
     raw_query = query

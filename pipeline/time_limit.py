@@ -1,4 +1,5 @@
-"""A time limit on one video's decoding, so that no video can hold a shard's worker for good.
+"""A time limit on one video's decoding, so that no video can hold a worker of the shard pipeline or of the
+evaluation's frame cache for good.
 
 FFmpeg decodes as fast as the file lets it: a long video with one keyframe, or a huge frame size, can take many
 minutes for the 4 frames a sample needs, and a damaged file can send a demuxer round in circles. The limit is a

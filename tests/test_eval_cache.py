@@ -204,14 +204,15 @@ def test_a_video_past_decode_timeout_is_stopped_and_decoded_again_only_with_more
         return build_cache(ds, tmp_path / "cache", CacheSettings(), 2, False, decode_timeout=seconds)
 
     monkeypatch.setattr(frame_cache, "decode_frames", stuck)
-    first = build_within(0.5)
+    first = build_within(2)
     assert set(first.found) == {"kept", "fixed"} and list(first.missing) == ["late"]
-    assert first.missing["late"].startswith("decode_timeout: decoding its 4 frames took more than 0.5 s")
+    assert first.missing["late"].startswith("decode_timeout: decoding its 4 frames took more than 2 s")
     assert frame_cache.MORE_TIME in first.missing["late"]
-    err = capsys.readouterr().err
-    assert "frame cache toy: 1 video(s) took more than 0.5 s to decode and are left out as missing (e.g. late)" in err
-    for same_or_less in (0.5, 0.25):
+    said = "frame cache toy: 1 video(s) ran past their decode time limit and are left out as missing (e.g. late: "
+    assert f"{said}more than 2 s); {frame_cache.MORE_TIME}" in capsys.readouterr().err
+    for same_or_less in (2, 0.25):
         assert build_within(same_or_less).missing == first.missing and decoded == []
+        assert said in capsys.readouterr().err  # a rerun that keeps it out says so again
     monkeypatch.setattr(frame_cache, "decode_frames", real)
     assert build_within(60).missing == {} and decoded == ["late"]
     assert "1 more time to decode" in capsys.readouterr().err
@@ -227,6 +228,11 @@ def test_a_decode_timeout_is_planned_again_under_a_longer_limit_or_none():
     for limit, planned in ((1e-06, False), (1e-07, False), (2e-06, True), (0, True)):
         plan = frame_cache.plan_decode(items, record, now, set(), limit)
         assert plan == ({"a": "more time to decode"} if planned else {}), limit
+    # the limit is written to 6 digits: the same limit, read back shorter, is not "longer now"
+    record["missing"]["a"] = f"decode_timeout: {took_too_long(4, 12345.64)}"
+    assert limit_of(record["missing"]["a"]) == 12345.6
+    assert frame_cache.plan_decode(items, record, now, set(), 12345.64) == {}
+    assert frame_cache.plan_decode(items, record, now, set(), 12345.66) == {"a": "more time to decode"}
 
 
 def test_manifest_without_stamps_is_not_trusted(tmp_path, decoded, capsys):

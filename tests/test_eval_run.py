@@ -848,14 +848,17 @@ def test_decode_timeout_reaches_the_frame_cache_of_eval_run_and_eval_tag(bench, 
         run.main(**common, data_root=str(root / "data"), datasets="ucf101", out=str(tmp_path / "o"))
     assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
     err = capsys.readouterr().err
-    assert "frame cache ucf101: " in err and " video(s) took more than 1e-06 s to decode" in err
+    assert "frame cache ucf101: " in err and " video(s) ran past their decode time limit " in err
+    assert "more than 1e-06 s); give --decode_timeout more seconds (0: no limit)" in err
+    assert "ran past --decode_timeout: give it more seconds (0 for no limit)" in err  # the warning of no video
     manifest = json.loads(next((tmp_path / "o" / "cache").glob("ucf101-*/manifest.json")).read_text())
     reasons = {r.split(":")[0] for r in manifest["missing"].values()}
     assert reasons == {"decode_timeout", "missing_file"}  # the fixture's one absent video is still just absent
     with pytest.raises(SystemExit) as e:
         tag.main(str(layouts["msrvtt"] / "videos"), query="a dog", device="cpu", **common)
     assert "could be read" in str(e.value.code)
-    assert "warning: skipped unreadable " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: skipped unreadable " in err and ": decode_timeout: decoding its 4 frames took more than" in err
 
 
 def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(bench, tmp_path, capsys):
