@@ -198,3 +198,58 @@ def test_every_rank_stops_when_one_received_the_signal(tmp_path):
 
     mp.spawn(_agree, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [signal.SIGTERM, signal.SIGTERM]
+
+
+# two gloo ranks in one script: rank 0 (this process) in an all-reduce that rank 1 (a fork) joins only after ANSWER s
+# (it never does for a negative ANSWER, and it ends with rank 0); rank 0 is sent SIGTERM once in the collective
+BLOCKED_RANK = """
+    import os, signal, socket, sys, threading, time
+    import torch, torch.distributed as dist
+    from train import preempt
+
+    ANSWER, PATIENT, STUCK_S = {answer}, {patient}, {stuck_s}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parent = os.getpid()
+    rank = 1 if os.fork() == 0 else 0
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=2)
+    if rank == 1:
+        null = os.open(os.devnull, os.O_WRONLY)  # not the test's pipes, which would stay open with it
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        give_up = time.monotonic() + (ANSWER if ANSWER >= 0 else 60)
+        while time.monotonic() < give_up and os.getppid() == parent:
+            time.sleep(0.05)
+        if ANSWER >= 0:
+            dist.all_reduce(torch.ones(1))
+        os._exit(0)
+    threading.Timer(1.0, os.kill, (parent, signal.SIGTERM)).start()  # once rank 0 is blocked below
+    start = time.monotonic()
+    with preempt.StopOnSignal(stuck_s=STUCK_S) as stop:
+        with preempt.patient() if PATIENT else open(os.devnull):
+            dist.all_reduce(torch.ones(1))
+    print(f"back after {{time.monotonic() - start:.1f}} s, noted {{stop.received}}", flush=True)
+    assert signal.set_wakeup_fd(-1) == -1  # close() put back the wakeup fd it found
+"""
+
+
+def test_a_rank_blocked_for_good_in_a_collective_ends_soon_after_sigterm():
+    """When a rank dies, torchrun's agent SIGTERMs the others. A rank blocked in a collective with it (NCCL waits
+    for a dead peer) never came back to Python, where its handler runs, and waited out the agent's 30 s for its
+    SIGKILL. Here rank 1 never answers: rank 0 ends stuck_s after the signal, saying why."""
+    start = time.monotonic()
+    proc = _run(BLOCKED_RANK.format(answer=-1, patient=False, stuck_s=1))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "back after" not in proc.stdout and time.monotonic() - start < 30
+    assert "SIGTERM received, and this process has been blocked in one call for 1 s since (a collective" in proc.stderr
+
+
+def test_a_rank_that_waits_on_purpose_or_is_answered_in_time_goes_on_to_its_check():
+    """Waiting for rank 0's checkpoint write (patient) is not being stuck, however long; nor is a collective that
+    completes within stuck_s: the handler then runs, and the run stops at its next check as before."""
+    for answer, patient, stuck_s in ((4, True, 1), (1.5, False, 8)):
+        proc = _run(BLOCKED_RANK.format(answer=answer, patient=patient, stuck_s=stuck_s))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        back = float(proc.stdout.split("back after ")[1].split()[0])
+        assert back >= answer - 0.5 and proc.stdout.strip().endswith(f"noted {int(signal.SIGTERM)}"), proc.stdout

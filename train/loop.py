@@ -425,7 +425,8 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
             },
             Path(cfg.out) / checkpoint.LATEST,
         )
-    distributed.barrier()
+    with preempt.patient():  # the others wait for rank 0's write (and save_best's before it), which can take a while
+        distributed.barrier()
 
 
 def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -> None:

@@ -17,10 +17,19 @@ by a file descriptor that it serves itself). So a worker lets SIGTERM pass while
 to, nor Python's multiprocessing at exit, which SIGTERMs its daemon processes and then waits for them, can then end
 one: the first leaves it to end by itself once its batch is made, and the second would wait for good, so
 ``kill_stuck_workers``, at the trainer's exit, ends any left with SIGKILL first.
+
+One rank cannot come back to its check: a rank blocked in a collective with a peer that died (NCCL waits for it;
+gloo sees the closed connection and raises). When a rank fails, torchrun's agent SIGTERMs the others, and Python
+runs a signal's handler only once the main thread is back from the call it is in, so the noted signal sat there
+until the agent's SIGKILL 30 s later (without a handler the rank ended at once). So the C-level handler also wakes
+a watcher thread (``signal.set_wakeup_fd``), and a rank whose handler has not run ``STUCK_S`` seconds after the
+signal ends there, with a line that says why (``StopOnSignal.stuck_s``). A rank waiting on purpose, for rank 0 to
+write a checkpoint, is not stuck (``patient``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -34,6 +43,11 @@ STOP_SIGNALS = (signal.SIGTERM,)
 # the most steps between two checks: each is an all-reduce and a host sync, which a log step makes anyway; at a
 # step of up to 2-3 s (ViT-B/16 at 256+256 on one GPU), 10 steps and the save fit in torchrun's 30 s
 CHECK_EVERY = 10
+# seconds after a stop signal by which the main thread must be back in Python (where its handler runs), unless it
+# waits on purpose (``patient``); a rank still blocked then is taken to be waiting for a peer that is gone. Well
+# under the 30 s torchrun's agent gives a failed job's ranks, and far above a healthy step's wait on a peer
+STUCK_S = 10.0
+_patient = 0  # > 0 while the main thread waits for rank 0 on purpose (its checkpoint's write)
 
 
 class Stopped(Exception):  # not an error: the run stopped as asked, its state saved
@@ -50,23 +64,63 @@ class Stopped(Exception):  # not an error: the run stopped as asked, its state s
 
 class StopOnSignal:
     """Between ``start`` and ``close`` (or within a ``with`` block), a SIGTERM sets ``received`` (its number) and
-    nothing more. Outside the main thread (where Python runs no handler) it does nothing."""
+    nothing more; unless the main thread is blocked in one call for ``stuck_s`` seconds after it (and not waiting on
+    purpose, ``patient``): then the process ends with a line on stderr, exit code 128 + the signal's number. Outside
+    the main thread (where Python runs no handler) it does nothing."""
 
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, stuck_s: float = STUCK_S):
         self.signals = signals
+        self.stuck_s = stuck_s
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._answered = threading.Event()  # the main thread ran the handler, or close() ended the watch
+        self._wakeup: int | None = None  # the write end of the watcher's pipe, while it is the wakeup fd
 
     def start(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {sig: signal.signal(sig, self._note) for sig in self.signals}
+            self._start_watcher()
         return self
 
     def close(self) -> None:
-        """The handlers from before ``start`` back (a signal noted stays in ``received``)."""
+        """The handlers from before ``start`` back (a signal noted stays in ``received``); the watcher ends."""
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         self._previous = {}
+        self._answered.set()  # after the loop: what the main thread does now is not the watcher's business
+        if self._wakeup is not None:
+            current = signal.set_wakeup_fd(-1)
+            if current != self._wakeup:  # someone's since: theirs stays
+                signal.set_wakeup_fd(current)
+            os.close(self._wakeup)  # the watcher reads the end of its pipe and closes it
+            self._wakeup = None
+
+    def _start_watcher(self) -> None:
+        """Have the C-level handler write each signal's number to a pipe a thread reads (``_watch``). Not where
+        a wakeup fd is set already (an asyncio loop's): it stays, and a blocked rank waits for its SIGKILL."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # the C handler must never block; a full pipe loses bytes, not the process
+        theirs = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if theirs != -1:
+            signal.set_wakeup_fd(theirs)
+            os.close(read)
+            os.close(write)
+            return
+        self._wakeup, self._answered = write, threading.Event()
+        threading.Thread(target=self._watch, args=(read,), name="stop-on-signal watcher", daemon=True).start()
+
+    def _watch(self, read: int) -> None:
+        """(The watcher thread) at a stop signal's number in the pipe, wait ``stuck_s`` for the main thread to run
+        its handler (``_note``), and end the process if it has not and is not waiting on purpose."""
+        answered = self._answered
+        try:
+            while data := os.read(read, 512):  # b"" once close() has closed the write end
+                signum = next((sig for sig in self.signals if sig in data), None)  # other bytes: SIGCHLD, ...
+                while signum is not None and not answered.wait(self.stuck_s):
+                    if not _patient:
+                        _end_stuck(signum, self.stuck_s)
+        finally:
+            os.close(read)
 
     def __enter__(self) -> StopOnSignal:
         return self.start()
@@ -75,6 +129,7 @@ class StopOnSignal:
         self.close()
 
     def _note(self, signum: int, frame) -> None:
+        self._answered.set()
         if self.received is not None:  # the same stop, said again (Slurm and torchrun's agent both send it)
             return
         self.received = signum
@@ -83,6 +138,29 @@ class StopOnSignal:
                 f"{signal.Signals(signum).name} received: saving the run within {CHECK_EVERY} steps, then stopping",
                 flush=True,
             )
+
+
+def _end_stuck(signum: int, stuck_s: float) -> None:
+    """End this process, its main thread blocked ``stuck_s`` s in one call since a stop signal: nothing can be saved.
+    Written straight to fd 2: the main thread may hold sys.stderr's lock."""
+    line = (
+        f"{signal.Signals(signum).name} received, and this process has been blocked in one call for {stuck_s:g} s "
+        "since (a collective waiting for a rank that died, most often): ending it now, without a save; the run "
+        "resumes from its last latest.pt\n"
+    )
+    os.write(2, line.encode())
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def patient():
+    """Around a wait for rank 0 on purpose (its checkpoint's write): a stop signal meanwhile waits for it."""
+    global _patient
+    _patient += 1
+    try:
+        yield
+    finally:
+        _patient -= 1
 
 
 def agreed(received: int | None, device: torch.device) -> int | None:
