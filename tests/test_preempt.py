@@ -60,6 +60,9 @@ def test_the_handlers_from_before_are_back_after_the_block():
     with preempt.StopOnSignal() as stop:
         assert signal.getsignal(signal.SIGTERM) == stop._note
     assert signal.getsignal(signal.SIGTERM) == before and stop.received is None
+    assert signal.set_wakeup_fd(-1) == -1  # the watcher's wakeup fd is gone with it
+    with preempt.StopOnSignal(stuck_s=0):  # --stuck_after 0: no watcher
+        assert signal.set_wakeup_fd(-1) == -1
     proc = _run(
         """
         import os, signal
@@ -200,14 +203,14 @@ def test_every_rank_stops_when_one_received_the_signal(tmp_path):
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [signal.SIGTERM, signal.SIGTERM]
 
 
-# two gloo ranks in one script: rank 0 (this process) in an all-reduce that rank 1 (a fork) joins only after ANSWER s
-# (it never does for a negative ANSWER, and it ends with rank 0); rank 0 is sent SIGTERM once in the collective
+# two gloo ranks in one script: rank 0 (this process) in an all-reduce that rank 1 (a fork) joins ANSWER s after rank 0
+# was sent SIGTERM in it (never for a negative ANSWER; it ends with rank 0)
 BLOCKED_RANK = """
     import os, signal, socket, sys, threading, time
     import torch, torch.distributed as dist
     from train import preempt
 
-    ANSWER, PATIENT, STUCK_S = {answer}, {patient}, {stuck_s}
+    ANSWER, PATIENT, STUCK_S, SIGNALLED = {answer}, {patient}, {stuck_s}, {signalled!r}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -218,13 +221,21 @@ BLOCKED_RANK = """
         null = os.open(os.devnull, os.O_WRONLY)  # not the test's pipes, which would stay open with it
         os.dup2(null, 1)
         os.dup2(null, 2)
+        give_up = time.monotonic() + 60
+        while not os.path.exists(SIGNALLED) and time.monotonic() < give_up and os.getppid() == parent:
+            time.sleep(0.05)
         give_up = time.monotonic() + (ANSWER if ANSWER >= 0 else 60)
         while time.monotonic() < give_up and os.getppid() == parent:
             time.sleep(0.05)
         if ANSWER >= 0:
             dist.all_reduce(torch.ones(1))
         os._exit(0)
-    threading.Timer(1.0, os.kill, (parent, signal.SIGTERM)).start()  # once rank 0 is blocked below
+
+    def signal_rank_0():
+        os.kill(parent, signal.SIGTERM)
+        open(SIGNALLED, "w").close()
+
+    threading.Timer(1.0, signal_rank_0).start()  # once rank 0 is blocked below
     start = time.monotonic()
     with preempt.StopOnSignal(stuck_s=STUCK_S) as stop:
         with preempt.patient() if PATIENT else open(os.devnull):
@@ -234,22 +245,43 @@ BLOCKED_RANK = """
 """
 
 
-def test_a_rank_blocked_for_good_in_a_collective_ends_soon_after_sigterm():
+def test_a_rank_blocked_for_good_in_a_collective_ends_soon_after_sigterm(tmp_path):
     """When a rank dies, torchrun's agent SIGTERMs the others. A rank blocked in a collective with it (NCCL waits
     for a dead peer) never came back to Python, where its handler runs, and waited out the agent's 30 s for its
     SIGKILL. Here rank 1 never answers: rank 0 ends stuck_s after the signal, saying why."""
     start = time.monotonic()
-    proc = _run(BLOCKED_RANK.format(answer=-1, patient=False, stuck_s=1))
+    proc = _run(BLOCKED_RANK.format(answer=-1, patient=False, stuck_s=1, signalled=str(tmp_path / "signalled")))
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert "back after" not in proc.stdout and time.monotonic() - start < 30
     assert "SIGTERM received, and this process has been blocked in one call for 1 s since (a collective" in proc.stderr
 
 
-def test_a_rank_that_waits_on_purpose_or_is_answered_in_time_goes_on_to_its_check():
+def test_a_rank_that_waits_on_purpose_or_is_answered_in_time_goes_on_to_its_check(tmp_path):
     """Waiting for rank 0's checkpoint write (patient) is not being stuck, however long; nor is a collective that
     completes within stuck_s: the handler then runs, and the run stops at its next check as before."""
-    for answer, patient, stuck_s in ((4, True, 1), (1.5, False, 8)):
-        proc = _run(BLOCKED_RANK.format(answer=answer, patient=patient, stuck_s=stuck_s))
+    for answer, patient, stuck_s in ((3, True, 1), (0.5, False, 8)):
+        signalled = tmp_path / f"signalled-{answer}"
+        proc = _run(BLOCKED_RANK.format(answer=answer, patient=patient, stuck_s=stuck_s, signalled=str(signalled)))
         assert proc.returncode == 0, proc.stderr[-2000:]
         back = float(proc.stdout.split("back after ")[1].split()[0])
-        assert back >= answer - 0.5 and proc.stdout.strip().endswith(f"noted {int(signal.SIGTERM)}"), proc.stdout
+        assert back >= 1 + answer and proc.stdout.strip().endswith(f"noted {int(signal.SIGTERM)}"), proc.stdout
+
+
+def test_a_forked_child_signalled_does_not_end_its_parent_as_stuck():
+    """A child forked while the watcher runs inherits its pipe: its SIGTERM wrote the signal's number into the
+    parent's pipe, and the parent, never signalled, ended as stuck."""
+    proc = _run(
+        """
+        import os, signal, time
+        from train.preempt import StopOnSignal
+        with StopOnSignal(stuck_s=0.5) as stop:
+            child = os.fork()
+            if child == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # noted by the handler it inherited, in itself
+                os._exit(0)
+            os.waitpid(child, 0)
+            time.sleep(2)
+            print("alive, noted", stop.received, flush=True)
+        """
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "alive, noted None", proc.stderr[-2000:]

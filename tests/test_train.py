@@ -110,6 +110,7 @@ def test_help_lists_every_flag_with_what_it_does():
         ({"grad_clip": "abc"}, "--grad_clip must be a number of at least 0, got 'abc'"),
         ({"peak_tflops": "abc"}, "--peak_tflops must be a number of at least 0, got 'abc'"),
         ({"lam": 2}, "--lam must be a number from 0 to 1, got 2"),
+        ({"stuck_after": -1}, "--stuck_after must be a number from 0 to 3600, got -1"),
         ({"betas": 0.9}, "--betas must be two numbers separated by a comma, got 0.9"),  # one number, not a pair
         ({"betas": (1.5, 0.9)}, "--betas must be two numbers in [0, 1) (e.g. 0.9,0.999), got (1.5, 0.9)"),
         ({"crop_scale": (0.5, "abc")}, "--crop_scale must be two numbers separated by a comma, got (0.5, 'abc')"),
@@ -1249,6 +1250,25 @@ def _stopped_at(text: str, out: Path) -> int:
         "with --resume auto to go on from there"
     )
     return step
+
+
+def test_validation_and_saves_wait_on_purpose_and_steps_do_not(train_shards, tmp_path, monkeypatch):
+    """A rank waits for the others' share of a validation and for rank 0's checkpoint writes, however long they take:
+    a SIGTERM then is not a rank blocked for good (preempt.patient). A step is not such a wait."""
+    from train import preempt
+
+    seen = {}
+    for name in ("validate", "save_latest", "save_best", "train_step"):
+        real = getattr(loop, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.setdefault(_name, set()).add(preempt._patient)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, name, spy)
+    loop.run(tiny_config(train_shards, tmp_path / "run", steps=4, val_every=2, fuse=False))
+    assert seen == {"validate": {1}, "save_latest": {1}, "save_best": {1}, "train_step": {0}}
+    assert preempt._patient == 0
 
 
 def test_sigterm_saves_the_run_within_10_steps_and_a_resume_goes_on_from_there(train_shards, tmp_path):

@@ -142,6 +142,9 @@ class TrainConfig:
     progress: bool = True  # console progress bar on rank 0
     # profile this many steps after the first log window: traces in OUT/profile/, GPU time by kernel kind in the log
     profile_steps: int = 0
+    # seconds after a SIGTERM by which a rank still blocked in one call (a collective waiting for a rank that died,
+    # most often) ends without a save, rather than at torchrun's SIGKILL 30 s on; 0 = wait for the SIGKILL
+    stuck_after: float = 10.0
 
     def __post_init__(self) -> None:
         problems = self._text_problems()
@@ -154,6 +157,7 @@ class TrainConfig:
                 "grad_clip": (self.grad_clip, 0, None),
                 "peak_tflops": (self.peak_tflops, 0, None),
                 "lr": (self.lr, 0, None),  # 0: the whole pipeline with the student kept as it starts (a baseline)
+                "stuck_after": (self.stuck_after, 0, 3600),
             }
         )
         problems += positive_problems({"sigma": self.sigma})

@@ -425,8 +425,7 @@ def save_latest(models: Models, optimizer, scheduler, cfg: TrainConfig, progress
             },
             Path(cfg.out) / checkpoint.LATEST,
         )
-    with preempt.patient():  # the others wait for rank 0's write (and save_best's before it), which can take a while
-        distributed.barrier()
+    distributed.barrier()
 
 
 def save_best(models: Models, cfg: TrainConfig, progress: Progress, val: dict) -> None:
@@ -684,7 +683,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, resume_from: Path | Non
     timer, window = Timer(), []
     ahead = Ahead() if cfg.teacher_stream == "ahead" else None
     profiler = _profiler(cfg, dist, progress.step, monitor)
-    stop = preempt.StopOnSignal()  # SIGTERM: save and stop at the next check (a log step, or every 10 steps)
+    # SIGTERM: save and stop at the next check (a log step, or every 10 steps); blocked --stuck_after s: end
+    stop = preempt.StopOnSignal(stuck_s=cfg.stuck_after)
     try:
         try:
             stop.start()
@@ -817,6 +817,7 @@ def starvation_hint(data_wait: float, cfg: TrainConfig, device: torch.device) ->
     return f"the GPU waited for data {100 * data_wait:.0f}% of the time: {advice} (README: Training)"
 
 
+@preempt.patient()  # ranks wait for the slowest one's share of validation, and for rank 0's writes: not stuck
 def _validate_and_save(models, optimizer, scheduler, cfg, dist, monitor, progress, loader) -> None:
     sync_dropped(progress, dist.device)  # latest.pt (and summary.json after the last one) count every rank's
     settle_skips(progress, scheduler)  # and every skipped step, with the schedule where it belongs

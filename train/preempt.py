@@ -22,9 +22,11 @@ One rank cannot come back to its check: a rank blocked in a collective with a pe
 gloo sees the closed connection and raises). When a rank fails, torchrun's agent SIGTERMs the others, and Python
 runs a signal's handler only once the main thread is back from the call it is in, so the noted signal sat there
 until the agent's SIGKILL 30 s later (without a handler the rank ended at once). So the C-level handler also wakes
-a watcher thread (``signal.set_wakeup_fd``), and a rank whose handler has not run ``STUCK_S`` seconds after the
-signal ends there, with a line that says why (``StopOnSignal.stuck_s``). A rank waiting on purpose, for rank 0 to
-write a checkpoint, is not stuck (``patient``).
+a watcher thread (``signal.set_wakeup_fd``), and a rank whose handler has not run ``STUCK_S`` seconds
+(``--stuck_after``) after the first signal ends there, with a line that says why. A rank waiting on purpose, for the
+others' share of a validation or for rank 0 to write a checkpoint, is not stuck (``patient``). A healthy rank that
+waits longer than that on a slow peer in a step when the signal comes is taken for stuck: the run then resumes from
+its last save.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ CHECK_EVERY = 10
 # waits on purpose (``patient``); a rank still blocked then is taken to be waiting for a peer that is gone. Well
 # under the 30 s torchrun's agent gives a failed job's ranks, and far above a healthy step's wait on a peer
 STUCK_S = 10.0
-_patient = 0  # > 0 while the main thread waits for rank 0 on purpose (its checkpoint's write)
+_patient = 0  # > 0 while the main thread waits on purpose (validation, checkpoint writes)
+_watched: list[int] = []  # the watcher's pipe (read end, write end) while one runs: a forked child closes them
 
 
 class Stopped(Exception):  # not an error: the run stopped as asked, its state saved
@@ -69,6 +72,7 @@ class StopOnSignal:
     the main thread (where Python runs no handler) it does nothing."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, stuck_s: float = STUCK_S):
+        """``stuck_s`` 0: no watcher (a blocked rank waits for its SIGKILL)."""
         self.signals = signals
         self.stuck_s = stuck_s
         self.received: int | None = None
@@ -92,12 +96,15 @@ class StopOnSignal:
             current = signal.set_wakeup_fd(-1)
             if current != self._wakeup:  # someone's since: theirs stays
                 signal.set_wakeup_fd(current)
+            _watched.clear()
             os.close(self._wakeup)  # the watcher reads the end of its pipe and closes it
             self._wakeup = None
 
     def _start_watcher(self) -> None:
         """Have the C-level handler write each signal's number to a pipe a thread reads (``_watch``). Not where
         a wakeup fd is set already (an asyncio loop's): it stays, and a blocked rank waits for its SIGKILL."""
+        if not self.stuck_s:
+            return
         read, write = os.pipe()
         os.set_blocking(write, False)  # the C handler must never block; a full pipe loses bytes, not the process
         theirs = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
@@ -107,12 +114,15 @@ class StopOnSignal:
             os.close(write)
             return
         self._wakeup, self._answered = write, threading.Event()
-        threading.Thread(target=self._watch, args=(read,), name="stop-on-signal watcher", daemon=True).start()
+        _watched[:] = [read, write]
+        watcher = threading.Thread(target=self._watch, args=(read, self._answered), name="stop-on-signal watcher")
+        watcher.daemon = True
+        watcher.start()
 
-    def _watch(self, read: int) -> None:
+    def _watch(self, read: int, answered: threading.Event) -> None:
         """(The watcher thread) at a stop signal's number in the pipe, wait ``stuck_s`` for the main thread to run
-        its handler (``_note``), and end the process if it has not and is not waiting on purpose."""
-        answered = self._answered
+        its handler (``_note``: ``answered``), and end the process if it has not and is not waiting on purpose. Only
+        the first signal counts: once answered, the run is on its way to its check and the save there."""
         try:
             while data := os.read(read, 512):  # b"" once close() has closed the write end
                 signum = next((sig for sig in self.signals if sig in data), None)  # other bytes: SIGCHLD, ...
@@ -142,7 +152,8 @@ class StopOnSignal:
 
 def _end_stuck(signum: int, stuck_s: float) -> None:
     """End this process, its main thread blocked ``stuck_s`` s in one call since a stop signal: nothing can be saved.
-    Written straight to fd 2: the main thread may hold sys.stderr's lock."""
+    Written straight to fd 2, and no exit handlers run: the main thread may hold a lock they need (sys.stdout's, say,
+    so its last buffered lines may be lost). The loader workers end once they see their trainer gone."""
     line = (
         f"{signal.Signals(signum).name} received, and this process has been blocked in one call for {stuck_s:g} s "
         "since (a collective waiting for a rank that died, most often): ending it now, without a save; the run "
@@ -161,6 +172,21 @@ def patient():
         yield
     finally:
         _patient -= 1
+
+
+def _forget_watcher_in_child() -> None:
+    """(After a fork, in the child) the parent's watcher is not the child's: without this a SIGTERM to the child
+    wrote into the parent's pipe, and the parent, never signalled, could end as stuck."""
+    if _watched:
+        with contextlib.suppress(ValueError):  # not the main thread: CPython makes the forking thread it
+            signal.set_wakeup_fd(-1)
+        for fd in _watched:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _watched.clear()
+
+
+os.register_at_fork(after_in_child=_forget_watcher_in_child)
 
 
 def agreed(received: int | None, device: torch.device) -> int | None:
