@@ -8,9 +8,9 @@ fused models decodes every video once. No torch here.
 The manifest records each item's file stamp (size, mtime) as it was when the item
 was decoded. A later build re-decodes only the items whose file changed, appeared
 or disappeared since, those that failed with an unexpected error (often
-transient), and those stopped by a decode time limit shorter than its own (or
-when it has none), and appends them as new shards: written shards are never modified, so
-a reader holding the old manifest still finds what it references. A build deletes
+transient), and those stopped by a shorter decode time limit than its own (or
+any, when it has none), and appends them as new shards: written shards are never
+modified, so a reader holding the old manifest still finds what it references. A build deletes
 the shards that neither the manifest it replaces nor its own references: left by
 a build that was killed, or unreferenced since the build before. Builds of one
 cache folder take turns (a lock file): the second waits, then decodes only what
@@ -251,8 +251,8 @@ def build_cache(
 ) -> FrameCache:
     """Decode the dataset's videos into ``root/<dataset>-<hash>/`` (or ``folder``, e.g. a ``video_folder_cache``);
     of an existing cache, only what is stale. Items no longer in the dataset leave the manifest on the next build.
-    A video whose decoding runs past ``decode_timeout`` seconds (0: no limit) is stopped and counted missing (it
-    holds a worker no longer); a later build with a longer limit decodes it again."""
+    A video whose decoding runs past ``decode_timeout`` seconds (0: no limit) is stopped there, so that it holds its
+    worker no longer, and counted missing; a later build with a longer limit decodes it again."""
     if folder is None:
         folder = cache_folder(root, dataset, settings)
         _adopt(folder, root, dataset, settings)

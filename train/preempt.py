@@ -165,7 +165,8 @@ def _end_stuck(signum: int, stuck_s: float) -> None:
 
 @contextlib.contextmanager
 def patient():
-    """Around a wait for rank 0 on purpose (its checkpoint's write): a stop signal meanwhile waits for it."""
+    """Around a wait on purpose, however long (for the others' share of a validation, for rank 0's checkpoint
+    writes): a stop signal meanwhile is not a blocked rank's, and waits for the main thread's return."""
     global _patient
     _patient += 1
     try:
@@ -178,7 +179,7 @@ def _forget_watcher_in_child() -> None:
     """(After a fork, in the child) the parent's watcher is not the child's: without this a SIGTERM to the child
     wrote into the parent's pipe, and the parent, never signalled, could end as stuck."""
     if _watched:
-        with contextlib.suppress(ValueError):  # not the main thread: CPython makes the forking thread it
+        with contextlib.suppress(ValueError):  # raised outside the main thread (a fork's is the thread that forked)
             signal.set_wakeup_fd(-1)
         for fd in _watched:
             with contextlib.suppress(OSError):
