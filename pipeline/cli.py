@@ -34,17 +34,20 @@ def fire_main(
     unknown = unknown_flags(argv, fn)
     if unknown:
         names = sorted(inspect.signature(fn).parameters)
-        guesses = [difflib.get_close_matches(u[2:], names, n=1) for u in unknown]
-        said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
-        raise SystemExit(
-            f"error: unknown flag(s) {said}; valid flags: "
-            + " ".join("--" + n for n in names)
-            + "".join(f"; {hint}" for hint in _dash_value_hints(argv, names))
-        )
+        hints = "".join(f"; {hint}" for hint in _dash_value_hints(argv, names))
+        raise SystemExit(f"error: {unknown_flags_line(unknown, names)}{hints}")
     try:
         fire.Fire(_texts_checked(fn, argv, lists) if texts else fn, command=argv, **fire_options)
     except FolderLockError as e:  # an output folder's lock this user can neither make nor take: said, not traced
         raise SystemExit(f"error: {e}") from None
+
+
+def unknown_flags_line(unknown: list[str], names: list[str]) -> str:
+    """The line for flags ``unknown`` (each with its dashes) among the parameter ``names``: each with the name it
+    comes closest to (none for one letter: -r is as close to --lr as to --resume), then every valid flag."""
+    guesses = [difflib.get_close_matches(u.lstrip("-"), names, n=1) if len(u.lstrip("-")) > 1 else [] for u in unknown]
+    said = ", ".join(f"{u} (did you mean --{g[0]}?)" if g else u for u, g in zip(unknown, guesses, strict=True))
+    return f"unknown flag(s) {said}; valid flags: " + " ".join("--" + n for n in sorted(names))
 
 
 def _dash_value_hints(argv: list[str], names: list[str]) -> list[str]:

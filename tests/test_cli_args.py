@@ -233,7 +233,7 @@ def test_the_short_flags_train_mains_help_shows_are_taken(tmp_path):
     assert proc.returncode != 0 and "unknown flag" not in proc.stderr
     assert f"shard folder '{tmp_path / 'none'}' does not exist" in proc.stderr and "--model 'nosuch'" in proc.stderr
     proc = run_cli("train.main", "-r", "demo", check=False)  # not in --help: resume, recipe, run_name, ...
-    assert "unknown flag(s) ['--r']" in proc.stderr
+    assert "error: unknown flag(s) --r; valid flags: --alpha " in proc.stderr
 
 
 def test_the_installed_commands_run_from_a_folder_whose_own_scripts_would_hide_the_packages(tmp_path):

@@ -70,6 +70,16 @@ def test_recipes_hold_the_stated_hyper_parameters():
         resolve("paper", sigma=0)
     with pytest.raises(ValueError, match="--recipe"):
         resolve("fancy")
+    # an unknown recipe hid every other problem; the flags are checked against the paper's then
+    with pytest.raises(ValueError) as e:
+        resolve("papr", step=3, lr="abc", steps=0)
+    said = str(e.value).split("; ")
+    assert said[0] == "--recipe must be one of paper, reference, demo, got 'papr'"
+    assert said[1] == "unknown flag(s) --step (did you mean --steps?)" and said[2].startswith("valid flags: --alpha ")
+    assert said[3:] == [
+        "--lr must be a number of at least 0, got 'abc'",
+        "--steps must be a whole number of at least 1, got 0",
+    ]
 
 
 def test_help_lists_every_flag_with_what_it_does():

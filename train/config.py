@@ -18,6 +18,7 @@ from pipeline.cli import (
     positive_problems,
     switch_problems,
     text_problem,
+    unknown_flags_line,
 )
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -273,16 +274,23 @@ RECIPES = {"paper": paper, "reference": reference, "demo": demo}
 
 
 def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
-    """The config of a recipe with flags applied; unknown flags fail with the list of valid ones."""
+    """The config of a recipe with flags applied. A ValueError names every problem in one line: an unknown recipe
+    (the flags are then checked against the paper's), unknown flags (with the closest valid one), bad values."""
+    problems = []
     if not isinstance(recipe, str) or recipe not in RECIPES:
-        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        problems.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(
-            f"unknown flag(s) {['--' + u for u in unknown]}; valid flags: " + " ".join("--" + n for n in sorted(names))
-        )
+        problems.append(unknown_flags_line(["--" + u for u in unknown], sorted(names)))
+    known = {k: v for k, v in overrides.items() if k in names}
     for key in ("crop_scale", "betas"):  # fire's (1, 1) as floats; anything else is for __post_init__ to refuse
-        if key in overrides and not pair_problems({key: overrides[key]}):
-            overrides[key] = tuple(float(v) for v in overrides[key])
-    return RECIPES[recipe](**overrides)
+        if key in known and not pair_problems({key: known[key]}):
+            known[key] = tuple(float(v) for v in known[key])
+    try:
+        config = RECIPES.get(recipe, paper)(**known) if isinstance(recipe, str) else paper(**known)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
