@@ -308,14 +308,21 @@ def evaluate(clip, tokenizer, dataset: EvalDataset, cache: FrameCache, cfg: Eval
 
 
 def run(
-    cfg: EvalConfig, models: list[tuple[str, str]], datasets: list[EvalDataset], skipped: list[dict], strict: bool
+    cfg: EvalConfig,
+    models: list[tuple[str, str]],
+    datasets: list[EvalDataset],
+    skipped: list[dict],
+    strict: bool,
+    progress: bool = True,
 ) -> list[dict]:
-    """Evaluate every model on every dataset; write the records and the summary. Returns the records."""
+    """Evaluate every model on every dataset; write the records and the summary. Returns the records. ``progress``:
+    the frame cache's progress bar."""
     device = init_distributed(cfg.device).device  # the trainer's device choice, with its clear CUDA errors
     cache_root = Path(cfg.cache or Path(cfg.out) / "cache")
     settings = cache_settings(cfg.model, cfg.frames)
     caches = {
-        d.name: build_cache(d, cache_root, settings, cfg.workers, decode_timeout=cfg.decode_timeout) for d in datasets
+        d.name: build_cache(d, cache_root, settings, cfg.workers, progress, decode_timeout=cfg.decode_timeout)
+        for d in datasets
     }
     for d in datasets:
         if strict and caches[d.name].missing:
@@ -452,6 +459,7 @@ def main(
     renormalize_video: bool = True,
     precision: str = "auto",
     decode_timeout: float = 120.0,
+    progress: bool = True,
     wandb: str = "off",
     ucf101_root: str = "",
     moments_root: str = "",
@@ -489,6 +497,7 @@ def main(
         precision: auto (bf16 autocast on a GPU, fp32 on the CPU), bf16 or fp32 (as the authors evaluated).
         decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
             video is counted missing, and a later run with a longer limit decodes it again.
+        progress: a progress bar while videos are decoded into the frame cache.
         wandb: off, offline or online: log the results table (and the alpha-sweep plot) to W&B, run in OUT/wandb.
         ucf101_root: UCF101 folder if not DATA_ROOT/ucf101 (and likewise for the others).
         moments_root: Moments in Time folder.
@@ -542,7 +551,7 @@ def main(
         problems.append(f"--didemo_split must be test or val, got {didemo_split!r}")
     if precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video}
+    switches = {"strict": strict, "didemo_merge_same_video": didemo_merge_same_video, "progress": progress}
     problems += switch_problems(switches | {"renormalize_video": renormalize_video})
     problems += count_problems({"batch_size": (batch_size, 1), "workers": (workers, 1), "frames": (frames, 1)})
     problems += decode_timeout_problems(decode_timeout) + device_problems(device)
@@ -581,7 +590,7 @@ def main(
         # this run has replaced (and stay so if it is stopped): it goes now
         (Path(cfg.out) / report.SUMMARY_NAME).unlink(missing_ok=True)
         try:
-            records = run(cfg, models, loaded, skipped, bool(strict))
+            records = run(cfg, models, loaded, skipped, bool(strict), bool(progress))
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: e.g. --device cuda without CUDA
             sys.exit(f"error: {e}")
         except OSError as e:  # a full disk, a file-size limit (a video that cannot be read is a per-video failure)

@@ -39,6 +39,7 @@ from pipeline.cli import (
     file_problems,
     fire_main,
     refuse,
+    switch_problems,
     write_failed,
 )
 from pipeline.time_limit import decode_timeout_problems
@@ -169,13 +170,14 @@ def embed_folder(
     device: torch.device,
     videos_per_pass: int,
     decode_timeout: float = 0,
+    progress: bool = True,
 ) -> tuple[torch.nn.Module, list[Path], torch.Tensor]:
     """(model, the readable paths, their (N, D) embeddings): decoded into the cache under ``root`` (only what it
     lacks), then embedded. Unreadable files are reported; a folder of none readable ends the run with an error."""
     ids = {str(p.relative_to(folder)): p for p in paths}
     dataset = EvalDataset("tag", RETRIEVAL, [Item(id=i, video=str(p)) for i, p in ids.items()])
     cache = video_folder_cache(root, folder, settings)
-    frames = build_cache(dataset, root, settings, workers, folder=cache, decode_timeout=decode_timeout)
+    frames = build_cache(dataset, root, settings, workers, progress, folder=cache, decode_timeout=decode_timeout)
     for item_id in ids:
         if item_id in frames.missing:
             print(f"warning: skipped unreadable {ids[item_id]}: {frames.missing[item_id]}", file=sys.stderr)
@@ -206,6 +208,7 @@ def main(
     batch_size: int = 0,
     cache: str = "",
     decode_timeout: float = 120.0,
+    progress: bool = True,
 ) -> None:
     """Tag the videos of a folder with free-text labels, or rank them by a text query.
 
@@ -229,6 +232,7 @@ def main(
             changed videos; by default a temporary folder, removed at the end.
         decode_timeout: seconds one video's decoding may take (0 for no limit, else at most a day); past it the
             video is skipped as unreadable, and with a kept --cache also by later runs under a limit no longer.
+        progress: a progress bar while videos are decoded.
     """
     # every problem in one line, as the other CLIs give them: the flags', then the model config's and the weights'
     raw_query = query
@@ -250,7 +254,8 @@ def main(
         problems.append(f"--out {out}: give a file name in an existing folder (the CSV is written at the end)")
     elif out:
         problems += file_problems({"out": out})
-    problems += decode_timeout_problems(decode_timeout) + device_problems(device)
+    problems += decode_timeout_problems(decode_timeout) + switch_problems({"progress": progress})
+    problems += device_problems(device)
     problems += weights_problems(str(model), [str(weights)])
     refuse(problems)
     for flag, given, fix in (
@@ -293,7 +298,17 @@ def main(
     try:
         with cache_root(cache_dir) as root:
             clip, shown, video = embed_folder(
-                folder, paths, str(model), str(weights), settings, root, workers, dev, videos_per_pass, decode_timeout
+                folder,
+                paths,
+                str(model),
+                str(weights),
+                settings,
+                root,
+                workers,
+                dev,
+                videos_per_pass,
+                decode_timeout,
+                bool(progress),
             )
     except OSError as e:  # a full disk or quota where the frames go (the temporary cache: often a small /tmp)
         if e.errno not in DISK_ERRNOS:

@@ -181,6 +181,7 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
         ({"frames": "four"}, "--frames must be a whole number of at least 1"),
         ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32, got 'fp16'"),
         ({"decode_timeout": -5}, "--decode_timeout must be a number from 0 to 86400, got -5 (0 for no limit)"),
+        ({"progress": "no"}, "--progress must be True or False, got 'no'"),
         # fire gives ['x/a,b.pt'] as a list, and comma_list splits its items too: "not found" twice, and no why
         ({"weights": [str(tmp_path / "a,b.pt")]}, "--weights is split at commas, and "),
     ):
@@ -678,6 +679,7 @@ def test_tag_labels_from_a_file_and_a_kept_cache(bench, tmp_path, capsys, monkey
         ({"labels": "a,b", "top": 0}, "--top must be a whole number of at least 1, got 0"),
         ({"query": "a dog", "workers": 1.5}, "--workers must be a whole number"),
         ({"query": "a dog", "decode_timeout": "abc"}, "--decode_timeout must be a number from 0 to 86400, got 'abc'"),
+        ({"query": "a dog", "progress": "no"}, "--progress must be True or False, got 'no'"),
         ({"labels": "a", "weights": "nope.pt"}, "nope.pt"),
         ({"labels": "a", "cache": "LABELS/cache"}, "cannot make that folder"),
         ({"labels": "a", "out": "NOFILE/tags.csv"}, "give a file name in an existing folder"),
@@ -845,9 +847,10 @@ def test_decode_timeout_reaches_the_frame_cache_of_eval_run_and_eval_tag(bench, 
     root, layouts, w = bench
     common = dict(model=str(TINY_CLIP), weights=str(w["teacher"]), workers=1, decode_timeout=1e-06)
     with pytest.raises(SystemExit) as e:
-        run.main(**common, data_root=str(root / "data"), datasets="ucf101", out=str(tmp_path / "o"))
+        run.main(**common, data_root=str(root / "data"), datasets="ucf101", out=str(tmp_path / "o"), progress=False)
     assert str(e.value.code) == "error: no video of ucf101 was found or decoded (see above)"
     err = capsys.readouterr().err
+    assert "decoding ucf101" not in err  # --progress False: no bar (eval.tag's below has one)
     assert "frame cache ucf101: " in err and " video(s) ran past their decode time limit " in err
     assert "more than 1e-06 s); give --decode_timeout more seconds (0: no limit)" in err
     assert "ran past --decode_timeout: give it more seconds (0 for no limit)" in err  # the warning of no video
@@ -859,6 +862,7 @@ def test_decode_timeout_reaches_the_frame_cache_of_eval_run_and_eval_tag(bench, 
     assert "could be read" in str(e.value.code)
     err = capsys.readouterr().err
     assert "warning: skipped unreadable " in err and ": decode_timeout: decoding its 4 frames took more than" in err
+    assert "decoding tag: " in err
 
 
 def test_tag_names_the_files_it_leaves_out_and_keeps_a_label_given_twice_once(bench, tmp_path, capsys):
