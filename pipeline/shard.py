@@ -262,9 +262,9 @@ def main(
     except KeyboardInterrupt:
         sys.exit("interrupted: complete shards are kept; rerun the same command to finish the rest")
     except OSError as e:  # a row's own read errors are failures in its shard's stats: this is OUT's, or the CSV's
-        sys.exit(
-            f"error: {_os_problem(e, out_dir)}; complete shards are kept, and rerunning the same command makes the rest"
-        )
+        # where OUT could not even be made, there is nothing yet to keep or go on from
+        kept = "; complete shards are kept, and rerunning the same command makes the rest" if out_dir.is_dir() else ""
+        sys.exit(f"error: {_os_problem(e, out_dir)}{kept}")
     sys.exit(code)
 
 

@@ -748,3 +748,11 @@ def test_frames_the_shard_readers_would_refuse_fail_their_row(videos, monkeypatc
     assert ("give --size" if limit == "pixels" else "give a lower --quality or --size") in str(e.value)
     monkeypatch.undo()
     assert len(worker.make_sample(row, worker.SampleSettings(frames=4, size=0), FetchConfig())) == 6
+
+
+def test_an_out_that_cannot_be_made_is_said_without_promising_kept_shards(many, tmp_path):
+    """The folder check passes /proc (root may write in it, as far as its mode says), and making a folder there fails:
+    the line said "complete shards are kept, and rerunning the same command makes the rest" of a run that made none."""
+    proc = run_cli("pipeline.shard", "--src", many[0], "--out", "/proc/fitclip-shards", check=False)
+    assert proc.returncode == 1 and "error: " in proc.stderr and "/proc/fitclip-shards" in proc.stderr, proc.stderr
+    assert "complete shards are kept" not in proc.stderr
