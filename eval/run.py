@@ -55,7 +55,7 @@ from pipeline.folder_lock import LOCK_NAME, lock_folder
 from pipeline.time_limit import DECODE_TIMEOUT, decode_timeout_problems
 from pipeline.writer import remove_temporaries
 from train.distributed import device_choice, init_distributed
-from train.fuse import fuse_state_dicts
+from train.fuse import fuse_state_dicts, trained_with
 from train.model import (
     EMPTY_STUDENT,
     EMPTY_WEIGHTS,
@@ -187,17 +187,29 @@ def check_entry(model: str, weights: str) -> None:
         raise ValueError(f"--weights is empty; {EMPTY_WEIGHTS}")
     if weights.startswith("fuse:"):
         teacher, student, _ = parse_fuse(weights)
-        check_weights(model, teacher)
+        _check_fits(model, teacher)
         if not is_weights_file(student):
             raise ValueError(f"--weights {weights}: the student ({student}) must be a weights file")
-        check_weights(model, student)
+        _check_fits(model, student)
     else:
         teacher = weights
-        check_weights(model, weights)
+        _check_fits(model, weights)
     if teacher and not is_weights_file(teacher):  # a tag: its weights fetched or cached, before the decoding
         problem = tag_unavailable(model, teacher)
         if problem:
             raise WeightsError(problem)
+
+
+def _check_fits(model: str, weights: str) -> None:
+    """``check_weights``, whose refusal of a train.main checkpoint (best.pt, latest.pt) that does not fit ``model``
+    also names the --model its config records: the README's examples leave --model at its default, ViT-B/16."""
+    try:
+        check_weights(model, weights)
+    except WeightsError as e:
+        recorded = trained_with(weights).get("model") if is_weights_file(weights) else None
+        if recorded and recorded != model:
+            raise WeightsError(f"{e}; its checkpoint was trained with --model {recorded}") from None
+        raise
 
 
 def split_file_problems(entries: list[str]) -> list[str]:

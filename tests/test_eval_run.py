@@ -198,6 +198,25 @@ def test_bad_arguments_fail_clearly(bench, tmp_path):
     assert str(e.value.code) == "error: --alpha_sweep takes a comma list of numbers from 0 to 1 (e.g. 0,0.4,1), got '2'"
 
 
+def test_a_checkpoint_that_does_not_fit_the_model_names_the_one_it_was_trained_with(bench, tmp_path):
+    """The README's examples leave --model at its default: a best.pt of another model was refused with "pass the
+    --model they were trained with", which its own config records."""
+    from eval import run, tag
+
+    root, layouts, w = bench
+    best = tmp_path / "best.pt"
+    torch.save({"step": 1, "student": torch.load(w["teacher"]), "config": {"model": str(TINY_CLIP)}}, best)
+    demo = str(REPO / "train" / "model_configs" / "demo-clip.json")
+    said = f"; its checkpoint was trained with --model {TINY_CLIP}"
+    with pytest.raises(SystemExit) as e:
+        run.main(model=demo, weights=str(best), data_root=str(root / "data"), out=str(tmp_path / "o"))
+    assert "does not fit demo-clip" in str(e.value.code) and said in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        tag.main(str(layouts["msrvtt"] / "videos"), query="a dog", model=demo, weights=str(best), device="cpu")
+    assert said in str(e.value.code)
+    run.main(model=str(TINY_CLIP), weights=str(best), data_root=str(root / "data"), out=str(tmp_path / "p"), workers=1)
+
+
 def test_every_wrong_flag_is_named_in_one_line(bench, tmp_path):
     """As the other CLIs do: one error line naming each wrong flag, not the first group's alone."""
     from eval import run
