@@ -1125,6 +1125,8 @@ def test_the_wandb_run_ends_with_the_best_loss_and_its_exit_code_and_logs_each_s
     summary = loop.run(cfg)
     run = runs[-1]
     assert run.finished == [0] and run.summary == {"val/best_loss": summary["best_val_loss"], "fused": summary["fused"]}
+    loop.run(dataclasses.replace(cfg, resume="auto"))  # nothing left to train: no W&B run of nothing beside it
+    assert runs == [run]
     rates = {row["trainer/step"]: row["train/lr"] for row in run.logged if "train/lr" in row}
     assert rates == {1: pytest.approx(2.5e-4), 2: pytest.approx(5e-4), 3: pytest.approx(7.5e-4), 4: pytest.approx(1e-3)}
 

@@ -153,8 +153,10 @@ class Monitor:
         self.postfix: dict[str, str] = {}  # what the progress bar shows after it
         if not is_main:
             return
-        mode = wandb_mode(cfg.wandb)
-        if cfg.wandb == "auto" and mode == "off":
+        # a resume with no step left logs nothing: a W&B run then only added an empty part beside the run's own
+        # (make demo's rerun), which `wandb sync` of every part lets replace the real one's history
+        mode = wandb_mode(cfg.wandb) if start_step < total_steps else "off"
+        if cfg.wandb == "auto" and mode == "off" and start_step < total_steps:
             print(
                 "warning: --wandb auto: no home folder for W&B's settings (HOME unset, a user this machine does not "
                 "know): logging to W&B off; set HOME or WANDB_CONFIG_DIR to a folder you can write to log",
