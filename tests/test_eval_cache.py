@@ -30,6 +30,13 @@ def dataset(folder: Path) -> EvalDataset:
     return EvalDataset("toy", RETRIEVAL, items)
 
 
+def written_dataset(folder: Path) -> EvalDataset:
+    """``dataset(folder)``, each of its three videos written there (30 frames)."""
+    for name in ("kept", "late", "fixed"):
+        synthetic.write_index_clip(folder / f"{name}.mp4", 30)
+    return dataset(folder)
+
+
 def first_frame_index(cache: frame_cache.FrameCache, item_id: str) -> int:
     tar, key = cache.found[item_id]
     with tarfile.open(tar) as t:
@@ -161,9 +168,7 @@ def test_a_folder_cache_decodes_added_videos_and_drops_removed_ones(tmp_path, de
 
 def test_unexpected_errors_are_retried(tmp_path, decoded, monkeypatch, capsys):
     videos = tmp_path / "videos"
-    for name in ("kept", "late", "fixed"):
-        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
-    ds = dataset(videos)
+    ds = written_dataset(videos)
     real = frame_cache.decode_frames
 
     def flaky(path, *args, **kwargs):
@@ -188,9 +193,7 @@ def test_a_video_past_decode_timeout_is_stopped_and_decoded_again_only_with_more
     real SIGALRM timer) and counted missing, with how to get it. A later build tries it again only under a longer
     limit (or none): under the same one it would spend that long again for nothing."""
     videos = tmp_path / "videos"
-    for name in ("kept", "late", "fixed"):
-        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
-    ds = dataset(videos)
+    ds = written_dataset(videos)
     real = frame_cache.decode_frames
 
     def stuck(path, *args, **kwargs):
@@ -291,9 +294,7 @@ def test_shards_no_manifest_of_the_last_two_builds_references_are_deleted(tmp_pa
     """A reader holding the manifest a build replaces still finds its shards; older ones, and a killed build's
     leftovers, go."""
     videos, root = tmp_path / "videos", tmp_path / "cache"
-    for name in ("kept", "late", "fixed"):
-        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
-    ds = dataset(videos)
+    ds = written_dataset(videos)
     one = CacheSettings(per_shard=1)  # a shard per video: re-decoding one leaves its old shard unreferenced
     first = build_cache(ds, root, one, workers=1, progress=False)
     shards = {item: Path(tar).name for item, (tar, _) in first.found.items()}
@@ -382,9 +383,7 @@ def test_a_second_build_of_the_same_cache_waits_and_decodes_nothing_twice(tmp_pa
     import threading
 
     videos = tmp_path / "videos"
-    for name in ("kept", "late", "fixed"):
-        synthetic.write_index_clip(videos / f"{name}.mp4", 30)
-    ds = dataset(videos)
+    ds = written_dataset(videos)
     folder = frame_cache.cache_folder(tmp_path / "cache", ds, CacheSettings())
     folder.mkdir(parents=True)
     results = []
