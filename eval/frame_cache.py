@@ -41,7 +41,7 @@ from pipeline.cli import error_line
 from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
-from pipeline.time_limit import DECODE_TIMEOUT, TimeLimit, limit_of, time_limit, took_too_long
+from pipeline.time_limit import decode_limit, limit_of
 from pipeline.writer import (
     SHARD_TAR,
     TarShardWriter,
@@ -156,11 +156,9 @@ def decode_item(
     if not Path(item.video).is_file():
         return item.id, None, MISSING_FILE
     try:
-        with time_limit(decode_timeout):
+        with decode_limit(decode_timeout, settings.frames, f"; {MORE_TIME}"):
             clip = decode_frames(item.video, settings.frames, settings.size, window=item.window)
-    except TimeLimit:
-        return item.id, None, f"{DECODE_TIMEOUT}: {took_too_long(settings.frames, decode_timeout)}; {MORE_TIME}"
-    except FrameError as e:
+    except FrameError as e:  # a decode_timeout among them
         return item.id, None, f"{e.reason}: {e.detail}"
     except Exception as e:  # a library surprise on one file must not stop the evaluation
         return item.id, None, f"{UNEXPECTED}: {type(e).__name__}: {e}"

@@ -17,6 +17,7 @@ import threading
 import time
 
 from pipeline.cli import number_problems
+from pipeline.frames import FrameError
 
 DECODE_TIMEOUT = "decode_timeout"  # the failure reason of a video whose decoding ran past --decode_timeout
 MAX_DECODE_S = 86_400  # --decode_timeout's largest (0: no limit)
@@ -58,6 +59,17 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
         if outer[0] > 0:
             signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - start), 1e-6), outer[1])
+
+
+@contextlib.contextmanager
+def decode_limit(seconds: float, frames: int, hint: str):
+    """``time_limit`` around one video's decoding, its ``TimeLimit`` made the video's failure: a transient
+    ``FrameError`` (``DECODE_TIMEOUT``), said in ``took_too_long``'s words followed by ``hint`` (what to do)."""
+    try:
+        with time_limit(seconds):
+            yield
+    except TimeLimit:
+        raise FrameError(DECODE_TIMEOUT, f"{took_too_long(frames, seconds)}{hint}", transient=True) from None
 
 
 def decode_timeout_problems(seconds: object) -> list[str]:

@@ -20,7 +20,7 @@ from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.source import Row
-from pipeline.time_limit import DECODE_TIMEOUT, TimeLimit, time_limit, took_too_long
+from pipeline.time_limit import decode_limit
 from pipeline.writer import (
     MAX_MEMBER_BYTES,
     TarShardWriter,
@@ -93,16 +93,9 @@ def make_sample(
         FetchError, FrameError: the video cannot become a sample.
     """
     source = fetch(row.location, fetch_config)
-    try:
-        with time_limit(decode_timeout):
-            clip = decode_frames(source, sample.frames, sample.size)
-    except TimeLimit:
-        raise FrameError(
-            DECODE_TIMEOUT,
-            f"{took_too_long(sample.frames, decode_timeout)}: give --decode_timeout more seconds and rerun with "
-            "--retry_failed",
-            transient=True,
-        ) from None
+    retry = ": give --decode_timeout more seconds and rerun with --retry_failed"
+    with decode_limit(decode_timeout, sample.frames, retry):
+        clip = decode_frames(source, sample.frames, sample.size)
     meta = {
         "videoid": row.videoid,
         "source": row.location,

@@ -9,6 +9,7 @@ CPU run for ``make demo`` and the tests. Every field is also a CLI flag.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.cli import (
@@ -273,6 +274,12 @@ def demo(**overrides) -> TrainConfig:
 RECIPES = {"paper": paper, "reference": reference, "demo": demo}
 
 
+def preset(recipe: object) -> Callable[..., TrainConfig]:
+    """The preset ``--recipe`` names, or the paper's for one it does not (checked in ``resolve``): the defaults the
+    other flags are checked against either way."""
+    return (RECIPES.get(recipe) if isinstance(recipe, str) else None) or paper
+
+
 def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
     """The config of a recipe with flags applied. A ValueError names every problem in one line: an unknown recipe
     (the flags are then checked against the paper's), unknown flags (with the closest valid one), bad values."""
@@ -288,7 +295,7 @@ def resolve(recipe: str = "paper", **overrides) -> TrainConfig:
         if key in known and not pair_problems({key: known[key]}):
             known[key] = tuple(float(v) for v in known[key])
     try:
-        config = RECIPES.get(recipe, paper)(**known) if isinstance(recipe, str) else paper(**known)
+        config = preset(recipe)(**known)
     except ValueError as e:
         problems.append(str(e))
     if problems:

@@ -140,8 +140,7 @@ def checked(recipe: str, flags: dict) -> tuple[TrainConfig | None, list[str]]:
     except (ValueError, TypeError) as e:
         cfg = None
         problems.append(str(e))
-    preset = (config_module.RECIPES.get(recipe) if isinstance(recipe, str) else None) or config_module.paper
-    given = cfg.to_dict() if cfg else {**preset().to_dict(), **flags}
+    given = cfg.to_dict() if cfg else {**config_module.preset(recipe)().to_dict(), **flags}
     text = {k for k, v in given.items() if isinstance(v, str)}  # other values of text flags are named above
     # a --crop or --frames out of range is named above too: the checks below take the model's own, or none
     crop = given["crop"] if type(given["crop"]) is int and given["crop"] >= 0 else 0

@@ -155,8 +155,9 @@ class Monitor:
             return
         # a resume with no step left logs nothing: a W&B run then only added an empty part beside the run's own
         # (make demo's rerun), which `wandb sync` of every part lets replace the real one's history
-        mode = wandb_mode(cfg.wandb) if start_step < total_steps else "off"
-        if cfg.wandb == "auto" and mode == "off" and start_step < total_steps:
+        idle = start_step >= total_steps
+        mode = "off" if idle else wandb_mode(cfg.wandb)
+        if cfg.wandb == "auto" and mode == "off" and not idle:
             print(
                 "warning: --wandb auto: no home folder for W&B's settings (HOME unset, a user this machine does not "
                 "know): logging to W&B off; set HOME or WANDB_CONFIG_DIR to a folder you can write to log",
