@@ -41,7 +41,7 @@ from pipeline.cli import error_line
 from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
-from pipeline.time_limit import decode_limit, limit_of
+from pipeline.time_limit import DECODE_TIMEOUT, decode_limit, limit_of, stuck_too_long
 from pipeline.writer import (
     SHARD_TAR,
     TarShardWriter,
@@ -65,6 +65,12 @@ UNEXPECTED = "unexpected_error"
 CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
 # how a video past --decode_timeout is decoded after all (plan_decode tries it again under a longer limit only)
 MORE_TIME = "give --decode_timeout more seconds (0: no limit), and the next run decodes it again"
+
+
+def stuck(frames: int, decode_timeout: float) -> str:
+    """The failure reason of a video whose decoding was stuck inside one call into FFmpeg past ``decode_timeout``,
+    and its worker process ended: a timeout, tried again under a longer limit only."""
+    return f"{DECODE_TIMEOUT}: {stuck_too_long(frames, decode_timeout)}; {MORE_TIME}"
 
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
 
@@ -448,8 +454,8 @@ def decode_into_shards(
             # every build after it. With multiprocessing.Pool the build waited for a dead worker for ever, holding
             # the cache's lock.
             job = functools.partial(decode_item, decode_timeout=decode_timeout)  # looked up now: tests swap it
-            for item in run_isolated(items, settings, min(workers, len(items)), keep, job, worker_context()):
-                keep((item.id, None, CRASHED))
+            for death in run_isolated(items, settings, min(workers, len(items)), keep, job, worker_context()):
+                keep((death.task.id, None, stuck(settings.frames, decode_timeout) if death.stuck else CRASHED))
         if writer is not None:
             writer.commit()
             writer = None

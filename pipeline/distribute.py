@@ -9,24 +9,43 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from functools import partial
 
-from pipeline.worker import ShardSettings, ShardTask, process_shard
+from pipeline import board
+from pipeline.board import Board
+from pipeline.worker import ShardSettings, ShardTask, process_shard, without_row
 
 OnResult = Callable[[dict], None]
 Job = Callable[[ShardTask, ShardSettings], dict]  # a module-level function (pickled by name)
 DISTRIBUTORS = ("multiprocessing", "spark")
 PARENT_POLL_S = 1.0  # how often a pool worker checks that its run is alive, besides its parent's sentinel
+POLL_S = 1.0  # how often the pool's process looks for a worker past its posted deadline (pipeline.board)
+
+
+@dataclass(frozen=True)
+class Death:
+    """A task whose worker process died on it. ``item``: the item of the task it had posted being on (-1: none);
+    ``stuck``: the pool ended it, its decoding still going past its posted deadline, rather than it dying on its own
+    (a crash, the out-of-memory killer)."""
+
+    task: object
+    item: int
+    stuck: bool
+
+
+OnDeath = Callable[[Death], object]  # the task to run in the dead one's place, or None
 
 
 class ShardCrash(RuntimeError):
-    """Shards whose worker process died (e.g. a decoder crash) even when run alone."""
+    """Shards whose worker process died outside their rows (none was posted), even when run alone."""
 
     def __init__(self, shards: list[int]):
         super().__init__(f"worker process died on shard(s) {shards}")
@@ -36,74 +55,163 @@ class ShardCrash(RuntimeError):
 def run_local(
     tasks: Iterable[ShardTask], settings: ShardSettings, workers: int, on_result: OnResult, job: Job = process_shard
 ) -> None:
-    """Run tasks on ``workers`` processes, at most ``2 * workers`` submitted at a time.
+    """Run tasks on ``workers`` processes, at most ``2 * workers`` submitted at a time (``run_isolated``).
 
-    If a worker process dies (a segfault in a decoder, the OOM killer), the
-    shards that were in flight are rerun one at a time in fresh processes, so
-    the one that kills its worker is identified; such shards are reported in a
-    :class:`ShardCrash` at the end, after all other shards are done.
+    A row whose worker process dies on it (a segfault in a decoder, the OOM killer), or whose decoding is stuck in
+    one call past ``--decode_timeout``, fails (``without_row``) and its shard is made again without it; a shard
+    whose worker dies outside its rows, even when run alone, is reported in a :class:`ShardCrash` at the end, after
+    all other shards are done.
     """
     spawn = multiprocessing.get_context("spawn")  # no fork: safe with threads and native libraries
-    crashed = run_isolated(tasks, settings, workers, on_result, job, spawn)
-    if crashed:
-        raise ShardCrash(sorted(t.shard for t in crashed))
+    dead = run_isolated(tasks, settings, workers, on_result, job, spawn, partial(without_row, settings=settings))
+    if dead:
+        raise ShardCrash(sorted(death.task.shard for death in dead))
 
 
-def run_isolated(tasks: Iterable, settings: object, workers: int, on_result: Callable, job: Callable, context) -> list:
+def run_isolated(
+    tasks: Iterable,
+    settings: object,
+    workers: int,
+    on_result: Callable,
+    job: Callable,
+    context,
+    on_death: OnDeath = lambda death: None,
+) -> list[Death]:
     """``on_result(job(task, settings))`` for every task, on ``workers`` processes of the multiprocessing
-    ``context``, at most ``2 * workers`` submitted at a time; returns the tasks whose worker process died even when
-    run alone (the tasks in flight when a worker dies are rerun one at a time in fresh processes, so that the one
-    that kills its worker is identified, and the others are not lost). A worker that dies leaves a pool's pending
-    results unanswered, which used to hang a ``multiprocessing.Pool``'s caller for ever."""
-    crashed = []
+    ``context``, at most ``2 * workers`` submitted at a time. A worker that dies leaves a pool's pending results
+    unanswered, which used to hang a ``multiprocessing.Pool``'s caller for ever; here:
+
+    - A worker whose decoding is still going ``board.GRACE_S`` after its limit (stuck inside one call, which the
+      limit's timer cannot stop) is ended; the other tasks in flight then run again as they were.
+    - When a worker dies on its own, the tasks that were running are run again one at a time, each alone in a fresh
+      process, so that the one that kills its worker is identified and the others are not lost (those queued run
+      again as they were).
+
+    The death of a task known to be its own goes to ``on_death``, which may give a task to run in its place (a shard
+    without the row its worker died on). Returns the deaths it gave none for."""
+    dead: list[Death] = []
     tasks = iter(tasks)
     while True:
-        suspects, unstarted = _run_pool(tasks, settings, workers, on_result, job, context)
-        if not suspects and not unstarted:
-            return crashed
-        for task in suspects:  # alone, so a crash is this task's
-            again, _ = _run_pool(iter([task]), settings, 1, on_result, job, context)
-            crashed.extend(again)
-        tasks = itertools.chain(unstarted, tasks)
+        stuck, suspects, again = _run_pool(tasks, settings, workers, on_result, job, context)
+        if not (stuck or suspects or again):
+            return dead
+        for death in stuck:
+            instead = on_death(death)
+            dead.extend([death] if instead is None else [])
+            again.extend([] if instead is None else [instead])
+        for death in suspects:  # alone, so a death is this task's
+            dead.extend(_run_alone(death.task, settings, on_result, job, context, on_death))
+        tasks = itertools.chain(again, tasks)
+
+
+def _run_alone(task: object, settings: object, on_result: Callable, job: Callable, context, on_death: OnDeath):
+    """Run ``task`` alone, and what ``on_death`` gives in its place for as long as its worker dies; the death it
+    gave nothing for, if any."""
+    while True:
+        stuck, suspects, _ = _run_pool(iter([task]), settings, 1, on_result, job, context)
+        if not (stuck or suspects):
+            return []
+        death = (stuck or suspects)[0]
+        task = on_death(death)
+        if task is None:
+            return [death]
 
 
 def _run_pool(
     tasks: Iterator, settings: object, workers: int, on_result: Callable, job: Callable, context
-) -> tuple[list, list]:
+) -> tuple[list[Death], list[Death], list]:
     """Run until ``tasks`` is exhausted.
 
-    Returns ``(suspects, unstarted)``, both empty unless the pool broke: then the
-    tasks that were running when a worker died, and one taken but not submitted.
+    Returns ``(stuck, suspects, again)``, all empty unless the pool broke: the deaths of the tasks whose worker this
+    ended, stuck past its posted deadline; the tasks running when a worker died on its own, with the item each had
+    posted; and the tasks to run again as they are (one taken but not submitted, those queued, and those running
+    when only this process ended a worker).
     """
-    pending: dict[Future, object] = {}
+    posts = Board(context, workers)
+    pending: dict[Future, tuple[int, object]] = {}  # -> the task's number on the board, the task
+    ended: dict[int, int] = {}  # the task number of each worker this ended -> the item it was on
+    numbers = itertools.count()
     taken = None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_end_with_parent) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(posts,)) as pool:
+
+        def submit(task: object) -> None:
+            number = next(numbers)
+            pending[pool.submit(_posted, job, number, task, settings)] = (number, task)
+
         try:
             for taken in itertools.islice(tasks, 2 * workers):
-                pending[pool.submit(job, taken, settings)] = taken
+                submit(taken)
                 taken = None
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                _look(posts, ended, pool)
                 for future in done:
                     result = future.result()  # raises BrokenProcessPool if a worker died
                     del pending[future]
                     on_result(result)
                     for taken in itertools.islice(tasks, 1):
-                        pending[pool.submit(job, taken, settings)] = taken
+                        submit(taken)
                         taken = None
         except BrokenProcessPool:
-            suspects = []
-            for future, task in pending.items():
+            running = {post.task: post.item for post in posts.posts()}
+            stuck, suspects, again = [], [], [taken] if taken is not None else []
+            for future, (number, task) in pending.items():
                 if future.done() and not future.cancelled() and future.exception() is None:
                     on_result(future.result())
+                elif number in ended:
+                    stuck.append(Death(task, ended[number], stuck=True))
+                elif ended or number not in running:  # well: this process ended a worker, or the task was queued
+                    again.append(task)
                 else:
-                    suspects.append(task)
-            return suspects, [taken] if taken is not None else []
+                    suspects.append(Death(task, running[number], stuck=False))
+            return stuck, suspects, again
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    return [], []
+    return [], [], []
+
+
+def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> None:
+    """End the workers past their posted deadline (noting each one's task and item in ``ended``), and wake the pool
+    if a worker that had posted a task is dead: CPython's ``submit`` wakes the pool's watching thread before it
+    starts a new worker, so the thread can miss a worker started last, and not see it die until another task ends
+    (for ever, when the other workers are stuck). Submitting a no-op makes it look again."""
+    now, dead = time.monotonic(), False
+    for post in posts.posts():
+        state = _state(post.pid)
+        if post.task >= 0 and state in ("gone", "Z"):
+            dead = True
+        elif post.deadline < now and post.task not in ended and state == "child":
+            ended[post.task] = post.item
+            os.kill(post.pid, signal.SIGKILL)
+    if dead:
+        pool.submit(int)  # raises BrokenProcessPool if the pool knows already
+
+
+def _state(pid: int) -> str:
+    """"Z" for a zombie (dead, not yet reaped), "gone", "child" for a live child of this process, "other" for another
+    process (a reaped worker's pid taken again), or "child" where there is no /proc to tell (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+    except FileNotFoundError:
+        return "gone" if os.path.isdir("/proc") else "child"
+    except (OSError, ValueError):
+        return "other"
+    return "Z" if state == "Z" else "child" if int(parent) == os.getpid() else "other"
+
+
+def _posted(job: Callable, number: int, task: object, settings: object):
+    """(In a pool worker) ``job(task, settings)``, posted on the board as the pool's task ``number``."""
+    with board.task(number):
+        return job(task, settings)
+
+
+def _start_worker(posts: Board) -> None:
+    """(A pool worker's initializer) claim a slot of the pool's board, and end with the parent."""
+    board.attach(posts)
+    _end_with_parent()
 
 
 def _end_with_parent() -> None:

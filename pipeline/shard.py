@@ -363,8 +363,8 @@ def print_summary(totals: Totals, elapsed: float, out_dir: Path, crashed: list[i
         print(f"shards: {out_dir}/{{{shard_name(0)}..{shard_name(totals.last_shard)}}}.tar")
     if crashed:
         print(
-            f"error: a worker process died on shard(s) {crashed} (even when run alone); they were not written. "
-            "Rerun to retry; to find the video, run those rows alone with --workers 1.",
+            f"error: a worker process died on shard(s) {crashed} outside any of their videos (reading or writing "
+            "their tars, even when run alone), so they were not written; rerun to retry them.",
             file=sys.stderr,
         )
 

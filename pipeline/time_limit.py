@@ -5,7 +5,8 @@ FFmpeg decodes as fast as the file lets it: a long video with one keyframe, or a
 minutes for the 4 frames a sample needs, and a damaged file can send a demuxer round in circles. The limit is a
 SIGALRM timer whose handler raises ``TimeLimit``. Python runs the handler between two of its own steps, and PyAV
 comes back to Python after each packet it demuxes or decodes, so a slow video stops within one packet. A single
-call into FFmpeg that never returns is not stopped: the pool then sees its worker busy for good.
+call into FFmpeg that never returns is not stopped by the timer: the decoding also posts its deadline on the pool's
+board (``pipeline.board``), and the pool's process ends the worker ``board.GRACE_S`` after it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import signal
 import threading
 import time
 
+from pipeline import board
 from pipeline.cli import number_problems
 from pipeline.frames import FrameError
 
 DECODE_TIMEOUT = "decode_timeout"  # the failure reason of a video whose decoding ran past --decode_timeout
 MAX_DECODE_S = 86_400  # --decode_timeout's largest (0: no limit)
+RETRY_LONGER = ": give --decode_timeout more seconds and rerun with --retry_failed"  # pipeline.shard's hint
 _TOOK = re.compile(r"took more than (\S+) s\b")
 
 
@@ -66,7 +69,7 @@ def decode_limit(seconds: float, frames: int, hint: str):
     """``time_limit`` around one video's decoding, its ``TimeLimit`` made the video's failure: a transient
     ``FrameError`` (``DECODE_TIMEOUT``), said in ``took_too_long``'s words followed by ``hint`` (what to do)."""
     try:
-        with time_limit(seconds):
+        with board.deadline(seconds), time_limit(seconds):
             yield
     except TimeLimit:
         raise FrameError(DECODE_TIMEOUT, f"{took_too_long(frames, seconds)}{hint}", transient=True) from None
@@ -83,6 +86,15 @@ def took_too_long(frames: int, seconds: float) -> str:
     return (
         f"decoding its {frames} frames took more than {seconds:g} s (a long video with few keyframes, or a huge "
         "frame size)"
+    )
+
+
+def stuck_too_long(frames: int, seconds: float) -> str:
+    """What a video gets told whose decoding its limit's timer could not stop, stuck inside one call into FFmpeg
+    (``limit_of`` reads the limit back)."""
+    return (
+        f"{took_too_long(frames, seconds)}, and was stuck inside one call into FFmpeg {board.GRACE_S:g} s later, so "
+        "its worker process was ended"
     )
 
 

@@ -13,14 +13,15 @@ import tarfile
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pipeline import board
 from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.source import Row
-from pipeline.time_limit import decode_limit
+from pipeline.time_limit import DECODE_TIMEOUT, RETRY_LONGER, decode_limit, stuck_too_long
 from pipeline.writer import (
     MAX_MEMBER_BYTES,
     TarShardWriter,
@@ -33,6 +34,7 @@ from pipeline.writer import (
 )
 
 UNEXPECTED_ERROR = "unexpected_error"
+WORKER_DIED = "worker_died"  # the process making the row's sample died on it
 FRAME_TOO_LARGE = "frame_too_large"  # stored frames the shard readers would refuse
 # 2: the sampler shows videos as players do (rotation, MP4 edit lists, AV1); csv_duration is fingerprinted.
 # 3: non-square pixels are made square (pipeline.frames.displayed_size); an MP4 that cannot seek to its first
@@ -71,6 +73,9 @@ class ShardTask:
     # the stats of the complete shard this task remakes to retry its transient failures (pipeline.shard
     # --retry_failed): its samples are copied from its tar, its other failures kept; None = make every row
     previous: dict | None = None
+    # (row index, reason, detail) of the rows a worker process died on, making this shard before (without_row):
+    # they fail, transiently, without being tried again in this run
+    died: tuple[tuple[int, str, str], ...] = ()
 
 
 def fingerprint(rows: tuple[Row, ...], sample: SampleSettings) -> str:
@@ -93,8 +98,7 @@ def make_sample(
         FetchError, FrameError: the video cannot become a sample.
     """
     source = fetch(row.location, fetch_config)
-    retry = ": give --decode_timeout more seconds and rerun with --retry_failed"
-    with decode_limit(decode_timeout, sample.frames, retry):
+    with decode_limit(decode_timeout, sample.frames, RETRY_LONGER):
         clip = decode_frames(source, sample.frames, sample.size)
     meta = {
         "videoid": row.videoid,
@@ -140,6 +144,7 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
     previous = _PreviousSamples(tar_path(settings.out_dir, task.shard)) if task.previous is not None else None
     if previous is None:  # a shard being remade is not complete: drop its old stats before touching its tar
         stats_file.unlink(missing_ok=True)
+    died = {index: (reason, detail) for index, reason, detail in task.died}
     old_failures = (task.previous or {}).get("failures", ())
     kept = {f["row"]: {**f, "transient": False} for f in old_failures if not is_transient(f)}  # failures for good
     failures: list[dict] = []
@@ -157,7 +162,11 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
             if row.error:
                 failures.append(_failure(row, *row.error))
                 continue
+            if row.index in died:
+                failures.append(_failure(row, *died[row.index], transient=True))
+                continue
             retried += previous is not None
+            board.item(row.index)  # the row to blame if this process dies (distribute.run_isolated)
             try:
                 members = make_sample(row, settings.sample, settings.fetch, settings.decode_timeout)
             except (FetchError, FrameError) as e:
@@ -215,6 +224,21 @@ class _PreviousSamples:
 
     def close(self) -> None:
         self._samples.close()
+
+
+def without_row(death, settings: ShardSettings) -> ShardTask | None:
+    """The shard task of ``death`` (a ``distribute.Death``) made again without the row its worker process died on,
+    that row failing as ``DECODE_TIMEOUT`` (stuck in one call past ``--decode_timeout``) or ``WORKER_DIED``; None if
+    the worker died outside its rows. Both are transient: ``--retry_failed`` tries the row again (an out-of-memory
+    kill, or a busy machine's slow decoding, may not happen again)."""
+    task: ShardTask = death.task
+    if death.item < 0 or any(index == death.item for index, _, _ in task.died):
+        return None
+    if death.stuck:
+        failure = (DECODE_TIMEOUT, stuck_too_long(settings.sample.frames, settings.decode_timeout) + RETRY_LONGER)
+    else:
+        failure = (WORKER_DIED, "the process making its sample died (a crash in the decoder, or killed for memory)")
+    return replace(task, died=(*task.died, (death.item, *failure)))
 
 
 def _failure(row: Row, reason: str, detail: str, transient: bool = False) -> dict:

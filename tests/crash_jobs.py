@@ -23,3 +23,48 @@ def note_pid_and_wait(task, settings):
     Path(settings.out_dir, f".worker-{task.shard}.pid").rename(Path(settings.out_dir, f"worker-{task.shard}.pid"))
     time.sleep(60)
     return record_shard(task, settings)
+
+
+def stuck_in_one_call():
+    """Like a call into FFmpeg that never returns to Python: the limit's SIGALRM is never handled (blocked here, as
+    it is never looked at inside such a call), and the process waits for ever."""
+    import signal
+    import time
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    while True:
+        time.sleep(60)
+
+
+def stuck_on_shard_1(task, settings):
+    """Shard 1's "decoding" under a 0.5 s limit never ends; the other shards are recorded."""
+    from pipeline import board
+    from pipeline.time_limit import decode_limit
+
+    board.GRACE_S = 0.5
+    if task.shard == 1:
+        with decode_limit(0.5, 4, ""):
+            stuck_in_one_call()
+    return {**record_shard(task, settings), "pid": os.getpid()}
+
+
+def shard_with_bad_rows(task, settings):
+    """The real process_shard, its decoding of a video named crash*.mp4 ending the process, and of one named
+    stuck*.mp4 stuck in one call (a 0.5 s grace past --decode_timeout)."""
+    from pathlib import Path
+
+    from pipeline import board, worker
+
+    board.GRACE_S = 0.5
+    real = worker.decode_frames
+
+    def decode(source, *args, **kwargs):
+        name = Path(source).name
+        if name.startswith("crash"):
+            os._exit(11)
+        if name.startswith("stuck"):
+            stuck_in_one_call()
+        return real(source, *args, **kwargs)
+
+    worker.decode_frames = decode
+    return worker.process_shard(task, settings)

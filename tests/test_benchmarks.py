@@ -910,3 +910,15 @@ def test_the_tar_read_bench_reads_every_sample_with_both_readers(capsys):
     out = capsys.readouterr().out
     assert "| ours (train.data._shard_samples) |" in out and "| webdataset tarfile_to_samples |" in out
     assert "ours / webdataset: " in out
+
+
+def test_the_board_bench_times_the_posts_the_sample_and_the_look(capsys, monkeypatch):
+    from benchmarks import board_bench
+    from pipeline import board
+
+    monkeypatch.setattr(board, "_board", None)  # it attaches this process to its board, as a worker
+    monkeypatch.setattr(board, "_slot", -1)
+    board_bench.main(videos=20, workers=2, repeats=1)
+    out = capsys.readouterr().out
+    assert "| a worker's posts for one video |" in out and "| make_sample of one WebVid-like clip |" in out
+    assert "| the pool's look over 2 slots |" in out and "posts / sample: " in out

@@ -117,6 +117,7 @@ CLIS = (
     "train.fuse",
     "train.main",
     "benchmarks.batch_bench",
+    "benchmarks.board_bench",
     "benchmarks.epilogue_bench",
     "benchmarks.eval_bench",
     "benchmarks.gpu_numerics",

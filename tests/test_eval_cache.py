@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from crash_jobs import stuck_in_one_call
 from PIL import Image
 
 from eval import frame_cache
 from eval.datasets.base import RETRIEVAL, EvalDataset, Item
 from eval.frame_cache import CacheSettings, build_cache
-from pipeline import synthetic
+from pipeline import board, synthetic
 from pipeline.time_limit import limit_of, took_too_long
 from pipeline.writer import TarShardWriter, iter_tar_samples
 
@@ -219,6 +220,35 @@ def test_a_video_past_decode_timeout_is_stopped_and_decoded_again_only_with_more
     monkeypatch.setattr(frame_cache, "decode_frames", real)
     assert build_within(60).missing == {} and decoded == ["late"]
     assert "1 more time to decode" in capsys.readouterr().err
+
+
+def test_a_video_stuck_in_one_call_is_ended_and_decoded_again_only_with_more_time(
+    tmp_path, decoded, monkeypatch, capsys
+):
+    """A call into FFmpeg that never returns to Python (so the limit's timer cannot stop it) held the build, and the
+    cache's lock, for ever. Its worker is ended a grace after the limit; the video is a timeout like any other."""
+    videos = tmp_path / "videos"
+    ds = written_dataset(videos)
+    real = frame_cache.decode_frames
+
+    def stuck(path, *args, **kwargs):
+        if Path(path).stem == "late":
+            stuck_in_one_call()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(board, "GRACE_S", 0.5)  # the forked workers take it
+    monkeypatch.setattr(frame_cache, "decode_frames", stuck)
+    built = build_cache(ds, tmp_path / "cache", CacheSettings(), 2, False, decode_timeout=1)
+    assert set(built.found) == {"kept", "fixed"} and list(built.missing) == ["late"]
+    assert built.missing["late"] == frame_cache.stuck(4, 1) and limit_of(built.missing["late"]) == 1
+    assert "stuck inside one call into FFmpeg 0.5 s later" in built.missing["late"]
+    assert "1 video(s) ran past their decode time limit" in capsys.readouterr().err
+    monkeypatch.setattr(frame_cache, "decode_frames", real)
+    decoded.clear()
+    assert build_cache(ds, tmp_path / "cache", CacheSettings(), 2, False, decode_timeout=1).missing == built.missing
+    assert decoded == []
+    assert build_cache(ds, tmp_path / "cache", CacheSettings(), 2, False, decode_timeout=5).missing == {}
+    assert decoded == ["late"]
 
 
 def test_a_decode_timeout_is_planned_again_under_a_longer_limit_or_none():

@@ -1,0 +1,121 @@
+"""What each pool worker is doing, posted in shared memory where the process that runs the pool reads it.
+
+Two things need it:
+
+- **A call into FFmpeg that never returns** (a demuxer going round in circles inside one ``av_read_frame`` on a
+  damaged file). ``--decode_timeout``'s timer cannot stop it: Python runs the timer's handler only between two of
+  its own steps. The pool then waited for that worker for ever, and the run never ended. Now a worker posts when
+  its decoding must be over by; the pool's process ends it (SIGKILL) ``GRACE_S`` after that.
+- **A worker that dies** (a decoder's segfault, the out-of-memory killer, or the end above). Its task is run again
+  alone, so that the death is known to be its own; the item the worker had posted then names the video that killed
+  it, so a shard can be made again without that one video rather than not at all.
+
+Each worker has one slot: its pid, the number of the task it runs (given by the pool's process), the item of that
+task it is on (a shard's row), and the monotonic time its current decoding must end by (inf: no limit).
+``time.monotonic`` is the same clock in every process of a Linux machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+GRACE_S = 30.0  # past --decode_timeout, how long a decoding stuck inside one call is given before its worker ends
+_FIELDS = 4  # pid, task, item, deadline
+_NONE = -1.0  # no task, or no item
+
+
+@dataclass(frozen=True)
+class Post:
+    """What one worker had posted."""
+
+    pid: int
+    task: int  # the pool's number for the task; -1 between tasks
+    item: int  # the item of the task it was on; -1 for none
+    deadline: float  # monotonic seconds; inf for none
+
+
+class Board:
+    """One slot per worker of one pool, claimed in the order the workers start. Made by the pool's process, handed to
+    each worker by its initializer (``attach``)."""
+
+    def __init__(self, context, workers: int):
+        self._values = context.Array("d", [_NONE] * (_FIELDS * workers))  # with a lock: a slot is read whole
+        self._claimed = context.Value("i", 0, lock=False)  # guarded by the array's lock
+        self.workers = workers
+
+    def posts(self) -> list[Post]:
+        """Every claimed slot, as it is now."""
+        with self._values.get_lock():
+            values = self._values[: _FIELDS * self._claimed.value]
+        slots = [values[i : i + _FIELDS] for i in range(0, len(values), _FIELDS)]
+        return [Post(int(pid), int(task), int(item), deadline) for pid, task, item, deadline in slots]
+
+    def overdue(self, now: float | None = None) -> list[Post]:
+        """The workers whose decoding should have ended by now."""
+        now = time.monotonic() if now is None else now
+        return [post for post in self.posts() if post.deadline < now]
+
+    def _claim(self) -> int:
+        with self._values.get_lock():
+            slot = self._claimed.value
+            if slot < self.workers:
+                self._claimed.value += 1
+                self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS] = [os.getpid(), _NONE, _NONE, math.inf]
+                return slot
+        return -1
+
+    def _set(self, slot: int, offset: int, value: float) -> None:
+        with self._values.get_lock():
+            self._values[_FIELDS * slot + offset] = value
+
+
+# This process's board and slot, when it is a pool worker that claimed one (``attach``); otherwise posting is a no-op.
+_board: Board | None = None
+_slot = -1
+
+
+def attach(board: Board) -> None:
+    """(In a pool worker, at its start) claim a slot of ``board`` for this process's posts."""
+    global _board, _slot
+    _board, _slot = board, board._claim()
+
+
+def _post(offset: int, value: float) -> None:
+    if _board is not None and _slot >= 0:
+        _board._set(_slot, offset, value)
+
+
+@contextlib.contextmanager
+def task(number: int):
+    """Post that this worker runs the pool's task ``number`` for the block; its item and deadline start empty."""
+    _post(1, number)
+    try:
+        yield
+    finally:
+        _post(2, _NONE)
+        _post(3, math.inf)
+        _post(1, _NONE)
+
+
+def item(number: int) -> None:
+    """Post that this worker is now on ``number``, an item of its task (a shard's row); it stays posted until the
+    next one, or the task's end."""
+    _post(2, number)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Post that the block (one video's decoding, under a ``seconds`` timer that should stop it) must be over
+    ``GRACE_S`` after that timer: past it, the pool's process ends this worker. 0: no limit."""
+    if not seconds:
+        yield
+        return
+    _post(3, time.monotonic() + seconds + GRACE_S)  # read when the block starts: a test's worker may lower it
+    try:
+        yield
+    finally:
+        _post(3, math.inf)

@@ -1,0 +1,182 @@
+"""A worker stuck inside one call that --decode_timeout's timer cannot stop is ended, and the row a worker dies on
+costs that row only (pipeline.board, distribute.run_isolated, worker.without_row)."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+
+from crash_jobs import shard_with_bad_rows, stuck_on_shard_1
+
+from pipeline import board, distribute
+from pipeline.distribute import Death, run_isolated, run_local
+from pipeline.source import Row
+from pipeline.time_limit import limit_of, stuck_too_long
+from pipeline.worker import WORKER_DIED, ShardSettings, ShardTask, without_row
+from pipeline.writer import iter_tar_samples, stats_path, tar_path
+
+FORK = multiprocessing.get_context("fork")
+
+
+def test_a_worker_posts_its_task_item_and_deadline_and_the_pool_reads_them(monkeypatch):
+    posts = board.Board(FORK, 2)
+    assert posts.posts() == []
+    monkeypatch.setattr(board, "_board", None)
+    board.item(3)  # outside a pool worker: nothing, and no error
+    board.attach(posts)
+    assert posts.posts() == [board.Post(os.getpid(), -1, -1, math.inf)]
+    with board.task(7):
+        board.item(12)
+        assert posts.posts() == [board.Post(os.getpid(), 7, 12, math.inf)]
+        before = time.monotonic()
+        with board.deadline(5):
+            (post,) = posts.posts()
+            assert before + 5 + board.GRACE_S <= post.deadline <= time.monotonic() + 5 + board.GRACE_S
+            assert posts.overdue() == [] and posts.overdue(post.deadline + 1) == [post]
+        with board.deadline(0):  # no limit, no deadline
+            assert posts.posts()[0].deadline == math.inf
+        assert posts.posts()[0].deadline == math.inf and posts.posts()[0].item == 12
+    assert posts.posts() == [board.Post(os.getpid(), -1, -1, math.inf)]
+    board.attach(posts)
+    board.attach(posts)  # a third worker of a 2-worker pool gets no slot, and posts nothing
+    assert len(posts.posts()) == 2 and board._slot == -1
+
+
+def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path):
+    """Shard 1's decoding never comes back to Python, so its 0.5 s timer cannot stop it: the run used to wait for it
+    for ever. Its worker is ended 0.5 s (the grace) past the limit, and every other shard is done."""
+    results = []
+    start = time.monotonic()
+    dead = run_isolated(
+        [ShardTask(i, (), "fp") for i in range(5)],
+        ShardSettings(out_dir=str(tmp_path)),
+        2,
+        results.append,
+        stuck_on_shard_1,
+        FORK,
+    )
+    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, True)]
+    assert sorted(r["shard"] for r in results) == [0, 2, 3, 4]
+    assert time.monotonic() - start < 30
+
+
+def row(index: int, video) -> Row:
+    return Row(index, f"v{index}", key=f"v{index}", caption=f"caption {index}", location=str(video))
+
+
+def test_a_row_that_kills_or_sticks_its_worker_costs_that_row_not_its_shard(tmp_path, videos):
+    """A decoder's crash on one row lost its whole shard (1,000 videos), run after run; a call into FFmpeg that never
+    returned held the run for ever. Now each fails as its row's failure, and the shard is written without it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["a", "crash", "b", "c", "stuck", "d"]
+    for name in names:
+        shutil.copy(videos["idx60"], src / f"{name}.mp4")
+    rows = [row(i, src / f"{name}.mp4") for i, name in enumerate(names)]
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = ShardSettings(out_dir=str(out), decode_timeout=1)
+    tasks = [ShardTask(0, tuple(rows[:3]), "fp0"), ShardTask(1, tuple(rows[3:]), "fp1")]
+    results = []
+    run_local(tasks, settings, 2, results.append, job=shard_with_bad_rows)
+
+    assert sorted(r["shard"] for r in results) == ["000000", "000001"]
+    keys = {shard: [key for key, _ in iter_tar_samples(tar_path(out, shard))] for shard in (0, 1)}
+    assert keys == {0: ["v0", "v2"], 1: ["v3", "v5"]}
+    failures = {f["row"]: f for shard in (0, 1) for f in json.loads(stats_path(out, shard).read_text())["failures"]}
+    assert sorted(failures) == [1, 4], failures
+    assert failures[1]["reason"] == WORKER_DIED and failures[1]["transient"], failures
+    assert failures[4]["reason"] == "decode_timeout" and failures[4]["transient"], failures
+    assert failures[4]["detail"].startswith(stuck_too_long(4, 1)), failures
+    assert "--retry_failed" in failures[4]["detail"]
+    assert limit_of(f"decode_timeout: {failures[4]['detail']}") == 1
+
+
+def test_a_death_outside_the_rows_or_on_a_row_it_died_on_before_gives_no_task():
+    task = ShardTask(0, (), "fp")
+    settings = ShardSettings(out_dir=".")
+    assert without_row(Death(task, -1, stuck=False), settings) is None
+    again = without_row(Death(task, 5, stuck=False), settings)
+    assert again.died == ((5, WORKER_DIED, again.died[0][2]),)
+    assert without_row(Death(again, 5, stuck=True), settings) is None
+    stuck = without_row(Death(again, 6, stuck=True), settings)
+    assert [d[:2] for d in stuck.died] == [(5, WORKER_DIED), (6, "decode_timeout")]
+
+
+def test_only_the_tasks_that_were_running_when_a_worker_died_are_run_alone(tmp_path, monkeypatch):
+    """Each task in flight was run again alone, one after another: twice the workers' number of whole shards. The
+    queued ones (on no worker's slot) cannot have killed it, and run again in a pool."""
+    from crash_jobs import crash_on_shard_3
+
+    alone = []
+    real = distribute._run_alone
+
+    def spy(task, *args):
+        alone.append(task.shard)
+        return real(task, *args)
+
+    monkeypatch.setattr(distribute, "_run_alone", spy)
+    results = []
+    dead = run_isolated(
+        [ShardTask(i, (), "fp") for i in range(3, 7)],
+        ShardSettings(out_dir=str(tmp_path)),
+        1,
+        results.append,
+        crash_on_shard_3,
+        FORK,
+    )
+    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(3, -1, False)]
+    assert alone == [3] and sorted(r["shard"] for r in results) == [4, 5, 6]
+
+
+def test_the_pool_ends_only_a_live_child_past_its_deadline_and_is_woken_for_a_dead_one():
+    """A worker that died (a zombie until the pool reaps it, or reaped) keeps its posts: it is not "ended" as stuck,
+    and no other process that took its pid is. The pool is woken instead, to see it dead."""
+    import signal
+    import subprocess
+    import sys
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while distribute._state(zombie.pid) != "Z":
+        time.sleep(0.01)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    spawner = (  # the grandchild must not hold the capture pipe open, or run() waits for it
+        "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
+    )
+    grandchild = int(subprocess.run([sys.executable, "-c", spawner], capture_output=True, text=True).stdout)
+
+    class Pool:
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, fn):
+            self.submitted.append(fn)
+
+    def look(*slots):
+        posts = board.Board(FORK, len(slots))
+        posts._claimed.value = len(slots)
+        posts._values[:] = [value for slot in slots for value in slot]
+        ended, pool = {}, Pool()
+        distribute._look(posts, ended, pool)
+        return ended, pool.submitted
+
+    try:
+        past = time.monotonic() - 1
+        assert look((grandchild, 0, 5, past), (zombie.pid, -1, -1, past)) == ({}, [])  # no child; idle
+        for dead in (zombie.pid, reaped.pid):
+            assert look((dead, 2, 5, past)) == ({}, [int])
+        assert look((live.pid, 3, 7, math.inf)) == ({}, [])
+        assert look((live.pid, 3, 7, past)) == ({3: 7}, [])
+        assert live.wait(10) == -signal.SIGKILL
+        assert distribute._state(grandchild) == "other"
+    finally:
+        live.kill()
+        zombie.wait()
+        os.kill(grandchild, signal.SIGKILL)
