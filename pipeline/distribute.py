@@ -154,16 +154,19 @@ def _run_pool(
                         taken = None
         except BrokenProcessPool:
             running = {post.task: post.item for post in posts.posts()}
+            # A task on no worker was queued, and is well, unless no task was on one: then a worker died before it
+            # took its task (unpickling it, say), and each is a suspect; else such a task went round for ever
+            on_worker = {number for number, _ in pending.values()} & running.keys()
             stuck, suspects, again = [], [], [taken] if taken is not None else []
             for future, (number, task) in pending.items():
                 if future.done() and not future.cancelled() and future.exception() is None:
                     on_result(future.result())
                 elif number in ended:
                     stuck.append(Death(task, ended[number], stuck=True))
-                elif ended or number not in running:  # well: this process ended a worker, or the task was queued
+                elif ended or (on_worker and number not in on_worker):  # this process ended a worker, or queued
                     again.append(task)
                 else:
-                    suspects.append(Death(task, running[number], stuck=False))
+                    suspects.append(Death(task, running.get(number, -1), stuck=False))
             return stuck, suspects, again
         except BaseException:
             for future in pending:
@@ -190,7 +193,7 @@ def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> Non
 
 
 def _state(pid: int) -> str:
-    """"Z" for a zombie (dead, not yet reaped), "gone", "child" for a live child of this process, "other" for another
+    """ "Z" for a zombie (dead, not yet reaped), "gone", "child" for a live child of this process, "other" for another
     process (a reaped worker's pid taken again), or "child" where there is no /proc to tell (not Linux)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 
-from crash_jobs import shard_with_bad_rows, stuck_on_shard_1
+from crash_jobs import record_shard, shard_with_bad_rows, stuck_on_shard_1
 
 from pipeline import board, distribute
 from pipeline.distribute import Death, run_isolated, run_local
@@ -180,3 +180,16 @@ def test_the_pool_ends_only_a_live_child_past_its_deadline_and_is_woken_for_a_de
         live.kill()
         zombie.wait()
         os.kill(grandchild, signal.SIGKILL)
+
+
+def test_a_task_whose_worker_dies_before_it_posts_it_is_given_up_not_run_for_ever(tmp_path):
+    """A worker that died taking its task had posted nothing, so every task looked queued (well) and was submitted
+    again, for ever. When no task was on a worker, each is a suspect, and run alone its death is its own."""
+    from crash_jobs import KillsOnArrival
+
+    results = []
+    dead = run_isolated(
+        [ShardTask(i, (), "fp") for i in range(3)], KillsOnArrival(), 2, results.append, record_shard, FORK
+    )
+    assert sorted((d.task.shard, d.item, d.stuck) for d in dead) == [(0, -1, False), (1, -1, False), (2, -1, False)]
+    assert results == []
