@@ -4,10 +4,10 @@ sample, and what the pool's process pays per look at its workers' posts.
     python -m benchmarks.board_bench [--videos 200] [--workers 16] [--repeats 3]
 
 In one process attached to a board (as a pool worker is), each round times ``--videos`` rounds of a worker's posts
-for one video (its row, then its decoding's deadline set and cleared) and, interleaved, ``pipeline.worker``'s
-``make_sample`` of a WebVid-like clip (596x336, 25 fps, 18 s, H.264; 4 frames decoded and JPEG-encoded). It also
-times ``distribute._look`` over ``--workers`` posted slots (run every ``distribute.POLL_S`` seconds). Prints the
-medians and the share of a video's time the posts take.
+for one video (its row, then its decoding's deadline set and cleared: 3 writes to shared memory) and, interleaved,
+``pipeline.worker``'s ``make_sample`` of a WebVid-like clip (596x336, 25 fps, 18 s, H.264; 4 frames decoded and
+JPEG-encoded). It also times ``distribute._look`` over ``--workers`` posted slots (run every ``distribute.POLL_S``
+seconds). Prints the medians and the share of a video's time the posts take.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def main(videos: int = 200, workers: int = 16, repeats: int = 3) -> None:
     context = multiprocessing.get_context("spawn")
     posts = board.Board(context, workers)
     board.attach(posts)  # this process posts as a pool worker does; the other slots stand for its peers
-    with posts._values.get_lock():
-        posts._claimed.value = workers
+    posts._claimed.value = workers
     posting, making, looking = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         clip = synthetic.write_webvid_like_clip(Path(folder) / "clip.mp4")

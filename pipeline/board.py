@@ -43,14 +43,17 @@ class Board:
     each worker by its initializer (``attach``)."""
 
     def __init__(self, context, workers: int):
-        self._values = context.Array("d", [_NONE] * (_FIELDS * workers))  # with a lock: a slot is read whole
-        self._claimed = context.Value("i", 0, lock=False)  # guarded by the array's lock
+        # No lock around the posts: a worker killed while it held one (ended as stuck just as its decoding ended, or
+        # by the out-of-memory killer) would block the pool's process for ever. Each field is one aligned 8-byte
+        # write, whole to any reader, and the pool acts only on posts that stay still: a worker stuck, or dead.
+        self._values = context.RawArray("d", [_NONE] * (_FIELDS * workers))
+        self._claimed = context.RawValue("i", 0)
+        self._claiming = context.Lock()  # between starting workers only
         self.workers = workers
 
     def posts(self) -> list[Post]:
         """Every claimed slot, as it is now."""
-        with self._values.get_lock():
-            values = self._values[: _FIELDS * self._claimed.value]
+        values = self._values[: _FIELDS * self._claimed.value]
         slots = [values[i : i + _FIELDS] for i in range(0, len(values), _FIELDS)]
         return [Post(int(pid), int(task), int(item), deadline) for pid, task, item, deadline in slots]
 
@@ -60,17 +63,16 @@ class Board:
         return [post for post in self.posts() if post.deadline < now]
 
     def _claim(self) -> int:
-        with self._values.get_lock():
+        with self._claiming:
             slot = self._claimed.value
-            if slot < self.workers:
-                self._claimed.value += 1
-                self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS] = [os.getpid(), _NONE, _NONE, math.inf]
-                return slot
-        return -1
+            if slot >= self.workers:
+                return -1
+            self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS] = [os.getpid(), _NONE, _NONE, math.inf]
+            self._claimed.value += 1  # after the slot is written: the pool reads only the claimed ones
+            return slot
 
     def _set(self, slot: int, offset: int, value: float) -> None:
-        with self._values.get_lock():
-            self._values[_FIELDS * slot + offset] = value
+        self._values[_FIELDS * slot + offset] = value
 
 
 # This process's board and slot, when it is a pool worker that claimed one (``attach``); otherwise posting is a no-op.
