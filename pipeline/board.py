@@ -57,11 +57,6 @@ class Board:
         slots = [values[i : i + _FIELDS] for i in range(0, len(values), _FIELDS)]
         return [Post(int(pid), int(task), int(item), deadline) for pid, task, item, deadline in slots]
 
-    def overdue(self, now: float | None = None) -> list[Post]:
-        """The workers whose decoding should have ended by now."""
-        now = time.monotonic() if now is None else now
-        return [post for post in self.posts() if post.deadline < now]
-
     def _claim(self) -> int:
         with self._claiming:
             slot = self._claimed.value
