@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 GRACE_S = 30.0  # past --decode_timeout, how long a decoding stuck inside one call is given before its worker ends
 _FIELDS = 4  # pid, task, item, deadline
-_NONE = -1.0  # no task, or no item
+_NONE = -1.0  # no pid, task or item
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Board:
         # No lock around the posts: a worker killed while it held one (ended as stuck just as its decoding ended, or
         # by the out-of-memory killer) would block the pool's process for ever. Each field is one aligned 8-byte
         # write, whole to any reader, and the pool acts only on posts that stay still: a worker stuck, or dead.
-        self._values = context.RawArray("d", [_NONE] * (_FIELDS * workers))
+        self._values = context.RawArray("d", [_NONE, _NONE, _NONE, math.inf] * workers)
         self._claimed = context.RawValue("i", 0)
         self._claiming = context.Lock()  # between starting workers only
         self.workers = workers
@@ -86,22 +86,22 @@ def _post(offset: int, value: float) -> None:
         _board._set(_slot, offset, value)
 
 
-@contextlib.contextmanager
-def task(number: int):
-    """Post that this worker runs the pool's task ``number`` for the block; its item and deadline start empty."""
+def task(number: int) -> None:
+    """Post that this worker runs the pool's task ``number``. It stays posted until the next one: a worker that dies
+    after its task's code, sending its result, died on that task."""
+    _post(2, _NONE)
     _post(1, number)
+
+
+@contextlib.contextmanager
+def item(number: int):
+    """Post that this worker is on ``number``, an item of its task (a shard's row), for the block: a death in it is
+    that item's, and one after it (writing the shard's tar) no item's."""
+    _post(2, number)
     try:
         yield
     finally:
         _post(2, _NONE)
-        _post(3, math.inf)
-        _post(1, _NONE)
-
-
-def item(number: int) -> None:
-    """Post that this worker is now on ``number``, an item of its task (a shard's row); it stays posted until the
-    next one, or the task's end."""
-    _post(2, number)
 
 
 @contextlib.contextmanager

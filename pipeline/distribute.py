@@ -6,6 +6,7 @@ the CSV is streamed: memory does not grow with the number of shards.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -108,10 +109,10 @@ def _run_alone(task: object, settings: object, on_result: Callable, job: Callabl
     """Run ``task`` alone, and what ``on_death`` gives in its place for as long as its worker dies; the death it
     gave nothing for, if any."""
     while True:
-        stuck, suspects, _ = _run_pool(iter([task]), settings, 1, on_result, job, context)
-        if not (stuck or suspects):
+        stuck, suspects, again = _run_pool(iter([task]), settings, 1, on_result, job, context)
+        if not (stuck or suspects or again):
             return []
-        death = (stuck or suspects)[0]
+        death = (stuck or suspects or [Death(task, -1, stuck=False)])[0]  # alone, a death is its own
         task = on_death(death)
         if task is None:
             return [death]
@@ -156,7 +157,8 @@ def _run_pool(
             running = {post.task: post.item for post in posts.posts()}
             # A task on no worker was queued, and is well, unless no task was on one: then a worker died before it
             # took its task (unpickling it, say), and each is a suspect; else such a task went round for ever
-            on_worker = {number for number, _ in pending.values()} & running.keys()
+            failed = {number for future, (number, _) in pending.items() if future.exception() is not None}
+            on_worker = failed & running.keys()
             stuck, suspects, again = [], [], [taken] if taken is not None else []
             for future, (number, task) in pending.items():
                 if future.done() and not future.cancelled() and future.exception() is None:
@@ -182,12 +184,13 @@ def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> Non
     (for ever, when the other workers are stuck). Submitting a no-op makes it look again."""
     now, dead = time.monotonic(), False
     for post in posts.posts():
-        state = _state(post.pid)
+        state = _state(post.pid) if post.pid > 0 else "other"  # never a pid <= 0: kill() takes those for groups
         if post.task >= 0 and state in ("gone", "Z"):
             dead = True
         elif post.deadline < now and post.task not in ended and state == "child":
             ended[post.task] = post.item
-            os.kill(post.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # died and reaped since its /proc was read
+                os.kill(post.pid, signal.SIGKILL)
     if dead:
         pool.submit(int)  # raises BrokenProcessPool if the pool knows already
 
@@ -207,8 +210,8 @@ def _state(pid: int) -> str:
 
 def _posted(job: Callable, number: int, task: object, settings: object):
     """(In a pool worker) ``job(task, settings)``, posted on the board as the pool's task ``number``."""
-    with board.task(number):
-        return job(task, settings)
+    board.task(number)
+    return job(task, settings)
 
 
 def _start_worker(posts: Board) -> None:

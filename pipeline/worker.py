@@ -166,9 +166,9 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
                 failures.append(_failure(row, *died[row.index], transient=True))
                 continue
             retried += previous is not None
-            board.item(row.index)  # the row to blame if this process dies (distribute.run_isolated)
             try:
-                members = make_sample(row, settings.sample, settings.fetch, settings.decode_timeout)
+                with board.item(row.index):  # the row to blame if this process dies in it (distribute.run_isolated)
+                    members = make_sample(row, settings.sample, settings.fetch, settings.decode_timeout)
             except (FetchError, FrameError) as e:
                 failures.append(_failure(row, e.reason, e.detail, getattr(e, "transient", False)))
                 continue

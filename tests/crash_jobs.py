@@ -37,7 +37,10 @@ def stuck_in_one_call():
 
 
 def stuck_on_shard_1(task, settings):
-    """Shard 1's "decoding" under a 0.5 s limit never ends; the other shards are recorded."""
+    """Shard 1's "decoding" under a 0.5 s limit never ends; shard 0 takes 3 s (it is running when shard 1's worker
+    is ended, 1 to 2 s in); the other shards are recorded."""
+    import time
+
     from pipeline import board
     from pipeline.time_limit import decode_limit
 
@@ -45,6 +48,8 @@ def stuck_on_shard_1(task, settings):
     if task.shard == 1:
         with decode_limit(0.5, 4, ""):
             stuck_in_one_call()
+    if task.shard == 0:
+        time.sleep(3)
     return {**record_shard(task, settings), "pid": os.getpid()}
 
 
@@ -77,3 +82,24 @@ class KillsOnArrival:
 
     def __reduce__(self):
         return os._exit, (3,)
+
+
+class _KillsWhenSent:
+    def __reduce__(self):
+        os._exit(5)
+
+
+def dies_sending_shard_1(task, settings):
+    """Shard 1's job ends, and its worker dies pickling the result: after the task's own code."""
+    return _KillsWhenSent() if task.shard == 1 else record_shard(task, settings)
+
+
+def dies_writing_its_tar(task, settings):
+    """The real process_shard, its worker dying as it commits the shard's tar: after every row."""
+    from pipeline import worker
+
+    def commit(self):
+        os._exit(9)
+
+    worker.TarShardWriter.commit = commit
+    return worker.process_shard(task, settings)

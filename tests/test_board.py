@@ -9,7 +9,9 @@ import multiprocessing
 import os
 import shutil
 import time
+from functools import partial
 
+import pytest
 from crash_jobs import record_shard, shard_with_bad_rows, stuck_on_shard_1
 
 from pipeline import board, distribute
@@ -26,11 +28,12 @@ def test_a_worker_posts_its_task_item_and_deadline_and_the_pool_reads_them(monke
     posts = board.Board(FORK, 2)
     assert posts.posts() == []
     monkeypatch.setattr(board, "_board", None)
-    board.item(3)  # outside a pool worker: nothing, and no error
+    with board.item(3), board.deadline(1):  # outside a pool worker: nothing, and no error
+        board.task(2)
     board.attach(posts)
     assert posts.posts() == [board.Post(os.getpid(), -1, -1, math.inf)]
-    with board.task(7):
-        board.item(12)
+    board.task(7)
+    with board.item(12):
         assert posts.posts() == [board.Post(os.getpid(), 7, 12, math.inf)]
         before = time.monotonic()
         with board.deadline(5):
@@ -39,15 +42,21 @@ def test_a_worker_posts_its_task_item_and_deadline_and_the_pool_reads_them(monke
         with board.deadline(0):  # no limit, no deadline
             assert posts.posts()[0].deadline == math.inf
         assert posts.posts()[0].deadline == math.inf and posts.posts()[0].item == 12
-    assert posts.posts() == [board.Post(os.getpid(), -1, -1, math.inf)]
+    # out of the item, the task stays posted until the next: a death sending its result is the task's, no item's
+    assert posts.posts() == [board.Post(os.getpid(), 7, -1, math.inf)]
+    board.task(8)
+    assert posts.posts() == [board.Post(os.getpid(), 8, -1, math.inf)]
     board.attach(posts)
     board.attach(posts)  # a third worker of a 2-worker pool gets no slot, and posts nothing
     assert len(posts.posts()) == 2 and board._slot == -1
 
 
-def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path):
+@pytest.mark.timeout(60)
+def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path, monkeypatch):
     """Shard 1's decoding never comes back to Python, so its 0.5 s timer cannot stop it: the run used to wait for it
-    for ever. Its worker is ended 0.5 s (the grace) past the limit, and every other shard is done."""
+    for ever. Its worker is ended 0.5 s (the grace) past the limit, and every other shard is done, in a pool: the
+    break was this process's doing, so none of them is a suspect to run alone."""
+    alone = spy_alone(monkeypatch)
     results = []
     start = time.monotonic()
     dead = run_isolated(
@@ -59,14 +68,28 @@ def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path):
         FORK,
     )
     assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, True)]
-    assert sorted(r["shard"] for r in results) == [0, 2, 3, 4]
+    assert sorted(r["shard"] for r in results) == [0, 2, 3, 4] and alone == []
     assert time.monotonic() - start < 30
+
+
+def spy_alone(monkeypatch) -> list[int]:
+    """The shards run alone (as suspects), in order."""
+    alone = []
+    real = distribute._run_alone
+
+    def spy(task, *args):
+        alone.append(task.shard)
+        return real(task, *args)
+
+    monkeypatch.setattr(distribute, "_run_alone", spy)
+    return alone
 
 
 def row(index: int, video) -> Row:
     return Row(index, f"v{index}", key=f"v{index}", caption=f"caption {index}", location=str(video))
 
 
+@pytest.mark.timeout(120)
 def test_a_row_that_kills_or_sticks_its_worker_costs_that_row_not_its_shard(tmp_path, videos):
     """A decoder's crash on one row lost its whole shard (1,000 videos), run after run; a call into FFmpeg that never
     returned held the run for ever. Now each fails as its row's failure, and the shard is written without it."""
@@ -111,14 +134,7 @@ def test_only_the_tasks_that_were_running_when_a_worker_died_are_run_alone(tmp_p
     queued ones (on no worker's slot) cannot have killed it, and run again in a pool."""
     from crash_jobs import crash_on_shard_3
 
-    alone = []
-    real = distribute._run_alone
-
-    def spy(task, *args):
-        alone.append(task.shard)
-        return real(task, *args)
-
-    monkeypatch.setattr(distribute, "_run_alone", spy)
+    alone = spy_alone(monkeypatch)
     results = []
     dead = run_isolated(
         [ShardTask(i, (), "fp") for i in range(3, 7)],
@@ -168,6 +184,7 @@ def test_the_pool_ends_only_a_live_child_past_its_deadline_and_is_woken_for_a_de
 
     try:
         past = time.monotonic() - 1
+        assert look((-1, 0, 5, past), (0, 1, 5, past)) == ({}, [])  # kill() takes a pid <= 0 for a process group
         assert look((grandchild, 0, 5, past), (zombie.pid, -1, -1, past)) == ({}, [])  # no child; idle
         for dead in (zombie.pid, reaped.pid):
             assert look((dead, 2, 5, past)) == ({}, [int])
@@ -192,3 +209,32 @@ def test_a_task_whose_worker_dies_before_it_posts_it_is_given_up_not_run_for_eve
     )
     assert sorted((d.task.shard, d.item, d.stuck) for d in dead) == [(0, -1, False), (1, -1, False), (2, -1, False)]
     assert results == []
+
+
+def test_a_worker_that_dies_sending_its_result_is_its_tasks_death_and_no_task_is_lost(tmp_path):
+    """A worker dying after its task's code (pickling the result) had cleared its post: the task looked queued, and
+    alone it was neither a result nor a death, so it was lost without a word."""
+    from crash_jobs import dies_sending_shard_1
+
+    results = []
+    dead = run_isolated(
+        [ShardTask(i, (), "fp") for i in range(3)],
+        ShardSettings(out_dir=str(tmp_path)),
+        2,
+        results.append,
+        dies_sending_shard_1,
+        FORK,
+    )
+    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, False)]
+    assert sorted(r["shard"] for r in results) == [0, 2]
+
+
+def test_a_death_after_the_rows_is_no_rows_and_the_shard_is_reported(tmp_path, videos):
+    """A worker dying as it wrote the shard's tar was blamed on the last row it had made: that row failed as
+    worker_died, the shard was made again, and so on back, one whole shard per row."""
+    from crash_jobs import dies_writing_its_tar
+
+    settings = ShardSettings(out_dir=str(tmp_path))
+    task = ShardTask(0, (row(0, videos["idx60"]), row(1, videos["idx60"])), "fp")
+    dead = run_isolated([task], settings, 1, print, dies_writing_its_tar, FORK, partial(without_row, settings=settings))
+    assert [(d.task, d.item, d.stuck) for d in dead] == [(task, -1, False)]
