@@ -72,6 +72,7 @@ def stuck(frames: int, decode_timeout: float) -> str:
     and its worker process ended: a timeout, tried again under a longer limit only."""
     return f"{DECODE_TIMEOUT}: {stuck_too_long(frames, decode_timeout)}; {MORE_TIME}"
 
+
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
 
 

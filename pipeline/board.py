@@ -6,9 +6,10 @@ Two things need it:
   damaged file). ``--decode_timeout``'s timer cannot stop it: Python runs the timer's handler only between two of
   its own steps. The pool then waited for that worker for ever, and the run never ended. Now a worker posts when
   its decoding must be over by; the pool's process ends it (SIGKILL) ``GRACE_S`` after that.
-- **A worker that dies** (a decoder's segfault, the out-of-memory killer, or the end above). Its task is run again
-  alone, so that the death is known to be its own; the item the worker had posted then names the video that killed
-  it, so a shard can be made again without that one video rather than not at all.
+- **A worker that dies** (a decoder's segfault, the out-of-memory killer, or the end above). The item it had posted
+  names the video that killed it, so a shard can be made again without that one video rather than not at all. (The
+  pool cannot tell which worker died on its own: the tasks that were running are run again alone, so that a death
+  is known to be its task's.)
 
 Each worker has one slot: its pid, the number of the task it runs (given by the pool's process), the item of that
 task it is on (a shard's row), and the monotonic time its current decoding must end by (inf: no limit).
@@ -33,7 +34,7 @@ class Post:
     """What one worker had posted."""
 
     pid: int
-    task: int  # the pool's number for the task; -1 between tasks
+    task: int  # the pool's number for the task it runs or ran last; -1 before its first
     item: int  # the item of the task it was on; -1 for none
     deadline: float  # monotonic seconds; inf for none
 

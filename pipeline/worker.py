@@ -73,8 +73,8 @@ class ShardTask:
     # the stats of the complete shard this task remakes to retry its transient failures (pipeline.shard
     # --retry_failed): its samples are copied from its tar, its other failures kept; None = make every row
     previous: dict | None = None
-    # (row index, reason, detail) of the rows a worker process died on, making this shard before (without_row):
-    # they fail, transiently, without being tried again in this run
+    # (row index, reason, detail) of the rows a worker process died on while making this shard (without_row): they
+    # fail, transiently, without being tried again in this run
     died: tuple[tuple[int, str, str], ...] = ()
 
 
