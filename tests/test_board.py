@@ -27,7 +27,8 @@ FORK = multiprocessing.get_context("fork")
 def test_a_worker_posts_its_task_item_and_deadline_and_the_pool_reads_them(monkeypatch):
     posts = board.Board(FORK, 2)
     assert posts.posts() == []
-    monkeypatch.setattr(board, "_board", None)
+    monkeypatch.setattr(board, "_board", None)  # this process posts as a worker below; both are put back after
+    monkeypatch.setattr(board, "_slot", -1)
     with board.item(3), board.deadline(1):  # outside a pool worker: nothing, and no error
         board.task(2)
     board.attach(posts)

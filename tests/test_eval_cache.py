@@ -222,6 +222,7 @@ def test_a_video_past_decode_timeout_is_stopped_and_decoded_again_only_with_more
     assert "1 more time to decode" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(60)
 def test_a_video_stuck_in_one_call_is_ended_and_decoded_again_only_with_more_time(
     tmp_path, decoded, monkeypatch, capsys
 ):
