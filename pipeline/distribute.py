@@ -157,6 +157,7 @@ def _run_pool(
             running = {post.task: post.item for post in posts.posts()}
             # A task on no worker was queued, and is well, unless no task was on one: then a worker died before it
             # took its task (unpickling it, say), and each is a suspect; else such a task went round for ever
+            # (exception() waits for the pool to have failed them all: it fails each in turn, after the first)
             failed = {number for future, (number, _) in pending.items() if future.exception() is not None}
             on_worker = failed & running.keys()
             stuck, suspects, again = [], [], [taken] if taken is not None else []
@@ -196,8 +197,8 @@ def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> Non
 
 
 def _state(pid: int) -> str:
-    """ "Z" for a zombie (dead, not yet reaped), "gone", "child" for a live child of this process, "other" for another
-    process (a reaped worker's pid taken again), or "child" where there is no /proc to tell (not Linux)."""
+    """What ``pid`` is: "Z", a zombie (dead, not yet reaped); "gone"; "child", a live child of this process; "other",
+    another process (a reaped worker's pid taken again); or "child" where there is no /proc to tell (not Linux)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state, parent = f.read().rsplit(")", 1)[1].split()[:2]
