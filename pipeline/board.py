@@ -7,9 +7,7 @@ Two things need it:
   its own steps. The pool then waited for that worker for ever, and the run never ended. Now a worker posts when
   its decoding must be over by; the pool's process ends it (SIGKILL) ``GRACE_S`` after that.
 - **A worker that dies** (a decoder's segfault, the out-of-memory killer, or the end above). The item it had posted
-  names the video that killed it, so a shard can be made again without that one video rather than not at all. (The
-  pool cannot tell which worker died on its own: the tasks that were running are run again alone, so that a death
-  is known to be its task's.)
+  names the video that killed it, so a shard can be made again without that one video rather than not at all.
 
 Each worker has one slot: its pid, the number of the task it runs (given by the pool's process), the item of that
 task it is on (a shard's row), and the monotonic time its current decoding must end by (inf: no limit).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from pipeline import board
-from pipeline.board import Board
+from pipeline.board import Board, Post
 from pipeline.worker import ShardSettings, ShardTask, process_shard, without_row
 
 OnResult = Callable[[dict], None]
@@ -84,19 +84,20 @@ def run_isolated(
 
     - A worker whose decoding is still going ``board.GRACE_S`` after its limit (stuck inside one call, which the
       limit's timer cannot stop) is ended; the other tasks in flight then run again as they were.
-    - When a worker dies on its own, the tasks that were running are run again one at a time, each alone in a fresh
-      process, so that the one that kills its worker is identified and the others are not lost (those queued run
-      again as they were).
+    - A worker that dies on its own is told by its exit code (the pool ends the others with SIGTERM), and the
+      others' tasks run again as they were. When that cannot tell, the tasks that were running are run again one at
+      a time, each alone in a fresh process, so that the one that kills its worker is identified and the others are
+      not lost (those queued run again as they were).
 
     The death of a task known to be its own goes to ``on_death``, which may give a task to run in its place (a shard
     without the row its worker died on). Returns the deaths it gave none for."""
     dead: list[Death] = []
     tasks = iter(tasks)
     while True:
-        stuck, suspects, again = _run_pool(tasks, settings, workers, on_result, job, context)
-        if not (stuck or suspects or again):
+        deaths, suspects, again = _run_pool(tasks, settings, workers, on_result, job, context)
+        if not (deaths or suspects or again):
             return dead
-        for death in stuck:
+        for death in deaths:
             instead = on_death(death)
             dead.extend([death] if instead is None else [])
             again.extend([] if instead is None else [instead])
@@ -109,10 +110,10 @@ def _run_alone(task: object, settings: object, on_result: Callable, job: Callabl
     """Run ``task`` alone, and what ``on_death`` gives in its place for as long as its worker dies; the death it
     gave nothing for, if any."""
     while True:
-        stuck, suspects, again = _run_pool(iter([task]), settings, 1, on_result, job, context)
-        if not (stuck or suspects or again):
+        deaths, suspects, again = _run_pool(iter([task]), settings, 1, on_result, job, context)
+        if not (deaths or suspects or again):
             return []
-        death = (stuck or suspects or [Death(task, -1, stuck=False)])[0]  # alone, a death is its own
+        death = (deaths or suspects or [Death(task, -1, stuck=False)])[0]  # alone, a death is its own
         task = on_death(death)
         if task is None:
             return [death]
@@ -123,14 +124,16 @@ def _run_pool(
 ) -> tuple[list[Death], list[Death], list]:
     """Run until ``tasks`` is exhausted.
 
-    Returns ``(stuck, suspects, again)``, all empty unless the pool broke: the deaths of the tasks whose worker this
-    ended, stuck past its posted deadline; the tasks running when a worker died on its own, with the item each had
+    Returns ``(deaths, suspects, again)``, all empty unless the pool broke: the deaths known to be their tasks' (a
+    worker this ended, stuck past its posted deadline; or the one worker that died on its own, told by its exit
+    code); the tasks running when a worker died on its own, when which one did is not known, with the item each had
     posted; and the tasks to run again as they are (one taken but not submitted, those queued, and those running
-    when only this process ended a worker).
+    when another's death is known).
     """
     posts = Board(context, workers)
     pending: dict[Future, tuple[int, object]] = {}  # -> the task's number on the board, the task
     ended: dict[int, int] = {}  # the task number of each worker this ended -> the item it was on
+    workers_by_pid: dict = {}  # pid -> the pool's Process, for its exit code once the pool is down
     numbers = itertools.count()
     taken = None
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(posts,)) as pool:
@@ -138,6 +141,7 @@ def _run_pool(
         def submit(task: object) -> None:
             number = next(numbers)
             pending[pool.submit(_posted, job, number, task, settings)] = (number, task)
+            workers_by_pid.update(getattr(pool, "_processes", None) or {})  # a private map: without it, no codes
 
         try:
             for taken in itertools.islice(tasks, 2 * workers):
@@ -153,29 +157,54 @@ def _run_pool(
                     for taken in itertools.islice(tasks, 1):
                         submit(taken)
                         taken = None
+            return [], [], []
         except BrokenProcessPool:
-            running = {post.task: post.item for post in posts.posts()}
-            # A task on no worker was queued, and is well, unless no task was on one: then a worker died before it
-            # took its task (unpickling it, say), and each is a suspect; else such a task went round for ever
-            # (exception() waits for the pool to have failed them all: it fails each in turn, after the first)
-            failed = {number for future, (number, _) in pending.items() if future.exception() is not None}
-            on_worker = failed & running.keys()
-            stuck, suspects, again = [], [], [taken] if taken is not None else []
-            for future, (number, task) in pending.items():
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    on_result(future.result())
-                elif number in ended:
-                    stuck.append(Death(task, ended[number], stuck=True))
-                elif ended or (on_worker and number not in on_worker):  # this process ended a worker, or queued
-                    again.append(task)
-                else:
-                    suspects.append(Death(task, running.get(number, -1), stuck=False))
-            return stuck, suspects, again
+            pass  # sorted out below, once the pool has reaped its workers (their exit codes)
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    return [], [], []
+    return _sort_out(pending, taken, posts.posts(), ended, workers_by_pid, on_result)
+
+
+def _sort_out(
+    pending: dict[Future, tuple[int, object]],
+    taken: object,
+    posts: list[Post],
+    ended: dict[int, int],
+    workers_by_pid: dict,
+    on_result: Callable,
+) -> tuple[list[Death], list[Death], list]:
+    """``_run_pool``'s answer once its pool broke: ``on_result`` of each task done, and (deaths, suspects, again)."""
+    running = {post.task: post for post in posts}
+    # (exception() waits for the pool to have failed them all: it fails each in turn, after the first)
+    failed = {number for future, (number, _) in pending.items() if future.exception() is not None}
+    on_worker = failed & running.keys()
+    # A worker that died on its own is told by its exit code, as the pool ends the others with SIGTERM: its task's
+    # death is known when every worker on a task has a code and it alone is not SIGTERM's. Else (no map of the
+    # pool's processes, a Python that ends them otherwise) the tasks that were running are suspects, to run alone.
+    codes = {number: _exit_code(workers_by_pid, running[number].pid) for number in on_worker}
+    own = [number for number, code in codes.items() if code is not None and code != -signal.SIGTERM]
+    known = dict(ended)  # task number -> item
+    if not ended and len(own) == 1 and None not in codes.values():
+        known[own[0]] = running[own[0]].item
+    deaths, suspects, again = [], [], [taken] if taken is not None else []
+    for future, (number, task) in pending.items():
+        if future.exception() is None:
+            on_result(future.result())
+        elif number in known:
+            deaths.append(Death(task, known[number], stuck=bool(ended)))
+        elif known or (on_worker and number not in on_worker):  # well: another's death is known, or it was queued
+            again.append(task)
+        else:
+            suspects.append(Death(task, running[number].item if number in running else -1, stuck=False))
+    return deaths, suspects, again
+
+
+def _exit_code(workers_by_pid: dict, pid: int) -> int | None:
+    """The exit code of the pool's worker ``pid``, if the pool's map of its processes said which it is."""
+    process = workers_by_pid.get(pid)
+    return None if process is None else process.exitcode
 
 
 def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> None:

@@ -8,8 +8,17 @@ def record_shard(task, settings):
 
 
 def crash_on_shard_3(task, settings):
+    """Shard 3's worker vanishes (like a segfault in a decoder) once shard 0, which takes 2 s, is running."""
+    import time
+    from pathlib import Path
+
+    if task.shard == 0:
+        Path(settings.out_dir, "0.running").touch()
+        time.sleep(2)
     if task.shard == 3:
-        os._exit(7)  # like a segfault in a decoder: the process vanishes
+        while not Path(settings.out_dir, "0.running").exists():
+            time.sleep(0.01)
+        os._exit(7)
     return record_shard(task, settings)
 
 
