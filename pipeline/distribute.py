@@ -84,10 +84,9 @@ def run_isolated(
 
     - A worker whose decoding is still going ``board.GRACE_S`` after its limit (stuck inside one call, which the
       limit's timer cannot stop) is ended; the other tasks in flight then run again as they were.
-    - A worker that dies on its own is told by its exit code (the pool ends the others with SIGTERM), and the
-      others' tasks run again as they were. When that cannot tell, the tasks that were running are run again one at
-      a time, each alone in a fresh process, so that the one that kills its worker is identified and the others are
-      not lost (those queued run again as they were).
+    - When a worker dies on its own, its task (told by its exit code: the pool ends the others with SIGTERM), or
+      where that cannot tell every task that was running, is run again alone in a fresh process, so that a death is
+      known to be its task's; the other tasks run again as they were.
 
     The death of a task known to be its own goes to ``on_death``, which may give a task to run in its place (a shard
     without the row its worker died on). Returns the deaths it gave none for."""
@@ -124,11 +123,10 @@ def _run_pool(
 ) -> tuple[list[Death], list[Death], list]:
     """Run until ``tasks`` is exhausted.
 
-    Returns ``(deaths, suspects, again)``, all empty unless the pool broke: the deaths known to be their tasks' (a
-    worker this ended, stuck past its posted deadline; or the one worker that died on its own, told by its exit
-    code); the tasks running when a worker died on its own, when which one did is not known, with the item each had
-    posted; and the tasks to run again as they are (one taken but not submitted, those queued, and those running
-    when another's death is known).
+    Returns ``(deaths, suspects, again)``, all empty unless the pool broke: the deaths of the tasks whose worker
+    this ended, stuck past its posted deadline; the tasks that may have killed a worker that died on its own (the
+    one its exit code names, else every one that was running), with the item each had posted; and the tasks to run
+    again as they are (one taken but not submitted, those queued, and the others that were running).
     """
     posts = Board(context, workers)
     pending: dict[Future, tuple[int, object]] = {}  # -> the task's number on the board, the task
@@ -180,21 +178,23 @@ def _sort_out(
     # (exception() waits for the pool to have failed them all: it fails each in turn, after the first)
     failed = {number for future, (number, _) in pending.items() if future.exception() is not None}
     on_worker = failed & running.keys()
-    # A worker that died on its own is told by its exit code, as the pool ends the others with SIGTERM: its task's
-    # death is known when every worker on a task has a code and it alone is not SIGTERM's. Else (no map of the
-    # pool's processes, a Python that ends them otherwise) the tasks that were running are suspects, to run alone.
-    codes = {number: _exit_code(workers_by_pid, running[number].pid) for number in on_worker}
-    own = [number for number, code in codes.items() if code is not None and code != -signal.SIGTERM]
-    known = dict(ended)  # task number -> item
-    if not ended and len(own) == 1 and None not in codes.values():
-        known[own[0]] = running[own[0]].item
+    # A worker that died on its own is told by its exit code, as the pool ends the others with SIGTERM: when every
+    # worker of the pool has a code, only one is not SIGTERM's, and that one was on a task, that task alone is the
+    # suspect. Else (no map of the pool's processes, a Python that ends them otherwise) every task that was running
+    # is. A suspect still runs alone before its death is taken as its own: a crash can surface in a later task than
+    # the one that caused it (a heap corrupted by an earlier video), or the out-of-memory killer pick any worker.
+    codes = {pid: _exit_code(workers_by_pid, pid) for pid in workers_by_pid}
+    own = [pid for pid, code in codes.items() if code != -signal.SIGTERM]
+    on_task = {running[number].pid: number for number in on_worker}
+    if codes and None not in codes.values() and len(own) == 1 and own[0] in on_task:
+        on_worker = {on_task[own[0]]}
     deaths, suspects, again = [], [], [taken] if taken is not None else []
     for future, (number, task) in pending.items():
         if future.exception() is None:
             on_result(future.result())
-        elif number in known:
-            deaths.append(Death(task, known[number], stuck=bool(ended)))
-        elif known or (on_worker and number not in on_worker):  # well: another's death is known, or it was queued
+        elif number in ended:
+            deaths.append(Death(task, ended[number], stuck=True))
+        elif ended or (on_worker and number not in on_worker):  # well: this process ended a worker, or not the one
             again.append(task)
         else:
             suspects.append(Death(task, running[number].item if number in running else -1, stuck=False))

@@ -8,13 +8,13 @@ def record_shard(task, settings):
 
 
 def crash_on_shard_3(task, settings):
-    """Shard 3's worker vanishes (like a segfault in a decoder) once shard 0, which takes 2 s, is running."""
+    """Shard 3's worker vanishes (like a segfault in a decoder) once shard 0, which takes 4 s, is running."""
     import time
     from pathlib import Path
 
     if task.shard == 0:
         Path(settings.out_dir, "0.running").touch()
-        time.sleep(2)
+        time.sleep(4)
     if task.shard == 3:
         while not Path(settings.out_dir, "0.running").exists():
             time.sleep(0.01)
@@ -112,3 +112,15 @@ def dies_writing_its_tar(task, settings):
 
     worker.TarShardWriter.commit = commit
     return worker.process_shard(task, settings)
+
+
+def leaves_a_crash_behind_on_shard_1(task, settings):
+    """Shard 1 starts a thread that ends its worker 0.5 s later, while it works on shard 2 (1 s); its task ends."""
+    import threading
+    import time
+
+    if task.shard == 1:
+        threading.Timer(0.5, os._exit, (7,)).start()
+    if task.shard == 2:
+        time.sleep(1)
+    return record_shard(task, settings)
