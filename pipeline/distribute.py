@@ -183,7 +183,7 @@ def _sort_out(
     # suspect. Else (no map of the pool's processes, a Python that ends them otherwise) every task that was running
     # is. A suspect still runs alone before its death is taken as its own: a crash can surface in a later task than
     # the one that caused it (a heap corrupted by an earlier video), or the out-of-memory killer pick any worker.
-    codes = {pid: _exit_code(workers_by_pid, pid) for pid in workers_by_pid}
+    codes = _exit_codes(workers_by_pid)
     own = [pid for pid, code in codes.items() if code != -signal.SIGTERM]
     on_task = {running[number].pid: number for number in on_worker}
     if codes and None not in codes.values() and len(own) == 1 and own[0] in on_task:
@@ -201,10 +201,9 @@ def _sort_out(
     return deaths, suspects, again
 
 
-def _exit_code(workers_by_pid: dict, pid: int) -> int | None:
-    """The exit code of the pool's worker ``pid``, if the pool's map of its processes said which it is."""
-    process = workers_by_pid.get(pid)
-    return None if process is None else process.exitcode
+def _exit_codes(workers_by_pid: dict) -> dict[int, int | None]:
+    """The exit code of each of the pool's workers, by pid (None: not ended, which a pool that broke has not left)."""
+    return {pid: process.exitcode for pid, process in workers_by_pid.items()}
 
 
 def _look(posts: Board, ended: dict[int, int], pool: ProcessPoolExecutor) -> None:

@@ -140,7 +140,7 @@ def test_a_worker_that_dies_is_told_by_its_exit_code_else_the_running_tasks_run_
     from crash_jobs import crash_on_shard_3
 
     if codes == "unknown":
-        monkeypatch.setattr(distribute, "_exit_code", lambda workers_by_pid, pid: None)
+        monkeypatch.setattr(distribute, "_exit_codes", lambda workers_by_pid: dict.fromkeys(workers_by_pid))
     alone = spy_alone(monkeypatch)
     results = []
     dead = run_isolated(
