@@ -133,7 +133,7 @@ def _run_pool(
     ended: dict[int, int] = {}  # the task number of each worker this ended -> the item it was on
     workers_by_pid: dict = {}  # pid -> the pool's Process, for its exit code once the pool is down
     numbers = itertools.count()
-    taken = None
+    taken, next_look = None, 0.0
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(posts,)) as pool:
 
         def submit(task: object) -> None:
@@ -146,8 +146,10 @@ def _run_pool(
                 submit(taken)
                 taken = None
             while pending:
-                done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                _look(posts, ended, pool)
+                done, _ = wait(pending, timeout=max(0.0, next_look - time.monotonic()), return_when=FIRST_COMPLETED)
+                if time.monotonic() >= next_look:  # every POLL_S, not after every result (thousands of short videos)
+                    _look(posts, ended, pool)
+                    next_look = time.monotonic() + POLL_S
                 for future in done:
                     result = future.result()  # raises BrokenProcessPool if a worker died
                     del pending[future]

@@ -3,6 +3,7 @@ costs that row only (pipeline.board, distribute.run_isolated, worker.without_row
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -263,3 +264,24 @@ def test_a_death_after_the_rows_is_no_rows_and_the_shard_is_reported(tmp_path, v
     task = ShardTask(0, (row(0, videos["idx60"]), row(1, videos["idx60"])), "fp")
     dead = run_isolated([task], settings, 1, print, dies_writing_its_tar, FORK, partial(without_row, settings=settings))
     assert [(d.task, d.item, d.stuck) for d in dead] == [(task, -1, False)]
+
+
+def test_the_pool_looks_at_the_posts_once_a_second_not_after_every_result(tmp_path, monkeypatch):
+    """The look reads each worker's /proc entry: after every result, a cache of thousands of short videos paid it
+    thousands of times a second."""
+    looks = []
+    real = distribute._look
+    monkeypatch.setattr(distribute, "_look", lambda *args: looks.append(time.monotonic()) or real(*args))
+    results = []
+    start = time.monotonic()
+    run_isolated(
+        [ShardTask(i, (), "fp") for i in range(200)],
+        ShardSettings(out_dir=str(tmp_path)),
+        2,
+        results.append,
+        record_shard,
+        FORK,
+    )
+    assert len(results) == 200
+    assert len(looks) <= (time.monotonic() - start) / distribute.POLL_S + 1, (len(looks), time.monotonic() - start)
+    assert all(b - a >= distribute.POLL_S * 0.99 for a, b in itertools.pairwise(looks))
