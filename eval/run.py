@@ -52,7 +52,7 @@ from pipeline.cli import (
     write_failed,
 )
 from pipeline.folder_lock import LOCK_NAME, lock_folder
-from pipeline.time_limit import DECODE_TIMEOUT, decode_timeout_problems
+from pipeline.time_limit import decode_timeout_problems, limit_of
 from pipeline.writer import remove_temporaries
 from train.distributed import device_choice, init_distributed
 from train.fuse import fuse_state_dicts, trained_with
@@ -347,7 +347,7 @@ def run(
     empty = [d for d in datasets if d.items and not caches[d.name].found]
     for d in empty:
         reasons = caches[d.name].missing
-        timed_out = [item for item in d.items if reasons.get(item.id, "").startswith(DECODE_TIMEOUT)]
+        timed_out = [item for item in d.items if limit_of(reasons.get(item.id, "")) is not None]  # as the cache tells
         hints = []
         if len(timed_out) < len(d.items):  # some not found (or not decodable): a wrong folder, most often
             hints.append(
