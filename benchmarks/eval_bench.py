@@ -55,7 +55,7 @@ from eval.features import class_embeddings, iter_frames, video_embeddings
 from eval.frame_cache import CacheSettings, FrameCache, build_cache
 from eval.prompts import UCF101_TEMPLATES, camel_case_to_words, class_prompts
 from pipeline.cli import count_problems, fire_main, folder_problems, refuse
-from pipeline.distribute import run_isolated
+from pipeline.pool import run_isolated
 from pipeline.synthetic import write_webvid_like_clip
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train.data import EvalTransform

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from eval.datasets.base import EvalDataset, Item
 from pipeline.cli import error_line
-from pipeline.distribute import run_isolated
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
+from pipeline.pool import run_isolated
 from pipeline.time_limit import DECODE_TIMEOUT, decode_limit, limit_of, stuck_too_long
 from pipeline.writer import (
     SHARD_TAR,

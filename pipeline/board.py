@@ -1,6 +1,6 @@
-"""What each pool worker is doing, posted in shared memory where the process that runs the pool reads it.
+"""What each pool worker is on, posted in shared memory where the process that runs the pool reads it.
 
-Two things need it:
+Two things need it (``pipeline.pool``):
 
 - **A call into FFmpeg that never returns** (a demuxer going round in circles inside one ``av_read_frame`` on a
   damaged file). ``--decode_timeout``'s timer cannot stop it: Python runs the timer's handler only between two of
@@ -9,75 +9,64 @@ Two things need it:
 - **A worker that dies** (a decoder's segfault, the out-of-memory killer, or the end above). The item it had posted
   names the video that killed it, so a shard can be made again without that one video rather than not at all.
 
-Each worker has one slot: its pid, the number of the task it runs (given by the pool's process), the item of that
-task it is on (a shard's row), and the monotonic time its current decoding must end by (inf: no limit).
-``time.monotonic`` is the same clock in every process of a Linux machine.
+Each worker has one slot, given by the pool's process: the item of its task it is on (a shard's row), and the
+monotonic time its current decoding must end by (inf: no limit). ``time.monotonic`` is the same clock in every
+process of a Linux machine. The pool knows which task and pid each worker has; only these two change inside a task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
 GRACE_S = 30.0  # past --decode_timeout, how long a decoding stuck inside one call is given before its worker ends
-_FIELDS = 4  # pid, task, item, deadline
-_NONE = -1.0  # no pid, task or item
+_FIELDS = 2  # item, deadline
+_NONE = -1.0  # no item
 
 
 @dataclass(frozen=True)
 class Post:
     """What one worker had posted."""
 
-    pid: int
-    task: int  # the pool's number for the task it runs or ran last; -1 before its first
-    item: int  # the item of the task it was on; -1 for none
+    item: int  # the item of its task it was on; -1 for none
     deadline: float  # monotonic seconds; inf for none
 
 
 class Board:
-    """One slot per worker of one pool, claimed in the order the workers start. Made by the pool's process, handed to
-    each worker by its initializer (``attach``)."""
+    """One slot per worker of one pool. Made by the pool's process, handed to each worker as it starts, with the
+    slot it posts in (``attach``)."""
 
     def __init__(self, context, workers: int):
         # No lock around the posts: a worker killed while it held one (ended as stuck just as its decoding ended, or
         # by the out-of-memory killer) would block the pool's process for ever. Each field is one aligned 8-byte
         # write, whole to any reader, and the pool acts only on posts that stay still: a worker stuck, or dead.
-        self._values = context.RawArray("d", [_NONE, _NONE, _NONE, math.inf] * workers)
-        self._claimed = context.RawValue("i", 0)
-        self._claiming = context.Lock()  # between starting workers only
+        self._values = context.RawArray("d", [_NONE, math.inf] * workers)
         self.workers = workers
 
-    def posts(self) -> list[Post]:
-        """Every claimed slot, as it is now."""
-        values = self._values[: _FIELDS * self._claimed.value]
-        slots = [values[i : i + _FIELDS] for i in range(0, len(values), _FIELDS)]
-        return [Post(int(pid), int(task), int(item), deadline) for pid, task, item, deadline in slots]
+    def post(self, slot: int) -> Post:
+        """What the worker in ``slot`` has posted, now."""
+        item, deadline = self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS]
+        return Post(int(item), deadline)
 
-    def _claim(self) -> int:
-        with self._claiming:
-            slot = self._claimed.value
-            if slot >= self.workers:
-                return -1
-            self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS] = [os.getpid(), _NONE, _NONE, math.inf]
-            self._claimed.value += 1  # after the slot is written: the pool reads only the claimed ones
-            return slot
+    def clear(self, slot: int) -> None:
+        """Empty ``slot`` for the worker that takes it next (its last one dead)."""
+        self._values[_FIELDS * slot : _FIELDS * slot + _FIELDS] = [_NONE, math.inf]
 
     def _set(self, slot: int, offset: int, value: float) -> None:
         self._values[_FIELDS * slot + offset] = value
 
 
-# This process's board and slot, when it is a pool worker that claimed one (``attach``); otherwise posting is a no-op.
+# This process's board and slot, when it is a pool worker (``attach``); otherwise posting is a no-op.
 _board: Board | None = None
 _slot = -1
 
 
-def attach(board: Board) -> None:
-    """(In a pool worker, at its start) claim a slot of ``board`` for this process's posts."""
+def attach(board: Board, slot: int) -> None:
+    """(In a pool worker, at its start) post in ``slot`` of ``board``."""
     global _board, _slot
-    _board, _slot = board, board._claim()
+    _board, _slot = board, slot
 
 
 def _post(offset: int, value: float) -> None:
@@ -85,22 +74,15 @@ def _post(offset: int, value: float) -> None:
         _board._set(_slot, offset, value)
 
 
-def task(number: int) -> None:
-    """Post that this worker runs the pool's task ``number``. It stays posted until the next one: a worker that dies
-    after its task's code, sending its result, died on that task."""
-    _post(2, _NONE)
-    _post(1, number)
-
-
 @contextlib.contextmanager
 def item(number: int):
     """Post that this worker is on ``number``, an item of its task (a shard's row), for the block: a death in it is
     that item's, and one after it (writing the shard's tar) no item's."""
-    _post(2, number)
+    _post(0, number)
     try:
         yield
     finally:
-        _post(2, _NONE)
+        _post(0, _NONE)
 
 
 @contextlib.contextmanager
@@ -110,8 +92,8 @@ def deadline(seconds: float):
     if not seconds:
         yield
         return
-    _post(3, time.monotonic() + seconds + GRACE_S)  # read when the block starts: a test's worker may lower it
+    _post(1, time.monotonic() + seconds + GRACE_S)  # read when the block starts: a test's worker may lower it
     try:
         yield
     finally:
-        _post(3, math.inf)
+        _post(1, math.inf)

@@ -20,6 +20,7 @@ from pipeline import board
 from pipeline.fetch import FetchConfig, FetchError, fetch, is_transient
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
+from pipeline.pool import how_it_ended
 from pipeline.source import Row
 from pipeline.time_limit import DECODE_TIMEOUT, RETRY_LONGER, decode_limit, stuck_too_long
 from pipeline.writer import (
@@ -227,7 +228,7 @@ class _PreviousSamples:
 
 
 def without_row(death, settings: ShardSettings) -> ShardTask | None:
-    """The shard task of ``death`` (a ``distribute.Death``) made again without the row its worker process died on,
+    """The shard task of ``death`` (a ``pool.Death``) made again without the row its worker process died on,
     that row failing as ``DECODE_TIMEOUT`` (stuck in one call past ``--decode_timeout``) or ``WORKER_DIED``; None if
     the worker died outside its rows. Both are transient: ``--retry_failed`` tries the row again (an out-of-memory
     kill, or a busy machine's slow decoding, may not happen again)."""
@@ -237,7 +238,7 @@ def without_row(death, settings: ShardSettings) -> ShardTask | None:
     if death.stuck:
         failure = (DECODE_TIMEOUT, stuck_too_long(settings.sample.frames, settings.decode_timeout) + RETRY_LONGER)
     else:
-        failure = (WORKER_DIED, "the process making its sample died (a crash in the decoder, or killed for memory)")
+        failure = (WORKER_DIED, f"the process making its sample died: {how_it_ended(death.code)}")
     return replace(task, died=(*task.died, (death.item, *failure)))
 
 

@@ -7,11 +7,24 @@ def record_shard(task, settings):
     return {"shard": task.shard, "count": 0, "ok": 0, "failed": {}}
 
 
+def note_start(task, settings):
+    """Add the task's shard to OUT/starts, one line a start (appends this short are whole)."""
+    with open(os.path.join(settings.out_dir, "starts"), "a") as f:
+        f.write(f"{task.shard}\n")
+
+
+def starts(out_dir) -> list[int]:
+    """The shards started, in order (note_start)."""
+    with open(os.path.join(out_dir, "starts")) as f:
+        return [int(line) for line in f]
+
+
 def crash_on_shard_3(task, settings):
     """Shard 3's worker vanishes (like a segfault in a decoder) once shard 0, which takes 4 s, is running."""
     import time
     from pathlib import Path
 
+    note_start(task, settings)
     if task.shard == 0:
         Path(settings.out_dir, "0.running").touch()
         time.sleep(4)
@@ -54,6 +67,7 @@ def stuck_on_shard_1(task, settings):
     from pipeline.time_limit import decode_limit
 
     board.GRACE_S = 0.5
+    note_start(task, settings)
     if task.shard == 1:
         with decode_limit(0.5, 4, ""):
             stuck_in_one_call()
@@ -123,4 +137,23 @@ def leaves_a_crash_behind_on_shard_1(task, settings):
         threading.Timer(0.5, os._exit, (7,)).start()
     if task.shard == 2:
         time.sleep(1)
+    return record_shard(task, settings)
+
+
+def raises_on_shard_1(task, settings):
+    """Shard 1 raises once shard 0 is running; shard 0 would take a minute, and notes when it is cut short."""
+    import time
+    from pathlib import Path
+
+    out = Path(settings.out_dir)
+    if task.shard == 0:
+        (out / "0.running").touch()
+        try:
+            time.sleep(60)
+        finally:
+            (out / "0.cleaned").touch()
+    if task.shard == 1:
+        while not (out / "0.running").exists():
+            time.sleep(0.01)
+        raise ValueError("shard 1 is bad")
     return record_shard(task, settings)

@@ -912,13 +912,19 @@ def test_the_tar_read_bench_reads_every_sample_with_both_readers(capsys):
     assert "ours / webdataset: " in out
 
 
-def test_the_board_bench_times_the_posts_the_sample_and_the_look(capsys, monkeypatch):
-    from benchmarks import board_bench
+def test_the_pool_bench_runs_both_pools_side_by_side_and_times_the_posts(capsys, monkeypatch):
+    from benchmarks import pool_bench
     from pipeline import board
 
     monkeypatch.setattr(board, "_board", None)  # it attaches this process to its board, as a worker
     monkeypatch.setattr(board, "_slot", -1)
-    board_bench.main(videos=20, workers=2, repeats=1)
+    pool_bench.main(workers=2, tasks=20, task_ms=5, shard_s=1, videos=20, repeats=1)
     out = capsys.readouterr().out
-    assert "| a worker's posts for one video |" in out and "| make_sample of one WebVid-like clip |" in out
-    assert "| the pool's look over 2 slots |" in out and "posts / sample: " in out
+    for name in ("pipeline.pool", "ProcessPoolExecutor"):
+        assert f"| {name}: per task, tasks that return at once (µs) |" in out
+        assert f"| {name}: 1 task(s) of 1 s beside one dying, seconds to the end |" in out
+    # the point of the pool: the executor's break made the other long task again from its start, ours did not
+    assert "| pipeline.pool: the same, long tasks started again | 0.00 | 0.00 |" in out
+    assert "| ProcessPoolExecutor: the same, long tasks started again | 1.00 | 1.00 |" in out
+    assert "| a worker's posts for one video (µs) |" in out and "posts / sample: " in out
+    assert "ours / ProcessPoolExecutor, seconds to the end: " in out

@@ -1,5 +1,5 @@
 """A worker stuck inside one call that --decode_timeout's timer cannot stop is ended, and the row a worker dies on
-costs that row only (pipeline.board, distribute.run_isolated, worker.without_row)."""
+costs that row only, while the other workers go on (pipeline.board, pipeline.pool, worker.without_row)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import shutil
+import signal
 import time
 from functools import partial
 
 import pytest
-from crash_jobs import record_shard, shard_with_bad_rows, stuck_on_shard_1
+from crash_jobs import record_shard, shard_with_bad_rows, starts, stuck_on_shard_1
 
-from pipeline import board, distribute
-from pipeline.distribute import Death, run_isolated, run_local
+from pipeline import board, pool
+from pipeline.distribute import run_local
+from pipeline.pool import Death, run_isolated
 from pipeline.source import Row
 from pipeline.time_limit import limit_of, stuck_too_long
 from pipeline.worker import WORKER_DIED, ShardSettings, ShardTask, without_row
@@ -26,40 +27,36 @@ FORK = multiprocessing.get_context("fork")
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def test_a_worker_posts_its_task_item_and_deadline_and_the_pool_reads_them(monkeypatch):
+def test_a_worker_posts_its_item_and_deadline_and_the_pool_reads_them(monkeypatch):
     posts = board.Board(FORK, 2)
-    assert posts.posts() == []
+    assert posts.post(0) == posts.post(1) == board.Post(-1, math.inf)
     monkeypatch.setattr(board, "_board", None)  # this process posts as a worker below; both are put back after
     monkeypatch.setattr(board, "_slot", -1)
     with board.item(3), board.deadline(1):  # outside a pool worker: nothing, and no error
-        board.task(2)
-    board.attach(posts)
-    assert posts.posts() == [board.Post(os.getpid(), -1, -1, math.inf)]
-    board.task(7)
+        pass
+    assert posts.post(0) == posts.post(1) == board.Post(-1, math.inf)
+    board.attach(posts, 1)
     with board.item(12):
-        assert posts.posts() == [board.Post(os.getpid(), 7, 12, math.inf)]
+        assert posts.post(1) == board.Post(12, math.inf)
         before = time.monotonic()
         with board.deadline(5):
-            (post,) = posts.posts()
+            post = posts.post(1)
             assert before + 5 + board.GRACE_S <= post.deadline <= time.monotonic() + 5 + board.GRACE_S
         with board.deadline(0):  # no limit, no deadline
-            assert posts.posts()[0].deadline == math.inf
-        assert posts.posts()[0].deadline == math.inf and posts.posts()[0].item == 12
-    # out of the item, the task stays posted until the next: a death sending its result is the task's, no item's
-    assert posts.posts() == [board.Post(os.getpid(), 7, -1, math.inf)]
-    board.task(8)
-    assert posts.posts() == [board.Post(os.getpid(), 8, -1, math.inf)]
-    board.attach(posts)
-    board.attach(posts)  # a third worker of a 2-worker pool gets no slot, and posts nothing
-    assert len(posts.posts()) == 2 and board._slot == -1
+            assert posts.post(1).deadline == math.inf
+        assert posts.post(1) == board.Post(12, math.inf)
+    assert posts.post(1) == board.Post(-1, math.inf)  # out of the item: a death now (writing the tar) is no row's
+    assert posts.post(0) == board.Post(-1, math.inf)  # the other slot is untouched
+    with board.item(4), board.deadline(5):
+        posts.clear(1)  # for the next worker in the slot, its last one dead in the middle of the block
+        assert posts.post(1) == board.Post(-1, math.inf)
 
 
 @pytest.mark.timeout(60)
-def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path, monkeypatch):
+def test_a_worker_stuck_in_one_call_is_ended_and_the_others_go_on(tmp_path):
     """Shard 1's decoding never comes back to Python, so its 0.5 s timer cannot stop it: the run used to wait for it
-    for ever. Its worker is ended 0.5 s (the grace) past the limit, and every other shard is done, in a pool: the
-    break was this process's doing, so none of them is a suspect to run alone."""
-    alone = spy_alone(monkeypatch)
+    for ever. Its worker is ended 0.5 s (the grace) past the limit, and the other worker goes on with shard 0 (3 s),
+    not made again from its start as when the whole pool broke."""
     results = []
     start = time.monotonic()
     dead = run_isolated(
@@ -70,22 +67,10 @@ def test_a_worker_stuck_in_one_call_is_ended_and_the_others_finish(tmp_path, mon
         stuck_on_shard_1,
         FORK,
     )
-    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, True)]
-    assert sorted(r["shard"] for r in results) == [0, 2, 3, 4] and alone == []
+    assert [(d.task.shard, d.item, d.stuck, d.code) for d in dead] == [(1, -1, True, -signal.SIGKILL)]
+    assert sorted(r["shard"] for r in results) == [0, 2, 3, 4]
+    assert sorted(starts(tmp_path)) == [0, 1, 2, 3, 4]  # each once: the stuck one is not tried again
     assert time.monotonic() - start < 30
-
-
-def spy_alone(monkeypatch) -> list[int]:
-    """The shards run alone (as suspects), in order."""
-    alone = []
-    real = distribute._run_alone
-
-    def spy(task, *args):
-        alone.append(task.shard)
-        return real(task, *args)
-
-    monkeypatch.setattr(distribute, "_run_alone", spy)
-    return alone
 
 
 def row(index: int, video) -> Row:
@@ -115,6 +100,7 @@ def test_a_row_that_kills_or_sticks_its_worker_costs_that_row_not_its_shard(tmp_
     failures = {f["row"]: f for shard in (0, 1) for f in json.loads(stats_path(out, shard).read_text())["failures"]}
     assert sorted(failures) == [1, 4], failures
     assert failures[1]["reason"] == WORKER_DIED and failures[1]["transient"], failures
+    assert failures[1]["detail"].endswith("it exited with code 11"), failures
     assert failures[4]["reason"] == "decode_timeout" and failures[4]["transient"], failures
     assert failures[4]["detail"].startswith(stuck_too_long(4, 1)), failures
     assert "--retry_failed" in failures[4]["detail"]
@@ -132,17 +118,12 @@ def test_a_death_outside_the_rows_or_on_a_row_it_died_on_before_gives_no_task():
     assert [d[:2] for d in stuck.died] == [(5, WORKER_DIED), (6, "decode_timeout")]
 
 
-@pytest.mark.parametrize("codes", ["known", "unknown"])
-def test_a_worker_that_dies_is_told_by_its_exit_code_else_the_running_tasks_run_alone(tmp_path, monkeypatch, codes):
-    """Each task in flight was run again alone, one after another: twice the workers' number of whole shards (at 16
-    workers and 1,000 videos a shard, half an hour on one core per death). The dead worker is told by its exit code
-    (the pool ends the others with SIGTERM), so only its task is; where the codes are not known, only the tasks that
-    were running are (queued ones, on no worker's slot, cannot have killed it)."""
+def test_a_worker_that_dies_on_its_own_costs_its_task_and_the_others_go_on(tmp_path):
+    """Each task in flight was run again (alone, one after another, when the dead worker could not be told): at 16
+    workers and 1,000 videos a shard, half an hour on one core per death. Only the dead worker's task is run again
+    (once, to tell a death of its own), while shard 0 (4 s) goes on in the other worker."""
     from crash_jobs import crash_on_shard_3
 
-    if codes == "unknown":
-        monkeypatch.setattr(distribute, "_exit_codes", lambda workers_by_pid: dict.fromkeys(workers_by_pid))
-    alone = spy_alone(monkeypatch)
     results = []
     dead = run_isolated(
         [ShardTask(i, (), "fp") for i in (0, 3, 4, 5, 6)],
@@ -152,14 +133,14 @@ def test_a_worker_that_dies_is_told_by_its_exit_code_else_the_running_tasks_run_
         crash_on_shard_3,
         SPAWN,
     )
-    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(3, -1, False)]
+    assert [(d.task.shard, d.item, d.stuck, d.code) for d in dead] == [(3, -1, False, 7)]
     assert sorted(r["shard"] for r in results) == [0, 4, 5, 6]
-    assert alone == ([3] if codes == "known" else [0, 3])
+    assert sorted(starts(tmp_path)) == [0, 3, 3, 4, 5, 6]
 
 
-def test_a_task_named_by_an_exit_code_is_still_run_alone_before_it_is_blamed(tmp_path):
+def test_a_task_whose_worker_dies_is_run_once_more_before_it_is_blamed(tmp_path):
     """A crash can surface in a later task than the one that caused it: shard 1 leaves a thread that ends its worker
-    0.5 s later, on shard 2. Blamed on its exit code alone, shard 2 failed; run alone, it is made."""
+    0.5 s later, on shard 2. Blamed at once, shard 2 failed; run once more, it is made."""
     from crash_jobs import leaves_a_crash_behind_on_shard_1
 
     results = []
@@ -174,72 +155,48 @@ def test_a_task_named_by_an_exit_code_is_still_run_alone_before_it_is_blamed(tmp
     assert dead == [] and sorted(r["shard"] for r in results) == [1, 2, 3]
 
 
-def test_the_pool_ends_only_a_live_child_past_its_deadline_and_is_woken_for_a_dead_one():
-    """A worker that died (a zombie until the pool reaps it, or reaped) keeps its posts: it is not "ended" as stuck,
-    and no other process that took its pid is. The pool is woken instead, to see it dead."""
-    import signal
-    import subprocess
-    import sys
-
-    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    while distribute._state(zombie.pid) != "Z":
-        time.sleep(0.01)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
-    reaped.wait()
-    spawner = (  # the grandchild must not hold the capture pipe open, or run() waits for it
-        "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
-    )
-    grandchild = int(subprocess.run([sys.executable, "-c", spawner], capture_output=True, text=True).stdout)
-
-    class Pool:
-        def __init__(self):
-            self.submitted = []
-
-        def submit(self, fn):
-            self.submitted.append(fn)
-
-    def look(*slots):
-        posts = board.Board(FORK, len(slots))
-        posts._claimed.value = len(slots)
-        posts._values[:] = [value for slot in slots for value in slot]
-        ended, pool = {}, Pool()
-        distribute._look(posts, ended, pool)
-        return ended, pool.submitted
-
+def test_the_look_ends_only_a_busy_live_worker_past_its_deadline():
+    """The look reads each worker's posted deadline: a worker past it is killed and the item it was on noted; one
+    within it, one idle (a deadline left from a death in its slot), one already dead, or one ended before, is not."""
+    posts = board.Board(FORK, 5)
+    crew = []
+    for slot in range(5):
+        process = FORK.Process(target=time.sleep, args=(0 if slot == 3 else 60,))
+        process.start()
+        crew.append(pool._Worker(process, None, slot, entry=pool._Entry("task"), ready=True))
+    crew[1].entry = None
+    crew[4].ended = 2
     try:
+        crew[3].process.join()
         past = time.monotonic() - 1
-        assert look((-1, 0, 5, past), (0, 1, 5, past)) == ({}, [])  # kill() takes a pid <= 0 for a process group
-        assert look((grandchild, 0, 5, past), (zombie.pid, -1, -1, past)) == ({}, [])  # no child; idle
-        for dead in (zombie.pid, reaped.pid):
-            assert look((dead, 2, 5, past)) == ({}, [int])
-        assert look((live.pid, 3, 7, math.inf)) == ({}, [])
-        assert look((live.pid, 3, 7, past)) == ({3: 7}, [])
-        assert live.wait(10) == -signal.SIGKILL
-        assert distribute._state(grandchild) == "other"
+        posts._values[:] = [7, past, 8, past, 9, math.inf, 5, past, 6, past]
+        pool._look(crew, posts)
+        assert [worker.ended for worker in crew] == [7, None, None, None, 2]
+        crew[0].process.join(10)
+        assert crew[0].process.exitcode == -signal.SIGKILL
+        assert all(worker.process.is_alive() for worker in (crew[1], crew[2], crew[4]))
     finally:
-        live.kill()
-        zombie.wait()
-        os.kill(grandchild, signal.SIGKILL)
+        for worker in crew:
+            worker.process.kill()
+            worker.process.join()
 
 
-def test_a_task_whose_worker_dies_before_it_posts_it_is_given_up_not_run_for_ever(tmp_path):
-    """A worker that died taking its task had posted nothing, so every task looked queued (well) and was submitted
-    again, for ever. When no task was on a worker, each is a suspect, and run alone its death is its own."""
+def test_a_task_whose_worker_dies_taking_it_is_given_up_not_run_for_ever(tmp_path):
+    """A worker that died taking its task had posted nothing, so the task was submitted again, for ever. It is that
+    task's death: run once more, then given up."""
     from crash_jobs import KillsOnArrival
 
     results = []
     dead = run_isolated(
         [ShardTask(i, (), "fp") for i in range(3)], KillsOnArrival(), 2, results.append, record_shard, FORK
     )
-    assert sorted((d.task.shard, d.item, d.stuck) for d in dead) == [(0, -1, False), (1, -1, False), (2, -1, False)]
+    assert sorted((d.task.shard, d.item, d.stuck, d.code) for d in dead) == [(i, -1, False, 3) for i in range(3)]
     assert results == []
 
 
 def test_a_worker_that_dies_sending_its_result_is_its_tasks_death_and_no_task_is_lost(tmp_path):
     """A worker dying after its task's code (pickling the result) had cleared its post: the task looked queued, and
-    alone it was neither a result nor a death, so it was lost without a word."""
+    alone it was neither a result nor a death, so it was lost without a word. The pool knows each worker's task."""
     from crash_jobs import dies_sending_shard_1
 
     results = []
@@ -267,11 +224,11 @@ def test_a_death_after_the_rows_is_no_rows_and_the_shard_is_reported(tmp_path, v
 
 
 def test_the_pool_looks_at_the_posts_once_a_second_not_after_every_result(tmp_path, monkeypatch):
-    """The look reads each worker's /proc entry: after every result, a cache of thousands of short videos paid it
-    thousands of times a second."""
+    """The look reads each worker's posts and polls its process: after every result, a cache of thousands of short
+    videos would pay it thousands of times a second."""
     looks = []
-    real = distribute._look
-    monkeypatch.setattr(distribute, "_look", lambda *args: looks.append(time.monotonic()) or real(*args))
+    real = pool._look
+    monkeypatch.setattr(pool, "_look", lambda *args: looks.append(time.monotonic()) or real(*args))
     results = []
     start = time.monotonic()
     run_isolated(
@@ -283,5 +240,5 @@ def test_the_pool_looks_at_the_posts_once_a_second_not_after_every_result(tmp_pa
         FORK,
     )
     assert len(results) == 200
-    assert len(looks) <= (time.monotonic() - start) / distribute.POLL_S + 1, (len(looks), time.monotonic() - start)
-    assert all(b - a >= distribute.POLL_S * 0.99 for a, b in itertools.pairwise(looks))
+    assert len(looks) <= (time.monotonic() - start) / pool.POLL_S + 1, (len(looks), time.monotonic() - start)
+    assert all(b - a >= pool.POLL_S * 0.99 for a, b in itertools.pairwise(looks))

@@ -117,7 +117,7 @@ CLIS = (
     "train.fuse",
     "train.main",
     "benchmarks.batch_bench",
-    "benchmarks.board_bench",
+    "benchmarks.pool_bench",
     "benchmarks.epilogue_bench",
     "benchmarks.eval_bench",
     "benchmarks.gpu_numerics",

@@ -1,0 +1,334 @@
+"""A process pool in which a worker that dies costs its own task only.
+
+``concurrent.futures.ProcessPoolExecutor`` cannot lose one worker. When one died (a decoder's segfault, the
+out-of-memory killer, or the end of one stuck inside a call into FFmpeg, ``pipeline.board``), it failed every task
+it held and ended its other workers: the shards they were making, up to 1,000 videos each, started again from their
+first video, and which task had killed the worker had to be told from the exit codes of the workers it had ended.
+Here each worker has a pipe of its own and one task at a time, so the pool knows whose task each death is; a new
+worker takes the dead one's place, and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from pipeline import board
+from pipeline.board import Board
+
+PARENT_POLL_S = 1.0  # how often a pool worker checks that its run is alive, besides its parent's sentinel
+POLL_S = 1.0  # how often the pool's process looks for a worker past its posted deadline (pipeline.board)
+STOP_S = 10.0  # how long the workers are given to end once told to, before they are killed
+
+
+@dataclass(frozen=True)
+class Death:
+    """A task whose worker process died on it. ``item``: the item of the task it had posted being on (-1: none);
+    ``stuck``: the pool ended it, its decoding still going past its posted deadline, rather than it dying on its own
+    (a crash, the out-of-memory killer); ``code``: the worker's exit code (-N: ended by signal N)."""
+
+    task: object
+    item: int
+    stuck: bool
+    code: int | None = None
+
+
+OnDeath = Callable[[Death], object]  # the task to run in the dead one's place, or None
+
+
+def how_it_ended(code: int | None) -> str:
+    """Words for a dead worker's exit code, for a failure's detail."""
+    if code is None or code >= 0:
+        return f"it exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"it was ended by signal {-code}"
+    if name == "SIGKILL":
+        return "it was killed (SIGKILL: the out-of-memory killer, most often)"
+    crash = name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
+    return f"it was ended by {name}{': a crash' if crash else ''}"
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a pool worker (as the ``__cause__`` of that exception here)."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}"
+
+
+class WorkerStartError(RuntimeError):
+    """A pool worker process that ended before it could take a task."""
+
+
+@dataclass
+class _Entry:
+    task: object
+    deaths: int = 0  # how many times a worker died on this task on its own
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    slot: int
+    entry: _Entry | None = None  # its task (sent once it is ready)
+    ready: bool = False  # it has said it is ready for a task
+    ended: int | None = None  # the item it was on when the pool ended it, stuck past its deadline
+
+
+def run_isolated(
+    tasks: Iterable,
+    settings: object,
+    workers: int,
+    on_result: Callable,
+    job: Callable,
+    context,
+    on_death: OnDeath = lambda death: None,
+) -> list[Death]:
+    """``on_result(job(task, settings))`` for every task, on ``workers`` processes of the multiprocessing
+    ``context``, one task to a worker at a time; ``tasks`` are taken only as workers are free for them (streamed).
+
+    - A worker whose decoding is still going ``board.GRACE_S`` after its limit (stuck inside one call, which the
+      limit's timer cannot stop) is ended: a death, known to be its task's.
+    - A worker that dies on its own has its task run once more by another process (a crash can surface in a later
+      task than the one that caused it, or the out-of-memory killer pick any worker); a second death is its own.
+
+    The death of a task known to be its own goes to ``on_death``, which may give a task to run in its place (a shard
+    without the row its worker died on). A new worker takes a dead one's place; the others go on with their tasks.
+    Returns the deaths ``on_death`` gave none for. An exception a task raises is raised here (its traceback from the
+    worker as its cause), after the other workers are ended.
+    """
+    posts = Board(context, workers)
+    crew: list[_Worker | None] = [None] * workers  # by slot
+    again: deque[_Entry] = deque()  # to run before the rest of ``tasks``
+    dead: list[Death] = []
+    tasks = iter(tasks)
+
+    def take() -> _Entry | None:
+        return again.popleft() if again else next((_Entry(task) for task in tasks), None)
+
+    def fill() -> None:
+        """A task for each ready worker without one, and a new worker for each empty slot, while there are tasks."""
+        for slot, worker in enumerate(crew):
+            if worker is not None and (worker.entry is not None or not worker.ready):
+                continue
+            entry = take()
+            if entry is None:
+                return
+            if worker is None:
+                crew[slot] = _start(context, posts, slot, entry)  # given its task once it is ready
+            else:
+                _give(worker, entry, job, settings, again, crew)
+
+    def died(worker: _Worker) -> None:
+        death = _bury(worker, posts, crew)
+        if death is None:
+            return
+        entry = worker.entry
+        if not death.stuck and not entry.deaths:  # once more, in another process: is the death its own?
+            again.appendleft(_Entry(entry.task, 1))
+            return
+        instead = on_death(death)
+        if instead is None:
+            dead.append(death)
+        else:
+            again.appendleft(_Entry(instead))
+
+    next_look, failed = time.monotonic() + POLL_S, True
+    try:
+        while True:
+            fill()
+            crew_now = [worker for worker in crew if worker is not None]
+            if not any(worker.entry is not None for worker in crew_now):
+                failed = False
+                return dead
+            ready = set(wait([w.conn for w in crew_now] + [w.process.sentinel for w in crew_now], _until(next_look)))
+            if time.monotonic() >= next_look:  # every POLL_S, not after every result (thousands of short videos)
+                _look(crew_now, posts)
+                # a death whose pipes a process forked since holds open is seen here: the sentinel never closes
+                ready |= {w.process.sentinel for w in crew_now if not w.process.is_alive()}
+                next_look = time.monotonic() + POLL_S
+            results = []
+            for worker in crew_now:
+                if worker.conn in ready:
+                    try:
+                        message = worker.conn.recv()
+                    except (EOFError, OSError):  # it died (its answer cut short, or none)
+                        died(worker)
+                        continue
+                    results.extend(_heard(worker, message, job, settings, again, crew))
+                elif worker.process.sentinel in ready and not worker.conn.poll():
+                    died(worker)
+            fill()  # the next tasks go out before this process handles the results
+            for result in results:
+                on_result(result)
+    finally:
+        _stop(crew, failed)
+
+
+def _until(next_look: float) -> float:
+    return max(0.0, next_look - time.monotonic())
+
+
+def _start(context, posts: Board, slot: int, entry: _Entry) -> _Worker:
+    """A new worker in ``slot``, to be given ``entry`` once it says it is ready."""
+    ours, theirs = context.Pipe()
+    posts.clear(slot)
+    process = context.Process(target=_serve, args=(theirs, posts, slot), name=f"pool-worker-{slot}")
+    process.start()
+    theirs.close()
+    return _Worker(process, ours, slot, entry)
+
+
+def _give(worker: _Worker, entry: _Entry, job: Callable, settings: object, again: deque, crew: list) -> None:
+    """Send ``entry``'s task to ``worker`` (ready, idle). A worker that died idle cannot take it: the task goes back
+    first in line, and the worker's slot is emptied."""
+    worker.entry = entry
+    try:
+        worker.conn.send((job, entry.task, settings))
+    except OSError:  # a broken pipe: it died before it could read the task
+        worker.entry = None
+        again.appendleft(entry)
+        _bury(worker, None, crew)
+
+
+def _heard(worker: _Worker, message: tuple, job: Callable, settings: object, again: deque, crew: list) -> list:
+    """Act on a worker's message; the results it brings."""
+    kind = message[0]
+    if kind == "ready":
+        worker.ready = True
+        if worker.entry is not None:
+            _give(worker, worker.entry, job, settings, again, crew)
+        return []
+    if kind == "raised":
+        _, error, trace = message
+        raise error from RemoteTraceback(trace)
+    worker.entry = None
+    return [message[1]]
+
+
+def _bury(worker: _Worker, posts: Board | None, crew: list) -> Death | None:
+    """Reap a dead worker and empty its slot; the death of the task it had, if any. One that never got as far as
+    saying it was ready is an error: a new one would likely fail as well."""
+    worker.process.join(STOP_S)
+    if worker.process.is_alive():  # its pipe closed, the process not yet gone
+        worker.process.kill()
+        worker.process.join()
+    worker.conn.close()
+    crew[worker.slot] = None
+    code = worker.process.exitcode
+    if not worker.ready:
+        raise WorkerStartError(
+            f"a worker process ended as it started ({how_it_ended(code)}); see the error it printed above"
+        )
+    if worker.entry is None or posts is None:
+        return None
+    stuck = worker.ended is not None
+    item = worker.ended if stuck else posts.post(worker.slot).item
+    return Death(worker.entry.task, item, stuck, code)
+
+
+def _look(crew: list[_Worker], posts: Board) -> None:
+    """End the workers past their posted deadline (SIGKILL), noting the item each was on. Only this process reaps
+    its workers, so a pid it signals is still its worker's, even dead."""
+    now = time.monotonic()
+    for worker in crew:
+        if worker.entry is None or worker.ended is not None:
+            continue
+        post = posts.post(worker.slot)
+        if post.deadline < now and worker.process.is_alive():
+            worker.ended = post.item
+            worker.process.kill()
+
+
+def _stop(crew: list[_Worker | None], failed: bool) -> None:
+    """End every worker: told to (they are idle) when all went well; otherwise SIGTERM, which ends a task as Ctrl-C
+    would (its temporary tar removed). Those still there ``STOP_S`` later are killed."""
+    workers = [worker for worker in crew if worker is not None]
+    for worker in workers:
+        with contextlib.suppress(OSError):
+            if failed:
+                worker.process.terminate()
+            else:
+                worker.conn.send(None)
+    end = time.monotonic() + STOP_S
+    for worker in workers:
+        worker.process.join(_until(end))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+
+_stopping = False  # (in a worker) the pool's process ended its task: no answer is wanted
+
+
+def _serve(conn: Connection, posts: Board, slot: int) -> None:
+    """(A pool worker's main) run the tasks ``conn`` brings, one at a time, and send back each one's answer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pool's process's: it ends its workers (SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    board.attach(posts, slot)
+    _end_with_parent()
+    try:
+        conn.send(("ready",))
+        while (message := conn.recv()) is not None:
+            job, task, settings = message
+            try:
+                answer = ("done", job(task, settings))
+            except BaseException as e:
+                if _stopping:
+                    return
+                answer = ("raised", e, traceback.format_exc())
+            _answer(conn, answer)
+    except (KeyboardInterrupt, EOFError, OSError):  # told to end, or the pool's process is gone
+        return
+
+
+def _answer(conn: Connection, answer: tuple) -> None:
+    try:
+        conn.send(answer)
+    except OSError:
+        raise
+    except Exception as e:  # the result, or the exception, cannot be pickled
+        problem = RuntimeError(f"a pool worker could not send its task's {answer[0]} answer: {type(e).__name__}: {e}")
+        conn.send(("raised", problem, traceback.format_exc()))
+
+
+def _on_sigterm(signum, frame) -> None:
+    """End the task in hand as Ctrl-C would (its clean-up runs); once, so that the clean-up is not cut short."""
+    global _stopping
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _stopping = True
+    raise KeyboardInterrupt
+
+
+def _end_with_parent() -> None:
+    """(In a pool worker) end this worker when the process that started it dies. Killed with SIGKILL, a run's pool
+    cannot stop its workers: they went on with the tasks queued to them, then waited for ever, and a late one deleted
+    or overwrote what the next run into the same folder had written (it holds no lock)."""
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="end-with-parent").start()
+
+
+def _watch_parent(ppid: int) -> None:
+    """Wait until the parent ``ppid`` is gone, then end this process (``os._exit``). The parent's sentinel (a pipe
+    that closes with it) says so at once; with fork, a process the parent forks later holds that pipe open too, so
+    the parent id is also checked every ``PARENT_POLL_S`` (the orphan is handed to another process)."""
+    parent = multiprocessing.parent_process()
+    while os.getppid() == ppid:
+        if parent is not None:
+            parent.join(PARENT_POLL_S)
+            if not parent.is_alive():
+                break
+        else:
+            time.sleep(PARENT_POLL_S)
+    os._exit(1)

@@ -1,0 +1,150 @@
+"""pipeline.pool: a task's exception, Ctrl-C and a worker that cannot start end the run cleanly and at once; a
+worker that dies idle loses no task."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+from crash_jobs import raises_on_shard_1, record_shard
+
+from pipeline import pool
+from pipeline.pool import RemoteTraceback, WorkerStartError, how_it_ended, run_isolated
+from pipeline.worker import ShardSettings, ShardTask
+
+FORK = multiprocessing.get_context("fork")
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.mark.timeout(60)
+def test_a_tasks_exception_is_raised_with_its_trace_and_the_other_workers_are_ended_cleanly(tmp_path):
+    """The executor waited for every task in flight to end (a shard is minutes) before the error was raised. Now the
+    other workers are ended at once, as Ctrl-C would end them: their clean-up runs (a shard's temporary tar)."""
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="shard 1 is bad") as e:
+        run_isolated(
+            [ShardTask(i, (), "fp") for i in range(4)],
+            ShardSettings(out_dir=str(tmp_path)),
+            2,
+            print,
+            raises_on_shard_1,
+            SPAWN,
+        )
+    assert time.monotonic() - start < 30  # shard 0 would take 60 s
+    assert isinstance(e.value.__cause__, RemoteTraceback) and "raises_on_shard_1" in str(e.value.__cause__)
+    assert (tmp_path / "0.cleaned").exists()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_ends_the_workers_and_their_clean_up_runs(tmp_path):
+    """The workers leave Ctrl-C (SIGINT, sent to the terminal's whole process group) to the pool's process, which
+    ends them with SIGTERM: one SIGINT each cut their clean-up short when it came twice."""
+
+    def on_result(result):
+        while not (tmp_path / "0.running").exists():
+            time.sleep(0.01)
+        for process in [*multiprocessing.active_children(), None]:  # as the terminal does: to every process
+            os.kill(process.pid if process else os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_isolated(
+            [ShardTask(i, (), "fp") for i in (0, 2)],
+            ShardSettings(out_dir=str(tmp_path)),
+            2,
+            on_result,
+            raises_on_shard_1,
+            FORK,
+        )
+    assert (tmp_path / "0.cleaned").exists()
+
+
+def _dies_at_once(*args) -> None:
+    os._exit(4)
+
+
+def test_a_worker_that_ends_as_it_starts_is_an_error_not_a_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool, "_serve", _dies_at_once)  # fork: the worker runs it as it is here
+    with pytest.raises(WorkerStartError, match="exited with code 4"):
+        run_isolated([ShardTask(0, (), "fp")], ShardSettings(out_dir=str(tmp_path)), 1, print, record_shard, FORK)
+
+
+def test_a_worker_that_dies_idle_is_replaced_and_no_task_is_lost(tmp_path):
+    """A worker that dies between two tasks (its answer sent) takes no task with it: the next goes to a new one."""
+    from crash_jobs import leaves_a_crash_behind_on_shard_1
+
+    results = []
+    dead = run_isolated(
+        [ShardTask(i, (), "fp") for i in (1, 3, 4)],  # no shard 2 to be on when the thread ends the worker
+        ShardSettings(out_dir=str(tmp_path)),
+        1,
+        lambda result: results.append(result) or time.sleep(1 if result["shard"] == 1 else 0),
+        leaves_a_crash_behind_on_shard_1,
+        FORK,
+    )
+    assert dead == [] and [r["shard"] for r in results] == [1, 3, 4]
+
+
+def test_how_it_ended_names_the_signal():
+    assert how_it_ended(-signal.SIGKILL) == "it was killed (SIGKILL: the out-of-memory killer, most often)"
+    assert how_it_ended(-signal.SIGSEGV) == "it was ended by SIGSEGV: a crash"
+    assert how_it_ended(-signal.SIGTERM) == "it was ended by SIGTERM"
+    assert how_it_ended(3) == "it exited with code 3"
+    assert how_it_ended(-200) == "it was ended by signal 200"
+
+
+class _HeldOpen:
+    """The fork context, but its pipes' worker ends also held open here (as a process forked in another thread at
+    the wrong moment holds them): a worker's death closes neither its pipe nor, with ``sentinel``, its sentinel."""
+
+    def __init__(self, sentinel: bool):
+        self.held: list[int] = []
+        self.sentinel = sentinel
+
+    def __getattr__(self, name):
+        return getattr(FORK, name)
+
+    def Pipe(self):  # noqa: N802 (the context's name)
+        ours, theirs = FORK.Pipe()
+        self.held.append(os.dup(theirs.fileno()))
+        return ours, theirs
+
+    def Process(self, *args, **kwargs):  # noqa: N802
+        process = FORK.Process(*args, **kwargs)
+        if self.sentinel:
+            process.never, other_end = os.pipe()  # read by the test's Process class's sentinel
+            self.held.extend([process.never, other_end])
+        return process
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sentinel", [False, True], ids=["pipe-held", "pipe-and-sentinel-held"])
+def test_a_death_is_seen_though_its_pipe_or_its_sentinel_is_held_open(tmp_path, monkeypatch, sentinel):
+    """Its pipe held open, a dead worker is seen by its sentinel; both held, by the look (it polls each process)."""
+    from crash_jobs import dies_sending_shard_1
+
+    class Process(FORK.Process):
+        sentinel = property(
+            lambda self: getattr(self, "never", None) or multiprocessing.process.BaseProcess.sentinel.fget(self)
+        )
+
+    monkeypatch.setattr(FORK, "Process", Process)
+    context = _HeldOpen(sentinel)
+    results = []
+    try:
+        dead = run_isolated(
+            [ShardTask(i, (), "fp") for i in range(3)],
+            ShardSettings(out_dir=str(tmp_path)),
+            2,
+            results.append,
+            dies_sending_shard_1,
+            context,
+        )
+    finally:
+        for fd in context.held:
+            os.close(fd)
+    assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, False)]
+    assert sorted(r["shard"] for r in results) == [0, 2]
