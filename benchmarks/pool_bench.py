@@ -12,9 +12,10 @@ Four measurements, each round running both pools one after the other on the spaw
 2. **Short tasks** (eval's frame cache sends one video a task): ``--tasks`` / 10 tasks of ``--task_ms`` ms (a sleep,
    so the cores are not the limit): the time between two results, times the workers, over ``--task_ms``.
 3. **One death among long tasks** (shards): ``--workers`` - 1 tasks of ``--shard_s`` s, beside one whose worker
-   dies ``--shard_s`` / 2 after they have all started (a decoder's crash). The executor's pool breaks and ends the others, which are then made
-   again from their start, as ``pipeline.distribute`` did before (the dying task alone first): the long tasks started
-   again, and the time to the end.
+   dies ``--shard_s`` / 2 after they have all started (a decoder's crash). The executor's pool breaks and ends the
+   others, which are then made again from their start, as ``pipeline.distribute`` did before (the dying task alone
+   first, and a no-op submitted once a second while a worker is dead, or the executor may not see the death until
+   another task ends): the long tasks started again, and the time to the end.
 4. **Posts**: in this process, attached to a board as a worker is, ``--videos`` rounds of a worker's posts for one
    video (its row; its decoding's deadline set and cleared), beside ``make_sample`` of a WebVid-like clip (596x336,
    25 fps, 18 s, H.264; 4 frames decoded and JPEG-encoded); and the pool's look (every ``pool.POLL_S``) over
@@ -25,12 +26,14 @@ Prints markdown tables with every round and the medians.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -87,11 +90,24 @@ def _executors(tasks: list, settings: object, workers: int, job) -> tuple[float,
     context = multiprocessing.get_context("spawn")
     todo = list(tasks)
     while todo:
+        queue, futures, unsent = iter(todo), {}, []  # at most 2 x workers submitted at a time, as distribute kept
         with ProcessPoolExecutor(workers, mp_context=context) as executor:
-            futures = {executor.submit(job, task, settings): task for task in todo}
-            for _ in as_completed(futures):
-                times.append(time.perf_counter())
-        todo = []
+            pending: set = set()
+            for task in itertools.islice(queue, 2 * workers):
+                _submit(executor, job, task, settings, futures, pending, unsent)
+            while pending:
+                done, pending = wait(pending, timeout=pool.POLL_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is None:
+                        times.append(time.perf_counter())
+                        for task in itertools.islice(queue, 1):
+                            _submit(executor, job, task, settings, futures, pending, unsent)
+                if any(process.exitcode is not None for process in executor._processes.values()):
+                    # as distribute's look did: CPython's executor can miss the death of the worker it started
+                    # last until another task ends (its submit wakes it)
+                    with contextlib.suppress(BrokenProcessPool, RuntimeError):
+                        executor.submit(int)
+        todo = [*unsent, *queue]
         for future, task in futures.items():
             if future.exception() is None:
                 results.append(future.result())
@@ -104,6 +120,16 @@ def _executors(tasks: list, settings: object, workers: int, job) -> tuple[float,
                     except BrokenProcessPool:
                         results.append(f"dead:{task}")
     return time.perf_counter() - start, results, times
+
+
+def _submit(executor, job, task: int, settings, futures: dict, pending: set, unsent: list) -> None:
+    try:
+        future = executor.submit(job, task, settings)
+    except BrokenProcessPool:
+        unsent.append(task)
+        return
+    futures[future] = task
+    pending.add(future)
 
 
 def _between(times: list[float]) -> float:
