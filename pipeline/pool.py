@@ -281,7 +281,16 @@ def _serve(conn: Connection, posts: Board, slot: int) -> None:
     _end_with_parent()
     try:
         conn.send(("ready",))
-        while (message := conn.recv()) is not None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the pool's process is gone
+                return
+            except Exception as e:  # a task that cannot be unpickled here (a class a spawned worker cannot import)
+                _answer(conn, ("raised", e, traceback.format_exc()))
+                continue
+            if message is None:
+                return
             job, task, settings = message
             try:
                 answer = ("done", job(task, settings))
@@ -290,7 +299,7 @@ def _serve(conn: Connection, posts: Board, slot: int) -> None:
                     return
                 answer = ("raised", e, traceback.format_exc())
             _answer(conn, answer)
-    except (KeyboardInterrupt, EOFError, OSError):  # told to end, or the pool's process is gone
+    except (KeyboardInterrupt, EOFError, OSError):  # told to end (SIGTERM), or the pool's process is gone
         return
 
 

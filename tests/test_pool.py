@@ -148,3 +148,21 @@ def test_a_death_is_seen_though_its_pipe_or_its_sentinel_is_held_open(tmp_path, 
             os.close(fd)
     assert [(d.task.shard, d.item, d.stuck) for d in dead] == [(1, -1, False)]
     assert sorted(r["shard"] for r in results) == [0, 2]
+
+
+class _Unreadable:
+    """A task whose unpickling raises in the worker (as a class a spawned worker cannot import would)."""
+
+    def __reduce__(self):
+        return _refuse, ()
+
+
+def _refuse():
+    raise ImportError("no module named 'elsewhere'")
+
+
+def test_a_task_the_worker_cannot_read_is_an_error_here_not_a_death(tmp_path):
+    """Else it ends its worker (with a traceback), twice, and a shard is reported as a crash."""
+    with pytest.raises(ImportError, match="elsewhere") as e:
+        run_isolated([_Unreadable()], ShardSettings(out_dir=str(tmp_path)), 1, print, record_shard, FORK)
+    assert isinstance(e.value.__cause__, RemoteTraceback)
