@@ -40,7 +40,7 @@ from eval.datasets.base import EvalDataset, Item
 from pipeline.cli import error_line
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
-from pipeline.pool import run_isolated
+from pipeline.pool import Death, how_it_ended, run_isolated
 from pipeline.time_limit import DECODE_TIMEOUT, decode_limit, limit_of, stuck_too_long
 from pipeline.writer import (
     SHARD_TAR,
@@ -65,6 +65,11 @@ UNEXPECTED = "unexpected_error"
 CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
 # how a video past --decode_timeout is decoded after all (plan_decode tries it again under a longer limit only)
 MORE_TIME = "give --decode_timeout more seconds (0: no limit), and the next run decodes it again"
+
+
+def crashed(death: Death) -> str:
+    """The failure reason of a video whose decoding process died on it twice, with how the second one ended."""
+    return f"{CRASHED}; {how_it_ended(death.code)}"
 
 
 def stuck(frames: int, decode_timeout: float) -> str:
@@ -456,7 +461,7 @@ def decode_into_shards(
             # the cache's lock.
             job = functools.partial(decode_item, decode_timeout=decode_timeout)  # looked up now: tests swap it
             for death in run_isolated(items, settings, min(workers, len(items)), keep, job, worker_context()):
-                keep((death.task.id, None, stuck(settings.frames, decode_timeout) if death.stuck else CRASHED))
+                keep((death.task.id, None, stuck(settings.frames, decode_timeout) if death.stuck else crashed(death)))
         if writer is not None:
             writer.commit()
             writer = None

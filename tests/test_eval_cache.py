@@ -451,7 +451,9 @@ def test_a_worker_that_dies_costs_its_video_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(frame_cache, "decode_frames", crashing)
     cache = build_cache(ds, tmp_path / "cache", CacheSettings(), workers=2, progress=False)
-    assert set(cache.found) == {"a", "b", "d", "e"} and cache.missing == {"crash": frame_cache.CRASHED}
+    assert set(cache.found) == {"a", "b", "d", "e"} and cache.missing == {
+        "crash": f"{frame_cache.CRASHED}; it exited with code 9"
+    }
     monkeypatch.setattr(frame_cache, "decode_frames", real)  # (the in-process build below would call it too)
     assert first_frame_index(cache, "e") == first_frame_index(build(ds, tmp_path / "again"), "e")
     assert set(build_cache(ds, tmp_path / "cache", CacheSettings(), workers=2, progress=False).found) == set(names)
@@ -489,7 +491,7 @@ def test_a_video_that_crashed_its_worker_is_retried_in_a_worker_again(tmp_path, 
     args = [sys.executable, str(script), str(videos), str(tmp_path / "cache"), str(workers)]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    missing = {"crash": frame_cache.CRASHED}
+    missing = {"crash": f"{frame_cache.CRASHED}; it exited with code 9"}
     assert proc.stdout.splitlines() == [f"{n} ['a'] {missing}" for n in range(2)], proc.stdout
 
 
