@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 
 from pipeline import board
 from pipeline.board import Board
@@ -28,6 +29,7 @@ from pipeline.board import Board
 PARENT_POLL_S = 1.0  # how often a pool worker checks that its run is alive, besides its parent's sentinel
 POLL_S = 1.0  # how often the pool's process looks for a worker past its posted deadline (pipeline.board)
 STOP_S = 10.0  # how long the workers are given to end once told to, before they are killed
+START_TRIES = 3  # workers in a row that end before they are ready, before the pool gives up
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,9 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     slot: int
-    entry: _Entry | None = None  # its task (sent once it is ready)
+    entry: _Entry | None = None  # its task
     ready: bool = False  # it has said it is ready for a task
+    sent: bool = False  # its task has gone to it (a starting worker's waits until it is ready)
     ended: int | None = None  # the item it was on when the pool ended it, stuck past its deadline
 
 
@@ -108,134 +111,163 @@ def run_isolated(
     Returns the deaths ``on_death`` gave none for. An exception a task raises is raised here (its traceback from the
     worker as its cause), after the other workers are ended.
     """
-    posts = Board(context, workers)
-    crew: list[_Worker | None] = [None] * workers  # by slot
-    again: deque[_Entry] = deque()  # to run before the rest of ``tasks``
-    dead: list[Death] = []
-    tasks = iter(tasks)
+    return _Pool(tasks, settings, workers, job, context, on_death).run(on_result)
 
-    def take() -> _Entry | None:
-        return again.popleft() if again else next((_Entry(task) for task in tasks), None)
 
-    def fill() -> None:
+class _Pool:
+    """``run_isolated``'s state: the workers by slot, their board, and the tasks to run again."""
+
+    def __init__(self, tasks: Iterable, settings: object, workers: int, job: Callable, context, on_death: OnDeath):
+        self.tasks, self.settings, self.job, self.context, self.on_death = iter(tasks), settings, job, context, on_death
+        self.posts = Board(context, workers)
+        self.crew: list[_Worker | None] = [None] * workers
+        self.again: deque[_Entry] = deque()  # to run before the rest of ``tasks``
+        self.dead: list[Death] = []
+        self.failed_starts = 0  # workers in a row that ended before they were ready
+
+    def run(self, on_result: Callable) -> list[Death]:
+        next_look = time.monotonic() + POLL_S
+        try:
+            while True:
+                self.fill()
+                crew = [worker for worker in self.crew if worker is not None]
+                if not any(worker.entry is not None for worker in crew):
+                    break
+                ready = set(wait([w.conn for w in crew] + [w.process.sentinel for w in crew], _until(next_look)))
+                if time.monotonic() >= next_look:  # every POLL_S, not after every result (thousands of short videos)
+                    _look(crew, self.posts)
+                    # a death whose pipes a process forked since holds open is seen here: its sentinel never closes
+                    ready |= {w.process.sentinel for w in crew if not w.process.is_alive()}
+                    next_look = time.monotonic() + POLL_S
+                results = []
+                for worker in crew:
+                    if worker.conn in ready:
+                        try:
+                            message = worker.conn.recv()
+                        except (EOFError, OSError):  # it died (its answer cut short, or none)
+                            self.died(worker)
+                            continue
+                        results.extend(self.heard(worker, message))
+                    elif worker.process.sentinel in ready and not worker.conn.poll():
+                        self.died(worker)
+                self.fill()  # the next tasks go out before this process handles the results
+                for result in results:
+                    on_result(result)
+        except BaseException:
+            _stop(self.crew, failed=True)
+            raise
+        _stop(self.crew, failed=False)
+        return self.dead
+
+    def take(self) -> _Entry | None:
+        return self.again.popleft() if self.again else next((_Entry(task) for task in self.tasks), None)
+
+    def fill(self) -> None:
         """A task for each ready worker without one, and a new worker for each empty slot, while there are tasks."""
-        for slot, worker in enumerate(crew):
-            if worker is not None and (worker.entry is not None or not worker.ready):
+        for slot, worker in enumerate(self.crew):
+            if worker is not None and not worker.ready:
                 continue
-            entry = take()
-            if entry is None:
-                return
-            if worker is None:
-                crew[slot] = _start(context, posts, slot, entry)  # given its task once it is ready
-            else:
-                _give(worker, entry, job, settings, again, crew)
+            if worker is None or worker.entry is None:
+                entry = self.take()
+                if entry is None:
+                    continue
+                if worker is None:
+                    self.start(slot, entry)  # its task goes to it once it is ready
+                    continue
+                worker.entry, worker.sent = entry, False
+            if not worker.sent:
+                self.send(worker)
 
-    def died(worker: _Worker) -> None:
-        death = _bury(worker, posts, crew)
+    def start(self, slot: int, entry: _Entry) -> None:
+        """A new worker in ``slot``, listed before it starts, so that a Ctrl-C from here on ends it too. Daemonic:
+        should one still be left, this process's exit ends it rather than wait for it."""
+        ours, theirs = self.context.Pipe()
+        self.posts.clear(slot)
+        process = self.context.Process(
+            target=_serve, args=(theirs, self.posts, slot), name=f"pool-worker-{slot}", daemon=True
+        )
+        self.crew[slot] = _Worker(process, ours, slot, entry)
+        try:
+            process.start()
+        finally:
+            theirs.close()
+
+    def send(self, worker: _Worker) -> None:
+        """Send a ready worker its task. One that died idle never had it: the task goes back first in line. One whose
+        pipe breaks during the send died taking it (a task larger than the pipe holds is read as it is sent)."""
+        if not worker.process.is_alive():
+            self.again.appendleft(worker.entry)
+            worker.entry = None
+            self.bury(worker)
+            return
+        try:
+            worker.conn.send((self.job, worker.entry.task, self.settings))
+        except OSError:
+            self.died(worker)  # (or it died idle just now: its task is then run once more than it needs)
+        else:
+            worker.sent = True
+
+    def heard(self, worker: _Worker, message: tuple) -> list:
+        """Act on a worker's message; the results it brings."""
+        kind = message[0]
+        if kind == "ready":
+            worker.ready = True
+            self.failed_starts = 0
+            return []
+        if kind == "raised":
+            _, pickled, summary, trace = message
+            try:
+                error = ForkingPickler.loads(pickled)
+            except Exception:  # an exception class this process cannot rebuild (or import)
+                error = RuntimeError(f"a pool worker's task raised {summary}")
+            raise error from RemoteTraceback(trace)
+        worker.entry = None
+        return [message[1]]
+
+    def died(self, worker: _Worker) -> None:
+        """A worker is dead: its task runs once more, or its death goes to ``on_death``."""
+        death = self.bury(worker)
         if death is None:
             return
         entry = worker.entry
         if not death.stuck and not entry.deaths:  # once more, in another process: is the death its own?
-            again.appendleft(_Entry(entry.task, 1))
+            self.again.appendleft(_Entry(entry.task, 1))
             return
-        instead = on_death(death)
+        instead = self.on_death(death)
         if instead is None:
-            dead.append(death)
+            self.dead.append(death)
         else:
-            again.appendleft(_Entry(instead))
+            self.again.appendleft(_Entry(instead))
 
-    next_look, failed = time.monotonic() + POLL_S, True
-    try:
-        while True:
-            fill()
-            crew_now = [worker for worker in crew if worker is not None]
-            if not any(worker.entry is not None for worker in crew_now):
-                failed = False
-                return dead
-            ready = set(wait([w.conn for w in crew_now] + [w.process.sentinel for w in crew_now], _until(next_look)))
-            if time.monotonic() >= next_look:  # every POLL_S, not after every result (thousands of short videos)
-                _look(crew_now, posts)
-                # a death whose pipes a process forked since holds open is seen here: the sentinel never closes
-                ready |= {w.process.sentinel for w in crew_now if not w.process.is_alive()}
-                next_look = time.monotonic() + POLL_S
-            results = []
-            for worker in crew_now:
-                if worker.conn in ready:
-                    try:
-                        message = worker.conn.recv()
-                    except (EOFError, OSError):  # it died (its answer cut short, or none)
-                        died(worker)
-                        continue
-                    results.extend(_heard(worker, message, job, settings, again, crew))
-                elif worker.process.sentinel in ready and not worker.conn.poll():
-                    died(worker)
-            fill()  # the next tasks go out before this process handles the results
-            for result in results:
-                on_result(result)
-    finally:
-        _stop(crew, failed)
+    def bury(self, worker: _Worker) -> Death | None:
+        """Reap a dead worker and empty its slot; the death of the task it had, if any. A worker that ended before it
+        was ready leaves its task to the next; ``START_TRIES`` of them in a row are an error (a new one would fail as
+        well: an import that fails in a spawned worker)."""
+        worker.process.join(STOP_S)
+        if worker.process.is_alive():  # its pipe closed, the process not yet gone
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+        self.crew[worker.slot] = None
+        code = worker.process.exitcode
+        if not worker.ready:
+            self.failed_starts += 1
+            if self.failed_starts >= START_TRIES:
+                raise WorkerStartError(
+                    f"{START_TRIES} worker processes in a row ended as they started (the last: {how_it_ended(code)});"
+                    " see the error they printed above"
+                )
+            self.again.appendleft(worker.entry)
+            return None
+        if worker.entry is None:
+            return None
+        stuck = worker.ended is not None
+        item = worker.ended if stuck else self.posts.post(worker.slot).item
+        return Death(worker.entry.task, item, stuck, code)
 
 
 def _until(next_look: float) -> float:
     return max(0.0, next_look - time.monotonic())
-
-
-def _start(context, posts: Board, slot: int, entry: _Entry) -> _Worker:
-    """A new worker in ``slot``, to be given ``entry`` once it says it is ready."""
-    ours, theirs = context.Pipe()
-    posts.clear(slot)
-    process = context.Process(target=_serve, args=(theirs, posts, slot), name=f"pool-worker-{slot}")
-    process.start()
-    theirs.close()
-    return _Worker(process, ours, slot, entry)
-
-
-def _give(worker: _Worker, entry: _Entry, job: Callable, settings: object, again: deque, crew: list) -> None:
-    """Send ``entry``'s task to ``worker`` (ready, idle). A worker that died idle cannot take it: the task goes back
-    first in line, and the worker's slot is emptied."""
-    worker.entry = entry
-    try:
-        worker.conn.send((job, entry.task, settings))
-    except OSError:  # a broken pipe: it died before it could read the task
-        worker.entry = None
-        again.appendleft(entry)
-        _bury(worker, None, crew)
-
-
-def _heard(worker: _Worker, message: tuple, job: Callable, settings: object, again: deque, crew: list) -> list:
-    """Act on a worker's message; the results it brings."""
-    kind = message[0]
-    if kind == "ready":
-        worker.ready = True
-        if worker.entry is not None:
-            _give(worker, worker.entry, job, settings, again, crew)
-        return []
-    if kind == "raised":
-        _, error, trace = message
-        raise error from RemoteTraceback(trace)
-    worker.entry = None
-    return [message[1]]
-
-
-def _bury(worker: _Worker, posts: Board | None, crew: list) -> Death | None:
-    """Reap a dead worker and empty its slot; the death of the task it had, if any. One that never got as far as
-    saying it was ready is an error: a new one would likely fail as well."""
-    worker.process.join(STOP_S)
-    if worker.process.is_alive():  # its pipe closed, the process not yet gone
-        worker.process.kill()
-        worker.process.join()
-    worker.conn.close()
-    crew[worker.slot] = None
-    code = worker.process.exitcode
-    if not worker.ready:
-        raise WorkerStartError(
-            f"a worker process ended as it started ({how_it_ended(code)}); see the error it printed above"
-        )
-    if worker.entry is None or posts is None:
-        return None
-    stuck = worker.ended is not None
-    item = worker.ended if stuck else posts.post(worker.slot).item
-    return Death(worker.entry.task, item, stuck, code)
 
 
 def _look(crew: list[_Worker], posts: Board) -> None:
@@ -253,21 +285,30 @@ def _look(crew: list[_Worker], posts: Board) -> None:
 
 def _stop(crew: list[_Worker | None], failed: bool) -> None:
     """End every worker: told to (they are idle) when all went well; otherwise SIGTERM, which ends a task as Ctrl-C
-    would (its temporary tar removed). Those still there ``STOP_S`` later are killed."""
+    would (its temporary tar removed). Those still there ``STOP_S`` later, or at a second Ctrl-C, are killed."""
     workers = [worker for worker in crew if worker is not None]
-    for worker in workers:
-        with contextlib.suppress(OSError):
-            if failed:
-                worker.process.terminate()
-            else:
-                worker.conn.send(None)
-    end = time.monotonic() + STOP_S
-    for worker in workers:
-        worker.process.join(_until(end))
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        worker.conn.close()
+    started = [worker for worker in workers if worker.process.pid is not None]
+    try:
+        for worker in started:
+            with contextlib.suppress(OSError):
+                if failed:
+                    worker.process.terminate()
+                else:
+                    worker.conn.send(None)
+        end = time.monotonic() + STOP_S
+        for worker in started:
+            worker.process.join(_until(end))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+    except BaseException:
+        for worker in started:
+            with contextlib.suppress(OSError):
+                worker.process.kill()
+        raise
+    finally:
+        for worker in workers:
+            worker.conn.close()
 
 
 _stopping = False  # (in a worker) the pool's process ended its task: no answer is wanted
@@ -287,7 +328,7 @@ def _serve(conn: Connection, posts: Board, slot: int) -> None:
             except (EOFError, OSError):  # the pool's process is gone
                 return
             except Exception as e:  # a task that cannot be unpickled here (a class a spawned worker cannot import)
-                _answer(conn, ("raised", e, traceback.format_exc()))
+                _answer(conn, _raised(e))
                 continue
             if message is None:
                 return
@@ -297,10 +338,20 @@ def _serve(conn: Connection, posts: Board, slot: int) -> None:
             except BaseException as e:
                 if _stopping:
                     return
-                answer = ("raised", e, traceback.format_exc())
+                answer = _raised(e)
             _answer(conn, answer)
     except (KeyboardInterrupt, EOFError, OSError):  # told to end (SIGTERM), or the pool's process is gone
         return
+
+
+def _raised(error: BaseException) -> tuple:
+    """The answer for a task that raised ``error`` (in an ``except`` block): the exception pickled on its own, so that
+    one the pool's process cannot rebuild still gets there as its summary and trace."""
+    try:
+        pickled = bytes(ForkingPickler.dumps(error))  # (a memoryview otherwise, which pickle refuses)
+    except Exception:
+        pickled = b""
+    return ("raised", pickled, f"{type(error).__name__}: {error}", traceback.format_exc())
 
 
 def _answer(conn: Connection, answer: tuple) -> None:
@@ -308,9 +359,8 @@ def _answer(conn: Connection, answer: tuple) -> None:
         conn.send(answer)
     except OSError:
         raise
-    except Exception as e:  # the result, or the exception, cannot be pickled
-        problem = RuntimeError(f"a pool worker could not send its task's {answer[0]} answer: {type(e).__name__}: {e}")
-        conn.send(("raised", problem, traceback.format_exc()))
+    except Exception as e:  # the result cannot be pickled
+        conn.send(_raised(RuntimeError(f"a pool worker could not send its task's result: {type(e).__name__}: {e}")))
 
 
 def _on_sigterm(signum, frame) -> None:

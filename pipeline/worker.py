@@ -168,7 +168,7 @@ def process_shard(task: ShardTask, settings: ShardSettings) -> dict:
                 continue
             retried += previous is not None
             try:
-                with board.item(row.index):  # the row to blame if this process dies in it (distribute.run_isolated)
+                with board.item(row.index):  # the row to blame if this process dies in it (pool.run_isolated)
                     members = make_sample(row, settings.sample, settings.fetch, settings.decode_timeout)
             except (FetchError, FrameError) as e:
                 failures.append(_failure(row, e.reason, e.detail, getattr(e, "transient", False)))

@@ -166,3 +166,106 @@ def test_a_task_the_worker_cannot_read_is_an_error_here_not_a_death(tmp_path):
     with pytest.raises(ImportError, match="elsewhere") as e:
         run_isolated([_Unreadable()], ShardSettings(out_dir=str(tmp_path)), 1, print, record_shard, FORK)
     assert isinstance(e.value.__cause__, RemoteTraceback)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_whose_worker_dies_reading_it_counts_as_its_death(tmp_path, monkeypatch):
+    """A task larger than the pipe holds is read as it is sent: a worker that died reading it (the out-of-memory
+    killer) broke the send, which was taken for a worker that had died idle, so the task went to a new worker, and
+    another, for ever (612 workers in 8 s). It is the task's death: run once more, then given up."""
+    from multiprocessing.connection import Connection
+
+    parent, real = os.getpid(), Connection._recv_bytes
+
+    def dies_reading(self, *args):
+        if os.getpid() != parent:  # in a worker (forked: it has this too)
+            self._recv(1000)
+            os._exit(9)
+        return real(self, *args)
+
+    monkeypatch.setattr(Connection, "_recv_bytes", dies_reading)
+    started = []
+    real_start = pool._Pool.start
+    monkeypatch.setattr(pool._Pool, "start", lambda self, *args: started.append(1) or real_start(self, *args))
+    task = ShardTask(0, (), "x" * 4_000_000)
+    dead = run_isolated([task], ShardSettings(out_dir=str(tmp_path)), 1, print, record_shard, FORK)
+    assert [(d.task, d.item, d.stuck, d.code) for d in dead] == [(task, -1, False, 9)]
+    assert len(started) == 2
+
+
+class TwoArguments(Exception):
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+
+
+def raises_two_arguments(task, settings):
+    raise TwoArguments(3, "bad")
+
+
+def test_an_exception_this_process_cannot_rebuild_still_comes_with_its_summary_and_trace(tmp_path):
+    with pytest.raises(RuntimeError, match=r"a pool worker's task raised TwoArguments: 3: bad") as e:
+        run_isolated(
+            [ShardTask(0, (), "fp")], ShardSettings(out_dir=str(tmp_path)), 1, print, raises_two_arguments, FORK
+        )
+    assert "raises_two_arguments" in str(e.value.__cause__)
+
+
+def test_a_worker_that_ends_once_as_it_starts_is_replaced(tmp_path, monkeypatch):
+    """An out-of-memory kill of a worker as it starts ended a run of thousands of shards."""
+    real = pool._serve
+
+    def first_dies(*args):
+        try:
+            os.close(os.open(tmp_path / "first", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return real(*args)
+        os._exit(4)
+
+    monkeypatch.setattr(pool, "_serve", first_dies)
+    results = []
+    assert (
+        run_isolated(
+            [ShardTask(0, (), "fp")], ShardSettings(out_dir=str(tmp_path)), 1, results.append, record_shard, FORK
+        )
+        == []
+    )
+    assert [r["shard"] for r in results] == [0]
+
+
+INTERRUPTED_AS_A_WORKER_STARTS = """
+import multiprocessing, os, sys
+from multiprocessing.connection import Connection
+sys.path.insert(0, 'tests')
+from crash_jobs import record_shard
+from pipeline import pool
+from pipeline.worker import ShardSettings, ShardTask
+parent, real, calls = os.getpid(), Connection.close, []
+def close(self):
+    real(self)
+    if os.getpid() == parent and not calls:  # the pool's first close: the worker's end, just after it started
+        calls.append(1)
+        raise KeyboardInterrupt
+Connection.close = close
+try:
+    pool.run_isolated([ShardTask(0, (), 'fp')], ShardSettings(out_dir=sys.argv[1]), 1, print, record_shard,
+                      multiprocessing.get_context('fork'))
+except KeyboardInterrupt:
+    print('interrupted', multiprocessing.active_children(), flush=True)
+"""
+
+
+def test_ctrl_c_as_a_worker_starts_ends_it_too(tmp_path):
+    """A worker started but not yet listed was left out of the ending: the interpreter then waited for it at exit,
+    for ever (it never read its task)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_AS_A_WORKER_STARTS, str(tmp_path)],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stdout == "interrupted []\n", (proc.stdout, proc.stderr[-2000:])
