@@ -364,7 +364,7 @@ def print_summary(totals: Totals, elapsed: float, out_dir: Path, crashed: list[i
     if crashed:
         print(
             f"error: a worker process died on shard(s) {crashed} outside any of their videos (reading or writing "
-            "their tars, even when run alone), so they were not written; rerun to retry them.",
+            "their tars, twice, in two processes), so they were not written; rerun to retry them.",
             file=sys.stderr,
         )
 
