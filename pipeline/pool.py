@@ -69,7 +69,7 @@ class RemoteTraceback(Exception):
 
 
 class WorkerStartError(RuntimeError):
-    """A pool worker process that ended before it could take a task."""
+    """``START_TRIES`` pool worker processes in a row that ended before they could take a task."""
 
 
 @dataclass
