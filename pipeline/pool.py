@@ -139,20 +139,28 @@ class _Pool:
                     # a death whose pipes a process forked since holds open is seen here: its sentinel never closes
                     ready |= {w.process.sentinel for w in crew if not w.process.is_alive()}
                     next_look = time.monotonic() + POLL_S
-                results = []
+                results, error = [], None
                 for worker in crew:
                     if worker.conn in ready:
                         try:
-                            message = worker.conn.recv()
+                            data = worker.conn.recv_bytes()
                         except (EOFError, OSError):  # it died (its answer cut short, or none)
                             self.died(worker)
                             continue
-                        results.extend(self.heard(worker, message))
+                        try:
+                            results.extend(self.heard(worker, _loads(data, "answer")))
+                        except Exception as e:  # raised once the results in hand are handed on
+                            error = error or e
                     elif worker.process.sentinel in ready and not worker.conn.poll():
                         self.died(worker)
-                self.fill()  # the next tasks go out before this process handles the results
-                for result in results:
-                    on_result(result)
+                try:
+                    if error is None:
+                        self.fill()  # the next tasks go out before this process handles the results
+                finally:  # (written by their workers: a failure here must not leave them uncounted)
+                    for result in results:
+                        on_result(result)
+                if error is not None:
+                    raise error
         except BaseException:
             _stop(self.crew, failed=True)
             raise
@@ -165,8 +173,8 @@ class _Pool:
     def fill(self) -> None:
         """A task for each ready worker without one, and a new worker for each empty slot, while there are tasks."""
         for slot, worker in enumerate(self.crew):
-            if worker is not None and not worker.ready:
-                continue
+            if worker is not None and (not worker.ready or worker.ended is not None):
+                continue  # starting; or ended as stuck, just as its task was done (its death is no task's)
             if worker is None or worker.entry is None:
                 entry = self.take()
                 if entry is None:
@@ -187,10 +195,11 @@ class _Pool:
             target=_serve, args=(theirs, self.posts, slot), name=f"pool-worker-{slot}", daemon=True
         )
         self.crew[slot] = _Worker(process, ours, slot, entry)
-        try:
-            process.start()
-        finally:
-            theirs.close()
+        with _sigint_ignored_by_children():
+            try:
+                process.start()
+            finally:
+                theirs.close()
 
     def send(self, worker: _Worker) -> None:
         """Send a ready worker its task. One that died idle never had it: the task goes back first in line. One whose
@@ -200,8 +209,9 @@ class _Pool:
             worker.entry = None
             self.bury(worker)
             return
+        data = _dumps((self.job, worker.entry.task, self.settings))  # a task that cannot be pickled raises here
         try:
-            worker.conn.send((self.job, worker.entry.task, self.settings))
+            worker.conn.send_bytes(data)
         except OSError:
             self.died(worker)  # (or it died idle just now: its task is then run once more than it needs)
         else:
@@ -266,6 +276,25 @@ class _Pool:
         return Death(worker.entry.task, item, stuck, code)
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Start processes that ignore SIGINT from their first instruction: a Ctrl-C (sent to the terminal's whole
+    process group) printed the traceback of a spawned worker still importing its modules. A child inherits SIGINT
+    ignored, across exec too (Python then leaves it so); this process blocks it meanwhile, so that a Ctrl-C in that
+    moment stays pending (Linux keeps a blocked signal, ignored or not) and comes once its handler is back.
+    Only the main thread may set handlers: elsewhere, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _until(next_look: float) -> float:
     return max(0.0, next_look - time.monotonic())
 
@@ -316,18 +345,21 @@ _stopping = False  # (in a worker) the pool's process ended its task: no answer 
 
 def _serve(conn: Connection, posts: Board, slot: int) -> None:
     """(A pool worker's main) run the tasks ``conn`` brings, one at a time, and send back each one's answer."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pool's process's: it ends its workers (SIGTERM)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    board.attach(posts, slot)
-    _end_with_parent()
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pool's process's: it ends its workers (SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (a forked one starts with it blocked)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        board.attach(posts, slot)
+        _end_with_parent()
         conn.send(("ready",))
         while True:
             try:
-                message = conn.recv()
+                data = conn.recv_bytes()
             except (EOFError, OSError):  # the pool's process is gone
                 return
-            except Exception as e:  # a task that cannot be unpickled here (a class a spawned worker cannot import)
+            try:
+                message = _loads(data, "task")
+            except Exception as e:  # a class a spawned worker cannot import
                 _answer(conn, _raised(e))
                 continue
             if message is None:
@@ -348,7 +380,7 @@ def _raised(error: BaseException) -> tuple:
     """The answer for a task that raised ``error`` (in an ``except`` block): the exception pickled on its own, so that
     one the pool's process cannot rebuild still gets there as its summary and trace."""
     try:
-        pickled = bytes(ForkingPickler.dumps(error))  # (a memoryview otherwise, which pickle refuses)
+        pickled = _dumps(error)
     except Exception:
         pickled = b""
     return ("raised", pickled, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -356,11 +388,23 @@ def _raised(error: BaseException) -> tuple:
 
 def _answer(conn: Connection, answer: tuple) -> None:
     try:
-        conn.send(answer)
-    except OSError:
-        raise
+        data = _dumps(answer)
     except Exception as e:  # the result cannot be pickled
-        conn.send(_raised(RuntimeError(f"a pool worker could not send its task's result: {type(e).__name__}: {e}")))
+        data = _dumps(_raised(RuntimeError(f"a pool worker could not send its task's result: {type(e).__name__}: {e}")))
+    conn.send_bytes(data)
+
+
+def _dumps(message: object) -> bytes:
+    """A message pickled, apart from its sending: an error here is the message's, one in the pipe is a death."""
+    return bytes(ForkingPickler.dumps(message))
+
+
+def _loads(data: bytes, what: str) -> object:
+    """A message unpickled, apart from its receiving (see ``_dumps``); a failure names what it was."""
+    try:
+        return ForkingPickler.loads(data)
+    except Exception as e:
+        raise RuntimeError(f"a pool {what} could not be unpickled: {type(e).__name__}: {e}") from e
 
 
 def _on_sigterm(signum, frame) -> None:
