@@ -131,8 +131,8 @@ class _Pool:
             while True:
                 self.fill()
                 crew = [worker for worker in self.crew if worker is not None]
-                if not any(worker.entry is not None for worker in crew):
-                    break
+                if not any(worker.entry is not None or worker.ended is not None for worker in crew):
+                    break  # (one ended as stuck is waited for: its slot then takes the tasks left, if any)
                 ready = set(wait([w.conn for w in crew] + [w.process.sentinel for w in crew], _until(next_look)))
                 if time.monotonic() >= next_look:  # every POLL_S, not after every result (thousands of short videos)
                     _look(crew, self.posts)

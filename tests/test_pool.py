@@ -363,3 +363,25 @@ def test_workers_start_with_sigint_ignored_and_a_ctrl_c_meanwhile_comes_after(tm
     finally:
         child.kill()
         child.join()
+
+
+def gives(task, settings):
+    return task
+
+
+def test_a_worker_ended_as_stuck_just_as_its_task_was_done_leaves_no_task_unrun(tmp_path, monkeypatch):
+    """Its answer came, so it had no task, and it gets none (its death would be blamed on it): the run then saw no
+    worker with a task and ended, the tasks left unrun. It waits for that death, and a new worker takes the rest."""
+    real = pool._Pool.heard
+
+    def heard(self, worker, message):
+        results = real(self, worker, message)
+        if results == [0]:  # as if the look had found its deadline past just before the answer came
+            worker.ended = -1
+            worker.process.kill()
+        return results
+
+    monkeypatch.setattr(pool._Pool, "heard", heard)
+    results = []
+    assert run_isolated([0, 1, 2], None, 1, results.append, gives, FORK) == []
+    assert results == [0, 1, 2]
