@@ -195,11 +195,10 @@ class _Pool:
             target=_serve, args=(theirs, self.posts, slot), name=f"pool-worker-{slot}", daemon=True
         )
         self.crew[slot] = _Worker(process, ours, slot, entry)
-        with _sigint_ignored_by_children():
-            try:
-                process.start()
-            finally:
-                theirs.close()
+        try:
+            process.start()
+        finally:
+            theirs.close()
 
     def send(self, worker: _Worker) -> None:
         """Send a ready worker its task. One that died idle never had it: the task goes back first in line. One whose
@@ -276,25 +275,6 @@ class _Pool:
         return Death(worker.entry.task, item, stuck, code)
 
 
-@contextlib.contextmanager
-def _sigint_ignored_by_children():
-    """Start processes that ignore SIGINT from their first instruction: a Ctrl-C (sent to the terminal's whole
-    process group) printed the traceback of a spawned worker still importing its modules. A child inherits SIGINT
-    ignored, across exec too (Python then leaves it so); this process blocks it meanwhile, so that a Ctrl-C in that
-    moment stays pending (Linux keeps a blocked signal, ignored or not) and comes once its handler is back.
-    Only the main thread may set handlers: elsewhere, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def _until(next_look: float) -> float:
     return max(0.0, next_look - time.monotonic())
 
@@ -347,7 +327,6 @@ def _serve(conn: Connection, posts: Board, slot: int) -> None:
     """(A pool worker's main) run the tasks ``conn`` brings, one at a time, and send back each one's answer."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pool's process's: it ends its workers (SIGTERM)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (a forked one starts with it blocked)
         signal.signal(signal.SIGTERM, _on_sigterm)
         board.attach(posts, slot)
         _end_with_parent()

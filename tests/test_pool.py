@@ -343,28 +343,6 @@ def test_ctrl_c_as_a_worker_starts_ends_it_too(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "interrupted []\n", (proc.stdout, proc.stderr[-2000:])
 
 
-def test_workers_start_with_sigint_ignored_and_a_ctrl_c_meanwhile_comes_after(tmp_path):
-    """A Ctrl-C (to the whole process group) printed the traceback of a spawned worker still importing its modules,
-    about 1 time in 4 when pressed as the workers started (`pipeline.shard`, 4 workers). They now start with SIGINT
-    ignored; the pool's process blocks it meanwhile, and gets it once its handler is back."""
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with pool._sigint_ignored_by_children():
-            child = SPAWN.Process(target=time.sleep, args=(5,))
-            child.start()
-            os.kill(os.getpid(), signal.SIGINT)  # held until the block ends
-            time.sleep(0.1)
-    try:
-        assert signal.getsignal(signal.SIGINT) is handler
-        time.sleep(0.5)  # well into its start-up, where Python has cleared the blocked mask it inherited
-        with open(f"/proc/{child.pid}/status") as f:
-            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
-        assert ignored & (1 << (signal.SIGINT - 1))
-    finally:
-        child.kill()
-        child.join()
-
-
 def gives(task, settings):
     return task
 
