@@ -71,7 +71,7 @@ def test_forked_workers_end_with_their_run_though_a_later_fork_holds_its_pipes(t
         "from pathlib import Path\n"
         "sys.path.insert(0, 'tests')\n"
         "from crash_jobs import note_pid_and_wait\n"
-        "from pipeline.distribute import run_isolated\n"
+        "from pipeline.pool import run_isolated\n"
         "from pipeline.worker import ShardSettings, ShardTask\n"
         "fork = multiprocessing.get_context('fork')\n"
         f"out = Path({str(tmp_path)!r})\n"
