@@ -41,7 +41,7 @@ from pipeline.cli import error_line
 from pipeline.folder_lock import lock_folder
 from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.pool import Death, how_it_ended, run_isolated
-from pipeline.time_limit import DECODE_TIMEOUT, decode_limit, limit_of, stuck_too_long
+from pipeline.time_limit import decode_limit, limit_of, stuck_failure
 from pipeline.writer import (
     SHARD_TAR,
     TarShardWriter,
@@ -65,6 +65,7 @@ UNEXPECTED = "unexpected_error"
 CRASHED = f"{UNEXPECTED}: the process decoding it died (a crash in the decoder, or killed for memory)"
 # how a video past --decode_timeout is decoded after all (plan_decode tries it again under a longer limit only)
 MORE_TIME = "give --decode_timeout more seconds (0: no limit), and the next run decodes it again"
+TIMEOUT_HINT = f"; {MORE_TIME}"  # what a decode_timeout failure's detail ends with
 
 
 def crashed(death: Death) -> str:
@@ -75,7 +76,8 @@ def crashed(death: Death) -> str:
 def stuck(frames: int, decode_timeout: float) -> str:
     """The failure reason of a video whose decoding was stuck inside one call into FFmpeg past ``decode_timeout``,
     and its worker process ended: a timeout, tried again under a longer limit only."""
-    return f"{DECODE_TIMEOUT}: {stuck_too_long(frames, decode_timeout)}; {MORE_TIME}"
+    failure = stuck_failure(frames, decode_timeout, TIMEOUT_HINT)
+    return f"{failure.reason}: {failure.detail}"
 
 
 Stamp = list[int] | None  # [size, mtime_ns] of an item's video file; None when there is no file
@@ -168,7 +170,7 @@ def decode_item(
     if not Path(item.video).is_file():
         return item.id, None, MISSING_FILE
     try:
-        with decode_limit(decode_timeout, settings.frames, f"; {MORE_TIME}"):
+        with decode_limit(decode_timeout, settings.frames, TIMEOUT_HINT):
             clip = decode_frames(item.video, settings.frames, settings.size, window=item.window)
     except FrameError as e:  # a decode_timeout among them
         return item.id, None, f"{e.reason}: {e.detail}"

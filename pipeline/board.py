@@ -43,7 +43,6 @@ class Board:
         # by the out-of-memory killer) would block the pool's process for ever. Each field is one aligned 8-byte
         # write, whole to any reader, and the pool acts only on posts that stay still: a worker stuck, or dead.
         self._values = context.RawArray("d", [_NONE, math.inf] * workers)
-        self.workers = workers
 
     def post(self, slot: int) -> Post:
         """What the worker in ``slot`` has posted, now."""

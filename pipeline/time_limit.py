@@ -75,6 +75,12 @@ def decode_limit(seconds: float, frames: int, hint: str):
         raise FrameError(DECODE_TIMEOUT, f"{took_too_long(frames, seconds)}{hint}", transient=True) from None
 
 
+def stuck_failure(frames: int, seconds: float, hint: str) -> FrameError:
+    """The failure of a video whose decoding ``decode_limit``'s timer could not stop, stuck inside one call into
+    FFmpeg until the pool ended its worker: ``decode_limit``'s own, in ``stuck_too_long``'s words."""
+    return FrameError(DECODE_TIMEOUT, f"{stuck_too_long(frames, seconds)}{hint}", transient=True)
+
+
 def decode_timeout_problems(seconds: object) -> list[str]:
     """A line if ``--decode_timeout`` is not a number of seconds from 0 (no limit) to a day. A day at most: the timer
     refuses (OverflowError) from about 1e10 s, which failed every video as an unexpected error."""

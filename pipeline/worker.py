@@ -22,7 +22,7 @@ from pipeline.frames import FrameError, decode_frames, encode_jpeg
 from pipeline.jpeg import MAX_FRAME_PIXELS
 from pipeline.pool import how_it_ended
 from pipeline.source import Row
-from pipeline.time_limit import DECODE_TIMEOUT, RETRY_LONGER, decode_limit, stuck_too_long
+from pipeline.time_limit import RETRY_LONGER, decode_limit, stuck_failure
 from pipeline.writer import (
     MAX_MEMBER_BYTES,
     TarShardWriter,
@@ -236,7 +236,8 @@ def without_row(death, settings: ShardSettings) -> ShardTask | None:
     if death.item < 0 or any(index == death.item for index, _, _ in task.died):
         return None
     if death.stuck:
-        failure = (DECODE_TIMEOUT, stuck_too_long(settings.sample.frames, settings.decode_timeout) + RETRY_LONGER)
+        stuck = stuck_failure(settings.sample.frames, settings.decode_timeout, RETRY_LONGER)
+        failure = (stuck.reason, stuck.detail)
     else:
         failure = (WORKER_DIED, f"the process making its sample died: {how_it_ended(death.code)}")
     return replace(task, died=(*task.died, (death.item, *failure)))
