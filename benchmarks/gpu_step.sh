@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU, in one call of at most 10 minutes (a session has 15 device-minutes, the machine's start
 # included, and a machine left idle for 30 s between two calls is handed back). PARTS picks what runs, in this order
-# (default "kernels step numerics train epilogue tune": what the 55% MFU target still needs; memory and loader were
-# measured and met on an H200, benchmarks/README.md):
+# (default "step train epilogue": what the 55% MFU target still needs; memory, loader, numerics and the kernels'
+# choices were measured on H200s, benchmarks/README.md; the levers they chose are the trainer's defaults since
+# 2026-11-28, and the step reached 54.0-54.4% there):
 #   kernels   the step's attention calls under each SDPA kernel, its patch embedding as a convolution and as one
 #             matrix product, and its last image block on every row and on the class token's, alone at the step's
 #             shapes (seconds, not a compile each): they choose LEVERS, the variant the other parts time: the
-#             trainer's default with +qkv (--packed_qkv), +patch if the matrix product was faster
-#             (--linear_patch_embed), +cls if the class token's row was (--cls_last_block) and the fastest kernel
-#             if not torch's own (--attention_kernel). Also its text tower at 77 tokens and cut as the trainer cuts
-#             its captions (--trim_text, the default): a record, not a choice
-#   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, the
-#             trainer's default (since --trim_text, with its captions cut: the H200 figures of 2026-11-26 were at 77
-#             tokens), LEVERS, LEVERS with its batch's copy overlapped as the trainer does it (+prefetch), that
-#             with the next step's teacher forward on a second CUDA stream beside this step's backward (+tahead,
-#             --teacher_stream ahead) and with the teacher's forward beside the student's forward (+tstream,
-#             --teacher_stream beside), and LEVERS as the GPU loader hands the batches over (+devjpeg).
+#             trainer's default (DEFAULT: with +qkv, +patch and +cls, --packed_qkv, --linear_patch_embed and
+#             --cls_last_block) and the fastest attention kernel if not torch's own (--attention_kernel). Also its
+#             text tower at 77 tokens and cut as the trainer cuts its captions (--trim_text, the default): a record
+#   step      the step variants at 128+128 with a profile (the naive step needs ~89 GiB: an H200): naive, LEVERS
+#             (without the kernels part: the trainer's GPU default), LEVERS with its batch's copy overlapped as the
+#             trainer does it (+prefetch), LEVERS as the GPU loader hands the batches over (+devjpeg), and the
+#             +prefetch step with q, k and v from three products (+split, --split_qkv) and, apart, compiled with
+#             inductor's coordinate-descent tuning of its Triton kernels (+cdt, --coordinate_descent_tuning).
+#             (Measured on an H200 on 2026-11-28 and settled: the teacher on a second stream, +tahead and +tstream,
+#             gave 0.998x and 1.002x; captions at 77 tokens, +fullpad, 0.974x.)
 #             STEP_VARIANTS overrides the list (e.g. the levers one at a time, for a second call)
 #   numerics  the step with LEVERS' flags and --teacher_stream ahead against the plain fp32 step (loss, gradient
 #             cosine)
@@ -26,13 +27,14 @@
 #             device_jpeg, the GPU default) with LEVERS' flags and --teacher_stream ahead, with --profile_steps
 #   epilogue  the MLP half of an image block at the student's rows, compiled in torch's default mode, with
 #             max-autotune and Triton's persistent TMA matmul templates (--persistent_tma_matmul), and with
-#             max-autotune alone: whether tuning takes bias and QuickGELU into the products, in a minute or two,
-#             where the whole step's tune may not finish in one call
+#             max-autotune alone: whether tuning takes bias and QuickGELU into the products, in about two and a
+#             half minutes (its first tuned way needed about 90 s on an H200), where the whole step's tune does not
+#             finish in one call; the verdict asks for the tune part in a next call only if a tuned way was faster
 #   tune      LEVERS compiled with mode="max-autotune-no-cudagraphs" (+autotune: minutes of tuning), first with
 #             Triton's persistent TMA matmul templates among the kernels it tunes (+tma), then without, in OUT/tune;
 #             it runs last and takes what is left of BUDGET (TUNE_VARIANTS overrides the list)
-# LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+cls+patch for a second call, whose OUT starts empty);
-# else the kernels part chooses it, or it is ours+compile+cteacher+qkv+cls+patch when that part did not run.
+# LEVERS may be given (e.g. LEVERS=ours+compile+cteacher+qkv+patch+cls+flash for a second call, whose OUT starts
+# empty); else it is DEFAULT, with the kernels part's attention kernel if that part ran and chose one.
 # Each run ends with benchmarks/issue6_verdict.py: every target met or not, the GPU defaults the figures favour, and
 # the device call to make next (the second call of a lent session), if any.
 # Each part runs under its own time limit (KERNELS_S, STEP_S, NUMERICS_S, MEMORY_S, LOADER_S, TRAIN_S per mode,
@@ -58,21 +60,21 @@ OUT="${OUT:-benchmarks/output}"
 MODEL="${MODEL:-ViT-B-16-quickgelu}"
 BATCH="${BATCH:-128x128}"
 SETTLE="${SETTLE:-1000}"
-PARTS="${PARTS:-kernels step numerics train epilogue tune}"
+PARTS="${PARTS:-step train epilogue}"
 BIG="${BIG:-256x256}"
 BUDGET="${BUDGET:-570}"
 KERNELS_S="${KERNELS_S:-60}"
-STEP_S="${STEP_S:-320}"
+STEP_S="${STEP_S:-360}"
 NUMERICS_S="${NUMERICS_S:-60}"
 MEMORY_S="${MEMORY_S:-170}"
 LOADER_S="${LOADER_S:-60}"
-TRAIN_S="${TRAIN_S:-40}"
-EPILOGUE_S="${EPILOGUE_S:-90}"
+TRAIN_S="${TRAIN_S:-30}"
+EPILOGUE_S="${EPILOGUE_S:-160}"
 TUNE_MIN_S=120  # the least BUDGET left that can compile the whole step with max-autotune (issue6_verdict reads it)
 TRAIN_MODES="${TRAIN_MODES:-device_jpeg}"
 TRAIN_DATA="${TRAIN_DATA:-demo_output/shards}"
 RUN_DIR="${RUN_DIR:-/tmp}"
-DEFAULT="ours+compile+cteacher"  # the trainer's GPU default step
+DEFAULT="ours+compile+cteacher+qkv+patch+cls"  # the trainer's GPU default step (its layer levers since 2026-11-28)
 for part in $PARTS; do
     case "$part" in kernels|step|numerics|memory|loader|train|epilogue|tune) ;;
     *) echo "gpu_step: unknown part $part (kernels, step, numerics, memory, loader, train, epilogue, tune)" >&2
@@ -137,6 +139,8 @@ lever_flags() {
             cls) flags+=(--cls_last_block True) ;;
             tstream) flags+=(--teacher_stream beside) ;;
             tahead) flags+=(--teacher_stream ahead) ;;
+            cdt) flags+=(--coordinate_descent_tuning True) ;;
+            split) flags+=(--split_qkv True) ;;
             cudnn|flash|efficient|math) flags+=(--attention_kernel "$option") ;;
         esac
     done
@@ -144,37 +148,36 @@ lever_flags() {
 }
 
 # (0) kernels: the step's attention calls per SDPA kernel, its patch embedding and last block both ways, alone; they
-#     choose LEVERS (on an H200 torch's own attention kernel is already cuDNN's: its kernels ran in the default step)
+#     choose LEVERS' attention kernel (on an H200 torch's own is already cuDNN's: it chose none on 2026-11-28)
 wants kernels && run_part kernels "$KERNELS_S" \
     python3 -m benchmarks.kernel_bench --model "$MODEL" --batches "$BATCH" --out "$OUT"
 if [ -z "${LEVERS:-}" ]; then
-    LEVERS="$DEFAULT+qkv+cls+patch"
-    if [ -f "$OUT/kernels.json" ]; then
+    LEVERS="$DEFAULT"
+    if [ -f "$OUT/kernels.json" ]; then  # what it chose beyond DEFAULT's levers: an attention kernel, if any
         chosen=$(python3 -c "import json, sys; print(''.join('+' + o for o in \
-json.load(open(sys.argv[1]))['step_levers']))" "$OUT/kernels.json") && LEVERS="$DEFAULT+qkv$chosen" || status=1
-    elif wants kernels; then  # the kernels part failed: it is the first to run +cls and +patch on the GPU
-        LEVERS="$DEFAULT+qkv"
-        echo "gpu_step: the kernels part wrote no kernels.json: LEVERS without +cls and +patch" | tee -a "$LOG" >&2
+json.load(open(sys.argv[1]))['step_levers'] if o not in sys.argv[2].split('+')))" "$OUT/kernels.json" "$DEFAULT") \
+            && LEVERS="$DEFAULT$chosen" || status=1
     fi
 fi
 FLAGS=$(lever_flags "$LEVERS")
 echo "gpu_step: LEVERS=$LEVERS (trainer flags: ${FLAGS:-none})" | tee -a "$LOG"
 DEVJPEG="$DEFAULT+devjpeg${LEVERS#"$DEFAULT"}"  # LEVERS as the GPU default loader mode feeds it
 FED="$LEVERS+prefetch"  # LEVERS fed as the trainer feeds it
-# the likeliest best step (+tahead) before +tstream, and +devjpeg (for the loader part) last: the time limit cuts the
-# list's end
-STEP_VARIANTS="${STEP_VARIANTS:-naive,$DEFAULT,$LEVERS,$FED,$FED+tahead,$FED+tstream,$DEVJPEG}"
+# +split and +cdt compile afresh (+cdt tunes too), last: the time limit cuts the list's end
+STEP_VARIANTS="${STEP_VARIANTS:-naive,$LEVERS,$FED,$DEVJPEG,$FED+split,$FED+cdt}"
 TUNE_VARIANTS="${TUNE_VARIANTS:-$LEVERS+autotune+tma,$LEVERS+autotune}"
 
-# (1) the step: naive vs the trainer's default (student and teacher compiled) vs LEVERS; LEVERS fed as the trainer
-#     feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS' compiled code, not compiled again),
-#     that with the teacher's forward on a second stream beside the student's forward (+tstream) or the next
-#     step's beside this step's backward (+tahead), both on the same compiled code, and with the batches as the
-#     loader hands them in the GPU default (+devjpeg: decoded and cropped on the GPU by the prefetcher's thread);
-#     2 profiled steps each. The two compiles took 83-114 s each on H200s. A variant that
-#     fails is recorded and the others still count.
-#     (Measured on an H200 and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than
-#     the default.)
+# (1) the step: naive vs LEVERS (student and teacher compiled; without the kernels part, the trainer's GPU
+#     default); LEVERS fed as the trainer feeds it, its batch's copy on the prefetcher's stream (+prefetch; LEVERS'
+#     compiled code, not compiled again), with the batches as the loader hands them in the GPU default (+devjpeg:
+#     decoded and cropped on the GPU by the prefetcher's thread), +prefetch with q, k and v from three products
+#     (+split: the copy of their gradients into the packed layout, and the bias gradient read from it, were 7.4 ms
+#     of the 282 ms step on 2026-11-28's H200, where 55% needed 3.3 ms less), and +prefetch compiled again with
+#     inductor's coordinate-descent tuning of the Triton kernels' block sizes (+cdt: the fused elementwise and
+#     normalisation kernels were 60 ms of that step); 2 profiled steps each. LEVERS' compile took 68 s on that
+#     H200. A variant that fails is recorded and the others still count.
+#     (Measured on H200s and settled: +graphs is slower, the teacher eager 6% slower, +devaug 2.6% slower than the
+#     default, the teacher on a second stream no faster, captions at 77 tokens 2.6% slower.)
 wants step && run_part step "$STEP_S" \
     python3 -m benchmarks.step_variants --model "$MODEL" --batches "$BATCH" --steps 5 --warmup 2 --profile 2 \
     --out "$OUT" --variants "$STEP_VARIANTS"

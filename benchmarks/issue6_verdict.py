@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.args import checkpointed_blocks
 from pipeline.cli import fire_main
+from train.profiling import describe_idle
 
 MFU_TARGET = 0.55
 SPEEDUP_TARGET = 1.7
@@ -41,6 +42,7 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "qkv": ("packed attention", "--packed_qkv True"),
     "patch": ("linear patch embedding", "--linear_patch_embed True"),
     "cls": ("class-token last block", "--cls_last_block True"),
+    "split": ("q, k and v from three products", "--split_qkv True"),
     "tstream": ("the teacher beside the student's forward", "--teacher_stream beside"),
     "tahead": ("the next step's teacher beside the backward", "--teacher_stream ahead"),
     "cudnn": ("cuDNN attention first", "--attention_kernel cudnn"),
@@ -49,14 +51,14 @@ LEVERS = {  # step_variants option: what it is, and the trainer flag that turns 
     "math": ("math attention first", "--attention_kernel math"),
     "autotune": ("max-autotune compile", "--compile_mode max-autotune-no-cudagraphs"),
     "tma": ("persistent TMA matmul templates", "--persistent_tma_matmul True"),
+    "cdt": ("coordinate-descent tuning of the Triton kernels", "--coordinate_descent_tuning True"),
     # the one lever that turns a default off: captions padded to the full context length, as before --trim_text
     "fullpad": ("captions at the full context length", "--trim_text False"),
 }
 REQUIRES = {"tma": "autotune"}  # a lever step_variants times only beside another: judged with it, against neither
-# the default step's seconds at 128+128 on an H200 on 2026-11-26 (call A, captions at 77 tokens): a default step
-# slower than this (beyond GAIN) on an H200 asks whether the cut captions' dynamic width costs the compiled step
-H200_DEFAULT_STEP_S = 0.3608
-DEFAULT = "ours+compile+cteacher"  # the trainer's GPU default step (gpu_step.sh's DEFAULT)
+# the trainer's GPU default step (gpu_step.sh's DEFAULT): the three layer levers are on by default since the H200
+# run of 2026-11-28 (1.30x together)
+DEFAULT = "ours+compile+cteacher+qkv+patch+cls"
 MODE_SOURCES = {  # per --augment_on mode, the step variants' option that feeds the step as that mode (None: neither)
     "loader": None,
     "device": "devaug",
@@ -162,13 +164,15 @@ def time_lines(name: str, row: dict) -> list[str]:
     needed = row["mfu_measured"] * row["s_per_step"] / MFU_TARGET  # the step time that would reach the target
     split = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(rest.items(), key=lambda kv: -kv[1]))
     ceiling = row["mfu_measured"] * row["s_per_step"] / core if core else float("inf")
+    idle = row["profile"].get("idle")  # profiles from before 2026-11-28 have none
     return [
+        *([f"the GPU in {name}'s profile: {describe_idle(idle)}"] if idle else []),
         f"time of {name} per step: "
         + ", ".join(f"{k} {1e3 * kinds.get(k, 0.0):.1f} ms" for k in CORE_KINDS)
         + f", the rest {1e3 * sum(rest.values()):.1f} ms ({split}), of {1e3 * row['profile']['busy_s_per_step']:.1f} "
         f"ms busy in a {1e3 * row['s_per_step']:.1f} ms step; with only those three kinds of kernels it would reach "
         f"{100 * ceiling:.1f}% MFU; {100 * MFU_TARGET:.0f}% needs a {1e3 * needed:.1f} ms step "
-        f"({1e3 * (row['s_per_step'] - needed):.1f} ms less)"
+        f"({1e3 * (row['s_per_step'] - needed):.1f} ms less)",
     ]
 
 
@@ -443,49 +447,51 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
-TUNE_MIN_S, EPILOGUE_S = 120, 90  # gpu_step.sh's TUNE_MIN_S and EPILOGUE_S (tests/test_gpu_step.py checks they agree)
+TUNE_MIN_S, EPILOGUE_S = 120, 160  # gpu_step.sh's TUNE_MIN_S and EPILOGUE_S (tests/test_gpu_step.py checks they agree)
 FILL = "SECONDS_LEFT_LESS_40"  # the next call's BUDGET, for the session to fill in (gpu_step.sh refuses it as is)
+
+
+def autotune_gain(epilogue: dict | None) -> float | None:
+    """The epilogue part's best max-autotune way against torch's default mode (its default's time over the way's),
+    or None where it measured no such pair."""
+    ways = (epilogue or {}).get("ways", [])
+    default = next((row.get("step_s") for row in ways if row["way"] == "default" and "error" not in row), None)
+    tuned = [row["step_s"] for row in ways if row["way"] != "default" and "error" not in row and "step_s" in row]
+    return default / min(tuned) if default and tuned else None
 
 
 def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None, levers: str) -> list[str]:
     """The second call a lent session should make on the warm machine, from what this call measured (step, tune and
     epilogue as written, before the verdict merges them), first to last: the step variants that the MFU target is
-    judged on, if the step part's time limit cut them off; the cut captions checked against full ones if the
-    default step came out slower than on 2026-11-26's H200; the max-autotune variants of ``levers`` if this call
-    did not time both; else none. Two lines: why, with the device-seconds it needs, then the bare command. Device
-    time is the tool's to count, so the command's BUDGET (``FILL``) is left to the session to fill in."""
+    judged on, if the step part's time limit cut them off; none if the epilogue part found max-autotune no faster
+    than torch's default mode on the MLP halves (where its Triton templates would fuse QuickGELU into the products);
+    the max-autotune variants of ``levers`` if this call did not time both; else none. Two lines: why, with the
+    device-seconds it needs, then the bare command. Device time is the tool's to count, so the command's BUDGET
+    (``FILL``) is left to the session to fill in."""
     if not levers:
         return []
     timed = {r["variant"] for r in step["rows"]} if step else set()
     fed = f"{levers}+prefetch"
-    judged = [levers, fed, f"{fed}+tahead", f"{fed}+tstream"]  # gpu_step.sh's candidates for the best step
+    judged = [levers, fed, f"{fed}+split", f"{fed}+cdt"]  # gpu_step.sh's candidates for the best step
     cut = [v for v in judged if v not in timed] if step and step.get("complete", True) is False else []
     if cut:  # with the default step first: this call's OUT starts empty, and the verdict judges against it
+        first = [] if DEFAULT in cut else [DEFAULT]
         return _call(
-            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join([DEFAULT, *cut])}",
+            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join([*first, *cut])}",
             f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
             "compile short",
             150,
         )
-    default = _ok(step["rows"]).get(DEFAULT) if step else None
-    # timed as 2026-11-26's figure was: each step on its own (rows from before the back-to-back timing have only that)
-    then = default.get("s_per_step_synced", default["s_per_step"]) if default else None
-    if (
-        default
-        and "H200" in str(step.get("device"))
-        and default.get("batch") == "128x128"
-        and then > H200_DEFAULT_STEP_S * GAIN
-        and f"{DEFAULT}+fullpad" not in timed
-    ):
-        return _call(
-            f"PARTS=step STEP_VARIANTS={DEFAULT},{DEFAULT}+fullpad",
-            f"the default step took {then:.4f} s, slower than the {H200_DEFAULT_STEP_S} s of 2026-11-26's H200 at 77 "
-            "tokens: does the cut captions' changing width cost the compiled step?",
-            200,  # +fullpad compiles afresh
-        )
     tuned = _ok(tune["rows"]) if tune else {}
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
         return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
+    gain = autotune_gain(epilogue)
+    if epilogue and epilogue.get("complete", True) and (gain is None or gain < GAIN):
+        found = f"at best {gain:.3f}x" if gain else "none measured"
+        return [
+            "next call: none needed (max-autotune's MLP halves were no faster than torch's default mode's: "
+            f"{found}; the whole step's tune would not gain either); give the machine back"
+        ]
     again = epilogue and not epilogue.get("complete", True)
     variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
     return _call(
@@ -516,8 +522,8 @@ def main(out: str = "benchmarks/output", levers: str = "") -> None:
 
     Args:
         out: the folder benchmarks/gpu_step.sh wrote its JSON files into (its OUT).
-        levers: the step variant gpu_step.sh timed as LEVERS, e.g. ours+compile+cteacher+qkv+patch; "" = no line
-            about the next device call.
+        levers: the step variant gpu_step.sh timed as LEVERS, e.g. ours+compile+cteacher+qkv+patch+cls; "" = no
+            line about the next device call.
     """
     folder = Path(str(out))
     if not folder.is_dir():

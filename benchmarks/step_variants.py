@@ -21,16 +21,20 @@ without nn.MultiheadAttention's layout copies. +cudnn / +flash / +efficient / +m
 elsewhere). +patch: the patch embedding as one matrix product instead of a convolution (``train.patch_embed``,
 ``--linear_patch_embed``). +cls: the ViT's last block for the class token only (``train.cls_last_block``,
 ``--cls_last_block``); its rows' MFU counts the FLOPs it performs, about 6.9% fewer for ViT-B/16, not those it skips.
-+cteacher: the teacher compiled as well (with +compile: the trainer's GPU default, ``--compile``).
++split (with +qkv or +cls): q, k and v from three products instead of one (``--split_qkv``), so that the backward
+does not copy their gradients into the packed layout.
++cteacher: the teacher compiled as well (``--compile``). The trainer's GPU default is
+ours+compile+cteacher+qkv+patch+cls: the three layer levers are on by default since the H200 run of 2026-11-28.
 Captions: every variant but naive gets them cut after the longest of its batch, as the trainer's loader cuts them
 (``--trim_text``, its default); +fullpad keeps them padded to the model's context length (``--trim_text False``),
 as naive does. The FLOPs of each row are counted at its captions' width (``caption_width`` in the JSON).
 +autotune: compile with mode="max-autotune-no-cudagraphs" (minutes of autotuning first); +tma (with +autotune):
 Triton's persistent TMA matmul templates join the kernels it tunes (``--persistent_tma_matmul``,
-``train.loop.compile_options``); +graphs: with mode="reduce-overhead" (CUDA graphs: no launch gaps, static input
-copies). +devaug / +devjpeg: the batches arrive as the loader hands them with ``augment_on`` "device" /
-"device_jpeg" (frames at the shards' 454x256, or their JPEG files, plus each video's crop) and pass through
-``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
+``train.loop.compile_options``); +cdt: inductor's coordinate-descent tuning of its Triton kernels' block sizes,
+without max-autotune's matrix-product tuning (``--coordinate_descent_tuning``); +graphs: with mode="reduce-overhead"
+(CUDA graphs: no launch gaps, static input copies). +devaug / +devjpeg: the batches arrive as the loader hands
+them with ``augment_on`` "device" / "device_jpeg" (frames at the shards' 454x256, or their JPEG files, plus each
+video's crop) and pass through ``train.prefetch.Prefetcher``: the copy, the decode and the crop of the next
 batch are issued by its thread on a side stream while the step runs, and are
 inside the timed step. +prefetch: the plain batches (cropped already, as
 ``--augment_on loader`` hands them) pass through the same Prefetcher, as the
@@ -102,8 +106,11 @@ from train.profiling import describe, sync
 
 KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel values a variant may name
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
-VARIANT_OPTIONS += ("patch", "cls", "tma", "fullpad", "prefetch", *KERNEL_OPTIONS)
+VARIANT_OPTIONS += ("patch", "cls", "split", "tma", "cdt", "fullpad", "prefetch", *KERNEL_OPTIONS)
 TEACHER_OPTIONS = {"tstream": "beside", "tahead": "ahead"}  # variant option -> --teacher_stream
+# variant option -> the trainer's layer-lever flag (on by default in the trainer, off unless named here)
+LEVER_FLAGS = {"qkv": "packed_qkv", "patch": "linear_patch_embed", "cls": "cls_last_block", "split": "split_qkv"}
+NO_LEVERS = {flag: False for flag in LEVER_FLAGS.values()}
 VARIANT_OPTIONS += tuple(TEACHER_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
@@ -183,7 +190,7 @@ def naive_step(student, teacher_fp32, optimizer, lab: Batch, unl: Batch, cfg, de
 
 def variant_problems(variant: str) -> list[str]:
     """A line for what is wrong with a ``--variants`` entry ("ours+compile+ckpt6"): an unknown lever (with the list of
-    known ones), two attention kernels, +tma without +autotune."""
+    known ones), two attention kernels, +tma without +autotune, +cdt without +compile, +split without +qkv or +cls."""
     options = set(variant.split("+"))
     unknown = {o for o in options if o not in VARIANT_OPTIONS and not CKPT.fullmatch(o)}
     says = f"--variants {variant!r}:"
@@ -195,6 +202,10 @@ def variant_problems(variant: str) -> list[str]:
         return [f"{says} name at most one of {', '.join(TEACHER_OPTIONS)} (where the teacher runs)"]
     if "tma" in options and "autotune" not in options:
         return [f"{says} +tma adds kernels that only max-autotune tunes; add +autotune"]
+    if "cdt" in options and "compile" not in options:
+        return [f"{says} +cdt tunes the kernels torch.compile makes; add +compile"]
+    if "split" in options and not options & {"qkv", "cls"}:
+        return [f"{says} +split splits the projections of the packed attention; add +qkv or +cls"]
     return []
 
 
@@ -214,13 +225,14 @@ def variants_problems(variants: list[str]) -> list[str]:
 
 def with_levers(model: torch.nn.Module, options: set[str]) -> torch.nn.Module:
     """``model`` (an open_clip CLIP, or a VideoTextModel around one) with the layout levers the options name, in
-    place: +qkv (``train.attention``), +patch (``train.patch_embed``), +cls (``train.cls_last_block``)."""
+    place: +qkv (``train.attention``), +patch (``train.patch_embed``), +cls (``train.cls_last_block``), +split (q,
+    k and v of those from three products)."""
     if "qkv" in options:
-        use_packed_attention(model)
+        use_packed_attention(model, "split" in options)
     if "patch" in options:
         use_linear_patch_embed(model)
     if "cls" in options:
-        use_cls_last_block(model)
+        use_cls_last_block(model, "split" in options)
     return model
 
 
@@ -236,6 +248,7 @@ def run_variant(
         grad_checkpointing=checkpointed_blocks(options),
         attention_kernel=next((k for k in KERNEL_OPTIONS if k in options), cfg.attention_kernel),
         teacher_stream=next((TEACHER_OPTIONS[o] for o in TEACHER_OPTIONS if o in options), "off"),
+        **{flag: option in options for option, flag in LEVER_FLAGS.items()},  # what with_levers applies, on record
     )
     student_clip = with_levers(copy.deepcopy(base_models["student"]), options)
     student_clip.logit_scale.requires_grad_(False)
@@ -261,10 +274,10 @@ def run_variant(
                 return naive_step(student, teacher, optimizer, lab_f, unl_f, cfg, device)
         else:
             mode = next((COMPILE_MODES[o] for o in COMPILE_MODES if o in options), None)
-            compiling = loop.compile_options(mode, "tma" in options)
+            compiling = loop.compile_options(mode, "tma" in options, "cdt" in options)
             trained = torch.compile(student, **compiling) if cfg_v.compile else student
             teacher = base_models["teacher"]
-            if options & {"qkv", "patch", "cls"}:  # on a copy: the other variants keep open_clip's own layers
+            if options & LEVER_FLAGS.keys():  # on a copy: the other variants keep open_clip's own layers
                 teacher = with_levers(copy.deepcopy(teacher), options)
             if "cteacher" in options:
                 teacher = torch.compile(teacher, **compiling)
@@ -382,7 +395,8 @@ def main(
     if memory_gib and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(memory_gib) / total), dev)
-    cfg, models = random_models(model, frames, dist, compile=False)  # eager bases; each variant compiles its own
+    # eager bases with open_clip's own layers: each variant compiles its own and adds its own levers (with_levers)
+    cfg, models = random_models(model, frames, dist, compile=False, **NO_LEVERS)
     student = models.student.clip.cpu()
     fp32_teacher = copy.deepcopy(models.student).eval().requires_grad_(False)
 

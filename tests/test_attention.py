@@ -17,15 +17,18 @@ def causal_mask(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu(1)  # as open_clip's text tower builds it
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_packed_attention_is_multihead_attention_with_its_gradients(mask):
+def test_packed_attention_is_multihead_attention_with_its_gradients(mask, split):
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+    with torch.no_grad():  # torch starts the projection biases at 0, which would hide them
+        mha.in_proj_bias.normal_()
     x = torch.randn(3, 7, 48, requires_grad=True)
     attn_mask = causal_mask(7) if mask else None
     expected = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
     params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
-    got = packed_attention(x, *params, heads=4, attn_mask=attn_mask)
+    got = packed_attention(x, *params, heads=4, attn_mask=attn_mask, split=split)
     assert_close_at_scale(got, expected, rel=1e-6)
     weights = torch.randn_like(expected)
     grads_expected = torch.autograd.grad((expected * weights).sum(), [x, *params])
@@ -34,8 +37,9 @@ def test_packed_attention_is_multihead_attention_with_its_gradients(mask):
         assert_close_at_scale(g, e)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_packed_attention_for_the_first_rows_is_those_rows_of_the_whole(mask):
+def test_packed_attention_for_the_first_rows_is_those_rows_of_the_whole(mask, split):
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(48, 4, batch_first=True)
     with torch.no_grad():  # open_clip and torch start the projection biases at 0, which would hide them
@@ -44,7 +48,7 @@ def test_packed_attention_for_the_first_rows_is_those_rows_of_the_whole(mask):
     params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
     attn_mask = causal_mask(7) if mask else None
     whole = packed_attention(x, *params, heads=4, attn_mask=attn_mask)[:, :2]
-    first = packed_attention(x, *params, heads=4, attn_mask=attn_mask, queries=2)
+    first = packed_attention(x, *params, heads=4, attn_mask=attn_mask, queries=2, split=split)
     assert first.shape == (3, 2, 48)
     torch.testing.assert_close(first, whole)
     weights = torch.randn_like(whole)
@@ -52,6 +56,32 @@ def test_packed_attention_for_the_first_rows_is_those_rows_of_the_whole(mask):
     grads_first = torch.autograd.grad((first * weights).sum(), [x, *params])
     for g, e in zip(grads_first, grads_whole, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def backward_ops(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``out``."""
+    names, seen, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("queries", [None, 1])
+def test_split_projections_hand_the_attentions_gradients_to_their_products_as_they_come(queries):
+    """--split_qkv: no gradient of q, k or v is gathered into the packed projection's layout (the unbind's backward
+    stacks them into one tensor, a copy of 3 x rows x E on the GPU); the three products take them one by one."""
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    packed = backward_ops(packed_attention(x, *params, heads=2, queries=queries))
+    split = backward_ops(packed_attention(x, *params, heads=2, queries=queries, split=True))
+    assert "UnbindBackward0" in packed and "UnbindBackward0" not in split, (packed, split)
+    assert "AddmmBackward0" in split or "LinearBackward0" in split
 
 
 def test_a_boolean_mask_is_refused():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,16 @@ from test_train import tiny_config
 from train import loop
 from train.config import resolve
 from train.monitor import Monitor, Timer
-from train.profiling import StepProfiler, kernel_kind, profile_window, summarize, union_s
+from train.profiling import (
+    GAP_BOUNDS_US,
+    StepProfiler,
+    describe,
+    idle_gaps,
+    kernel_kind,
+    profile_window,
+    summarize,
+    union_s,
+)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +70,66 @@ def test_union_s_matches_a_brute_force_count():
         spans = [(a, a + rng.randint(0, 20)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 8)))]
         covered = {t for start, end in spans for t in range(start, end)}  # unit cells [t, t + 1)
         assert union_s(spans) == len(covered)
+
+
+def test_idle_gaps_match_a_brute_force_count():
+    """The idle time between the first kernel and the last, split into gaps by size, against unit cells."""
+    rng = random.Random(1)
+    small, large = (int(b) for b in GAP_BOUNDS_US)
+    for _ in range(300):
+        kernels = []
+        for i in range(rng.randint(1, 10)):
+            start = rng.randint(0, 400)
+            kernels.append((start, start + rng.randint(1, 60), f"k{i}"))  # no empty kernel: it would split a gap
+        steps = rng.randint(1, 3)
+        idle = idle_gaps(kernels, steps, top=3)
+        lo, hi = min(k[0] for k in kernels), max(k[1] for k in kernels)
+        covered = {t for start, end, _ in kernels for t in range(start, end)}
+        free = [t for t in range(lo, hi) if t not in covered]
+        assert idle["idle_s_per_step"] == pytest.approx(len(free) / 1e6 / steps)
+        runs = []  # maximal runs of uncovered cells: the gaps
+        for t in free:
+            if runs and runs[-1][1] == t:
+                runs[-1][1] = t + 1
+            else:
+                runs.append([t, t + 1])
+        sizes = sorted((end - start for start, end in runs), reverse=True)
+        counts = [sum(s < small for s in sizes), sum(small <= s < large for s in sizes), sum(s >= large for s in sizes)]
+        assert [c["gaps_per_step"] * steps for c in idle["by_size"].values()] == pytest.approx(counts)
+        assert [g["us"] for g in idle["largest"]] == sizes[:3]
+        for gap in idle["largest"]:  # named by a kernel that ends where it starts, and one that starts where it ends
+            assert any(
+                any(n == gap["after"] and e == a for _, e, n in kernels)
+                and any(n == gap["before"] and s == b for s, _, n in kernels)
+                for a, b in runs
+                if b - a == gap["us"]
+            ), (kernels, gap)
+
+
+def test_the_profile_line_says_where_the_idle_time_lies():
+    kernels = [("gemm", 0, 100), ("triton_a", 103, 150), ("triton_b", 155, 160), ("gemm", 400, 500)]
+    kernels += [("adam", 530, 540)]
+    events = [_kernel(name, start, end) for name, start, end in kernels]
+    summary = summarize(SimpleNamespace(key_averages=lambda: events, events=lambda: events), steps=1)
+    assert summary["idle"]["largest"][0] == {"us": 240, "after": "triton_b", "before": "gemm"}
+    assert describe(summary, 600e-6).endswith(
+        "; idle between its kernels 0.3 ms (0.0 ms in 2 gaps under 10 us, 0.0 ms in 1 gaps 10-100 us, 0.2 ms in 1 "
+        "gaps 100 us and over), the longest 0.24 ms after triton_b"
+    )
+
+
+def _kernel(name, start, end, annotation=False):
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(
+        key=name,
+        name=name,
+        device_type=DeviceType.CUDA,
+        self_device_time_total=end - start,
+        count=1,
+        time_range=SimpleNamespace(start=start, end=end),
+        is_user_annotation=annotation,
+    )
 
 
 def test_a_gpu_profile_counts_time_on_overlapping_streams_once():

@@ -35,6 +35,9 @@ def loss_and_grads(models, cfg, lab, unl) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), grads
 
 
+NO_LEVERS = dict(packed_qkv=False, linear_patch_embed=False, cls_last_block=False)  # open_clip's own layers
+
+
 def tiny_fp32(out, **overrides):
     """A plain fp32 CPU config of the tiny model and its models (teacher and student from one random init)."""
     cfg = resolve(
@@ -72,12 +75,14 @@ def test_uint8_frames_normalised_on_the_device_equal_host_normalised_floats(tmp_
     assert torch.equal(grad_u8, grad_f)
 
 
-def test_the_speed_flags_compute_the_same_step(tmp_path):
-    """--packed_qkv, --attention_kernel, --linear_patch_embed and --cls_last_block change how the layers run, not
-    what the step computes: the same loss and gradients as open_clip's own layers in fp32, and within bf16 tolerance
-    under bf16."""
-    cfg, plain = tiny_fp32(tmp_path / "plain", lam=0.5)
+@pytest.mark.parametrize("split", [False, True])
+def test_the_speed_flags_compute_the_same_step(tmp_path, split):
+    """--packed_qkv, --split_qkv, --attention_kernel, --linear_patch_embed and --cls_last_block change how the
+    layers run, not what the step computes: the same loss and gradients as open_clip's own layers in fp32, and within
+    bf16 tolerance under bf16."""
+    cfg, plain = tiny_fp32(tmp_path / "plain", lam=0.5, **NO_LEVERS)
     levers = dict(packed_qkv=True, attention_kernel="math", linear_patch_embed=True, cls_last_block=True)
+    levers["split_qkv"] = split
     fast_cfg, fast = tiny_fp32(tmp_path / "fast", lam=0.5, **levers)
     fast.student.load_state_dict(plain.student.state_dict())  # one init for both (each run drew its own)
     fast.teacher.load_state_dict(plain.teacher.state_dict())
@@ -106,7 +111,7 @@ def test_student_and_teacher_run_under_the_chosen_attention_kernel_and_packed_qk
 def test_linear_patch_embed_reaches_the_student_and_the_teacher(tmp_path):
     _, models = tiny_fp32(tmp_path, linear_patch_embed=True)
     assert all("forward" in vars(m.clip.visual.conv1) for m in (models.student, models.teacher))
-    _, plain = tiny_fp32(tmp_path / "plain")
+    _, plain = tiny_fp32(tmp_path / "plain", linear_patch_embed=False)
     assert not any("forward" in vars(m.clip.visual.conv1) for m in (plain.student, plain.teacher))
 
 
@@ -114,8 +119,47 @@ def test_cls_last_block_reaches_the_student_and_the_teacher(tmp_path):
     _, models = tiny_fp32(tmp_path, cls_last_block=True)
     assert all("forward" in vars(m.clip.visual.transformer) for m in (models.student, models.teacher))
     assert not any("forward" in vars(m.clip.transformer) for m in (models.student, models.teacher))  # the text's
-    _, plain = tiny_fp32(tmp_path / "plain")
+    _, plain = tiny_fp32(tmp_path / "plain", cls_last_block=False)
     assert not any("forward" in vars(m.clip.visual.transformer) for m in (plain.student, plain.teacher))
+
+
+def test_the_layer_levers_are_on_by_default_and_each_can_be_turned_off(tmp_path):
+    """--packed_qkv, --linear_patch_embed and --cls_last_block are the trainer's defaults (1.30x the step on an
+    H200); each False leaves its layers as open_clip made them."""
+
+    def levered(models) -> dict[str, bool]:
+        clips = [m.clip for m in (models.student, models.teacher)]
+        return {
+            "packed_qkv": all(
+                "attention" in vars(b) for c in clips for b in c.modules() if isinstance(b, ResidualAttentionBlock)
+            ),
+            "linear_patch_embed": all("forward" in vars(c.visual.conv1) for c in clips),
+            "cls_last_block": all("forward" in vars(c.visual.transformer) for c in clips),
+        }
+
+    _, models = tiny_fp32(tmp_path / "default")
+    assert levered(models) == dict.fromkeys(NO_LEVERS, True)
+    for flag in NO_LEVERS:
+        _, models = tiny_fp32(tmp_path / flag, **{flag: False})
+        assert levered(models) == {name: name != flag for name in NO_LEVERS}
+
+
+def test_split_qkv_reaches_the_packed_attention_of_the_student_and_the_teacher(tmp_path):
+    from train.attention import _block_attention, _split_block_attention
+    from train.cls_last_block import _split_transformer_forward, _transformer_forward
+
+    for split, block_way, last_way in (
+        (False, _block_attention, _transformer_forward),
+        (True, _split_block_attention, _split_transformer_forward),
+    ):
+        _, models = tiny_fp32(tmp_path / str(split), split_qkv=split)
+        for clip in (m.clip for m in (models.student, models.teacher)):
+            blocks = [b for b in clip.modules() if isinstance(b, ResidualAttentionBlock)]
+            assert blocks and all(vars(b)["attention"].__func__ is block_way for b in blocks)
+            assert vars(clip.visual.transformer)["forward"].__func__ is last_way
+    with pytest.raises(ValueError, match="--split_qkv True splits the projections of the packed attention"):
+        resolve("paper", out=str(tmp_path), split_qkv=True, **NO_LEVERS)
+    resolve("paper", out=str(tmp_path), split_qkv=True, **{**NO_LEVERS, "cls_last_block": True})  # its last block
 
 
 def test_the_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
@@ -138,6 +182,11 @@ def test_persistent_tma_matmul_adds_the_templates_to_max_autotune_in_this_compil
     torch.compile(torch.nn.Linear(2, 2), **loop.compile_options("max-autotune-no-cudagraphs", True))  # known keys
     # no mode is the default mode: list_mode_options(None) is the table of every mode, which torch.compile refuses
     assert loop.compile_options(None, True) == {"options": {"triton.enable_persistent_tma_matmul": True}}
+    # coordinate-descent tuning alone, in the default mode (max-autotune's modes have it already)
+    assert loop.compile_options(None, False, True) == {"options": {"coordinate_descent_tuning": True}}
+    assert loop.compile_options("default", True, True) == {
+        "options": {"triton.enable_persistent_tma_matmul": True, "coordinate_descent_tuning": True}
+    }
     with pytest.raises(ValueError, match="--persistent_tma_matmul True adds kernels that only max-autotune tunes"):
         resolve("paper", out=str(tmp_path), compile_mode="default", persistent_tma_matmul=True)
 
@@ -156,7 +205,8 @@ def test_unknown_attention_kernels_and_cuda_graph_compile_modes_are_refused(tmp_
         resolve("paper", out=str(tmp_path), **{flag: value})
 
 
-SWITCHES = ("packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
+SWITCHES = ("packed_qkv", "split_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
+SWITCHES += ("coordinate_descent_tuning",)
 
 
 @pytest.mark.parametrize("flag", [*SWITCHES, "compile", "fuse"])

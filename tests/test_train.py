@@ -671,6 +671,9 @@ def test_a_resume_tells_its_validation_set_by_content_not_by_path(train_shards, 
     absolute = {name: str(moved / typed[name]) for name in typed}
     best = checkpoint.load(out / checkpoint.BEST)
     del best["val_identity"]  # as an older run recorded it: the path as typed only
+    # typed relative to the folder its run started in (a later step's best, from the runs above with absolute paths,
+    # would have recorded those)
+    best["config"]["val"] = typed["val"]
     torch.save(best, out / checkpoint.BEST)
     with pytest.raises(SystemExit) as e:
         main("demo", **{**tiny_run(train_shards, out), **absolute, "steps": 5, "resume": "auto"})
@@ -1346,12 +1349,15 @@ def test_torchrun_run_killed_mid_way_resumes(train_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [{}, {"packed_qkv": True, "linear_patch_embed": True, "cls_last_block": True}])
+@pytest.mark.parametrize(
+    "levers",
+    [{}, {"split_qkv": True}, {"packed_qkv": False, "linear_patch_embed": False, "cls_last_block": False}],
+)
 def test_compiled_student_and_teacher_match_eager_without_recompiling(train_shards, tmp_path, levers):
     """--compile (the GPU default) compiles the teacher too: the same losses, and graphs made once, on step 1, also
     when the captions' widths change from step to step and differ between the two batches (--trim_text), when the
     frames come strided as the GPU crop hands them, and when the teacher is queued a step early (--teacher_stream
-    ahead); with the layer levers the GPU run times as well."""
+    ahead); with the layer levers (the default), with --split_qkv too, and with open_clip's own layers."""
     from torch._dynamo.utils import counters
 
     from train import distributed

@@ -23,15 +23,15 @@ from torch.utils.checkpoint import checkpoint
 from train.attention import packable, packed_attention
 
 
-def cls_last_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+def cls_last_block(block: ResidualAttentionBlock, x: torch.Tensor, split: bool = False) -> torch.Tensor:
     """``block(x)[:, :1]`` for a batch-first self-attention ``block`` and ``x`` (B, N, E), without the other rows.
 
     The attention is ``packed_attention`` (``train.attention``) with one query: K and V from the packed input
-    projection for all N rows, Q for row 0 only.
+    projection for all N rows (with ``split``, ``--split_qkv``: each from its own product), Q for row 0 only.
     """
     attn = block.attn
     params = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias)
-    out = packed_attention(block.ln_1(x), *params, attn.num_heads, queries=1)
+    out = packed_attention(block.ln_1(x), *params, attn.num_heads, queries=1, split=split)
     y = x[:, :1] + block.ls_1(out)
     return y + block.ls_2(block.mlp(block.ln_2(y)))
 
@@ -47,11 +47,12 @@ def _unwrapped(block: nn.Module) -> nn.Module:
     return getattr(block, "_checkpoint_wrapped_module", block)
 
 
-def use_cls_last_block(model: nn.Module) -> int:
+def use_cls_last_block(model: nn.Module, split: bool = False) -> int:
     """Run the last block of every open_clip ``VisionTransformer`` in ``model`` that pools its class token with
-    ``cls_last_block``; returns how many towers. The tower's transformer then returns (B, 1, E), the class token's
-    row, which its ``ln_post`` and pooling take as before. Towers that use more than that row (tokens as output,
-    attentional or average pooling) or whose last block is not a plain self-attention block are left as they are.
+    ``cls_last_block`` (``split``: its keys and values from two products); returns how many towers. The tower's
+    transformer then returns (B, 1, E), the class token's row, which its ``ln_post`` and pooling take as before.
+    Towers that use more than that row (tokens as output, attentional or average pooling) or whose last block is not
+    a plain self-attention block are left as they are.
 
     The last block is then not activation-checkpointed, even where ``--grad_checkpointing`` wrapped it: on the class
     token's row it keeps about a quarter of a full block's activations (its input, ``ln_1``'s output, the keys and
@@ -70,12 +71,14 @@ def use_cls_last_block(model: nn.Module) -> int:
             and len(stack.resblocks) > 0
             and _servable(_unwrapped(stack.resblocks[-1]))
         ):
-            stack.forward = types.MethodType(_transformer_forward, stack)
+            stack.forward = types.MethodType(_split_transformer_forward if split else _transformer_forward, stack)
             count += 1
     return count
 
 
-def _transformer_forward(self: Transformer, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _transformer_forward(
+    self: Transformer, x: torch.Tensor, attn_mask: torch.Tensor | None = None, split: bool = False
+) -> torch.Tensor:
     """``Transformer.forward`` (batch first) with the last block on the class token's row: (B, N, E) -> (B, 1, E)."""
     if attn_mask is not None:  # open_clip's image tower passes none; a mask would need its own row of the scores
         raise ValueError("cls_last_block serves an image tower's transformer, which takes no attention mask")
@@ -84,4 +87,11 @@ def _transformer_forward(self: Transformer, x: torch.Tensor, attn_mask: torch.Te
             x = checkpoint(block, x, None, None, None, use_reentrant=False)
         else:
             x = block(x)
-    return cls_last_block(_unwrapped(self.resblocks[-1]), x)
+    return cls_last_block(_unwrapped(self.resblocks[-1]), x, split)
+
+
+def _split_transformer_forward(
+    self: Transformer, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``_transformer_forward`` with the last block's keys and values from two products (``--split_qkv``)."""
+    return _transformer_forward(self, x, attn_mask, split=True)

@@ -98,15 +98,25 @@ class TrainConfig:
     # QuickGELU after a product into it only where a Triton template, fused, beats cuBLAS unfused; these templates load
     # with Hopper's TMA on a persistent grid, as cuBLAS's own kernels do there (train.loop.compile_options)
     persistent_tma_matmul: bool = False
-    # self-attention on views of the packed QKV projection, without nn.MultiheadAttention's copies (train.attention)
-    packed_qkv: bool = False
+    # inductor's coordinate-descent tuning of its Triton kernels' block sizes (the step's fused elementwise and
+    # normalisation kernels, about a fifth of its GPU time on an H200) at the first step, without max-autotune's
+    # matrix-product tuning, whose Triton templates lost to cuBLAS on every large product it tuned there (2026-11-28)
+    coordinate_descent_tuning: bool = False
+    # self-attention on views of the packed QKV projection, without nn.MultiheadAttention's copies (train.attention).
+    # This, --linear_patch_embed and --cls_last_block are on by default: the same function and parameters, 1.30x the
+    # step together on an H200 (benchmarks/README.md, 2026-11-28); models they cannot serve are left as they are
+    packed_qkv: bool = True
+    # with the packed QKV attention (--packed_qkv, --cls_last_block): q, k and v each from its own matrix product over
+    # its slice of the packed weight, which spares the backward a copy of their gradients into the packed layout
+    # (train.attention.packed_attention; the same function and parameters)
+    split_qkv: bool = False
     # the SDPA kernel tried first (train.attention): "auto" = torch's order (cuDNN's first on H100/H200 with a recent
     # cuDNN, flash first elsewhere), or cudnn/flash/efficient/math
     attention_kernel: str = "auto"
     # the ViT's patch embedding as one matrix product instead of a convolution (train.patch_embed)
-    linear_patch_embed: bool = False
+    linear_patch_embed: bool = True
     # the ViT's last block for the class token only, the one row its embedding uses (train.cls_last_block)
-    cls_last_block: bool = False
+    cls_last_block: bool = True
     # cut each batch's captions after its longest one (to a multiple of 8 tokens) instead of CLIP's 77: the same
     # embeddings for models whose text attention is causal (train.model.trims_text), and text-tower work in
     # proportion to the batch's longest caption; other models are left as they are
@@ -115,7 +125,8 @@ class TrainConfig:
     # with the student's memory-bound kernels: "beside" the student's forward of the same step; "ahead": the next
     # step's unlabeled batch, taken one step early, beside this step's backward; "off": one stream. No second
     # stream on the CPU ("ahead" still takes each batch a step early). The second stream keeps its own cached memory:
-    # about the teacher's largest activations more (estimated 1-2 GiB for 128 unlabeled ViT-B/16 videos)
+    # about the teacher's largest activations more (estimated 1-2 GiB for 128 unlabeled ViT-B/16 videos). On an H200
+    # with the layer levers neither gained (1.002x beside, 0.998x ahead; benchmarks/README.md, 2026-11-28)
     teacher_stream: str = "off"
     seed: int = 0  # seeds the random teacher of a run without weights, the data order and the crops
 
@@ -177,7 +188,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         names = ("renormalize_video", "packed_qkv", "linear_patch_embed", "cls_last_block", "persistent_tma_matmul")
-        names += ("trim_text", "fuse", "progress")
+        names += ("split_qkv", "coordinate_descent_tuning", "trim_text", "fuse", "progress")
         switches = {n: getattr(self, n) for n in names}
         if self.compile is not None:  # None: compile on the GPU only
             switches["compile"] = self.compile
@@ -186,6 +197,11 @@ class TrainConfig:
             problems.append(
                 "--persistent_tma_matmul True adds kernels that only max-autotune tunes: give it with "
                 f"--compile_mode max-autotune-no-cudagraphs (got --compile_mode {self.compile_mode!r})"
+            )
+        if self.split_qkv is True and self.packed_qkv is not True and self.cls_last_block is not True:
+            problems.append(
+                "--split_qkv True splits the projections of the packed attention, which neither --packed_qkv nor "
+                "--cls_last_block is running: give --packed_qkv True (the default), or leave --split_qkv out"
             )
         ckpt = self.grad_checkpointing
         if not isinstance(ckpt, (bool, int)) or ckpt < 0:

@@ -110,14 +110,14 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
     student_clip = copy.deepcopy(teacher_clip)
     student_clip.logit_scale.requires_grad_(False)  # the temperature is fixed (sigma), not learned
     if cfg.packed_qkv:  # the same parameters and function, so state dicts, fusion and resume do not change
-        use_packed_attention(student_clip)
-        use_packed_attention(teacher_clip)
+        use_packed_attention(student_clip, cfg.split_qkv)
+        use_packed_attention(teacher_clip, cfg.split_qkv)
     if cfg.linear_patch_embed:  # likewise
         use_linear_patch_embed(student_clip)
         use_linear_patch_embed(teacher_clip)
     if cfg.cls_last_block:  # likewise
-        use_cls_last_block(student_clip)
-        use_cls_last_block(teacher_clip)
+        use_cls_last_block(student_clip, cfg.split_qkv)
+        use_cls_last_block(teacher_clip, cfg.split_qkv)
     checkpoint_blocks(student_clip, cfg.grad_checkpointing)
     student = VideoTextModel(student_clip, cfg.renormalize_video).to(dist.device)
     teacher = freeze(VideoTextModel(teacher_clip, cfg.renormalize_video)).to(dist.device)
@@ -133,21 +133,28 @@ def build_models(cfg: TrainConfig, dist: distributed.DistInfo) -> Models:
         # 89 GiB. The teacher's forward is the same network; eager it ran at 31% MFU there, which makes it about a
         # fifth of the compiled step's time. Compiled it adds one graph (same code, but inference mode makes dynamo
         # trace it apart), made on the first step with no recompiles after (tested on the CPU).
-        options = compile_options(cfg.compile_mode, cfg.persistent_tma_matmul)
+        options = compile_options(cfg.compile_mode, cfg.persistent_tma_matmul, cfg.coordinate_descent_tuning)
         trained = torch.compile(trained, **options)
         teacher = torch.compile(teacher, **options)
     return Models(student, trained, teacher)
 
 
-def compile_options(mode: str | None, persistent_tma_matmul: bool = False) -> dict:
+def compile_options(mode: str | None, persistent_tma_matmul: bool = False, coordinate_descent: bool = False) -> dict:
     """``torch.compile``'s keyword arguments for compile ``mode``, with Triton's persistent TMA matmul templates among
-    the kernels max-autotune tunes if asked (``--persistent_tma_matmul``). torch.compile takes a mode or inductor
-    options, not both: so the mode's own options, plus that one (applied to this compile only, not process-wide)."""
-    if not persistent_tma_matmul:
+    the kernels max-autotune tunes if asked (``--persistent_tma_matmul``), and inductor's coordinate-descent tuning
+    of its Triton kernels' block sizes if asked (``--coordinate_descent_tuning``; max-autotune's modes have it
+    already). torch.compile takes a mode or inductor options, not both: so the mode's own options, plus those
+    (applied to this compile only, not process-wide)."""
+    extra = {}
+    if persistent_tma_matmul:
+        extra["triton.enable_persistent_tma_matmul"] = True
+    if coordinate_descent:
+        extra["coordinate_descent_tuning"] = True
+    if not extra:
         return {"mode": mode}
     from torch._inductor import list_mode_options  # inductor's import is heavy: only when asked for
 
-    return {"options": {**list_mode_options(mode or "default"), "triton.enable_persistent_tma_matmul": True}}
+    return {"options": {**list_mode_options(mode or "default"), **extra}}
 
 
 def _teacher_source(cfg: TrainConfig) -> str:

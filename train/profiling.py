@@ -13,9 +13,11 @@ cuDNN kernels), optimizer (fused AdamW), convolution (cuDNN's; the ViT's patch e
 ``--linear_patch_embed``), matmul (cuBLAS / CUTLASS GEMMs), other. The busy time against
 the steps' wall time says how long the device idled (launch gaps, host syncs, waiting
 for data): it counts the time in which any kernel ran, once, where kernels on several
-streams overlap (each kind's time is its kernels' sum). The kinds say which part of the
-work to speed up. On a CPU the summary counts
-the self time of PyTorch's operators instead of kernels.
+streams overlap (each kind's time is its kernels' sum). The idle time between kernels is
+split by the gaps' sizes (``idle_gaps``): many gaps of a few µs are kernel boundaries
+(fewer kernels or CUDA graphs remove them), a few long ones are the GPU waiting for the host.
+The kinds say which part of the work to speed up. On a CPU the summary counts the self time
+of PyTorch's operators instead of kernels.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         kind = kernel_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     ranked = sorted(kernels, key=lambda k: -k[1])[:top]
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if _is_kernel(e)] if on_gpu else []
-    return {
+    named = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if _is_kernel(e)] if on_gpu else []
+    spans = [(start, end) for start, end, _ in named]
+    summary = {
         "device": "cuda" if on_gpu else "cpu",
         "steps": steps,
         # kernels on several streams (the prefetcher's, the teacher's) overlap: their sum would count that time twice
@@ -84,6 +87,9 @@ def summarize(prof, steps: int, top: int = 25) -> dict:
         "by_kind_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "s_per_step": t, "calls_per_step": c} for n, t, c in ranked],
     }
+    if named:
+        summary["idle"] = idle_gaps(named, steps)
+    return summary
 
 
 def _is_kernel(event) -> bool:
@@ -102,13 +108,61 @@ def union_s(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+# gap sizes (µs) that tell the GPU's idle time apart: under the first, a kernel boundary (the next kernel was queued
+# already: launch latency and the tail of the one before); up to the second, the host barely ahead (a short stretch
+# of small kernels it launches slower than the GPU runs them); beyond, the GPU waited for the host (a sync, a
+# graph break's guards, Python between compiled regions, the data)
+GAP_BOUNDS_US = (10.0, 100.0)
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 5) -> dict:
+    """Where a GPU's idle time lies between the first kernel's start and the last one's end: the gaps in the union of
+    the ``(start, end, name)`` kernels (µs, any stream), their count and seconds per step in each size class of
+    ``GAP_BOUNDS_US``, and the ``top`` largest with the kernel that ran last before each and the one that ended it.
+    Busy plus idle is that window, in which the steps' host time outside it (before the first kernel, after the
+    last) is not."""
+    small, large = GAP_BOUNDS_US
+    classes = {f"under {small:g} us": [0, 0.0], f"{small:g}-{large:g} us": [0, 0.0], f"{large:g} us and over": [0, 0.0]}
+    names = list(classes)
+    found: list[tuple[float, str, str]] = []
+    reached, last = float("-inf"), ""
+    for start, end, name in sorted(kernels, key=lambda k: (k[0], k[1])):
+        if start > reached > float("-inf"):
+            gap = start - reached
+            counted = classes[names[0] if gap < small else names[1] if gap < large else names[2]]
+            counted[0] += 1
+            counted[1] += gap
+            found.append((gap, last, name))
+        if end > reached:
+            reached, last = end, name
+    found.sort(key=lambda g: -g[0])
+    return {
+        "idle_s_per_step": sum(c[1] for c in classes.values()) / 1e6 / steps,
+        "by_size": {k: {"gaps_per_step": n / steps, "s_per_step": us / 1e6 / steps} for k, (n, us) in classes.items()},
+        "largest": [{"us": gap, "after": a[:120], "before": b[:120]} for gap, a, b in found[:top]],
+    }
+
+
 def describe(summary: dict, step_s: float | None = None) -> str:
     """One line: busy ms per step (and its share of ``step_s``), then each kind's ms."""
     busy = summary["busy_s_per_step"]
     share = f" ({100 * busy / step_s:.0f}% of {1e3 * step_s:.1f} ms)" if step_s else ""
     kinds = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in summary["by_kind_s_per_step"].items())
     where = "GPU" if summary["device"] == "cuda" else "CPU"
-    return f"{where} busy {1e3 * busy:.1f} ms per step{share}: {kinds}"
+    gaps = f"; {describe_idle(summary['idle'])}" if summary.get("idle") else ""
+    return f"{where} busy {1e3 * busy:.1f} ms per step{share}: {kinds}{gaps}"
+
+
+def describe_idle(idle: dict) -> str:
+    """``idle_gaps``' record in words: the idle ms per step between kernels, by the gaps' sizes, and the longest."""
+    sizes = ", ".join(
+        f"{1e3 * c['s_per_step']:.1f} ms in {c['gaps_per_step']:.0f} gaps {k}" for k, c in idle["by_size"].items()
+    )
+    text = f"idle between its kernels {1e3 * idle['idle_s_per_step']:.1f} ms ({sizes})"
+    if idle["largest"]:
+        worst = idle["largest"][0]
+        text += f", the longest {worst['us'] / 1e3:.2f} ms after {worst['after'][:60]}"
+    return text
 
 
 def profile_window(start: int, steps: int, last: int, val_every: int) -> tuple[int, int]:
