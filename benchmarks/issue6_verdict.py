@@ -447,7 +447,8 @@ def verdict(
     return lines or ["nothing to judge: no step, tune, numerics, kernels, epilogue, loader or memory results found"]
 
 
-TUNE_MIN_S, EPILOGUE_S = 120, 160  # gpu_step.sh's TUNE_MIN_S and EPILOGUE_S (tests/test_gpu_step.py checks they agree)
+# gpu_step.sh's TUNE_MIN_S, EPILOGUE_S and NUMERICS_S (tests/test_gpu_step.py checks they agree)
+TUNE_MIN_S, EPILOGUE_S, NUMERICS_S = 120, 160, 60
 FILL = "SECONDS_LEFT_LESS_40"  # the next call's BUDGET, for the session to fill in (gpu_step.sh refuses it as is)
 
 
@@ -460,14 +461,38 @@ def autotune_gain(epilogue: dict | None) -> float | None:
     return default / min(tuned) if default and tuned else None
 
 
-def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None, levers: str) -> list[str]:
+# the step variants' options whose trainer flags benchmarks.gpu_numerics checks (layer levers, attention kernels):
+# one that beat the step it was added to is a default only once a numerics check with it has passed
+CHECKED_LEVERS = ("qkv", "split", "patch", "cls", "cudnn", "flash", "efficient", "math")
+
+
+def unchecked_gains(step: dict | None, levers: str, numerics: dict | None) -> list[str]:
+    """The options of ``CHECKED_LEVERS`` that, added to ``levers`` fed as the trainer feeds it (+prefetch), made
+    the step faster by ``GAIN``, and whose flags ``numerics`` (this call's numerics.json, or None) did not check."""
+    rows = _ok(step["rows"]) if step else {}
+    fed = rows.get(f"{levers}+prefetch")
+    checked = {o for o in CHECKED_LEVERS if numerics and _sets(numerics.get("flags", {}), LEVERS[o][1])}
+    return [
+        option
+        for option in CHECKED_LEVERS
+        if fed
+        and option not in checked
+        and f"{levers}+prefetch+{option}" in rows
+        and rows[f"{levers}+prefetch+{option}"]["videos_per_s"] >= fed["videos_per_s"] * GAIN
+    ]
+
+
+def next_call_lines(
+    step: dict | None, tune: dict | None, epilogue: dict | None, levers: str, numerics: dict | None = None
+) -> list[str]:
     """The second call a lent session should make on the warm machine, from what this call measured (step, tune and
-    epilogue as written, before the verdict merges them), first to last: the step variants that the MFU target is
-    judged on, if the step part's time limit cut them off; none if the epilogue part found max-autotune no faster
-    than torch's default mode on the MLP halves (where its Triton templates would fuse QuickGELU into the products);
-    the max-autotune variants of ``levers`` if this call did not time both; else none. Two lines: why, with the
-    device-seconds it needs, then the bare command. Device time is the tool's to count, so the command's BUDGET
-    (``FILL``) is left to the session to fill in."""
+    epilogue as written, before the verdict merges them; numerics, this call's numerics.json), first to last: the
+    step variants that the MFU target is judged on, if the step part's time limit cut them off; the numerics check
+    of a layer lever that made the step faster but was not checked (``unchecked_gains``: a default needs it); none
+    if the epilogue part found max-autotune no faster than torch's default mode on the MLP halves (where its Triton
+    templates would fuse QuickGELU into the products); the max-autotune variants of ``levers`` if this call did not
+    time both; else none. Two lines: why, with the device-seconds it needs, then the bare command. Device time is
+    the tool's to count, so the command's BUDGET (``FILL``) is left to the session to fill in."""
     if not levers:
         return []
     timed = {r["variant"] for r in step["rows"]} if step else set()
@@ -481,6 +506,15 @@ def next_call_lines(step: dict | None, tune: dict | None, epilogue: dict | None,
             f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
             "compile short",
             150,
+        )
+    gains = unchecked_gains(step, levers, numerics)
+    if gains:
+        checked = "+".join([levers, *gains])
+        return _call(
+            f"PARTS=numerics LEVERS={checked}",
+            f"{', '.join('+' + o for o in gains)} made the step faster, and no numerics check with "
+            f"{'it' if len(gains) == 1 else 'them'} has run: a default needs one",
+            NUMERICS_S + 20 + 40 + 10,
         )
     tuned = _ok(tune["rows"]) if tune else {}
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
@@ -532,16 +566,17 @@ def main(out: str = "benchmarks/output", levers: str = "") -> None:
         raise SystemExit(f"error: --levers must be a step variant that starts with {DEFAULT}, got {levers!r}")
     patterns = ("step_variants_*.json", "tune/step_variants_*.json", "epilogue.json")
     step, tune, epilogue = (_load(folder, pattern) for pattern in patterns)
+    numerics = _load(folder, "numerics.json")
     lines = verdict(
         step,
         _load(folder, "loader_bench.json"),
         _load(folder / "memory", "step_variants_*.json"),
         tune,
-        _load(folder, "numerics.json"),
+        numerics,
         _load(folder, "kernels.json"),
         epilogue,
     )
-    lines += next_call_lines(step, tune, epilogue, levers)
+    lines += next_call_lines(step, tune, epilogue, levers, numerics)
     print("\n".join(["issue 6 verdict:"] + [f"  {line}" for line in lines]))
 
 

@@ -690,6 +690,22 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     )
     assert next_call_lines(step, tune, epilogue, levers) == done  # complete: the list left them out on purpose
 
+    # +split made the fed step faster by 2% or more, and no numerics check covered it: that check next (cheap), with
+    # the layer lever among LEVERS; +cdt (a compile option, which gpu_numerics does not take) needs none
+    step["rows"] += _rows(**{f"{fed}+split": 760 * 1.03, f"{fed}+cdt": 760 * 1.05})
+    numerics_cmd = [
+        why(130) + "+split made the step faster, and no numerics check with it has run: a default needs one",
+        f"next call: PARTS=numerics LEVERS={levers}+split BUDGET=SECONDS_LEFT_LESS_40 OUT=$OUT bash "
+        "benchmarks/gpu_step.sh",
+    ]
+    assert next_call_lines(step, tune, epilogue, levers) == numerics_cmd
+    checked = {"flags": {"packed_qkv": True, "split_qkv": False}}
+    assert next_call_lines(step, tune, epilogue, levers, checked) == numerics_cmd  # a check without it
+    checked["flags"]["split_qkv"] = True
+    assert next_call_lines(step, tune, epilogue, levers, checked) == done  # checked: on to what comes next
+    step["rows"][-2]["videos_per_s"] = 760 * 1.01  # within 2% of the step without it: no gain to check
+    assert next_call_lines(step, tune, epilogue, levers) == done
+
     # the CLI: the line after the verdict's, and a --levers that is not a step variant refused
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "step_variants_cuda.json").write_text(json.dumps(tune))

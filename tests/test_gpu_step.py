@@ -144,11 +144,12 @@ def test_levers_are_the_default_with_the_kernel_the_kernels_part_chose(tmp_path)
 
 
 def test_the_verdict_counts_the_next_call_with_the_scripts_own_limits():
-    """issue6_verdict says how many device-seconds a next call needs from two of gpu_step.sh's limits; a change to
-    either in the script must reach the verdict, or a lent session starts a call that cannot finish."""
+    """issue6_verdict says how many device-seconds a next call needs from three of gpu_step.sh's limits; a change
+    to any in the script must reach the verdict, or a lent session starts a call that cannot finish."""
     from benchmarks import issue6_verdict
 
     script = (REPO / "benchmarks" / "gpu_step.sh").read_text()
     assert re.search(r'^EPILOGUE_S="\$\{EPILOGUE_S:-(\d+)\}"', script, re.M)[1] == str(issue6_verdict.EPILOGUE_S)
     assert re.search(r"^TUNE_MIN_S=(\d+)\b", script, re.M)[1] == str(issue6_verdict.TUNE_MIN_S)
+    assert re.search(r'^NUMERICS_S="\$\{NUMERICS_S:-(\d+)\}"', script, re.M)[1] == str(issue6_verdict.NUMERICS_S)
     assert '[ "$tune_s" -lt "$TUNE_MIN_S" ]' in script
