@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.args import checkpointed_blocks
 from pipeline.cli import fire_main
-from train.profiling import describe_idle
+from train.gaps import describe_idle
 
 MFU_TARGET = 0.55
 SPEEDUP_TARGET = 1.7
@@ -499,8 +499,9 @@ def next_call_lines(
     fed = f"{levers}+prefetch"
     judged = [levers, fed, f"{fed}+split", f"{fed}+cdt"]  # gpu_step.sh's candidates for the best step
     cut = [v for v in judged if v not in timed] if step and step.get("complete", True) is False else []
-    if cut:  # with the default step first: this call's OUT starts empty, and the verdict judges against it
-        first = [] if DEFAULT in cut else [DEFAULT]
+    if cut:  # with the steps each is judged against first (the default, LEVERS, LEVERS fed): this call's OUT starts
+        # empty, and the verdict judges a lever against the same variant without it (the fed one reuses LEVERS' code)
+        first = list(dict.fromkeys(v for v in (DEFAULT, levers, fed) if v not in cut))
         return _call(
             f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join([*first, *cut])}",
             f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
@@ -520,7 +521,8 @@ def next_call_lines(
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
         return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
     gain = autotune_gain(epilogue)
-    if epilogue and epilogue.get("complete", True) and (gain is None or gain < GAIN):
+    # a tuned way measured no faster says enough (+tma's candidates include +autotune's); else only a complete part
+    if epilogue and ((gain is not None and gain < GAIN) or (gain is None and epilogue.get("complete", True))):
         found = f"at best {gain:.3f}x" if gain else "none measured"
         return [
             "next call: none needed (max-autotune's MLP halves were no faster than torch's default mode's: "

@@ -666,6 +666,8 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     ]
     failed = {"complete": True, "ways": [ways[0], {"way": "autotune", "error": "RuntimeError: out of resource"}]}
     assert "none measured" in next_call_lines(step, None, failed, levers)[0]
+    # cut short in its third way, its second no faster: that says enough (+tma's candidates hold +autotune's)
+    assert next_call_lines(step, None, {**slow, "complete": False}, levers) == next_call_lines(step, None, slow, levers)
     tune["rows"][1] = _rows(**{f"{levers}+autotune": 780})[0]
     done = ["next call: none needed (both max-autotune variants were timed); give the machine back"]
     assert next_call_lines(step, tune, epilogue, levers) == done
@@ -679,7 +681,8 @@ def test_the_issue6_verdict_names_the_second_device_call(tmp_path):
     assert next_call_lines(cut, tune, epilogue, levers) == [
         why(150) + f"the step part's time limit cut off {fed}+split, {fed}+cdt; on the warm machine inductor's "
         "caches make their compile short",
-        f"next call: PARTS=step LEVERS={levers} STEP_VARIANTS={DEFAULT},{fed}+split,{fed}+cdt "
+        # with the steps they are judged against, timed already but not in the next call's OUT
+        f"next call: PARTS=step LEVERS={levers} STEP_VARIANTS={DEFAULT},{levers},{fed},{fed}+split,{fed}+cdt "
         "BUDGET=SECONDS_LEFT_LESS_40 OUT=$OUT bash benchmarks/gpu_step.sh",
     ]
     # LEVERS the default itself, cut off too: named once

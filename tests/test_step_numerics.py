@@ -187,6 +187,8 @@ def test_persistent_tma_matmul_adds_the_templates_to_max_autotune_in_this_compil
     assert loop.compile_options("default", True, True) == {
         "options": {"triton.enable_persistent_tma_matmul": True, "coordinate_descent_tuning": True}
     }
+    with pytest.raises(ValueError, match="--coordinate_descent_tuning True tunes the kernels torch.compile makes"):
+        resolve("paper", out=str(tmp_path), compile=False, coordinate_descent_tuning=True)
     with pytest.raises(ValueError, match="--persistent_tma_matmul True adds kernels that only max-autotune tunes"):
         resolve("paper", out=str(tmp_path), compile_mode="default", persistent_tma_matmul=True)
 

@@ -79,8 +79,8 @@ def packed_attention(
     rather than one product whose output they are views of. The same function; what changes is the backward:
     SDPA's kernels return the three gradients as three tensors, which the one product's backward first copies into
     the packed layout (a stack of 3 x rows x E: about 0.45 ms per block of the student's image tower at 128+128 on
-    an H200, 4.9 ms a step, beside 2.5 ms for the bias's gradient read from it); three products take each as it
-    comes, and their input gradients are added.
+    an H200, 4.9 ms a step); three products take each as it comes, and their input gradients are added (the bias's
+    gradient reads the three as it read the copy).
     """
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         raise TypeError("packed_attention takes a float attn_mask (added to the scores), not a boolean one")

@@ -198,6 +198,11 @@ class TrainConfig:
                 "--persistent_tma_matmul True adds kernels that only max-autotune tunes: give it with "
                 f"--compile_mode max-autotune-no-cudagraphs (got --compile_mode {self.compile_mode!r})"
             )
+        if self.coordinate_descent_tuning is True and self.compile is False:
+            problems.append(
+                "--coordinate_descent_tuning True tunes the kernels torch.compile makes, and --compile is False: "
+                "leave --compile out (on by default on a GPU), or leave --coordinate_descent_tuning out"
+            )
         if self.split_qkv is True and self.packed_qkv is not True and self.cls_last_block is not True:
             problems.append(
                 "--split_qkv True splits the projections of the packed attention, which neither --packed_qkv nor "

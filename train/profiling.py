@@ -14,7 +14,7 @@ cuDNN kernels), optimizer (fused AdamW), convolution (cuDNN's; the ViT's patch e
 the steps' wall time says how long the device idled (launch gaps, host syncs, waiting
 for data): it counts the time in which any kernel ran, once, where kernels on several
 streams overlap (each kind's time is its kernels' sum). The idle time between kernels is
-split by the gaps' sizes (``idle_gaps``): many gaps of a few µs are kernel boundaries
+split by the gaps' sizes (``train.gaps.idle_gaps``): many gaps of a few µs are kernel boundaries
 (fewer kernels or CUDA graphs remove them), a few long ones are the GPU waiting for the host.
 The kinds say which part of the work to speed up. On a CPU the summary counts the self time
 of PyTorch's operators instead of kernels.
@@ -31,6 +31,7 @@ import torch
 from torch.autograd import DeviceType
 
 from pipeline.writer import atomic_write_bytes, json_bytes
+from train.gaps import describe_idle, idle_gaps
 
 KERNEL_KINDS = {  # first match wins, on the lower-cased kernel (or CPU operator) name
     # first: a Triton kernel is one torch.compile fused, whatever its name says it does ("..._attention_...clone")
@@ -108,41 +109,6 @@ def union_s(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-# gap sizes (µs) that tell the GPU's idle time apart: under the first, a kernel boundary (the next kernel was queued
-# already: launch latency and the tail of the one before); up to the second, the host barely ahead (a short stretch
-# of small kernels it launches slower than the GPU runs them); beyond, the GPU waited for the host (a sync, a
-# graph break's guards, Python between compiled regions, the data)
-GAP_BOUNDS_US = (10.0, 100.0)
-
-
-def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 5) -> dict:
-    """Where a GPU's idle time lies between the first kernel's start and the last one's end: the gaps in the union of
-    the ``(start, end, name)`` kernels (µs, any stream), their count and seconds per step in each size class of
-    ``GAP_BOUNDS_US``, and the ``top`` largest with the kernel that ran last before each and the one that ended it.
-    Busy plus idle is that window, in which the steps' host time outside it (before the first kernel, after the
-    last) is not."""
-    small, large = GAP_BOUNDS_US
-    classes = {f"under {small:g} us": [0, 0.0], f"{small:g}-{large:g} us": [0, 0.0], f"{large:g} us and over": [0, 0.0]}
-    names = list(classes)
-    found: list[tuple[float, str, str]] = []
-    reached, last = float("-inf"), ""
-    for start, end, name in sorted(kernels, key=lambda k: (k[0], k[1])):
-        if start > reached > float("-inf"):
-            gap = start - reached
-            counted = classes[names[0] if gap < small else names[1] if gap < large else names[2]]
-            counted[0] += 1
-            counted[1] += gap
-            found.append((gap, last, name))
-        if end > reached:
-            reached, last = end, name
-    found.sort(key=lambda g: -g[0])
-    return {
-        "idle_s_per_step": sum(c[1] for c in classes.values()) / 1e6 / steps,
-        "by_size": {k: {"gaps_per_step": n / steps, "s_per_step": us / 1e6 / steps} for k, (n, us) in classes.items()},
-        "largest": [{"us": gap, "after": a[:120], "before": b[:120]} for gap, a, b in found[:top]],
-    }
-
-
 def describe(summary: dict, step_s: float | None = None) -> str:
     """One line: busy ms per step (and its share of ``step_s``), then each kind's ms."""
     busy = summary["busy_s_per_step"]
@@ -151,18 +117,6 @@ def describe(summary: dict, step_s: float | None = None) -> str:
     where = "GPU" if summary["device"] == "cuda" else "CPU"
     gaps = f"; {describe_idle(summary['idle'])}" if summary.get("idle") else ""
     return f"{where} busy {1e3 * busy:.1f} ms per step{share}: {kinds}{gaps}"
-
-
-def describe_idle(idle: dict) -> str:
-    """``idle_gaps``' record in words: the idle ms per step between kernels, by the gaps' sizes, and the longest."""
-    sizes = ", ".join(
-        f"{1e3 * c['s_per_step']:.1f} ms in {c['gaps_per_step']:.0f} gaps {k}" for k, c in idle["by_size"].items()
-    )
-    text = f"idle between its kernels {1e3 * idle['idle_s_per_step']:.1f} ms ({sizes})"
-    if idle["largest"]:
-        worst = idle["largest"][0]
-        text += f", the longest {worst['us'] / 1e3:.2f} ms after {worst['after'][:60]}"
-    return text
 
 
 def profile_window(start: int, steps: int, last: int, val_every: int) -> tuple[int, int]:
