@@ -119,6 +119,7 @@ def test_the_profile_line_says_where_the_idle_time_lies():
 
 
 def _kernel(name, start, end, annotation=False):
+    """A profiler event of a kernel (or, with ``annotation``, of kineto's span of a record_function) on the GPU."""
     from torch.autograd import DeviceType
 
     return SimpleNamespace(
@@ -136,21 +137,7 @@ def test_a_gpu_profile_counts_time_on_overlapping_streams_once():
     """The teacher's and the prefetcher's streams run kernels beside the step's: busy time summed over kernels could
     exceed the step (and said the GPU idled less than not at all); it is now their union. Each kind is still a sum.
     max-autotune's template kernels (triton_tem_) are matrix products, not fused elementwise kernels."""
-    from types import SimpleNamespace
-
-    from torch.autograd import DeviceType
-
-    def kernel(name, start, end, annotation=False):
-        return SimpleNamespace(
-            key=name,
-            name=name,
-            device_type=DeviceType.CUDA,
-            self_device_time_total=end - start,
-            count=1,
-            time_range=SimpleNamespace(start=start, end=end),
-            is_user_annotation=annotation,
-        )
-
+    kernel = _kernel
     events = [
         kernel("sm90_xmma_gemm_bf16", 0, 100),  # the student, on the step's stream
         kernel("triton_tem_fused_addmm_0", 60, 160),  # the teacher beside it, on its own stream
