@@ -93,12 +93,29 @@ if [ "$BUDGET" -lt 60 ]; then
     echo "gpu_step: BUDGET must be at least 60 s (the device-seconds left less 40), got $BUDGET" >&2
     exit 2
 fi
-# a LEVERS given is DEFAULT with options added (the verdict judges and names next calls against DEFAULT's name):
-# refused now, not after the device time is spent
-if [ -n "${LEVERS:-}" ] && [[ "$LEVERS" != "$DEFAULT" && "$LEVERS" != "$DEFAULT+"* ]]; then
-    echo "gpu_step: LEVERS must be $DEFAULT (the trainer's GPU default) or it with options added, e.g." \
-        "$DEFAULT+flash; got '$LEVERS'" >&2
-    exit 2
+# a LEVERS given is DEFAULT with options added (the verdict judges and names next calls against DEFAULT's name), each
+# one lever_flags knows, at most one attention kernel and one teacher stream: refused now, not after the device time
+# is spent (an option lever_flags did not know was dropped from the checks' flags, and a check without it passed)
+if [ -n "${LEVERS:-}" ]; then
+    good=1
+    [[ "$LEVERS" == "$DEFAULT" || ( "$LEVERS" == "$DEFAULT+"* && "$LEVERS" != *+ ) ]] || good=0
+    IFS=+ read -r -a added <<< "${LEVERS#"$DEFAULT"+}"
+    [ "$LEVERS" != "$DEFAULT" ] || added=()
+    kernels=0 streams=0
+    for option in "${added[@]}"; do
+        case "$option" in
+            cudnn|flash|efficient|math) kernels=$((kernels + 1)) ;;
+            tstream|tahead) streams=$((streams + 1)) ;;
+            split|cdt) ;;
+            *) good=0 ;;
+        esac
+    done
+    if [ "$good" = 0 ] || [ "$kernels" -gt 1 ] || [ "$streams" -gt 1 ]; then
+        echo "gpu_step: LEVERS must be $DEFAULT (the trainer's GPU default), or it with options added from" \
+            "split, cdt, tstream or tahead, and cudnn, flash, efficient or math (one of each kind at most)," \
+            "e.g. $DEFAULT+flash+split; got '$LEVERS'" >&2
+        exit 2
+    fi
 fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_step.log"

@@ -106,8 +106,9 @@ def step_lines(step: dict, unsafe: frozenset[str] = frozenset(), unchecked: bool
         ratio = best["videos_per_s"] / naive["videos_per_s"]
         lines.append(f"speed-up over naive: {ratio:.2f}x (target {SPEEDUP_TARGET}x): {_mark(ratio >= SPEEDUP_TARGET)}")
     else:  # e.g. out of memory: the naive step needed 88.9 GiB at 128+128 on the H200, more than an H100 has
-        why = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), "not run")
-        lines.append(f"speed-up over naive: NOT JUDGED (naive: {why}; it needs an H200 at 128+128)")
+        status = next((r["status"] for r in step["rows"] if r["variant"] == "naive"), None)
+        why = f"{status}; it needs an H200 at 128+128" if status else "not run in this call"
+        lines.append(f"speed-up over naive: NOT JUDGED (naive: {why})")
     lines += lever_lines(rows, unsafe, unchecked) + prefetch_lines(rows)
     failed = [r["variant"] for r in step["rows"] if r.get("status") != "ok"]
     if failed:
@@ -281,7 +282,7 @@ def lever_lines(rows: dict[str, dict], unsafe: frozenset[str] = frozenset(), unc
             return "no gain worth a default"
         if unsafe & set(used):
             return f"faster, but not a default: the numerics check with {', '.join(sorted(unsafe & set(used)))} failed"
-        if unchecked:
+        if unchecked and set(used) & set(CHECKED_LEVERS):  # gpu_numerics takes their flags; compile options not
             return f"worth making the default ({flags}) only once a numerics check with it passes: none in this OUT"
         return f"worth making the default ({flags})"
 
@@ -461,25 +462,38 @@ def autotune_gain(epilogue: dict | None) -> float | None:
     return default / min(tuned) if default and tuned else None
 
 
-# the step variants' options whose trainer flags benchmarks.gpu_numerics checks (layer levers, attention kernels):
-# one that beat the step it was added to is a default only once a numerics check with it has passed
-CHECKED_LEVERS = ("qkv", "split", "patch", "cls", "cudnn", "flash", "efficient", "math")
+# the step variants' options whose trainer flags benchmarks.gpu_numerics checks (layer levers, attention kernels,
+# the teacher's stream): one that beat the step it was added to is a default only once a numerics check with it has
+# passed (compile options, +cdt or +autotune, are judged on speed and on wrong_losses)
+CHECKED_LEVERS = ("qkv", "split", "patch", "cls", "cudnn", "flash", "efficient", "math", "tstream", "tahead")
 
 
 def unchecked_gains(step: dict | None, levers: str, numerics: dict | None) -> list[str]:
-    """The options of ``CHECKED_LEVERS`` that, added to ``levers`` fed as the trainer feeds it (+prefetch), made
-    the step faster by ``GAIN``, and whose flags ``numerics`` (this call's numerics.json, or None) did not check."""
+    """The options of ``CHECKED_LEVERS`` that made the step faster by ``GAIN`` and whose flags ``numerics`` (this
+    call's numerics.json, or None) did not check: those ``levers`` adds to the default (against the default), and
+    those added to ``levers`` fed as the trainer feeds it (+prefetch, against it)."""
     rows = _ok(step["rows"]) if step else {}
-    fed = rows.get(f"{levers}+prefetch")
     checked = {o for o in CHECKED_LEVERS if numerics and _sets(numerics.get("flags", {}), LEVERS[o][1])}
-    return [
-        option
-        for option in CHECKED_LEVERS
-        if fed
-        and option not in checked
-        and f"{levers}+prefetch+{option}" in rows
-        and rows[f"{levers}+prefetch+{option}"]["videos_per_s"] >= fed["videos_per_s"] * GAIN
-    ]
+
+    def faster(variant: str, base: str) -> bool:
+        return variant in rows and base in rows and rows[variant]["videos_per_s"] >= rows[base]["videos_per_s"] * GAIN
+
+    own = levers.removeprefix(DEFAULT).split("+")[1:] if faster(levers, DEFAULT) else []
+    fed = f"{levers}+prefetch"
+    added = [o for o in CHECKED_LEVERS if faster(f"{fed}+{o}", fed)]
+    return [o for o in CHECKED_LEVERS if o in own + added and o not in checked]
+
+
+# device-seconds of a second call beyond its parts: the script's start (11-12 s on the H200 before its first part),
+# the verdict (BUDGET keeps 20 for it), BUDGET's 40 less than what is left, the machine already warm
+CALL_S = 20 + 20 + 40
+# what one step variant adds to a second call on the warm machine: one whose graph this call compiled (inductor's
+# caches: 7.5 s for its first step on 2026-11-28's H200, then its timing and profile), one compiled afresh (68-89 s
+# then), +cdt (a compile and the tuning of every Triton kernel: not measured), and step_variants' own start
+CACHED_S, FRESH_S, TUNED_S, STEP_START_S = 20, 90, 180, 15
+# what a session has left for a second call after a full first one: 900 device-seconds less the machine's start
+# (about 35 s) and the first call's 595 s at most (2026-11-28: 314 s left after a first call of 551 s)
+SECOND_CALL_S = 270
 
 
 def next_call_lines(
@@ -497,26 +511,22 @@ def next_call_lines(
         return []
     timed = {r["variant"] for r in step["rows"]} if step else set()
     fed = f"{levers}+prefetch"
-    judged = [levers, fed, f"{fed}+split", f"{fed}+cdt"]  # gpu_step.sh's candidates for the best step
+    # gpu_step.sh's candidates for the best step, after the default they are judged against (where LEVERS is more)
+    judged = [*([DEFAULT] if levers != DEFAULT else []), levers, fed, f"{fed}+split", f"{fed}+cdt"]
     cut = [v for v in judged if v not in timed] if step and step.get("complete", True) is False else []
-    if cut:  # with the steps each is judged against first (the default, LEVERS, LEVERS fed): this call's OUT starts
-        # empty, and the verdict judges a lever against the same variant without it (the fed one reuses LEVERS' code)
-        first = list(dict.fromkeys(v for v in (DEFAULT, levers, fed) if v not in cut))
-        return _call(
-            f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join([*first, *cut])}",
-            f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make their "
-            "compile short",
-            150,
-        )
+    if cut:
+        return _cut_call(levers, fed, cut)
     gains = unchecked_gains(step, levers, numerics)
     if gains:
-        checked = "+".join([levers, *gains])
+        checked = "+".join([levers, *(o for o in gains if o not in levers.split("+"))])
         return _call(
             f"PARTS=numerics LEVERS={checked}",
             f"{', '.join('+' + o for o in gains)} made the step faster, and no numerics check with "
             f"{'it' if len(gains) == 1 else 'them'} has run: a default needs one",
-            NUMERICS_S + 20 + 40 + 10,
+            NUMERICS_S + CALL_S,
         )
+    if not (step or tune or epilogue):  # a call of other parts (a numerics check, say): nothing here to follow up
+        return ["next call: none (this call timed no step); give the machine back"]
     tuned = _ok(tune["rows"]) if tune else {}
     if all(f"{levers}+{way}" in tuned for way in ("autotune+tma", "autotune")):
         return ["next call: none needed (both max-autotune variants were timed); give the machine back"]
@@ -528,13 +538,47 @@ def next_call_lines(
             "next call: none needed (max-autotune's MLP halves were no faster than torch's default mode's: "
             f"{found}; the whole step's tune would not gain either); give the machine back"
         ]
-    again = epilogue and not epilogue.get("complete", True)
+    # the epilogue again only where it answered nothing (a tuned way measured and faster answers: on to the tune)
+    again = epilogue and gain is None and not epilogue.get("complete", True)
     variants = f"{levers},{levers}+autotune+tma,{levers}+autotune"
     return _call(
         f'PARTS="{"epilogue tune" if again else "tune"}" LEVERS={levers} TUNE_VARIANTS={variants}',
         "this call did not time both max-autotune variants",
         # the tune part starts with at least TUNE_MIN_S of BUDGET left, after the epilogue's EPILOGUE_S
-        TUNE_MIN_S + 20 + 40 + 10 + (EPILOGUE_S if again else 0),
+        TUNE_MIN_S + CALL_S + (EPILOGUE_S if again else 0),
+    )
+
+
+def _cut_call(levers: str, fed: str, cut: list[str]) -> list[str]:
+    """The step call that times what the step part's time limit cut off, with the steps those are judged against
+    (the default for LEVERS, LEVERS fed for what is added to it; this call's OUT starts empty), and the seconds it
+    needs on the warm machine. Cut variants that would take it past ``SECOND_CALL_S`` are left to a later session,
+    from the list's end (at least one is timed)."""
+
+    def seconds(variant: str, variants: list[str]) -> int:
+        # compiled in this call, or LEVERS' graph (compiled in this call, or first in the next)
+        if variant not in cut or (variant == fed and (levers in variants or levers not in cut)):
+            return CACHED_S
+        return TUNED_S if "cdt" in variant.split("+") else FRESH_S
+
+    def cost(variants: list[str]) -> int:
+        return CALL_S + STEP_START_S + sum(seconds(v, variants) for v in variants)
+
+    def listed(timed: list[str]) -> list[str]:
+        bases = [DEFAULT] if levers in timed and levers != DEFAULT else []  # LEVERS is judged against the default
+        bases += [fed] if any(v.startswith(f"{fed}+") for v in timed) and fed not in timed else []
+        return list(dict.fromkeys([*bases, *timed]))
+
+    kept = list(cut)  # the levers added to LEVERS fed go first; the steps the MFU is judged on stay
+    while len(kept) > 1 and kept[-1] not in (DEFAULT, levers, fed) and cost(listed(kept)) > SECOND_CALL_S:
+        kept.pop()
+    left = cut[len(kept) :]
+    later = f"; {', '.join(left)} left for a later session (the call would need {cost(listed(cut))} s)" if left else ""
+    return _call(
+        f"PARTS=step LEVERS={levers} STEP_VARIANTS={','.join(listed(kept))}",
+        f"the step part's time limit cut off {', '.join(cut)}; on the warm machine inductor's caches make the "
+        f"compile of what this call compiled short{later}",
+        cost(listed(kept)),
     )
 
 
