@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import model_problems, random_models, synthetic_batch
+from benchmarks.harness import NO_LEVERS, model_problems, random_models, synthetic_batch
 from pipeline.cli import count_problems, fire_main, folder_problems, refuse, switch_problems
 from pipeline.writer import atomic_write_bytes, json_bytes
 from train import distributed, loop
@@ -111,9 +111,9 @@ def main(
     flags = {"compile": bool(fast.compile), **levers}
     print(f"gpu_numerics: {model}, " + ", ".join(f"{k} {v}" for k, v in flags.items()))
     # its models are built afresh below (open_clip's own layers); its config says so, and runs one stream
-    off = dict(packed_qkv=False, split_qkv=False, attention_kernel="auto", linear_patch_embed=False)
-    off["cls_last_block"] = False
-    plain_cfg = dataclasses.replace(fast, precision="fp32", compile=False, teacher_stream="off", **off)
+    plain_cfg = dataclasses.replace(
+        fast, precision="fp32", compile=False, teacher_stream="off", attention_kernel="auto", **NO_LEVERS
+    )
 
     def plain_clip() -> torch.nn.Module:  # the same weights in a model built afresh: open_clip's own layers
         clip = create_clip(model)

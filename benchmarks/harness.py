@@ -223,6 +223,12 @@ def checked_config(recipe: str, **overrides) -> TrainConfig:
         raise SystemExit(f"error: {e}") from None
 
 
+# step_variants' option -> the trainer's layer-lever flag; the trainer's defaults turn the first three on, and
+# NO_LEVERS leaves open_clip's own layers (step_variants' bases, gpu_numerics' plain side)
+LEVER_FLAGS = {"qkv": "packed_qkv", "patch": "linear_patch_embed", "cls": "cls_last_block", "split": "split_qkv"}
+NO_LEVERS = {flag: False for flag in LEVER_FLAGS.values()}
+
+
 def random_models(model: str, frames: int, dist: distributed.DistInfo, **overrides) -> tuple[TrainConfig, loop.Models]:
     """The paper recipe's config (checked: ``checked_config``) and the trainer's models (``train.loop.build_models``)
     with random weights."""

@@ -74,6 +74,8 @@ from torchvision.io import encode_jpeg
 
 from benchmarks.args import CKPT, checkpointed_blocks
 from benchmarks.harness import (
+    LEVER_FLAGS,
+    NO_LEVERS,
     checked_args,
     device_problems,
     failure,
@@ -108,9 +110,6 @@ KERNEL_OPTIONS = ("cudnn", "flash", "efficient", "math")  # --attention_kernel v
 VARIANT_OPTIONS = ("naive", "ours", "compile", "cteacher", "autotune", "graphs", "ckpt", "devaug", "devjpeg", "qkv")
 VARIANT_OPTIONS += ("patch", "cls", "split", "tma", "cdt", "fullpad", "prefetch", *KERNEL_OPTIONS)
 TEACHER_OPTIONS = {"tstream": "beside", "tahead": "ahead"}  # variant option -> --teacher_stream
-# variant option -> the trainer's layer-lever flag (on by default in the trainer, off unless named here)
-LEVER_FLAGS = {"qkv": "packed_qkv", "patch": "linear_patch_embed", "cls": "cls_last_block", "split": "split_qkv"}
-NO_LEVERS = {flag: False for flag in LEVER_FLAGS.values()}
 VARIANT_OPTIONS += tuple(TEACHER_OPTIONS)
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead"}  # else torch's default
 SHARD_FRAME = (256, 454)  # (height, width) of the frames pipeline.shard --size 256 makes of 16:9 videos
