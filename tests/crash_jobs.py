@@ -3,6 +3,13 @@
 import os
 
 
+def shard_tasks(n: int) -> list:
+    """Shard tasks 0..n-1 of no rows, for the stand-ins here."""
+    from pipeline.worker import ShardTask  # (imported when asked: spawned workers import this module)
+
+    return [ShardTask(i, (), "fp") for i in range(n)]
+
+
 def record_shard(task, settings):
     return {"shard": task.shard, "count": 0, "ok": 0, "failed": {}}
 

@@ -13,7 +13,7 @@ import time
 from functools import partial
 
 import pytest
-from crash_jobs import record_shard, shard_with_bad_rows, starts, stuck_on_shard_1
+from crash_jobs import record_shard, shard_tasks, shard_with_bad_rows, starts, stuck_on_shard_1
 
 from pipeline import board, pool
 from pipeline.distribute import run_local
@@ -60,7 +60,7 @@ def test_a_worker_stuck_in_one_call_is_ended_and_the_others_go_on(tmp_path):
     results = []
     start = time.monotonic()
     dead = run_isolated(
-        [ShardTask(i, (), "fp") for i in range(5)],
+        shard_tasks(5),
         ShardSettings(out_dir=str(tmp_path)),
         2,
         results.append,
@@ -187,9 +187,7 @@ def test_a_task_whose_worker_dies_taking_it_is_given_up_not_run_for_ever(tmp_pat
     from crash_jobs import KillsOnArrival
 
     results = []
-    dead = run_isolated(
-        [ShardTask(i, (), "fp") for i in range(3)], KillsOnArrival(), 2, results.append, record_shard, FORK
-    )
+    dead = run_isolated(shard_tasks(3), KillsOnArrival(), 2, results.append, record_shard, FORK)
     assert sorted((d.task.shard, d.item, d.stuck, d.code) for d in dead) == [(i, -1, False, 3) for i in range(3)]
     assert results == []
 
@@ -201,7 +199,7 @@ def test_a_worker_that_dies_sending_its_result_is_its_tasks_death_and_no_task_is
 
     results = []
     dead = run_isolated(
-        [ShardTask(i, (), "fp") for i in range(3)],
+        shard_tasks(3),
         ShardSettings(out_dir=str(tmp_path)),
         2,
         results.append,
@@ -232,7 +230,7 @@ def test_the_pool_looks_at_the_posts_once_a_second_not_after_every_result(tmp_pa
     results = []
     start = time.monotonic()
     run_isolated(
-        [ShardTask(i, (), "fp") for i in range(200)],
+        shard_tasks(200),
         ShardSettings(out_dir=str(tmp_path)),
         2,
         results.append,

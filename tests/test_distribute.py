@@ -10,27 +10,22 @@ import time
 from pathlib import Path
 
 import pytest
-from crash_jobs import crash_on_shard_3, record_shard
+from crash_jobs import crash_on_shard_3, record_shard, shard_tasks
 
 from pipeline.distribute import ShardCrash, run_local
-from pipeline.worker import ShardSettings, ShardTask
-
-
-def tasks(n):
-    for i in range(n):
-        yield ShardTask(i, (), "fp")
+from pipeline.worker import ShardSettings
 
 
 def test_every_task_runs_once(tmp_path):
     results = []
-    run_local(tasks(9), ShardSettings(out_dir=str(tmp_path)), 2, results.append, job=record_shard)
+    run_local(shard_tasks(9), ShardSettings(out_dir=str(tmp_path)), 2, results.append, job=record_shard)
     assert sorted(r["shard"] for r in results) == list(range(9))
 
 
 def test_a_crashing_shard_is_isolated_and_reported(tmp_path):
     results = []
     with pytest.raises(ShardCrash) as e:
-        run_local(tasks(8), ShardSettings(out_dir=str(tmp_path)), 2, results.append, job=crash_on_shard_3)
+        run_local(shard_tasks(8), ShardSettings(out_dir=str(tmp_path)), 2, results.append, job=crash_on_shard_3)
     assert e.value.shards == [3]
     assert sorted(r["shard"] for r in results) == [0, 1, 2, 4, 5, 6, 7]
 
@@ -40,7 +35,7 @@ def test_tasks_are_pulled_lazily(tmp_path):
     pulled = []
 
     def source():
-        for task in tasks(10):
+        for task in shard_tasks(10):
             pulled.append(task.shard)
             yield task
 

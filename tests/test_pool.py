@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from crash_jobs import raises_on_shard_1, record_shard
+from crash_jobs import raises_on_shard_1, record_shard, shard_tasks
 
 from pipeline import pool
 from pipeline.pool import RemoteTraceback, WorkerStartError, how_it_ended, run_isolated
@@ -26,7 +26,7 @@ def test_a_tasks_exception_is_raised_with_its_trace_and_the_other_workers_are_en
     start = time.monotonic()
     with pytest.raises(ValueError, match="shard 1 is bad") as e:
         run_isolated(
-            [ShardTask(i, (), "fp") for i in range(4)],
+            shard_tasks(4),
             ShardSettings(out_dir=str(tmp_path)),
             2,
             print,
@@ -136,7 +136,7 @@ def test_a_death_is_seen_though_its_pipe_or_its_sentinel_is_held_open(tmp_path, 
     results = []
     try:
         dead = run_isolated(
-            [ShardTask(i, (), "fp") for i in range(3)],
+            shard_tasks(3),
             ShardSettings(out_dir=str(tmp_path)),
             2,
             results.append,
